@@ -1,0 +1,884 @@
+/*
+ * ipc._prims -- compiled concurrency primitives on shared-memory buffers.
+ *
+ * Everything here operates on 64-bit words of a buffer (normally the mmap of a
+ * multiprocessing.shared_memory / /dev/shm segment) addressed by word index.
+ * The algorithms that use these primitives stay in Python; only the parts that
+ * must be fast or must be atomic live here.
+ *
+ * Word layouts used by the C types (declared once, mirrored in ipc/layout.py):
+ *
+ *   lock block (8 words, one 64-byte line)
+ *     [0] state     SpinLock: 0 = free, else owner tag.
+ *                   Mutex: low 32 bits = futex word (0 free, 1 locked, 2 locked+waiters)
+ *     [1] acq_ns    monotonic ns at acquisition (written by the holder only)
+ *     [2] owner     Mutex: owner tag while held (SpinLock: unused, state is the owner)
+ *     [3..7]        reserved
+ *
+ *   lock-stat block (8 words, one line, one per (process, lock class); only
+ *   the owning process writes it, readers merge blocks with numpy)
+ *     [0] acquisitions [1] contentions [2] wait_total [3] wait_max [4] wait_min
+ *     [5] hold_total   [6] hold_max    [7] hold_min     (min words start at INT64_MAX)
+ *
+ *   RCU domain header (8 words)
+ *     [0] gp_ctr    phase bit (bit 32) | GP_COUNT (1), liburcu style
+ *     [1] gp_seq    completed grace periods
+ *     [2] gp_futex  low 32 bits: -1 while a writer sleeps waiting for readers
+ *   RCU reader slot (8 words, one line per process)
+ *     [0] ctr       snapshot of gp_ctr | nesting count
+ *     [1] owner     owner tag (0 = free slot)
+ *
+ *   histogram (HIST_WORDS words): [0] count [1] sum [2] max [3] min, then
+ *     HIST_BUCKETS log-linear buckets (8 sub-buckets per power of two).
+ *
+ * Futex words are the low 32 bits of a 64-bit word: little-endian only
+ * (x86-64, aarch64).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <errno.h>
+#include <limits.h>
+#include <sched.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "ipc._prims needs a little-endian machine (futex word = low half of a 64-bit word)"
+#endif
+
+#define GP_COUNT ((int64_t)1)
+#define GP_CTR_PHASE ((int64_t)1 << 32)
+#define GP_CTR_NEST_MASK (GP_CTR_PHASE - 1)
+
+#define HIST_SUB_BITS 3
+#define HIST_SUB (1 << HIST_SUB_BITS)
+#define HIST_BUCKETS ((64 - HIST_SUB_BITS + 1) * HIST_SUB)
+#define HIST_HDR 4
+#define HIST_WORDS (((HIST_HDR + HIST_BUCKETS) + 7) & ~7)
+
+#define LK_STATE 0
+#define LK_ACQ 1
+#define LK_OWNER 2
+#define ST_ACQ 0
+#define ST_CON 1
+#define ST_WTOT 2
+#define ST_WMAX 3
+#define ST_WMIN 4
+#define ST_HTOT 5
+#define ST_HMAX 6
+#define ST_HMIN 7
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+#define LD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LDR(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define ST(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define STR(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define MB() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+static long futex_wait32(int32_t *addr, int32_t expected, int64_t timeout_ns) {
+    struct timespec ts, *tsp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000LL;
+        ts.tv_nsec = timeout_ns % 1000000000LL;
+        tsp = &ts;
+    }
+    return syscall(SYS_futex, addr, FUTEX_WAIT, expected, tsp, NULL, 0);
+}
+
+static long futex_wake32(int32_t *addr, int n) {
+    return syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+/* stats helpers: single writer per block, relaxed stores suffice */
+static inline void stat_add(int64_t *s, int i, int64_t v) { STR(&s[i], LDR(&s[i]) + v); }
+static inline void stat_max(int64_t *s, int i, int64_t v) { if (v > LDR(&s[i])) STR(&s[i], v); }
+static inline void stat_min(int64_t *s, int i, int64_t v) { if (v < LDR(&s[i])) STR(&s[i], v); }
+
+static inline void stat_wait(int64_t *s, int64_t w) {
+    stat_add(s, ST_CON, 1);
+    stat_add(s, ST_WTOT, w);
+    stat_max(s, ST_WMAX, w);
+    stat_min(s, ST_WMIN, w);
+}
+
+static inline void stat_hold(int64_t *s, int64_t h) {
+    stat_add(s, ST_HTOT, h);
+    stat_max(s, ST_HMAX, h);
+    stat_min(s, ST_HMIN, h);
+}
+
+/* ------------------------------------------------------------------ Mem */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int64_t *base;
+    Py_ssize_t nwords;
+    int has_view;
+} MemObject;
+
+static PyTypeObject MemType;
+
+static int mem_init(MemObject *self, PyObject *args, PyObject *kw) {
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "O:Mem", &obj)) return -1;
+    if (self->has_view) { PyBuffer_Release(&self->view); self->has_view = 0; }
+    if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
+    self->has_view = 1;
+    if (((uintptr_t)self->view.buf & 7) != 0) {
+        PyErr_SetString(PyExc_ValueError, "Mem: buffer is not 8-byte aligned");
+        return -1;
+    }
+    self->base = (int64_t *)self->view.buf;
+    self->nwords = self->view.len / 8;
+    return 0;
+}
+
+static void mem_dealloc(MemObject *self) {
+    if (self->has_view) PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static inline int64_t *mem_word(MemObject *m, PyObject *idx_obj) {
+    Py_ssize_t i = PyLong_AsSsize_t(idx_obj);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    if (!m->has_view) { PyErr_SetString(PyExc_ValueError, "Mem: released"); return NULL; }
+    if (i < 0 || i >= m->nwords) {
+        PyErr_Format(PyExc_IndexError, "word index %zd out of range [0, %zd)", i, m->nwords);
+        return NULL;
+    }
+    return &m->base[i];
+}
+
+static int64_t *mem_word_at(MemObject *m, Py_ssize_t i, Py_ssize_t span, const char *what) {
+    if (!m->has_view) { PyErr_SetString(PyExc_ValueError, "Mem: released"); return NULL; }
+    if (i < 0 || i + span > m->nwords) {
+        PyErr_Format(PyExc_IndexError, "%s: words [%zd, %zd) outside buffer of %zd words",
+                     what, i, i + span, m->nwords);
+        return NULL;
+    }
+    return &m->base[i];
+}
+
+static int get_i64(PyObject *o, int64_t *out) {
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *out = (int64_t)v;
+    return 0;
+}
+
+#define CHECK_NARGS(n, name) \
+    if (nargs != (n)) { PyErr_Format(PyExc_TypeError, name "() takes %d arguments (%zd given)", (int)(n), nargs); return NULL; }
+
+static PyObject *mem_load(MemObject *self, PyObject *idx) {
+    int64_t *w = mem_word(self, idx);
+    if (!w) return NULL;
+    return PyLong_FromLongLong(LD(w));
+}
+
+static PyObject *mem_store(MemObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(2, "store");
+    int64_t *w = mem_word(self, args[0]);
+    int64_t v;
+    if (!w || get_i64(args[1], &v) < 0) return NULL;
+    ST(w, v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mem_fetch_add(MemObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(2, "fetch_add");
+    int64_t *w = mem_word(self, args[0]);
+    int64_t v;
+    if (!w || get_i64(args[1], &v) < 0) return NULL;
+    return PyLong_FromLongLong(__atomic_fetch_add(w, v, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *mem_xchg(MemObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(2, "xchg");
+    int64_t *w = mem_word(self, args[0]);
+    int64_t v;
+    if (!w || get_i64(args[1], &v) < 0) return NULL;
+    return PyLong_FromLongLong(__atomic_exchange_n(w, v, __ATOMIC_SEQ_CST));
+}
+
+/* cmpxchg(i, old, new) -> value found (== old on success), like the kernel's cmpxchg */
+static PyObject *mem_cmpxchg(MemObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(3, "cmpxchg");
+    int64_t *w = mem_word(self, args[0]);
+    int64_t old, nv;
+    if (!w || get_i64(args[1], &old) < 0 || get_i64(args[2], &nv) < 0) return NULL;
+    __atomic_compare_exchange_n(w, &old, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return PyLong_FromLongLong(old);
+}
+
+static PyObject *mem_nop(MemObject *self, PyObject *unused) { Py_RETURN_NONE; }
+
+/* futex_wait(i, expected, timeout_ns=-1) -> 0 woken/mismatch, 1 timed out.  GIL released. */
+static PyObject *mem_futex_wait(MemObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 2 || nargs > 3) { PyErr_SetString(PyExc_TypeError, "futex_wait(i, expected, timeout_ns=-1)"); return NULL; }
+    int64_t *w = mem_word(self, args[0]);
+    int64_t exp, to = -1;
+    if (!w || get_i64(args[1], &exp) < 0) return NULL;
+    if (nargs == 3 && get_i64(args[2], &to) < 0) return NULL;
+    long r;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    r = futex_wait32((int32_t *)w, (int32_t)exp, to);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (r == -1 && err == ETIMEDOUT) return PyLong_FromLong(1);
+    if (r == -1 && err == EINTR && PyErr_CheckSignals() < 0) return NULL;
+    return PyLong_FromLong(0);
+}
+
+static PyObject *mem_futex_wake(MemObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) { PyErr_SetString(PyExc_TypeError, "futex_wake(i, n=INT_MAX)"); return NULL; }
+    int64_t *w = mem_word(self, args[0]);
+    int64_t n = INT_MAX;
+    if (!w) return NULL;
+    if (nargs == 2 && get_i64(args[1], &n) < 0) return NULL;
+    return PyLong_FromLong(futex_wake32((int32_t *)w, (int)n));
+}
+
+static PyObject *mem_release(MemObject *self, PyObject *unused) {
+    if (self->has_view) { PyBuffer_Release(&self->view); self->has_view = 0; }
+    self->base = NULL;
+    self->nwords = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *mem_get_nwords(MemObject *self, void *c) { return PyLong_FromSsize_t(self->nwords); }
+
+static PyMethodDef mem_methods[] = {
+    {"load", (PyCFunction)mem_load, METH_O, "load(i) -> int: acquire load of word i"},
+    {"store", (PyCFunction)(void (*)(void))mem_store, METH_FASTCALL, "store(i, v): release store"},
+    {"fetch_add", (PyCFunction)(void (*)(void))mem_fetch_add, METH_FASTCALL, "fetch_add(i, v) -> old"},
+    {"xchg", (PyCFunction)(void (*)(void))mem_xchg, METH_FASTCALL, "xchg(i, v) -> old"},
+    {"cmpxchg", (PyCFunction)(void (*)(void))mem_cmpxchg, METH_FASTCALL, "cmpxchg(i, old, new) -> found"},
+    {"futex_wait", (PyCFunction)(void (*)(void))mem_futex_wait, METH_FASTCALL,
+     "futex_wait(i, expected, timeout_ns=-1) -> 1 if timed out; waits on the low 32 bits of word i"},
+    {"futex_wake", (PyCFunction)(void (*)(void))mem_futex_wake, METH_FASTCALL, "futex_wake(i, n=all) -> woken"},
+    {"nop", (PyCFunction)mem_nop, METH_NOARGS, "no-op (benchmark floor)"},
+    {"release", (PyCFunction)mem_release, METH_NOARGS, "drop the buffer export"},
+    {NULL}
+};
+
+static PyGetSetDef mem_getset[] = {
+    {"nwords", (getter)mem_get_nwords, NULL, "number of 64-bit words", NULL},
+    {NULL}
+};
+
+static PyTypeObject MemType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ipc._prims.Mem",
+    .tp_basicsize = sizeof(MemObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Mem(buffer): 64-bit atomic word access to a writable buffer",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)mem_init,
+    .tp_dealloc = (destructor)mem_dealloc,
+    .tp_methods = mem_methods,
+    .tp_getset = mem_getset,
+};
+
+/* Common head of the lock types: they keep a reference to their Mem. */
+typedef struct {
+    PyObject_HEAD
+    MemObject *mem;
+    int64_t *lk;        /* lock block */
+    int64_t *st;        /* stats block or NULL */
+    int64_t tag;
+    int64_t spins;      /* spins before sched_yield */
+    int busted;         /* fault injection: lock() does not lock */
+} LockObject;
+
+static int lock_common_init(LockObject *self, PyObject *args, PyObject *kw, const char *name) {
+    static char *kwlist[] = {"mem", "lock_index", "stats_index", "tag", "spins", "busted", NULL};
+    PyObject *mem;
+    Py_ssize_t li, si = -1;
+    long long tag = 1, spins = 1000;
+    int busted = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!n|nLLp", kwlist, &MemType, &mem, &li, &si, &tag,
+                                     &spins, &busted))
+        return -1;
+    if (tag == 0) { PyErr_Format(PyExc_ValueError, "%s: tag must be nonzero", name); return -1; }
+    MemObject *m = (MemObject *)mem;
+    int64_t *lk = mem_word_at(m, li, 8, name);
+    if (!lk) return -1;
+    int64_t *st = NULL;
+    if (si >= 0 && !(st = mem_word_at(m, si, 8, name))) return -1;
+    Py_INCREF(mem);
+    Py_XSETREF(self->mem, m);
+    self->lk = lk;
+    self->st = st;
+    self->tag = tag;
+    self->spins = spins > 0 ? spins : 1;
+    self->busted = busted;
+    return 0;
+}
+
+static void lock_dealloc(LockObject *self) {
+    Py_XDECREF(self->mem);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *lock_owner(LockObject *self, PyObject *unused) {
+    return PyLong_FromLongLong(LD(&self->lk[LK_STATE]));
+}
+
+static inline int deadline_passed(int64_t deadline) { return deadline >= 0 && now_ns() >= deadline; }
+
+static int parse_timeout(PyObject *const *args, Py_ssize_t nargs, int64_t *deadline) {
+    *deadline = -1;
+    if (nargs > 1) { PyErr_SetString(PyExc_TypeError, "lock(timeout_ns=-1)"); return -1; }
+    if (nargs == 1 && args[0] != Py_None) {
+        int64_t t;
+        if (get_i64(args[0], &t) < 0) return -1;
+        if (t >= 0) *deadline = now_ns() + t;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ SpinLock */
+
+static PyTypeObject SpinLockType;
+
+static int spin_init(LockObject *self, PyObject *args, PyObject *kw) {
+    return lock_common_init(self, args, kw, "SpinLock");
+}
+
+/* lock(timeout_ns=-1) -> True, or False on timeout.  Test-and-test-and-set with pause,
+ * sched_yield after `spins` polls; Python signal handlers run while waiting. */
+static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t *state = &self->lk[LK_STATE];
+    int64_t expected = 0;
+    if (self->busted) Py_RETURN_TRUE;
+    if (__atomic_compare_exchange_n(state, &expected, self->tag, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        if (self->st) {
+            STR(&self->lk[LK_ACQ], now_ns());
+            stat_add(self->st, ST_ACQ, 1);
+        }
+        Py_RETURN_TRUE;
+    }
+    if (expected == self->tag) {
+        PyErr_SetString(PyExc_RuntimeError, "SpinLock: recursive lock (deadlock) by its holder");
+        return NULL;
+    }
+    int64_t deadline;
+    if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
+    int64_t t0 = now_ns();
+    int64_t n = 0;
+    for (;;) {
+        while (LDR(state) != 0) {
+            cpu_relax();
+            if (++n >= self->spins) {
+                n = 0;
+                Py_BEGIN_ALLOW_THREADS
+                sched_yield();
+                Py_END_ALLOW_THREADS
+                if (PyErr_CheckSignals() < 0) return NULL;
+                if (deadline_passed(deadline)) Py_RETURN_FALSE;
+            }
+        }
+        expected = 0;
+        if (__atomic_compare_exchange_n(state, &expected, self->tag, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            break;
+    }
+    if (self->st) {
+        int64_t t1 = now_ns();
+        STR(&self->lk[LK_ACQ], t1);
+        stat_add(self->st, ST_ACQ, 1);
+        stat_wait(self->st, t1 - t0);
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *spin_trylock(LockObject *self, PyObject *unused) {
+    int64_t expected = 0;
+    if (self->busted) Py_RETURN_TRUE;
+    if (__atomic_compare_exchange_n(&self->lk[LK_STATE], &expected, self->tag, 0, __ATOMIC_ACQUIRE,
+                                    __ATOMIC_RELAXED)) {
+        if (self->st) {
+            STR(&self->lk[LK_ACQ], now_ns());
+            stat_add(self->st, ST_ACQ, 1);
+        }
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *spin_unlock(LockObject *self, PyObject *unused) {
+    int64_t *state = &self->lk[LK_STATE];
+    if (self->busted) Py_RETURN_NONE;
+    if (LDR(state) != self->tag) {
+        PyErr_Format(PyExc_RuntimeError, "SpinLock: unlock by tag %lld but owner is %lld",
+                     (long long)self->tag, (long long)LDR(state));
+        return NULL;
+    }
+    if (self->st) stat_hold(self->st, now_ns() - LDR(&self->lk[LK_ACQ]));
+    ST(state, 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *spin_is_held(LockObject *self, PyObject *unused) {
+    return PyBool_FromLong(self->busted || LDR(&self->lk[LK_STATE]) == self->tag);
+}
+
+static PyObject *spin_exit(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return spin_unlock(self, NULL);
+}
+
+static PyMethodDef spin_methods[] = {
+    {"lock", (PyCFunction)(void (*)(void))spin_lock, METH_FASTCALL, "lock(timeout_ns=-1) -> bool"},
+    {"trylock", (PyCFunction)spin_trylock, METH_NOARGS, "trylock() -> bool"},
+    {"unlock", (PyCFunction)spin_unlock, METH_NOARGS, "unlock(); raises if not held by this tag"},
+    {"is_held", (PyCFunction)spin_is_held, METH_NOARGS, "held by this process' tag?"},
+    {"owner", (PyCFunction)lock_owner, METH_NOARGS, "current owner tag (0 = free)"},
+    {"__enter__", (PyCFunction)(void (*)(void))spin_lock, METH_FASTCALL, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))spin_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+
+static PyTypeObject SpinLockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ipc._prims.SpinLock",
+    .tp_basicsize = sizeof(LockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "SpinLock(mem, lock_index, stats_index=-1, tag=1, spins=1000, busted=False)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)spin_init,
+    .tp_dealloc = (destructor)lock_dealloc,
+    .tp_methods = spin_methods,
+};
+
+/* ------------------------------------------------------------------ Mutex (Drepper "mutex2") */
+
+static PyTypeObject MutexType;
+
+static int mutex_init(LockObject *self, PyObject *args, PyObject *kw) {
+    return lock_common_init(self, args, kw, "Mutex");
+}
+
+static inline int32_t cas32(int32_t *p, int32_t old, int32_t nv) {
+    __atomic_compare_exchange_n(p, &old, nv, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+    return old;
+}
+
+static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t *f = (int32_t *)&self->lk[LK_STATE];
+    if (self->busted) Py_RETURN_TRUE;
+    int32_t c = cas32(f, 0, 1);
+    int64_t t0 = 0;
+    if (c != 0) {
+        if (LDR(&self->lk[LK_OWNER]) == self->tag) {
+            PyErr_SetString(PyExc_RuntimeError, "Mutex: recursive lock (deadlock) by its holder");
+            return NULL;
+        }
+        int64_t deadline;
+        if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
+        t0 = now_ns();
+        /* brief adaptive spin before sleeping */
+        for (int i = 0; i < 100 && c != 0; i++) {
+            cpu_relax();
+            if (LDR(f) == 0) c = cas32(f, 0, 1);
+        }
+        if (c != 0) {
+            if (c != 2) c = __atomic_exchange_n(f, 2, __ATOMIC_ACQUIRE);
+            while (c != 0) {
+                long r;
+                Py_BEGIN_ALLOW_THREADS
+                r = futex_wait32(f, 2, 50 * 1000000LL);
+                Py_END_ALLOW_THREADS
+                (void)r;
+                if (PyErr_CheckSignals() < 0) return NULL;
+                c = __atomic_exchange_n(f, 2, __ATOMIC_ACQUIRE);
+                if (c != 0 && deadline_passed(deadline)) Py_RETURN_FALSE;
+            }
+        }
+    }
+    STR(&self->lk[LK_OWNER], self->tag);
+    if (self->st) {
+        int64_t t1 = now_ns();
+        STR(&self->lk[LK_ACQ], t1);
+        stat_add(self->st, ST_ACQ, 1);
+        if (t0) stat_wait(self->st, t1 - t0);
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *mutex_trylock(LockObject *self, PyObject *unused) {
+    int32_t *f = (int32_t *)&self->lk[LK_STATE];
+    if (self->busted) Py_RETURN_TRUE;
+    if (cas32(f, 0, 1) != 0) Py_RETURN_FALSE;
+    STR(&self->lk[LK_OWNER], self->tag);
+    if (self->st) {
+        STR(&self->lk[LK_ACQ], now_ns());
+        stat_add(self->st, ST_ACQ, 1);
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *mutex_unlock(LockObject *self, PyObject *unused) {
+    int32_t *f = (int32_t *)&self->lk[LK_STATE];
+    if (self->busted) Py_RETURN_NONE;
+    if (LDR(&self->lk[LK_OWNER]) != self->tag || LDR(f) == 0) {
+        PyErr_Format(PyExc_RuntimeError, "Mutex: unlock by tag %lld but owner is %lld",
+                     (long long)self->tag, (long long)LDR(&self->lk[LK_OWNER]));
+        return NULL;
+    }
+    if (self->st) stat_hold(self->st, now_ns() - LDR(&self->lk[LK_ACQ]));
+    STR(&self->lk[LK_OWNER], 0);
+    if (__atomic_fetch_sub(f, 1, __ATOMIC_RELEASE) != 1) {
+        __atomic_store_n(f, 0, __ATOMIC_RELEASE);
+        futex_wake32(f, 1);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *mutex_is_held(LockObject *self, PyObject *unused) {
+    return PyBool_FromLong(self->busted ||
+                           (LDR((int32_t *)&self->lk[LK_STATE]) != 0 && LDR(&self->lk[LK_OWNER]) == self->tag));
+}
+
+static PyObject *mutex_owner(LockObject *self, PyObject *unused) {
+    return PyLong_FromLongLong(LD(&self->lk[LK_OWNER]));
+}
+
+static PyObject *mutex_exit(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return mutex_unlock(self, NULL);
+}
+
+static PyMethodDef mutex_methods[] = {
+    {"lock", (PyCFunction)(void (*)(void))mutex_lock, METH_FASTCALL, "lock(timeout_ns=-1) -> bool (sleeps on a futex)"},
+    {"trylock", (PyCFunction)mutex_trylock, METH_NOARGS, "trylock() -> bool"},
+    {"unlock", (PyCFunction)mutex_unlock, METH_NOARGS, "unlock(); raises if not held by this tag"},
+    {"is_held", (PyCFunction)mutex_is_held, METH_NOARGS, "held by this process' tag?"},
+    {"owner", (PyCFunction)mutex_owner, METH_NOARGS, "current owner tag (0 = free)"},
+    {"__enter__", (PyCFunction)(void (*)(void))mutex_lock, METH_FASTCALL, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))mutex_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+
+static PyTypeObject MutexType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ipc._prims.Mutex",
+    .tp_basicsize = sizeof(LockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Mutex(mem, lock_index, stats_index=-1, tag=1, spins=..., busted=False): futex mutex",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)mutex_init,
+    .tp_dealloc = (destructor)lock_dealloc,
+    .tp_methods = mutex_methods,
+};
+
+/* ------------------------------------------------------------------ RCU reader */
+
+typedef struct {
+    PyObject_HEAD
+    MemObject *mem;
+    int64_t *hdr;
+    int64_t *slot;
+} ReaderObject;
+
+static PyTypeObject ReaderType;
+
+static int reader_init(ReaderObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"mem", "header_index", "slot_index", NULL};
+    PyObject *mem;
+    Py_ssize_t hi, si;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!nn", kwlist, &MemType, &mem, &hi, &si)) return -1;
+    MemObject *m = (MemObject *)mem;
+    int64_t *h = mem_word_at(m, hi, 8, "RcuReader header");
+    int64_t *s = mem_word_at(m, si, 8, "RcuReader slot");
+    if (!h || !s) return -1;
+    Py_INCREF(mem);
+    Py_XSETREF(self->mem, m);
+    self->hdr = h;
+    self->slot = s;
+    return 0;
+}
+
+static void reader_dealloc(ReaderObject *self) {
+    Py_XDECREF(self->mem);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *reader_lock(ReaderObject *self, PyObject *unused) {
+    int64_t *ctr = &self->slot[0];
+    int64_t tmp = LDR(ctr);
+    if (!(tmp & GP_CTR_NEST_MASK)) {
+        STR(ctr, LDR(&self->hdr[0]));
+        MB();
+    } else {
+        STR(ctr, tmp + GP_COUNT);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *reader_unlock(ReaderObject *self, PyObject *unused) {
+    int64_t *ctr = &self->slot[0];
+    int64_t tmp = LDR(ctr);
+    int64_t nest = tmp & GP_CTR_NEST_MASK;
+    if (nest == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "rcu_read_unlock without rcu_read_lock");
+        return NULL;
+    }
+    if (nest == GP_COUNT) {
+        MB();
+        STR(ctr, tmp - GP_COUNT);
+        MB();
+        int32_t *gpf = (int32_t *)&self->hdr[2];
+        if (LDR(gpf) == -1) {
+            __atomic_store_n(gpf, 0, __ATOMIC_RELAXED);
+            futex_wake32(gpf, INT_MAX);
+        }
+    } else {
+        STR(ctr, tmp - GP_COUNT);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *reader_nesting(ReaderObject *self, PyObject *unused) {
+    return PyLong_FromLongLong(LDR(&self->slot[0]) & GP_CTR_NEST_MASK);
+}
+
+static PyObject *reader_exit(ReaderObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return reader_unlock(self, NULL);
+}
+
+static PyMethodDef reader_methods[] = {
+    {"lock", (PyCFunction)reader_lock, METH_NOARGS, "rcu_read_lock()"},
+    {"unlock", (PyCFunction)reader_unlock, METH_NOARGS, "rcu_read_unlock()"},
+    {"nesting", (PyCFunction)reader_nesting, METH_NOARGS, "current nesting depth"},
+    {"__enter__", (PyCFunction)reader_lock, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))reader_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ipc._prims.RcuReader",
+    .tp_basicsize = sizeof(ReaderObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "RcuReader(mem, header_index, slot_index): liburcu-mb style read side",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)reader_init,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_methods = reader_methods,
+};
+
+/* A reader slot blocks the grace period when it is inside a critical section
+ * that began in the phase opposite to gp_ctr's current phase. */
+static inline int slot_blocks(int64_t *slot, int64_t gp) {
+    int64_t v = LD(&slot[0]);
+    return (v & GP_CTR_NEST_MASK) && ((v ^ gp) & GP_CTR_PHASE);
+}
+
+/* rcu_wait_readers(mem, header_index, slot0_index, nslots, timeout_ns) -> -1 when no slot
+ * of the old phase remains, else the index of a slot still blocking after timeout_ns.
+ * Spins ~100 polls, then sleeps on the header's gp_futex (readers wake it). GIL released
+ * while sleeping. */
+static PyObject *rcu_wait_readers(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(5, "rcu_wait_readers");
+    if (!PyObject_TypeCheck(args[0], &MemType)) { PyErr_SetString(PyExc_TypeError, "need Mem"); return NULL; }
+    MemObject *m = (MemObject *)args[0];
+    int64_t hi, s0, ns, to;
+    if (get_i64(args[1], &hi) < 0 || get_i64(args[2], &s0) < 0 || get_i64(args[3], &ns) < 0 ||
+        get_i64(args[4], &to) < 0)
+        return NULL;
+    int64_t *hdr = mem_word_at(m, hi, 8, "rcu header");
+    int64_t *slots = mem_word_at(m, s0, ns * 8, "rcu slots");
+    if (!hdr || !slots) return NULL;
+    int32_t *gpf = (int32_t *)&hdr[2];
+    int64_t start = now_ns();
+    int64_t blocker = -1;
+    int attempts = 0;
+    for (;;) {
+        int64_t gp = LD(&hdr[0]);
+        blocker = -1;
+        for (int64_t i = 0; i < ns; i++)
+            if (slot_blocks(&slots[i * 8], gp)) { blocker = i; break; }
+        if (blocker < 0) break;
+        if (to >= 0 && now_ns() - start >= to) break;
+        if (++attempts < 100) { cpu_relax(); continue; }
+        /* sleep: announce, recheck, wait (bounded so a missed wake costs at most 1 ms) */
+        __atomic_store_n(gpf, -1, __ATOMIC_RELAXED);
+        MB();
+        if (!slot_blocks(&slots[blocker * 8], gp)) { __atomic_store_n(gpf, 0, __ATOMIC_RELAXED); continue; }
+        Py_BEGIN_ALLOW_THREADS
+        futex_wait32(gpf, -1, 1000000LL);
+        Py_END_ALLOW_THREADS
+        __atomic_store_n(gpf, 0, __ATOMIC_RELAXED);
+        if (PyErr_CheckSignals() < 0) return NULL;
+    }
+    MB();
+    return PyLong_FromLongLong(blocker);
+}
+
+/* ------------------------------------------------------------------ Histogram */
+
+static inline int hist_bucket(int64_t v) {
+    if (v < HIST_SUB) return v < 0 ? 0 : (int)v;
+    int msb = 63 - __builtin_clzll((unsigned long long)v);
+    return (msb - HIST_SUB_BITS + 1) * HIST_SUB + (int)((v >> (msb - HIST_SUB_BITS)) & (HIST_SUB - 1));
+}
+
+typedef struct {
+    PyObject_HEAD
+    MemObject *mem;
+    int64_t *h;
+} HistObject;
+
+static PyTypeObject HistType;
+
+static int hist_init(HistObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"mem", "index", NULL};
+    PyObject *mem;
+    Py_ssize_t hi;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!n", kwlist, &MemType, &mem, &hi)) return -1;
+    int64_t *h = mem_word_at((MemObject *)mem, hi, HIST_WORDS, "Histogram");
+    if (!h) return -1;
+    Py_INCREF(mem);
+    Py_XSETREF(self->mem, (MemObject *)mem);
+    self->h = h;
+    return 0;
+}
+
+static void hist_dealloc(HistObject *self) {
+    Py_XDECREF(self->mem);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static inline void hist_put(int64_t *h, int64_t v) {
+    STR(&h[0], LDR(&h[0]) + 1);
+    STR(&h[1], LDR(&h[1]) + v);
+    if (v > LDR(&h[2])) STR(&h[2], v);
+    if (v < LDR(&h[3])) STR(&h[3], v);
+    int b = hist_bucket(v);
+    STR(&h[HIST_HDR + b], LDR(&h[HIST_HDR + b]) + 1);
+}
+
+/* record(v): single-writer (per-process histogram). */
+static PyObject *hist_record(HistObject *self, PyObject *arg) {
+    int64_t v;
+    if (get_i64(arg, &v) < 0) return NULL;
+    hist_put(self->h, v);
+    Py_RETURN_NONE;
+}
+
+/* record_since(t0_ns) -> now: records now - t0 and returns now (saves a clock call). */
+static PyObject *hist_record_since(HistObject *self, PyObject *arg) {
+    int64_t t0;
+    if (get_i64(arg, &t0) < 0) return NULL;
+    int64_t t = now_ns();
+    hist_put(self->h, t - t0);
+    return PyLong_FromLongLong(t);
+}
+
+static PyMethodDef hist_methods[] = {
+    {"record", (PyCFunction)hist_record, METH_O, "record(value_ns)"},
+    {"record_since", (PyCFunction)hist_record_since, METH_O, "record_since(t0_ns) -> now_ns"},
+    {NULL}
+};
+
+static PyTypeObject HistType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ipc._prims.Histogram",
+    .tp_basicsize = sizeof(HistObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Histogram(mem, index): log-linear latency histogram on shm words",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)hist_init,
+    .tp_dealloc = (destructor)hist_dealloc,
+    .tp_methods = hist_methods,
+};
+
+/* ------------------------------------------------------------------ module functions */
+
+static PyObject *m_now_ns(PyObject *mod, PyObject *unused) { return PyLong_FromLongLong(now_ns()); }
+static PyObject *m_cpu_relax(PyObject *mod, PyObject *unused) { cpu_relax(); Py_RETURN_NONE; }
+static PyObject *m_nop(PyObject *mod, PyObject *unused) { Py_RETURN_NONE; }
+static PyObject *m_smp_mb(PyObject *mod, PyObject *unused) { MB(); Py_RETURN_NONE; }
+
+static PyObject *m_sched_yield(PyObject *mod, PyObject *unused) {
+    Py_BEGIN_ALLOW_THREADS
+    sched_yield();
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* spin_ns(ns): busy-wait for ns (guest run time), checking signals every ms. */
+static PyObject *m_spin_ns(PyObject *mod, PyObject *arg) {
+    int64_t ns;
+    if (get_i64(arg, &ns) < 0) return NULL;
+    int64_t end = now_ns() + ns, next_check = now_ns() + 1000000;
+    for (;;) {
+        int64_t t = now_ns();
+        if (t >= end) break;
+        if (t >= next_check) {
+            if (PyErr_CheckSignals() < 0) return NULL;
+            next_check = t + 1000000;
+        }
+        cpu_relax();
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_hist_bucket(PyObject *mod, PyObject *arg) {
+    int64_t v;
+    if (get_i64(arg, &v) < 0) return NULL;
+    return PyLong_FromLong(hist_bucket(v));
+}
+
+static PyMethodDef module_methods[] = {
+    {"now_ns", m_now_ns, METH_NOARGS, "CLOCK_MONOTONIC in ns"},
+    {"cpu_relax", m_cpu_relax, METH_NOARGS, "pause / yield instruction"},
+    {"sched_yield", m_sched_yield, METH_NOARGS, "sched_yield(2)"},
+    {"smp_mb", m_smp_mb, METH_NOARGS, "full memory barrier"},
+    {"nop", m_nop, METH_NOARGS, "no-op (benchmark floor)"},
+    {"spin_ns", m_spin_ns, METH_O, "busy-wait for ns"},
+    {"hist_bucket", m_hist_bucket, METH_O, "bucket index of a value"},
+    {"rcu_wait_readers", (PyCFunction)(void (*)(void))rcu_wait_readers, METH_FASTCALL,
+     "rcu_wait_readers(mem, header_index, slot0_index, nslots, timeout_ns) -> -1 or blocking slot"},
+    {NULL}
+};
+
+static struct PyModuleDef prims_module = {
+    PyModuleDef_HEAD_INIT, "ipc._prims", "compiled shared-memory concurrency primitives", -1, module_methods
+};
+
+PyMODINIT_FUNC PyInit__prims(void) {
+    PyTypeObject *types[] = {&MemType, &SpinLockType, &MutexType, &ReaderType, &HistType};
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++)
+        if (PyType_Ready(types[i]) < 0) return NULL;
+    PyObject *m = PyModule_Create(&prims_module);
+    if (!m) return NULL;
+    const char *names[] = {"Mem", "SpinLock", "Mutex", "RcuReader", "Histogram"};
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+        Py_INCREF(types[i]);
+        if (PyModule_AddObject(m, names[i], (PyObject *)types[i]) < 0) return NULL;
+    }
+    PyModule_AddIntConstant(m, "HIST_SUB_BITS", HIST_SUB_BITS);
+    PyModule_AddIntConstant(m, "HIST_BUCKETS", HIST_BUCKETS);
+    PyModule_AddIntConstant(m, "HIST_HDR", HIST_HDR);
+    PyModule_AddIntConstant(m, "HIST_WORDS", HIST_WORDS);
+    PyModule_AddObject(m, "GP_CTR_PHASE", PyLong_FromLongLong(GP_CTR_PHASE));
+    PyModule_AddObject(m, "GP_COUNT", PyLong_FromLongLong(GP_COUNT));
+    return m;
+}

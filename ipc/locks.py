@@ -1,0 +1,87 @@
+"""Spinlock and futex mutex on shm, lock_stat accounting per lock class, lockdep-style asserts.
+
+Word layouts (mirrors of ipc/_prims.c):
+- lock block: ``LOCK_WORDS`` (8) int64 words, one cache line: [0] state/owner tag, [1] acquire ns,
+  [2] owner tag (mutex), rest reserved.
+- lock-stat block: ``STAT_WORDS`` (8) int64 words per (process, lock class), written only by that
+  process: ``STAT_FIELDS`` below; min words start at INT64_MAX (``init_lockstat``).
+
+A region that holds locks declares ``locks`` as ``(nlocks, LOCK_WORDS)`` and ``lockstat`` as
+``(nprocs, nclasses, STAT_WORDS)``; ``merge_lockstat`` folds the processes together like
+/proc/lock_stat does per class.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ipc import _prims
+
+SpinLock = _prims.SpinLock
+Mutex = _prims.Mutex
+
+LOCK_WORDS = 8
+STAT_WORDS = 8
+STAT_FIELDS = (
+    "acquisitions", "contentions", "wait_total", "wait_max", "wait_min",
+    "hold_total", "hold_max", "hold_min",
+)
+_I64_MAX = np.iinfo(np.int64).max
+KINDS = {"spin": SpinLock, "mutex": Mutex}
+
+
+class LockdepError(AssertionError):
+    """A function that requires a lock was called without holding it."""
+
+
+def new_lock(kind: str, mem, lock_word: int, stats_word: int = -1, tag: int = 1,
+             busted: bool = False, spins: int = 1000):
+    """A ``SpinLock`` ('spin') or ``Mutex`` ('mutex') on ``mem`` at ``lock_word``;
+    ``stats_word`` < 0 turns accounting off; ``tag`` (nonzero) identifies the holder process;
+    ``busted`` = a lock that does not lock (fault injection for torture self-tests)."""
+    try:
+        cls = KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown lock kind {kind!r} (spin, mutex)") from None
+    return cls(mem, lock_word, stats_word, tag, spins, busted)
+
+
+def lockdep_assert_held(lock, name: str = "lock") -> None:
+    """Cheap check (one C call) that this process holds ``lock``."""
+    if not lock.is_held():
+        raise LockdepError(f"lockdep: {name} not held by this process (owner tag {lock.owner()})")
+
+
+def init_lockstat(arr: np.ndarray) -> None:
+    arr[...] = 0
+    arr[..., 4] = _I64_MAX
+    arr[..., 7] = _I64_MAX
+
+
+def merge_lockstat(arr: np.ndarray, class_names: list[str]) -> dict[str, dict]:
+    """Per class: acquisitions, contentions, wait/hold ns total/max/min/avg (lock_stat columns).
+
+    ``arr`` is ``(nprocs, nclasses, STAT_WORDS)``; classes never acquired are left out."""
+    out: dict[str, dict] = {}
+    for c, name in enumerate(class_names):
+        s = arr[:, c, :]
+        acq = int(s[:, 0].sum())
+        if acq == 0:
+            continue
+        con = int(s[:, 1].sum())
+        wmin = int(s[:, 4].min())
+        hmin = int(s[:, 7].min())
+        d = {
+            "acquisitions": acq,
+            "contentions": con,
+            "wait_ns_total": int(s[:, 2].sum()),
+            "wait_ns_max": int(s[:, 3].max()),
+            "wait_ns_min": 0 if wmin == _I64_MAX else wmin,
+            "hold_ns_total": int(s[:, 5].sum()),
+            "hold_ns_max": int(s[:, 6].max()),
+            "hold_ns_min": 0 if hmin == _I64_MAX else hmin,
+        }
+        d["wait_ns_avg"] = d["wait_ns_total"] // con if con else 0
+        d["hold_ns_avg"] = d["hold_ns_total"] // acq
+        out[name] = d
+    return out

@@ -1,0 +1,206 @@
+"""Shared-memory regions: one declared layout per region, numpy views, owner-only unlink.
+
+A region is one POSIX shared-memory segment named ``pts_<run_id>_<region>`` (``/dev/shm`` on
+Linux). Its layout is declared once as a :class:`Layout` (an ordered list of numpy-typed fields,
+each starting on its own 64-byte cache line). The owner (the coordinator of a run) creates and
+unlinks every segment; other processes only attach.
+
+Python 3.11 resource tracker: the owner creates through ``multiprocessing.shared_memory``, so the
+segment is registered with the run's resource tracker; if the owner is SIGKILLed, the tracker
+unlinks it once the last process of the run is gone (safety net). Attaching processes map
+``/dev/shm/<name>`` directly and never register, so an attaching process exiting can never unlink
+a segment early, and no "leaked shared_memory" warning is produced by attachers.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+
+from ipc import _prims
+
+CACHE_LINE = 64
+SHM_DIR = "/dev/shm"
+PREFIX = "pts_"
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9]{1,24}$")
+
+
+class ShmError(RuntimeError):
+    """A segment could not be created, attached or does not match its layout."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # bytes, multiple of CACHE_LINE
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def word(self) -> int:
+        """Word (8-byte) index of the field's start, as the C primitives address memory."""
+        return self.offset // 8
+
+
+class Layout:
+    """An ordered, cache-line-aligned set of numpy fields: the one declaration of a region.
+
+    ``Layout("rcu", [("hdr", np.int64, (8,)), ("slots", np.int64, (n, 8))])``
+    """
+
+    def __init__(self, name: str, fields: list[tuple[str, Any, tuple[int, ...] | int]]):
+        self.name = name
+        self.fields: dict[str, Field] = {}
+        off = 0
+        for fname, dt, shape in fields:
+            shp = (shape,) if isinstance(shape, int) else tuple(shape)
+            if any(s < 0 for s in shp):
+                raise ValueError(f"layout {name}: field {fname} has a negative dimension {shp}")
+            f = Field(fname, np.dtype(dt), shp, off)
+            self.fields[fname] = f
+            off += -(-max(f.nbytes, 1) // CACHE_LINE) * CACHE_LINE
+        self.nbytes = max(off, CACHE_LINE)
+
+    def __getitem__(self, name: str) -> Field:
+        return self.fields[name]
+
+    def views(self, buf) -> dict[str, np.ndarray]:
+        return {
+            f.name: np.ndarray(f.shape, dtype=f.dtype, buffer=buf, offset=f.offset)
+            for f in self.fields.values()
+        }
+
+
+def check_run_id(run_id: str) -> str:
+    if not _RUN_ID_RE.match(run_id):
+        raise ShmError(f"bad run id {run_id!r}: 1-24 letters/digits")
+    return run_id
+
+
+def segment_name(run_id: str, region: str) -> str:
+    return f"{PREFIX}{check_run_id(run_id)}_{region}"
+
+
+class Region:
+    """A mapped segment with its layout's numpy views (``region.v[field]``) and a ``Mem``
+    (``region.mem``) for the C primitives, which address words (``region.word(field)``)."""
+
+    def __init__(self, name: str, layout: Layout, owner: bool, buf, closer):
+        self.name = name
+        self.layout = layout
+        self.owner = owner
+        self._buf = buf
+        self._closer = closer
+        self.mem = _prims.Mem(buf)
+        self.v = layout.views(buf)
+        self.closed = False
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def create(cls, run_id: str, layout: Layout) -> Region:
+        name = segment_name(run_id, layout.name)
+        try:
+            shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
+        except FileExistsError:
+            raise ShmError(f"segment {name} already exists (stale run? try `launch.py clean`)") from None
+        except OSError as e:
+            raise ShmError(f"cannot create segment {name} ({layout.nbytes} bytes): {e.strerror}") from None
+        os.fchmod(shm._fd, 0o600)  # SharedMemory already uses 0600; make it explicit
+
+        def closer(unlink: bool) -> None:
+            try:
+                shm.close()
+            except BufferError:
+                pass  # a view survived; the mapping goes with the process
+            if unlink:
+                try:
+                    shm.unlink()
+                except FileNotFoundError:
+                    pass
+
+        return cls(name, layout, True, shm.buf, closer)
+
+    @classmethod
+    def attach(cls, run_id: str, layout: Layout) -> Region:
+        name = segment_name(run_id, layout.name)
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+        except FileNotFoundError:
+            raise ShmError(f"segment {name} does not exist (run gone?)") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < layout.nbytes:
+                raise ShmError(f"segment {name} has {size} bytes, layout {layout.name} needs {layout.nbytes}")
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        mv = memoryview(mm)
+
+        def closer(unlink: bool) -> None:
+            mv.release()
+            try:
+                mm.close()
+            except BufferError:
+                pass
+
+        return cls(name, layout, False, mv, closer)
+
+    # -- use ----------------------------------------------------------------------------
+    def word(self, field: str, *index: int) -> int:
+        """Word index (for ``mem`` and the C lock/RCU/histogram types) of ``field[index]``;
+        ``index`` may name leading axes only (the start of that sub-array)."""
+        f = self.layout[field]
+        if f.dtype.itemsize != 8:
+            raise ShmError(f"{self.layout.name}.{field} is not a 64-bit field")
+        if len(index) > len(f.shape):
+            raise IndexError(f"{self.layout.name}.{field}: too many indices {index} for shape {f.shape}")
+        flat, stride = 0, int(np.prod(f.shape, dtype=np.int64))
+        for i, n in zip(index, f.shape, strict=False):
+            stride //= n
+            if not 0 <= i < n:
+                raise IndexError(f"{self.layout.name}.{field}: index {index} outside shape {f.shape}")
+            flat += i * stride
+        return f.word + flat
+
+    def close(self) -> None:
+        """Drop the mapping; the owner also unlinks. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.mem.release()
+        self.v = {}
+        self._closer(self.owner)
+
+    def __enter__(self) -> Region:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def list_segments(run_id: str | None = None) -> list[str]:
+    """Names of our segments in /dev/shm (of one run, or all)."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    pre = PREFIX if run_id is None else f"{PREFIX}{run_id}_"
+    return sorted(n for n in names if n.startswith(pre))
+
+
+def unlink_segment(name: str) -> bool:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+        return True
+    except FileNotFoundError:
+        return False
