@@ -1,0 +1,121 @@
+"""Run configuration: one typed, validated record; from CLI flags and/or a TOML scenario file.
+
+Every field is checked (type, range, unknown keys); a bad value raises ``UsageError`` naming the
+field, which the CLI prints as one line and exits 2 — before anything is started.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from ipc.errors import UsageError
+
+PAGE_SIZE = 4096
+MAX_VCPUS = 256
+SHM_BUDGET_BYTES = 2 << 30  # all segments of one run together
+
+Design = Literal["mirror", "mutex-hash", "rcu-list", "per-table-notifier"]
+Registration = Literal["refcount", "bool", "naive", "split"]
+Policy = Literal["sticky", "round-robin", "random"]
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A run. Durations in seconds, times in microseconds, fractions in [0, 1]."""
+
+    vcpus: Annotated[int, msgspec.Meta(ge=1, le=MAX_VCPUS)] = 2
+    duration: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 2.0
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 1
+    memory_mib: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    memslots: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    design: Design = "mirror"
+    registration: Registration = "refcount"
+    l2s: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    switch_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
+    policy: Policy = "random"
+    guest_time_us: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 20.0
+    writes_per_exit: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 8
+    tracked_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.25
+    mmio_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
+    tracked_pages: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 8
+    notifiers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
+    max_nodes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 128
+    stats: bool = True
+    stall_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 1000
+    heartbeat_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tracked_fraction + self.mmio_fraction > 1.0 + 1e-9:
+            raise UsageError(
+                f"tracked_fraction + mmio_fraction = {self.tracked_fraction + self.mmio_fraction:g} > 1")
+        pages = self.memory_pages
+        if self.memslots > pages:
+            raise UsageError(f"memslots = {self.memslots} exceeds the {pages} pages of memory_mib")
+        if self.tracked_pages > pages:
+            raise UsageError(f"tracked_pages = {self.tracked_pages} exceeds the {pages} guest pages")
+        if self.l2s * 1 > pages - self.tracked_pages:
+            raise UsageError(f"l2s = {self.l2s} physid tables do not fit beside tracked_pages in memory")
+
+    @property
+    def memory_pages(self) -> int:
+        return self.memory_mib * (1 << 20) // PAGE_SIZE
+
+    @property
+    def nprocs(self) -> int:
+        """Processes with reader slots and lock-stat blocks: the coordinator (0) + one per vCPU."""
+        return self.vcpus + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.structs.asdict(self)
+
+
+def _field_error(e: msgspec.ValidationError) -> UsageError:
+    msg = str(e)
+    # msgspec: "Expected `int` >= 1 - at `$.vcpus`" -> "vcpus: expected `int` >= 1"
+    if " - at `$." in msg:
+        what, where = msg.rsplit(" - at `$.", 1)
+        return UsageError(f"{where.rstrip('`')}: {what[0].lower()}{what[1:]}")
+    if msg.startswith("Object contains unknown field"):
+        return UsageError(msg.replace("Object contains unknown field", "unknown key"))
+    return UsageError(msg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    try:
+        return msgspec.convert(d, Config, strict=True)
+    except msgspec.ValidationError as e:
+        raise _field_error(e) from None
+
+
+def load_toml(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read a scenario file: ``[config]`` table (Config keys) and optional ``[[step]]`` list
+    (scripted commands). Returns (config dict, steps). Unknown top-level keys are errors."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"scenario file {path}: not found") from None
+    except OSError as e:
+        raise UsageError(f"scenario file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"scenario file {path}: invalid TOML: {e}") from None
+    unknown = set(doc) - {"config", "step"}
+    if unknown:
+        raise UsageError(f"scenario file {path}: unknown key {sorted(unknown)[0]!r} (expected [config], [[step]])")
+    cfg = doc.get("config", {})
+    steps = doc.get("step", [])
+    if not isinstance(cfg, dict):
+        raise UsageError(f"scenario file {path}: config must be a table")
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise UsageError(f"scenario file {path}: step must be an array of tables ([[step]])")
+    return cfg, steps
+
+
+def build(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Config:
+    """File values, overridden by explicitly given CLI values (None = not given)."""
+    merged = dict(file_values)
+    merged.update({k: v for k, v in cli_values.items() if v is not None})
+    return from_dict(merged)

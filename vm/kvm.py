@@ -1,0 +1,192 @@
+"""``struct kvm`` as one process sees it: the VM's shm regions, locks, SRCU/RCU domains, stats.
+
+The coordinator builds it with ``Kvm.create`` (creates and initialises every segment, unlinks them
+on ``close``); a vCPU process with ``Kvm.attach``. Both run the same vm/ functions on it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from ipc import _prims, hist
+from ipc.locks import init_lockstat, new_lock
+from ipc.shm import Region, ShmError, check_run_id
+from vm import layout as L
+
+
+class Kvm:
+    def __init__(self, cfg, run_id: str, proc: int, regions: dict[str, Region], owner: bool,
+                 hooks: frozenset[str] = frozenset()):
+        self.cfg = cfg
+        self.run_id = run_id
+        self.proc = proc
+        self.tag = proc + 1
+        self.owner = owner
+        self.hooks = frozenset(hooks)
+        self.regions = regions
+        vm = self.vm = regions["vm"]
+        self.guest = regions["guest"]
+        self.mirror = regions["mirror"]
+        self.mem = vm.mem
+        self.flags_w = vm.word("flags")
+        self.notifier_w = vm.word("notifier")
+        self.nodes_w = vm.word("nodes")
+        self.nodes = vm.v["nodes"]
+        self.gfn_track = vm.v["gfn_track"]
+        # fast lock-free reads of the u16 counts (a memoryview indexes in ~30 ns)
+        self.gfn_track_mv = memoryview(self.guest_buf(vm, "gfn_track")).cast("B").cast("H")
+        self.guest_mem = self.guest.mem  # word access to guest memory (8-byte stores)
+        self.guest_bytes = self.guest.v["mem"]
+        self.mirror_bytes = self.mirror.v["mem"]
+        self.memory_pages = cfg.memory_pages
+        stats = cfg.stats
+
+        def stats_word(cls: str) -> int:
+            return vm.word("lockstat", proc, L.CLASS[cls]) if stats else -1
+
+        self.locks = {
+            name: new_lock(L.LOCK_KIND[name], vm.mem, vm.word("locks", i), stats_word(name), self.tag,
+                           busted="busted-lock" in self.hooks)
+            for i, name in enumerate(L.LOCKS)
+        }
+        self.mmu_lock = self.locks["mmu_lock"]
+        self.hist = {name: (_prims.Histogram(vm.mem, vm.word("hist", proc, i)) if stats else None)
+                     for i, name in enumerate(L.HISTS)}
+        slot_name = self.proc_name
+        self.domains = {
+            prefix: cls(vm, prefix, proc, self.tag, name=prefix,
+                        gp_lock_stats_word=stats_word(f"{prefix}.gp_lock"),
+                        gp_hist=self.hist.get("synchronize_srcu" if prefix == "track_srcu" else
+                                              "tlb_flush" if prefix == "guest_mode" else "synchronize_rcu"),
+                        stall_ns=cfg.stall_ms * 1_000_000, slot_name=slot_name,
+                        on_stall=self._on_stall(prefix))
+            for prefix, cls in L.DOMAINS
+        }
+        self.track_srcu = self.domains["track_srcu"]
+        self.guest_mode = self.domains["guest_mode"]
+        self.rcu = self.domains["rcu"]
+        self.counters = vm.v["counters"][proc]
+        self.events: list[tuple[str, str, dict]] = []  # WARNs not yet reported
+        self.on_warn: Callable[[str, str, dict], None] | None = None
+        self.handlers: dict[int, tuple[int, object]] = {}  # node index -> (gen, handler)
+        self.closed = False
+
+    @staticmethod
+    def guest_buf(region: Region, field: str):
+        f = region.layout[field]
+        return region._buf[f.offset:f.offset + f.nbytes]
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg, run_id: str, hooks=frozenset()) -> Kvm:
+        check_run_id(run_id)
+        regions: dict[str, Region] = {}
+        try:
+            for lay in (L.vm_layout(cfg), L.guest_layout(cfg), L.mirror_layout(cfg)):
+                regions[lay.name] = Region.create(run_id, lay)
+            vm = regions["vm"]
+            v = vm.v
+            for name in ("flags", "locks", "notifier", "nodes", "counters"):
+                v[name][...] = 0
+            init_lockstat(v["lockstat"])
+            hist.init(v["hist"])
+            for prefix, dom in L.DOMAINS:
+                dom.init(vm, prefix)
+            # memslots: contiguous, equal-sized (the last takes the remainder)
+            per = cfg.memory_pages // cfg.memslots
+            for i in range(cfg.memslots):
+                npages = per if i < cfg.memslots - 1 else cfg.memory_pages - per * (cfg.memslots - 1)
+                v["memslots"][i, L.MS_BASE_GFN] = i * per
+                v["memslots"][i, L.MS_NPAGES] = npages
+                v["memslots"][i, L.MS_LIVE] = 1
+            v["gfn_track"][:] = 0
+            return cls(cfg, run_id, 0, regions, owner=True, hooks=hooks)
+        except BaseException:
+            for r in regions.values():
+                r.close()
+            raise
+
+    @classmethod
+    def attach(cls, cfg, run_id: str, proc: int, hooks=frozenset()) -> Kvm:
+        regions: dict[str, Region] = {}
+        try:
+            for lay in (L.vm_layout(cfg), L.guest_layout(cfg), L.mirror_layout(cfg)):
+                regions[lay.name] = Region.attach(run_id, lay)
+        except ShmError:
+            for r in regions.values():
+                r.close()
+            raise
+        kvm = cls(cfg, run_id, proc, regions, owner=False, hooks=hooks)
+        for d in kvm.domains.values():
+            d.register()
+        return kvm
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.owner:
+            for d in self.domains.values():
+                try:
+                    d.unregister()
+                except RuntimeError:
+                    pass
+        self.handlers.clear()
+        self.locks.clear()
+        self.domains.clear()
+        self.hist.clear()
+        self.gfn_track_mv.release()
+        self.track_srcu = self.guest_mode = self.rcu = self.mmu_lock = None
+        self.nodes = self.gfn_track = self.counters = None
+        self.guest_bytes = self.mirror_bytes = None
+        for r in self.regions.values():
+            r.close()
+
+    # -- naming, WARNs ------------------------------------------------------------------------
+    @staticmethod
+    def proc_name(proc: int) -> str:
+        return "coordinator" if proc == 0 else f"vCPU {proc - 1}"
+
+    def _on_stall(self, prefix: str):
+        def report(slot: int, elapsed_ns: int) -> None:
+            self.warn("rcu_stall", f"{'SRCU' if prefix == 'track_srcu' else 'RCU'} stall: "
+                      f"{self.proc_name(slot)} in read-side critical section of {prefix} for "
+                      f"{elapsed_ns // 1_000_000} ms", slot=slot, domain=prefix, ms=elapsed_ns // 1_000_000)
+
+        return report
+
+    def warn(self, kind: str, message: str, **data) -> None:
+        """WARN(): counted in shm, kept for the telemetry channel, never fatal by itself."""
+        self.mem.fetch_add(self.flags_w + L.F_WARNS, 1)
+        self.counters[L.C["warns"]] += 1
+        ev = (kind, f"WARN {self.proc_name(self.proc)}: {message}", dict(data))
+        self.events.append(ev)
+        if self.on_warn is not None:
+            self.on_warn(*ev)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[L.C[name]] += n
+
+    @property
+    def warns(self) -> int:
+        return self.mem.load(self.flags_w + L.F_WARNS)
+
+    @property
+    def poison_reads(self) -> int:
+        return self.mem.load(self.flags_w + L.F_POISON_READS)
+
+    def poisoned(self, what: str, **data) -> None:
+        self.mem.fetch_add(self.flags_w + L.F_POISON_READS, 1)
+        self.warn("poison", f"read of poisoned {what}", **data)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def guest_u64(self, gpa: int) -> int:
+        return self.guest_mem.load(gpa >> 3)
+
+    def page_bytes(self, gfn: int) -> np.ndarray:
+        return self.guest_bytes[gfn * 4096:(gfn + 1) * 4096]

@@ -1,0 +1,97 @@
+"""The VM's shared-memory layouts, declared once (numpy fields; word meanings below).
+
+Regions of a run (segment ``pts_<run>_<region>``):
+- ``vm``     page-track state, notifier registry, locks, RCU/SRCU domains, per-process stats
+- ``guest``  guest physical memory (bytes)
+- ``mirror`` the mirror notifier's shadow copy of guest memory (oracle for the write path)
+
+Process index ``proc``: 0 = coordinator, vCPU i = i + 1; lock/owner ``tag`` = proc + 1.
+"""
+
+from __future__ import annotations
+
+from ipc import hist
+from ipc.locks import LOCK_WORDS, STAT_WORDS
+from ipc.rcu import RcuDomain, SrcuDomain
+from ipc.shm import Layout
+
+# -- flags words (vm.flags) -----------------------------------------------------------------
+F_WRITE_TRACKING = 0   # write_tracking_enabled, published with a release store
+F_RUN_STATE = 1        # RUN_* below
+F_WARNS = 2            # WARNs raised by any process
+F_POISON_READS = 3     # reads of a poisoned notifier node / freed object
+F_EPOCH = 4            # bumped by the coordinator at start
+
+RUN_INIT, RUN_RUNNING, RUN_STOP = 0, 1, 2
+
+# -- memslot words (vm.memslots[i]) --------------------------------------------------------
+MS_BASE_GFN, MS_NPAGES, MS_LIVE = 0, 1, 2
+
+# -- notifier registry (vm.notifier head words, vm.nodes[i] words) ---------------------------
+NH_HEAD = 0            # index + 1 of the first node, 0 = empty list
+NH_LIVE = 1            # nodes on the list
+NH_REGISTERED = 2      # total registrations
+NH_UNREGISTERED = 3    # total unregistrations
+NH_REDUNDANT = 4       # redundant registrations caught (WARN)
+
+N_NEXT = 0             # index + 1 of the next node, 0 = end
+N_KIND = 1             # notifier kind id (vm.notifier.KINDS)
+N_OWNER = 2            # owner object index (e.g. a physid table), kind-specific
+N_STATE = 3            # NODE_* below
+N_GEN = 4              # bumped on every (re)allocation of the slot
+N_HITS = 5             # track_write calls (relaxed, statistics only)
+
+NODE_FREE, NODE_LIVE, NODE_RETIRING, NODE_POISON, NODE_ALLOCATED = 0, 1, 2, 3, 4
+
+# -- locks: instance index in vm.locks, class index in vm.lockstat ---------------------------
+LOCKS = ("mmu_lock", "tables_lock", "avic_physid_lock", "avic_tables_spin")
+LOCK_MMU, LOCK_TABLES, LOCK_PHYSID, LOCK_TABLES_SPIN = range(len(LOCKS))
+LOCK_KIND = {"mmu_lock": "spin", "tables_lock": "mutex", "avic_physid_lock": "spin",
+             "avic_tables_spin": "spin"}
+# classes: the locks above, then the grace-period mutexes of the RCU/SRCU domains
+LOCK_CLASSES = LOCKS + ("track_srcu.gp_lock", "guest_mode.gp_lock", "rcu.gp_lock")
+CLASS = {name: i for i, name in enumerate(LOCK_CLASSES)}
+
+# -- RCU / SRCU domains --------------------------------------------------------------------
+DOMAINS = (("track_srcu", SrcuDomain), ("guest_mode", RcuDomain), ("rcu", RcuDomain))
+
+# -- per-process counters (vm.counters[proc]) -----------------------------------------------
+COUNTERS = (
+    "vmrun", "vmexit", "l2_switch", "write_tracked", "write_mmio", "write_untracked",
+    "notifier_calls", "tlb_flush", "register", "unregister", "warns", "stale_entries",
+    "reloads", "table_create", "table_free", "iterations",
+)
+NCOUNTERS = 16
+C = {name: i for i, name in enumerate(COUNTERS)}
+assert len(COUNTERS) == NCOUNTERS
+
+# -- latency histograms (vm.hist[proc, h]) --------------------------------------------------
+HISTS = ("nested_vmrun", "emulated_write", "notifier_walk", "synchronize_srcu",
+         "synchronize_rcu", "tlb_flush", "track_write", "avic_get")
+H = {name: i for i, name in enumerate(HISTS)}
+
+
+def vm_layout(cfg) -> Layout:
+    n = cfg.nprocs
+    fields = [
+        ("flags", "i8", (8,)),
+        ("memslots", "i8", (cfg.memslots, 8)),
+        ("gfn_track", "u2", (cfg.memory_pages,)),
+        ("locks", "i8", (len(LOCKS), LOCK_WORDS)),
+        ("lockstat", "i8", (n, len(LOCK_CLASSES), STAT_WORDS)),
+        ("notifier", "i8", (8,)),
+        ("nodes", "i8", (cfg.max_nodes, 8)),
+        ("counters", "i8", (n, NCOUNTERS)),
+        ("hist", "i8", (n, len(HISTS), hist.HIST_WORDS)),
+    ]
+    for prefix, cls in DOMAINS:
+        fields += cls.fields(prefix, n)
+    return Layout("vm", fields)
+
+
+def guest_layout(cfg) -> Layout:
+    return Layout("guest", [("mem", "u1", (cfg.memory_pages * 4096,))])
+
+
+def mirror_layout(cfg) -> Layout:
+    return Layout("mirror", [("mem", "u1", (cfg.memory_pages * 4096,))])

@@ -1,0 +1,197 @@
+"""Page-track notifier registry: a fixed pool of nodes in shm on an SRCU-protected singly linked list.
+
+Mirrors ``kvm_page_track_notifier_head`` (an SRCU domain, ``track_srcu``, plus an hlist):
+- writers of the list hold ``mmu_lock``; readers walk it under ``srcu_read_lock(track_srcu)``;
+- register = ``hlist_add_head_rcu`` (the node's next is set before the head is published with a
+  release store); redundant registration of a live node WARNs and is refused (the check the seed
+  asks for: the AVIC code must refcount);
+- unregister = ``hlist_del_rcu`` under mmu_lock, then ``synchronize_srcu`` so no reader still
+  holds the node when the caller frees it; ``free_node`` poisons the slot, and a reader that
+  meets a poisoned node reports it (use after free).
+
+Each node has a kind: the id of a Python handler class registered with ``@notifier_kind``; every
+process instantiates its own handler for a node (``handler(kvm, node)``) with the callbacks
+``track_write(gpa, new, nbytes, node)`` and ``track_remove_region(gfn, nr_pages, node)``.
+"""
+
+from __future__ import annotations
+
+from ipc.locks import lockdep_assert_held
+from vm import layout as L
+
+POISON_NEXT = -0x6B6B6B6B  # like POISON_FREE: a freed node's next pointer
+KINDS: dict[int, type] = {}
+
+
+def notifier_kind(kind_id: int):
+    """Class decorator: make ``cls`` the handler of nodes of ``kind_id`` in every process."""
+
+    def deco(cls):
+        if kind_id in KINDS and KINDS[kind_id] is not cls:
+            raise ValueError(f"notifier kind {kind_id} already used by {KINDS[kind_id].__name__}")
+        KINDS[kind_id] = cls
+        cls.kind_id = kind_id
+        return cls
+
+    return deco
+
+
+class NotifierNode:
+    """Base handler: the per-process object behind a node. ``owner`` is kind-specific."""
+
+    kind_id = 0
+
+    def __init__(self, kvm, node: int, owner: int):
+        self.kvm = kvm
+        self.node = node
+        self.owner = owner
+
+    def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
+        pass
+
+    def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
+        pass
+
+
+def _w(kvm, node: int, word: int) -> int:
+    return kvm.nodes_w + node * 8 + word
+
+
+def node_state(kvm, node: int) -> int:
+    return kvm.mem.load(_w(kvm, node, L.N_STATE))
+
+
+def alloc_node(kvm, kind: int, owner: int) -> int:
+    """Take a free (or poisoned, i.e. freed) slot of the pool; returns its index."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown notifier kind {kind}")
+    mem = kvm.mem
+    with kvm.mmu_lock:
+        for i in range(kvm.nodes.shape[0]):
+            if mem.load(_w(kvm, i, L.N_STATE)) in (L.NODE_FREE, L.NODE_POISON):
+                mem.store(_w(kvm, i, L.N_KIND), kind)
+                mem.store(_w(kvm, i, L.N_OWNER), owner)
+                mem.store(_w(kvm, i, L.N_NEXT), 0)
+                mem.store(_w(kvm, i, L.N_HITS), 0)
+                mem.fetch_add(_w(kvm, i, L.N_GEN), 1)
+                mem.store(_w(kvm, i, L.N_STATE), L.NODE_ALLOCATED)
+                return i
+    kvm.warn("nodes_exhausted", f"notifier node pool ({kvm.nodes.shape[0]}) exhausted")
+    raise RuntimeError(f"notifier node pool ({kvm.nodes.shape[0]}) exhausted")
+
+
+def free_node(kvm, node: int) -> None:
+    """Return a node to the pool, poisoned. The caller guarantees no reader can still see it
+    (it was unregistered, which waited for an SRCU grace period)."""
+    mem = kvm.mem
+    st = mem.load(_w(kvm, node, L.N_STATE))
+    if st == L.NODE_LIVE:
+        kvm.warn("free_live_node", f"freeing notifier node {node} that is still registered", node=node)
+    mem.store(_w(kvm, node, L.N_NEXT), POISON_NEXT)
+    mem.store(_w(kvm, node, L.N_STATE), L.NODE_POISON)
+
+
+def kvm_page_track_register_notifier(kvm, node: int) -> bool:
+    """hlist_add_head_rcu under mmu_lock. A node that is already live WARNs and is refused."""
+    mem = kvm.mem
+    h = kvm.notifier_w
+    with kvm.mmu_lock:
+        st = mem.load(_w(kvm, node, L.N_STATE))
+        if st == L.NODE_LIVE:
+            mem.fetch_add(h + L.NH_REDUNDANT, 1)
+            kvm.warn("redundant_registration",
+                     f"redundant registration of live notifier node {node} "
+                     f"(kind {mem.load(_w(kvm, node, L.N_KIND))}, owner {mem.load(_w(kvm, node, L.N_OWNER))})",
+                     node=node)
+            return False
+        if st == L.NODE_POISON:
+            kvm.poisoned("notifier node (register)", node=node)
+            return False
+        mem.store(_w(kvm, node, L.N_NEXT), mem.load(h + L.NH_HEAD))
+        mem.store(_w(kvm, node, L.N_STATE), L.NODE_LIVE)
+        mem.store(h + L.NH_HEAD, node + 1)  # release: the node is complete before it is visible
+        mem.fetch_add(h + L.NH_LIVE, 1)
+        mem.fetch_add(h + L.NH_REGISTERED, 1)
+    kvm.count("register")
+    return True
+
+
+def kvm_page_track_unregister_notifier(kvm, node: int) -> bool:
+    """hlist_del_rcu under mmu_lock, then synchronize_srcu(track_srcu). False (with a WARN) if
+    the node was not registered."""
+    mem = kvm.mem
+    h = kvm.notifier_w
+    with kvm.mmu_lock:
+        if mem.load(_w(kvm, node, L.N_STATE)) != L.NODE_LIVE:
+            kvm.warn("unregister_unregistered", f"unregister of notifier node {node} that is not registered",
+                     node=node)
+            return False
+        nxt = mem.load(_w(kvm, node, L.N_NEXT))
+        link = h + L.NH_HEAD
+        while True:
+            cur = mem.load(link)
+            if cur == 0:  # not on the list: registry corrupt
+                kvm.warn("list_corrupt", f"notifier node {node} live but not on the list", node=node)
+                return False
+            if cur == node + 1:
+                mem.store(link, nxt)
+                break
+            link = _w(kvm, cur - 1, L.N_NEXT)
+        mem.store(_w(kvm, node, L.N_STATE), L.NODE_RETIRING)
+        mem.fetch_add(h + L.NH_LIVE, -1)
+        mem.fetch_add(h + L.NH_UNREGISTERED, 1)
+    if "no-synchronize-srcu" not in kvm.hooks:
+        kvm.track_srcu.synchronize()
+    mem.store(_w(kvm, node, L.N_STATE), L.NODE_ALLOCATED)
+    kvm.count("unregister")
+    return True
+
+
+def handler(kvm, node: int):
+    """This process' handler object for ``node`` (re-created when the slot was reused)."""
+    mem = kvm.mem
+    gen = mem.load(_w(kvm, node, L.N_GEN))
+    cached = kvm.handlers.get(node)
+    if cached is not None and cached[0] == gen:
+        return cached[1]
+    kind = mem.load(_w(kvm, node, L.N_KIND))
+    cls = KINDS.get(kind)
+    if cls is None:
+        raise RuntimeError(f"notifier node {node} has unknown kind {kind}")
+    obj = cls(kvm, node, mem.load(_w(kvm, node, L.N_OWNER)))
+    kvm.handlers[node] = (gen, obj)
+    return obj
+
+
+def walk(kvm, fn) -> int:
+    """Call ``fn(handler, node)`` for every node on the list, under the SRCU read lock.
+    Returns the number of nodes visited; stops at a poisoned node (reported)."""
+    mem = kvm.mem
+    srcu = kvm.track_srcu
+    nmax = kvm.nodes.shape[0]
+    calls = 0
+    srcu.read_lock()
+    try:
+        n = mem.load(kvm.notifier_w + L.NH_HEAD)
+        while n:
+            if not 0 < n <= nmax:
+                kvm.poisoned("notifier list pointer", pointer=n)
+                break
+            i = n - 1
+            base = kvm.nodes_w + i * 8
+            if mem.load(base + L.N_STATE) == L.NODE_POISON:
+                kvm.poisoned("notifier node (walk)", node=i)
+                break
+            fn(handler(kvm, i), i)
+            calls += 1
+            n = mem.load(base + L.N_NEXT)
+    finally:
+        srcu.read_unlock()
+    return calls
+
+
+def live_nodes(kvm) -> list[int]:
+    """Nodes on the list, head first (diagnostics; takes the SRCU read lock)."""
+    out: list[int] = []
+    walk(kvm, lambda h, i: out.append(i))
+    return out

@@ -1,0 +1,166 @@
+"""Page tracking (arch/x86/kvm/mmu/page_track.c): per-memslot ``gfn_write_track`` counts, the
+write-tracking enable flag, the emulated-write notifier walk and the fault-path check.
+
+- ``gfn_write_track``: one ``unsigned short`` per 4K gfn of each memslot (the memslots are
+  contiguous here, so the per-slot arrays are slices of one shm array indexed by gfn).
+  ``update_gfn_track`` WARNs and refuses on overflow past USHRT_MAX or below 0.
+- add / remove require ``mmu_lock`` (asserted) and WARN if write tracking is not enabled. After
+  adding, the caller flushes remote TLBs (``kvm_flush_remote_tlbs``): here that is a grace period
+  of the ``guest_mode`` domain, which vCPUs hold while running guest code, so once it returns no
+  vCPU can still be writing the gfn through a stale writable mapping.
+- a write fault on a tracked gfn is emulated (``page_fault_handle_page_track``); the emulator
+  writes guest memory, then ``kvm_page_track_write`` walks every notifier under the SRCU read lock
+  (MMIO addresses outside every memslot walk too). Untracked pages take the fast path and never
+  touch the list.
+"""
+
+from __future__ import annotations
+
+from ipc import _prims
+from ipc.locks import lockdep_assert_held
+from vm import layout as L
+from vm.notifier import POISON_NEXT, handler, walk
+
+USHRT_MAX = 0xFFFF
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+
+def kvm_page_track_write_tracking_enabled(kvm) -> bool:
+    return kvm.mem.load(kvm.flags_w + L.F_WRITE_TRACKING) != 0
+
+
+def kvm_page_track_write_tracking_enable(kvm) -> None:
+    """Maxim's patch 4: enable tracking on demand; the flag is published with a release store
+    (the per-slot arrays exist from the start here, so nothing else needs allocating)."""
+    kvm.mem.store(kvm.flags_w + L.F_WRITE_TRACKING, 1)
+
+
+def gfn_to_memslot(kvm, gfn: int) -> int:
+    """Index of the live memslot holding ``gfn``, or -1 (MMIO / no memory)."""
+    ms = kvm.vm.v["memslots"]
+    for i in range(ms.shape[0]):
+        base, npages, live = int(ms[i, 0]), int(ms[i, 1]), int(ms[i, 2])
+        if live and base <= gfn < base + npages:
+            return i
+    return -1
+
+
+def update_gfn_track(kvm, gfn: int, delta: int) -> bool:
+    lockdep_assert_held(kvm.mmu_lock, "mmu_lock")
+    val = int(kvm.gfn_track[gfn]) + delta
+    if val < 0 or val > USHRT_MAX:
+        kvm.warn("gfn_track_overflow" if val > 0 else "gfn_track_underflow",
+                 f"gfn_write_track[{gfn:#x}] would {'overflow past USHRT_MAX' if val > 0 else 'go below 0'}",
+                 gfn=gfn, count=int(kvm.gfn_track[gfn]))
+        return False
+    kvm.gfn_track[gfn] = val
+    return True
+
+
+def _track_change(kvm, gfn: int, delta: int, what: str) -> bool:
+    lockdep_assert_held(kvm.mmu_lock, "mmu_lock")
+    if not kvm_page_track_write_tracking_enabled(kvm):
+        kvm.warn("tracking_disabled", f"{what}({gfn:#x}) while write tracking is not enabled", gfn=gfn)
+        return False
+    if gfn_to_memslot(kvm, gfn) < 0:
+        kvm.warn("no_memslot", f"{what}({gfn:#x}): gfn is in no memslot", gfn=gfn)
+        return False
+    return update_gfn_track(kvm, gfn, delta)
+
+
+def kvm_write_track_add_gfn(kvm, gfn: int) -> bool:
+    """count += 1 (write-protects the gfn). Caller holds mmu_lock, then flushes remote TLBs."""
+    return _track_change(kvm, gfn, +1, "kvm_write_track_add_gfn")
+
+
+def kvm_write_track_remove_gfn(kvm, gfn: int) -> bool:
+    """count -= 1 (the gfn becomes writable again when it reaches 0). Caller holds mmu_lock."""
+    return _track_change(kvm, gfn, -1, "kvm_write_track_remove_gfn")
+
+
+def kvm_gfn_is_write_tracked(kvm, gfn: int) -> bool:
+    return 0 <= gfn < kvm.memory_pages and kvm.gfn_track_mv[gfn] != 0
+
+
+def kvm_flush_remote_tlbs(kvm) -> None:
+    """Wait until every vCPU has left the guest-mode section it was in (no stale writable
+    mapping of a newly write-protected gfn survives)."""
+    kvm.guest_mode.synchronize()
+    kvm.count("tlb_flush")
+
+
+def track_gfn(kvm, gfn: int) -> bool:
+    """add + flush, the way a tracking user does it (mmu_lock around the count)."""
+    with kvm.mmu_lock:
+        ok = kvm_write_track_add_gfn(kvm, gfn)
+    if ok:
+        kvm_flush_remote_tlbs(kvm)
+    return ok
+
+
+def untrack_gfn(kvm, gfn: int) -> bool:
+    with kvm.mmu_lock:
+        return kvm_write_track_remove_gfn(kvm, gfn)
+
+
+def page_fault_handle_page_track(kvm, gfn: int, write: bool) -> bool:
+    """True when the fault must be emulated (RET_PF_EMULATE): a write to a tracked gfn."""
+    return write and kvm_gfn_is_write_tracked(kvm, gfn)
+
+
+def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:
+    """Call every notifier's ``track_write`` under the SRCU read lock; returns how many ran.
+    Returns at once when the list is empty."""
+    mem = kvm.mem
+    head_w = kvm.notifier_w + L.NH_HEAD
+    if not mem.load(head_w):
+        return 0
+    h = kvm.hist["notifier_walk"]
+    t0 = _prims.now_ns() if h is not None else 0
+    nmax = kvm.cfg.max_nodes
+    nbytes = len(new)
+    calls = 0
+    srcu = kvm.track_srcu
+    srcu.read_lock()
+    try:
+        n = mem.load(head_w)
+        while n:
+            if not 0 < n <= nmax:
+                kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT + 1)
+                break
+            base = kvm.nodes_w + (n - 1) * 8
+            if mem.load(base + L.N_STATE) == L.NODE_POISON:
+                kvm.poisoned("notifier node (walk)", node=n - 1)
+                break
+            handler(kvm, n - 1).track_write(gpa, new, nbytes, n - 1)
+            calls += 1
+            n = mem.load(base + L.N_NEXT)
+    finally:
+        srcu.read_unlock()
+    if h is not None:
+        h.record_since(t0)
+    return calls
+
+
+def emulator_write_phys(kvm, gpa: int, new: bytes) -> int:
+    """Write guest memory (if ``gpa`` is RAM), then the notifier walk (also for MMIO)."""
+    h = kvm.hist["emulated_write"]
+    t0 = _prims.now_ns() if h is not None else 0
+    n = len(new)
+    if (gpa >> PAGE_SHIFT) < kvm.memory_pages:
+        if n == 8 and not gpa & 7:
+            kvm.guest_mem.store(gpa >> 3, int.from_bytes(new, "little", signed=True))
+        else:
+            kvm.guest_bytes[gpa:gpa + n] = memoryview(new)
+    calls = kvm_page_track_write(kvm, gpa, new)
+    if h is not None:
+        h.record_since(t0)
+    return calls
+
+
+def kvm_page_track_delete_slot(kvm, slot: int) -> None:
+    """A memslot goes away: every notifier's ``track_remove_region`` for its range."""
+    ms = kvm.vm.v["memslots"]
+    base, npages = int(ms[slot, L.MS_BASE_GFN]), int(ms[slot, L.MS_NPAGES])
+    walk(kvm, lambda hd, i: hd.track_remove_region(base, npages, i))
