@@ -76,6 +76,44 @@ SEED = int_range(0, 2**63 - 1, "--seed")
 DURATION = float_range(0.05, MAX_DURATION_S, "--duration")
 
 
+RUN_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switch_rate", "policy",
+            "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
+            "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Run options; None = not given (a scenario file or the default decides)."""
+    from vm.config import MAX_VCPUS
+
+    p.add_argument("--vcpus", type=int_range(1, MAX_VCPUS, "--vcpus"), help="vCPU processes (default 2)")
+    p.add_argument("--duration", type=DURATION, help="seconds (default 2)")
+    p.add_argument("--seed", type=SEED, help="run seed (default 1)")
+    p.add_argument("--design", choices=["mirror", "mutex-hash", "rcu-list", "per-table-notifier"],
+                   help="nested AVIC design (default mirror: no AVIC, a mirror notifier)")
+    p.add_argument("--registration", choices=["refcount", "bool", "naive", "split"],
+                   help="notifier registration variant (default refcount)")
+    p.add_argument("--l2s", type=int_range(1, 64, "--l2s"), help="L2 VMs per L1 (default 4)")
+    p.add_argument("--switch-rate", dest="switch_rate", type=float_range(0, 1, "--switch-rate"),
+                   help="probability L1 switches L2 at a VMEXIT (default 0.1)")
+    p.add_argument("--policy", choices=["sticky", "round-robin", "random"], help="L2 selection (default random)")
+    p.add_argument("--guest-time-us", dest="guest_time_us", type=float_range(0, 1e6, "--guest-time-us"),
+                   help="L2 run time per VMRUN (default 20)")
+    p.add_argument("--writes-per-exit", dest="writes_per_exit", type=int_range(0, 10000, "--writes-per-exit"),
+                   help="L1 guest writes between VMRUNs (default 8)")
+    p.add_argument("--tracked-fraction", dest="tracked_fraction", type=float_range(0, 1, "--tracked-fraction"))
+    p.add_argument("--mmio-fraction", dest="mmio_fraction", type=float_range(0, 1, "--mmio-fraction"))
+    p.add_argument("--tracked-pages", dest="tracked_pages", type=int_range(0, 4096, "--tracked-pages"))
+    p.add_argument("--notifiers", type=int_range(0, 64, "--notifiers"), help="mirror notifiers (default 1)")
+    p.add_argument("--memory-mib", dest="memory_mib", type=int_range(1, 1024, "--memory-mib"))
+    p.add_argument("--memslots", type=int_range(1, 64, "--memslots"))
+    p.add_argument("--preempt-rate", dest="preempt_rate", type=float_range(0, 1, "--preempt-rate"))
+    p.add_argument("--stall-ms", dest="stall_ms", type=int_range(1, 3_600_000, "--stall-ms"))
+    p.add_argument("--no-stats", dest="stats", action="store_const", const=False, default=None,
+                   help="turn lock_stat and latency histograms off")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the results document here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="launch.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -92,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between stats lines (default 1)")
     t.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
 
+    r = sub.add_parser("run", help="a free-running N-vCPU simulation with a contention report")
+    _add_run_args(r)
+    r.add_argument("--scenario", metavar="FILE.toml", default=None,
+                   help="TOML: [config] keys as below; [[step]] entries make it a scripted run")
+
     c = sub.add_parser("clean", help="remove shm segments and run directories of dead runs")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return p
@@ -102,11 +145,60 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ipc import torture
 
         return torture.main(args)
+    if args.command == "run":
+        return _cmd_run(args)
     if args.command == "clean":
         from vm import cleanup
 
         return cleanup.main(args)
     raise UsageError(f"launch.py: command {args.command!r} is not available yet")
+
+
+def _check_json_path(path: str | None) -> None:
+    import os
+
+    if path is None:
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UsageError(f"--json: directory {d} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"--json: {path} is a directory")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from vm import config
+
+    file_cfg, steps = config.load_toml(args.scenario) if args.scenario else ({}, [])
+    cli = {k: getattr(args, k) for k in RUN_KEYS + ("stats",)}
+    cfg = config.build(file_cfg, cli)
+    _check_json_path(args.json)
+    script = config.parse_steps(steps, cfg) if steps else None
+    return run_and_report(cfg, script=script, json_path=args.json, quiet=args.quiet)
+
+
+def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=()) -> int:
+    """Run (free or scripted), print the summary, write JSON; exit code from the verdict."""
+    from vcpu.worker import vcpu_main
+    from vm import results
+    from vm.coordinator import Coordinator, RunError, print_progress_line
+
+    try:
+        with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",), hooks=hooks) as co:
+            if not quiet:
+                print(f"run {co.run_id}: {cfg.vcpus} vCPU(s), design {cfg.design}, "
+                      f"{'scripted' if script else f'{cfg.duration:g}s'}", file=sys.stderr, flush=True)
+            if script:
+                res = co.run_script(script)
+            else:
+                res = co.run_free(None if quiet else print_progress_line)
+    except RunError as e:
+        print(f"FAILURE: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    results.render(res)
+    if json_path:
+        results.write_json(json_path, res)
+    return EXIT_OK if res["verdict"] == "SUCCESS" else EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     writes_per_exit: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 8
     tracked_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.25
     mmio_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
+    preempt_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
     tracked_pages: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 8
     notifiers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
     max_nodes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 128
@@ -119,3 +120,39 @@ def build(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Config:
     merged = dict(file_values)
     merged.update({k: v for k, v in cli_values.items() if v is not None})
     return from_dict(merged)
+
+
+# scripted commands a vCPU understands (vcpu/vcpu.py executes them)
+SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "read", "register", "reregister", "unregister",
+              "track", "untrack", "enable_tracking", "load", "put", "sleep", "counters")
+
+
+def parse_steps(steps: list[dict[str, Any]], cfg: Config) -> list[tuple[int, str, dict[str, Any]]]:
+    """``[[step]]`` tables -> (vcpu, op, args). Each step: ``vcpu = N``, ``op = "..."``, other keys
+    are the command's arguments; ``vcpu`` must name an existing vCPU and ``l2`` an existing L2."""
+    out = []
+    for i, st in enumerate(steps):
+        where = f"step[{i}]"
+        v = st.get("vcpu")
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise UsageError(f"{where}.vcpu: expected an integer, got {v!r}")
+        if not 0 <= v < cfg.vcpus:
+            raise UsageError(f"{where}.vcpu: no vCPU {v} (vcpus = {cfg.vcpus})")
+        op = st.get("op")
+        if op not in SCRIPT_OPS:
+            raise UsageError(f"{where}.op: unknown command {op!r} (one of {', '.join(SCRIPT_OPS)})")
+        args = {k: val for k, val in st.items() if k not in ("vcpu", "op")}
+        if "l2" in args:
+            l2 = args["l2"]
+            if isinstance(l2, bool) or not isinstance(l2, int) or not 0 <= l2 < cfg.l2s:
+                raise UsageError(f"{where}.l2: no L2 {l2!r} (l2s = {cfg.l2s})")
+        for k, val in args.items():
+            if isinstance(val, dict):
+                raise UsageError(f"{where}.{k}: tables are not allowed as command arguments")
+            if isinstance(val, str) and k == "data":
+                try:
+                    args[k] = bytes.fromhex(val.removeprefix("0x"))
+                except ValueError:
+                    raise UsageError(f"{where}.data: not a hex string") from None
+        out.append((v, op, args))
+    return out

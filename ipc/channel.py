@@ -1,0 +1,753 @@
+"""ZeroMQ control / telemetry channel: one ROUTER (the coordinator) and a DEALER per vCPU worker.
+
+Control (config, start barrier, stop, fault injection, scripted command batches) and telemetry
+(stats snapshots, WARN events, heartbeats, results) only: the hot path is shared memory, never a
+message (DESIGN.md hard rule 1). Frames are :mod:`ipc.messages` (msgpack, versioned, never pickle);
+an unknown, malformed or oversized frame is counted and dropped, never raised (hard rule 5).
+
+Endpoints: by default ``ipc://<run_dir>/ctl.sock`` inside a private run directory
+(``$XDG_RUNTIME_DIR`` or ``/tmp``, ``pagetrack-sim-<run_id>``, mode 0700, socket 0600, with an
+``owner.pid`` file so that ``clean`` can tell live runs from dead ones). No TCP unless an explicit
+``tcp://`` endpoint is given, and then only on loopback unless ``allow_remote=True``.
+
+Peers: a worker is known by its vCPU index after a valid :class:`~ipc.messages.Hello` carrying
+the run's token; the DEALER's routing id is ``vcpu-<n>-<random>`` and must match the Hello's vcpu.
+Everything else from a peer that never said a valid Hello is counted (``unknown_peer``) and dropped.
+
+Every receive has a timeout; sends never block (a full queue or a vanished peer is counted and
+reported by the return value), so a dead worker or coordinator can never hang the other side.
+Channels are not thread-safe and must be created in the process that uses them (after fork).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import itertools
+import os
+import re
+import secrets
+import shutil
+import stat
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import zmq
+
+from ipc.errors import UsageError
+from ipc.messages import (
+    MAX_FRAME,
+    BadFrame,
+    Batch,
+    BatchAck,
+    Command,
+    CommandResult,
+    Config,
+    Heartbeat,
+    Hello,
+    Message,
+    Msg,
+    decode,
+    encode,
+)
+from ipc.proc import pid_alive
+
+__all__ = [
+    "RUN_PREFIX",
+    "SOCKET_NAME",
+    "OWNER_FILE",
+    "HWM",
+    "HARD_MAX_FRAME",
+    "RunDir",
+    "PeerUnreachable",
+    "run_base",
+    "make_run_dir",
+    "remove_run_dir",
+    "read_owner",
+    "list_run_dirs",
+    "new_token",
+    "check_endpoint",
+    "worker_identity",
+    "CoordinatorChannel",
+    "WorkerChannel",
+]
+
+RUN_PREFIX = "pagetrack-sim-"
+SOCKET_NAME = "ctl.sock"
+OWNER_FILE = "owner.pid"
+#: Send / receive high-water mark (messages) of every socket.
+HWM = 10_000
+#: ZMQ_MAXMSGSIZE: libzmq drops the *connection* of a peer sending a bigger frame. Frames between
+#: MAX_FRAME and this are delivered and then counted / dropped by decode() (reason "oversized").
+HARD_MAX_FRAME = 4 * MAX_FRAME
+#: A run dir without owner.pid younger than this is assumed to be being created (not stale).
+OWNER_GRACE_S = 60.0
+
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_IDENT_RE = re.compile(rb"^vcpu-(\d{1,9})-[0-9a-f]{8}$")
+_COUNTERS = (
+    "received", "sent", "bad_frames", "rejected_peers", "unknown_peer", "vcpu_mismatch",
+    "unroutable", "send_full", "replaced_peers", "stale_acks",
+)
+
+
+class PeerUnreachable(ConnectionError):
+    """The coordinator cannot deliver to a vCPU: it never said Hello, or its connection is gone."""
+
+
+# --------------------------------------------------------------------------------------------
+# run directory
+# --------------------------------------------------------------------------------------------
+
+
+class RunDir(NamedTuple):
+    path: Path
+    pid: int | None  # coordinator pid from owner.pid (None: missing / unreadable)
+    alive: bool
+
+
+def run_base() -> Path:
+    """Where run directories live: ``$XDG_RUNTIME_DIR`` if it is a usable directory, else ``/tmp``
+    (the system temp dir)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
+        return Path(xdg)
+    return Path(tempfile.gettempdir())
+
+
+def _proc_starttime(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (/proc/pid/stat field 22), to tell a live
+    coordinator from an unrelated process that reused its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def make_run_dir(run_id: str, base: str | os.PathLike | None = None) -> Path:
+    """Create the private run directory ``<base>/pagetrack-sim-<run_id>`` (mode 0700, must not
+    exist yet) with ``owner.pid`` (this process's pid and start time, mode 0600)."""
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+        raise UsageError(f"bad run id {run_id!r}: 1-64 characters [A-Za-z0-9_-], not starting with - or _")
+    root = Path(base) if base is not None else run_base()
+    path = root / f"{RUN_PREFIX}{run_id}"
+    sock_len = len(str(path / SOCKET_NAME).encode())
+    if sock_len > _SUN_PATH_MAX:
+        raise UsageError(f"run dir {path} too long for an ipc:// socket ({sock_len} > {_SUN_PATH_MAX} bytes)")
+    os.mkdir(path, 0o700)  # FileExistsError if it exists (also if it is a symlink)
+    try:
+        os.chmod(path, 0o700)  # whatever the umask
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise UsageError(f"run dir {path} is not a directory owned by us")
+        pid = os.getpid()
+        fd = os.open(path / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{pid}\n{_proc_starttime(pid) or 0}\n")
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
+
+
+def remove_run_dir(path: str | os.PathLike) -> None:
+    """Remove a run directory and everything in it (no error if it is already gone). Refuses
+    anything that is not a real directory named ``pagetrack-sim-*``."""
+    p = Path(path)
+    if not p.name.startswith(RUN_PREFIX):
+        raise UsageError(f"not a run directory: {p}")
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"not a run directory (not a real directory): {p}")
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def read_owner(path: str | os.PathLike) -> tuple[int, int | None] | None:
+    """(pid, start time or None) from a run dir's owner.pid; None if missing or unreadable."""
+    try:
+        with open(Path(path) / OWNER_FILE) as f:
+            lines = f.read(256).split()
+        pid = int(lines[0])
+        start = int(lines[1]) if len(lines) > 1 and int(lines[1]) > 0 else None
+        return (pid, start) if pid > 0 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_alive(pid: int, start: int | None) -> bool:
+    if not pid_alive(pid):
+        return False
+    return start is None or _proc_starttime(pid) == start
+
+
+def list_run_dirs(base: str | os.PathLike | None = None) -> list[RunDir]:
+    """Run directories of this user under ``base`` (default: both ``run_base()`` and the temp
+    dir), with the owner pid and whether that coordinator is still alive (pid alive and same start
+    time). A directory without a readable owner.pid counts as alive while younger than
+    ``OWNER_GRACE_S`` (it may be being created)."""
+    bases = [Path(base)] if base is not None else list(dict.fromkeys([run_base(), Path(tempfile.gettempdir())]))
+    out: list[RunDir] = []
+    uid = os.getuid()
+    for b in bases:
+        try:
+            entries = sorted(os.scandir(b), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if not e.name.startswith(RUN_PREFIX):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                continue
+            owner = read_owner(e.path)
+            if owner is None:
+                alive = time.time() - st.st_mtime < OWNER_GRACE_S
+                out.append(RunDir(Path(e.path), None, alive))
+            else:
+                out.append(RunDir(Path(e.path), owner[0], _owner_alive(*owner)))
+    return out
+
+
+def new_token() -> str:
+    """A fresh per-run secret for Hello (128 bits, hex)."""
+    return secrets.token_hex(16)
+
+
+# --------------------------------------------------------------------------------------------
+# endpoints and identities
+# --------------------------------------------------------------------------------------------
+
+
+def _tcp_host(endpoint: str) -> str:
+    rest = endpoint[len("tcp://"):]
+    if rest.startswith("["):
+        host, sep, port = rest[1:].partition("]:")
+        if not sep:
+            raise UsageError(f"bad tcp endpoint {endpoint!r}: expected tcp://[v6addr]:port")
+    else:
+        host, sep, port = rest.rpartition(":")
+        if not sep:
+            raise UsageError(f"bad tcp endpoint {endpoint!r}: expected tcp://host:port")
+    if ";" in host or not host or not port or not (port == "*" or port.isdigit()):
+        raise UsageError(f"bad tcp endpoint {endpoint!r}: expected tcp://host:port (port may be *)")
+    return host
+
+
+def check_endpoint(endpoint: str, allow_remote: bool = False) -> str:
+    """Validate an endpoint to bind: ``ipc://<path>`` always; ``tcp://`` only on a loopback address
+    (127.0.0.0/8, ::1, localhost) unless ``allow_remote``. Returns it unchanged. (No ``inproc://``:
+    every channel has its own ZeroMQ context.)"""
+    if not isinstance(endpoint, str):
+        raise UsageError(f"endpoint must be a string, not {type(endpoint).__name__}")
+    if endpoint.startswith("ipc://"):
+        if len(endpoint) == len("ipc://"):
+            raise UsageError(f"bad endpoint {endpoint!r}")
+        return endpoint
+    if not endpoint.startswith("tcp://"):
+        raise UsageError(f"unsupported endpoint {endpoint!r}: use ipc:// or tcp://")
+    host = _tcp_host(endpoint)
+    if allow_remote:
+        return endpoint
+    if host == "localhost":
+        return endpoint
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # "*", interface names, host names
+    if not loopback:
+        raise UsageError(
+            f"refusing to bind {endpoint!r}: not a loopback address (127.0.0.1, ::1); "
+            "pass allow_remote=True to expose the control channel"
+        )
+    return endpoint
+
+
+def worker_identity(vcpu: int) -> bytes:
+    """DEALER routing id of a worker: ``vcpu-<n>-<8 hex>`` (random part: a restarted worker is a
+    new peer, and nobody can take over a route without knowing it)."""
+    return f"vcpu-{int(vcpu)}-{secrets.token_hex(4)}".encode()
+
+
+def _set_common(sock: zmq.Socket, hwm: int) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
+
+
+def _timeout_ms(timeout_ms: float) -> float:
+    if timeout_ms is None or timeout_ms < 0:
+        raise ValueError("timeout_ms must be >= 0 (every receive has a timeout)")
+    return float(timeout_ms)
+
+
+def _as_commands(commands: Iterable[Command | tuple]) -> list[Command]:
+    out = []
+    for c in commands:
+        if isinstance(c, Command):
+            out.append(c)
+        else:
+            op, *rest = c
+            out.append(Command(op, dict(rest[0]) if rest else {}))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# coordinator
+# --------------------------------------------------------------------------------------------
+
+
+class CoordinatorChannel:
+    """The coordinator's ROUTER. Peers are addressed by vCPU index.
+
+    ``recv`` returns ``(vcpu, msg)`` for every valid message of a known peer, including each valid
+    Hello (so the caller can send that worker its Config); ``send``/``broadcast`` never block.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        token: str,
+        *,
+        endpoint: str | None = None,
+        allow_remote: bool = False,
+        max_frame: int = MAX_FRAME,
+        hwm: int = HWM,
+    ):
+        if not isinstance(token, str) or len(token) < 8:
+            raise UsageError("token must be a string of at least 8 characters (see new_token())")
+        self.run_dir = Path(run_dir)
+        st = os.stat(self.run_dir)
+        if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o077:
+            raise UsageError(f"run dir {self.run_dir} must be a private directory (mode 0700)")
+        if endpoint is None:
+            sock_path = self.run_dir / SOCKET_NAME
+            if len(str(sock_path).encode()) > _SUN_PATH_MAX:
+                raise UsageError(f"socket path {sock_path} too long for ipc://")
+            endpoint = f"ipc://{sock_path}"
+        check_endpoint(endpoint, allow_remote)
+        self._token = token.encode()
+        self.max_frame = int(max_frame)
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        try:
+            _set_common(self._sock, hwm)
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable -> EHOSTUNREACH, not silent
+            self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its route back
+            if endpoint.startswith("tcp://") and ":" in _tcp_host(endpoint):
+                self._sock.setsockopt(zmq.IPV6, 1)
+            self._sock.bind(endpoint)
+            self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self.endpoint.startswith("ipc://"):
+                os.chmod(self.endpoint[len("ipc://"):], 0o600)
+        except BaseException:
+            self._sock.close(linger=0)
+            self._ctx.term()
+            raise
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._by_ident: dict[bytes, int] = {}
+        self._by_vcpu: dict[int, bytes] = {}
+        self.last_seen: dict[int, float] = {}
+        self._pending: deque[tuple[int, Message]] = deque()
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+        self.bad_frame_reasons: dict[str, int] = {}
+        self._seq = itertools.count(1)
+        self._hb_seq = itertools.count(1)
+        self._closed = False
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    @property
+    def counters(self) -> dict[str, int]:
+        """Copy of the channel counters: received, sent, bad_frames, rejected_peers, unknown_peer,
+        vcpu_mismatch, unroutable, send_full, replaced_peers, stale_acks."""
+        return dict(self._counters)
+
+    @property
+    def vcpus(self) -> list[int]:
+        """vCPUs that said a valid Hello (sorted)."""
+        return sorted(self._by_vcpu)
+
+    def forget(self, vcpu: int) -> None:
+        """Drop a peer (e.g. after its process was reaped); its later messages count as unknown."""
+        ident = self._by_vcpu.pop(vcpu, None)
+        if ident is not None:
+            self._by_ident.pop(ident, None)
+        self.last_seen.pop(vcpu, None)
+
+    def _bad(self, reason: str) -> None:
+        self._counters["bad_frames"] += 1
+        self.bad_frame_reasons[reason] = self.bad_frame_reasons.get(reason, 0) + 1
+
+    # -- receive ------------------------------------------------------------------------------
+    def _accept(self, parts: list[bytes]) -> tuple[int, Message] | None:
+        """Validate one ROUTER message ([identity, frame]); None if it was counted and dropped."""
+        if len(parts) != 2:
+            self._bad("multipart")
+            return None
+        ident, frame = parts
+        try:
+            msg = decode(frame, self.max_frame)
+        except BadFrame as e:
+            self._bad(e.reason)
+            return None
+        c = self._counters
+        if type(msg) is Hello:
+            m = _IDENT_RE.match(ident)
+            if (
+                m is None
+                or int(m.group(1)) != msg.vcpu
+                or not hmac.compare_digest(msg.token.encode("utf-8", "replace"), self._token)
+            ):
+                c["rejected_peers"] += 1
+                return None
+            old = self._by_vcpu.get(msg.vcpu)
+            if old is not None and old != ident:
+                self._by_ident.pop(old, None)
+                c["replaced_peers"] += 1
+            self._by_vcpu[msg.vcpu] = ident
+            self._by_ident[ident] = msg.vcpu
+            vcpu = msg.vcpu
+        else:
+            vcpu = self._by_ident.get(ident)
+            if vcpu is None:
+                c["unknown_peer"] += 1
+                return None
+            if getattr(msg, "vcpu", vcpu) != vcpu:
+                c["vcpu_mismatch"] += 1
+                return None
+        c["received"] += 1
+        self.last_seen[vcpu] = time.monotonic()
+        return vcpu, msg
+
+    def _recv_wire(self, timeout_ms: float) -> tuple[int, Message] | None:
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        sock = self._sock
+        while True:
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                remaining = (deadline - time.monotonic()) * 1000.0
+                if remaining <= 0 or not self._poller.poll(remaining):
+                    return None
+                continue
+            item = self._accept(parts)
+            if item is not None:
+                return item
+            if time.monotonic() >= deadline:
+                return None
+
+    def recv(self, timeout_ms: float = 0) -> tuple[int, Message] | None:
+        """Next ``(vcpu, msg)`` (messages set aside by ``wait_for_hellos``/``call`` first), or None
+        after ``timeout_ms`` (0: only what is already there). Bad frames are counted, never raised."""
+        if self._pending:
+            return self._pending.popleft()
+        return self._recv_wire(_timeout_ms(timeout_ms))
+
+    # -- send ---------------------------------------------------------------------------------
+    def _encode(self, msg: Msg) -> bytes:
+        frame = encode(msg)
+        if len(frame) > self.max_frame:
+            raise BadFrame("oversized", f"refusing to send {type(msg).__name__} of {len(frame)} bytes")
+        return frame
+
+    def _send_frame(self, vcpu: int, frame: bytes) -> str | None:
+        """Queue one frame for ``vcpu``; None on success, else why not ("unroutable", "full")."""
+        ident = self._by_vcpu.get(vcpu)
+        if ident is None:
+            self._counters["unroutable"] += 1
+            return "unroutable"
+        try:
+            self._sock.send_multipart((ident, frame), zmq.NOBLOCK)
+        except zmq.Again:
+            self._counters["send_full"] += 1
+            return "full"
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                self._counters["unroutable"] += 1
+                return "unroutable"
+            raise
+        self._counters["sent"] += 1
+        return None
+
+    def send(self, vcpu: int, msg: Msg) -> bool:
+        """Queue ``msg`` for ``vcpu`` without blocking. False (and counted) if that vCPU never said
+        Hello, its connection is gone (``unroutable``) or its queue is full (``send_full``).
+        Raises BadFrame for a message bigger than ``max_frame`` (a bug of the sender)."""
+        return self._send_frame(vcpu, self._encode(msg)) is None
+
+    def broadcast(self, msg: Msg) -> int:
+        """Send ``msg`` to every known vCPU; returns how many it was queued for."""
+        frame = self._encode(msg)
+        return sum(self._send_frame(v, frame) is None for v in list(self._by_vcpu))
+
+    def probe(self, vcpu: int) -> bool:
+        """Is ``vcpu`` still connected? Sends it a coordinator Heartbeat (vcpu=-1); False if the
+        route is gone (its process died and the connection closed) or it never said Hello."""
+        return self._send_frame(vcpu, encode(Heartbeat(-1, next(self._hb_seq)))) != "unroutable"
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _set_aside(self, item, on_message):
+        if on_message is None:
+            self._pending.append(item)
+        else:
+            on_message(*item)
+
+    def wait_for_hellos(
+        self,
+        n: int,
+        timeout_s: float,
+        *,
+        on_message: Callable[[int, Message], None] | None = None,
+    ) -> list[int]:
+        """Start barrier: wait until ``n`` distinct vCPUs have said a valid Hello. Hellos are
+        consumed; other messages go to ``on_message(vcpu, msg)`` or are kept for ``recv``.
+        Returns the sorted vCPU list; raises TimeoutError naming what is missing."""
+        deadline = time.monotonic() + timeout_s
+        while len(self._by_vcpu) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{len(self._by_vcpu)}/{n} vCPUs said hello within {timeout_s:g}s "
+                    f"(have {self.vcpus}; counters {self.counters})"
+                )
+            item = self._recv_wire(remaining * 1000.0)
+            if item is not None and type(item[1]) is not Hello:
+                self._set_aside(item, on_message)
+        return self.vcpus
+
+    def call(
+        self,
+        vcpu: int,
+        commands: Iterable[Command | tuple],
+        timeout_s: float = 10.0,
+        *,
+        on_message: Callable[[int, Message], None] | None = None,
+        probe_s: float = 0.25,
+    ) -> BatchAck:
+        """Scripted mode: send ``commands`` (Command or ``(op, args)`` tuples) as one Batch to
+        ``vcpu`` and wait for its BatchAck. Other messages arriving meanwhile go to
+        ``on_message(vcpu, msg)`` or are kept for ``recv``; acks of older batches are dropped
+        (``stale_acks``). Raises PeerUnreachable if the vCPU is not (or no longer) connected —
+        checked every ``probe_s`` while waiting — and TimeoutError after ``timeout_s``."""
+        return self.call_many({vcpu: commands}, timeout_s, on_message=on_message, probe_s=probe_s)[vcpu]
+
+    def call_many(
+        self,
+        batches: Mapping[int, Iterable[Command | tuple]],
+        timeout_s: float = 10.0,
+        *,
+        on_message: Callable[[int, Message], None] | None = None,
+        probe_s: float = 0.25,
+    ) -> dict[int, BatchAck]:
+        """``call`` for several vCPUs at once (all batches are sent first, so they run in
+        parallel): returns ``{vcpu: BatchAck}``; same errors as ``call``."""
+        waiting: dict[int, int] = {}
+        for vcpu, commands in batches.items():
+            seq = next(self._seq)
+            why = self._send_frame(vcpu, self._encode(Batch(seq, _as_commands(commands))))
+            if why == "unroutable":
+                raise PeerUnreachable(f"vcpu {vcpu} is not connected (no valid Hello or connection gone)")
+            if why == "full":
+                raise PeerUnreachable(f"vcpu {vcpu} is not reading (send queue full)")
+            waiting[vcpu] = seq
+        acks: dict[int, BatchAck] = {}
+        start = time.monotonic()
+        deadline = start + timeout_s
+        next_probe = start + probe_s if probe_s > 0 else float("inf")
+        while waiting:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"no BatchAck from vcpu {sorted(waiting)} within {timeout_s:g}s")
+            if now >= next_probe:
+                for v in waiting:
+                    if not self.probe(v):
+                        raise PeerUnreachable(f"vcpu {v} disconnected while running batch {waiting[v]}")
+                next_probe = now + probe_s
+            item = self._recv_wire(max(0.0, min(deadline, next_probe) - now) * 1000.0)
+            if item is None:
+                continue
+            v, msg = item
+            if type(msg) is BatchAck:
+                if waiting.get(v) == msg.seq:
+                    del waiting[v]
+                    acks[v] = msg
+                else:
+                    self._counters["stale_acks"] += 1
+                continue
+            self._set_aside(item, on_message)
+        return acks
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the socket (linger 0: queued messages are discarded) and its context. Idempotent.
+        The run directory is the caller's (remove_run_dir)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close(linger=0)
+        self._ctx.term()
+        if self.endpoint.startswith("ipc://"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except OSError:
+                pass
+
+    def __enter__(self) -> CoordinatorChannel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# worker
+# --------------------------------------------------------------------------------------------
+
+
+class WorkerChannel:
+    """A vCPU worker's DEALER, connected to the coordinator's endpoint. Create it in the worker
+    process. Sends never block (a full queue, e.g. coordinator gone, is counted in ``dropped``)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        vcpu: int,
+        token: str,
+        *,
+        max_frame: int = MAX_FRAME,
+        hwm: int = HWM,
+    ):
+        if not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://")):
+            raise UsageError(f"unsupported endpoint {endpoint!r}")
+        if type(vcpu) is not int or vcpu < 0:
+            raise UsageError(f"bad vcpu index {vcpu!r}")
+        self.vcpu = vcpu
+        self.endpoint = endpoint
+        self._token = token
+        self.max_frame = int(max_frame)
+        self.identity = worker_identity(vcpu)
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        try:
+            _set_common(self._sock, hwm)
+            self._sock.setsockopt(zmq.ROUTING_ID, self.identity)
+            if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
+                self._sock.setsockopt(zmq.IPV6, 1)
+            self._sock.connect(endpoint)
+        except BaseException:
+            self._sock.close(linger=0)
+            self._ctx.term()
+            raise
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._pending: deque[Message] = deque()
+        self._counters = {"received": 0, "sent": 0, "dropped": 0, "bad_frames": 0}
+        self.bad_frame_reasons: dict[str, int] = {}
+        self._closed = False
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Copy of: received, sent, dropped (send queue full), bad_frames."""
+        return dict(self._counters)
+
+    def send(self, msg: Msg) -> bool:
+        """Queue ``msg`` for the coordinator without blocking; False (counted) if the queue is
+        full. Raises BadFrame for a message bigger than ``max_frame``."""
+        frame = encode(msg)
+        if len(frame) > self.max_frame:
+            raise BadFrame("oversized", f"refusing to send {type(msg).__name__} of {len(frame)} bytes")
+        try:
+            self._sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self._counters["dropped"] += 1
+            return False
+        self._counters["sent"] += 1
+        return True
+
+    def hello(self) -> bool:
+        """Send Hello(vcpu, pid, token)."""
+        return self.send(Hello(self.vcpu, os.getpid(), self._token))
+
+    def ack(self, seq: int, results: list[CommandResult]) -> bool:
+        """Answer Batch ``seq`` with one CommandResult per executed command."""
+        return self.send(BatchAck(seq, self.vcpu, results))
+
+    def _recv_wire(self, timeout_ms: float) -> Message | None:
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        sock = self._sock
+        while True:
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                remaining = (deadline - time.monotonic()) * 1000.0
+                if remaining <= 0 or not self._poller.poll(remaining):
+                    return None
+                continue
+            if len(parts) != 1:
+                reason = "multipart"
+            else:
+                try:
+                    msg = decode(parts[0], self.max_frame)
+                except BadFrame as e:
+                    reason = e.reason
+                else:
+                    self._counters["received"] += 1
+                    return msg
+            self._counters["bad_frames"] += 1
+            self.bad_frame_reasons[reason] = self.bad_frame_reasons.get(reason, 0) + 1
+            if time.monotonic() >= deadline:
+                return None
+
+    def recv(self, timeout_ms: float = 0) -> Message | None:
+        """Next message from the coordinator (those set aside by ``handshake`` first) or None
+        after ``timeout_ms``. Bad frames are counted, never raised."""
+        if self._pending:
+            return self._pending.popleft()
+        return self._recv_wire(_timeout_ms(timeout_ms))
+
+    def handshake(self, timeout_s: float) -> Config:
+        """Send Hello and wait for the coordinator's Config (other messages are kept for
+        ``recv``). TimeoutError if none comes (coordinator gone, or our token was rejected)."""
+        self.hello()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"vcpu {self.vcpu}: no Config from {self.endpoint} within {timeout_s:g}s "
+                    "(coordinator gone or token rejected)"
+                )
+            msg = self._recv_wire(remaining * 1000.0)
+            if msg is None:
+                continue
+            if type(msg) is Config:
+                return msg
+            self._pending.append(msg)
+
+    def close(self) -> None:
+        """Close the socket (linger 0) and its context. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> WorkerChannel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

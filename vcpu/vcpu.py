@@ -1,0 +1,260 @@
+"""A vCPU: the seeded free-running workload and the scripted commands, on shared memory.
+
+Free-running loop (one iteration):
+1. L1 runs (inside the ``guest_mode`` read-side section, which is what a remote TLB flush waits
+   for): ``writes_per_exit`` guest stores — to ordinary memory (fast path: a direct store, unless
+   the gfn is write-tracked), to the design's tracked pages (fault → emulate → notifier walk) or
+   to MMIO (emulate → notifier walk). An emulated write leaves guest mode first, like a VM exit.
+2. nested VMRUN into the current L2 (the design's AVIC get/attach), the L2 runs for
+   ``guest_time_us`` (busy), VMEXIT; with the selection policy L1 may switch to another L2.
+3. now and then L1's vCPU is preempted (``vcpu_put`` / ``vcpu_load``).
+Counters are kept in Python ints and flushed to this vCPU's shm block at every tick; nothing is
+sent over ZeroMQ per operation.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ipc import _prims
+from vm import layout as L
+from vm import notifier
+from vm.nested import untracked_range
+from vm.page_track import (
+    PAGE_SHIFT,
+    emulator_write_phys,
+    kvm_page_track_write_tracking_enable,
+    track_gfn,
+    untrack_gfn,
+)
+
+MMIO_BASE = 0xFEE00000  # the local APIC page: outside every memslot
+LOOP_COUNTERS = ("vmrun", "vmexit", "l2_switch", "write_tracked", "write_mmio", "write_untracked",
+                 "iterations")
+
+
+def vcpu_seed(seed: int, vcpu: int) -> int:
+    """Each vCPU's workload stream derives from the one run seed."""
+    return (seed * 0x9E3779B97F4A7C15 + vcpu * 0xBF58476D1CE4E5B9 + 1) % (1 << 64)
+
+
+class Vcpu:
+    def __init__(self, kvm, design, vcpu: int):
+        self.kvm = kvm
+        self.design = design
+        self.id = vcpu
+        self.cfg = cfg = kvm.cfg
+        self.rng = random.Random(vcpu_seed(cfg.seed, vcpu))
+        self.l2 = vcpu % cfg.l2s
+        self.in_l2 = False
+        self.loaded = False
+        self.n = dict.fromkeys(LOOP_COUNTERS, 0)
+        self.lane = (vcpu % 512) * 8
+
+    # -- guest stores ---------------------------------------------------------------------------
+    def l1_store(self, gpa: int, data: bytes) -> tuple[bool, int]:
+        """A guest store by L1 outside guest mode bookkeeping: (emulated?, notifier calls)."""
+        kvm = self.kvm
+        gfn = gpa >> PAGE_SHIFT
+        if gfn >= kvm.memory_pages or kvm.gfn_track_mv[gfn]:
+            return True, emulator_write_phys(kvm, gpa, data)
+        n = len(data)
+        if n == 8 and not gpa & 7:
+            kvm.guest_mem.store(gpa >> 3, int.from_bytes(data, "little", signed=True))
+        else:
+            kvm.guest_bytes[gpa:gpa + n] = memoryview(data)
+        return False, 0
+
+    def load(self) -> None:
+        if not self.loaded:
+            self.design.vcpu_load(self.id)
+            self.loaded = True
+
+    def put(self) -> None:
+        if self.loaded:
+            self.design.vcpu_put(self.id)
+            self.loaded = False
+
+    # -- free-running --------------------------------------------------------------------------
+    def run(self, deadline_ns: int, tick, tick_ns: int) -> None:
+        """Run until the coordinator sets RUN_STOP or ``deadline_ns``; ``tick()`` every ``tick_ns``."""
+        kvm, cfg, d, vid = self.kvm, self.cfg, self.design, self.id
+        rng = self.rng
+        rnd, bits = rng.random, rng.getrandbits
+        gm = kvm.guest_mode
+        gm_lock, gm_unlock = gm.read_lock, gm.read_unlock
+        track_mv = kvm.gfn_track_mv
+        gstore = kvm.guest_mem.store
+        load = kvm.mem.load
+        state_w = kvm.flags_w + L.F_RUN_STATE
+        now, spin = _prims.now_ns, _prims.spin_ns
+        h_vmrun = kvm.hist["nested_vmrun"]
+        p_tr = cfg.tracked_fraction
+        p_mmio = p_tr + cfg.mmio_fraction
+        ulo, uhi = untracked_range(cfg)
+        span = max(0, uhi - ulo)
+        lane_w = self.lane >> 3
+        writes = cfg.writes_per_exit
+        guest_ns = int(cfg.guest_time_us * 1000)
+        policy, K, p_switch, p_preempt = cfg.policy, cfg.l2s, cfg.switch_rate, cfg.preempt_rate
+        n = self.n
+        n_unt = n_tr = n_mmio = n_run = n_sw = iters = 0
+        l2 = self.l2
+        next_tick = now() + tick_ns
+        self.load()
+        try:
+            while True:
+                # 1. L1 runs: guest stores
+                gm_lock()
+                for _ in range(writes):
+                    r = rnd()
+                    if r >= p_mmio:
+                        if not span:
+                            continue
+                        gfn = ulo + int(rnd() * span)
+                        if track_mv[gfn]:
+                            gm_unlock()
+                            emulator_write_phys(kvm, (gfn << PAGE_SHIFT) + self.lane, bits(64).to_bytes(8, "little"))
+                            gm_lock()
+                        else:
+                            gstore((gfn << 9) + lane_w, bits(63))
+                        n_unt += 1
+                    elif r < p_tr:
+                        gpa, data = d.tracked_write(vid, rng)
+                        if track_mv[gpa >> PAGE_SHIFT]:
+                            gm_unlock()
+                            emulator_write_phys(kvm, gpa, data)
+                            gm_lock()
+                        else:  # not (yet / any more) tracked: a plain store
+                            self.l1_store(gpa, data)
+                        n_tr += 1
+                    else:
+                        gm_unlock()
+                        emulator_write_phys(kvm, MMIO_BASE + self.lane, bits(32).to_bytes(4, "little"))
+                        gm_lock()
+                        n_mmio += 1
+                gm_unlock()
+                # 2. nested VMRUN / L2 runs / VMEXIT
+                t0 = now()
+                d.nested_vmrun(vid, l2)
+                if h_vmrun is not None:
+                    h_vmrun.record_since(t0)
+                n_run += 1
+                if guest_ns:
+                    spin(guest_ns)
+                if policy == "round-robin":
+                    nxt = (l2 + 1) % K
+                elif policy == "random" and K > 1 and rnd() < p_switch:
+                    nxt = (l2 + 1 + int(rnd() * (K - 1))) % K
+                else:
+                    nxt = l2
+                d.nested_vmexit(vid, l2, nxt != l2)
+                if nxt != l2:
+                    n_sw += 1
+                    l2 = nxt
+                # 3. L1 preempted now and then
+                if p_preempt and rnd() < p_preempt:
+                    self.put()
+                    self.load()
+                iters += 1
+                t = now()
+                if t >= next_tick or t >= deadline_ns or load(state_w) == L.RUN_STOP:
+                    n["write_untracked"], n["write_tracked"], n["write_mmio"] = n_unt, n_tr, n_mmio
+                    n["vmrun"] = n["vmexit"] = n_run
+                    n["l2_switch"], n["iterations"] = n_sw, iters
+                    self.flush()
+                    if t >= deadline_ns or load(state_w) == L.RUN_STOP:
+                        break
+                    tick()
+                    next_tick = now() + tick_ns
+        finally:
+            self.l2 = l2
+            self.put()
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish the loop counters into this vCPU's shm block."""
+        c = self.kvm.counters
+        for name, v in self.n.items():
+            c[L.C[name]] = v
+
+    def ops(self) -> int:
+        n = self.n
+        return n["vmrun"] + n["write_untracked"] + n["write_tracked"] + n["write_mmio"]
+
+    # -- scripted commands -----------------------------------------------------------------------
+    def execute(self, op: str, args: dict):
+        """One scripted command; returns a msgpack-able value. Raises ValueError on bad args."""
+        kvm, d = self.kvm, self.design
+        if op == "vmrun":
+            l2 = _int(args, "l2", 0, self.cfg.l2s - 1)
+            self.load()
+            d.nested_vmrun(self.id, l2)
+            self.l2, self.in_l2 = l2, True
+            self.n["vmrun"] += 1
+            return {"l2": l2}
+        if op == "vmexit":
+            l2 = _int(args, "l2", 0, self.cfg.l2s - 1, default=self.l2)
+            d.nested_vmexit(self.id, l2, bool(args.get("leaving", False)))
+            self.in_l2 = False
+            self.n["vmexit"] += 1
+            return {"l2": l2}
+        if op == "write":
+            gpa = _int(args, "gpa", 0, (1 << 52) - 1)
+            data = args.get("data")
+            if isinstance(data, int):
+                data = (data & ((1 << 64) - 1)).to_bytes(8, "little")
+            if not isinstance(data, bytes | bytearray) or not 1 <= len(data) <= 4096:
+                raise ValueError("write: data must be 1..4096 bytes or an int")
+            if (gpa >> PAGE_SHIFT) < kvm.memory_pages and (gpa & 0xFFF) + len(data) > 4096:
+                raise ValueError("write: data crosses a page boundary")
+            emulated, calls = self.l1_store(gpa, bytes(data))
+            return {"emulated": emulated, "calls": calls}
+        if op == "l1_write":  # the design's own tracked write (e.g. a physid entry)
+            gpa, data = d.tracked_write(self.id, self.rng)
+            emulated, calls = self.l1_store(gpa, data)
+            return {"gpa": gpa, "emulated": emulated, "calls": calls}
+        if op == "read":
+            gpa = _int(args, "gpa", 0, kvm.memory_pages * 4096 - 8)
+            return kvm.guest_mem.load(gpa >> 3) if not gpa & 7 else None
+        if op == "register":
+            node = notifier.alloc_node(kvm, _int(args, "kind", 1, 1 << 16, default=1), _int(args, "owner", 0, 1 << 30, default=0))
+            return {"node": node, "registered": notifier.kvm_page_track_register_notifier(kvm, node)}
+        if op == "reregister":
+            return notifier.kvm_page_track_register_notifier(kvm, _int(args, "node", 0, self.cfg.max_nodes - 1))
+        if op == "unregister":
+            node = _int(args, "node", 0, self.cfg.max_nodes - 1)
+            ok = notifier.kvm_page_track_unregister_notifier(kvm, node)
+            if args.get("free", True):
+                notifier.free_node(kvm, node)
+            return ok
+        if op == "track":
+            return track_gfn(kvm, _int(args, "gfn", 0, kvm.memory_pages - 1))
+        if op == "untrack":
+            return untrack_gfn(kvm, _int(args, "gfn", 0, kvm.memory_pages - 1))
+        if op == "enable_tracking":
+            kvm_page_track_write_tracking_enable(kvm)
+            return True
+        if op == "load":
+            self.load()
+            return True
+        if op == "put":
+            self.put()
+            return True
+        if op == "sleep":
+            _prims.spin_ns(_int(args, "us", 0, 10_000_000) * 1000)
+            return True
+        if op == "counters":
+            self.flush()
+            return {name: int(v) for name, v in zip(L.COUNTERS, kvm.counters, strict=True)}
+        raise ValueError(f"unknown command {op!r}")
+
+
+def _int(args: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
+    v = args.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{key}: expected an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{key}: {v} outside {lo}..{hi}")
+    return v
+

@@ -1,0 +1,152 @@
+"""The vCPU worker process: attach the VM's shared memory, say hello, then run free or obey
+scripted command batches. Telemetry (heartbeats, WARNs, stats, result) goes over ZeroMQ at tick
+rate; the work itself never does. Exits by itself when the coordinator is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+from ipc import _prims
+from ipc import messages as M
+from ipc.channel import WorkerChannel
+from ipc.proc import die_with_parent, sigterm_to_exit
+from vcpu.vcpu import Vcpu
+from vm.config import from_dict
+from vm.kvm import Kvm
+from vm.nested import make_design
+
+COORDINATOR_SILENCE_S = 10.0  # no message from the coordinator for this long: it is gone
+
+
+class CoordinatorGone(Exception):
+    pass
+
+
+def vcpu_main(run_id: str, vcpu: int, endpoint: str, token: str, cfg_dict: dict, hooks: tuple,
+              mode: str) -> None:
+    """Process entry point (module-level, so forkserver children import it)."""
+    die_with_parent()
+    sigterm_to_exit()
+    ch = WorkerChannel(endpoint, vcpu, token)
+    kvm = None
+    try:
+        ch.hello()
+        cfg = from_dict(cfg_dict)
+        kvm = Kvm.attach(cfg, run_id, vcpu + 1, frozenset(hooks))
+        design = make_design(kvm, cfg)
+        design.vcpu_init(vcpu)
+        v = Vcpu(kvm, design, vcpu)
+        Worker(ch, kvm, v, mode).serve()
+    except CoordinatorGone:
+        pass
+    except SystemExit:
+        raise
+    except BaseException as e:  # report, never die silently
+        try:
+            ch.send(M.Warn(vcpu=vcpu, kind="vcpu_error", message=f"vCPU {vcpu} crashed: {e!r}",
+                           data={"traceback": traceback.format_exc()[-4000:]}))
+            ch.send(M.Result(vcpu=vcpu, ok=False, data={"error": repr(e)}))
+        except Exception:
+            pass
+    finally:
+        if kvm is not None:
+            kvm.close()
+        ch.close()
+
+
+class Worker:
+    def __init__(self, ch, kvm, v: Vcpu, mode: str):
+        self.ch = ch
+        self.kvm = kvm
+        self.v = v
+        self.mode = mode
+        self.seq = 0
+        self.last_heard = time.monotonic()
+        kvm.on_warn = None
+
+    # -- telemetry ------------------------------------------------------------------------------
+    def drain_warns(self) -> None:
+        ev, self.kvm.events = self.kvm.events, []
+        for kind, message, data in ev:
+            self.ch.send(M.Warn(vcpu=self.v.id, kind=kind, message=message, data=_plain(data)))
+
+    def heartbeat(self) -> None:
+        self.seq += 1
+        self.drain_warns()
+        self.ch.send(M.Heartbeat(vcpu=self.v.id, seq=self.seq, ops=self.v.ops()))
+        self.check_coordinator()
+
+    def check_coordinator(self) -> None:
+        """Non-blocking look at the inbox (Stop, Fault, heartbeats); detect a dead coordinator."""
+        while True:
+            msg = self.ch.recv(0)
+            if msg is None:
+                break
+            self.last_heard = time.monotonic()
+            self.handle(msg)
+        if os.getppid() == 1 or time.monotonic() - self.last_heard > COORDINATOR_SILENCE_S:
+            raise CoordinatorGone()
+
+    def handle(self, msg) -> None:
+        if isinstance(msg, M.Stop):
+            self.stop = True
+        elif isinstance(msg, M.Fault):
+            self.v.fault(msg.kind, msg.args) if hasattr(self.v, "fault") else None
+
+    # -- modes ----------------------------------------------------------------------------------
+    def serve(self) -> None:
+        self.stop = False
+        # wait for the start barrier (or scripted batches)
+        while not self.stop:
+            msg = self.ch.recv(200)
+            if msg is None:
+                self.check_coordinator()
+                continue
+            self.last_heard = time.monotonic()
+            if isinstance(msg, M.Start) and self.mode == "free":
+                self.run_free()
+                return
+            if isinstance(msg, M.Batch):
+                self.ch.send(self.batch(msg))
+                self.drain_warns()
+                continue
+            self.handle(msg)
+        self.finish(ok=True)
+
+    def run_free(self) -> None:
+        cfg = self.kvm.cfg
+        deadline = _prims.now_ns() + int(cfg.duration * 1e9) + 5_000_000_000  # coordinator stops us
+        try:
+            self.v.run(deadline, self.heartbeat, cfg.heartbeat_ms * 1_000_000)
+        finally:
+            self.drain_warns()
+        self.finish(ok=True)
+
+    def finish(self, ok: bool) -> None:
+        self.v.flush()
+        self.drain_warns()
+        self.ch.send(M.Result(vcpu=self.v.id, ok=ok, data={"ops": self.v.ops(), **self.v.n}))
+
+    def batch(self, b) -> M.BatchAck:
+        results = []
+        for cmd in b.commands:
+            try:
+                value = self.v.execute(cmd.op, dict(cmd.args))
+                results.append(M.CommandResult(ok=True, value=_plain(value)))
+            except (ValueError, RuntimeError, AssertionError) as e:
+                results.append(M.CommandResult(ok=False, error=f"{cmd.op}: {e}"))
+        return M.BatchAck(seq=b.seq, results=results)
+
+
+def _plain(x):
+    """numpy scalars etc. -> msgpack-able Python values."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item"):
+        return x.item()
+    return x

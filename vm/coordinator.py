@@ -1,0 +1,246 @@
+"""The VM coordinator: owns every shm segment of a run, spawns the vCPU processes (forkserver),
+runs the ZeroMQ ROUTER in a private run directory, handshake → start barrier → run → stop,
+collects WARNs and results, runs the oracle, writes the results document, unlinks everything.
+
+vm/ never imports vcpu/: the composition root (launch.py) passes the vCPU entry point.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ipc import messages as M
+from ipc.channel import CoordinatorChannel, PeerUnreachable, make_run_dir, remove_run_dir
+from ipc.proc import forkserver_context, reap
+from vm import layout as L
+from vm import results as R
+from vm.kvm import Kvm
+from vm.nested import make_design
+
+HELLO_TIMEOUT_S = 30.0
+RESULT_TIMEOUT_S = 10.0
+
+
+class RunError(RuntimeError):
+    """The run could not be carried out (a vCPU never came up, the channel failed, ...)."""
+
+
+def new_run_id() -> str:
+    return "r" + secrets.token_hex(5)
+
+
+class Coordinator:
+    def __init__(self, cfg, vcpu_entry: Callable, *, preload: tuple[str, ...] = (), hooks=(),
+                 console=None, quiet: bool = False):
+        self.cfg = cfg
+        self.vcpu_entry = vcpu_entry
+        self.preload = tuple(preload)
+        self.hooks = tuple(sorted(hooks))
+        self.console = console
+        self.quiet = quiet
+        self.run_id = new_run_id()
+        self.token = secrets.token_urlsafe(24)
+        self.warnings: list[dict] = []
+        self.reasons: list[str] = []
+        self.worker_results: dict[int, dict] = {}
+        self.kvm = None
+        self.design = None
+        self.ch = None
+        self.run_dir = None
+        self.procs: list = []
+        self.launch_s = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> Coordinator:
+        cfg = self.cfg
+        try:
+            self.kvm = Kvm.create(cfg, self.run_id, frozenset(self.hooks))
+            self.kvm.on_warn = self._local_warn
+            self.design = make_design(self.kvm, cfg)
+            self.design.setup()
+            self.run_dir = make_run_dir(self.run_id)
+            self.ch = CoordinatorChannel(self.run_dir, self.token)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.procs:
+            try:
+                if self.kvm is not None and not self.kvm.closed:
+                    self.kvm.mem.store(self.kvm.flags_w + L.F_RUN_STATE, L.RUN_STOP)
+                if self.ch is not None:
+                    self.ch.broadcast(M.Stop(reason="coordinator closing"))
+            except Exception:
+                pass
+            reap(self.procs, timeout=5.0)
+            self.procs = []
+        if self.design is not None:
+            try:
+                self.design.teardown()
+            except Exception as e:  # teardown must not hide the run's outcome
+                self.reasons.append(f"design teardown failed: {e!r}")
+            self.design = None
+        if self.ch is not None:
+            self.ch.close()
+            self.ch = None
+        if self.run_dir is not None:
+            remove_run_dir(self.run_dir)
+            self.run_dir = None
+        if self.kvm is not None:
+            self.kvm.close()
+
+    def _local_warn(self, kind: str, message: str, data: dict) -> None:
+        self.warnings.append({"vcpu": -1, "kind": kind, "message": message, "data": data})
+        self.kvm.events.clear()
+
+    # -- vCPUs ----------------------------------------------------------------------------------
+    def spawn(self, mode: str) -> None:
+        ctx = forkserver_context(list(self.preload) or [self.vcpu_entry.__module__])
+        t0 = time.monotonic()
+        for i in range(self.cfg.vcpus):
+            p = ctx.Process(target=self.vcpu_entry, name=f"vcpu{i}",
+                            args=(self.run_id, i, self.ch.endpoint, self.token, self.cfg.to_dict(),
+                                  self.hooks, mode), daemon=True)
+            p.start()
+            self.procs.append(p)
+        try:
+            self.ch.wait_for_hellos(self.cfg.vcpus, HELLO_TIMEOUT_S + 0.05 * self.cfg.vcpus)
+        except TimeoutError as e:
+            dead = [i for i, p in enumerate(self.procs) if not p.is_alive()]
+            raise RunError(f"start barrier failed: {e}" + (f" (dead vCPUs: {dead[:8]})" if dead else "")) from None
+        self.launch_s = time.monotonic() - t0
+
+    def pump(self, timeout_ms: int) -> list:
+        """Receive telemetry for up to ``timeout_ms``; handle WARNs/results; return other messages."""
+        out = []
+        got = self.ch.recv(timeout_ms)
+        while got is not None:
+            vcpu, msg = got
+            if isinstance(msg, M.Hello):
+                pass
+            elif isinstance(msg, M.Warn):
+                self.warnings.append({"vcpu": msg.vcpu, "kind": msg.kind, "message": msg.message,
+                                      "data": msg.data})
+            elif isinstance(msg, M.Result):
+                self.worker_results[msg.vcpu] = {"ok": msg.ok, **msg.data}
+                if not msg.ok:
+                    self.reasons.append(f"vCPU {msg.vcpu} failed: {msg.data.get('error', '?')}")
+            else:
+                out.append((vcpu, msg))
+            got = self.ch.recv(0)
+        return out
+
+    def dead_vcpus(self) -> list[int]:
+        return [i for i, p in enumerate(self.procs) if p.exitcode is not None and i not in self.worker_results]
+
+    # -- free-running ---------------------------------------------------------------------------
+    def run_free(self, progress: Callable[[float, dict], None] | None = None) -> dict[str, Any]:
+        cfg, kvm = self.cfg, self.kvm
+        self.spawn("free")
+        t_start = time.monotonic()
+        kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_RUNNING)
+        self.ch.broadcast(M.Start(t0_ns=time.monotonic_ns()))
+        end = t_start + cfg.duration
+        next_prog = t_start + 0.5
+        hb = 0
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            self.pump(int(min(100, max(1, (end - now) * 1000))))
+            dead = self.dead_vcpus()
+            if dead:
+                self.reasons.append(f"vCPU {dead[0]} died (exit code {self.procs[dead[0]].exitcode})")
+                break
+            if time.monotonic() >= next_prog:
+                hb += 1
+                self.ch.broadcast(M.Heartbeat(vcpu=-1, seq=hb))
+                if progress is not None:
+                    progress(time.monotonic() - t_start, self.totals())
+                next_prog += 0.5
+        elapsed = time.monotonic() - t_start
+        self.stop_vcpus()
+        return self.finish(elapsed)
+
+    def totals(self) -> dict[str, int]:
+        c = self.kvm.vm.v["counters"].sum(axis=0)
+        return {name: int(x) for name, x in zip(L.COUNTERS, c, strict=True)}
+
+    def stop_vcpus(self) -> None:
+        kvm = self.kvm
+        kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_STOP)
+        self.ch.broadcast(M.Stop(reason="done"))
+        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        while len(self.worker_results) < len(self.procs) and time.monotonic() < deadline:
+            self.pump(50)
+            if all(p.exitcode is not None for p in self.procs):
+                self.pump(0)
+                break
+        missing = [i for i in range(len(self.procs)) if i not in self.worker_results]
+        if missing:
+            self.reasons.append(f"no result from vCPU(s) {missing[:8]}")
+        codes = reap(self.procs, timeout=5.0)
+        self.procs = []
+        bad = [(i, c) for i, c in enumerate(codes) if c not in (0, None)]
+        if bad:
+            self.reasons.append(f"vCPU {bad[0][0]} exited with code {bad[0][1]}")
+
+    def finish(self, elapsed: float) -> dict[str, Any]:
+        oracle = self.design.oracle()
+        stats = self.design.stats()
+        res = R.collect(self.kvm, self.cfg, elapsed, self.warnings, oracle, self.reasons, stats)
+        res["launch_s"] = round(self.launch_s, 3)
+        res["channel"] = dict(self.ch.counters) if hasattr(self.ch, "counters") else {}
+        res["run_id"] = self.run_id
+        return res
+
+    # -- scripted -------------------------------------------------------------------------------
+    def run_script(self, steps: list[tuple[int, str, dict]]) -> dict[str, Any]:
+        """Execute (vcpu, op, args) steps in order; consecutive steps of one vCPU go in one batch.
+        Each step's result is recorded; a failed command is a FAILURE reason."""
+        self.spawn("scripted")
+        t0 = time.monotonic()
+        log = []
+        i = 0
+        while i < len(steps):
+            vcpu = steps[i][0]
+            j = i
+            while j < len(steps) and steps[j][0] == vcpu:
+                j += 1
+            cmds = [M.Command(op=op, args=args) for _, op, args in steps[i:j]]
+            if not 0 <= vcpu < self.cfg.vcpus:
+                self.reasons.append(f"step {i}: no vCPU {vcpu} (vcpus = {self.cfg.vcpus})")
+                break
+            try:
+                ack = self.ch.call(vcpu, cmds, timeout_s=30.0)
+            except (TimeoutError, PeerUnreachable) as e:
+                self.reasons.append(f"vCPU {vcpu} did not acknowledge a batch of {len(cmds)} command(s): {e}")
+                break
+            finally:
+                self.pump(0)
+            for (v, op, args), r in zip(steps[i:j], ack.results, strict=False):
+                log.append({"vcpu": v, "op": op, "args": args, "ok": r.ok, "value": r.value, "error": r.error})
+                if not r.ok:
+                    self.reasons.append(f"vCPU {v} {op}: {r.error}")
+            i = j
+        elapsed = time.monotonic() - t0
+        self.stop_vcpus()
+        res = self.finish(elapsed)
+        res["steps"] = log
+        return res
+
+
+def print_progress_line(elapsed: float, totals: dict) -> None:
+    ops = totals["vmrun"] + totals["write_untracked"] + totals["write_tracked"] + totals["write_mmio"]
+    print(f"  {elapsed:6.1f}s  vmrun {totals['vmrun']:>10,}  writes tracked {totals['write_tracked']:>9,} "
+          f"mmio {totals['write_mmio']:>9,} untracked {totals['write_untracked']:>10,}  "
+          f"ops/s {ops / max(elapsed, 1e-9):>12,.0f}", file=sys.stderr, flush=True)

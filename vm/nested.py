@@ -1,0 +1,138 @@
+"""Nested virtualization designs: what a vCPU does around nested VMRUN / VMEXIT, and which
+guest writes are the "tracked" ones. A design is selected by name (``--design``).
+
+Guest-memory map used by every design (gfns):
+- ``table_gfn(l2)``: the L2's ``avic_physical_id`` table page (top of memory, one page per L2)
+- ``tracked_gfns``: pages the ``mirror`` design tracks (bottom, from gfn 1)
+- everything between: ordinary memory for untracked writes
+MMIO: gpas above guest memory (e.g. the APIC page at 0xFEE00000).
+
+Interface (called in the vCPU process on shared memory, except ``setup``/``oracle``/``teardown``,
+which the coordinator calls):
+- ``setup()``                         coordinator, after the VM is created, before vCPUs start
+- ``vcpu_init(vcpu)``                 in the vCPU process, once
+- ``nested_vmrun(vcpu, l2)``          enter L2 (AVIC get / attach the table)
+- ``nested_vmexit(vcpu, l2, leaving)``  leave L2; ``leaving`` = L1 will switch to another L2
+- ``vcpu_load(vcpu)`` / ``vcpu_put(vcpu)``  L1 vCPU scheduled in / out
+- ``tracked_write(vcpu, rng) -> (gpa, bytes)``  pick the design's tracked guest write
+- ``oracle() -> list[str]``            coordinator, vCPUs stopped: violations (empty = good)
+- ``teardown()``                      coordinator
+"""
+
+from __future__ import annotations
+
+import random
+
+from vm import layout as L
+from vm import mirror, notifier
+from vm.page_track import PAGE_SHIFT, kvm_page_track_write_tracking_enable
+
+DESIGNS: dict[str, type] = {}
+
+
+def design(name: str):
+    def deco(cls):
+        DESIGNS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def table_gfn(cfg, l2: int) -> int:
+    return cfg.memory_pages - 1 - l2
+
+
+def tracked_gfns(cfg) -> list[int]:
+    return list(range(1, 1 + cfg.tracked_pages))
+
+
+def untracked_range(cfg) -> tuple[int, int]:
+    """[lo, hi) gfns never tracked by any design."""
+    return 1 + cfg.tracked_pages, cfg.memory_pages - cfg.l2s
+
+
+class NestedDesign:
+    name = "base"
+
+    def __init__(self, kvm, cfg):
+        self.kvm = kvm
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        kvm_page_track_write_tracking_enable(self.kvm)
+
+    def vcpu_init(self, vcpu: int) -> None:
+        pass
+
+    def nested_vmrun(self, vcpu: int, l2: int) -> None:
+        pass
+
+    def nested_vmexit(self, vcpu: int, l2: int, leaving: bool) -> None:
+        pass
+
+    def vcpu_load(self, vcpu: int) -> None:
+        pass
+
+    def vcpu_put(self, vcpu: int) -> None:
+        pass
+
+    def tracked_write(self, vcpu: int, rng: random.Random) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+    def oracle(self) -> list[str]:
+        return []
+
+    def teardown(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
+@design("mirror")
+class MirrorDesign(NestedDesign):
+    """No AVIC: ``notifiers`` mirror notifiers track ``tracked_pages`` pages; each vCPU writes its
+    own 8-byte lane of them (lanes never overlap, so the mirror oracle is exact)."""
+
+    def setup(self) -> None:
+        super().setup()
+        kvm = self.kvm
+        self.nodes = []
+        for _ in range(self.cfg.notifiers):
+            n = notifier.alloc_node(kvm, mirror.MIRROR_KIND, 0)
+            notifier.kvm_page_track_register_notifier(kvm, n)
+            self.nodes.append(n)
+        for gfn in tracked_gfns(self.cfg):
+            mirror.mirror_track(kvm, gfn)
+
+    def vcpu_init(self, vcpu: int) -> None:
+        self.gfns = tracked_gfns(self.cfg)
+        self.lane = (vcpu % 512) * 8
+
+    def tracked_write(self, vcpu: int, rng: random.Random) -> tuple[int, bytes]:
+        gfn = self.gfns[int(rng.random() * len(self.gfns))] if self.gfns else 1
+        return (gfn << PAGE_SHIFT) + self.lane, rng.getrandbits(64).to_bytes(8, "little")
+
+    def oracle(self) -> list[str]:
+        return mirror.oracle(self.kvm)
+
+    def teardown(self) -> None:
+        kvm = self.kvm
+        for n in getattr(self, "nodes", []):
+            if notifier.node_state(kvm, n) == L.NODE_LIVE:
+                notifier.kvm_page_track_unregister_notifier(kvm, n)
+            notifier.free_node(kvm, n)
+
+
+def make_design(kvm, cfg) -> NestedDesign:
+    # designs in other modules register themselves on import
+    try:
+        import vm.avic  # noqa: F401
+    except ImportError:
+        pass
+    try:
+        cls = DESIGNS[cfg.design]
+    except KeyError:
+        raise ValueError(f"design {cfg.design!r} is not available (have: {', '.join(sorted(DESIGNS))})") from None
+    return cls(kvm, cfg)

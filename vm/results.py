@@ -1,0 +1,163 @@
+"""The results document of a run (the one source tables, plots and ``compare`` read) and its
+rendering: throughput per op kind, latency percentiles, a lock_stat table, WARNs, the verdict.
+
+JSON shape (documented in README.md):
+``{"config", "seed", "versions", "elapsed_s", "ops": {kind: {count, per_s, p50_ns, p99_ns, p999_ns,
+max_ns}}, "counters", "locks": {class: {acquisitions, contentions, wait_ns_total, wait_ns_max,
+wait_ns_min, wait_ns_avg, hold_ns_total, hold_ns_max, hold_ns_min, hold_ns_avg}}, "gp": {domain:
+grace periods}, "warnings": [{kind, message, data}], "warn_count", "oracle": [violations],
+"verdict": "SUCCESS"|"FAILURE", "reasons": [...]}``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+import numpy as np
+
+from ipc import hist
+from ipc.locks import merge_lockstat
+from vm import layout as L
+
+# op kinds measured by histograms (latency) and by counters only (count, rate)
+HIST_OPS = L.HISTS
+COUNT_OPS = {"untracked_write": "write_untracked", "tracked_write": "write_tracked",
+             "mmio_write": "write_mmio", "l2_switch": "l2_switch"}
+REQUIRED_OPS = ("nested_vmrun", "emulated_write", "notifier_walk", "synchronize_srcu")
+
+
+def versions() -> dict[str, str]:
+    import msgspec
+    import zmq
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "pyzmq": zmq.__version__,
+            "libzmq": zmq.zmq_version(), "msgspec": msgspec.__version__, "pagetrack_sim": "0.1.0",
+            "machine": platform.machine(), "cpus": str(os.cpu_count())}
+
+
+def collect(kvm, cfg, elapsed_s: float, warnings: list[dict], oracle: list[str],
+            extra_reasons: list[str] | None = None, design_stats: dict | None = None) -> dict[str, Any]:
+    v = kvm.vm.v
+    elapsed = max(elapsed_s, 1e-9)
+    counters = {name: int(x) for name, x in zip(L.COUNTERS, v["counters"].sum(axis=0), strict=True)}
+    ops: dict[str, dict] = {}
+    for i, name in enumerate(HIST_OPS):
+        s = hist.summary(hist.merge(v["hist"][:, i, :]))
+        if s["count"] == 0 and name not in REQUIRED_OPS:
+            continue
+        ops[name] = {"count": s["count"], "per_s": round(s["count"] / elapsed, 1), "p50_ns": s["p50_ns"],
+                     "p99_ns": s["p99_ns"], "p999_ns": s["p999_ns"], "max_ns": s["max_ns"],
+                     "mean_ns": s["mean_ns"]}
+    for name, cname in COUNT_OPS.items():
+        ops[name] = {"count": counters[cname], "per_s": round(counters[cname] / elapsed, 1)}
+    if not cfg.stats:  # no histograms: counts from the counters
+        ops["nested_vmrun"].update(count=counters["vmrun"], per_s=round(counters["vmrun"] / elapsed, 1))
+    locks = merge_lockstat(v["lockstat"], list(L.LOCK_CLASSES))
+    gp = {prefix: int(v[f"{prefix}_hdr"][1]) for prefix, _ in L.DOMAINS}
+    reasons = list(extra_reasons or [])
+    if oracle:
+        reasons.append(f"oracle: {len(oracle)} violation(s); first: {oracle[0]}")
+    poison = kvm.poison_reads
+    if poison:
+        reasons.append(f"{poison} read(s) of poisoned memory")
+    if counters["stale_entries"]:
+        reasons.append(f"{counters['stale_entries']} VMRUN(s) used a stale physid entry")
+    fatal_warns = [w for w in warnings if w.get("kind") in FATAL_WARNS]
+    if fatal_warns:
+        reasons.append(f"{len(fatal_warns)} WARN(s); first: {fatal_warns[0]['message']}")
+    return {
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "versions": versions(),
+        "elapsed_s": round(elapsed_s, 4),
+        "ops": ops,
+        "counters": counters,
+        "locks": locks,
+        "gp": gp,
+        "design": design_stats or {},
+        "warnings": warnings[:200],
+        "warn_count": max(len(warnings), kvm.warns),
+        "oracle": oracle[:100],
+        "verdict": "FAILURE" if reasons else "SUCCESS",
+        "reasons": reasons,
+    }
+
+
+# WARN kinds that make a run fail (a WARN is a kernel bug report); rcu_stall is a warning only
+FATAL_WARNS = frozenset({
+    "redundant_registration", "unregister_unregistered", "gfn_track_overflow", "gfn_track_underflow",
+    "tracking_disabled", "poison", "list_corrupt", "free_live_node", "stale_entry", "untracked_notifier",
+    "lost_write", "vcpu_error", "nodes_exhausted", "no_memslot",
+})
+
+
+def write_json(path: str, result: dict) -> None:
+    """Atomic write (tmp + rename) so a crash never leaves half a document."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _ns(x: int) -> str:
+    if x >= 1_000_000_000:
+        return f"{x / 1e9:.2f}s"
+    if x >= 1_000_000:
+        return f"{x / 1e6:.2f}ms"
+    if x >= 1_000:
+        return f"{x / 1e3:.1f}µs"
+    return f"{x}ns"
+
+
+def render(result: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 150)
+    cfg = result["config"]
+    con.print(f"[bold]pagetrack-sim run[/]: design={cfg['design']} registration={cfg['registration']} "
+              f"vcpus={cfg['vcpus']} l2s={cfg['l2s']} switch_rate={cfg['switch_rate']} seed={result['seed']} "
+              f"duration={result['elapsed_s']:.2f}s")
+    t = Table(title="operations", show_edge=False)
+    for col in ("op", "count", "per s", "p50", "p99", "p99.9", "max"):
+        t.add_column(col, justify="right" if col != "op" else "left")
+    for name, o in result["ops"].items():
+        if "p50_ns" in o:
+            t.add_row(name, f"{o['count']:,}", f"{o['per_s']:,.0f}", _ns(o["p50_ns"]), _ns(o["p99_ns"]),
+                      _ns(o["p999_ns"]), _ns(o["max_ns"]))
+        else:
+            t.add_row(name, f"{o['count']:,}", f"{o['per_s']:,.0f}", "", "", "", "")
+    con.print(t)
+    if result["locks"]:
+        lt = Table(title="lock_stat", show_edge=False)
+        for col in ("class", "acquisitions", "contentions", "wait min", "wait avg", "wait max", "wait total",
+                    "hold min", "hold avg", "hold max", "hold total"):
+            lt.add_column(col, justify="right" if col != "class" else "left")
+        for name, s in result["locks"].items():
+            lt.add_row(name, f"{s['acquisitions']:,}", f"{s['contentions']:,}", _ns(s["wait_ns_min"]),
+                       _ns(s["wait_ns_avg"]), _ns(s["wait_ns_max"]), _ns(s["wait_ns_total"]),
+                       _ns(s["hold_ns_min"]), _ns(s["hold_ns_avg"]), _ns(s["hold_ns_max"]), _ns(s["hold_ns_total"]))
+        con.print(lt)
+    gp = ", ".join(f"{k}={v}" for k, v in result["gp"].items())
+    con.print(f"grace periods: {gp}")
+    if result["warnings"]:
+        con.print(f"[yellow]WARNs ({result['warn_count']}):[/]")
+        seen: dict[str, int] = {}
+        for w in result["warnings"]:
+            seen[w["kind"]] = seen.get(w["kind"], 0) + 1
+            if seen[w["kind"]] <= 3:
+                con.print(f"  {w['message']}", markup=False, highlight=False)
+        for k, n in seen.items():
+            if n > 3:
+                con.print(f"  ... {n - 3} more {k}")
+    for o in result["oracle"][:5]:
+        con.print(f"[red]oracle:[/] {o}", highlight=False)
+    if result["verdict"] == "SUCCESS":
+        con.print("[bold green]SUCCESS[/]: oracle clean, no WARN, no poisoned read")
+    else:
+        con.print("[bold red]FAILURE[/]: " + "; ".join(result["reasons"]), highlight=False)
