@@ -19,6 +19,7 @@ import random
 from ipc import _prims
 from vm import layout as L
 from vm import notifier
+from vm.mirror import MIRROR_KIND
 from vm.nested import untracked_range
 from vm.page_track import (
     PAGE_SHIFT,
@@ -97,6 +98,7 @@ class Vcpu:
         writes = cfg.writes_per_exit
         guest_ns = int(cfg.guest_time_us * 1000)
         policy, K, p_switch, p_preempt = cfg.policy, cfg.l2s, cfg.switch_rate, cfg.preempt_rate
+        p_churn = cfg.churn_rate
         n = self.n
         n_unt = n_tr = n_mmio = n_run = n_sw = iters = 0
         l2 = self.l2
@@ -152,6 +154,9 @@ class Vcpu:
                 if nxt != l2:
                     n_sw += 1
                     l2 = nxt
+                # notifier churn: another page-track user comes and goes
+                if p_churn and rnd() < p_churn:
+                    self.churn()
                 # 3. L1 preempted now and then
                 if p_preempt and rnd() < p_preempt:
                     self.put()
@@ -172,11 +177,24 @@ class Vcpu:
             self.put()
             self.flush()
 
+    def churn(self) -> None:
+        """Register a mirror notifier, then unregister (synchronize_srcu) and free it: readers walking
+        the list meanwhile must never meet the freed, poisoned node."""
+        kvm = self.kvm
+        try:
+            node = notifier.alloc_node(kvm, MIRROR_KIND, self.id)
+        except RuntimeError:
+            return
+        notifier.kvm_page_track_register_notifier(kvm, node)
+        notifier.kvm_page_track_unregister_notifier(kvm, node)
+        notifier.free_node(kvm, node)
+        self.n["churn"] = self.n.get("churn", 0) + 1
+
     def flush(self) -> None:
         """Publish the loop counters into this vCPU's shm block."""
         c = self.kvm.counters
-        for name, v in self.n.items():
-            c[L.C[name]] = v
+        for name in LOOP_COUNTERS:
+            c[L.C[name]] = self.n[name]
 
     def ops(self) -> int:
         n = self.n
@@ -208,8 +226,12 @@ class Vcpu:
                 raise ValueError("write: data must be 1..4096 bytes or an int")
             if (gpa >> PAGE_SHIFT) < kvm.memory_pages and (gpa & 0xFFF) + len(data) > 4096:
                 raise ValueError("write: data crosses a page boundary")
-            emulated, calls = self.l1_store(gpa, bytes(data))
-            return {"emulated": emulated, "calls": calls}
+            kvm.trace_nodes = []
+            try:
+                emulated, calls = self.l1_store(gpa, bytes(data))
+                return {"emulated": emulated, "calls": calls, "nodes": kvm.trace_nodes}
+            finally:
+                kvm.trace_nodes = None
         if op == "l1_write":  # the design's own tracked write (e.g. a physid entry)
             gpa, data = d.tracked_write(self.id, self.rng)
             emulated, calls = self.l1_store(gpa, data)

@@ -138,7 +138,7 @@ class Worker:
                 results.append(M.CommandResult(ok=True, value=_plain(value)))
             except (ValueError, RuntimeError, AssertionError) as e:
                 results.append(M.CommandResult(ok=False, error=f"{cmd.op}: {e}"))
-        return M.BatchAck(seq=b.seq, results=results)
+        return M.BatchAck(seq=b.seq, vcpu=self.v.id, results=results)
 
 
 def _plain(x):

@@ -40,6 +40,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tracked_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.25
     mmio_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
     preempt_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
+    churn_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     tracked_pages: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 8
     notifiers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
     max_nodes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 128

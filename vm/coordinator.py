@@ -112,12 +112,24 @@ class Coordinator:
                                   self.hooks, mode), daemon=True)
             p.start()
             self.procs.append(p)
-        try:
-            self.ch.wait_for_hellos(self.cfg.vcpus, HELLO_TIMEOUT_S + 0.05 * self.cfg.vcpus)
-        except TimeoutError as e:
-            dead = [i for i, p in enumerate(self.procs) if not p.is_alive()]
-            raise RunError(f"start barrier failed: {e}" + (f" (dead vCPUs: {dead[:8]})" if dead else "")) from None
+        deadline = time.monotonic() + HELLO_TIMEOUT_S + 0.05 * self.cfg.vcpus
+        while True:  # in slices, so a vCPU that died before its hello fails the run at once
+            try:
+                self.ch.wait_for_hellos(self.cfg.vcpus, 0.25, on_message=self._early_message)
+                break
+            except TimeoutError as e:
+                dead = [i for i, p in enumerate(self.procs) if p.exitcode is not None]
+                if dead or time.monotonic() >= deadline:
+                    self.pump(0)
+                    why = "; ".join(w["message"] for w in self.warnings if w["kind"] == "vcpu_error")[:300]
+                    raise RunError(f"start barrier failed: {e}"
+                                   + (f" (dead vCPUs: {dead[:8]}, exit code {self.procs[dead[0]].exitcode})"
+                                      if dead else "") + (f": {why}" if why else "")) from None
         self.launch_s = time.monotonic() - t0
+
+    def _early_message(self, vcpu: int, msg) -> None:
+        if isinstance(msg, M.Warn):
+            self.warnings.append({"vcpu": msg.vcpu, "kind": msg.kind, "message": msg.message, "data": msg.data})
 
     def pump(self, timeout_ms: int) -> list:
         """Receive telemetry for up to ``timeout_ms``; handle WARNs/results; return other messages."""

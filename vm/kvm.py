@@ -72,6 +72,7 @@ class Kvm:
         self.events: list[tuple[str, str, dict]] = []  # WARNs not yet reported
         self.on_warn: Callable[[str, str, dict], None] | None = None
         self.handlers: dict[int, tuple[int, object]] = {}  # node index -> (gen, handler)
+        self.trace_nodes: list[int] | None = None  # scripted mode: nodes each walk visited
         self.closed = False
 
     @staticmethod

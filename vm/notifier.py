@@ -16,7 +16,6 @@ process instantiates its own handler for a node (``handler(kvm, node)``) with th
 
 from __future__ import annotations
 
-from ipc.locks import lockdep_assert_held
 from vm import layout as L
 
 POISON_NEXT = -0x6B6B6B6B  # like POISON_FREE: a freed node's next pointer

@@ -134,6 +134,8 @@ def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:
                 kvm.poisoned("notifier node (walk)", node=n - 1)
                 break
             handler(kvm, n - 1).track_write(gpa, new, nbytes, n - 1)
+            if kvm.trace_nodes is not None:
+                kvm.trace_nodes.append(n - 1)
             calls += 1
             n = mem.load(base + L.N_NEXT)
     finally:

@@ -95,11 +95,21 @@ FATAL_WARNS = frozenset({
 })
 
 
+def _json_default(o):
+    if isinstance(o, bytes | bytearray):
+        return o.hex()
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, set | frozenset | tuple):
+        return list(o)
+    return repr(o)
+
+
 def write_json(path: str, result: dict) -> None:
     """Atomic write (tmp + rename) so a crash never leaves half a document."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=False)
+        json.dump(result, f, indent=2, sort_keys=False, default=_json_default)
         f.write("\n")
     os.replace(tmp, path)
 
