@@ -195,6 +195,7 @@ class Vcpu:
         c = self.kvm.counters
         for name in LOOP_COUNTERS:
             c[L.C[name]] = self.n[name]
+        self.kvm.flush_counts()
 
     def ops(self) -> int:
         n = self.n

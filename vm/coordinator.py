@@ -208,6 +208,7 @@ class Coordinator:
 
     def finish(self, elapsed: float) -> dict[str, Any]:
         oracle = self.design.oracle()
+        self.kvm.flush_counts()
         stats = self.design.stats()
         res = R.collect(self.kvm, self.cfg, elapsed, self.warnings, oracle, self.reasons, stats)
         res["launch_s"] = round(self.launch_s, 3)

@@ -55,6 +55,8 @@ class Kvm:
         self.mmu_lock = self.locks["mmu_lock"]
         self.hist = {name: (_prims.Histogram(vm.mem, vm.word("hist", proc, i)) if stats else None)
                      for i, name in enumerate(L.HISTS)}
+        self.h_notifier_walk = self.hist["notifier_walk"]
+        self.h_emulated_write = self.hist["emulated_write"]
         slot_name = self.proc_name
         self.domains = {
             prefix: cls(vm, prefix, proc, self.tag, name=prefix,
@@ -69,6 +71,7 @@ class Kvm:
         self.guest_mode = self.domains["guest_mode"]
         self.rcu = self.domains["rcu"]
         self.counters = vm.v["counters"][proc]
+        self.counts = [0] * L.NCOUNTERS  # kvm.count() tallies; flush_counts() publishes them
         self.events: list[tuple[str, str, dict]] = []  # WARNs not yet reported
         self.on_warn: Callable[[str, str, dict], None] | None = None
         self.handlers: dict[int, tuple[int, object]] = {}  # node index -> (gen, handler)
@@ -129,6 +132,7 @@ class Kvm:
         if self.closed:
             return
         self.closed = True
+        self.flush_counts()
         if not self.owner:
             for d in self.domains.values():
                 try:
@@ -139,6 +143,7 @@ class Kvm:
         self.locks.clear()
         self.domains.clear()
         self.hist.clear()
+        self.h_notifier_walk = self.h_emulated_write = None
         self.gfn_track_mv.release()
         self.track_srcu = self.guest_mode = self.rcu = self.mmu_lock = None
         self.nodes = self.gfn_track = self.counters = None
@@ -162,14 +167,22 @@ class Kvm:
     def warn(self, kind: str, message: str, **data) -> None:
         """WARN(): counted in shm, kept for the telemetry channel, never fatal by itself."""
         self.mem.fetch_add(self.flags_w + L.F_WARNS, 1)
-        self.counters[L.C["warns"]] += 1
+        self.count("warns")
         ev = (kind, f"WARN {self.proc_name(self.proc)}: {message}", dict(data))
         self.events.append(ev)
         if self.on_warn is not None:
             self.on_warn(*ev)
 
     def count(self, name: str, n: int = 1) -> None:
-        self.counters[L.C[name]] += n
+        """Per-process event count, kept in Python (no shm write on the hot path)."""
+        self.counts[L.C[name]] += n
+
+    def flush_counts(self) -> None:
+        """Publish ``count()`` tallies into this process' shm counter block."""
+        c = self.counters
+        for i, v in enumerate(self.counts):
+            if v:
+                c[i] = v
 
     @property
     def warns(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from vm import notifier
+from vm.layout import C
 from vm.page_track import PAGE_SHIFT, PAGE_SIZE, kvm_gfn_is_write_tracked, track_gfn, untrack_gfn
 
 MIRROR_KIND = 1
@@ -15,15 +16,21 @@ MIRROR_KIND = 1
 
 @notifier.notifier_kind(MIRROR_KIND)
 class MirrorNotifier(notifier.NotifierNode):
+    def __init__(self, kvm, node: int, owner: int):
+        super().__init__(kvm, node, owner)
+        self.pages = kvm.memory_pages
+        self.store = kvm.mirror.mem.store
+        self.counts = kvm.counts
+        self.c_calls = C["notifier_calls"]
+
     def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
-        kvm = self.kvm
-        if (gpa >> PAGE_SHIFT) >= kvm.memory_pages:  # MMIO: nothing to mirror
+        if (gpa >> PAGE_SHIFT) >= self.pages:  # MMIO: nothing to mirror
             return
-        kvm.count("notifier_calls")
+        self.counts[self.c_calls] += 1
         if nbytes == 8 and not gpa & 7:
-            kvm.mirror.mem.store(gpa >> 3, int.from_bytes(new, "little", signed=True))
+            self.store(gpa >> 3, int.from_bytes(new, "little", signed=True))
         else:
-            kvm.mirror_bytes[gpa:gpa + nbytes] = memoryview(new)
+            self.kvm.mirror_bytes[gpa:gpa + nbytes] = memoryview(new)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         pass

@@ -148,18 +148,23 @@ def kvm_page_track_unregister_notifier(kvm, node: int) -> bool:
 
 def handler(kvm, node: int):
     """This process' handler object for ``node`` (re-created when the slot was reused)."""
-    mem = kvm.mem
-    gen = mem.load(_w(kvm, node, L.N_GEN))
+    return handler_entry(kvm, node, kvm.mem.load(kvm.nodes_w + node * 8 + L.N_GEN))[1]
+
+
+def handler_entry(kvm, node: int, gen: int) -> tuple:
+    """Cached ``(gen, handler, bound track_write)`` for ``node`` at generation ``gen``."""
     cached = kvm.handlers.get(node)
     if cached is not None and cached[0] == gen:
-        return cached[1]
+        return cached
+    mem = kvm.mem
     kind = mem.load(_w(kvm, node, L.N_KIND))
     cls = KINDS.get(kind)
     if cls is None:
         raise RuntimeError(f"notifier node {node} has unknown kind {kind}")
     obj = cls(kvm, node, mem.load(_w(kvm, node, L.N_OWNER)))
-    kvm.handlers[node] = (gen, obj)
-    return obj
+    entry = (gen, obj, obj.track_write)
+    kvm.handlers[node] = entry
+    return entry
 
 
 def walk(kvm, fn) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from ipc import _prims
 from ipc.locks import lockdep_assert_held
 from vm import layout as L
-from vm.notifier import POISON_NEXT, handler, walk
+from vm.notifier import POISON_NEXT, handler_entry, walk
 
 USHRT_MAX = 0xFFFF
 PAGE_SHIFT = 12
@@ -113,31 +113,39 @@ def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:
     """Call every notifier's ``track_write`` under the SRCU read lock; returns how many ran.
     Returns at once when the list is empty."""
     mem = kvm.mem
+    load = mem.load
     head_w = kvm.notifier_w + L.NH_HEAD
-    if not mem.load(head_w):
+    if not load(head_w):
         return 0
-    h = kvm.hist["notifier_walk"]
+    h = kvm.h_notifier_walk
     t0 = _prims.now_ns() if h is not None else 0
     nmax = kvm.cfg.max_nodes
+    nodes_w = kvm.nodes_w
+    handlers = kvm.handlers
+    trace = kvm.trace_nodes
     nbytes = len(new)
     calls = 0
     srcu = kvm.track_srcu
     srcu.read_lock()
     try:
-        n = mem.load(head_w)
+        n = load(head_w)
         while n:
             if not 0 < n <= nmax:
                 kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT + 1)
                 break
-            base = kvm.nodes_w + (n - 1) * 8
-            if mem.load(base + L.N_STATE) == L.NODE_POISON:
+            base = nodes_w + (n - 1) * 8
+            if load(base + L.N_STATE) == L.NODE_POISON:
                 kvm.poisoned("notifier node (walk)", node=n - 1)
                 break
-            handler(kvm, n - 1).track_write(gpa, new, nbytes, n - 1)
-            if kvm.trace_nodes is not None:
-                kvm.trace_nodes.append(n - 1)
+            gen = load(base + L.N_GEN)
+            e = handlers.get(n - 1)
+            if e is None or e[0] != gen:
+                e = handler_entry(kvm, n - 1, gen)
+            e[2](gpa, new, nbytes, n - 1)
+            if trace is not None:
+                trace.append(n - 1)
             calls += 1
-            n = mem.load(base + L.N_NEXT)
+            n = load(base + L.N_NEXT)
     finally:
         srcu.read_unlock()
     if h is not None:
@@ -147,7 +155,7 @@ def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:
 
 def emulator_write_phys(kvm, gpa: int, new: bytes) -> int:
     """Write guest memory (if ``gpa`` is RAM), then the notifier walk (also for MMIO)."""
-    h = kvm.hist["emulated_write"]
+    h = kvm.h_emulated_write
     t0 = _prims.now_ns() if h is not None else 0
     n = len(new)
     if (gpa >> PAGE_SHIFT) < kvm.memory_pages:
