@@ -110,6 +110,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stall-ms", dest="stall_ms", type=int_range(1, 3_600_000, "--stall-ms"))
     p.add_argument("--no-stats", dest="stats", action="store_const", const=False, default=None,
                    help="turn lock_stat and latency histograms off")
+    p.add_argument("--inject", action="append", default=[], metavar="FAULT",
+                   help="kill-vcpu:K@{rcu-read,srcu-read,mmu-lock,tables-lock,random}, stall-vcpu:K:MS, "
+                        "kill-coordinator (repeatable)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the results document here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -137,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("clean", help="remove shm segments and run directories of dead runs")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+
+    rp = sub.add_parser("report", help="re-render tables and plots from saved results JSON")
+    rp.add_argument("results", nargs="+", metavar="RESULTS.json")
+    rp.add_argument("--out", metavar="DIR", default=None, help="also write report.md and PNG plots here")
+
+    sw = sub.add_parser("sweep", help="run every point of a parameter grid on Dask distributed")
+    sw.add_argument("grid", metavar="GRID.toml")
+    sw.add_argument("--out", metavar="DIR", required=True, help="results directory (resumable)")
+    sw.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,
+                    help="an existing Dask scheduler (default: a LocalCluster on this machine)")
+    sw.add_argument("--workers", type=int_range(1, 64, "--workers"), default=1,
+                    help="LocalCluster workers (default 1: runs are multiprocess already)")
     return p
 
 
@@ -151,6 +166,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from vm import cleanup
 
         return cleanup.main(args)
+    if args.command == "report":
+        from vm import report
+
+        return report.main(args)
+    if args.command == "sweep":
+        from vm import sweep
+
+        return sweep.main(args)
     raise UsageError(f"launch.py: command {args.command!r} is not available yet")
 
 
@@ -174,17 +197,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = config.build(file_cfg, cli)
     _check_json_path(args.json)
     script = config.parse_steps(steps, cfg) if steps else None
-    return run_and_report(cfg, script=script, json_path=args.json, quiet=args.quiet)
+    from vm import faults
+
+    injected = [faults.parse(f, cfg.vcpus) for f in args.inject]
+    return run_and_report(cfg, script=script, json_path=args.json, quiet=args.quiet, faults=injected)
 
 
-def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=()) -> int:
+def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), faults=()) -> int:
     """Run (free or scripted), print the summary, write JSON; exit code from the verdict."""
     from vcpu.worker import vcpu_main
     from vm import results
     from vm.coordinator import Coordinator, RunError, print_progress_line
 
     try:
-        with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",), hooks=hooks) as co:
+        with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",), hooks=hooks, faults=faults) as co:
             if not quiet:
                 print(f"run {co.run_id}: {cfg.vcpus} vCPU(s), design {cfg.design}, "
                       f"{'scripted' if script else f'{cfg.duration:g}s'}", file=sys.stderr, flush=True)

@@ -6,19 +6,22 @@ rate; the work itself never does. Exits by itself when the coordinator is gone.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
 
 from ipc import _prims
 from ipc import messages as M
 from ipc.channel import WorkerChannel
-from ipc.proc import die_with_parent, sigterm_to_exit
+from ipc.proc import die_with_parent, pid_alive, sigterm_to_exit
 from vcpu.vcpu import Vcpu
 from vm.config import from_dict
+from vm.faults import POINT_ACTION
 from vm.kvm import Kvm
 from vm.nested import make_design
 
 COORDINATOR_SILENCE_S = 10.0  # no message from the coordinator for this long: it is gone
+_COORDINATOR_PID = 0
 
 
 class CoordinatorGone(Exception):
@@ -26,8 +29,10 @@ class CoordinatorGone(Exception):
 
 
 def vcpu_main(run_id: str, vcpu: int, endpoint: str, token: str, cfg_dict: dict, hooks: tuple,
-              mode: str) -> None:
+              mode: str, coordinator_pid: int) -> None:
     """Process entry point (module-level, so forkserver children import it)."""
+    global _COORDINATOR_PID
+    _COORDINATOR_PID = coordinator_pid
     die_with_parent()
     sigterm_to_exit()
     ch = WorkerChannel(endpoint, vcpu, token)
@@ -87,14 +92,37 @@ class Worker:
                 break
             self.last_heard = time.monotonic()
             self.handle(msg)
-        if os.getppid() == 1 or time.monotonic() - self.last_heard > COORDINATOR_SILENCE_S:
+        # under forkserver our parent is the fork server, which outlives the coordinator: look at
+        # the coordinator itself
+        if (not pid_alive(_COORDINATOR_PID) or os.getppid() == 1
+                or time.monotonic() - self.last_heard > COORDINATOR_SILENCE_S):
             raise CoordinatorGone()
 
     def handle(self, msg) -> None:
         if isinstance(msg, M.Stop):
             self.stop = True
         elif isinstance(msg, M.Fault):
-            self.v.fault(msg.kind, msg.args) if hasattr(self.v, "fault") else None
+            self.fault(msg.kind, msg.args)
+
+    def fault(self, kind: str, args: dict) -> None:
+        """Injected faults (vm/faults.py): die inside a critical section, or stall a reader."""
+        kvm = self.kvm
+        if kind == "kill-vcpu":
+            domain, lock = POINT_ACTION.get(args.get("point", ""), (None, None))
+            self.v.flush()  # the results up to the fault stay in shm
+            if domain is not None:
+                kvm.domains[domain].read_lock()
+            if lock is not None:
+                kvm.locks[lock].lock()
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "stall-vcpu":
+            ms = int(args.get("ms", 0))
+            kvm.rcu.read_lock()
+            try:
+                _prims.spin_ns(ms * 1_000_000)
+            finally:
+                kvm.rcu.read_unlock()
+            self.last_heard = time.monotonic()
 
     # -- modes ----------------------------------------------------------------------------------
     def serve(self) -> None:

@@ -7,6 +7,7 @@ vm/ never imports vcpu/: the composition root (launch.py) passes the vCPU entry 
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import time
@@ -18,6 +19,7 @@ from ipc.channel import CoordinatorChannel, PeerUnreachable, make_run_dir, remov
 from ipc.proc import forkserver_context, reap
 from vm import layout as L
 from vm import results as R
+from vm.faults import diagnose_dead
 from vm.kvm import Kvm
 from vm.nested import make_design
 
@@ -35,7 +37,7 @@ def new_run_id() -> str:
 
 class Coordinator:
     def __init__(self, cfg, vcpu_entry: Callable, *, preload: tuple[str, ...] = (), hooks=(),
-                 console=None, quiet: bool = False):
+                 console=None, quiet: bool = False, faults=()):
         self.cfg = cfg
         self.vcpu_entry = vcpu_entry
         self.preload = tuple(preload)
@@ -53,6 +55,10 @@ class Coordinator:
         self.run_dir = None
         self.procs: list = []
         self.launch_s = 0.0
+        self.faults = list(faults)
+        self.fault_fired = False
+        self.vcpu_died = False  # a vCPU died mid-run: shm may hold its locks; skip teardown/oracle
+        self.stall_thread = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> Coordinator:
@@ -83,11 +89,13 @@ class Coordinator:
                 pass
             reap(self.procs, timeout=5.0)
             self.procs = []
-        if self.design is not None:
+        if self.design is not None and not self.vcpu_died:
             try:
                 self.design.teardown()
             except Exception as e:  # teardown must not hide the run's outcome
                 self.reasons.append(f"design teardown failed: {e!r}")
+        if self.design is not None:
+            self.design.close()
             self.design = None
         if self.ch is not None:
             self.ch.close()
@@ -109,7 +117,7 @@ class Coordinator:
         for i in range(self.cfg.vcpus):
             p = ctx.Process(target=self.vcpu_entry, name=f"vcpu{i}",
                             args=(self.run_id, i, self.ch.endpoint, self.token, self.cfg.to_dict(),
-                                  self.hooks, mode), daemon=True)
+                                  self.hooks, mode, os.getpid()), daemon=True)
             p.start()
             self.procs.append(p)
         deadline = time.monotonic() + HELLO_TIMEOUT_S + 0.05 * self.cfg.vcpus
@@ -163,15 +171,21 @@ class Coordinator:
         self.ch.broadcast(M.Start(t0_ns=time.monotonic_ns()))
         end = t_start + cfg.duration
         next_prog = t_start + 0.5
+        fault_at = t_start + 0.3 * cfg.duration
         hb = 0
         while True:
             now = time.monotonic()
             if now >= end:
                 break
+            if self.faults and not self.fault_fired and now >= fault_at:
+                self.fire_faults()
             self.pump(int(min(100, max(1, (end - now) * 1000))))
             dead = self.dead_vcpus()
             if dead:
-                self.reasons.append(f"vCPU {dead[0]} died (exit code {self.procs[dead[0]].exitcode})")
+                self.vcpu_died = True
+                self.pump(50)  # the last WARNs of vCPUs that crashed on it
+                for v in dead:
+                    self.reasons.extend(diagnose_dead(self.kvm, v, self.procs[v].exitcode))
                 break
             if time.monotonic() >= next_prog:
                 hb += 1
@@ -183,6 +197,40 @@ class Coordinator:
         self.stop_vcpus()
         return self.finish(elapsed)
 
+    def fire_faults(self) -> None:
+        """Inject the --inject faults (vm/faults.py)."""
+        import random
+        import signal
+        import threading
+
+        self.fault_fired = True
+        rng = random.Random(self.cfg.seed)
+        for f in self.faults:
+            if f.kind == "kill-coordinator":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif f.kind == "kill-vcpu" and f.point == "random":
+                time.sleep(rng.random() * 0.2 * self.cfg.duration)
+                os.kill(self.procs[f.vcpu].pid, signal.SIGKILL)
+            elif f.kind == "kill-vcpu":
+                self.ch.send(f.vcpu, M.Fault(kind=f.kind, args=f.args()))
+            elif f.kind == "stall-vcpu":
+                self.ch.send(f.vcpu, M.Fault(kind=f.kind, args=f.args()))
+                self.stall_thread = threading.Thread(target=self._gp_waiter, args=(f.ms,), daemon=True)
+                self.stall_thread.start()
+
+    def _gp_waiter(self, ms: int) -> None:
+        """Grace periods on the RCU domain while a stalled reader sits in it: the stall warning
+        comes from the ordinary synchronize_rcu machinery."""
+        end = time.monotonic() + ms / 1000 + 1.0
+        rcu = self.kvm.rcu
+        while time.monotonic() < end and not rcu.stalls:
+            try:
+                rcu.synchronize()
+            except Exception as e:  # GracePeriodBlocked: the reader died
+                self.reasons.append(str(e))
+                return
+            time.sleep(0.01)
+
     def totals(self) -> dict[str, int]:
         c = self.kvm.vm.v["counters"].sum(axis=0)
         return {name: int(x) for name, x in zip(L.COUNTERS, c, strict=True)}
@@ -191,7 +239,10 @@ class Coordinator:
         kvm = self.kvm
         kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_STOP)
         self.ch.broadcast(M.Stop(reason="done"))
-        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        if self.stall_thread is not None:
+            self.stall_thread.join(5.0)
+        # after a fault, survivors may be stuck behind what the dead vCPU held: do not wait long
+        deadline = time.monotonic() + (2.0 if self.reasons else RESULT_TIMEOUT_S)
         while len(self.worker_results) < len(self.procs) and time.monotonic() < deadline:
             self.pump(50)
             if all(p.exitcode is not None for p in self.procs):
@@ -200,14 +251,18 @@ class Coordinator:
         missing = [i for i in range(len(self.procs)) if i not in self.worker_results]
         if missing:
             self.reasons.append(f"no result from vCPU(s) {missing[:8]}")
-        codes = reap(self.procs, timeout=5.0)
+        codes = reap(self.procs, timeout=1.0 if self.reasons else 5.0)
         self.procs = []
         bad = [(i, c) for i, c in enumerate(codes) if c not in (0, None)]
         if bad:
             self.reasons.append(f"vCPU {bad[0][0]} exited with code {bad[0][1]}")
 
     def finish(self, elapsed: float) -> dict[str, Any]:
-        oracle = self.design.oracle()
+        if self.vcpu_died:  # its locks may still be held: the oracle could block or lie
+            oracle = []
+            self.reasons.append("oracle skipped: a vCPU died mid-run")
+        else:
+            oracle = self.design.oracle()
         self.kvm.flush_counts()
         stats = self.design.stats()
         res = R.collect(self.kvm, self.cfg, elapsed, self.warnings, oracle, self.reasons, stats)
@@ -222,6 +277,8 @@ class Coordinator:
         Each step's result is recorded; a failed command is a FAILURE reason."""
         self.spawn("scripted")
         t0 = time.monotonic()
+        if self.faults:
+            self.fire_faults()
         log = []
         i = 0
         while i < len(steps):

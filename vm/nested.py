@@ -84,7 +84,10 @@ class NestedDesign:
         return []
 
     def teardown(self) -> None:
-        pass
+        """Undo kernel state (unregister, untrack); may take locks. Skipped after a vCPU died."""
+
+    def close(self) -> None:
+        """Release the design's own shm (never blocks); always called, after teardown."""
 
     def stats(self) -> dict:
         return {}

@@ -87,8 +87,9 @@ def collect(kvm, cfg, elapsed_s: float, warnings: list[dict], oracle: list[str],
     }
 
 
-# WARN kinds that make a run fail (a WARN is a kernel bug report); rcu_stall is a warning only
+# WARN kinds that make a run fail (a WARN is a kernel bug report; an RCU stall too, as in rcutorture)
 FATAL_WARNS = frozenset({
+    "rcu_stall",
     "redundant_registration", "unregister_unregistered", "gfn_track_overflow", "gfn_track_underflow",
     "tracking_disabled", "poison", "list_corrupt", "free_live_node", "stale_entry", "untracked_notifier",
     "lost_write", "vcpu_error", "nodes_exhausted", "no_memslot",

@@ -1,0 +1,88 @@
+"""Fault injection (``--inject``) and the diagnosis of what a dead vCPU left behind.
+
+Specs:
+- ``kill-vcpu:K@rcu-read``     vCPU K SIGKILLs itself inside an RCU read-side critical section
+- ``kill-vcpu:K@srcu-read``    ... inside the page-track SRCU read side (``track_srcu``)
+- ``kill-vcpu:K@mmu-lock``     ... while holding ``mmu_lock`` (spinlock)
+- ``kill-vcpu:K@tables-lock``  ... while holding ``tables_lock`` (futex mutex)
+- ``kill-vcpu:K@random``       the coordinator SIGKILLs vCPU K at a random moment
+- ``stall-vcpu:K:MS``          vCPU K stays MS ms inside an RCU read-side critical section while
+                               a grace period waits for it (the RCU stall warning must name it)
+- ``kill-coordinator``         the coordinator SIGKILLs itself; the vCPUs must exit by themselves
+Faults fire at 30 % of the run (or before the first scripted step).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ipc.errors import UsageError
+from vm import layout as L
+
+KILL_POINTS = ("rcu-read", "srcu-read", "mmu-lock", "tables-lock", "random")
+_KILL = re.compile(r"^kill-vcpu:(\d+)@([a-z-]+)$")
+_STALL = re.compile(r"^stall-vcpu:(\d+):(\d+)$")
+# where a self-kill happens: (domain to enter, lock to take)
+POINT_ACTION = {"rcu-read": ("rcu", None), "srcu-read": ("track_srcu", None),
+                "mmu-lock": (None, "mmu_lock"), "tables-lock": (None, "tables_lock")}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str            # "kill-vcpu" | "stall-vcpu" | "kill-coordinator"
+    vcpu: int = -1
+    point: str = ""      # kill point
+    ms: int = 0          # stall length
+
+    def args(self) -> dict:
+        return {"point": self.point, "ms": self.ms}
+
+
+def parse(spec: str, vcpus: int) -> Fault:
+    s = spec.strip()
+    if s == "kill-coordinator":
+        return Fault("kill-coordinator")
+    m = _KILL.match(s)
+    if m:
+        k, point = int(m.group(1)), m.group(2)
+        if point not in KILL_POINTS:
+            raise UsageError(f"--inject {spec}: unknown kill point {point!r} (one of {', '.join(KILL_POINTS)})")
+        _check_vcpu(spec, k, vcpus)
+        return Fault("kill-vcpu", k, point)
+    m = _STALL.match(s)
+    if m:
+        k, ms = int(m.group(1)), int(m.group(2))
+        _check_vcpu(spec, k, vcpus)
+        if not 1 <= ms <= 600_000:
+            raise UsageError(f"--inject {spec}: stall length must be 1..600000 ms")
+        return Fault("stall-vcpu", k, ms=ms)
+    raise UsageError(f"--inject {spec!r}: expected kill-vcpu:K@POINT, stall-vcpu:K:MS or kill-coordinator")
+
+
+def _check_vcpu(spec: str, k: int, vcpus: int) -> None:
+    if not 0 <= k < vcpus:
+        raise UsageError(f"--inject {spec}: no vCPU {k} (vcpus = {vcpus})")
+
+
+def diagnose_dead(kvm, vcpu: int, exitcode: int | None) -> list[str]:
+    """What the dead vCPU left behind in shared memory: locks it holds, reader slots it occupies."""
+    proc = vcpu + 1
+    tag = proc + 1
+    name = f"vCPU {vcpu}"
+    out = []
+    locks = kvm.vm.v["locks"]
+    for i, lname in enumerate(L.LOCKS):
+        owner = int(locks[i, 2]) if L.LOCK_KIND[lname] == "mutex" else int(locks[i, 0])
+        if owner == tag:
+            out.append(f"{name} died holding {lname}")
+    for prefix, _cls in L.DOMAINS:
+        slots = kvm.vm.v[f"{prefix}_slots"]
+        if int(slots[proc, 0]) & 0xFFFFFFFF:
+            out.append(f"grace period of {prefix} blocked by dead reader slot of {name}")
+    sig = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
+    if not out:
+        out.append(f"{name} died ({sig})")
+    else:
+        out[0] += f" ({sig})"
+    return out
