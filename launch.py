@@ -138,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--scenario", metavar="FILE.toml", default=None,
                    help="TOML: [config] keys as below; [[step]] entries make it a scripted run")
 
+    cp = sub.add_parser("compare", help="every nested AVIC design on the same workload; table, plots, verdicts")
+    cp.add_argument("--vcpus", type=int_list(1, 256, "--vcpus"), default=[1, 2, 4, 8],
+                    help="comma-separated vCPU counts (default 1,2,4,8)")
+    cp.add_argument("--switch-rates", dest="switch_rates", type=float_list(0, 1, "--switch-rates"),
+                    default=[0, 0.01, 0.1, 0.5], help="comma-separated switch rates (default 0,0.01,0.1,0.5)")
+    cp.add_argument("--duration", type=DURATION, default=1.5, help="seconds per run (default 1.5)")
+    cp.add_argument("--seed", type=SEED, default=1)
+    cp.add_argument("--out", metavar="DIR", required=True)
+
     c = sub.add_parser("clean", help="remove shm segments and run directories of dead runs")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
@@ -162,6 +171,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return torture.main(args)
     if args.command == "run":
         return _cmd_run(args)
+    if args.command == "compare":
+        from vm import compare
+
+        return compare.main(args, run_quiet)
     if args.command == "clean":
         from vm import cleanup
 
@@ -225,6 +238,21 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
     if json_path:
         results.write_json(json_path, res)
     return EXIT_OK if res["verdict"] == "SUCCESS" else EXIT_FAILURE
+
+
+def run_quiet(cfg_dict: dict) -> dict:
+    """One free run in this process, no printing; returns the results document (a run that could
+    not start becomes a FAILURE document)."""
+    from vcpu.worker import vcpu_main
+    from vm import config
+    from vm.coordinator import Coordinator, RunError
+
+    cfg = config.from_dict(cfg_dict)
+    try:
+        with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",)) as co:
+            return co.run_free()
+    except RunError as e:
+        raise UsageError(f"run {cfg_dict}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
