@@ -288,6 +288,34 @@ def _set_common(sock: zmq.Socket, hwm: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
 
 
+class _TimedReceiver:
+    """Blocking multipart receive with a deadline, via ZMQ_RCVTIMEO (set only when it changes):
+    one wake-up per message, no poller round trip, never waits past the deadline (1 ms grain)."""
+
+    __slots__ = ("_sock", "_rcvtimeo")
+
+    def __init__(self, sock: zmq.Socket):
+        self._sock = sock
+        self._rcvtimeo = None
+
+    def recv(self, deadline: float) -> list[bytes] | None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            # non-blocking look (a vCPU's inbox check): no exception when nothing is there
+            if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return None
+            ms = 0
+        else:
+            ms = max(1, int(remaining * 1000.0 + 0.999))
+        if ms != self._rcvtimeo:
+            self._sock.setsockopt(zmq.RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            return self._sock.recv_multipart()
+        except zmq.Again:
+            return None
+
+
 def _timeout_ms(timeout_ms: float) -> float:
     if timeout_ms is None or timeout_ms < 0:
         raise ValueError("timeout_ms must be >= 0 (every receive has a timeout)")
@@ -357,8 +385,7 @@ class CoordinatorChannel:
             self._sock.close(linger=0)
             self._ctx.term()
             raise
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
+        self._timed = _TimedReceiver(self._sock)
         self._by_ident: dict[bytes, int] = {}
         self._by_vcpu: dict[int, bytes] = {}
         self.last_seen: dict[int, float] = {}
@@ -435,19 +462,14 @@ class CoordinatorChannel:
 
     def _recv_wire(self, timeout_ms: float) -> tuple[int, Message] | None:
         deadline = time.monotonic() + timeout_ms / 1000.0
-        sock = self._sock
         while True:
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                remaining = (deadline - time.monotonic()) * 1000.0
-                if remaining <= 0 or not self._poller.poll(remaining):
-                    return None
-                continue
+            parts = self._timed.recv(deadline)
+            if parts is None:
+                return None
             item = self._accept(parts)
             if item is not None:
                 return item
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:  # a flood of bad frames cannot extend the timeout
                 return None
 
     def recv(self, timeout_ms: float = 0) -> tuple[int, Message] | None:
@@ -652,8 +674,7 @@ class WorkerChannel:
             self._sock.close(linger=0)
             self._ctx.term()
             raise
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
+        self._timed = _TimedReceiver(self._sock)
         self._pending: deque[Message] = deque()
         self._counters = {"received": 0, "sent": 0, "dropped": 0, "bad_frames": 0}
         self.bad_frame_reasons: dict[str, int] = {}
@@ -688,15 +709,10 @@ class WorkerChannel:
 
     def _recv_wire(self, timeout_ms: float) -> Message | None:
         deadline = time.monotonic() + timeout_ms / 1000.0
-        sock = self._sock
         while True:
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                remaining = (deadline - time.monotonic()) * 1000.0
-                if remaining <= 0 or not self._poller.poll(remaining):
-                    return None
-                continue
+            parts = self._timed.recv(deadline)
+            if parts is None:
+                return None
             if len(parts) != 1:
                 reason = "multipart"
             else:
