@@ -76,10 +76,6 @@ SEED = int_range(0, 2**63 - 1, "--seed")
 DURATION = float_range(0.05, MAX_DURATION_S, "--duration")
 
 
-RUN_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switch_rate", "policy",
-            "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
-            "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms")
-
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Run options; None = not given (a scenario file or the default decides)."""
@@ -206,7 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from vm import config
 
     file_cfg, steps = config.load_toml(args.scenario) if args.scenario else ({}, [])
-    cli = {k: getattr(args, k) for k in RUN_KEYS + ("stats",)}
+    cli = {k: getattr(args, k) for k in config.CLI_KEYS + ("stats",)}
     cfg = config.build(file_cfg, cli)
     _check_json_path(args.json)
     script = config.parse_steps(steps, cfg) if steps else None

@@ -42,7 +42,7 @@ def test_fault_is_diagnosed(spec, diagnosis, tmp_path):
 
 
 def test_kill_coordinator_vcpus_exit_by_themselves(tmp_path):
-    p = subprocess.Popen([sys.executable, "launch.py", "run", "--quiet", "--vcpus", "3", "--duration", "5",
+    p = subprocess.Popen([sys.executable, "launch.py", "run", "--vcpus", "3", "--duration", "5",
                           "--inject", "kill-coordinator"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     me = psutil.Process(p.pid)
@@ -50,6 +50,7 @@ def test_kill_coordinator_vcpus_exit_by_themselves(tmp_path):
     family = [c.pid for c in me.children(recursive=True)]
     _, err = p.communicate(timeout=60)
     assert p.returncode == -9
+    run_id = err.split("run ", 1)[1].split(":", 1)[0]
     # the vCPUs are not our children (forkserver): find them by their parent, the fork server
     deadline = time.monotonic() + 10
     alive = family
@@ -61,7 +62,10 @@ def test_kill_coordinator_vcpus_exit_by_themselves(tmp_path):
     c = subprocess.run([sys.executable, "launch.py", "clean"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert c.returncode == 0, c.stderr
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith("pts_r")]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"pts_{run_id}_")]
+    from ipc.channel import run_base
+
+    assert not (run_base() / f"pagetrack-sim-{run_id}").exists()
 
 
 @pytest.mark.parametrize("spec", ["kill-vcpu:9@mmu-lock", "kill-vcpu:1@nowhere", "stall-vcpu:0:0", "explode"])

@@ -26,7 +26,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A run. Durations in seconds, times in microseconds, fractions in [0, 1]."""
 
     vcpus: Annotated[int, msgspec.Meta(ge=1, le=MAX_VCPUS)] = 2
-    duration: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 2.0
+    duration: Annotated[float, msgspec.Meta(ge=0.05, le=86400)] = 2.0
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 1
     memory_mib: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     memslots: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
@@ -122,6 +122,11 @@ def build(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Config:
     merged.update({k: v for k, v in cli_values.items() if v is not None})
     return from_dict(merged)
 
+
+# Config keys that `launch.py run` takes as flags (--key-with-dashes); the others only from TOML
+CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switch_rate", "policy",
+            "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
+            "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms")
 
 # scripted commands a vCPU understands (vcpu/vcpu.py executes them)
 SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "read", "register", "reregister", "unregister",
