@@ -13,7 +13,8 @@
  *                   Mutex: low 32 bits = futex word (0 free, 1 locked, 2 locked+waiters)
  *     [1] acq_ns    monotonic ns at acquisition (written by the holder only)
  *     [2] owner     Mutex: owner tag while held (SpinLock: unused, state is the owner)
- *     [3..7]        reserved
+ *     [3] acq_cyc   stats clock (cycle counter, see "Timestamps") at acquisition, holder only
+ *     [4..7]        reserved
  *
  *   lock-stat block (8 words, one line, one per (process, lock class); only
  *   the owning process writes it, readers merge blocks with numpy)
@@ -24,6 +25,10 @@
  *     [0] gp_ctr    phase bit (bit 32) | GP_COUNT (1), liburcu style
  *     [1] gp_seq    completed grace periods
  *     [2] gp_futex  low 32 bits: -1 while a writer sleeps waiting for readers
+ *     [3] gp_state  (ipc/rcu.py) kernel rcu_seq style: 2 * GPs completed + 1 while a GP runs;
+ *                   lets overlapping synchronize() callers share a grace period
+ *     [4] gp_holder (ipc/rcu.py) pid of the process holding the gp lock (0 = none)
+ *     [5..7]        reserved
  *   RCU reader slot (8 words, one line per process)
  *     [0] ctr       snapshot of gp_ctr | nesting count
  *     [1] owner     owner tag (0 = free slot)
@@ -33,6 +38,15 @@
  *
  * Futex words are the low 32 bits of a 64-bit word: little-endian only
  * (x86-64, aarch64).
+ *
+ * Timestamps: lock wait/hold times are taken with the CPU's invariant cycle counter when the kernel
+ * trusts it (x86-64: rdtsc, if the clocksource is "tsc"; aarch64: cntvct_el0) and converted to ns
+ * with a per-process calibration against CLOCK_MONOTONIC that is refined while the process runs;
+ * anywhere else with clock_gettime(CLOCK_MONOTONIC).  PTS_PRIMS_CLOCK=monotonic forces the
+ * latter.  Every value stored in a stats block or in acq_ns is in ns.
+ *
+ * Memory ordering: acquire/release for lock words, full barriers (smp_mb) on the RCU read side and
+ * at every grace-period step, relaxed stores for single-writer statistics.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,6 +54,9 @@
 #include <errno.h>
 #include <limits.h>
 #include <sched.h>
+#include <stdlib.h>
+#include <stdio.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/futex.h>
@@ -62,6 +79,7 @@
 #define LK_STATE 0
 #define LK_ACQ 1
 #define LK_OWNER 2
+#define LK_ACQ_CYC 3
 #define ST_ACQ 0
 #define ST_CON 1
 #define ST_WTOT 2
@@ -90,6 +108,140 @@ static inline int64_t now_ns(void) {
 #define ST(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
 #define STR(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 #define MB() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+/* ------------------------------------------------------------------ stats clock
+ * cyc() reads the stats clock (cycles, or ns on the clock_gettime fallback), cyc_ns(d) turns a
+ * delta of it into ns, cyc_abs_ns(c) turns a reading into CLOCK_MONOTONIC ns.  Calibration state is
+ * per process (inherited by fork); every caller holds the GIL, so plain globals suffice. */
+#if (defined(__x86_64__) || defined(__aarch64__)) && !defined(PRIMS_NO_CYCLES)
+#define HAVE_CYCLES 1
+#endif
+
+enum { CLK_MONO = 0, CLK_CYC = 1 };
+static int clk_kind = CLK_MONO;
+static uint64_t clk_mult;                      /* ns per cycle, 32.32 fixed point */
+#ifdef HAVE_CYCLES
+static int64_t clk_base_cyc, clk_base_ns;      /* calibration origin (module init) */
+#endif
+static int64_t clk_anchor_cyc, clk_anchor_ns;  /* last re-anchoring on CLOCK_MONOTONIC */
+static int64_t clk_reanchor_cyc;               /* re-anchor after this many cycles (~10 ms) */
+static int64_t clk_last_ns;                    /* cyc_abs_ns() never goes backwards */
+#define CLK_REANCHOR_NS 10000000LL
+
+#ifdef HAVE_CYCLES
+static inline int64_t read_cycles(void) {
+#if defined(__x86_64__)
+    return (int64_t)__builtin_ia32_rdtsc();
+#else
+    uint64_t v;
+    __asm__ __volatile__("mrs %0, cntvct_el0" : "=r"(v));
+    return (int64_t)v;
+#endif
+}
+#endif
+
+static inline int64_t cyc(void) {
+#ifdef HAVE_CYCLES
+    if (__builtin_expect(clk_kind == CLK_CYC, 1)) return read_cycles();
+#endif
+    return now_ns();
+}
+
+/* non-negative delta of the stats clock -> ns (negative deltas clamp to 0) */
+static inline int64_t cyc_ns(int64_t d) {
+    if (d <= 0) return 0;
+    if (clk_kind != CLK_CYC) return d;
+    return (int64_t)(((unsigned __int128)(uint64_t)d * clk_mult) >> 32);
+}
+
+#ifdef HAVE_CYCLES
+/* one (cycles, ns) pair: the tightest of a few cycle brackets around clock_gettime */
+static void clk_sample(int64_t *c, int64_t *ns) {
+    int64_t best = INT64_MAX;
+    for (int i = 0; i < 3; i++) {
+        int64_t c1 = read_cycles(), n = now_ns(), c2 = read_cycles();
+        if (c2 - c1 < best) {
+            best = c2 - c1;
+            *c = c1 + (c2 - c1) / 2;
+            *ns = n;
+        }
+    }
+}
+
+/* new anchor; the rate is re-measured from the origin, so it gets more precise as time passes */
+static void clk_anchor(int64_t c, int64_t n) {
+    int64_t dc = c - clk_base_cyc, dn = n - clk_base_ns;
+    if (dc > 0 && dn > 0) {
+        clk_mult = (uint64_t)(((unsigned __int128)(uint64_t)dn << 32) / (uint64_t)dc);
+        clk_reanchor_cyc = (int64_t)(((unsigned __int128)CLK_REANCHOR_NS * (uint64_t)dc) / (uint64_t)dn);
+    }
+    clk_anchor_cyc = c;
+    clk_anchor_ns = n;
+}
+
+static int64_t cyc_abs_slow(int64_t c) {
+    int64_t ac, an;
+    clk_sample(&ac, &an);
+    clk_anchor(ac, an);
+    return c >= ac ? an + cyc_ns(c - ac) : an - cyc_ns(ac - c);
+}
+#else
+static int64_t cyc_abs_slow(int64_t c) { return c; }
+#endif
+
+static inline int64_t cyc_abs_ns(int64_t c) {
+    if (clk_kind != CLK_CYC) return c;
+    int64_t d = c - clk_anchor_cyc, v;
+    if (__builtin_expect(d >= 0 && d < clk_reanchor_cyc, 1))
+        v = clk_anchor_ns + cyc_ns(d);
+    else
+        v = cyc_abs_slow(c);
+    if (v < clk_last_ns) v = clk_last_ns;
+    else clk_last_ns = v;
+    return v;
+}
+
+static void clk_init(void) {
+    clk_kind = CLK_MONO;
+#ifdef HAVE_CYCLES
+    const char *env = getenv("PTS_PRIMS_CLOCK");
+    if (env && strcmp(env, "monotonic") == 0) return;
+#if defined(__x86_64__)
+    /* the TSC is usable across CPUs only if the kernel itself trusts it as its clocksource */
+    if (!(env && strcmp(env, "cycles") == 0)) {
+        char buf[32] = {0};
+        FILE *f = fopen("/sys/devices/system/clocksource/clocksource0/current_clocksource", "r");
+        int ok = 0;
+        if (f) {
+            if (fgets(buf, sizeof buf, f) && strcmp(buf, "tsc\n") == 0) ok = 1;
+            fclose(f);
+        }
+        if (!ok) return;
+    }
+#endif
+    int64_t c0, n0, c1, n1;
+    clk_sample(&c0, &n0);
+    do clk_sample(&c1, &n1); while (n1 - n0 < 1000000);  /* ~1 ms */
+    /* plausible counter: 1 MHz .. 100 GHz */
+    if (c1 - c0 < (n1 - n0) / 1000 || c1 - c0 > (n1 - n0) * 100) return;
+    clk_base_cyc = c0;
+    clk_base_ns = n0;
+    clk_anchor(c1, n1);
+    clk_last_ns = n1;
+    clk_kind = CLK_CYC;
+#endif
+}
+
+static const char *clk_name(void) {
+    if (clk_kind != CLK_CYC) return "monotonic";
+#if defined(__x86_64__)
+    return "tsc";
+#elif defined(__aarch64__)
+    return "cntvct";
+#else
+    return "cycles";
+#endif
+}
 
 static long futex_wait32(int32_t *addr, int32_t expected, int64_t timeout_ns) {
     struct timespec ts, *tsp = NULL;
@@ -130,28 +282,56 @@ typedef struct {
     Py_buffer view;
     int64_t *base;
     Py_ssize_t nwords;
-    int has_view;
+    int has_view;     /* usable (cleared by release()) */
+    int holds_view;   /* `view` is held: keeps the buffer (the mapping) alive */
+    int busy;         /* calls blocked with the GIL released, holding raw pointers */
+    int inited;       /* a Mem is bound to one buffer for life (others keep raw pointers into it) */
 } MemObject;
+
+/* Around every blocking section that drops the GIL while holding raw pointers into the buffer:
+ * release() from another thread then only marks the Mem unusable, and the buffer export (which
+ * keeps the mapping alive) is dropped when the last blocked call returns. */
+static inline void mem_block_begin(MemObject *m) { m->busy++; }
+/* after re-taking the GIL: was the Mem released meanwhile?  (then the caller cleans up without
+ * touching the buffer after mem_block_end, and returns NULL) */
+static inline int mem_released_meanwhile(MemObject *m) {
+    if (__builtin_expect(m->has_view, 1)) return 0;
+    PyErr_SetString(PyExc_ValueError, "shared memory released (region closed) while waiting on it");
+    return 1;
+}
+static inline void mem_block_end(MemObject *m) {
+    if (--m->busy == 0 && !m->has_view && m->holds_view) {
+        m->holds_view = 0;
+        PyBuffer_Release(&m->view);
+    }
+}
 
 static PyTypeObject MemType;
 
 static int mem_init(MemObject *self, PyObject *args, PyObject *kw) {
     PyObject *obj;
     if (!PyArg_ParseTuple(args, "O:Mem", &obj)) return -1;
-    if (self->has_view) { PyBuffer_Release(&self->view); self->has_view = 0; }
+    if (self->inited) {
+        /* lock / reader / histogram objects keep raw pointers into the first buffer */
+        PyErr_SetString(PyExc_TypeError, "Mem: already initialised");
+        return -1;
+    }
     if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
-    self->has_view = 1;
     if (((uintptr_t)self->view.buf & 7) != 0) {
+        PyBuffer_Release(&self->view);
         PyErr_SetString(PyExc_ValueError, "Mem: buffer is not 8-byte aligned");
         return -1;
     }
+    self->has_view = 1;
+    self->holds_view = 1;
+    self->inited = 1;
     self->base = (int64_t *)self->view.buf;
     self->nwords = self->view.len / 8;
     return 0;
 }
 
 static void mem_dealloc(MemObject *self) {
-    if (self->has_view) PyBuffer_Release(&self->view);
+    if (self->holds_view) PyBuffer_Release(&self->view);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -238,10 +418,12 @@ static PyObject *mem_futex_wait(MemObject *self, PyObject *const *args, Py_ssize
     if (nargs == 3 && get_i64(args[2], &to) < 0) return NULL;
     long r;
     int err;
+    mem_block_begin(self);
     Py_BEGIN_ALLOW_THREADS
     r = futex_wait32((int32_t *)w, (int32_t)exp, to);
     err = errno;
     Py_END_ALLOW_THREADS
+    mem_block_end(self);
     if (r == -1 && err == ETIMEDOUT) return PyLong_FromLong(1);
     if (r == -1 && err == EINTR && PyErr_CheckSignals() < 0) return NULL;
     return PyLong_FromLong(0);
@@ -257,7 +439,11 @@ static PyObject *mem_futex_wake(MemObject *self, PyObject *const *args, Py_ssize
 }
 
 static PyObject *mem_release(MemObject *self, PyObject *unused) {
-    if (self->has_view) { PyBuffer_Release(&self->view); self->has_view = 0; }
+    self->has_view = 0;
+    if (self->holds_view && self->busy == 0) {
+        self->holds_view = 0;
+        PyBuffer_Release(&self->view);
+    }
     self->base = NULL;
     self->nwords = 0;
     Py_RETURN_NONE;
@@ -338,7 +524,17 @@ static void lock_dealloc(LockObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* The lock words live in the Mem's buffer: once the Mem is released (Region.close) the mapping
+ * may be gone, so every entry point checks (one predictable branch) instead of faulting. */
+static int mem_gone(MemObject *m) {
+    PyErr_SetString(PyExc_ValueError, m ? "shared memory of this object was released (region closed)"
+                                        : "object not initialised");
+    return 1;
+}
+#define MEM_LIVE(m) (__builtin_expect((m) != NULL && (m)->has_view, 1) || !mem_gone(m))
+
 static PyObject *lock_owner(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     return PyLong_FromLongLong(LD(&self->lk[LK_STATE]));
 }
 
@@ -355,6 +551,17 @@ static int parse_timeout(PyObject *const *args, Py_ssize_t nargs, int64_t *deadl
     return 0;
 }
 
+/* statistics on acquisition / release: one stats-clock read each */
+static inline void stat_acquired(LockObject *self, int64_t c) {
+    STR(&self->lk[LK_ACQ_CYC], c);
+    STR(&self->lk[LK_ACQ], cyc_abs_ns(c));
+    stat_add(self->st, ST_ACQ, 1);
+}
+
+static inline void stat_released(LockObject *self) {
+    stat_hold(self->st, cyc_ns(cyc() - LDR(&self->lk[LK_ACQ_CYC])));
+}
+
 /* ------------------------------------------------------------------ SpinLock */
 
 static PyTypeObject SpinLockType;
@@ -366,14 +573,13 @@ static int spin_init(LockObject *self, PyObject *args, PyObject *kw) {
 /* lock(timeout_ns=-1) -> True, or False on timeout.  Test-and-test-and-set with pause,
  * sched_yield after `spins` polls; Python signal handlers run while waiting. */
 static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     int64_t *state = &self->lk[LK_STATE];
     int64_t expected = 0;
     if (self->busted) Py_RETURN_TRUE;
-    if (__atomic_compare_exchange_n(state, &expected, self->tag, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
-        if (self->st) {
-            STR(&self->lk[LK_ACQ], now_ns());
-            stat_add(self->st, ST_ACQ, 1);
-        }
+    if (__builtin_expect(__atomic_compare_exchange_n(state, &expected, self->tag, 0, __ATOMIC_ACQUIRE,
+                                                     __ATOMIC_RELAXED), 1)) {
+        if (self->st) stat_acquired(self, cyc());
         Py_RETURN_TRUE;
     }
     if (expected == self->tag) {
@@ -382,16 +588,19 @@ static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t n
     }
     int64_t deadline;
     if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
-    int64_t t0 = now_ns();
+    int64_t t0 = cyc();
     int64_t n = 0;
     for (;;) {
         while (LDR(state) != 0) {
             cpu_relax();
             if (++n >= self->spins) {
                 n = 0;
+                mem_block_begin(self->mem);
                 Py_BEGIN_ALLOW_THREADS
                 sched_yield();
                 Py_END_ALLOW_THREADS
+                if (mem_released_meanwhile(self->mem)) { mem_block_end(self->mem); return NULL; }
+                mem_block_end(self->mem);
                 if (PyErr_CheckSignals() < 0) return NULL;
                 if (deadline_passed(deadline)) Py_RETURN_FALSE;
             }
@@ -401,42 +610,41 @@ static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t n
             break;
     }
     if (self->st) {
-        int64_t t1 = now_ns();
-        STR(&self->lk[LK_ACQ], t1);
-        stat_add(self->st, ST_ACQ, 1);
-        stat_wait(self->st, t1 - t0);
+        int64_t t1 = cyc();
+        stat_acquired(self, t1);
+        stat_wait(self->st, cyc_ns(t1 - t0));
     }
     Py_RETURN_TRUE;
 }
 
 static PyObject *spin_trylock(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     int64_t expected = 0;
     if (self->busted) Py_RETURN_TRUE;
     if (__atomic_compare_exchange_n(&self->lk[LK_STATE], &expected, self->tag, 0, __ATOMIC_ACQUIRE,
                                     __ATOMIC_RELAXED)) {
-        if (self->st) {
-            STR(&self->lk[LK_ACQ], now_ns());
-            stat_add(self->st, ST_ACQ, 1);
-        }
+        if (self->st) stat_acquired(self, cyc());
         Py_RETURN_TRUE;
     }
     Py_RETURN_FALSE;
 }
 
 static PyObject *spin_unlock(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     int64_t *state = &self->lk[LK_STATE];
     if (self->busted) Py_RETURN_NONE;
-    if (LDR(state) != self->tag) {
+    if (__builtin_expect(LDR(state) != self->tag, 0)) {
         PyErr_Format(PyExc_RuntimeError, "SpinLock: unlock by tag %lld but owner is %lld",
                      (long long)self->tag, (long long)LDR(state));
         return NULL;
     }
-    if (self->st) stat_hold(self->st, now_ns() - LDR(&self->lk[LK_ACQ]));
+    if (self->st) stat_released(self);
     ST(state, 0);
     Py_RETURN_NONE;
 }
 
 static PyObject *spin_is_held(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     return PyBool_FromLong(self->busted || LDR(&self->lk[LK_STATE]) == self->tag);
 }
 
@@ -480,7 +688,10 @@ static inline int32_t cas32(int32_t *p, int32_t old, int32_t nv) {
     return old;
 }
 
+#define MUTEX_SLEEP_NS (50 * 1000000LL) /* bound on one futex sleep (signals, timeouts) */
+
 static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     int32_t *f = (int32_t *)&self->lk[LK_STATE];
     if (self->busted) Py_RETURN_TRUE;
     int32_t c = cas32(f, 0, 1);
@@ -492,7 +703,7 @@ static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t 
         }
         int64_t deadline;
         if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
-        t0 = now_ns();
+        t0 = cyc();
         /* brief adaptive spin before sleeping */
         for (int i = 0; i < 100 && c != 0; i++) {
             cpu_relax();
@@ -501,40 +712,56 @@ static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t 
         if (c != 0) {
             if (c != 2) c = __atomic_exchange_n(f, 2, __ATOMIC_ACQUIRE);
             while (c != 0) {
-                long r;
+                int64_t sleep = MUTEX_SLEEP_NS;
+                if (deadline >= 0) {
+                    int64_t rem = deadline - now_ns();
+                    /* f is 2 and the lock is held by someone else: its unlock wakes a waiter,
+                     * so leaving here loses no wake-up */
+                    if (rem <= 0) Py_RETURN_FALSE;
+                    if (rem < sleep) sleep = rem;
+                }
+                mem_block_begin(self->mem);
                 Py_BEGIN_ALLOW_THREADS
-                r = futex_wait32(f, 2, 50 * 1000000LL);
+                futex_wait32(f, 2, sleep);
                 Py_END_ALLOW_THREADS
-                (void)r;
-                if (PyErr_CheckSignals() < 0) return NULL;
+                if (mem_released_meanwhile(self->mem)) {
+                    futex_wake32(f, 1); /* as below: do not swallow a wake-up */
+                    mem_block_end(self->mem);
+                    return NULL;
+                }
+                mem_block_end(self->mem);
+                if (PyErr_CheckSignals() < 0) {
+                    /* We may have consumed the wake-up of an unlock (futex_wait returned 0 and
+                     * the signal is raised afterwards): pass it on, or another sleeper would
+                     * wait for its timeout although the lock is free. */
+                    futex_wake32(f, 1);
+                    return NULL;
+                }
                 c = __atomic_exchange_n(f, 2, __ATOMIC_ACQUIRE);
-                if (c != 0 && deadline_passed(deadline)) Py_RETURN_FALSE;
             }
         }
     }
     STR(&self->lk[LK_OWNER], self->tag);
     if (self->st) {
-        int64_t t1 = now_ns();
-        STR(&self->lk[LK_ACQ], t1);
-        stat_add(self->st, ST_ACQ, 1);
-        if (t0) stat_wait(self->st, t1 - t0);
+        int64_t t1 = cyc();
+        stat_acquired(self, t1);
+        if (t0) stat_wait(self->st, cyc_ns(t1 - t0));
     }
     Py_RETURN_TRUE;
 }
 
 static PyObject *mutex_trylock(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     int32_t *f = (int32_t *)&self->lk[LK_STATE];
     if (self->busted) Py_RETURN_TRUE;
     if (cas32(f, 0, 1) != 0) Py_RETURN_FALSE;
     STR(&self->lk[LK_OWNER], self->tag);
-    if (self->st) {
-        STR(&self->lk[LK_ACQ], now_ns());
-        stat_add(self->st, ST_ACQ, 1);
-    }
+    if (self->st) stat_acquired(self, cyc());
     Py_RETURN_TRUE;
 }
 
 static PyObject *mutex_unlock(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     int32_t *f = (int32_t *)&self->lk[LK_STATE];
     if (self->busted) Py_RETURN_NONE;
     if (LDR(&self->lk[LK_OWNER]) != self->tag || LDR(f) == 0) {
@@ -542,7 +769,7 @@ static PyObject *mutex_unlock(LockObject *self, PyObject *unused) {
                      (long long)self->tag, (long long)LDR(&self->lk[LK_OWNER]));
         return NULL;
     }
-    if (self->st) stat_hold(self->st, now_ns() - LDR(&self->lk[LK_ACQ]));
+    if (self->st) stat_released(self);
     STR(&self->lk[LK_OWNER], 0);
     if (__atomic_fetch_sub(f, 1, __ATOMIC_RELEASE) != 1) {
         __atomic_store_n(f, 0, __ATOMIC_RELEASE);
@@ -552,11 +779,13 @@ static PyObject *mutex_unlock(LockObject *self, PyObject *unused) {
 }
 
 static PyObject *mutex_is_held(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     return PyBool_FromLong(self->busted ||
                            (LDR((int32_t *)&self->lk[LK_STATE]) != 0 && LDR(&self->lk[LK_OWNER]) == self->tag));
 }
 
 static PyObject *mutex_owner(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     return PyLong_FromLongLong(LD(&self->lk[LK_OWNER]));
 }
 
@@ -620,6 +849,7 @@ static void reader_dealloc(ReaderObject *self) {
 }
 
 static PyObject *reader_lock(ReaderObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     int64_t *ctr = &self->slot[0];
     int64_t tmp = LDR(ctr);
     if (!(tmp & GP_CTR_NEST_MASK)) {
@@ -632,6 +862,7 @@ static PyObject *reader_lock(ReaderObject *self, PyObject *unused) {
 }
 
 static PyObject *reader_unlock(ReaderObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     int64_t *ctr = &self->slot[0];
     int64_t tmp = LDR(ctr);
     int64_t nest = tmp & GP_CTR_NEST_MASK;
@@ -655,6 +886,7 @@ static PyObject *reader_unlock(ReaderObject *self, PyObject *unused) {
 }
 
 static PyObject *reader_nesting(ReaderObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
     return PyLong_FromLongLong(LDR(&self->slot[0]) & GP_CTR_NEST_MASK);
 }
 
@@ -702,6 +934,7 @@ static PyObject *rcu_wait_readers(PyObject *mod, PyObject *const *args, Py_ssize
     if (get_i64(args[1], &hi) < 0 || get_i64(args[2], &s0) < 0 || get_i64(args[3], &ns) < 0 ||
         get_i64(args[4], &to) < 0)
         return NULL;
+    if (ns < 0) { PyErr_SetString(PyExc_ValueError, "rcu_wait_readers: nslots < 0"); return NULL; }
     int64_t *hdr = mem_word_at(m, hi, 8, "rcu header");
     int64_t *slots = mem_word_at(m, s0, ns * 8, "rcu slots");
     if (!hdr || !slots) return NULL;
@@ -709,6 +942,10 @@ static PyObject *rcu_wait_readers(PyObject *mod, PyObject *const *args, Py_ssize
     int64_t start = now_ns();
     int64_t blocker = -1;
     int attempts = 0;
+    /* Order the caller's earlier stores (the unpublished pointer, the phase flip, gp_state) before
+     * the reads of the reader slots: a reader that entered after this scan must see them
+     * (liburcu's smp_mb_master()).  An acquiring CAS is not a full barrier on aarch64. */
+    MB();
     for (;;) {
         int64_t gp = LD(&hdr[0]);
         blocker = -1;
@@ -721,9 +958,12 @@ static PyObject *rcu_wait_readers(PyObject *mod, PyObject *const *args, Py_ssize
         __atomic_store_n(gpf, -1, __ATOMIC_RELAXED);
         MB();
         if (!slot_blocks(&slots[blocker * 8], gp)) { __atomic_store_n(gpf, 0, __ATOMIC_RELAXED); continue; }
+        mem_block_begin(m);
         Py_BEGIN_ALLOW_THREADS
         futex_wait32(gpf, -1, 1000000LL);
         Py_END_ALLOW_THREADS
+        if (mem_released_meanwhile(m)) { mem_block_end(m); return NULL; }
+        mem_block_end(m);
         __atomic_store_n(gpf, 0, __ATOMIC_RELAXED);
         if (PyErr_CheckSignals() < 0) return NULL;
     }
@@ -777,6 +1017,7 @@ static inline void hist_put(int64_t *h, int64_t v) {
 /* record(v): single-writer (per-process histogram). */
 static PyObject *hist_record(HistObject *self, PyObject *arg) {
     int64_t v;
+    if (!MEM_LIVE(self->mem)) return NULL;
     if (get_i64(arg, &v) < 0) return NULL;
     hist_put(self->h, v);
     Py_RETURN_NONE;
@@ -785,6 +1026,7 @@ static PyObject *hist_record(HistObject *self, PyObject *arg) {
 /* record_since(t0_ns) -> now: records now - t0 and returns now (saves a clock call). */
 static PyObject *hist_record_since(HistObject *self, PyObject *arg) {
     int64_t t0;
+    if (!MEM_LIVE(self->mem)) return NULL;
     if (get_i64(arg, &t0) < 0) return NULL;
     int64_t t = now_ns();
     hist_put(self->h, t - t0);
@@ -846,7 +1088,27 @@ static PyObject *m_hist_bucket(PyObject *mod, PyObject *arg) {
     return PyLong_FromLong(hist_bucket(v));
 }
 
+static PyObject *m_clock_source(PyObject *mod, PyObject *unused) { return PyUnicode_FromString(clk_name()); }
+static PyObject *m_stats_clock(PyObject *mod, PyObject *unused) { return PyLong_FromLongLong(cyc()); }
+
+static PyObject *m_stats_clock_ns(PyObject *mod, PyObject *arg) {
+    int64_t d;
+    if (get_i64(arg, &d) < 0) return NULL;
+    return PyLong_FromLongLong(cyc_ns(d));
+}
+
+static PyObject *m_stats_clock_abs_ns(PyObject *mod, PyObject *arg) {
+    int64_t c;
+    if (get_i64(arg, &c) < 0) return NULL;
+    return PyLong_FromLongLong(cyc_abs_ns(c));
+}
+
 static PyMethodDef module_methods[] = {
+    {"clock_source", m_clock_source, METH_NOARGS, "stats clock: 'tsc', 'cntvct' or 'monotonic'"},
+    {"stats_clock", m_stats_clock, METH_NOARGS, "raw stats-clock reading (cycles, or ns on 'monotonic')"},
+    {"stats_clock_ns", m_stats_clock_ns, METH_O, "stats_clock_ns(delta) -> ns of a stats-clock delta"},
+    {"stats_clock_abs_ns", m_stats_clock_abs_ns, METH_O,
+     "stats_clock_abs_ns(reading) -> CLOCK_MONOTONIC ns of a stats-clock reading (as in acq_ns)"},
     {"now_ns", m_now_ns, METH_NOARGS, "CLOCK_MONOTONIC in ns"},
     {"cpu_relax", m_cpu_relax, METH_NOARGS, "pause / yield instruction"},
     {"sched_yield", m_sched_yield, METH_NOARGS, "sched_yield(2)"},
@@ -864,6 +1126,7 @@ static struct PyModuleDef prims_module = {
 };
 
 PyMODINIT_FUNC PyInit__prims(void) {
+    clk_init();
     PyTypeObject *types[] = {&MemType, &SpinLockType, &MutexType, &ReaderType, &HistType};
     for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++)
         if (PyType_Ready(types[i]) < 0) return NULL;

@@ -25,14 +25,18 @@ def init(arr: np.ndarray) -> None:
 
 
 def _bounds() -> tuple[np.ndarray, np.ndarray]:
-    b = np.arange(HIST_BUCKETS, dtype=np.int64)
-    lo = b.copy()
-    hi = b.copy()
-    k = b // SUB
-    big = b >= SUB
-    shift = (k[big] - 1).astype(np.int64)
-    lo[big] = (SUB + b[big] % SUB) << shift
-    hi[big] = lo[big] + (np.int64(1) << shift) - 1
+    """Inclusive value range of every bucket. Buckets past the one of INT64_MAX cannot be hit;
+    their bounds are pinned to INT64_MAX (instead of overflowing)."""
+    lo = np.empty(HIST_BUCKETS, dtype=np.int64)
+    hi = np.empty(HIST_BUCKETS, dtype=np.int64)
+    for b in range(HIST_BUCKETS):
+        if b < SUB:
+            lo[b] = hi[b] = b
+            continue
+        shift = b // SUB - 1
+        blo = (SUB + b % SUB) << shift
+        lo[b] = min(blo, int(I64_MAX))
+        hi[b] = min(blo + (1 << shift) - 1, int(I64_MAX))
     return lo, hi
 
 

@@ -1,8 +1,14 @@
 """Spinlock and futex mutex on shm, lock_stat accounting per lock class, lockdep-style asserts.
 
 Word layouts (mirrors of ipc/_prims.c):
-- lock block: ``LOCK_WORDS`` (8) int64 words, one cache line: [0] state/owner tag, [1] acquire ns,
-  [2] owner tag (mutex), rest reserved.
+- lock block: ``LOCK_WORDS`` (8) int64 words, one cache line: [0] state/owner tag, [1] acquire ns
+  (CLOCK_MONOTONIC), [2] owner tag (mutex), [3] acquire time in stats-clock units (cycle counter,
+  ``_prims.clock_source()``), rest reserved.
+- Wait and hold times are measured with the CPU cycle counter when the kernel trusts it (calibrated
+  to ns once per process; ``PTS_PRIMS_CLOCK=monotonic`` forces clock_gettime) and stored in ns.
+- ``lock()``/``unlock()`` called as a pair is the cheap form (~1.1x a no-op C call pair with stats
+  on); ``with lock:`` costs about twice that (CPython builds bound ``__enter__``/``__exit__``
+  method objects per use).
 - lock-stat block: ``STAT_WORDS`` (8) int64 words per (process, lock class), written only by that
   process: ``STAT_FIELDS`` below; min words start at INT64_MAX (``init_lockstat``).
 

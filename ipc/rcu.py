@@ -2,7 +2,9 @@
 
 Layout of a domain named ``prefix`` inside a region (declare with ``RcuDomain.fields``):
 - ``<prefix>_hdr``    8 words: [0] gp_ctr (phase bit 32 | GP_COUNT), [1] gp_seq (completed grace
-  periods), [2] gp_futex (low 32 bits, -1 while a writer sleeps), rest reserved
+  periods), [2] gp_futex (low 32 bits, -1 while a writer sleeps), [3] gp_state (kernel ``rcu_seq``
+  style: even = idle, odd = a grace period is running; each GP ends at the next even value),
+  [4] pid of the process holding the gp lock (0 = none), rest reserved
 - ``<prefix>_gplock`` one lock block: the futex mutex that serializes writers
 - ``<prefix>_slots``  (nslots, 8) words, one cache line per process: [0] ctr (gp_ctr snapshot |
   nesting), [1] owner tag, [2] pid
@@ -12,10 +14,17 @@ supported; also usable as a context manager (``with domain.reader:``).
 
 ``synchronize()``: writers serialized by the gp mutex; two-phase wait (wait for readers of the old
 phase, flip the phase bit, wait again) spinning ~100 polls, then sleeping on a futex the last
-reader wakes; callers that overlap share a grace period (gp_seq snapshot: a caller returns as soon
-as a full grace period has started and ended after its call began). While waiting it warns once
-per reader slot that stays in its critical section past ``stall_ns`` (naming the process) and
-raises :class:`GracePeriodBlocked` if that reader's process is dead.
+reader wakes; callers that overlap share a grace period (``gp_state`` snapshot taken after a full
+barrier: a caller returns without running its own GP only when a whole grace period started after
+its call and has completed, like the kernel's ``rcu_seq_snap``/``rcu_seq_done``). While waiting it
+warns once per reader slot that stays in its critical section past ``stall_ns`` (naming the
+process) and raises :class:`GracePeriodBlocked` if a blocking reader's process, or the process
+holding the gp lock, is dead.
+
+``call_rcu(fn)`` queues ``fn`` behind a ``gp_state`` cookie; ``poll()`` (also run by this process'
+``synchronize``) runs the callbacks whose grace period has completed; ``barrier()`` waits for them
+all. ``get_state()`` / ``poll_state(cookie)`` / ``cond_synchronize(cookie)`` are the kernel's
+``get_state_synchronize_rcu`` / ``poll_state_synchronize_rcu`` / ``cond_synchronize_rcu``.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import sys
 from collections import deque
 from collections.abc import Callable
 
+import numpy as np
+
 from ipc import _prims
 from ipc.locks import LOCK_WORDS, Mutex
 from ipc.proc import pid_alive
@@ -33,6 +44,7 @@ GP_COUNT = _prims.GP_COUNT
 GP_CTR_PHASE = _prims.GP_CTR_PHASE
 SLOT_WORDS = 8
 HDR_WORDS = 8
+HDR_GP_CTR, HDR_GP_SEQ, HDR_GP_FUTEX, HDR_GP_STATE, HDR_GP_HOLDER = 0, 1, 2, 3, 4
 _POLL_NS = 50_000_000  # how often the waiter looks up from the C wait loop
 
 
@@ -79,7 +91,8 @@ class RcuDomain:
         self.gp_hist = gp_hist
         self.gp_lock = Mutex(self.mem, region.word(f"{prefix}_gplock"), gp_lock_stats_word, tag)
         self.stalls: list[tuple[int, int]] = []
-        self.shared_gps = 0
+        self.shared_gps = 0  # synchronize calls that shared another caller's grace period
+        self.gps = 0  # grace periods this object ran itself
         self._cbs: deque[tuple[int, Callable[[], None]]] = deque()
         if slot is not None:
             if not 0 <= slot < self.nslots:
@@ -106,80 +119,144 @@ class RcuDomain:
     # -- state ----------------------------------------------------------------------------
     @property
     def gp_seq(self) -> int:
-        return self.mem.load(self.hdr_w + 1)
+        """Completed grace periods."""
+        return self.mem.load(self.hdr_w + HDR_GP_SEQ)
+
+    @property
+    def gp_state(self) -> int:
+        return self.mem.load(self.hdr_w + HDR_GP_STATE)
 
     def readers_inside(self) -> list[int]:
         """Slots currently inside a read-side critical section (diagnostics)."""
         return [i for i in range(self.nslots) if int(self.slots[i, 0]) & (GP_CTR_PHASE - 1)]
 
+    def blocking_readers(self) -> list[int]:
+        """Slots inside a critical section that began before the current phase (what the running
+        grace period waits for)."""
+        gp = self.mem.load(self.hdr_w)
+        ctr = self.slots[:, 0]
+        return [int(i) for i in np.flatnonzero(((ctr & (GP_CTR_PHASE - 1)) != 0) & (((ctr ^ gp) & GP_CTR_PHASE) != 0))]
+
+    # -- polled grace periods (get_state_synchronize_rcu & co) -------------------------------
+    def get_state(self) -> int:
+        """A cookie that :meth:`poll_state` accepts once a full grace period has started after this
+        call and completed (``get_state_synchronize_rcu``)."""
+        _prims.smp_mb()  # order the caller's updates before the snapshot (store -> load)
+        s = self.mem.load(self.hdr_w + HDR_GP_STATE)
+        return (s + 3) & ~1
+
+    def poll_state(self, cookie: int) -> bool:
+        """Has the grace period of ``cookie`` completed? (``poll_state_synchronize_rcu``)"""
+        done = self.mem.load(self.hdr_w + HDR_GP_STATE) >= cookie
+        if done:
+            _prims.smp_mb()  # the caller's frees come after the readers' last accesses
+        return done
+
+    def cond_synchronize(self, cookie: int) -> None:
+        """``synchronize()`` unless the grace period of ``cookie`` already completed."""
+        if not self.poll_state(cookie):
+            self._synchronize(cookie)
+
     # -- update side ----------------------------------------------------------------------
     def synchronize(self) -> None:
         """Wait until every read-side critical section that began before this call has ended."""
+        self._synchronize(None)
+
+    def _synchronize(self, target: int | None) -> int:
+        """synchronize (or cond_synchronize with ``target``); returns how many of this process'
+        call_rcu callbacks it ran afterwards."""
         if self.reader is not None and self.reader.nesting():
             raise RuntimeError(f"synchronize on {self.name} inside its own read-side critical section")
         mem, hdr = self.mem, self.hdr_w
         t0 = _prims.now_ns()
-        snap = mem.load(hdr + 1)
+        if target is None:
+            target = self.get_state()
         if self.broken:  # fault injection: a grace period that does not wait
-            mem.fetch_add(hdr + 1, 1)
+            mem.fetch_add(hdr + HDR_GP_SEQ, 1)
+            mem.fetch_add(hdr + HDR_GP_STATE, 2)
         else:
-            self.gp_lock.lock()
+            self._gp_lock_acquire()
             try:
-                if mem.load(hdr + 1) >= snap + 2:
-                    self.shared_gps += 1  # a whole GP ran since we were called
+                cur = mem.load(hdr + HDR_GP_STATE)
+                if cur >= target:
+                    self.shared_gps += 1  # a whole GP started after our call and completed
+                    _prims.smp_mb()
                 else:
-                    self._wait_readers(t0)
+                    # next odd value: a GP that aborted (dead reader) left an odd state, which
+                    # must never read as completed
+                    start = cur + 1 + (cur & 1)
+                    mem.store(hdr + HDR_GP_STATE, start)
+                    warned: set[int] = set()
+                    self._wait_readers(t0, warned)  # begins with a full barrier
                     mem.store(hdr, mem.load(hdr) ^ GP_CTR_PHASE)
                     _prims.smp_mb()
-                    self._wait_readers(t0)
-                    mem.fetch_add(hdr + 1, 1)
+                    self._wait_readers(t0, warned)
+                    mem.fetch_add(hdr + HDR_GP_SEQ, 1)
+                    mem.store(hdr + HDR_GP_STATE, start + 1)  # >= every waiter's target
+                    self.gps += 1
             finally:
+                mem.store(hdr + HDR_GP_HOLDER, 0)
                 self.gp_lock.unlock()
         if self.gp_hist is not None:
             self.gp_hist.record_since(t0)
-        if self._cbs:
-            self.poll()
+        return self.poll() if self._cbs else 0
 
-    def _wait_readers(self, t0: int) -> None:
-        warned: set[int] = set()
+    def _gp_lock_acquire(self) -> None:
+        while not self.gp_lock.lock(_POLL_NS):
+            holder = self.mem.load(self.hdr_w + HDR_GP_HOLDER)
+            if holder and not pid_alive(holder):
+                raise GracePeriodBlocked(
+                    f"grace period of {self.name} blocked: process {holder} died holding its gp lock")
+        self.mem.store(self.hdr_w + HDR_GP_HOLDER, os.getpid())
+
+    def _wait_readers(self, t0: int, warned: set[int]) -> None:
         while True:
             b = _prims.rcu_wait_readers(self.mem, self.hdr_w, self.slot0_w, self.nslots, _POLL_NS)
             if b < 0:
                 return
-            pid = int(self.slots[b, 2])
-            if pid and not pid_alive(pid):
-                raise GracePeriodBlocked(
-                    f"grace period of {self.name} blocked by dead reader slot of {self.slot_name(b)}")
+            blocking = self.blocking_readers()  # may be empty: the reader left meanwhile
+            for i in blocking:
+                pid = int(self.slots[i, 2])
+                if pid and not pid_alive(pid):
+                    raise GracePeriodBlocked(
+                        f"grace period of {self.name} blocked by dead reader slot of {self.slot_name(i)}"
+                        f" (pid {pid})")
             elapsed = _prims.now_ns() - t0
-            if elapsed >= self.stall_ns and b not in warned:
-                warned.add(b)
-                self.stalls.append((b, elapsed))
+            if elapsed < self.stall_ns:
+                continue
+            for i in blocking:
+                if i in warned:
+                    continue
+                warned.add(i)
+                self.stalls.append((i, elapsed))
                 if self.on_stall is not None:
-                    self.on_stall(b, elapsed)
+                    self.on_stall(i, elapsed)
                 else:
-                    print(f"{self.kind.upper()} stall: {self.slot_name(b)} in read-side critical section "
+                    print(f"{self.kind.upper()} stall: {self.slot_name(i)} in read-side critical section "
                           f"of {self.name} for {elapsed // 1_000_000} ms", file=sys.stderr)
 
     def call_rcu(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` after a grace period (on a later ``synchronize``/``poll``/``barrier`` of this
         process)."""
-        self._cbs.append((self.gp_seq + 2, fn))
+        self._cbs.append((self.get_state(), fn))
 
     def poll(self) -> int:
         """Run the deferred callbacks whose grace period has completed; returns how many ran."""
-        done = self.gp_seq
+        done = self.mem.load(self.hdr_w + HDR_GP_STATE)
         n = 0
+        if self._cbs and self._cbs[0][0] <= done:
+            _prims.smp_mb()
         while self._cbs and self._cbs[0][0] <= done:
             self._cbs.popleft()[1]()
             n += 1
         return n
 
     def barrier(self) -> int:
-        """rcu_barrier: wait for a grace period and run every pending callback."""
-        if self._cbs:
-            self.synchronize()
-            self.synchronize()
-        return self.poll()
+        """rcu_barrier: wait for the grace period of every pending callback and run them all."""
+        n = 0
+        if self._cbs and not self.poll_state(self._cbs[-1][0]):
+            n = self._synchronize(self._cbs[-1][0])
+        return n + self.poll()
 
     synchronize_rcu = synchronize
 

@@ -10,6 +10,12 @@ segment is registered with the run's resource tracker; if the owner is SIGKILLed
 unlinks it once the last process of the run is gone (safety net). Attaching processes map
 ``/dev/shm/<name>`` directly and never register, so an attaching process exiting can never unlink
 a segment early, and no "leaked shared_memory" warning is produced by attachers.
+
+Mappings: owner and attachers alike map the segment with their own ``mmap`` object, and
+:meth:`Region.close` never unmaps it explicitly: numpy views made from it keep no buffer export
+(an explicit ``mmap.close()`` would succeed and leave them pointing at unmapped memory, a
+segfault on the next access). Close releases the ``Mem`` (the C primitives then raise
+``ValueError``), drops the views, and the mapping goes away with the last numpy view of it.
 """
 
 from __future__ import annotations
@@ -95,14 +101,15 @@ class Region:
     """A mapped segment with its layout's numpy views (``region.v[field]``) and a ``Mem``
     (``region.mem``) for the C primitives, which address words (``region.word(field)``)."""
 
-    def __init__(self, name: str, layout: Layout, owner: bool, buf, closer):
+    def __init__(self, name: str, layout: Layout, owner: bool, mm: mmap.mmap, unlink):
         self.name = name
         self.layout = layout
         self.owner = owner
-        self._buf = buf
-        self._closer = closer
-        self.mem = _prims.Mem(buf)
-        self.v = layout.views(buf)
+        self._mm = mm
+        self._buf = memoryview(mm)
+        self._unlink = unlink
+        self.mem = _prims.Mem(self._buf)
+        self.v = layout.views(self._buf)
         self.closed = False
 
     # -- construction -------------------------------------------------------------------
@@ -115,20 +122,26 @@ class Region:
             raise ShmError(f"segment {name} already exists (stale run? try `launch.py clean`)") from None
         except OSError as e:
             raise ShmError(f"cannot create segment {name} ({layout.nbytes} bytes): {e.strerror}") from None
-        os.fchmod(shm._fd, 0o600)  # SharedMemory already uses 0600; make it explicit
+        try:
+            os.fchmod(shm._fd, 0o600)  # SharedMemory already uses 0600; make it explicit
+            mm = mmap.mmap(shm._fd, layout.nbytes)
+        except BaseException:
+            shm.close()
+            shm.unlink()
+            raise
+        shm.close()  # its own mapping (nothing was made from it); the name stays registered
 
-        def closer(unlink: bool) -> None:
+        def unlink() -> None:
             try:
-                shm.close()
-            except BufferError:
-                pass  # a view survived; the mapping goes with the process
-            if unlink:
-                try:
-                    shm.unlink()
-                except FileNotFoundError:
-                    pass
+                shm.unlink()  # also unregisters from the resource tracker
+            except FileNotFoundError:
+                pass
 
-        return cls(name, layout, True, shm.buf, closer)
+        try:
+            return cls(name, layout, True, mm, unlink)
+        except BaseException:
+            unlink()
+            raise
 
     @classmethod
     def attach(cls, run_id: str, layout: Layout) -> Region:
@@ -144,16 +157,7 @@ class Region:
             mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        mv = memoryview(mm)
-
-        def closer(unlink: bool) -> None:
-            mv.release()
-            try:
-                mm.close()
-            except BufferError:
-                pass
-
-        return cls(name, layout, False, mv, closer)
+        return cls(name, layout, False, mm, None)
 
     # -- use ----------------------------------------------------------------------------
     def word(self, field: str, *index: int) -> int:
@@ -173,13 +177,21 @@ class Region:
         return f.word + flat
 
     def close(self) -> None:
-        """Drop the mapping; the owner also unlinks. Idempotent."""
+        """Drop the mapping (see the module doc: it goes with the last numpy view of it); the
+        owner also unlinks. Idempotent."""
         if self.closed:
             return
         self.closed = True
         self.mem.release()
         self.v = {}
-        self._closer(self.owner)
+        try:
+            self._buf.release()
+        except BufferError:
+            pass  # a memoryview export of our own survives; it keeps the mapping
+        self._buf = None
+        self._mm = None
+        if self._unlink is not None:
+            self._unlink()
 
     def __enter__(self) -> Region:
         return self

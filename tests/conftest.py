@@ -1,0 +1,258 @@
+"""Shared test fixtures.
+
+Every test is checked, after it ran (pass or fail), for leaks: no ``/dev/shm/pts_*`` segment created
+during the test may remain, and no process started by the test may still be alive (children get a
+short grace period, then they are killed and the test fails). The multiprocessing helpers of this
+process (the forkserver and the resource tracker) are long-lived by design and exempt; the worker
+processes they fork are not.
+
+Other test runs may share this machine (and /dev/shm), so a new segment counts as this run's only if
+this process tree created it: its name carries a run id from the ``run_id`` fixture, or it was
+created through ``multiprocessing.shared_memory`` (what ``Region.create`` uses) in this process or a
+forkserver child (this module is preloaded in the server and logs every create to a session file).
+
+``python -m pytest`` from the checkout root puts the root on ``sys.path``, so ``ipc``, ``vm``,
+``vcpu`` and ``bench`` import without installing; this file also makes sure of it for a plain
+``pytest``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ipc.proc import forkserver_context  # noqa: E402
+
+# -- shm create log (this process and its forkserver children) -------------------------------------
+_LOG_ENV = "PTS_TEST_SHM_LOG"
+if _LOG_ENV not in os.environ:
+    os.environ[_LOG_ENV] = f"/tmp/pts_test_shm_{os.getpid()}.log"
+    _LOG_OWNER = True
+else:
+    _LOG_OWNER = False
+SHM_LOG = os.environ[_LOG_ENV]
+
+
+def _install_shm_create_log() -> None:
+    from multiprocessing import shared_memory
+
+    cls = shared_memory.SharedMemory
+    if getattr(cls.__init__, "_pts_logged", False):
+        return
+    orig = cls.__init__
+
+    def __init__(self, name=None, create=False, size=0):
+        orig(self, name, create, size)
+        if create:
+            fd = os.open(SHM_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, f"{self.name.lstrip('/')}\n".encode())
+            finally:
+                os.close(fd)
+
+    __init__._pts_logged = True
+    cls.__init__ = __init__
+
+
+_install_shm_create_log()
+
+
+def _logged_creates() -> set[str]:
+    try:
+        with open(SHM_LOG) as f:
+            return set(f.read().split())
+    except FileNotFoundError:
+        return set()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _LOG_OWNER:
+        try:
+            os.unlink(SHM_LOG)
+        except FileNotFoundError:
+            pass
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "pts_"
+CHILD_GRACE_S = 2.0
+# modules every forkserver child needs: imported once in the server (pytest because each child
+# re-imports the __main__ module, which is pytest's under ``python -m pytest``)
+PRELOAD = ["numpy", "pytest", "ipc.shm", "ipc.locks", "ipc.rcu", "ipc.hist", "ipc.proc", "conftest"]
+_HELPER_MARKERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker",
+                   "multiprocessing.semaphore_tracker")
+
+try:
+    import psutil
+except ImportError:  # pragma: no cover - psutil is installed in CI
+    psutil = None
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def shm_segments() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX)}
+    except FileNotFoundError:
+        return set()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _is_helper(pid: int) -> bool:
+    cmd = _cmdline(pid)
+    return any(m in cmd for m in _HELPER_MARKERS)
+
+
+def _proc_children(pid: int) -> list[int]:
+    """Direct children of ``pid`` from /proc (fallback when psutil is missing)."""
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    out.extend(int(x) for x in f.read().split())
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+        return st[st.rindex(b")") + 2:st.rindex(b")") + 3] not in (b"Z", b"X")
+    except (OSError, ValueError):
+        return False
+
+
+def live_descendants() -> list[int]:
+    """Live (non-zombie) descendants of this process, excluding the multiprocessing helper
+    processes themselves (their children count)."""
+    me = os.getpid()
+    if psutil is not None:
+        pids = []
+        try:
+            kids = psutil.Process(me).children(recursive=True)
+        except psutil.Error:
+            kids = []
+        for p in kids:
+            try:
+                if p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                    continue
+            except psutil.Error:
+                continue
+            pids.append(p.pid)
+    else:
+        pids, todo = [], [me]
+        while todo:
+            for c in _proc_children(todo.pop()):
+                todo.append(c)
+                if _alive(c):
+                    pids.append(c)
+    return [p for p in pids if not _is_helper(p)]
+
+
+# -- autouse leak check ----------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    before = shm_segments()
+    yield
+    problems = []
+    deadline = time.monotonic() + CHILD_GRACE_S
+    kids = live_descendants()
+    while kids and time.monotonic() < deadline:
+        time.sleep(0.02)
+        kids = live_descendants()
+    if kids:
+        problems.append("processes still alive after the test: " +
+                        ", ".join(f"{p} ({_cmdline(p)[:80]!r})" for p in kids))
+        for p in kids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    ours = _logged_creates()
+    leaked = {n for n in shm_segments() - before if n in ours or any(r in n for r in _handed_out)}
+    if leaked:
+        problems.append(f"shared-memory segments left in {SHM_DIR}: {sorted(leaked)}")
+        for n in leaked:  # clean up so that later tests are judged on their own
+            try:
+                os.unlink(os.path.join(SHM_DIR, n))
+            except FileNotFoundError:
+                pass
+    if problems:
+        pytest.fail("leak check: " + "; ".join(problems), pytrace=False)
+
+
+# -- shared fixtures -------------------------------------------------------------------------------
+_run_ids = itertools.count()
+_handed_out: list[str] = []
+
+
+@pytest.fixture
+def run_id() -> str:
+    """A run id no other test or process uses (segment names carry it)."""
+    rid = f"t{os.getpid():x}n{next(_run_ids)}"
+    _handed_out.append(f"{SHM_PREFIX}{rid}_")
+    return rid
+
+
+@pytest.fixture(scope="session")
+def ctx():
+    """The forkserver multiprocessing context, modules preloaded once for the session."""
+    return forkserver_context(PRELOAD)
+
+
+@pytest.fixture
+def region_factory(run_id):
+    """``make(layout)`` creates a region owned by the test; every one is closed (and unlinked) at
+    the end even if the test fails."""
+    from ipc.shm import Region
+
+    made = []
+
+    def make(layout, rid: str | None = None):
+        r = Region.create(rid or run_id, layout)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def wait_until(pred, timeout: float = 10.0, interval: float = 0.001, what: str = "condition"):
+    """Poll ``pred`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def procs():
+    """A list to put started processes in: all are joined / terminated / killed at the end."""
+    from ipc.proc import reap
+
+    started: list = []
+    yield started
+    reap(started, timeout=5.0)

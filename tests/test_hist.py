@@ -1,0 +1,161 @@
+"""Log-linear latency histograms: bucket bounds, recording on shm, merging across processes,
+percentiles against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ipc import _prims, hist
+from ipc.shm import Layout, Region
+
+I64_MAX = np.iinfo(np.int64).max
+NH = 4
+
+
+def layout() -> Layout:
+    return Layout("hist", [("h", "i8", (NH, hist.HIST_WORDS))])
+
+
+def _values() -> list[int]:
+    vals = list(range(0, 2000))
+    for k in range(1, 63):
+        vals += [(1 << k) - 1, 1 << k, (1 << k) + 1]
+    rng = np.random.default_rng(7)
+    vals += [int(x) for x in np.exp(rng.uniform(0, np.log(2.0**62), 5000))]
+    vals.append(I64_MAX)
+    return vals
+
+
+def test_bucket_bounds_contain_the_value():
+    last = -1
+    for v in sorted(set(_values())):
+        b = _prims.hist_bucket(v)
+        assert 0 <= b < hist.HIST_BUCKETS
+        assert hist.BUCKET_LO[b] <= v <= hist.BUCKET_HI[b], (v, b, hist.BUCKET_LO[b], hist.BUCKET_HI[b])
+        assert b >= last, "bucket index not monotonic in the value"
+        last = b
+        # relative width: <= 1/8 of the lower bound above the exact range
+        if v >= hist.SUB:
+            assert (hist.BUCKET_HI[b] - hist.BUCKET_LO[b] + 1) <= hist.BUCKET_LO[b] / hist.SUB
+    top = _prims.hist_bucket(I64_MAX)
+    lo, hi = hist.BUCKET_LO[:top + 1], hist.BUCKET_HI[:top + 1]
+    assert lo[0] == 0 and hi[top] == I64_MAX
+    assert (lo[1:] == hi[:-1] + 1).all(), "buckets must tile the value range without gaps"
+    assert _prims.hist_bucket(-5) == 0  # negative values clamp into bucket 0
+
+
+@pytest.fixture
+def region(region_factory):
+    r = region_factory(layout())
+    hist.init(r.v["h"])
+    return r
+
+
+def _record(region, i: int, data) -> None:
+    h = _prims.Histogram(region.mem, region.word("h", i))
+    for x in data:
+        h.record(int(x))
+
+
+def _reference(data) -> np.ndarray:
+    out = np.zeros(hist.HIST_WORDS, dtype=np.int64)
+    out[0] = len(data)
+    out[1] = int(np.sum(data))
+    out[2] = int(np.max(data)) if len(data) else 0
+    out[3] = int(np.min(data)) if len(data) else I64_MAX
+    for x in data:
+        out[hist.HIST_HDR + _prims.hist_bucket(int(x))] += 1
+    return out
+
+
+def test_record_and_summary(region):
+    data = [5, 100, 1000, 1000, 70_000]
+    _record(region, 0, data)
+    h = region.v["h"][0]
+    assert (h == _reference(data)).all()
+    s = hist.summary(h)
+    assert s["count"] == 5 and s["min_ns"] == 5 and s["max_ns"] == 70_000
+    assert s["mean_ns"] == sum(data) // 5
+    assert s["p50_ns"] >= 1000 and s["p50_ns"] <= 1000 * 1.125
+    assert s["p99_ns"] == 70_000 and s["p999_ns"] == 70_000  # clipped to max
+    empty = hist.summary(region.v["h"][1])
+    assert empty == {"count": 0, "mean_ns": 0, "min_ns": 0, "max_ns": 0, "p50_ns": 0, "p99_ns": 0,
+                     "p999_ns": 0}
+
+
+def test_record_since(region):
+    h = _prims.Histogram(region.mem, region.word("h", 2))
+    t0 = _prims.now_ns()
+    _prims.spin_ns(100_000)
+    t1 = h.record_since(t0)
+    assert t1 >= t0 + 100_000
+    row = region.v["h"][2]
+    assert row[0] == 1 and row[1] == t1 - t0 and row[2] == row[3] == t1 - t0
+
+
+def test_merge(region):
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(0, 10**6, size=n) for n in (100, 1, 0, 500)]
+    for i, d in enumerate(parts):
+        _record(region, i, d)
+    merged = hist.merge(region.v["h"])
+    ref = _reference(np.concatenate(parts))
+    assert (merged == ref).all()
+    assert (hist.merge(region.v["h"][2:3]) == _reference([])).all()  # empty stays empty
+    # leading axes of any shape
+    assert (hist.merge(region.v["h"].reshape(2, 2, hist.HIST_WORDS)) == ref).all()
+
+
+@pytest.mark.parametrize("dist", ["lognormal", "uniform", "bimodal"])
+def test_percentiles_match_numpy(region, dist):
+    rng = np.random.default_rng(11)
+    n = 20_011  # q * n never integral: no float tie at a rank boundary
+    if dist == "lognormal":
+        data = rng.lognormal(mean=9, sigma=1.5, size=n).astype(np.int64) + 1
+    elif dist == "uniform":
+        data = rng.integers(1, 10**7, size=n)
+    else:
+        data = np.concatenate([rng.normal(2_000, 100, n // 2), rng.normal(5e6, 1e5, n // 2)]).astype(np.int64)
+    _record(region, 0, data)
+    qs = (0.5, 0.9, 0.99, 0.999)
+    s = hist.summary(region.v["h"][0], qs)
+    for q in qs:
+        true = float(np.percentile(data, q * 100, method="inverted_cdf"))
+        got = s[f"p{hist._qname(q)}_ns"]
+        assert abs(got - true) <= 0.125 * true, (dist, q, got, true)
+        assert got >= true  # the bucket upper bound (clipped to max) never under-reports
+    assert s["max_ns"] == data.max() and s["min_ns"] == data.min()
+
+
+def hist_worker(run_id: str, i: int, seed: int):
+    region = Region.attach(run_id, layout())
+    try:
+        data = np.random.default_rng(seed).integers(0, 10**9, size=3000)
+        h = _prims.Histogram(region.mem, region.word("h", i))
+        for x in data:
+            h.record(int(x))
+    finally:
+        region.close()
+
+
+def test_merge_across_processes(ctx, procs, region, run_id):
+    ps = [ctx.Process(target=hist_worker, args=(run_id, i, 100 + i)) for i in range(3)]
+    procs.extend(ps)
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(60)
+    assert [p.exitcode for p in ps] == [0, 0, 0]
+    data = np.concatenate([np.random.default_rng(100 + i).integers(0, 10**9, size=3000) for i in range(3)])
+    assert (hist.merge(region.v["h"]) == _reference(data)).all()
+
+
+def test_histogram_after_close_raises(run_id):
+    r = Region.create(run_id, layout())
+    h = _prims.Histogram(r.mem, r.word("h", 0))
+    r.close()
+    with pytest.raises(ValueError, match="released"):
+        h.record(1)
+    with pytest.raises(ValueError, match="released"):
+        h.record_since(0)

@@ -1,0 +1,245 @@
+"""Shared-memory regions: create / attach / close / unlink, layouts, word indexing, permissions,
+attachers never unlink, no resource-tracker noise."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import ROOT, shm_segments
+
+from ipc.shm import (
+    CACHE_LINE,
+    SHM_DIR,
+    Layout,
+    Region,
+    ShmError,
+    check_run_id,
+    list_segments,
+    segment_name,
+    unlink_segment,
+)
+
+
+def small_layout(name: str = "test") -> Layout:
+    return Layout(name, [
+        ("a", "i8", (3,)),
+        ("b", "u2", (100,)),
+        ("c", "i8", (4, 8)),
+        ("d", "f8", 1),
+        ("e", "u1", (0,)),
+        ("f", "i8", (2, 3, 8)),
+    ])
+
+
+def test_create_attach_close_unlink(run_id):
+    lay = small_layout()
+    name = segment_name(run_id, "test")
+    r = Region.create(run_id, lay)
+    try:
+        assert r.owner and r.name == name
+        assert os.path.exists(os.path.join(SHM_DIR, name))
+        assert list_segments(run_id) == [name]
+        a = Region.attach(run_id, lay)
+        assert not a.owner
+        r.v["a"][:] = [1, 2, 3]
+        assert list(a.v["a"]) == [1, 2, 3]
+        a.mem.store(a.word("c", 2) + 5, -7)
+        assert r.v["c"][2, 5] == -7
+        assert r.mem.fetch_add(r.word("a") + 1, 10) == 2 and a.v["a"][1] == 12
+        a.close()
+        a.close()  # idempotent
+        assert a.closed and os.path.exists(os.path.join(SHM_DIR, name)), "attacher close unlinked"
+        with pytest.raises(ValueError, match="released"):
+            a.mem.load(0)
+    finally:
+        r.close()
+    assert not os.path.exists(os.path.join(SHM_DIR, name)), "owner close did not unlink"
+    r.close()  # idempotent
+    with pytest.raises(ShmError, match="does not exist"):
+        Region.attach(run_id, lay)
+
+
+def test_context_manager_and_views_outliving_close(run_id):
+    lay = small_layout()
+    with Region.create(run_id, lay) as r:
+        with Region.attach(run_id, lay) as a:
+            kept = a.v["b"]  # a numpy view still alive at close: close must not raise
+            kept_owner = r.v["c"]
+            kept[:] = 5
+        assert a.closed
+        assert kept_owner[0, 0] == 0
+        assert a.v == {}
+    assert r.closed and not os.path.exists(os.path.join(SHM_DIR, r.name))
+    # views made before close stay valid memory (no unmap under them: no segfault)
+    assert int(kept.sum()) == 5 * kept.size
+    kept_owner[1, 1] = 3
+    assert kept_owner[1, 1] == 3
+    del kept, kept_owner
+
+
+def test_attach_missing_segment(run_id):
+    with pytest.raises(ShmError, match="does not exist"):
+        Region.attach(run_id, small_layout("nothere"))
+
+
+def test_attach_too_small_and_duplicate_create(run_id):
+    with Region.create(run_id, Layout("x", [("a", "i8", (8,))])):
+        with pytest.raises(ShmError, match="needs"):
+            Region.attach(run_id, Layout("x", [("a", "i8", (1000,))]))
+        with pytest.raises(ShmError, match="already exists"):
+            Region.create(run_id, Layout("x", [("a", "i8", (8,))]))
+
+
+def test_bad_run_ids():
+    for bad in ("", "a" * 25, "a_b", "a/b", "a b", "ä"):
+        with pytest.raises(ShmError):
+            check_run_id(bad)
+    assert check_run_id("Run42") == "Run42"
+
+
+def test_segment_mode_0600(run_id):
+    with Region.create(run_id, small_layout()) as r:
+        st = os.stat(os.path.join(SHM_DIR, r.name))
+        assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_layout_alignment_and_sizes(run_id):
+    rng = np.random.default_rng(1)
+    dtypes = ["i8", "u8", "u2", "u1", "f8", "i4"]
+    for trial in range(50):
+        fields = []
+        for i in range(int(rng.integers(1, 8))):
+            shape = tuple(int(x) for x in rng.integers(0, 40, size=int(rng.integers(1, 3))))
+            fields.append((f"f{i}", dtypes[int(rng.integers(len(dtypes)))], shape))
+        lay = Layout(f"l{trial}", fields)
+        prev_end = 0
+        for f in lay.fields.values():
+            assert f.offset % CACHE_LINE == 0, (f, "not on a cache line")
+            assert f.offset >= prev_end, "fields overlap"
+            prev_end = f.offset + f.nbytes
+        assert lay.nbytes % CACHE_LINE == 0 and lay.nbytes >= max(prev_end, CACHE_LINE)
+    lay = small_layout()
+    with Region.create(run_id, lay) as r:
+        for name, view in r.v.items():
+            assert view.ctypes.data % CACHE_LINE == 0, f"{name} view not 64-byte aligned"
+            assert view.shape == lay[name].shape
+        assert r.mem.nwords * 8 >= lay.nbytes
+    with pytest.raises(ValueError, match="negative"):
+        Layout("bad", [("a", "i8", (-1,))])
+
+
+def test_word_indexing(run_id):
+    lay = small_layout()
+    with Region.create(run_id, lay) as r:
+        assert r.word("a") == lay["a"].offset // 8
+        assert r.word("c") == lay["c"].offset // 8
+        assert r.word("c", 3) == r.word("c") + 24
+        assert r.word("f", 1) == r.word("f") + 24
+        assert r.word("f", 1, 2) == r.word("f") + 24 + 16
+        assert r.word("f", 1, 2, 7) == r.word("f") + 24 + 16 + 7
+        # word index and numpy view address the same memory
+        r.mem.store(r.word("f", 1, 2) + 3, 99)
+        assert r.v["f"][1, 2, 3] == 99
+        with pytest.raises(IndexError):
+            r.word("c", 4)
+        with pytest.raises(IndexError):
+            r.word("c", -1)
+        with pytest.raises(IndexError):
+            r.word("a", 0, 0)
+        with pytest.raises(ShmError, match="not a 64-bit field"):
+            r.word("b")
+        with pytest.raises(KeyError):
+            r.word("zzz")
+        with pytest.raises(IndexError):
+            r.mem.load(r.mem.nwords)
+
+
+def attach_worker(run_id: str, how: str):
+    r = Region.attach(run_id, small_layout())
+    r.v["a"][0] += 1
+    if how == "close":
+        r.close()
+    elif how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    # "exit": just return with the mapping open
+
+
+@pytest.mark.parametrize("how", ["close", "exit", "kill"])
+def test_attaching_child_exit_does_not_unlink(ctx, procs, run_id, how):
+    with Region.create(run_id, small_layout()) as r:
+        for i in range(2):
+            p = ctx.Process(target=attach_worker, args=(run_id, how))
+            procs.append(p)
+            p.start()
+            p.join(30)
+            assert p.exitcode == (-signal.SIGKILL if how == "kill" else 0)
+            assert os.path.exists(os.path.join(SHM_DIR, r.name)), f"child ({how}) unlinked the segment"
+            assert r.v["a"][0] == i + 1
+        # still attachable
+        with Region.attach(run_id, small_layout()) as a:
+            assert a.v["a"][0] == 2
+
+
+_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from ipc.proc import forkserver_context
+    from ipc.shm import Region, Layout
+
+    def child(run_id):
+        r = Region.attach(run_id, Layout("rt", [("a", "i8", (8,))]))
+        r.v["a"][0] = 42
+        r.close()
+
+    if __name__ == "__main__":
+        ctx = forkserver_context(["ipc.shm"])
+        run_id = sys.argv[1]
+        r = Region.create(run_id, Layout("rt", [("a", "i8", (8,))]))
+        ps = [ctx.Process(target=child, args=(run_id,)) for _ in range(3)]
+        for p in ps:
+            p.start()
+        for p in ps:
+            p.join()
+        assert r.v["a"][0] == 42
+        if sys.argv[2] == "close":
+            r.close()
+        print("ok")
+""")
+
+
+@pytest.mark.parametrize("mode", ["close", "leak"])
+def test_no_resource_tracker_warning(tmp_path, run_id, mode):
+    """A clean run (owner creates and closes, forkserver children attach) prints nothing from
+    the resource tracker; an owner that forgets to close is warned about and cleaned up by it
+    (the control proving the check can see a leak)."""
+    script = tmp_path / "rt.py"
+    script.write_text(_SCRIPT.format(root=str(ROOT)))
+    res = subprocess.run([sys.executable, str(script), run_id, mode], capture_output=True, text=True,
+                         timeout=120, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+    name = segment_name(run_id, "rt")
+    if mode == "close":
+        assert "resource_tracker" not in res.stderr and "leaked" not in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr, res.stderr
+    else:
+        assert "leaked shared_memory" in res.stderr
+    assert name not in shm_segments()
+
+
+def test_list_and_unlink_segment(run_id):
+    r = Region.create(run_id, small_layout())
+    try:
+        assert r.name in list_segments()
+        assert unlink_segment(r.name) is True
+        assert unlink_segment(r.name) is False
+        assert list_segments(run_id) == []
+    finally:
+        r.close()  # the segment is gone already: close tolerates it
