@@ -1,0 +1,174 @@
+"""Nested AVIC: the physical APIC ID table entry format, its translation, and the ``avic`` shm region
+(the pool of shadow ``avic_physid_table`` objects), declared once here.
+
+Entry (64 bits, guest and shadow alike): backing page address bits 12..51, host physical APIC id
+bits 0..7, IsRunning bit 62, Valid bit 63. Words are stored as signed int64 in shm (``s64``) and
+handled as unsigned Python ints (``u64``).
+
+Translation (the function the oracle checks every live shadow table against), for guest entry g:
+- not Valid -> 0 (the shadow entry is invalid too)
+- backing page gpa -> "hpa" ``HPA_BASE + gpa`` if the gpa is guest RAM, else the dummy page
+  ``DUMMY_HPA`` (Maxim's code points bad addresses at a dummy page)
+- apic id a (an L1 vCPU) -> ``host_apic_id(a)`` (the physical APIC id of that L1 vCPU's pCPU);
+  an apic id that names no L1 vCPU -> 0xFF and not running
+- IsRunning -> guest IsRunning AND "L1 vCPU a is loaded" (``vcpu_load``/``vcpu_put`` flip it)
+
+Region ``avic`` (segment ``pts_<run>_avic``; created by the design's ``setup()`` in the coordinator,
+attached by vCPU processes; registered in ``kvm.regions`` so ``Kvm.close`` unmaps/unlinks it):
+- ``hdr``     H_* words below
+- ``hash``    256 bucket heads (table index + 1), mutex-hash / per-table-notifier
+- ``vcpu``    (vcpus, 8) V_* words, one cache line per vCPU
+- ``tables``  (ntables, 16) T_* header words per table
+- ``valid``   (ntables, 4) bitmap of valid entries
+- ``cache``   (ntables, nentries) cached guest entries
+- ``shadow``  (ntables, nentries) the shadow physid page (entries the "hardware" uses)
+- ``locks`` / ``lockstat``  this module's own lock (``avic_notifier_lock``) and its lock_stat blocks
+- ``cs``      (len(CS), 8) locktorture-style held flags of the locks the AVIC code takes
+- ``stats``   (nprocs, NSTATS) per-process AVIC counters
+"""
+
+from __future__ import annotations
+
+from ipc.locks import LOCK_WORDS, STAT_WORDS
+from ipc.shm import Layout
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+MASK64 = (1 << 64) - 1
+
+AVIC_APIC_ID_MASK = 0xFF
+AVIC_BACKING_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
+AVIC_IS_RUNNING = 1 << 62
+AVIC_VALID = 1 << 63
+AVIC_UPDATABLE = AVIC_APIC_ID_MASK | AVIC_IS_RUNNING  # a write touching only these bits is an update
+HPA_BASE = 1 << 40
+DUMMY_HPA = (1 << 45) - PAGE_SIZE
+NO_HOST_APIC = 0xFF
+POISON_ENTRY = 0x6B6B6B6B6B6B6B6B
+POISON_NEXT = -0x6B6B6B6B
+POISON_REF = -0x6B6B6B6B
+HASH_BUCKETS = 256
+MAX_NENTRIES = 256
+FLOOD_PER_ENTRY = 1000
+
+# -- table states (T_STATE) ------------------------------------------------------------------
+FREE, ALLOC, UNTRACKED, TRACKING, INVALID, VALID, DROPPED, RETIRING, POISON = range(9)
+STATE_NAMES = ("free", "alloc", "untracked", "tracking", "invalid", "valid", "dropped", "retiring",
+               "poison")
+LIVE = frozenset({UNTRACKED, TRACKING, INVALID, VALID, DROPPED})
+
+# -- header words (avic.hdr) -----------------------------------------------------------------
+H_USERS = 0          # users of the shared notifier node (tables), all variants
+H_REGISTERED = 1     # the "bool registered" flag of the shared node (bool variant)
+H_NODE = 2           # shared notifier node index + 1 (0 = none)
+H_LIST = 3           # rcu-list: head of the RCU-protected table list (index + 1)
+H_SEQ = 4            # seqcount of IsRunning flips (odd while vcpu_load/put rewrites entries)
+H_DESIGN = 5         # design id
+H_NENTRIES = 6       # entries per table
+H_GEN = 7            # table generation counter (bumped on every allocation)
+H_REGVAR = 8         # registration variant id
+H_UNTRACKED_REG = 9  # notifiers registered while write tracking was disabled
+H_MAXLIVE = 10       # high-water mark of live tables
+H_LIVE = 11          # live tables now
+HDR_WORDS = 16
+
+# -- per-vCPU words (avic.vcpu[v]) -----------------------------------------------------------
+V_CUR = 0            # table the vCPU holds a reference on (index + 1)
+V_INGUEST = 1        # table the vCPU runs L2 on right now (index + 1), for reload requests
+V_RELOAD = 2         # KVM_REQ_APIC_PAGE_RELOAD pending
+V_LOADED = 3         # the L1 vCPU is loaded (scheduled in): shadow IsRunning may be set
+VW = 8
+
+# -- table header words (avic.tables[t]) -----------------------------------------------------
+T_STATE = 0
+T_GFN = 1
+T_L2 = 2
+T_NENTRIES = 3
+T_REF = 4            # refcount: vCPUs holding a reference
+T_USE = 5            # usecount: vCPUs in guest mode on the table
+T_FLOOD = 6          # writes while unused since the last use/sync
+T_GEN = 7            # generation (allocation number), bumped again when poisoned
+T_NEXT = 8           # hash chain / RCU list link (index + 1)
+T_NODE = 9           # per-table notifier node (index + 1)
+T_REGISTERED = 10    # per-table "bool registered" flag
+T_TRACKED = 11       # this table holds a gfn_write_track count on its gfn
+T_WRITES = 12        # track_write calls that reached the table
+T_SYNCS = 13         # full syncs of the table
+TW = 16
+
+# -- this module's own locks, lock classes ---------------------------------------------------
+MYLOCKS = ("avic_notifier_lock",)
+LOCK_NOTIFIER = 0
+
+# -- mutual-exclusion checks: held flag per lock (cs[i] = [holder tag, fails, entries, ...]) --
+CS = ("tables_lock", "avic_physid_lock", "avic_tables_spin", "avic_notifier_lock")
+CS_TABLES, CS_PHYSID, CS_SPIN, CS_NOTIFIER = range(len(CS))
+CS_HOLDER, CS_FAILS, CS_ENTRIES = 0, 1, 2
+
+# -- per-process AVIC counters (avic.stats[proc]) --------------------------------------------
+STATS = (
+    "table_create", "table_free", "sync", "resync", "invalidate", "entry_update", "flood_drop",
+    "reload_request", "stale_check", "stale_check_skipped", "get_fast", "get_slow",
+    "synchronize_rcu_add", "synchronize_rcu_del", "isrunning_flip", "track_gfn", "untrack_gfn",
+    "track_write", "track_write_miss", "register", "unregister", "rcu_retry",
+)
+NSTATS = 24
+S = {name: i for i, name in enumerate(STATS)}
+assert len(STATS) <= NSTATS
+
+DESIGN_IDS = {"mutex-hash": 1, "rcu-list": 2, "per-table-notifier": 3}
+REGISTRATION_IDS = {"refcount": 1, "bool": 2, "naive": 3, "split": 4}
+
+
+def u64(x: int) -> int:
+    return x & MASK64
+
+
+def s64(x: int) -> int:
+    return x - (1 << 64) if x & AVIC_VALID else x
+
+
+def nentries(cfg) -> int:
+    """Entries per physid table: one per L2 vCPU; the L2s have as many vCPUs as L1 (at least 2),
+    so each L1 vCPU owns one entry (``vcpu % nentries``) and no two vCPUs write the same entry."""
+    return min(max(cfg.vcpus, 2), MAX_NENTRIES)
+
+
+def ntables(cfg) -> int:
+    """Pool size: at most one live table per vCPU (switching drops the old reference), plus one
+    retiring per vCPU (waiting for its grace period), plus slack."""
+    return 2 * cfg.vcpus + cfg.l2s + 2
+
+
+def host_apic_id(vcpu: int) -> int:
+    """Physical APIC id of the pCPU L1 vCPU ``vcpu`` runs on (a fixed mapping here)."""
+    return (vcpu * 37 + 5) % 0xFF
+
+
+def avic_layout(cfg) -> Layout:
+    n, ne, nt = cfg.nprocs, nentries(cfg), ntables(cfg)
+    return Layout("avic", [
+        ("hdr", "i8", (HDR_WORDS,)),
+        ("hash", "i8", (HASH_BUCKETS,)),
+        ("vcpu", "i8", (cfg.vcpus, VW)),
+        ("tables", "i8", (nt, TW)),
+        ("valid", "i8", (nt, (MAX_NENTRIES + 63) // 64)),
+        ("cache", "i8", (nt, ne)),
+        ("shadow", "i8", (nt, ne)),
+        ("locks", "i8", (len(MYLOCKS), LOCK_WORDS)),
+        ("lockstat", "i8", (n, len(MYLOCKS), STAT_WORDS)),
+        ("cs", "i8", (len(CS), 8)),
+        ("stats", "i8", (n, NSTATS)),
+    ])
+
+
+def make_entry(backing_gpa: int, apic_id: int, running: bool, valid: bool = True) -> int:
+    """A guest physid entry (unsigned)."""
+    return ((AVIC_VALID if valid else 0) | (AVIC_IS_RUNNING if running else 0)
+            | (backing_gpa & AVIC_BACKING_MASK) | (apic_id & AVIC_APIC_ID_MASK))
+
+
+def describe(e: int) -> str:
+    e = u64(e)
+    return (f"{e:#018x} (valid={e >> 63} running={(e >> 62) & 1} backing={e & AVIC_BACKING_MASK:#x} "
+            f"apic={e & AVIC_APIC_ID_MASK})")
