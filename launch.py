@@ -72,6 +72,12 @@ def float_list(lo: float, hi: float, what: str):
     return parse
 
 
+HOOKS = {
+    "no-synchronize-srcu": "unregister frees notifier nodes without waiting for SRCU readers",
+    "no-synchronize-rcu": "rcu-list frees tables without waiting for RCU readers",
+    "busted-lock": "every lock of the VM does not lock",
+    "avic-reader-delay": "AVIC RCU readers stay 100 µs in their read-side section",
+}
 SEED = int_range(0, 2**63 - 1, "--seed")
 DURATION = float_range(0.05, MAX_DURATION_S, "--duration")
 
@@ -109,6 +115,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inject", action="append", default=[], metavar="FAULT",
                    help="kill-vcpu:K@{rcu-read,srcu-read,mmu-lock,tables-lock,random}, stall-vcpu:K:MS, "
                         "kill-coordinator (repeatable)")
+    p.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK",
+                   help="break the kernel code on purpose: " + ", ".join(sorted(HOOKS)) + " (repeatable)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the results document here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -143,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--seed", type=SEED, default=1)
     cp.add_argument("--out", metavar="DIR", required=True)
 
+    sc = sub.add_parser("scenario", help="a scripted scenario from the seed, over ZeroMQ, deterministic")
+    sc.add_argument("name", choices=["kaboom"],
+                    help="kaboom: X registers, Y registers, X unregisters, L1 writes Y's table, Y VMRUNs")
+    sc.add_argument("--registration", choices=["refcount", "bool", "naive", "split"], default="refcount")
+    sc.add_argument("--design", choices=["mutex-hash", "rcu-list", "per-table-notifier"], default="mutex-hash")
+    sc.add_argument("--seed", type=SEED, default=1)
+    sc.add_argument("--inject", action="append", default=[], metavar="FAULT")
+    sc.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK")
+    sc.add_argument("--json", metavar="PATH", default=None)
+    sc.add_argument("--quiet", action="store_true")
+
     c = sub.add_parser("clean", help="remove shm segments and run directories of dead runs")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
@@ -167,6 +186,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return torture.main(args)
     if args.command == "run":
         return _cmd_run(args)
+    if args.command == "scenario":
+        return _cmd_scenario(args)
     if args.command == "compare":
         from vm import compare
 
@@ -209,7 +230,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from vm import faults
 
     injected = [faults.parse(f, cfg.vcpus) for f in args.inject]
-    return run_and_report(cfg, script=script, json_path=args.json, quiet=args.quiet, faults=injected)
+    return run_and_report(cfg, script=script, json_path=args.json, quiet=args.quiet, faults=injected,
+                          hooks=tuple(args.hook))
+
+
+def _cmd_scenario(args: argparse.Namespace) -> int:
+    from vm import config, faults
+    from vm.avic import kaboom_steps
+
+    cfg = config.from_dict({"vcpus": 2, "design": args.design, "registration": args.registration,
+                            "seed": args.seed, "l2s": 2, "duration": 1.0})
+    _check_json_path(args.json)
+    injected = [faults.parse(f, cfg.vcpus) for f in args.inject]
+    steps = kaboom_steps(args.registration, args.design)
+    if not args.quiet:
+        for v, op, a in steps:
+            print(f"  step: vCPU {v} {op} {a}", file=sys.stderr)
+    return run_and_report(cfg, script=steps, json_path=args.json, quiet=args.quiet, faults=injected,
+                          hooks=tuple(args.hook))
 
 
 def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), faults=()) -> int:

@@ -59,12 +59,16 @@ class Vcpu:
         gfn = gpa >> PAGE_SHIFT
         if gfn >= kvm.memory_pages or kvm.gfn_track_mv[gfn]:
             return True, emulator_write_phys(kvm, gpa, data)
+        self.raw_store(gpa, data)
+        return False, 0
+
+    def raw_store(self, gpa: int, data: bytes) -> None:
+        """The store itself, no tracking check (the guest's writable mapping)."""
         n = len(data)
         if n == 8 and not gpa & 7:
-            kvm.guest_mem.store(gpa >> 3, int.from_bytes(data, "little", signed=True))
+            self.kvm.guest_mem.store(gpa >> 3, int.from_bytes(data, "little", signed=True))
         else:
-            kvm.guest_bytes[gpa:gpa + n] = memoryview(data)
-        return False, 0
+            self.kvm.guest_bytes[gpa:gpa + n] = memoryview(data)
 
     def load(self) -> None:
         if not self.loaded:
@@ -127,8 +131,9 @@ class Vcpu:
                             gm_unlock()
                             emulator_write_phys(kvm, gpa, data)
                             gm_lock()
-                        else:  # not (yet / any more) tracked: a plain store
-                            self.l1_store(gpa, data)
+                        else:  # not (yet / any more) tracked: a plain store, still in guest mode,
+                            # so a concurrent track + TLB flush waits for it
+                            self.raw_store(gpa, data)
                         n_tr += 1
                     else:
                         gm_unlock()
@@ -235,6 +240,13 @@ class Vcpu:
                 kvm.trace_nodes = None
         if op == "l1_write":  # the design's own tracked write (e.g. a physid entry)
             gpa, data = d.tracked_write(self.id, self.rng)
+            emulated, calls = self.l1_store(gpa, data)
+            return {"gpa": gpa, "emulated": emulated, "calls": calls}
+        if op == "write_entry":  # L1 rewrites apic id / IsRunning of a physid entry (AVIC designs)
+            if not hasattr(d, "entry_write"):
+                raise ValueError(f"write_entry: design {self.cfg.design} has no physid tables")
+            gpa, data = d.entry_write(_int(args, "l2", 0, self.cfg.l2s - 1), _int(args, "entry", 0, 511),
+                                      _int(args, "apic", 0, 255), bool(args.get("running", False)))
             emulated, calls = self.l1_store(gpa, data)
             return {"gpa": gpa, "emulated": emulated, "calls": calls}
         if op == "read":

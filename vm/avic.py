@@ -729,6 +729,16 @@ class AvicDesign(NestedDesign):
         if flips:
             self._stat("isrunning_flip", flips)
 
+    def entry_write(self, l2: int, entry: int, apic: int, running: bool) -> tuple[int, bytes]:
+        """L1 rewrites the apic-id / IsRunning part of ``entry`` of ``l2``'s physid table:
+        the (gpa, 8 bytes) of that guest store (the caller performs it)."""
+        if not 0 <= l2 < self.cfg.l2s or not 0 <= entry < nentries(self.cfg) or not 0 <= apic <= 0xFF:
+            raise ValueError(f"write_entry: l2 {l2} / entry {entry} / apic {apic} out of range")
+        gpa = (table_gfn(self.cfg, l2) << PAGE_SHIFT) + entry * 8
+        g = u64(self.kvm.guest_mem.load(gpa >> 3))
+        new = (g & ~AVIC_UPDATABLE) | apic | (AVIC_IS_RUNNING if running else 0)
+        return gpa, new.to_bytes(8, "little")
+
     def tracked_write(self, vcpu: int, rng: random.Random) -> tuple[int, bytes]:
         """L1 vCPU ``vcpu`` rewrites its own entry (``vcpu % nentries``) of a random L2's table:
         mostly apic-id / IsRunning updates (8-byte, 1-byte apic id, 4-byte high dword), sometimes a
@@ -1510,10 +1520,9 @@ def apply_step(d: AvicDesign, step: tuple[int, str, dict]) -> str:
     if op == "write_entry":
         kvm, cfg = d.kvm, d.cfg
         gfn = table_gfn(cfg, a["l2"])
-        gpa = (gfn << PAGE_SHIFT) + a["entry"] * 8
-        g = u64(kvm.guest_mem.load(gpa >> 3))
-        new = (g & ~AVIC_UPDATABLE) | (a["apic"] & 0xFF) | (AVIC_IS_RUNNING if a.get("running") else 0)
-        emulated = guest_write(kvm, gpa, new.to_bytes(8, "little"))
+        gpa, data = d.entry_write(a["l2"], a["entry"], a["apic"], bool(a.get("running")))
+        new = int.from_bytes(data, "little")
+        emulated = guest_write(kvm, gpa, data)
         return (f"vCPU {v} (L1): write gpa {gpa:#x} (table gfn {gfn:#x} entry {a['entry']}) = {new:#018x}"
                 f" [{'emulated' if emulated else 'NOT emulated: gfn not write-tracked'}]")
     if op == "load":

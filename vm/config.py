@@ -129,7 +129,7 @@ CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switc
             "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms")
 
 # scripted commands a vCPU understands (vcpu/vcpu.py executes them)
-SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "read", "register", "reregister", "unregister",
+SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "write_entry", "read", "register", "reregister", "unregister",
               "track", "untrack", "enable_tracking", "load", "put", "sleep", "counters")
 
 
@@ -148,6 +148,8 @@ def parse_steps(steps: list[dict[str, Any]], cfg: Config) -> list[tuple[int, str
         if op not in SCRIPT_OPS:
             raise UsageError(f"{where}.op: unknown command {op!r} (one of {', '.join(SCRIPT_OPS)})")
         args = {k: val for k, val in st.items() if k not in ("vcpu", "op")}
+        if op == "write_entry" and not {"l2", "entry", "apic"} <= set(args):
+            raise UsageError(f"{where}: write_entry needs l2, entry and apic")
         if "l2" in args:
             l2 = args["l2"]
             if isinstance(l2, bool) or not isinstance(l2, int) or not 0 <= l2 < cfg.l2s:

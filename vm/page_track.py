@@ -129,7 +129,12 @@ def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:
     srcu.read_lock()
     try:
         n = load(head_w)
+        steps = 0
         while n:
+            steps += 1
+            if steps > nmax:  # longer than the pool: the list has a cycle
+                kvm.warn("list_corrupt", "notifier list longer than the node pool (cycle)")
+                break
             if not 0 < n <= nmax:
                 kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT + 1)
                 break
