@@ -409,6 +409,45 @@ static PyObject *mem_cmpxchg(MemObject *self, PyObject *const *args, Py_ssize_t 
 
 static PyObject *mem_nop(MemObject *self, PyObject *unused) { Py_RETURN_NONE; }
 
+/* write(byte_offset, data): copy a bytes-like object into the buffer (guest-memory stores of the
+ * emulator / shadow copies). An aligned 8-byte write is one atomic store (no tearing for readers);
+ * anything else is a plain memcpy, like copy_to_user. */
+static PyObject *mem_write(MemObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(2, "write");
+    Py_ssize_t off = PyLong_AsSsize_t(args[0]);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    if (!self->has_view) { PyErr_SetString(PyExc_ValueError, "Mem: released"); return NULL; }
+    const char *src;
+    Py_ssize_t n;
+    Py_buffer b;
+    int release = 0;
+    if (PyBytes_CheckExact(args[1])) {
+        src = PyBytes_AS_STRING(args[1]);
+        n = PyBytes_GET_SIZE(args[1]);
+    } else {
+        if (PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0) return NULL;
+        src = b.buf;
+        n = b.len;
+        release = 1;
+    }
+    if (off < 0 || n < 0 || off > self->nwords * 8 - n) {
+        if (release) PyBuffer_Release(&b);
+        PyErr_Format(PyExc_IndexError, "write of %zd bytes at %zd outside buffer of %zd bytes", n, off,
+                     self->nwords * 8);
+        return NULL;
+    }
+    char *dst = (char *)self->base + off;
+    if (n == 8 && !(off & 7)) {
+        int64_t v;
+        memcpy(&v, src, 8);
+        __atomic_store_n((int64_t *)dst, v, __ATOMIC_RELEASE);
+    } else {
+        memcpy(dst, src, (size_t)n);
+    }
+    if (release) PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
 /* futex_wait(i, expected, timeout_ns=-1) -> 0 woken/mismatch, 1 timed out.  GIL released. */
 static PyObject *mem_futex_wait(MemObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 2 || nargs > 3) { PyErr_SetString(PyExc_TypeError, "futex_wait(i, expected, timeout_ns=-1)"); return NULL; }
@@ -461,6 +500,8 @@ static PyMethodDef mem_methods[] = {
      "futex_wait(i, expected, timeout_ns=-1) -> 1 if timed out; waits on the low 32 bits of word i"},
     {"futex_wake", (PyCFunction)(void (*)(void))mem_futex_wake, METH_FASTCALL, "futex_wake(i, n=all) -> woken"},
     {"nop", (PyCFunction)mem_nop, METH_NOARGS, "no-op (benchmark floor)"},
+    {"write", (PyCFunction)(void (*)(void))mem_write, METH_FASTCALL,
+     "write(byte_offset, data): copy bytes in (aligned 8 bytes: one atomic store)"},
     {"release", (PyCFunction)mem_release, METH_NOARGS, "drop the buffer export"},
     {NULL}
 };

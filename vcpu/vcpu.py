@@ -23,10 +23,10 @@ from vm.mirror import MIRROR_KIND
 from vm.nested import untracked_range
 from vm.page_track import (
     PAGE_SHIFT,
-    emulator_write_phys,
     kvm_page_track_write_tracking_enable,
     track_gfn,
     untrack_gfn,
+    write_path,
 )
 
 MMIO_BASE = 0xFEE00000  # the local APIC page: outside every memslot
@@ -51,24 +51,19 @@ class Vcpu:
         self.loaded = False
         self.n = dict.fromkeys(LOOP_COUNTERS, 0)
         self.lane = (vcpu % 512) * 8
+        self.pages = kvm.memory_pages
+        self.track_mv = kvm.gfn_track_mv
+        self.raw_store = kvm.guest_mem.write  # a store through the guest's writable mapping
+        self.emulate = write_path(kvm)[0]  # emulator_write_phys bound to this process' VM
 
     # -- guest stores ---------------------------------------------------------------------------
     def l1_store(self, gpa: int, data: bytes) -> tuple[bool, int]:
         """A guest store by L1 outside guest mode bookkeeping: (emulated?, notifier calls)."""
-        kvm = self.kvm
         gfn = gpa >> PAGE_SHIFT
-        if gfn >= kvm.memory_pages or kvm.gfn_track_mv[gfn]:
-            return True, emulator_write_phys(kvm, gpa, data)
-        self.raw_store(gpa, data)
+        if gfn >= self.pages or self.track_mv[gfn]:  # MMIO, or write-protected: fault, emulate
+            return True, self.emulate(gpa, data)
+        self.raw_store(gpa, data)  # the guest's writable mapping
         return False, 0
-
-    def raw_store(self, gpa: int, data: bytes) -> None:
-        """The store itself, no tracking check (the guest's writable mapping)."""
-        n = len(data)
-        if n == 8 and not gpa & 7:
-            self.kvm.guest_mem.store(gpa >> 3, int.from_bytes(data, "little", signed=True))
-        else:
-            self.kvm.guest_bytes[gpa:gpa + n] = memoryview(data)
 
     def load(self) -> None:
         if not self.loaded:
@@ -88,6 +83,7 @@ class Vcpu:
         rnd, bits = rng.random, rng.getrandbits
         gm = kvm.guest_mode
         gm_lock, gm_unlock = gm.read_lock, gm.read_unlock
+        emulate = self.emulate
         track_mv = kvm.gfn_track_mv
         gstore = kvm.guest_mem.store
         load = kvm.mem.load
@@ -120,7 +116,7 @@ class Vcpu:
                         gfn = ulo + int(rnd() * span)
                         if track_mv[gfn]:
                             gm_unlock()
-                            emulator_write_phys(kvm, (gfn << PAGE_SHIFT) + self.lane, bits(64).to_bytes(8, "little"))
+                            emulate((gfn << PAGE_SHIFT) + self.lane, bits(64).to_bytes(8, "little"))
                             gm_lock()
                         else:
                             gstore((gfn << 9) + lane_w, bits(63))
@@ -129,7 +125,7 @@ class Vcpu:
                         gpa, data = d.tracked_write(vid, rng)
                         if track_mv[gpa >> PAGE_SHIFT]:
                             gm_unlock()
-                            emulator_write_phys(kvm, gpa, data)
+                            emulate(gpa, data)
                             gm_lock()
                         else:  # not (yet / any more) tracked: a plain store, still in guest mode,
                             # so a concurrent track + TLB flush waits for it
@@ -137,7 +133,7 @@ class Vcpu:
                         n_tr += 1
                     else:
                         gm_unlock()
-                        emulator_write_phys(kvm, MMIO_BASE + self.lane, bits(32).to_bytes(4, "little"))
+                        emulate(MMIO_BASE + self.lane, bits(32).to_bytes(4, "little"))
                         gm_lock()
                         n_mmio += 1
                 gm_unlock()

@@ -76,6 +76,7 @@ class Kvm:
         self.on_warn: Callable[[str, str, dict], None] | None = None
         self.handlers: dict[int, tuple[int, object]] = {}  # node index -> (gen, handler)
         self.trace_nodes: list[int] | None = None  # scripted mode: nodes each walk visited
+        self.write_path = None  # vm.page_track.write_path(): the bound emulated-write closures
         self.closed = False
 
     @staticmethod
@@ -140,6 +141,7 @@ class Kvm:
                 except RuntimeError:
                     pass
         self.handlers.clear()
+        self.write_path = None
         self.locks.clear()
         self.domains.clear()
         self.hist.clear()

@@ -19,7 +19,7 @@ class MirrorNotifier(notifier.NotifierNode):
     def __init__(self, kvm, node: int, owner: int):
         super().__init__(kvm, node, owner)
         self.pages = kvm.memory_pages
-        self.store = kvm.mirror.mem.store
+        self.write = kvm.mirror.mem.write
         self.counts = kvm.counts
         self.c_calls = C["notifier_calls"]
 
@@ -27,10 +27,7 @@ class MirrorNotifier(notifier.NotifierNode):
         if (gpa >> PAGE_SHIFT) >= self.pages:  # MMIO: nothing to mirror
             return
         self.counts[self.c_calls] += 1
-        if nbytes == 8 and not gpa & 7:
-            self.store(gpa >> 3, int.from_bytes(new, "little", signed=True))
-        else:
-            self.kvm.mirror_bytes[gpa:gpa + nbytes] = memoryview(new)
+        self.write(gpa, new)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         pass

@@ -109,69 +109,87 @@ def page_fault_handle_page_track(kvm, gfn: int, write: bool) -> bool:
     return write and kvm_gfn_is_write_tracked(kvm, gfn)
 
 
+def write_path(kvm):
+    """This process' emulated-write path, bound once to ``kvm``: ``(emulator_write_phys,
+    kvm_page_track_write)`` as closures over every constant they need (the hot path of each tracked
+    or MMIO write: no attribute lookups per call)."""
+    wp = kvm.write_path
+    if wp is None:
+        wp = kvm.write_path = _bind_write_path(kvm)
+    return wp
+
+
+def _bind_write_path(kvm):
+    load = kvm.mem.load
+    head_w = kvm.notifier_w + L.NH_HEAD
+    nodes_w = kvm.nodes_w
+    nmax = kvm.cfg.max_nodes
+    handlers = kvm.handlers
+    srcu_lock, srcu_unlock = kvm.track_srcu.read_lock, kvm.track_srcu.read_unlock
+    now = _prims.now_ns
+    rec_walk = kvm.h_notifier_walk.record_since if kvm.h_notifier_walk is not None else None
+    rec_emul = kvm.h_emulated_write.record_since if kvm.h_emulated_write is not None else None
+    guest_write = kvm.guest_mem.write
+    pages = kvm.memory_pages
+    S_POISON, O_STATE, O_GEN, O_NEXT = L.NODE_POISON, L.N_STATE, L.N_GEN, L.N_NEXT
+
+    def page_track_write(gpa: int, new: bytes) -> int:
+        if not load(head_w):  # empty list: return at once
+            return 0
+        t0 = now() if rec_walk is not None else 0
+        nbytes = len(new)
+        trace = kvm.trace_nodes
+        calls = 0
+        srcu_lock()
+        try:
+            n = load(head_w)
+            while n:
+                if not 0 < n <= nmax:
+                    kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT + 1)
+                    break
+                if calls >= nmax:  # longer than the pool: the list has a cycle
+                    kvm.warn("list_corrupt", "notifier list longer than the node pool (cycle)")
+                    break
+                base = nodes_w + (n - 1) * 8
+                if load(base + O_STATE) == S_POISON:
+                    kvm.poisoned("notifier node (walk)", node=n - 1)
+                    break
+                gen = load(base + O_GEN)
+                e = handlers.get(n - 1)
+                if e is None or e[0] != gen:
+                    e = handler_entry(kvm, n - 1, gen)
+                e[2](gpa, new, nbytes, n - 1)
+                if trace is not None:
+                    trace.append(n - 1)
+                calls += 1
+                n = load(base + O_NEXT)
+        finally:
+            srcu_unlock()
+        if rec_walk is not None:
+            rec_walk(t0)
+        return calls
+
+    def emulate_write(gpa: int, new: bytes) -> int:
+        t0 = now() if rec_emul is not None else 0
+        if (gpa >> PAGE_SHIFT) < pages:
+            guest_write(gpa, new)
+        calls = page_track_write(gpa, new)
+        if rec_emul is not None:
+            rec_emul(t0)
+        return calls
+
+    return emulate_write, page_track_write
+
+
 def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:
     """Call every notifier's ``track_write`` under the SRCU read lock; returns how many ran.
     Returns at once when the list is empty."""
-    mem = kvm.mem
-    load = mem.load
-    head_w = kvm.notifier_w + L.NH_HEAD
-    if not load(head_w):
-        return 0
-    h = kvm.h_notifier_walk
-    t0 = _prims.now_ns() if h is not None else 0
-    nmax = kvm.cfg.max_nodes
-    nodes_w = kvm.nodes_w
-    handlers = kvm.handlers
-    trace = kvm.trace_nodes
-    nbytes = len(new)
-    calls = 0
-    srcu = kvm.track_srcu
-    srcu.read_lock()
-    try:
-        n = load(head_w)
-        steps = 0
-        while n:
-            steps += 1
-            if steps > nmax:  # longer than the pool: the list has a cycle
-                kvm.warn("list_corrupt", "notifier list longer than the node pool (cycle)")
-                break
-            if not 0 < n <= nmax:
-                kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT + 1)
-                break
-            base = nodes_w + (n - 1) * 8
-            if load(base + L.N_STATE) == L.NODE_POISON:
-                kvm.poisoned("notifier node (walk)", node=n - 1)
-                break
-            gen = load(base + L.N_GEN)
-            e = handlers.get(n - 1)
-            if e is None or e[0] != gen:
-                e = handler_entry(kvm, n - 1, gen)
-            e[2](gpa, new, nbytes, n - 1)
-            if trace is not None:
-                trace.append(n - 1)
-            calls += 1
-            n = load(base + L.N_NEXT)
-    finally:
-        srcu.read_unlock()
-    if h is not None:
-        h.record_since(t0)
-    return calls
+    return write_path(kvm)[1](gpa, new)
 
 
 def emulator_write_phys(kvm, gpa: int, new: bytes) -> int:
     """Write guest memory (if ``gpa`` is RAM), then the notifier walk (also for MMIO)."""
-    h = kvm.h_emulated_write
-    t0 = _prims.now_ns() if h is not None else 0
-    n = len(new)
-    if (gpa >> PAGE_SHIFT) < kvm.memory_pages:
-        if n == 8 and not gpa & 7:
-            kvm.guest_mem.store(gpa >> 3, int.from_bytes(new, "little", signed=True))
-        else:
-            kvm.guest_bytes[gpa:gpa + n] = memoryview(new)
-    calls = kvm_page_track_write(kvm, gpa, new)
-    if h is not None:
-        h.record_since(t0)
-    return calls
+    return write_path(kvm)[0](gpa, new)
 
 
 def kvm_page_track_delete_slot(kvm, slot: int) -> None:
