@@ -75,6 +75,15 @@ def _pair(a, b, n: int) -> int:
     return time.perf_counter_ns() - t
 
 
+def floor_ns(iters: int = 200_000, reps: int = 5) -> float:
+    """The floor: ns per pass of the pair loop around a no-op C-extension call (median of reps)."""
+    import mmap
+    import statistics
+
+    mem = _prims.Mem(mmap.mmap(-1, 4096))
+    return statistics.median(_pair(mem.nop, mem.nop, iters) / iters for _ in range(reps))
+
+
 def _with(cm, n: int) -> int:
     t = time.perf_counter_ns()
     for _ in range(n):

@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 
+from bench.primitives import floor_ns
 from ipc import _prims
 from vcpu.vcpu import Vcpu
 from vcpu.worker import vcpu_main
@@ -35,18 +36,6 @@ from vm.nested import make_design
 GOALS = {"tracked_write_vs_floor": ("<=", 15), "untracked_write_vs_floor": ("<=", 4),
          "instrumentation_overhead": ("<=", 0.10), "scaling_2v_over_1v": (">=", 1.7),
          "launch_64_s": ("<=", 3.0), "zmq_msgs_per_op": ("<=", 0.001)}
-
-
-def floor_ns(iters: int = 200_000, reps: int = 5) -> float:
-    nop = _prims.nop
-    samples = []
-    for _ in range(reps):
-        t = time.perf_counter_ns()
-        for _ in range(iters):
-            nop()
-            nop()
-        samples.append((time.perf_counter_ns() - t) / iters)
-    return statistics.median(samples)
 
 
 def loop_ns_per_write(kind: str, seconds: float, reps: int = 3) -> float:

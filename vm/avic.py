@@ -204,15 +204,19 @@ def _outside_guest_mode(kvm, d, gpa: int, fn, *args) -> None:
             gm.read_lock()
 
 
-@notifier.notifier_kind(AVIC_SHARED_KIND)
-class AvicSharedNotifier(notifier.NotifierNode):
-    """The one shared node of mutex-hash / rcu-list: dispatches to this process' design."""
+class _AvicNotifier(notifier.NotifierNode):
+    """A node whose callbacks go to this process' AVIC design (run outside guest mode)."""
 
     def __init__(self, kvm, node: int, owner: int):
         super().__init__(kvm, node, owner)
         self.design = _design_for(kvm)
         reader = kvm.guest_mode.reader
         self.in_guest_mode = reader.nesting if reader is not None else (lambda: 0)
+
+
+@notifier.notifier_kind(AVIC_SHARED_KIND)
+class AvicSharedNotifier(_AvicNotifier):
+    """The one shared node of mutex-hash / rcu-list: dispatches to this process' design."""
 
     def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
         if self.in_guest_mode():
@@ -225,14 +229,8 @@ class AvicSharedNotifier(notifier.NotifierNode):
 
 
 @notifier.notifier_kind(AVIC_TABLE_KIND)
-class AvicTableNotifier(notifier.NotifierNode):
+class AvicTableNotifier(_AvicNotifier):
     """A per-table node (per-table-notifier): ``owner`` is the table; no lookup at all."""
-
-    def __init__(self, kvm, node: int, owner: int):
-        super().__init__(kvm, node, owner)
-        self.design = _design_for(kvm)
-        reader = kvm.guest_mode.reader
-        self.in_guest_mode = reader.nesting if reader is not None else (lambda: 0)
 
     def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
         if self.in_guest_mode():

@@ -70,9 +70,15 @@ def assess(results: list[dict], cpus: int | None = None) -> str:
     vcpus = sorted({r["config"]["vcpus"] for r in results})
     rates = sorted({float(r["config"]["switch_rate"]) for r in results})
     failed = [r["point_id"] for r in results if r["verdict"] != "SUCCESS"]
+    c0 = results[0]["config"]
     lines = ["## Verdict on the seed's claims", "",
              f"Measured on {cpus} CPU(s); points with more vCPUs than CPUs are oversubscribed (vCPU "
-             "processes are preempted, lock holders included), which weighs on every design.", ""]
+             "processes are preempted, lock holders included), which weighs on every design.", "",
+             f"Workload: each nested VMRUN runs L2 for {c0['guest_time_us']:g} µs, then L1 does "
+             f"{c0['writes_per_exit']} guest writes, {c0['tracked_fraction']:.0%} of them to physid tables "
+             f"(tracked, emulated) and {c0['mmio_fraction']:.0%} to MMIO. The seed's \"the code isn't executed "
+             "often\" is a statement about this rate: with longer guest runs and fewer table writes every "
+             "design spends less time in the code measured here.", ""]
     if failed:
         lines += [f"**{len(failed)} run(s) ended in FAILURE** ({', '.join(failed[:6])}); their rates are "
                   "still shown but a design that fails its oracle is not fine at any speed.", ""]

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import msgspec
 
 from ipc.errors import UsageError
+from vm.results import fmt_ns
 
 EXIT_OK = 0
 MAX_BARS = 8  # lock-wait chart: more runs than this are grouped by series
@@ -206,18 +207,6 @@ def summarize(results: list[dict], labels: list[str] | None = None) -> list[dict
             "verdict": r["verdict"],
         })
     return rows
-
-
-def fmt_ns(x: float | None) -> str:
-    if x is None:
-        return "–"
-    if x >= 1e9:
-        return f"{x / 1e9:.2f}s"
-    if x >= 1e6:
-        return f"{x / 1e6:.2f}ms"
-    if x >= 1e3:
-        return f"{x / 1e3:.1f}µs"
-    return f"{x:.0f}ns"
 
 
 def _share(x: float) -> str:

@@ -107,14 +107,20 @@ def write_json(path: str, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def _ns(x: int) -> str:
-    if x >= 1_000_000_000:
+def fmt_ns(x: float | None) -> str:
+    """A duration in ns, human-sized (–  for none)."""
+    if x is None:
+        return "–"
+    if x >= 1e9:
         return f"{x / 1e9:.2f}s"
-    if x >= 1_000_000:
+    if x >= 1e6:
         return f"{x / 1e6:.2f}ms"
-    if x >= 1_000:
+    if x >= 1e3:
         return f"{x / 1e3:.1f}µs"
-    return f"{x}ns"
+    return f"{x:.0f}ns"
+
+
+
 
 
 def render(result: dict, console=None) -> None:
@@ -131,8 +137,8 @@ def render(result: dict, console=None) -> None:
         t.add_column(col, justify="right" if col != "op" else "left")
     for name, o in result["ops"].items():
         if "p50_ns" in o:
-            t.add_row(name, f"{o['count']:,}", f"{o['per_s']:,.0f}", _ns(o["p50_ns"]), _ns(o["p99_ns"]),
-                      _ns(o["p999_ns"]), _ns(o["max_ns"]))
+            t.add_row(name, f"{o['count']:,}", f"{o['per_s']:,.0f}", fmt_ns(o["p50_ns"]), fmt_ns(o["p99_ns"]),
+                      fmt_ns(o["p999_ns"]), fmt_ns(o["max_ns"]))
         else:
             t.add_row(name, f"{o['count']:,}", f"{o['per_s']:,.0f}", "", "", "", "")
     con.print(t)
@@ -142,9 +148,9 @@ def render(result: dict, console=None) -> None:
                     "hold min", "hold avg", "hold max", "hold total"):
             lt.add_column(col, justify="right" if col != "class" else "left")
         for name, s in result["locks"].items():
-            lt.add_row(name, f"{s['acquisitions']:,}", f"{s['contentions']:,}", _ns(s["wait_ns_min"]),
-                       _ns(s["wait_ns_avg"]), _ns(s["wait_ns_max"]), _ns(s["wait_ns_total"]),
-                       _ns(s["hold_ns_min"]), _ns(s["hold_ns_avg"]), _ns(s["hold_ns_max"]), _ns(s["hold_ns_total"]))
+            lt.add_row(name, f"{s['acquisitions']:,}", f"{s['contentions']:,}", fmt_ns(s["wait_ns_min"]),
+                       fmt_ns(s["wait_ns_avg"]), fmt_ns(s["wait_ns_max"]), fmt_ns(s["wait_ns_total"]),
+                       fmt_ns(s["hold_ns_min"]), fmt_ns(s["hold_ns_avg"]), fmt_ns(s["hold_ns_max"]), fmt_ns(s["hold_ns_total"]))
         con.print(lt)
     gp = ", ".join(f"{k}={v}" for k, v in result["gp"].items())
     con.print(f"grace periods: {gp}")
