@@ -254,7 +254,7 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
     """Run (free or scripted), print the summary, write JSON; exit code from the verdict."""
     from vcpu.worker import vcpu_main
     from vm import results
-    from vm.coordinator import Coordinator, RunError, print_progress_line
+    from vm.coordinator import Coordinator, LiveProgress, RunError, print_progress_line
 
     try:
         with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",), hooks=hooks, faults=faults) as co:
@@ -263,8 +263,13 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
                       f"{'scripted' if script else f'{cfg.duration:g}s'}", file=sys.stderr, flush=True)
             if script:
                 res = co.run_script(script)
+            elif quiet:
+                res = co.run_free(None)
+            elif sys.stderr.isatty():
+                with LiveProgress(cfg.duration) as live:
+                    res = co.run_free(live)
             else:
-                res = co.run_free(None if quiet else print_progress_line)
+                res = co.run_free(print_progress_line)
     except RunError as e:
         print(f"FAILURE: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -200,6 +200,7 @@ def test_free_run_cli_json(vcpus, tmp_path):
     (["--design", "nope"], "--design"),
     (["--tracked-fraction", "0.9", "--mmio-fraction", "0.5"], "tracked_fraction"),
     (["--memory-mib", "1", "--tracked-pages", "4000"], "tracked_pages"),
+    (["--vcpus", "256", "--memory-mib", "1024"], "shared memory"),
 ])
 def test_bad_cli_input_is_one_line_exit_2(argv, needle):
     p = subprocess.run([sys.executable, "launch.py", "run", *argv], cwd=ROOT, capture_output=True, text=True,

@@ -61,6 +61,20 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.l2s * 1 > pages - self.tracked_pages:
             raise UsageError(f"l2s = {self.l2s} physid tables do not fit beside tracked_pages in memory")
 
+    def shm_bytes(self) -> int:
+        """Bytes of every shm segment this run creates (the VM layouts + the AVIC region)."""
+        from vm.avic_table import avic_layout
+        from vm.layout import guest_layout, mirror_layout, vm_layout
+
+        return sum(lay.nbytes for lay in (vm_layout(self), guest_layout(self), mirror_layout(self),
+                                          avic_layout(self)))
+
+    def check_budget(self) -> None:
+        need = self.shm_bytes()
+        if need > SHM_BUDGET_BYTES:
+            raise UsageError(f"vcpus / memory_mib: the run needs {need >> 20} MiB of shared memory, "
+                             f"over the {SHM_BUDGET_BYTES >> 20} MiB budget")
+
     @property
     def memory_pages(self) -> int:
         return self.memory_mib * (1 << 20) // PAGE_SIZE
@@ -87,9 +101,11 @@ def _field_error(e: msgspec.ValidationError) -> UsageError:
 
 def from_dict(d: dict[str, Any]) -> Config:
     try:
-        return msgspec.convert(d, Config, strict=True)
+        cfg = msgspec.convert(d, Config, strict=True)
     except msgspec.ValidationError as e:
         raise _field_error(e) from None
+    cfg.check_budget()
+    return cfg
 
 
 def load_toml(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -309,8 +309,35 @@ class Coordinator:
         return res
 
 
+def _ops(totals: dict) -> int:
+    return totals["vmrun"] + totals["write_untracked"] + totals["write_tracked"] + totals["write_mmio"]
+
+
 def print_progress_line(elapsed: float, totals: dict) -> None:
-    ops = totals["vmrun"] + totals["write_untracked"] + totals["write_tracked"] + totals["write_mmio"]
     print(f"  {elapsed:6.1f}s  vmrun {totals['vmrun']:>10,}  writes tracked {totals['write_tracked']:>9,} "
           f"mmio {totals['write_mmio']:>9,} untracked {totals['write_untracked']:>10,}  "
-          f"ops/s {ops / max(elapsed, 1e-9):>12,.0f}", file=sys.stderr, flush=True)
+          f"ops/s {_ops(totals) / max(elapsed, 1e-9):>12,.0f}", file=sys.stderr, flush=True)
+
+
+class LiveProgress:
+    """Live progress for a terminal (rich): elapsed / duration, VMRUN and ops per second."""
+
+    def __init__(self, duration: float):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(),
+                          TextColumn("{task.fields[rates]}"), transient=True)
+        self.task = self.p.add_task("running", total=duration, rates="")
+
+    def __enter__(self) -> LiveProgress:
+        self.p.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.p.stop()
+
+    def __call__(self, elapsed: float, totals: dict) -> None:
+        e = max(elapsed, 1e-9)
+        self.p.update(self.task, completed=elapsed,
+                      rates=f"VMRUN/s {totals['vmrun'] / e:,.0f}  ops/s {_ops(totals) / e:,.0f}  "
+                            f"WARNs {totals['warns']}")
