@@ -316,6 +316,29 @@ class AvicDesign(NestedDesign):
                           f"guest_mode read-side section (emulate after leaving guest mode: a TLB flush "
                           f"waiting for this section can deadlock against tables_lock)", gpa=gpa)
 
+    def _chain_find(self, head_w: int, gfn: int, what: str) -> int:
+        """The live table of ``gfn`` on the chain of table slots starting at word ``head_w`` (a
+        gfn-hash bucket or the RCU list), or -1. A poisoned slot or a bad / cyclic pointer on the
+        way is a read of freed memory: reported, and the walk stops."""
+        m = self.amem
+        n = m.load(head_w)
+        steps = 0
+        while n:
+            steps += 1
+            if not 0 < n <= self.nt or steps > self.nt:  # a cycle is corruption too
+                self.kvm.poisoned(f"avic_physid_table {what} pointer {n} (step {steps})", pointer=n)
+                return -1
+            t = n - 1
+            b = self.tw0 + t * TW
+            st = m.load(b + T_STATE)
+            if st == POISON:
+                self.kvm.poisoned(f"avic_physid_table slot {t} on the {what}", table=t)
+                return -1
+            if st in LIVE and m.load(b + T_GFN) == gfn:
+                return t
+            n = m.load(b + T_NEXT)
+        return -1
+
     def _stat(self, name: str, n: int = 1) -> None:
         self.amem.fetch_add(self.st0 + S[name], n)
 
@@ -1039,24 +1062,7 @@ class _MutexTables(AvicDesign):
 
     def _hash_lookup(self, gfn: int) -> int:
         lockdep_assert_held(self.tables_lock, "tables_lock")
-        m = self.amem
-        n = m.load(self.hash0 + self._bucket(gfn))
-        steps = 0
-        while n:
-            steps += 1
-            if not 0 < n <= self.nt or steps > self.nt:
-                self.kvm.poisoned(f"avic_physid_table hash chain pointer {n} (step {steps})", pointer=n)
-                return -1
-            t = n - 1
-            b = self.tw0 + t * TW
-            st = m.load(b + T_STATE)
-            if st == POISON:
-                self.kvm.poisoned(f"avic_physid_table slot {t} on the gfn hash", table=t)
-                return -1
-            if st in LIVE and m.load(b + T_GFN) == gfn:
-                return t
-            n = m.load(b + T_NEXT)
-        return -1
+        return self._chain_find(self.hash0 + self._bucket(gfn), gfn, "gfn hash chain")
 
     def _hash_add(self, t: int) -> None:
         lockdep_assert_held(self.tables_lock, "tables_lock")
@@ -1274,25 +1280,7 @@ class RcuListDesign(AvicDesign):
 
     def _lookup(self, gfn: int) -> int:
         """RCU read side (or avic_tables_spin held): the live table of ``gfn``, or -1."""
-        m = self.amem
-        n = m.load(self.hdr0 + H_LIST)
-        steps = 0
-        while n:
-            steps += 1
-            if not 0 < n <= self.nt or steps > self.nt:  # a cycle is corruption too
-                self.kvm.poisoned(f"avic_physid_table list pointer {n} (rcu-list walk, step {steps})",
-                                  pointer=n)
-                return -1
-            t = n - 1
-            b = self.tw0 + t * TW
-            st = m.load(b + T_STATE)
-            if st == POISON:
-                self.kvm.poisoned(f"avic_physid_table slot {t} on the RCU list", table=t)
-                return -1
-            if st in LIVE and m.load(b + T_GFN) == gfn:
-                return t
-            n = m.load(b + T_NEXT)
-        return -1
+        return self._chain_find(self.hdr0 + H_LIST, gfn, "RCU list")
 
     def _check_structure(self, bad: list[str]) -> None:
         seen: dict[int, str] = {}
