@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import traceback
 
 from ipc import _prims
@@ -68,7 +67,6 @@ class Worker:
         self.v = v
         self.mode = mode
         self.seq = 0
-        self.last_heard = time.monotonic()
         kvm.on_warn = None
 
     # -- telemetry ------------------------------------------------------------------------------
@@ -89,7 +87,6 @@ class Worker:
             msg = self.ch.recv(0)
             if msg is None:
                 break
-            self.last_heard = time.monotonic()
             self.handle(msg)
         # under forkserver our parent is the fork server, which outlives the coordinator (every
         # child holds its "alive" pipe): watch the coordinator's pid itself
@@ -120,7 +117,6 @@ class Worker:
                 _prims.spin_ns(ms * 1_000_000)
             finally:
                 kvm.rcu.read_unlock()
-            self.last_heard = time.monotonic()
 
     # -- modes ----------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -131,7 +127,6 @@ class Worker:
             if msg is None:
                 self.check_coordinator()
                 continue
-            self.last_heard = time.monotonic()
             if isinstance(msg, M.Start) and self.mode == "free":
                 self.run_free()
                 return

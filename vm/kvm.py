@@ -6,10 +6,7 @@ on ``close``); a vCPU process with ``Kvm.attach``. Both run the same vm/ functio
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-
-import numpy as np
 
 from ipc import _prims, hist
 from ipc.locks import init_lockstat, new_lock
@@ -197,12 +194,3 @@ class Kvm:
     def poisoned(self, what: str, **data) -> None:
         self.mem.fetch_add(self.flags_w + L.F_POISON_READS, 1)
         self.warn("poison", f"read of poisoned {what}", **data)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def guest_u64(self, gpa: int) -> int:
-        return self.guest_mem.load(gpa >> 3)
-
-    def page_bytes(self, gfn: int) -> np.ndarray:
-        return self.guest_bytes[gfn * 4096:(gfn + 1) * 4096]

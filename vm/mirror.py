@@ -9,7 +9,7 @@ import numpy as np
 
 from vm import notifier
 from vm.layout import C
-from vm.page_track import PAGE_SHIFT, PAGE_SIZE, kvm_gfn_is_write_tracked, track_gfn, untrack_gfn
+from vm.page_track import PAGE_SHIFT, PAGE_SIZE, track_gfn
 
 MIRROR_KIND = 1
 
@@ -43,10 +43,6 @@ def mirror_track(kvm, gfn: int) -> bool:
     return True
 
 
-def mirror_untrack(kvm, gfn: int) -> bool:
-    return untrack_gfn(kvm, gfn)
-
-
 def oracle(kvm) -> list[str]:
     """Differences between guest and mirror on every tracked gfn (empty = consistent)."""
     bad = []
@@ -60,7 +56,3 @@ def oracle(kvm) -> list[str]:
             bad.append(f"lost write: tracked gfn {int(gfn):#x} offset {off:#x}: guest {int(g[off]):#04x} "
                        f"!= mirror {int(m[off]):#04x}")
     return bad
-
-
-__all__ = ["MIRROR_KIND", "MirrorNotifier", "mirror_track", "mirror_untrack", "oracle",
-           "kvm_gfn_is_write_tracked"]
