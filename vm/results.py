@@ -143,15 +143,19 @@ def render(result: dict, console=None) -> None:
             t.add_row(name, f"{o['count']:,}", f"{o['per_s']:,.0f}", "", "", "", "")
     con.print(t)
     if result["locks"]:
-        lt = Table(title="lock_stat", show_edge=False)
-        for col in ("class", "acquisitions", "contentions", "wait min", "wait avg", "wait max", "wait total",
-                    "hold min", "hold avg", "hold max", "hold total"):
-            lt.add_column(col, justify="right" if col != "class" else "left")
+        # two narrow tables (fit an 80-column terminal): contention and wait, then hold times
+        wt = Table(title="lock_stat: acquisitions and waits", show_edge=False)
+        ht = Table(title="lock_stat: hold times", show_edge=False)
+        for col in ("class", "acq", "contended", "wait min", "wait avg", "wait max", "wait total"):
+            wt.add_column(col, justify="right" if col != "class" else "left")
+        for col in ("class", "hold min", "hold avg", "hold max", "hold total"):
+            ht.add_column(col, justify="right" if col != "class" else "left")
         for name, s in result["locks"].items():
-            lt.add_row(name, f"{s['acquisitions']:,}", f"{s['contentions']:,}", fmt_ns(s["wait_ns_min"]),
-                       fmt_ns(s["wait_ns_avg"]), fmt_ns(s["wait_ns_max"]), fmt_ns(s["wait_ns_total"]),
-                       fmt_ns(s["hold_ns_min"]), fmt_ns(s["hold_ns_avg"]), fmt_ns(s["hold_ns_max"]), fmt_ns(s["hold_ns_total"]))
-        con.print(lt)
+            wt.add_row(name, f"{s['acquisitions']:,}", f"{s['contentions']:,}",
+                       *(fmt_ns(s[f"wait_ns_{k}"]) for k in ("min", "avg", "max", "total")))
+            ht.add_row(name, *(fmt_ns(s[f"hold_ns_{k}"]) for k in ("min", "avg", "max", "total")))
+        con.print(wt)
+        con.print(ht)
     gp = ", ".join(f"{k}={v}" for k, v in result["gp"].items())
     con.print(f"grace periods: {gp}")
     if result["warnings"]:
