@@ -339,6 +339,26 @@ class AvicDesign(NestedDesign):
             n = m.load(b + T_NEXT)
         return -1
 
+    def _chain_unlink(self, head_w: int, t: int, what: str, corrupt_kind: str) -> None:
+        """Unlink table slot ``t`` from the chain starting at word ``head_w`` (writer side, its
+        lock held). ``t`` keeps its next pointer, so a reader standing on it moves on."""
+        m = self.amem
+        b = self.tw0 + t * TW
+        link = head_w
+        for _ in range(self.nt + 1):
+            n = m.load(link)
+            if not 0 < n <= self.nt:
+                if n:
+                    self.kvm.poisoned(f"avic_physid_table {what} pointer {n} (unlinking slot {t})")
+                else:
+                    self.kvm.warn(corrupt_kind, f"avic_physid_table slot {t} not on the {what}")
+                return
+            if n == t + 1:
+                m.store(link, m.load(b + T_NEXT))
+                return
+            link = self.tw0 + (n - 1) * TW + T_NEXT
+        self.kvm.warn(corrupt_kind, f"avic_physid_table slot {t}: the {what} loops")
+
     def _stat(self, name: str, n: int = 1) -> None:
         self.amem.fetch_add(self.st0 + S[name], n)
 
@@ -1073,22 +1093,8 @@ class _MutexTables(AvicDesign):
 
     def _hash_del(self, t: int) -> None:
         lockdep_assert_held(self.tables_lock, "tables_lock")
-        m = self.amem
-        b = self.tw0 + t * TW
-        link = self.hash0 + self._bucket(m.load(b + T_GFN))
-        for _ in range(self.nt + 1):
-            n = m.load(link)
-            if not 0 < n <= self.nt:
-                if n:
-                    self.kvm.poisoned(f"avic_physid_table hash chain pointer {n} (unlinking slot {t})")
-                else:
-                    self.kvm.warn("avic_hash_corrupt", f"avic_physid_table slot {t} not on its hash chain")
-                return
-            if n == t + 1:
-                m.store(link, m.load(b + T_NEXT))
-                return
-            link = self.tw0 + (n - 1) * TW + T_NEXT
-        self.kvm.warn("avic_hash_corrupt", f"avic_physid_table slot {t}: its hash chain loops")
+        head = self.hash0 + self._bucket(self.amem.load(self.tw0 + t * TW + T_GFN))
+        self._chain_unlink(head, t, "hash chain", "avic_hash_corrupt")
 
     def _check_structure(self, bad: list[str]) -> None:
         seen: dict[int, str] = {}
@@ -1295,22 +1301,7 @@ class RcuListDesign(AvicDesign):
 
     def _list_del(self, t: int) -> None:
         lockdep_assert_held(self.tables_spin, "avic_tables_spin")
-        m = self.amem
-        b = self.tw0 + t * TW
-        link = self.hdr0 + H_LIST
-        for _ in range(self.nt + 1):
-            n = m.load(link)
-            if not 0 < n <= self.nt:
-                if n:
-                    self.kvm.poisoned(f"avic_physid_table list pointer {n} (unlinking slot {t})")
-                else:
-                    self.kvm.warn("avic_list_corrupt", f"avic_physid_table slot {t} not on the RCU list")
-                return
-            if n == t + 1:
-                m.store(link, m.load(b + T_NEXT))  # t keeps its next: readers on it move on
-                return
-            link = self.tw0 + (n - 1) * TW + T_NEXT
-        self.kvm.warn("avic_list_corrupt", f"avic_physid_table slot {t}: the RCU list loops")
+        self._chain_unlink(self.hdr0 + H_LIST, t, "RCU list", "avic_list_corrupt")
 
     def _inc_not_zero(self, t: int) -> bool:
         m = self.amem
