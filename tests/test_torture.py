@@ -1,4 +1,4 @@
-"""Torture tests of the primitives (ipc/torture.py) and their self-tests.
+"""Torture tests of the primitives (ipc/torture/) and their self-tests.
 
 Real primitives must give SUCCESS; a broken grace period / a lock that does not lock must give
 FAILURE (the harness has teeth). Every test also checks that no worker process and no
