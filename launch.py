@@ -189,19 +189,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "scenario":
         return _cmd_scenario(args)
     if args.command == "compare":
-        from vm import compare
+        from lab import compare
 
         return compare.main(args, run_quiet)
     if args.command == "clean":
-        from vm import cleanup
+        from lab import cleanup
 
         return cleanup.main(args)
     if args.command == "report":
-        from vm import report
+        from lab import report
 
         return report.main(args)
     if args.command == "sweep":
-        from vm import sweep
+        from lab import sweep
 
         return sweep.main(args)
     raise UsageError(f"launch.py: command {args.command!r} is not available yet")
@@ -236,7 +236,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_scenario(args: argparse.Namespace) -> int:
     from vm import config, faults
-    from vm.avic import kaboom_steps
+    from vm.avic.kaboom import kaboom_steps
 
     cfg = config.from_dict({"vcpus": 2, "design": args.design, "registration": args.registration,
                             "seed": args.seed, "l2s": 2, "duration": 1.0})

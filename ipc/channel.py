@@ -27,14 +27,11 @@ import itertools
 import os
 import re
 import secrets
-import shutil
 import stat
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import NamedTuple
 
 import zmq
 
@@ -45,8 +42,6 @@ from ipc.messages import (
     Batch,
     BatchAck,
     Command,
-    CommandResult,
-    Config,
     Heartbeat,
     Hello,
     Message,
@@ -54,7 +49,18 @@ from ipc.messages import (
     decode,
     encode,
 )
-from ipc.proc import pid_alive
+from ipc.rundir import (  # re-exported: the channel's endpoint lives in a run dir
+    OWNER_FILE,
+    RUN_PREFIX,
+    SOCKET_NAME,
+    SUN_PATH_MAX,
+    RunDir,
+    list_run_dirs,
+    make_run_dir,
+    read_owner,
+    remove_run_dir,
+    run_base,
+)
 
 __all__ = [
     "RUN_PREFIX",
@@ -73,22 +79,14 @@ __all__ = [
     "check_endpoint",
     "worker_identity",
     "CoordinatorChannel",
-    "WorkerChannel",
 ]
 
-RUN_PREFIX = "pagetrack-sim-"
-SOCKET_NAME = "ctl.sock"
-OWNER_FILE = "owner.pid"
 #: Send / receive high-water mark (messages) of every socket.
 HWM = 10_000
 #: ZMQ_MAXMSGSIZE: libzmq drops the *connection* of a peer sending a bigger frame. Frames between
 #: MAX_FRAME and this are delivered and then counted / dropped by decode() (reason "oversized").
 HARD_MAX_FRAME = 4 * MAX_FRAME
-#: A run dir without owner.pid younger than this is assumed to be being created (not stale).
-OWNER_GRACE_S = 60.0
 
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _IDENT_RE = re.compile(rb"^vcpu-(\d{1,9})-[0-9a-f]{8}$")
 _COUNTERS = (
     "received", "sent", "bad_frames", "rejected_peers", "unknown_peer", "vcpu_mismatch",
@@ -98,127 +96,6 @@ _COUNTERS = (
 
 class PeerUnreachable(ConnectionError):
     """The coordinator cannot deliver to a vCPU: it never said Hello, or its connection is gone."""
-
-
-# --------------------------------------------------------------------------------------------
-# run directory
-# --------------------------------------------------------------------------------------------
-
-
-class RunDir(NamedTuple):
-    path: Path
-    pid: int | None  # coordinator pid from owner.pid (None: missing / unreadable)
-    alive: bool
-
-
-def run_base() -> Path:
-    """Where run directories live: ``$XDG_RUNTIME_DIR`` if it is a usable directory, else ``/tmp``
-    (the system temp dir)."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isabs(xdg) and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
-        return Path(xdg)
-    return Path(tempfile.gettempdir())
-
-
-def _proc_starttime(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (/proc/pid/stat field 22), to tell a live
-    coordinator from an unrelated process that reused its pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def make_run_dir(run_id: str, base: str | os.PathLike | None = None) -> Path:
-    """Create the private run directory ``<base>/pagetrack-sim-<run_id>`` (mode 0700, must not
-    exist yet) with ``owner.pid`` (this process's pid and start time, mode 0600)."""
-    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
-        raise UsageError(f"bad run id {run_id!r}: 1-64 characters [A-Za-z0-9_-], not starting with - or _")
-    root = Path(base) if base is not None else run_base()
-    path = root / f"{RUN_PREFIX}{run_id}"
-    sock_len = len(str(path / SOCKET_NAME).encode())
-    if sock_len > _SUN_PATH_MAX:
-        raise UsageError(f"run dir {path} too long for an ipc:// socket ({sock_len} > {_SUN_PATH_MAX} bytes)")
-    os.mkdir(path, 0o700)  # FileExistsError if it exists (also if it is a symlink)
-    try:
-        os.chmod(path, 0o700)  # whatever the umask
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise UsageError(f"run dir {path} is not a directory owned by us")
-        pid = os.getpid()
-        fd = os.open(path / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{pid}\n{_proc_starttime(pid) or 0}\n")
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
-        raise
-    return path
-
-
-def remove_run_dir(path: str | os.PathLike) -> None:
-    """Remove a run directory and everything in it (no error if it is already gone). Refuses
-    anything that is not a real directory named ``pagetrack-sim-*``."""
-    p = Path(path)
-    if not p.name.startswith(RUN_PREFIX):
-        raise UsageError(f"not a run directory: {p}")
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"not a run directory (not a real directory): {p}")
-    shutil.rmtree(p, ignore_errors=True)
-
-
-def read_owner(path: str | os.PathLike) -> tuple[int, int | None] | None:
-    """(pid, start time or None) from a run dir's owner.pid; None if missing or unreadable."""
-    try:
-        with open(Path(path) / OWNER_FILE) as f:
-            lines = f.read(256).split()
-        pid = int(lines[0])
-        start = int(lines[1]) if len(lines) > 1 and int(lines[1]) > 0 else None
-        return (pid, start) if pid > 0 else None
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _owner_alive(pid: int, start: int | None) -> bool:
-    if not pid_alive(pid):
-        return False
-    return start is None or _proc_starttime(pid) == start
-
-
-def list_run_dirs(base: str | os.PathLike | None = None) -> list[RunDir]:
-    """Run directories of this user under ``base`` (default: both ``run_base()`` and the temp
-    dir), with the owner pid and whether that coordinator is still alive (pid alive and same start
-    time). A directory without a readable owner.pid counts as alive while younger than
-    ``OWNER_GRACE_S`` (it may be being created)."""
-    bases = [Path(base)] if base is not None else list(dict.fromkeys([run_base(), Path(tempfile.gettempdir())]))
-    out: list[RunDir] = []
-    uid = os.getuid()
-    for b in bases:
-        try:
-            entries = sorted(os.scandir(b), key=lambda e: e.name)
-        except OSError:
-            continue
-        for e in entries:
-            if not e.name.startswith(RUN_PREFIX):
-                continue
-            try:
-                st = e.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
-                continue
-            owner = read_owner(e.path)
-            if owner is None:
-                alive = time.time() - st.st_mtime < OWNER_GRACE_S
-                out.append(RunDir(Path(e.path), None, alive))
-            else:
-                out.append(RunDir(Path(e.path), owner[0], _owner_alive(*owner)))
-    return out
 
 
 def new_token() -> str:
@@ -281,14 +158,14 @@ def worker_identity(vcpu: int) -> bytes:
     return f"vcpu-{int(vcpu)}-{secrets.token_hex(4)}".encode()
 
 
-def _set_common(sock: zmq.Socket, hwm: int) -> None:
+def set_common(sock: zmq.Socket, hwm: int) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
 
 
-class _TimedReceiver:
+class TimedReceiver:
     """Blocking multipart receive with a deadline, via ZMQ_RCVTIMEO (set only when it changes):
     one wake-up per message, no poller round trip, never waits past the deadline (1 ms grain)."""
 
@@ -316,7 +193,7 @@ class _TimedReceiver:
             return None
 
 
-def _timeout_ms(timeout_ms: float) -> float:
+def checked_timeout_ms(timeout_ms: float) -> float:
     if timeout_ms is None or timeout_ms < 0:
         raise ValueError("timeout_ms must be >= 0 (every receive has a timeout)")
     return float(timeout_ms)
@@ -363,7 +240,7 @@ class CoordinatorChannel:
             raise UsageError(f"run dir {self.run_dir} must be a private directory (mode 0700)")
         if endpoint is None:
             sock_path = self.run_dir / SOCKET_NAME
-            if len(str(sock_path).encode()) > _SUN_PATH_MAX:
+            if len(str(sock_path).encode()) > SUN_PATH_MAX:
                 raise UsageError(f"socket path {sock_path} too long for ipc://")
             endpoint = f"ipc://{sock_path}"
         check_endpoint(endpoint, allow_remote)
@@ -372,7 +249,7 @@ class CoordinatorChannel:
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._ctx.socket(zmq.ROUTER)
         try:
-            _set_common(self._sock, hwm)
+            set_common(self._sock, hwm)
             self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable -> EHOSTUNREACH, not silent
             self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its route back
             if endpoint.startswith("tcp://") and ":" in _tcp_host(endpoint):
@@ -385,7 +262,7 @@ class CoordinatorChannel:
             self._sock.close(linger=0)
             self._ctx.term()
             raise
-        self._timed = _TimedReceiver(self._sock)
+        self._timed = TimedReceiver(self._sock)
         self._by_ident: dict[bytes, int] = {}
         self._by_vcpu: dict[int, bytes] = {}
         self.last_seen: dict[int, float] = {}
@@ -477,7 +354,7 @@ class CoordinatorChannel:
         after ``timeout_ms`` (0: only what is already there). Bad frames are counted, never raised."""
         if self._pending:
             return self._pending.popleft()
-        return self._recv_wire(_timeout_ms(timeout_ms))
+        return self._recv_wire(checked_timeout_ms(timeout_ms))
 
     # -- send ---------------------------------------------------------------------------------
     def _encode(self, msg: Msg) -> bytes:
@@ -629,140 +506,6 @@ class CoordinatorChannel:
                 pass
 
     def __enter__(self) -> CoordinatorChannel:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-# --------------------------------------------------------------------------------------------
-# worker
-# --------------------------------------------------------------------------------------------
-
-
-class WorkerChannel:
-    """A vCPU worker's DEALER, connected to the coordinator's endpoint. Create it in the worker
-    process. Sends never block (a full queue, e.g. coordinator gone, is counted in ``dropped``)."""
-
-    def __init__(
-        self,
-        endpoint: str,
-        vcpu: int,
-        token: str,
-        *,
-        max_frame: int = MAX_FRAME,
-        hwm: int = HWM,
-    ):
-        if not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://")):
-            raise UsageError(f"unsupported endpoint {endpoint!r}")
-        if type(vcpu) is not int or vcpu < 0:
-            raise UsageError(f"bad vcpu index {vcpu!r}")
-        self.vcpu = vcpu
-        self.endpoint = endpoint
-        self._token = token
-        self.max_frame = int(max_frame)
-        self.identity = worker_identity(vcpu)
-        self._ctx = zmq.Context(io_threads=1)
-        self._sock = self._ctx.socket(zmq.DEALER)
-        try:
-            _set_common(self._sock, hwm)
-            self._sock.setsockopt(zmq.ROUTING_ID, self.identity)
-            if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
-                self._sock.setsockopt(zmq.IPV6, 1)
-            self._sock.connect(endpoint)
-        except BaseException:
-            self._sock.close(linger=0)
-            self._ctx.term()
-            raise
-        self._timed = _TimedReceiver(self._sock)
-        self._pending: deque[Message] = deque()
-        self._counters = {"received": 0, "sent": 0, "dropped": 0, "bad_frames": 0}
-        self.bad_frame_reasons: dict[str, int] = {}
-        self._closed = False
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """Copy of: received, sent, dropped (send queue full), bad_frames."""
-        return dict(self._counters)
-
-    def send(self, msg: Msg) -> bool:
-        """Queue ``msg`` for the coordinator without blocking; False (counted) if the queue is
-        full. Raises BadFrame for a message bigger than ``max_frame``."""
-        frame = encode(msg)
-        if len(frame) > self.max_frame:
-            raise BadFrame("oversized", f"refusing to send {type(msg).__name__} of {len(frame)} bytes")
-        try:
-            self._sock.send(frame, zmq.NOBLOCK)
-        except zmq.Again:
-            self._counters["dropped"] += 1
-            return False
-        self._counters["sent"] += 1
-        return True
-
-    def hello(self) -> bool:
-        """Send Hello(vcpu, pid, token)."""
-        return self.send(Hello(self.vcpu, os.getpid(), self._token))
-
-    def ack(self, seq: int, results: list[CommandResult]) -> bool:
-        """Answer Batch ``seq`` with one CommandResult per executed command."""
-        return self.send(BatchAck(seq, self.vcpu, results))
-
-    def _recv_wire(self, timeout_ms: float) -> Message | None:
-        deadline = time.monotonic() + timeout_ms / 1000.0
-        while True:
-            parts = self._timed.recv(deadline)
-            if parts is None:
-                return None
-            if len(parts) != 1:
-                reason = "multipart"
-            else:
-                try:
-                    msg = decode(parts[0], self.max_frame)
-                except BadFrame as e:
-                    reason = e.reason
-                else:
-                    self._counters["received"] += 1
-                    return msg
-            self._counters["bad_frames"] += 1
-            self.bad_frame_reasons[reason] = self.bad_frame_reasons.get(reason, 0) + 1
-            if time.monotonic() >= deadline:
-                return None
-
-    def recv(self, timeout_ms: float = 0) -> Message | None:
-        """Next message from the coordinator (those set aside by ``handshake`` first) or None
-        after ``timeout_ms``. Bad frames are counted, never raised."""
-        if self._pending:
-            return self._pending.popleft()
-        return self._recv_wire(_timeout_ms(timeout_ms))
-
-    def handshake(self, timeout_s: float) -> Config:
-        """Send Hello and wait for the coordinator's Config (other messages are kept for
-        ``recv``). TimeoutError if none comes (coordinator gone, or our token was rejected)."""
-        self.hello()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"vcpu {self.vcpu}: no Config from {self.endpoint} within {timeout_s:g}s "
-                    "(coordinator gone or token rejected)"
-                )
-            msg = self._recv_wire(remaining * 1000.0)
-            if msg is None:
-                continue
-            if type(msg) is Config:
-                return msg
-            self._pending.append(msg)
-
-    def close(self) -> None:
-        """Close the socket (linger 0) and its context. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._sock.close(linger=0)
-        self._ctx.term()
-
-    def __enter__(self) -> WorkerChannel:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,10 +9,11 @@ import os
 import signal
 import traceback
 
+import vm.avic  # noqa: F401  (registers the nested AVIC designs in vm.nested.DESIGNS)
 from ipc import _prims
 from ipc import messages as M
-from ipc.channel import WorkerChannel
 from ipc.proc import die_with_parent, pid_alive, sigterm_to_exit
+from ipc.worker_channel import WorkerChannel
 from vcpu.vcpu import Vcpu
 from vm.config import from_dict
 from vm.faults import POINT_ACTION

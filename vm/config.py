@@ -63,7 +63,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def shm_bytes(self) -> int:
         """Bytes of every shm segment this run creates (the VM layouts + the AVIC region)."""
-        from vm.avic_table import avic_layout
+        from vm.avic.table import avic_layout
         from vm.layout import guest_layout, mirror_layout, vm_layout
 
         return sum(lay.nbytes for lay in (vm_layout(self), guest_layout(self), mirror_layout(self),

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ipc import messages as M
-from ipc.channel import CoordinatorChannel, PeerUnreachable, make_run_dir, remove_run_dir
+from ipc.channel import CoordinatorChannel, PeerUnreachable
 from ipc.proc import forkserver_context, reap
+from ipc.rundir import make_run_dir, remove_run_dir
 from vm import layout as L
 from vm import results as R
 from vm.faults import diagnose_dead

@@ -129,10 +129,13 @@ class MirrorDesign(NestedDesign):
 
 
 def make_design(kvm, cfg) -> NestedDesign:
-    import vm.avic  # noqa: F401  (the AVIC designs register themselves on import)
-
+    """The design ``cfg.design`` names. The nested AVIC designs register themselves when
+    ``vm.avic`` is imported, which the composition roots do (launch.py, vcpu/worker.py); vm/ never
+    imports the wing from here (no import circle)."""
     try:
         cls = DESIGNS[cfg.design]
     except KeyError:
-        raise ValueError(f"design {cfg.design!r} is not available (have: {', '.join(sorted(DESIGNS))})") from None
+        hint = "" if "mutex-hash" in DESIGNS else " (import vm.avic to register the nested AVIC designs)"
+        raise ValueError(f"design {cfg.design!r} is not available (have: {', '.join(sorted(DESIGNS))}){hint}") \
+            from None
     return cls(kvm, cfg)

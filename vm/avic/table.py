@@ -118,6 +118,9 @@ assert len(STATS) <= NSTATS
 
 DESIGN_IDS = {"mutex-hash": 1, "rcu-list": 2, "per-table-notifier": 3}
 REGISTRATION_IDS = {"refcount": 1, "bool": 2, "naive": 3, "split": 4}
+AVIC_DESIGNS = tuple(DESIGN_IDS)
+REGISTRATIONS = tuple(REGISTRATION_IDS)
+READER_DELAY_NS = 100_000  # avic-reader-delay hook: time inside rcu-list read-side sections
 
 
 def u64(x: int) -> int:

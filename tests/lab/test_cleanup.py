@@ -1,4 +1,4 @@
-"""vm.cleanup (``launch.py clean``): dead runs' segments and run directories go, live ones stay.
+"""lab.cleanup (``launch.py clean``): dead runs' segments and run directories go, live ones stay.
 
 The machine is shared with other runs and tests, so the real removals are done through the API
 restricted to this test's run ids (``run_ids=``) and a private run-dir base; the CLI is exercised
@@ -16,11 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from ipc.channel import OWNER_FILE, make_run_dir
+from ipc.rundir import OWNER_FILE, make_run_dir
 from ipc.shm import SHM_DIR
-from vm import cleanup
+from lab import cleanup
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _seq = iter(range(10_000))
 
 

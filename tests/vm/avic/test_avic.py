@@ -1,4 +1,4 @@
-"""Nested AVIC shadow physid tables (vm/avic.py): unit tests per design, in one process.
+"""Nested AVIC shadow physid tables (vm/avic/): unit tests per design, in one process.
 
 vCPU ids are just arguments here (one process plays every vCPU); the multiprocess stress runs are
 in test_avic_stress.py, the scripted kaboom in test_avic_kaboom.py.
@@ -15,7 +15,7 @@ from ipc.locks import LockdepError
 from vm import layout as L
 from vm import notifier
 from vm.avic import AVIC_DESIGNS, guest_write
-from vm.avic_table import (
+from vm.avic.table import (
     AVIC_IS_RUNNING,
     AVIC_UPDATABLE,
     AVIC_VALID,

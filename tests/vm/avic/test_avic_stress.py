@@ -1,4 +1,4 @@
-"""Multiprocess stress of the nested AVIC designs (vm/avic_stress.py): real vCPU processes on one
+"""Multiprocess stress of the nested AVIC designs (vm/avic/stress.py): real vCPU processes on one
 VM for about a second each, then the coordinator's oracle. Each design must come out clean; the
 broken variants (bool registration, no grace period before a free) must come out FAILURE."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from vm.avic import AVIC_DESIGNS
-from vm.avic_stress import run_stress
+from vm.avic.stress import run_stress
 from vm.config import Config
 
 DURATION = 1.0

@@ -4,7 +4,7 @@ vCPU loop of vcpu/ in miniature on one VM, then the coordinator's oracle.
 ``run_stress(cfg, run_id, hooks, duration)`` creates the VM and the design, spawns ``cfg.vcpus``
 processes running ``vcpu_main``, lets them run ``duration`` seconds, stops them, collects their
 WARN events (over a pipe, at exit), runs ``oracle()`` and ``teardown()`` and closes the VM (no
-segment or child process is left behind, even on failure). Used by tests/test_avic_stress.py and
+segment or child process is left behind, even on failure). Used by tests/vm/avic/test_avic_stress.py and
 usable from a benchmark.
 
 The loop of one vCPU (what the real worker does too): L1 guest writes (tracked ones from
@@ -24,13 +24,13 @@ import traceback
 from ipc import _prims
 from ipc.proc import die_with_parent, forkserver_context, reap, sigterm_to_exit
 from vm import layout as L
-from vm.avic import MMIO_APIC_GPA, guest_write
+from vm.avic.l1 import MMIO_APIC_GPA, guest_write
 from vm.config import from_dict
 from vm.kvm import Kvm
 from vm.nested import make_design, untracked_range
 from vm.page_track import emulator_write_phys
 
-PRELOAD = ["numpy", "vm.avic", "vm.avic_stress"]
+PRELOAD = ["numpy", "vm.avic", "vm.avic.stress"]
 PREEMPT_RATE = 0.02
 MAX_EVENTS = 20
 

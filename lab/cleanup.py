@@ -1,11 +1,11 @@
 """``launch.py clean [--dry-run]``: remove the shared-memory segments and run directories of dead runs.
 
 What is ours: segments ``/dev/shm/pts_<run_id>_<region>`` owned by this user, and run directories
-``pagetrack-sim-<run_id>`` (:func:`ipc.channel.list_run_dirs`). Nothing of a live run is ever removed:
+``pagetrack-sim-<run_id>`` (:func:`ipc.rundir.list_run_dirs`). Nothing of a live run is ever removed:
 
 * a **run directory** is live while its ``owner.pid`` names a live process with the same start time
   (a reused pid does not count), or, without a readable ``owner.pid``, while it is younger than
-  ``ipc.channel.OWNER_GRACE_S`` (it may be being created);
+  ``ipc.rundir.OWNER_GRACE_S`` (it may be being created);
 * a **segment** is live if any live process maps it or holds it open (``/proc/*/maps`` and
   ``/proc/*/fd`` — the reliable test: attached vCPUs map it, its creator keeps it open), or if its run
   id has a live run directory; a segment with no run directory at all and no user is also kept while
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ipc import channel
+from ipc import rundir
 from ipc import shm as shm_mod
 from ipc.proc import pid_alive
 
@@ -128,9 +128,9 @@ def scan(*, run_base: str | os.PathLike | None = None, shm_dir: str = shm_mod.SH
     rep = Report()
     now = time.time()
     uid = os.getuid()
-    dirs: dict[str, list[channel.RunDir]] = {}
-    for rd in channel.list_run_dirs(run_base):
-        rid = rd.path.name[len(channel.RUN_PREFIX):]
+    dirs: dict[str, list[rundir.RunDir]] = {}
+    for rd in rundir.list_run_dirs(run_base):
+        rid = rd.path.name[len(rundir.RUN_PREFIX):]
         if run_ids is None or rid in run_ids:
             dirs.setdefault(rid, []).append(rd)
 
@@ -187,7 +187,7 @@ def scan(*, run_base: str | os.PathLike | None = None, shm_dir: str = shm_mod.SH
     return rep
 
 
-def _dead_why(rd: channel.RunDir) -> str:
+def _dead_why(rd: rundir.RunDir) -> str:
     return f"owner pid {rd.pid} is gone" if rd.pid else "no readable owner.pid"
 
 
@@ -203,7 +203,7 @@ def apply(rep: Report) -> Report:
                 except FileNotFoundError:
                     pass  # gone meanwhile (its owner's resource tracker, another clean)
             else:
-                channel.remove_run_dir(it.name)
+                rundir.remove_run_dir(it.name)
                 if Path(it.name).exists():
                     raise OSError(f"{it.name} still exists after removal")
             it.removed = True

@@ -1,42 +1,42 @@
-"""ipc.channel: ROUTER/DEALER control channel across real processes (spawn context).
-
-The worker functions below run in spawned children, which import this module by name (pytest puts
-tests/ on sys.path and spawn passes sys.path to the child)."""
+"""ipc.channel: ROUTER/DEALER control channel across real processes (spawn context): endpoints,
+handshake, bad frames, scripted batches. Children and fixtures: tests/ipc/channel_kit.py."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import secrets
-import signal
-import stat
 import time
 from pathlib import Path
 
 import msgspec
 import pytest
-import zmq
+from channel_kit import (  # noqa: F401  (fixtures)
+    CTX,
+    RUN_TAG,
+    _listening_tcp_inodes,
+    _my_socket_inodes,
+    coord,
+    coordinator_proc,
+    echo_worker,
+    procs,
+    raw_dealer,
+    run_dir,
+    spawn,
+    start_workers,
+    stop_workers,
+    token,
+    wait_counter,
+)
 
 from ipc.channel import (
     HARD_MAX_FRAME,
-    OWNER_FILE,
-    RUN_PREFIX,
     CoordinatorChannel,
     PeerUnreachable,
-    WorkerChannel,
     check_endpoint,
-    list_run_dirs,
-    make_run_dir,
-    new_token,
-    read_owner,
-    remove_run_dir,
-    run_base,
 )
 from ipc.errors import UsageError
 from ipc.messages import (
     MAX_FRAME,
     VERSION,
-    Batch,
     BatchAck,
     Command,
     CommandResult,
@@ -49,260 +49,7 @@ from ipc.messages import (
     Warn,
     encode,
 )
-from ipc.proc import die_with_parent, reap
-
-CTX = mp.get_context("spawn")
-RUN_TAG = f"tst{os.getpid()}x"  # every run dir of this module starts with RUN_PREFIX + RUN_TAG
-
-
-# --------------------------------------------------------------------------------------------
-# child processes
-# --------------------------------------------------------------------------------------------
-
-
-def echo_worker(endpoint: str, vcpu: int, token: str, handshake_s: float = 10.0) -> None:
-    """A scripted-mode worker: handshake, then execute Batches until Stop (exit 0), or exit 2 if
-    the coordinator goes silent, 3 if the handshake times out (e.g. token rejected)."""
-    die_with_parent()
-    ch = WorkerChannel(endpoint, vcpu, token)
-    try:
-        try:
-            cfg = ch.handshake(handshake_s)
-        except TimeoutError:
-            os._exit(3)
-        done = 0
-        while True:
-            msg = ch.recv(10_000)
-            if msg is None:
-                os._exit(2)
-            if type(msg) is Stop:
-                ch.send(Result(vcpu, True, {"batches": done, "config": cfg.payload, "reason": msg.reason}))
-                time.sleep(0.05)  # linger 0: give the io thread a moment to flush the Result
-                return
-            if type(msg) is not Batch:
-                continue
-            results = []
-            for c in msg.commands:
-                if c.op == "echo":
-                    results.append(CommandResult(True, c.args))
-                elif c.op == "add":
-                    results.append(CommandResult(True, c.args["a"] + c.args["b"]))
-                elif c.op == "sleep":
-                    time.sleep(c.args["s"])
-                    results.append(CommandResult(True))
-                elif c.op == "stats":  # telemetry that arrives while the coordinator waits for the ack
-                    ch.send(Stats(vcpu, {"n": c.args.get("n", 0)}))
-                    ch.send(Warn(vcpu, "test", "warn during batch"))
-                    results.append(CommandResult(True))
-                elif c.op == "die":
-                    os._exit(9)
-                else:
-                    results.append(CommandResult(False, error=f"unknown op {c.op!r}"))
-                    break
-            ch.ack(msg.seq, results)
-            done += 1
-    finally:
-        ch.close()
-
-
-def coordinator_proc(run_dir: str, token: str, ready) -> None:
-    """A coordinator that welcomes one worker and then idles until it is killed."""
-    die_with_parent()
-    ch = CoordinatorChannel(run_dir, token)
-    ready.put(ch.endpoint)
-    try:
-        ch.wait_for_hellos(1, 10)
-        (vcpu,) = ch.vcpus
-        ch.send(vcpu, Config({"hello": "world"}))
-        time.sleep(60)
-    finally:
-        ch.close()
-
-
-# --------------------------------------------------------------------------------------------
-# fixtures
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_leftover_run_dirs():
-    yield
-    left = [r.path for r in list_run_dirs() if r.path.name.startswith(RUN_PREFIX + RUN_TAG)]
-    assert not left, f"leftover run dirs: {left}"
-
-
-@pytest.fixture
-def run_dir():
-    path = make_run_dir(RUN_TAG + secrets.token_hex(4))
-    try:
-        yield path
-    finally:
-        remove_run_dir(path)
-    assert not path.exists()
-
-
-@pytest.fixture
-def token():
-    return new_token()
-
-
-@pytest.fixture
-def coord(run_dir, token):
-    ch = CoordinatorChannel(run_dir, token)
-    try:
-        yield ch
-    finally:
-        ch.close()
-
-
-@pytest.fixture
-def procs():
-    started: list = []
-    try:
-        yield started
-    finally:
-        reap(started, timeout=5.0)
-        assert not any(p.is_alive() for p in started)
-
-
-def spawn(procs, target, *args):
-    p = CTX.Process(target=target, args=args, daemon=True)
-    p.start()
-    procs.append(p)
-    return p
-
-
-def start_workers(coord, token, procs, vcpus) -> None:
-    """Spawn echo workers, pass the start barrier and welcome each with its Config."""
-    for v in vcpus:
-        spawn(procs, echo_worker, coord.endpoint, v, token)
-    assert coord.wait_for_hellos(len(vcpus), 30) == sorted(vcpus)
-    for v in vcpus:
-        assert coord.send(v, Config({"vcpu": v}))
-
-
-def stop_workers(coord, procs) -> None:
-    """Broadcast Stop and check every worker exits cleanly (exit code 0)."""
-    coord.broadcast(Stop("test over"))
-    for p in procs:
-        p.join(10)
-    assert [p.exitcode for p in procs] == [0] * len(procs)
-
-
-def raw_dealer(endpoint: str, identity: bytes | None = None) -> tuple[zmq.Context, zmq.Socket]:
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    if identity is not None:
-        s.setsockopt(zmq.ROUTING_ID, identity)
-    s.connect(endpoint)
-    return ctx, s
-
-
-def wait_counter(ch, name: str, value: int, timeout_s: float = 5.0) -> None:
-    """Pump the channel until counters[name] reaches value (frames are counted on receipt)."""
-    deadline = time.monotonic() + timeout_s
-    while ch.counters[name] < value and time.monotonic() < deadline:
-        ch.recv(20)
-    assert ch.counters[name] == value, ch.counters
-
-
-def _listening_tcp_inodes() -> set[int]:
-    inodes = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(name).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "0A":  # TCP_LISTEN
-                inodes.add(int(f[9]))
-    return inodes
-
-
-def _my_socket_inodes() -> set[int]:
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out.add(int(target[8:-1]))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# run directory
-# --------------------------------------------------------------------------------------------
-
-
-def test_run_dir_private_and_owned(run_dir, coord):
-    st_dir = os.stat(run_dir)
-    assert stat.S_IMODE(st_dir.st_mode) == 0o700
-    assert run_dir.parent == run_base() and run_dir.name.startswith(RUN_PREFIX + RUN_TAG)
-    st_sock = os.stat(run_dir / "ctl.sock")
-    assert stat.S_ISSOCK(st_sock.st_mode)
-    assert stat.S_IMODE(st_sock.st_mode) == 0o600
-    assert coord.endpoint == f"ipc://{run_dir}/ctl.sock"
-    assert stat.S_IMODE(os.stat(run_dir / OWNER_FILE).st_mode) == 0o600
-    assert read_owner(run_dir)[0] == os.getpid()
-    (me,) = [r for r in list_run_dirs() if r.path == run_dir]
-    assert me.pid == os.getpid() and me.alive
-
-
-def test_run_dir_even_with_permissive_umask(token):
-    old = os.umask(0)
-    try:
-        path = make_run_dir(RUN_TAG + "umask")
-        try:
-            assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
-            with CoordinatorChannel(path, token):
-                assert stat.S_IMODE(os.stat(path / "ctl.sock").st_mode) == 0o600
-            assert not (path / "ctl.sock").exists()  # close() removes the socket file
-        finally:
-            remove_run_dir(path)
-    finally:
-        os.umask(old)
-
-
-def test_dead_run_dir_is_listed_dead(procs):
-    p = spawn(procs, time.sleep, 0)
-    p.join(5)
-    dead_pid = p.pid
-    path = make_run_dir(RUN_TAG + "dead")
-    try:
-        (path / OWNER_FILE).write_text(f"{dead_pid}\n0\n")
-        (r,) = [r for r in list_run_dirs() if r.path == path]
-        assert r.pid == dead_pid and not r.alive
-        # a live pid with another start time (pid reuse) is not the owner either
-        (path / OWNER_FILE).write_text(f"{os.getpid()}\n1\n")
-        (r,) = [r for r in list_run_dirs() if r.path == path]
-        assert not r.alive
-    finally:
-        remove_run_dir(path)
-    assert not path.exists()
-    remove_run_dir(path)  # already gone: no error
-
-
-def test_run_dir_validation(run_dir, token, tmp_path):
-    with pytest.raises(FileExistsError):
-        make_run_dir(run_dir.name[len(RUN_PREFIX):])
-    for bad in ("", "../x", "a/b", "-x", "x" * 65, "a b"):
-        with pytest.raises(UsageError):
-            make_run_dir(bad)
-    with pytest.raises(UsageError):
-        remove_run_dir(tmp_path)  # not named pagetrack-sim-*
-    assert tmp_path.exists()
-    loose = tmp_path / (RUN_PREFIX + "loose")
-    loose.mkdir(mode=0o755)
-    os.chmod(loose, 0o755)
-    with pytest.raises(UsageError, match="private"):
-        CoordinatorChannel(loose, token)
-    with pytest.raises(UsageError):
-        CoordinatorChannel(run_dir, "short")
-
+from ipc.worker_channel import WorkerChannel
 
 # --------------------------------------------------------------------------------------------
 # endpoints
@@ -557,58 +304,3 @@ def test_call_to_unknown_vcpu(coord):
     assert coord.send(7, Stop()) is False
 
 
-# --------------------------------------------------------------------------------------------
-# peer death
-# --------------------------------------------------------------------------------------------
-
-
-def test_worker_dies_no_hang(coord, token, procs):
-    start_workers(coord, token, procs, [1])
-    (p,) = procs
-    assert coord.call(1, [("add", {"a": 1, "b": 1})], timeout_s=10).results[0].value == 2
-    # dies in the middle of a batch: call() notices the route is gone well before its timeout
-    t0 = time.monotonic()
-    with pytest.raises(PeerUnreachable):
-        coord.call(1, [("die", {})], timeout_s=20)
-    assert time.monotonic() - t0 < 5
-    p.join(5)
-    assert p.exitcode == 9
-    t0 = time.monotonic()
-    assert coord.recv(300) is None
-    assert 0.25 <= time.monotonic() - t0 < 2
-    assert coord.probe(1) is False
-    assert coord.send(1, Stop()) is False
-    # a killed worker: same
-    p2 = spawn(procs, echo_worker, coord.endpoint, 2, token)
-    assert coord.wait_for_hellos(2, 30) == [1, 2]
-    assert coord.send(2, Config({}))
-    p2.kill()
-    p2.join(5)
-    with pytest.raises(PeerUnreachable):
-        coord.call(2, [("add", {"a": 1, "b": 1})], timeout_s=20)
-    coord.forget(1)
-    assert coord.vcpus == [2]
-
-
-def test_coordinator_dies_no_hang(run_dir, token, procs):
-    ready = CTX.Queue()
-    p = spawn(procs, coordinator_proc, str(run_dir), token, ready)
-    endpoint = ready.get(timeout=30)
-    w = WorkerChannel(endpoint, 0, token)
-    try:
-        assert w.handshake(10) == Config({"hello": "world"})
-        os.kill(p.pid, signal.SIGKILL)
-        p.join(5)
-        t0 = time.monotonic()
-        assert w.recv(300) is None
-        assert 0.25 <= time.monotonic() - t0 < 2
-        # sends never block, even with nobody reading: the queue fills, then drops are counted
-        t0 = time.monotonic()
-        sent = [w.send(Heartbeat(0, i)) for i in range(30_000)]
-        assert time.monotonic() - t0 < 20
-        assert sent[0] and not sent[-1]
-        assert w.counters["dropped"] > 0
-    finally:
-        w.close()
-        ready.close()
-        ready.join_thread()

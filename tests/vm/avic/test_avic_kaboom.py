@@ -1,4 +1,4 @@
-"""The seed's "X registers, Y registers, X unregisters, kaboom", scripted (vm.avic.run_kaboom):
+"""The seed's "X registers, Y registers, X unregisters, kaboom", scripted (vm/avic/kaboom.py):
 refcount -> SUCCESS; bool -> FAILURE naming the lost write; naive -> FAILURE by the
 redundant-registration WARN; split -> FAILURE by the WARN naming the untracked notifier."""
 

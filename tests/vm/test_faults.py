@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _run(args, tmp_path, timeout=90):
@@ -66,7 +66,7 @@ def test_kill_coordinator_vcpus_exit_by_themselves(tmp_path):
                        timeout=60)
     assert c.returncode == 0, c.stderr
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"pts_{run_id}_")]
-    from ipc.channel import run_base
+    from ipc.rundir import run_base
 
     assert not (run_base() / f"pagetrack-sim-{run_id}").exists()
 

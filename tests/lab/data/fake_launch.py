@@ -1,4 +1,4 @@
-"""Stand-in for launch.py in the sweep tests (``vm.sweep.launch_py`` is monkeypatched to this file).
+"""Stand-in for launch.py in the sweep tests (``lab.sweep.launch_py`` is monkeypatched to this file).
 
 ``fake_launch.py run --json PATH ... --vcpus N ...``: for N == 1 it writes ``template.json`` (found two
 levels above PATH, in the sweep's output directory) as the results document and exits 1, like a run

@@ -1,4 +1,4 @@
-"""vm.sweep (``launch.py sweep``): grid validation, point commands, a real 2-point sweep on a
+"""lab.sweep (``launch.py sweep``): grid validation, point commands, a real 2-point sweep on a
 LocalCluster, resume, crashed / FAILURE points (a fake launch.py) on an external scheduler."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from ipc.errors import UsageError
-from vm import report, sweep
+from lab import report, sweep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

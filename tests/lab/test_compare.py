@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 
-from vm.compare import assess
+from lab.compare import assess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _res(design, vcpus, rate, vmrun_per_s, wait_share=0.0):

@@ -16,7 +16,7 @@ from vm.kvm import Kvm
 from vm.mirror import MIRROR_KIND, mirror_track, oracle
 from vm.nested import tracked_gfns
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MMIO = 0xFEE00000
 
 

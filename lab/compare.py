@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ipc.errors import UsageError
-from vm import report
+from lab import report
 from vm.config import from_dict
 
 DESIGNS = ("mutex-hash", "rcu-list", "per-table-notifier")

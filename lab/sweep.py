@@ -31,7 +31,7 @@ recorded with its exit code and stderr tail, and is retried by the next sweep in
 
 Outputs in DIR: ``points/<id>.json`` (one per point), ``sweep.json`` (list of the results in grid
 order, each with its ``point_id``), ``status.json`` (counts, failed / crashed points, timings),
-``report.md`` and PNG plots (:func:`vm.report.write_report`).
+``report.md`` and PNG plots (:func:`lab.report.write_report`).
 
 Exit code: 0 when every point produced a result and every verdict is SUCCESS; 1 when a point crashed
 or ended in FAILURE (everything is still merged and reported); 2 for bad input.
@@ -59,7 +59,7 @@ from typing import Any
 import msgspec
 
 from ipc.errors import UsageError
-from vm import report
+from lab import report
 from vm.config import CLI_KEYS, Config, from_dict
 
 EXIT_OK, EXIT_FAILURE = 0, 1

@@ -24,7 +24,7 @@ from ipc.errors import UsageError
 from ipc.rcu import RcuDomain
 from ipc.shm import SHM_DIR
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 WRITES_RE = re.compile(r"Writes:  Total: (\d+)  Max/Min: (\d+)/(\d+)  Fail: (\d+)")
 # The CLI tests use real processes; allow for a slow, loaded 2-core machine.
 CLI_TIMEOUT = 120

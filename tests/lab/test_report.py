@@ -1,4 +1,4 @@
-"""vm.report (``launch.py report``): comparison rows, markdown table, PNG plots, bad input.
+"""lab.report (``launch.py report``): comparison rows, markdown table, PNG plots, bad input.
 
 The documents are one real short run (``launch.py run --json``) and synthetic variants of it."""
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from ipc.errors import UsageError
-from vm import report
+from lab import report
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

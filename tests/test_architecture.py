@@ -1,0 +1,200 @@
+"""The shape of the tree (shared/DESIGN.md "Layers"): one-way imports, no circle, small files.
+
+Arrows go launch -> lab -> vm, vcpu -> ipc, and vcpu -> vm; never back. Checked on every import
+statement of the package, module level and function level alike (a lazy import is still an arrow):
+- no import circle between modules;
+- nothing imports launch.py; ipc/ imports none of vm/, vcpu/, lab/; vm/ imports neither vcpu/ nor
+  lab/; vcpu/ does not import lab/;
+- no .py file over 600 lines, no class over 300 lines (the C extension is exempt).
+
+The checkers are plain functions over a {module: {imported modules}} graph, so the self-tests at the
+bottom feed them a broken graph and see them complain.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("ipc", "vm", "vcpu", "lab", "bench")
+MAX_FILE_LINES = 600
+MAX_CLASS_LINES = 300
+
+# (importer layer, imported layer) pairs that must never occur
+FORBIDDEN = {
+    ("ipc", "vm"), ("ipc", "vcpu"), ("ipc", "lab"),
+    ("vm", "vcpu"), ("vm", "lab"),
+    ("vcpu", "lab"),
+}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def source_files() -> list[Path]:
+    files = [ROOT / "launch.py"]
+    for pkg in PACKAGES:
+        files += sorted((ROOT / pkg).rglob("*.py"))
+    return files
+
+
+def import_graph(files: list[Path]) -> dict[str, set[str]]:
+    """{module: modules of this project it imports}; ``from X import Y`` counts as an import of the
+    module X.Y when that is a module of ours, else of X."""
+    mods = {_module_name(f): f for f in files}
+    ours = set(mods)
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                    pkg = pkg[:len(pkg) - (node.level - 1)]
+                    base = ".".join(pkg + ([base] if base else []))
+                for a in node.names:
+                    sub = f"{base}.{a.name}" if base else a.name
+                    targets.append(sub if sub in ours else base)
+            for t in targets:
+                # the longest prefix of t that is one of our modules
+                parts = t.split(".")
+                while parts and ".".join(parts) not in ours:
+                    parts.pop()
+                if parts and ".".join(parts) != mod:
+                    graph[mod].add(".".join(parts))
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def layer(mod: str) -> str:
+    return mod.split(".")[0]
+
+
+def forbidden_edges(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for src, dsts in sorted(graph.items()):
+        for dst in sorted(dsts):
+            if dst == "launch":
+                bad.append(f"{src} imports launch.py (nothing may)")
+            elif (layer(src), layer(dst)) in FORBIDDEN:
+                bad.append(f"{src} imports {dst} ({layer(src)}/ -> {layer(dst)}/ is backwards)")
+    return bad
+
+
+def oversized(files: list[Path]) -> list[str]:
+    bad = []
+    for f in files:
+        text = f.read_text()
+        n = text.count("\n")
+        if n > MAX_FILE_LINES:
+            bad.append(f"{f.relative_to(ROOT)}: {n} lines > {MAX_FILE_LINES}")
+        for node in ast.walk(ast.parse(text, str(f))):
+            if isinstance(node, ast.ClassDef):
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    bad.append(f"{f.relative_to(ROOT)}: class {node.name} is {size} lines > {MAX_CLASS_LINES}")
+    return bad
+
+
+# -- the tree ---------------------------------------------------------------------------------------
+
+def test_graph_sees_the_packages():
+    g = import_graph(source_files())
+    # a graph that missed the imports would pass every rule below: make sure it sees real arrows
+    assert "vm.avic.base" in g and "vm.nested" in g["vm.avic.base"]
+    assert "ipc.rcu" in g["vm.layout"]
+    assert "lab.compare" in g and "ipc.torture" in g
+
+
+def test_no_import_circle():
+    assert find_cycles(import_graph(source_files())) == []
+
+
+def test_arrows_point_one_way():
+    assert forbidden_edges(import_graph(source_files())) == []
+
+
+def test_files_and_classes_are_small():
+    files = source_files() + sorted((ROOT / "tests").rglob("*.py"))
+    assert oversized(files) == []
+
+
+# -- the checkers can fail ---------------------------------------------------------------------------
+
+def test_cycle_checker_finds_a_circle():
+    g = {"vm.avic": {"vm.nested"}, "vm.nested": {"vm.layout", "vm.avic"}, "vm.layout": set()}
+    assert find_cycles(g) == [["vm.avic", "vm.nested"]]
+
+
+def test_layer_checker_finds_backward_arrows():
+    g = {"ipc.rcu": {"vm.layout"}, "vm.coordinator": {"lab.report", "vcpu.worker"}, "lab.compare": {"launch"},
+         "vm.kvm": {"ipc.shm"}}
+    bad = forbidden_edges(g)
+    assert len(bad) == 4 and not any("vm.kvm" in b for b in bad)
+
+
+def test_import_graph_reads_lazy_and_relative_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "vm"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from vm import b\n")
+    (pkg / "b.py").write_text("from . import a\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    g = import_graph(sorted(pkg.glob("*.py")))
+    assert g["vm.a"] == {"vm.b"} and g["vm.b"] == {"vm.a"}
+    assert find_cycles(g) == [["vm.a", "vm.b"]]
+
+
+def test_size_checker_finds_big_files_and_classes(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    f = tmp_path / "big.py"
+    f.write_text("class A:\n" + "    x = 1\n" * 400 + "y = 2\n" * 300)
+    bad = oversized([f])
+    assert len(bad) == 2 and "class A" in bad[1]

@@ -1,0 +1,268 @@
+"""What every nested AVIC design shares (:class:`AvicDesign`): the ``avic`` shm region and its
+binding in each process, the locks with locktorture-style held flags, ``setup`` (coordinator: the
+guest tables, write tracking, the shared notifier node), stats and teardown. The pieces it is made
+of live beside it: vm/avic/pool.py (tables), guest.py (nested VMRUN / VMEXIT), l1.py (L1's stores),
+registration.py (notifier variants), oracle.py (the checks)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ipc.locks import init_lockstat, merge_lockstat, new_lock
+from ipc.shm import Region
+from vm import layout as L
+from vm import notifier
+from vm.avic import oracle
+from vm.avic.guest import GuestEntry
+from vm.avic.l1 import L1Writes
+from vm.avic.notifiers import AVIC_SHARED_KIND, BY_KVM
+from vm.avic.pool import TablePool
+from vm.avic.registration import Registration
+from vm.avic.table import (
+    CS,
+    CS_FAILS,
+    CS_HOLDER,
+    CS_PHYSID,
+    DESIGN_IDS,
+    FLOOD_PER_ENTRY,
+    FREE,
+    H_DESIGN,
+    H_LIVE,
+    H_MAXLIVE,
+    H_NENTRIES,
+    H_NODE,
+    H_REGVAR,
+    LOCK_NOTIFIER,
+    MYLOCKS,
+    POISON,
+    READER_DELAY_NS,
+    REGISTRATION_IDS,
+    REGISTRATIONS,
+    STATS,
+    T_NODE,
+    T_STATE,
+    TW,
+    V_CUR,
+    V_INGUEST,
+    VW,
+    S,
+    avic_layout,
+    host_apic_id,
+    make_entry,
+    nentries,
+    ntables,
+    s64,
+)
+from vm.nested import NestedDesign, table_gfn, untracked_range
+from vm.page_track import (
+    PAGE_SHIFT,
+    kvm_page_track_write_tracking_enable,
+)
+
+
+class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
+    """What the three designs share: the ``avic`` region, locks with held flags, setup, stats and
+    teardown; the table pool (``TablePool``), guest-mode entry (``GuestEntry``), L1's table writes
+    (``L1Writes``) and registration variants (``Registration``) come from their own modules, the
+    checks from vm/avic/oracle.py. A design subclass supplies ``_vmrun_get``, ``_put``,
+    ``track_write`` / ``table_track_write`` and ``_check_structure``."""
+
+    name = "avic"
+    shared_node = True
+
+    def __init__(self, kvm, cfg):
+        super().__init__(kvm, cfg)
+        if cfg.registration not in REGISTRATIONS:
+            raise ValueError(f"unknown registration variant {cfg.registration!r}")
+        self.registration = cfg.registration
+        self.nvcpus = cfg.vcpus
+        self.ne = nentries(cfg)
+        self.nt = ntables(cfg)
+        self.flood_limit = self.ne * FLOOD_PER_ENTRY
+        self.mem_pages = cfg.memory_pages
+        self.gmem = kvm.guest_mem
+        self.tables_lock = kvm.locks["tables_lock"]
+        self.physid_lock = kvm.locks["avic_physid_lock"]
+        self.tables_spin = kvm.locks["avic_tables_spin"]
+        self.hooks = kvm.hooks
+        self.reader_delay = READER_DELAY_NS if "avic-reader-delay" in kvm.hooks else 0
+        self.tag = kvm.tag
+        self._host_apic = [host_apic_id(v) for v in range(self.nvcpus)]
+        self.region: Region | None = None
+        self._owner = False
+        self._warned_gm = False
+        BY_KVM[kvm] = self
+        r = kvm.regions.get("avic")
+        if r is not None:
+            self._bind(r)
+
+    def _bind(self, region: Region) -> None:
+        self.region = region
+        self.amem = region.mem
+        self.hdr0 = region.word("hdr")
+        self.hash0 = region.word("hash")
+        self.vw0 = region.word("vcpu")
+        self.tw0 = region.word("tables")
+        self.valid0 = region.word("valid")
+        self.cache0 = region.word("cache")
+        self.shadow0 = region.word("shadow")
+        self.cs0 = region.word("cs")
+        self.st0 = region.word("stats", self.kvm.proc)
+        stats = self.cfg.stats
+        self.notifier_lock = new_lock(
+            "mutex", region.mem, region.word("locks", LOCK_NOTIFIER),
+            region.word("lockstat", self.kvm.proc, LOCK_NOTIFIER) if stats else -1, self.tag,
+            busted="busted-lock" in self.hooks)
+
+    def _attach(self) -> None:
+        if self.region is None or self.region.closed:
+            r = self.kvm.regions.get("avic")
+            if r is None or r.closed:
+                r = Region.attach(self.kvm.run_id, avic_layout(self.cfg))
+                self.kvm.regions["avic"] = r
+            self._bind(r)
+
+    def warn_emulation_in_guest_mode(self, gpa: int) -> None:
+        """An emulated write reached the AVIC notifier while this vCPU is still inside its
+        guest-mode section: in KVM emulation happens after a VM exit. Here it can deadlock
+        (mutex-hash: a vCPU holding tables_lock waits in kvm_flush_remote_tlbs for this section,
+        and this section waits for tables_lock). WARNed once per process; the notifier then runs
+        the callback outside the section (``_outside_guest_mode``)."""
+        if not self._warned_gm:
+            self._warned_gm = True
+            self.kvm.warn("emulation_in_guest_mode",
+                          f"emulated write to gpa {gpa:#x} reached the nested AVIC notifier inside the "
+                          f"guest_mode read-side section (emulate after leaving guest mode: a TLB flush "
+                          f"waiting for this section can deadlock against tables_lock)", gpa=gpa)
+
+    def _stat(self, name: str, n: int = 1) -> None:
+        self.amem.fetch_add(self.st0 + S[name], n)
+
+    def _h(self, w: int) -> int:
+        return self.amem.load(self.hdr0 + w)
+
+    def _tb(self, t: int) -> int:
+        return self.tw0 + t * TW
+
+    def _cs_in(self, i: int) -> None:
+        w = self.cs0 + i * 8
+        if self.amem.xchg(w + CS_HOLDER, self.tag):
+            self.amem.fetch_add(w + CS_FAILS, 1)
+
+    def _cs_out(self, i: int) -> None:
+        self.amem.cmpxchg(self.cs0 + i * 8 + CS_HOLDER, self.tag, 0)
+
+    def _physid_lock(self) -> None:
+        self.physid_lock.lock()
+        self._cs_in(CS_PHYSID)
+
+    def _physid_unlock(self) -> None:
+        self._cs_out(CS_PHYSID)
+        self.physid_lock.unlock()
+
+    def setup(self) -> None:
+        kvm, cfg = self.kvm, self.cfg
+        region = Region.create(kvm.run_id, avic_layout(cfg))
+        kvm.regions["avic"] = region
+        self._owner = True
+        v = region.v
+        for f in v.values():
+            f[...] = 0
+        init_lockstat(v["lockstat"])
+        del v, f
+        self._bind(region)
+        m, h = self.amem, self.hdr0
+        m.store(h + H_DESIGN, DESIGN_IDS[self.name])
+        m.store(h + H_NENTRIES, self.ne)
+        m.store(h + H_REGVAR, REGISTRATION_IDS[self.registration])
+        # the L2s' guest physid tables: entry e -> a backing page, L1 vCPU e, not running
+        lo, hi = untracked_range(cfg)
+        span = max(1, hi - lo)
+        for l2 in range(cfg.l2s):
+            base = table_gfn(cfg, l2) << 9
+            for e in range(self.ne):
+                backing = (lo + (l2 * self.ne + e) % span) << PAGE_SHIFT
+                self.gmem.store(base + e, s64(make_entry(backing, e % self.nvcpus, False)))
+        if self.registration != "split":
+            kvm_page_track_write_tracking_enable(kvm)  # registration and tracking go together
+        if self.shared_node:
+            node = notifier.alloc_node(kvm, AVIC_SHARED_KIND, 0)
+            m.store(h + H_NODE, node + 1)
+            if self.registration == "split":
+                # registered once, at VM creation, apart from enabling tracking (done on first use)
+                self._register(node, "nested AVIC shared node")
+
+    def vcpu_init(self, vcpu: int) -> None:
+        self._attach()
+
+    def _vmrun_get(self, v: int, gfn: int, l2: int) -> int:
+        raise NotImplementedError
+
+    def _put(self, v: int, t: int) -> None:
+        raise NotImplementedError
+
+    def track_write(self, gpa: int, nbytes: int, node: int) -> None:
+        raise NotImplementedError
+
+    def table_track_write(self, t: int, gpa: int, nbytes: int, node: int) -> None:
+        raise NotImplementedError
+
+    def oracle(self) -> list[str]:
+        """Coordinator, vCPUs stopped: every violation, in words (empty = good)."""
+        return oracle.final(self)
+
+    def _check_structure(self, bad: list[str]) -> None:
+        """The design's index (hash chains, RCU list) links exactly the live tables."""
+
+    def stats(self) -> dict:
+        if self.region is None or self.region.closed:
+            return {}
+        v = self.region.v
+        st = v["stats"].sum(axis=0)
+        out = {name: int(st[i]) for i, name in enumerate(STATS)}
+        out["live_tables"] = self._h(H_LIVE)
+        out["max_live_tables"] = self._h(H_MAXLIVE)
+        out["lock_stat"] = merge_lockstat(np.array(v["lockstat"]), list(MYLOCKS))
+        out["lock_fails"] = {name: int(v["cs"][i, CS_FAILS]) for i, name in enumerate(CS)}
+        del v, st
+        return out
+
+    def teardown(self) -> None:
+        """Coordinator, vCPUs stopped: free every table, untrack its gfn, unregister and free the
+        notifier nodes (takes locks; the coordinator skips it after a vCPU died)."""
+        kvm = self.kvm
+        if self.region is None or self.region.closed:
+            return
+        m = self.amem
+        for t in range(self.nt):
+            b = self.tw0 + t * TW
+            st = m.load(b + T_STATE)
+            if st in (FREE, POISON):
+                continue
+            self._untrack(t)
+            node = m.load(b + T_NODE) - 1
+            if node >= 0:
+                if notifier.node_state(kvm, node) == L.NODE_LIVE:
+                    notifier.kvm_page_track_unregister_notifier(kvm, node)
+                notifier.free_node(kvm, node)
+            self._poison_table(t)
+        for v in range(self.nvcpus):
+            m.store(self.vw0 + v * VW + V_CUR, 0)
+            m.store(self.vw0 + v * VW + V_INGUEST, 0)
+        node = m.load(self.hdr0 + H_NODE) - 1
+        if node >= 0:
+            if notifier.node_state(kvm, node) == L.NODE_LIVE:
+                notifier.kvm_page_track_unregister_notifier(kvm, node)
+            notifier.free_node(kvm, node)
+            m.store(self.hdr0 + H_NODE, 0)
+
+    def close(self) -> None:
+        """Drop (and, in the coordinator, unlink) the avic region; never blocks; idempotent.
+        ``Kvm.close`` also closes it (it is in ``kvm.regions``)."""
+        kvm, region = self.kvm, self.region
+        if region is not None:
+            if kvm.regions.get("avic") is region:
+                del kvm.regions["avic"]
+            region.close()
+        if BY_KVM.get(kvm) is self:
+            del BY_KVM[kvm]

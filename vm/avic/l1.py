@@ -1,0 +1,97 @@
+"""L1's side of the nested AVIC wing: the guest stores L1 makes to its physical APIC ID tables
+(the workload's tracked writes, the scripted ``write_entry``) and :func:`guest_write`, one L1 store
+as the hardware takes it (a write-protected gfn faults and is emulated, MMIO is emulated, anything
+else goes straight to memory inside the guest-mode section)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from vm.avic.table import (
+    AVIC_APIC_ID_MASK,
+    AVIC_IS_RUNNING,
+    AVIC_UPDATABLE,
+    AVIC_VALID,
+    make_entry,
+    nentries,
+    u64,
+)
+from vm.nested import table_gfn, untracked_range
+from vm.page_track import (
+    PAGE_SHIFT,
+    emulator_write_phys,
+    page_fault_handle_page_track,
+)
+
+MMIO_APIC_GPA = 0xFEE00000
+
+
+class L1Writes:
+    """The design's ``tracked_write`` / ``entry_write``: which store L1 makes to a table page."""
+
+    def entry_write(self, l2: int, entry: int, apic: int, running: bool) -> tuple[int, bytes]:
+        """L1 rewrites the apic-id / IsRunning part of ``entry`` of ``l2``'s physid table:
+        the (gpa, 8 bytes) of that guest store (the caller performs it)."""
+        if not 0 <= l2 < self.cfg.l2s or not 0 <= entry < nentries(self.cfg) or not 0 <= apic <= 0xFF:
+            raise ValueError(f"write_entry: l2 {l2} / entry {entry} / apic {apic} out of range")
+        gpa = (table_gfn(self.cfg, l2) << PAGE_SHIFT) + entry * 8
+        g = u64(self.kvm.guest_mem.load(gpa >> 3))
+        new = (g & ~AVIC_UPDATABLE) | apic | (AVIC_IS_RUNNING if running else 0)
+        return gpa, new.to_bytes(8, "little")
+
+    def tracked_write(self, vcpu: int, rng: random.Random) -> tuple[int, bytes]:
+        """L1 vCPU ``vcpu`` rewrites its own entry (``vcpu % nentries``) of a random L2's table:
+        mostly apic-id / IsRunning updates (8-byte, 1-byte apic id, 4-byte high dword), sometimes a
+        backing-page change or a Valid flip (those invalidate the table)."""
+        if self.region is None:
+            self._attach()
+        cfg = self.cfg
+        gfn = table_gfn(cfg, int(rng.random() * cfg.l2s))
+        e = vcpu % self.ne
+        gpa = (gfn << PAGE_SHIFT) + e * 8
+        g = self.gmem.load((gfn << 9) + e) & 0xFFFFFFFFFFFFFFFF
+        r = rng.random()
+        if not g & AVIC_VALID:
+            new = make_entry(self._backing(rng), int(rng.random() * self.nvcpus), rng.random() < 0.5)
+        elif r < 0.80:
+            apic = int(rng.random() * self.nvcpus)
+            new = (g & ~AVIC_UPDATABLE) | apic | (AVIC_IS_RUNNING if rng.random() < 0.5 else 0)
+            r2 = rng.random()
+            if r2 < 0.15:
+                return gpa, bytes((apic,))  # the apic id byte alone
+            if r2 < 0.30:
+                return gpa + 4, ((new >> 32) & 0xFFFFFFFF).to_bytes(4, "little")  # IsRunning dword
+        elif r < 0.95:
+            new = make_entry(self._backing(rng), g & AVIC_APIC_ID_MASK, bool(g & AVIC_IS_RUNNING))
+        else:
+            new = g & ~AVIC_VALID
+        return gpa, new.to_bytes(8, "little")
+
+    def _backing(self, rng: random.Random) -> int:
+        if rng.random() < 0.1:  # a bad address: the shadow entry points at the dummy page
+            return (self.mem_pages + int(rng.random() * 1024)) << PAGE_SHIFT
+        lo, hi = untracked_range(self.cfg)
+        return (lo + int(rng.random() * max(1, hi - lo))) << PAGE_SHIFT
+
+
+def guest_write(kvm, gpa: int, data: bytes) -> bool:
+    """An L1 store: a write to a write-tracked gfn faults and is emulated (notifier walk, after
+    leaving guest mode), so is MMIO; anything else goes straight to memory inside the guest-mode
+    section (which a remote TLB flush waits for). True if emulated."""
+    gm = kvm.guest_mode
+    gm.read_lock()
+    gfn = gpa >> PAGE_SHIFT
+    if gfn < kvm.memory_pages and not page_fault_handle_page_track(kvm, gfn, True):
+        if len(data) == 8 and not gpa & 7:
+            kvm.guest_mem.store(gpa >> 3, int.from_bytes(data, "little", signed=True))
+        else:
+            kvm.guest_bytes[gpa:gpa + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        gm.read_unlock()
+        kvm.count("write_untracked")
+        return False
+    gm.read_unlock()
+    emulator_write_phys(kvm, gpa, data)
+    kvm.count("write_tracked")
+    return True

@@ -1,0 +1,304 @@
+"""The table pool of the nested AVIC wing: allocate / free (poison) shadow tables, write-protect
+their gfn, sync / update / invalidate / drop their entries, and the chain walks the designs' indexes
+(gfn hash, RCU list) share. A mixin of :class:`vm.avic.base.AvicDesign`; all state is in the
+``avic`` shm region (vm/avic/table.py)."""
+
+from __future__ import annotations
+
+from ipc import _prims
+from ipc.locks import lockdep_assert_held
+from vm.avic.table import (
+    ALLOC,
+    AVIC_APIC_ID_MASK,
+    AVIC_BACKING_MASK,
+    AVIC_IS_RUNNING,
+    AVIC_UPDATABLE,
+    AVIC_VALID,
+    DROPPED,
+    DUMMY_HPA,
+    FREE,
+    H_GEN,
+    H_LIVE,
+    H_MAXLIVE,
+    HPA_BASE,
+    INVALID,
+    LIVE,
+    NO_HOST_APIC,
+    POISON,
+    POISON_ENTRY,
+    POISON_NEXT,
+    POISON_REF,
+    T_FLOOD,
+    T_GEN,
+    T_GFN,
+    T_L2,
+    T_NENTRIES,
+    T_NEXT,
+    T_NODE,
+    T_REF,
+    T_REGISTERED,
+    T_STATE,
+    T_SYNCS,
+    T_TRACKED,
+    T_USE,
+    T_WRITES,
+    TW,
+    UNTRACKED,
+    V_INGUEST,
+    V_LOADED,
+    V_RELOAD,
+    VALID,
+    VW,
+    s64,
+)
+from vm.page_track import (
+    PAGE_SHIFT,
+    kvm_flush_remote_tlbs,
+    kvm_page_track_write_tracking_enable,
+    kvm_page_track_write_tracking_enabled,
+    kvm_write_track_add_gfn,
+    kvm_write_track_remove_gfn,
+)
+
+
+class TablePool:
+    """Shadow ``avic_physid_table`` objects: lifetime, write tracking of their page, entries."""
+
+    def _chain_find(self, head_w: int, gfn: int, what: str) -> int:
+        """The live table of ``gfn`` on the chain of table slots starting at word ``head_w`` (a
+        gfn-hash bucket or the RCU list), or -1. A poisoned slot or a bad / cyclic pointer on the
+        way is a read of freed memory: reported, and the walk stops."""
+        m = self.amem
+        n = m.load(head_w)
+        steps = 0
+        while n:
+            steps += 1
+            if not 0 < n <= self.nt or steps > self.nt:  # a cycle is corruption too
+                self.kvm.poisoned(f"avic_physid_table {what} pointer {n} (step {steps})", pointer=n)
+                return -1
+            t = n - 1
+            b = self.tw0 + t * TW
+            st = m.load(b + T_STATE)
+            if st == POISON:
+                self.kvm.poisoned(f"avic_physid_table slot {t} on the {what}", table=t)
+                return -1
+            if st in LIVE and m.load(b + T_GFN) == gfn:
+                return t
+            n = m.load(b + T_NEXT)
+        return -1
+
+    def _chain_unlink(self, head_w: int, t: int, what: str, corrupt_kind: str) -> None:
+        """Unlink table slot ``t`` from the chain starting at word ``head_w`` (writer side, its
+        lock held). ``t`` keeps its next pointer, so a reader standing on it moves on."""
+        m = self.amem
+        b = self.tw0 + t * TW
+        link = head_w
+        for _ in range(self.nt + 1):
+            n = m.load(link)
+            if not 0 < n <= self.nt:
+                if n:
+                    self.kvm.poisoned(f"avic_physid_table {what} pointer {n} (unlinking slot {t})")
+                else:
+                    self.kvm.warn(corrupt_kind, f"avic_physid_table slot {t} not on the {what}")
+                return
+            if n == t + 1:
+                m.store(link, m.load(b + T_NEXT))
+                return
+            link = self.tw0 + (n - 1) * TW + T_NEXT
+        self.kvm.warn(corrupt_kind, f"avic_physid_table slot {t}: the {what} loops")
+
+    def _translate(self, g: int) -> int:
+        if not g & AVIC_VALID:
+            return 0
+        gpa = g & AVIC_BACKING_MASK
+        hpa = HPA_BASE + gpa if (gpa >> PAGE_SHIFT) < self.mem_pages else DUMMY_HPA
+        apic = g & AVIC_APIC_ID_MASK
+        if apic < self.nvcpus:
+            run = AVIC_IS_RUNNING if (g & AVIC_IS_RUNNING
+                                      and self.amem.load(self.vw0 + apic * VW + V_LOADED)) else 0
+            return AVIC_VALID | run | hpa | self._host_apic[apic]
+        return AVIC_VALID | hpa | NO_HOST_APIC
+
+    def _create_table(self, gfn: int, l2: int) -> int:
+        """Allocate and initialise a table (refcount 1, not yet write-protected)."""
+        m = self.amem
+        for t in range(self.nt):
+            b = self.tw0 + t * TW
+            st = m.load(b + T_STATE)
+            if st in (FREE, POISON) and m.cmpxchg(b + T_STATE, st, ALLOC) == st:
+                break
+        else:
+            self.kvm.warn("avic_tables_exhausted", f"avic_physid_table pool ({self.nt}) exhausted")
+            raise RuntimeError(f"avic_physid_table pool ({self.nt}) exhausted")
+        for w, val in ((T_GFN, gfn), (T_L2, l2), (T_NENTRIES, self.ne), (T_REF, 1), (T_USE, 0),
+                       (T_FLOOD, 0), (T_NEXT, 0), (T_NODE, 0), (T_REGISTERED, 0), (T_TRACKED, 0),
+                       (T_WRITES, 0), (T_SYNCS, 0)):
+            m.store(b + w, val)
+        m.store(b + T_GEN, m.fetch_add(self.hdr0 + H_GEN, 1) + 1)
+        cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
+        for e in range(self.ne):
+            m.store(cb + e, 0)
+            m.store(sb + e, 0)
+        for i in range(4):
+            m.store(self.valid0 + t * 4 + i, 0)
+        live = m.fetch_add(self.hdr0 + H_LIVE, 1) + 1
+        mx = m.load(self.hdr0 + H_MAXLIVE)
+        while live > mx:
+            f = m.cmpxchg(self.hdr0 + H_MAXLIVE, mx, live)
+            if f == mx:
+                break
+            mx = f
+        m.store(b + T_STATE, UNTRACKED)  # release: complete before anyone can use it
+        self.kvm.count("table_create")
+        self._stat("table_create")
+        return t
+
+    def _poison_table(self, t: int) -> None:
+        """Free a table: nobody may still read it (the design's grace period has elapsed)."""
+        m = self.amem
+        b = self.tw0 + t * TW
+        # scribble first, publish POISON last: a POISON slot may be reallocated at once
+        m.fetch_add(b + T_GEN, 1)
+        m.store(b + T_GFN, -1)
+        m.store(b + T_REF, POISON_REF)
+        m.store(b + T_USE, 0)
+        m.store(b + T_NEXT, POISON_NEXT)
+        m.store(b + T_NODE, 0)
+        cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
+        for e in range(self.ne):
+            m.store(cb + e, POISON_ENTRY)
+            m.store(sb + e, POISON_ENTRY)
+        m.store(b + T_STATE, POISON)  # release
+        m.fetch_add(self.hdr0 + H_LIVE, -1)
+        self.kvm.count("table_free")
+        self._stat("table_free")
+
+    def _track(self, t: int) -> None:
+        """Write-protect the table's gfn (kvm_write_track_add_gfn under mmu_lock, then flush)."""
+        kvm = self.kvm
+        b = self.tw0 + t * TW
+        gfn = self.amem.load(b + T_GFN)
+        if self.registration == "split" and not kvm_page_track_write_tracking_enabled(kvm):
+            kvm_page_track_write_tracking_enable(kvm)  # enabled apart from registration, on first use
+        with kvm.mmu_lock:
+            ok = kvm_write_track_add_gfn(kvm, gfn)
+            if ok:
+                self.amem.store(b + T_TRACKED, 1)
+        if ok:
+            kvm_flush_remote_tlbs(kvm)
+        self._stat("track_gfn")
+
+    def _untrack(self, t: int) -> None:
+        kvm = self.kvm
+        b = self.tw0 + t * TW
+        with kvm.mmu_lock:
+            if self.amem.load(b + T_TRACKED):
+                kvm_write_track_remove_gfn(kvm, self.amem.load(b + T_GFN))
+                self.amem.store(b + T_TRACKED, 0)
+                self._stat("untrack_gfn")
+
+    def _sync(self, t: int) -> None:
+        """Read every guest entry, cache it, write its translation (atomic 64-bit stores)."""
+        lockdep_assert_held(self.physid_lock, "avic_physid_lock")
+        m, gl = self.amem, self.gmem.load
+        b = self.tw0 + t * TW
+        gbase = m.load(b + T_GFN) << 9
+        cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
+        bits = [0, 0, 0, 0]
+        for e in range(self.ne):
+            g = gl(gbase + e) & 0xFFFFFFFFFFFFFFFF
+            m.store(cb + e, s64(g))
+            m.store(sb + e, s64(self._translate(g)))
+            if g & AVIC_VALID:
+                bits[e >> 6] |= 1 << (e & 63)
+        for i in range(4):
+            m.store(self.valid0 + t * 4 + i, s64(bits[i]))
+        m.store(b + T_FLOOD, 0)
+        m.fetch_add(b + T_SYNCS, 1)
+        m.store(b + T_STATE, VALID)
+
+    def _invalidate(self, t: int) -> None:
+        """The table no longer matches its guest table: vCPUs running on it must reload."""
+        lockdep_assert_held(self.physid_lock, "avic_physid_lock")
+        m = self.amem
+        b = self.tw0 + t * TW
+        if m.load(b + T_STATE) == VALID:
+            m.store(b + T_STATE, INVALID)
+        _prims.smp_mb()
+        for v in range(self.nvcpus):
+            if m.load(self.vw0 + v * VW + V_INGUEST) == t + 1:
+                m.store(self.vw0 + v * VW + V_RELOAD, 1)
+                self._stat("reload_request")
+        self._stat("invalidate")
+
+    def _drop(self, t: int) -> None:
+        """Flood rule: stop shadowing (untrack) until the table is used again."""
+        lockdep_assert_held(self.physid_lock, "avic_physid_lock")
+        self.amem.store(self.tw0 + t * TW + T_STATE, DROPPED)
+        self._untrack(t)
+        self._stat("flood_drop")
+
+    def _entry_write(self, t: int, gpa: int, nbytes: int) -> None:
+        lockdep_assert_held(self.physid_lock, "avic_physid_lock")
+        m = self.amem
+        b = self.tw0 + t * TW
+        gfn = m.load(b + T_GFN)
+        off = gpa - (gfn << PAGE_SHIFT)
+        first = off >> 3
+        if first >= self.ne or off < 0:
+            return  # past the table's entries
+        if (off + nbytes - 1) >> 3 != first:
+            self._invalidate(t)  # multi-entry / whole-page write
+            return
+        g = self.gmem.load((gfn << 9) + first) & 0xFFFFFFFFFFFFFFFF  # re-read, never trust the order
+        cw = self.cache0 + t * self.ne + first
+        c = m.load(cw) & 0xFFFFFFFFFFFFFFFF
+        if not (g & c & AVIC_VALID) or (g ^ c) & ~AVIC_UPDATABLE:
+            self._invalidate(t)  # other bits changed, or an invalid entry
+            return
+        m.store(cw, s64(g))
+        m.store(self.shadow0 + t * self.ne + first, s64(self._translate(g)))
+        self._stat("entry_update")
+
+    def _table_write(self, t: int, gpa: int, nbytes: int, gen: int) -> bool:
+        """A tracked write reached table ``t`` (found by the design's lookup with generation
+        ``gen``, or -1 = no check). False if the table turned out to be freed memory."""
+        m = self.amem
+        b = self.tw0 + t * TW
+        self._physid_lock()
+        try:
+            if gen >= 0 and m.load(b + T_GEN) != gen:
+                self.kvm.poisoned(f"avic_physid_table slot {t}: freed and reused under a track_write "
+                                  f"reader (gpa {gpa:#x})", table=t, gpa=gpa)
+                return False
+            st = m.load(b + T_STATE)
+            if st not in LIVE:
+                if st == POISON:
+                    self.kvm.poisoned(f"avic_physid_table slot {t} in track_write (gpa {gpa:#x})",
+                                      table=t, gpa=gpa)
+                    return False
+                return True
+            m.fetch_add(b + T_WRITES, 1)
+            self.kvm.count("notifier_calls")
+            self._stat("track_write")
+            if m.load(b + T_USE) == 0:
+                if m.fetch_add(b + T_FLOOD, 1) + 1 > self.flood_limit and st in (VALID, INVALID):
+                    self._drop(t)
+                    return True
+            if st == VALID:
+                self._entry_write(t, gpa, nbytes)
+            return True
+        finally:
+            self._physid_unlock()
+
+    def remove_region(self, gfn: int, nr_pages: int, only: int) -> None:
+        """track_remove_region: a memslot goes away; tables inside it stop being shadowed."""
+        m = self.amem
+        self._physid_lock()
+        try:
+            for t in range(self.nt) if only < 0 else (only,):
+                b = self.tw0 + t * TW
+                if m.load(b + T_STATE) in (VALID, INVALID) and gfn <= m.load(b + T_GFN) < gfn + nr_pages:
+                    self._drop(t)
+        finally:
+            self._physid_unlock()
