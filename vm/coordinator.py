@@ -163,6 +163,17 @@ class Coordinator:
     def dead_vcpus(self) -> list[int]:
         return [i for i, p in enumerate(self.procs) if p.exitcode is not None and i not in self.worker_results]
 
+    def check_dead(self) -> bool:
+        """A vCPU died mid-run (free or scripted): diagnose what it left in shm, once, and mark the
+        run so that neither the oracle nor teardown touches locks it may still hold."""
+        dead = self.dead_vcpus()
+        if dead and not self.vcpu_died:
+            self.vcpu_died = True
+            self.pump(50)  # the last WARNs of vCPUs that crashed on it
+            for v in dead:
+                self.reasons.extend(diagnose_dead(self.kvm, v, self.procs[v].exitcode))
+        return bool(dead)
+
     # -- free-running ---------------------------------------------------------------------------
     def run_free(self, progress: Callable[[float, dict], None] | None = None) -> dict[str, Any]:
         cfg, kvm = self.cfg, self.kvm
@@ -181,12 +192,7 @@ class Coordinator:
             if self.faults and not self.fault_fired and now >= fault_at:
                 self.fire_faults()
             self.pump(int(min(100, max(1, (end - now) * 1000))))
-            dead = self.dead_vcpus()
-            if dead:
-                self.vcpu_died = True
-                self.pump(50)  # the last WARNs of vCPUs that crashed on it
-                for v in dead:
-                    self.reasons.extend(diagnose_dead(self.kvm, v, self.procs[v].exitcode))
+            if self.check_dead():
                 break
             if time.monotonic() >= next_prog:
                 hb += 1
@@ -249,6 +255,7 @@ class Coordinator:
             if all(p.exitcode is not None for p in self.procs):
                 self.pump(0)
                 break
+        self.check_dead()  # a vCPU that died before its result: its locks may still be held
         missing = [i for i in range(len(self.procs)) if i not in self.worker_results]
         if missing:
             self.reasons.append(f"no result from vCPU(s) {missing[:8]}")
@@ -291,9 +298,12 @@ class Coordinator:
             if not 0 <= vcpu < self.cfg.vcpus:
                 self.reasons.append(f"step {i}: no vCPU {vcpu} (vcpus = {self.cfg.vcpus})")
                 break
+            if self.check_dead():
+                break
             try:
                 ack = self.ch.call(vcpu, cmds, timeout_s=30.0)
             except (TimeoutError, PeerUnreachable) as e:
+                self.check_dead()
                 self.reasons.append(f"vCPU {vcpu} did not acknowledge a batch of {len(cmds)} command(s): {e}")
                 break
             finally:
@@ -303,6 +313,8 @@ class Coordinator:
                 if not r.ok:
                     self.reasons.append(f"vCPU {v} {op}: {r.error}")
             i = j
+            if self.check_dead():
+                break
         elapsed = time.monotonic() - t0
         self.stop_vcpus()
         res = self.finish(elapsed)
