@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ipc import _prims, hist
+from ipc import _prims, hist, procstat
 from ipc.locks import init_lockstat, new_lock
 from ipc.shm import Region, ShmError, check_run_id
 from vm import layout as L
@@ -157,9 +157,12 @@ class Kvm:
 
     def _on_stall(self, prefix: str):
         def report(slot: int, elapsed_ns: int) -> None:
+            pid = int(self.domains[prefix].slots[slot, 2])
+            kind, why = procstat.classify_stall(pid, self.cfg.vcpus / procstat.cpus()) if pid else ("gone", "")
             self.warn("rcu_stall", f"{'SRCU' if prefix == 'track_srcu' else 'RCU'} stall: "
                       f"{self.proc_name(slot)} in read-side critical section of {prefix} for "
-                      f"{elapsed_ns // 1_000_000} ms", slot=slot, domain=prefix, ms=elapsed_ns // 1_000_000)
+                      f"{elapsed_ns // 1_000_000} ms ({why or kind})", slot=slot, domain=prefix,
+                      ms=elapsed_ns // 1_000_000, stall=kind)
 
         return report
 

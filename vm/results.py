@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ipc import hist
+from ipc import hist, procstat
 from ipc.locks import merge_lockstat
 from vm import layout as L
 
@@ -68,10 +68,12 @@ def collect(kvm, cfg, elapsed_s: float, warnings: list[dict], oracle: list[str],
         reasons.append(f"{counters['stale_entries']} VMRUN(s) used a stale physid entry")
     if warnings:  # a WARN is a kernel bug report (an RCU stall too, as in rcutorture)
         reasons.append(f"{len(warnings)} WARN(s); first: {warnings[0]['message']}")
+    ncpu = procstat.cpus()
     return {
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "versions": versions(),
+        "host": {"cpus": ncpu, "vcpus_per_cpu": round(cfg.vcpus / ncpu, 3)},
         "elapsed_s": round(elapsed_s, 4),
         "ops": ops,
         "counters": counters,
@@ -123,6 +125,19 @@ def fmt_ns(x: float | None) -> str:
 
 
 
+OVERSUBSCRIBED = 4  # vCPU processes per CPU above which the summary warns
+
+
+def host_note(vcpus: int, cpus: int) -> str | None:
+    """A warning line when the host is oversubscribed by more than ``OVERSUBSCRIBED``x."""
+    if vcpus <= OVERSUBSCRIBED * cpus:
+        return None
+    return (f"host oversubscribed: {vcpus} vCPU processes on {cpus} CPU(s) ({vcpus / cpus:.3g} per CPU, "
+            f"> {OVERSUBSCRIBED}x): lock holders and RCU readers are preempted for whole time slices, so "
+            f"lock waits are inflated and an RCU stall marked 'preempted' is the host's doing as much as "
+            f"the code's (it still fails the run, as in rcutorture)")
+
+
 def render(result: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -158,6 +173,9 @@ def render(result: dict, console=None) -> None:
         con.print(ht)
     gp = ", ".join(f"{k}={v}" for k, v in result["gp"].items())
     con.print(f"grace periods: {gp}")
+    note = host_note(cfg["vcpus"], result.get("host", {}).get("cpus", procstat.cpus()))
+    if note:
+        con.print(f"[yellow]{note}[/]", highlight=False)
     if result["warnings"]:
         con.print(f"[yellow]WARNs ({result['warn_count']}):[/]")
         seen: dict[str, int] = {}
