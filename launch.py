@@ -8,7 +8,9 @@ Bad input ends with a one-line error and exit code 2; SUCCESS exits 0, FAILURE 1
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from ipc.errors import UsageError
 
@@ -169,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("results", nargs="+", metavar="RESULTS.json")
     rp.add_argument("--out", metavar="DIR", default=None, help="also write report.md and PNG plots here")
 
+    ch = sub.add_parser("chaos", help="break real runs on purpose (signals to every process); check each ends well")
+    ch.add_argument("--runs", type=int_range(1, 100_000, "--runs"), default=20, help="cases (default 20)")
+    ch.add_argument("--seed", type=SEED, default=1)
+    ch.add_argument("--out", metavar="DIR", default="chaos-out", help="cases and chaos.json (default chaos-out)")
+    ch.add_argument("--json", metavar="PATH", default=None, help="write the figures here")
+    ch.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,
+                    help="run the cases on this Dask scheduler's workers (default: one after another here)")
+
     sw = sub.add_parser("sweep", help="run every point of a parameter grid on Dask distributed")
     sw.add_argument("grid", metavar="GRID.toml")
     sw.add_argument("--out", metavar="DIR", required=True, help="results directory (resumable)")
@@ -204,6 +214,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lab import sweep
 
         return sweep.main(args)
+    if args.command == "chaos":
+        from lab import chaos
+
+        return chaos.main(args)
     raise UsageError(f"launch.py: command {args.command!r} is not available yet")
 
 
@@ -294,8 +308,20 @@ def run_quiet(cfg_dict: dict) -> dict:
         raise UsageError(f"run {cfg_dict}: {e}") from None
 
 
+class Terminated(BaseException):
+    """SIGTERM: unwinds like KeyboardInterrupt, so every context manager (the coordinator reaping its
+    vCPUs and unlinking its segments) runs on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -308,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated by SIGTERM: vCPUs reaped, shared memory released", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,15 @@ def classify_stall(pid: int, per_cpu: float, interval_s: float = 0.1) -> tuple[s
                              f"({share:.0%} of a CPU over {interval_s * 1000:.0f} ms; {host})")
     return "stuck", (f"stuck: process {pid} is not runnable (state {b.state}) and its CPU time stands "
                      f"still; {ratio}")
+
+
+def forkserver_alive() -> bool:
+    """Is this process' multiprocessing fork server (if it started one) still alive? Once it is gone
+    every child it forked reads as exited with status 255, alive or not."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if not pid:
+        return True
+    s = sample(pid)  # not waitpid: reaping it here would break multiprocessing's own restart check
+    return s is not None and s.state not in ("Z", "X")

@@ -350,15 +350,16 @@ def _write_json(path: Path, doc: Any) -> None:
     os.replace(tmp, path)
 
 
-def _client(scheduler: str | None, workers: int, scratch: str):
-    """(client, cluster or None, start seconds)."""
+def _client(scheduler: str | None, workers: int, scratch: str, by_value=None):
+    """(client, cluster or None, start seconds). ``by_value``: the module whose functions the tasks
+    run, pickled by value for a remote scheduler (default: this one)."""
     from distributed import Client, LocalCluster
 
     t0 = time.monotonic()
     if scheduler:
         import cloudpickle
 
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])  # remote workers need not import vm
+        cloudpickle.register_pickle_by_value(by_value or sys.modules[__name__])  # workers need not import vm
         try:
             client = Client(scheduler, timeout="15s")
         except (OSError, TimeoutError) as e:

@@ -61,6 +61,9 @@ def vcpu_main(run_id: str, vcpu: int, endpoint: str, token: str, cfg_dict: dict,
         ch.close()
 
 
+WARN_SEND_PER_KIND = 50
+
+
 class Worker:
     def __init__(self, ch, kvm, v: Vcpu, mode: str):
         self.ch = ch
@@ -68,13 +71,23 @@ class Worker:
         self.v = v
         self.mode = mode
         self.seq = 0
+        self.sent_warns: dict[str, int] = {}
         kvm.on_warn = None
 
     # -- telemetry ------------------------------------------------------------------------------
     def drain_warns(self) -> None:
+        """Send the WARNs raised since the last call: the first ``WARN_SEND_PER_KIND`` of each kind
+        (like printk's rate limit: a WARN storm must not flood the channel and push the result out
+        of the send queue); every WARN is counted in shm regardless."""
         ev, self.kvm.events = self.kvm.events, []
         for kind, message, data in ev:
-            self.ch.send(M.Warn(vcpu=self.v.id, kind=kind, message=message, data=_plain(data)))
+            n = self.sent_warns.get(kind, 0)
+            self.sent_warns[kind] = n + 1
+            if n < WARN_SEND_PER_KIND:
+                self.ch.send(M.Warn(vcpu=self.v.id, kind=kind, message=message, data=_plain(data)))
+            elif n == WARN_SEND_PER_KIND:
+                self.ch.send(M.Warn(vcpu=self.v.id, kind=kind, message=f"WARN vCPU {self.v.id}: further "
+                                    f"{kind} WARNs are counted, not sent", data={"suppressed": True}))
 
     def heartbeat(self) -> None:
         self.seq += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +17,8 @@ from typing import Any
 
 from ipc import messages as M
 from ipc.channel import CoordinatorChannel, PeerUnreachable
-from ipc.proc import forkserver_context, reap
+from ipc.proc import forkserver_context, pid_alive, reap
+from ipc.procstat import forkserver_alive
 from ipc.rundir import make_run_dir, remove_run_dir
 from vm import layout as L
 from vm import results as R
@@ -59,6 +61,7 @@ class Coordinator:
         self.faults = list(faults)
         self.fault_fired = False
         self.vcpu_died = False  # a vCPU died mid-run: shm may hold its locks; skip teardown/oracle
+        self.lost: list[int] = []  # pids of vCPUs alive but unjoinable (their fork server died)
         self.stall_thread = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -90,6 +93,7 @@ class Coordinator:
                 pass
             reap(self.procs, timeout=5.0)
             self.procs = []
+        self._kill_lost()
         if self.design is not None and not self.vcpu_died:
             try:
                 self.design.teardown()
@@ -107,6 +111,20 @@ class Coordinator:
         if self.kvm is not None:
             self.kvm.close()
 
+    def _kill_lost(self) -> None:
+        """vCPUs whose fork server died cannot be joined: stop them by pid (they were told to stop
+        and watch this process, so this is the backstop)."""
+        deadline = time.monotonic() + 2.0
+        while self.lost and time.monotonic() < deadline:
+            self.lost = [p for p in self.lost if pid_alive(p)]
+            time.sleep(0.02)
+        for pid in self.lost:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.lost = []
+
     def _local_warn(self, kind: str, message: str, data: dict) -> None:
         self.warnings.append({"vcpu": -1, "kind": kind, "message": message, "data": data})
         self.kvm.events.clear()
@@ -119,7 +137,10 @@ class Coordinator:
             p = ctx.Process(target=self.vcpu_entry, name=f"vcpu{i}",
                             args=(self.run_id, i, self.ch.endpoint, self.token, self.cfg.to_dict(),
                                   self.hooks, mode, os.getpid()), daemon=True)
-            p.start()
+            try:
+                p.start()
+            except (EOFError, OSError) as e:  # the fork server died under us
+                raise RunError(f"could not start vCPU {i}: the fork server died ({e!r})") from None
             self.procs.append(p)
         deadline = time.monotonic() + HELLO_TIMEOUT_S + 0.05 * self.cfg.vcpus
         while True:  # in slices, so a vCPU that died before its hello fails the run at once
@@ -166,13 +187,29 @@ class Coordinator:
     def check_dead(self) -> bool:
         """A vCPU died mid-run (free or scripted): diagnose what it left in shm, once, and mark the
         run so that neither the oracle nor teardown touches locks it may still hold."""
+        if self.vcpu_died:
+            return True
+        if not self.dead_vcpus():
+            return False
+        self.pump(50)  # results in flight, and the last WARNs of vCPUs that crashed
         dead = self.dead_vcpus()
-        if dead and not self.vcpu_died:
-            self.vcpu_died = True
-            self.pump(50)  # the last WARNs of vCPUs that crashed on it
-            for v in dead:
-                self.reasons.extend(diagnose_dead(self.kvm, v, self.procs[v].exitcode))
-        return bool(dead)
+        if not dead:
+            return False
+        self.vcpu_died = True
+        fs_dead = not forkserver_alive()
+        for v in dead:
+            pid, code = self.procs[v].pid, self.procs[v].exitcode
+            if pid_alive(pid):  # forkserver reports 255 for every child once it is gone
+                self.lost.append(pid)
+                self.reasons.append(f"vCPU {v} is alive but its exit status was lost: the fork server died "
+                                    f"(vCPU pid {pid})")
+            elif code == 0:
+                self.reasons.append(f"vCPU {v} exited (code 0) but its result never reached the coordinator")
+            else:
+                self.reasons.extend(diagnose_dead(self.kvm, v, code))
+                if fs_dead and code == 255:
+                    self.reasons[-1] += " (exit status lost: the fork server died)"
+        return True
 
     # -- free-running ---------------------------------------------------------------------------
     def run_free(self, progress: Callable[[float, dict], None] | None = None) -> dict[str, Any]:

@@ -1,0 +1,425 @@
+"""``launch.py chaos --runs N [--seed S] [--out DIR] [--json PATH] [--scheduler tcp://H:P]``: break
+real runs on purpose and check that every one of them ends well.
+
+Each case is one ``launch.py run`` with a seeded random design, registration, vCPU count (1-8) and
+duration, and one fault at a random time: SIGKILL, SIGTERM, or SIGSTOP for 0.1-3 s then SIGCONT,
+sent to a random vCPU process, the coordinator, the fork server or the resource tracker (found by
+walking the run's process tree with psutil). For each case it checks:
+- **bounded end**: the run ended within the fault's end + ``END_BOUND_S`` (else it is a hang: the
+  whole process group is killed);
+- **diagnosis**: the exit code and the words fit the fault: a dead vCPU or fork server must be named
+  (``vCPU K died`` / ``exited`` / ``dead reader slot`` / ``fork server``), a killed coordinator exits by
+  that signal, a SIGTERMed coordinator says so; a SIGSTOP (or a fault on the resource tracker) may
+  end in SUCCESS, and a FAILURE must still give a reason;
+- **no leak**: after ``clean`` (``lab.cleanup.clean`` for that run), no ``/dev/shm`` segment and no
+  process of the run remains (orphans are killed after being counted);
+- **JSON**: the results document, when written, parses.
+
+Figures (printed as a table, written to ``--json``): ``{"runs", "faults": {kind: n}, "ended_in_bound",
+"diagnosis_named", "named_needed", "hangs", "leaked_segments", "orphans", "bad_json", "slowest_end_s",
+"failing": [case ...]}``. Every case's config, seed and outcome go to ``DIR/chaos.json`` (default DIR:
+``chaos-out``), with the stdout/stderr of each run in ``DIR/cases/``; a failing case can be rerun by
+hand from its ``command``. Cases run one after another here, or on Dask workers with ``--scheduler``.
+Exit code: 0 when every case passed its checks, 1 otherwise, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ipc.errors import UsageError
+
+DESIGNS = ("mirror", "mutex-hash", "rcu-list", "per-table-notifier")
+REGISTRATIONS = ("refcount", "bool", "naive", "split")
+SIGNALS = ("SIGKILL", "SIGTERM", "SIGSTOP")
+TARGETS = ("vcpu", "coordinator", "forkserver", "resource_tracker")
+END_BOUND_S = 10.0
+FAMILY_EXIT_S = 5.0  # processes of a finished run get this long to go away by themselves
+POLL_S = 0.05
+# a dead vCPU (or its lost exit status, after the fork server died) named by the diagnosis
+_VCPU_NAMED = re.compile(r"vCPU \d+ (died|exited|is alive but)|dead reader slot of vCPU \d+|"
+                         r"died holding|fork server")
+_RUN_LINE = re.compile(r"^run (\S+): ", re.M)
+
+
+class Case(msgspec.Struct, frozen=True):
+    index: int
+    seed: int
+    design: str
+    registration: str
+    vcpus: int
+    duration: float
+    fault_at: float      # seconds after the run started
+    sig: str
+    target: str
+    stop_s: float        # SIGSTOP only: how long before SIGCONT
+    pick: float          # which vCPU, as a fraction of the live ones
+
+
+def make_cases(runs: int, seed: int) -> list[Case]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(runs):
+        duration = round(rng.uniform(0.5, 2.5), 2)
+        design = rng.choice(DESIGNS)
+        out.append(Case(
+            index=i, seed=rng.randrange(1, 2**31), design=design,
+            registration=rng.choice(REGISTRATIONS) if design != "mirror" else "refcount",
+            vcpus=rng.randint(1, 8), duration=duration,
+            fault_at=round(rng.uniform(0.3, 0.5 + duration), 2), sig=rng.choice(SIGNALS),
+            target=rng.choice(TARGETS), stop_s=round(rng.uniform(0.1, 3.0), 2), pick=rng.random()))
+    return out
+
+
+def command(case: Case, json_path: str, launch: str) -> list[str]:
+    return [sys.executable, launch, "run", "--design", case.design, "--registration", case.registration,
+            "--vcpus", str(case.vcpus), "--duration", str(case.duration), "--seed", str(case.seed),
+            "--json", json_path]
+
+
+# -- the run's process tree ---------------------------------------------------------------------------
+
+def _role(p, coordinator_pid: int, forkservers: set[int]) -> str | None:
+    try:
+        if p.pid == coordinator_pid:
+            return "coordinator"
+        cmd = " ".join(p.cmdline())
+        if "multiprocessing.forkserver" in cmd:
+            return "forkserver"
+        if "multiprocessing.resource_tracker" in cmd:
+            return "resource_tracker"
+        if p.ppid() in forkservers:
+            return "vcpu"
+    except Exception:  # psutil.Error: gone meanwhile
+        return None
+    return "other"
+
+
+def _family(coordinator, known: dict[int, tuple[float, str]]) -> None:
+    """Add the coordinator's live descendants to ``known`` {pid: (create_time, role)}."""
+    import psutil
+
+    try:
+        kids = coordinator.children(recursive=True)
+    except psutil.Error:
+        return
+    forkservers = {pid for pid, (_, role) in known.items() if role == "forkserver"}
+    for p in sorted(kids, key=lambda p: p.pid):
+        if p.pid in known:
+            continue
+        role = _role(p, coordinator.pid, forkservers)
+        if role == "forkserver":
+            forkservers.add(p.pid)
+        if role is not None:
+            try:
+                known[p.pid] = (p.create_time(), role)
+            except psutil.Error:
+                pass
+    for p in kids:  # vCPUs of a fork server found in this pass
+        if p.pid in known and known[p.pid][1] == "other" and _safe_ppid(p) in forkservers:
+            known[p.pid] = (known[p.pid][0], "vcpu")
+
+
+def _safe_ppid(p) -> int:
+    try:
+        return p.ppid()
+    except Exception:
+        return -1
+
+
+def _alive(pid: int, created: float) -> bool:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _run_id(coordinator_pid: int, err_path: Path) -> str | None:
+    """The run id: from the coordinator's first stderr line, or its run directory's owner.pid."""
+    try:
+        m = _RUN_LINE.search(err_path.read_text(errors="replace"))
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    from ipc import rundir
+
+    for rd in rundir.list_run_dirs():
+        if rd.pid == coordinator_pid:
+            return rd.path.name[len(rundir.RUN_PREFIX):]
+    return None
+
+
+def _segments(run_id: str | None = None) -> set[str]:
+    from ipc import shm
+
+    try:
+        names = os.listdir(shm.SHM_DIR)
+    except OSError:
+        return set()
+    pre = f"{shm.PREFIX}{run_id}_" if run_id else shm.PREFIX
+    return {n for n in names if n.startswith(pre)}
+
+
+# -- one case --------------------------------------------------------------------------------------------
+
+def run_case(case: Case, out_dir: str, launch: str, exclusive: bool = True) -> dict[str, Any]:
+    """Run one case and judge it. ``exclusive``: nothing else creates segments meanwhile (then a
+    run whose id was never learned is still checked by the segments it left)."""
+    import psutil
+
+    cases = Path(out_dir) / "cases"
+    cases.mkdir(parents=True, exist_ok=True)
+    json_path = cases / f"case-{case.index:04d}.json"
+    out_path, err_path = cases / f"case-{case.index:04d}.out", cases / f"case-{case.index:04d}.err"
+    for p in (json_path, out_path, err_path):
+        p.unlink(missing_ok=True)
+    cmd = command(case, str(json_path), launch)
+    before = _segments() if exclusive else set()
+    known: dict[int, tuple[float, str]] = {}
+    rec: dict[str, Any] = {"case": msgspec.to_builtins(case), "command": cmd, "fault": "none"}
+    with open(out_path, "w") as fo, open(err_path, "w") as fe:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True)
+        coordinator = psutil.Process(proc.pid)
+        known[proc.pid] = (coordinator.create_time(), "coordinator")
+        fault_end = None
+        while proc.poll() is None and time.monotonic() - t0 < case.fault_at:
+            _family(coordinator, known)
+            time.sleep(POLL_S)
+        if proc.poll() is None:
+            _family(coordinator, known)
+            fault_end = _fire(case, known, rec)
+        bound = (fault_end if fault_end is not None else t0 + case.duration + 30.0) + END_BOUND_S
+        while proc.poll() is None and time.monotonic() < bound:
+            _family(coordinator, known)
+            time.sleep(POLL_S)
+        hung = proc.poll() is None
+        if hung:
+            for pid, (created, _) in known.items():
+                if _alive(pid, created):
+                    _kill(pid, signal.SIGKILL)
+            proc.wait(10)
+        ended = time.monotonic()
+    rec["rc"] = proc.returncode
+    rec["hang"] = hung
+    rec["end_after_fault_s"] = round(ended - fault_end, 3) if fault_end is not None else None
+    rec["ended_in_bound"] = not hung
+    # the run's processes go away by themselves (vCPUs watch the coordinator)
+    deadline = time.monotonic() + FAMILY_EXIT_S
+    while time.monotonic() < deadline and any(_alive(p, c) for p, (c, _) in known.items()):
+        time.sleep(POLL_S)
+    rid = _run_id(proc.pid, err_path)
+    rec["run_id"] = rid
+    # clean, then look for what is left of this run
+    from lab import cleanup
+
+    rids = {rid} if rid else {n.split("_")[1] for n in _segments() - before if n.count("_") >= 2}
+    if rids:
+        cleanup.clean(run_ids=rids, grace_s=0.0)
+    left = set().union(*(_segments(r) for r in rids)) if rids else set()
+    rec["leaked_segments"] = sorted(left)
+    orphans = [(pid, role) for pid, (c, role) in known.items() if _alive(pid, c)]
+    rec["orphans"] = [f"{role} {pid}" for pid, role in orphans]
+    for pid, _ in orphans:
+        _kill(pid, signal.SIGKILL)
+    for seg in left:  # do not let one case's leak count against the next
+        try:
+            os.unlink(os.path.join("/dev/shm", seg))
+        except OSError:
+            pass
+    rec["json"] = "none"
+    if json_path.exists():
+        try:
+            doc = json.loads(json_path.read_text())
+            rec["json"] = "ok"
+            rec["verdict"] = doc.get("verdict")
+            rec["reasons"] = doc.get("reasons", [])[:5]
+        except (OSError, ValueError) as e:
+            rec["json"] = f"bad: {e}"
+    text = _read(out_path) + _read(err_path)
+    rec["tail"] = text[-600:]
+    rec["named_needed"], rec["diagnosis_named"], rec["why"] = judge(rec, text)
+    rec["ok"] = (rec["ended_in_bound"] and not rec["leaked_segments"] and not rec["orphans"]
+                 and not rec["json"].startswith("bad") and (rec["diagnosis_named"] or not rec["named_needed"]))
+    return rec
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def _fire(case: Case, known: dict, rec: dict) -> float | None:
+    """Send the case's fault; returns when the fault ended (monotonic), or None if it missed."""
+    live = [(pid, role) for pid, (created, role) in sorted(known.items()) if role == case.target
+            and _alive(pid, created)]
+    if not live:
+        rec["fault"] = f"missed: no live {case.target} at {case.fault_at:g}s"
+        return None
+    pid, _ = live[min(len(live) - 1, int(case.pick * len(live)))]
+    sig = getattr(signal, case.sig)
+    rec["fault"] = f"{case.sig} {case.target} pid {pid}"
+    rec["target_pid"] = pid
+    _kill(pid, sig)
+    if sig == signal.SIGSTOP:
+        time.sleep(case.stop_s)
+        _kill(pid, signal.SIGCONT)
+    return time.monotonic()
+
+
+def judge(rec: dict, text: str) -> tuple[bool, bool, str]:
+    """(a named diagnosis is required, it was given, why) for the fault the case delivered."""
+    case, rc, fault = rec["case"], rec["rc"], rec["fault"]
+    if rec["hang"]:
+        return True, False, "hang: killed after the bound"
+    if not fault.startswith(("SIGKILL", "SIGTERM", "SIGSTOP")):  # missed: the run must just be good
+        return False, rc in (0, 1), f"no fault delivered; exit {rc}"
+    sig, target = case["sig"], case["target"]
+    failed_with_reason = rc == 1 and bool(re.search(r"FAILURE\S*:? \S", text))
+    if sig == "SIGSTOP" or target == "resource_tracker":
+        # a pause or a lost tracker may end in SUCCESS; a FAILURE must still say why
+        ok = rc == 0 or failed_with_reason or (target == "coordinator" and rc is not None and rc < 0)
+        return False, ok, f"exit {rc}"
+    if target == "coordinator":
+        if sig == "SIGKILL":
+            return True, rc == -signal.SIGKILL, f"exit {rc} (killed coordinator)"
+        return True, rc == 128 + signal.SIGTERM and "terminated" in text, f"exit {rc}"
+    # a vCPU or the fork server died: the run must fail naming it
+    named = rc == 1 and bool(_VCPU_NAMED.search(text))
+    return True, named, f"exit {rc}" + ("" if named else ": no named diagnosis")
+
+
+# -- many cases ------------------------------------------------------------------------------------------
+
+def figures(recs: list[dict]) -> dict[str, Any]:
+    faults: dict[str, int] = {}
+    for r in recs:
+        k = r["fault"].split(" pid")[0] if not r["fault"].startswith("missed") else "missed"
+        faults[k] = faults.get(k, 0) + 1
+    ends = [r["end_after_fault_s"] for r in recs if r.get("end_after_fault_s") is not None]
+    return {
+        "runs": len(recs),
+        "faults": dict(sorted(faults.items())),
+        "ended_in_bound": sum(r["ended_in_bound"] for r in recs),
+        "named_needed": sum(r["named_needed"] for r in recs),
+        "diagnosis_named": sum(r["named_needed"] and r["diagnosis_named"] for r in recs),
+        "hangs": sum(r["hang"] for r in recs),
+        "leaked_segments": sum(len(r["leaked_segments"]) for r in recs),
+        "orphans": sum(len(r["orphans"]) for r in recs),
+        "bad_json": sum(r["json"].startswith("bad") for r in recs),
+        "slowest_end_s": max(ends) if ends else 0.0,
+        "failing": [{"case": r["case"], "command": r["command"], "fault": r["fault"], "why": r["why"],
+                     "leaked_segments": r["leaked_segments"], "orphans": r["orphans"], "tail": r["tail"]}
+                    for r in recs if not r["ok"]],
+    }
+
+
+def run_cases(cases: list[Case], out: Path, scheduler: str | None, progress) -> list[dict]:
+    from lab.sweep import launch_py
+
+    launch = str(launch_py())
+    if scheduler is None:
+        recs = []
+        for c in cases:
+            recs.append(run_case(c, str(out), launch))
+            progress(recs[-1])
+        return recs
+    import tempfile
+
+    import dask
+
+    from lab.sweep import _client
+
+    scratch = tempfile.mkdtemp(prefix="pagetrack-chaos-dask-")
+    with dask.config.set({"temporary-directory": scratch}):
+        client, cluster, _ = _client(scheduler, 1, scratch, by_value=sys.modules[__name__])
+        try:
+            futs = [client.submit(run_case, c, str(out), launch, False, key=f"chaos-{c.index}", pure=False)
+                    for c in cases]
+            recs = []
+            for f in futs:
+                recs.append(f.result())
+                progress(recs[-1])
+            return recs
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+def main(args) -> int:
+    from lab.sweep import check_scheduler
+
+    if args.runs < 1:
+        raise UsageError("--runs must be >= 1")
+    scheduler = check_scheduler(args.scheduler) if args.scheduler else None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} is not a directory")
+    if args.json:
+        d = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(d):
+            raise UsageError(f"--json: directory {d} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    cases = make_cases(args.runs, args.seed)
+
+    def progress(r: dict) -> None:
+        mark = "ok  " if r["ok"] else "FAIL"
+        end = f"{r['end_after_fault_s']:.2f}s" if r.get("end_after_fault_s") is not None else "-"
+        c = r["case"]
+        print(f"  {mark} case {c['index']:>3}  {c['design']:<18} {c['vcpus']} vCPU  {r['fault']:<36} "
+              f"exit {r['rc']!s:>4}  end {end:>6}  {r['why'] if not r['ok'] else ''}", file=sys.stderr,
+              flush=True)
+
+    recs = run_cases(cases, out, scheduler, progress)
+    fig = figures(recs)
+    (out / "chaos.json").write_text(json.dumps({"seed": args.seed, "figures": fig, "cases": recs}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(fig, indent=1) + "\n")
+    print_figures(fig)
+    return 0 if not fig["failing"] else 1
+
+
+def print_figures(fig: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 100)
+    t = Table(title="chaos", show_edge=False)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k in ("runs", "ended_in_bound", "named_needed", "diagnosis_named", "hangs", "leaked_segments",
+              "orphans", "bad_json", "slowest_end_s"):
+        t.add_row(k, str(fig[k]))
+    t.add_row("faults", ", ".join(f"{k}: {n}" for k, n in fig["faults"].items()))
+    con.print(t)
+    if fig["failing"]:
+        con.print(f"[bold red]FAILURE[/]: {len(fig['failing'])} case(s) did not end well: "
+                  + "; ".join(f"case {f['case']['index']} ({f['fault']}): {f['why']}" for f in fig["failing"][:5]),
+                  highlight=False)
+    else:
+        con.print("[bold green]SUCCESS[/]: every case ended in bound, named its fault, left nothing behind")

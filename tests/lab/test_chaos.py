@@ -1,0 +1,81 @@
+"""lab.chaos (``launch.py chaos``): seeded cases, the judge of each outcome, and a real run of ten
+cases in which every fault must end in bound, named, with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from lab import chaos
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def test_cases_are_seeded_and_in_range():
+    a, b = chaos.make_cases(50, 7), chaos.make_cases(50, 7)
+    assert a == b and a != chaos.make_cases(50, 8)
+    for c in a:
+        assert 1 <= c.vcpus <= 8 and 0.5 <= c.duration <= 2.5 and 0.1 <= c.stop_s <= 3.0
+        assert c.design in chaos.DESIGNS and c.sig in chaos.SIGNALS and c.target in chaos.TARGETS
+    assert {c.target for c in a} == set(chaos.TARGETS) and {c.sig for c in a} == set(chaos.SIGNALS)
+
+
+def _rec(sig, target, rc, hang=False):
+    case = chaos.make_cases(1, 1)[0]
+    d = {f: getattr(case, f) for f in case.__struct_fields__}
+    d.update(sig=sig, target=target)
+    return {"case": d, "rc": rc, "hang": hang, "fault": f"{sig} {target} pid 1"}
+
+
+def test_judge_requires_a_named_diagnosis_for_a_dead_vcpu():
+    needed, named, _ = chaos.judge(_rec("SIGKILL", "vcpu", 1), "FAILURE: vCPU 3 died holding mmu_lock (signal 9)")
+    assert needed and named
+    needed, named, why = chaos.judge(_rec("SIGKILL", "vcpu", 1), "FAILURE: 2 WARN(s)")
+    assert needed and not named and "no named diagnosis" in why
+    assert not chaos.judge(_rec("SIGKILL", "vcpu", 0), "SUCCESS")[1]  # a dead vCPU cannot be a SUCCESS
+
+
+def test_judge_coordinator_and_pauses():
+    assert chaos.judge(_rec("SIGKILL", "coordinator", -9), "")[:2] == (True, True)
+    assert chaos.judge(_rec("SIGTERM", "coordinator", 143), "terminated by SIGTERM")[:2] == (True, True)
+    assert chaos.judge(_rec("SIGTERM", "coordinator", 1), "Traceback")[:2] == (True, False)
+    assert chaos.judge(_rec("SIGSTOP", "vcpu", 0), "SUCCESS")[:2] == (False, True)
+    assert chaos.judge(_rec("SIGSTOP", "vcpu", 1), "FAILURE: RCU stall ...")[:2] == (False, True)
+    assert chaos.judge(_rec("SIGSTOP", "vcpu", 1), "Traceback (most recent call last)")[:2] == (False, False)
+    assert chaos.judge(_rec("SIGKILL", "vcpu", None, hang=True), "")[:2] == (True, False)
+
+
+def test_figures_count_what_went_wrong():
+    good = {"fault": "SIGKILL vcpu pid 5", "end_after_fault_s": 0.4, "ended_in_bound": True, "hang": False,
+            "named_needed": True, "diagnosis_named": True, "leaked_segments": [], "orphans": [], "json": "ok",
+            "ok": True}
+    bad = dict(good, fault="SIGSTOP coordinator pid 9", end_after_fault_s=12.0, ended_in_bound=False, hang=True,
+               diagnosis_named=False, leaked_segments=["pts_x_vm"], orphans=["vcpu 12"], json="bad: x", ok=False,
+               case={"index": 1}, command=[], why="hang", tail="")
+    f = chaos.figures([good, bad])
+    assert (f["runs"], f["ended_in_bound"], f["hangs"], f["leaked_segments"], f["orphans"], f["bad_json"]) == \
+        (2, 1, 1, 1, 1, 1)
+    assert f["named_needed"] == 2 and f["diagnosis_named"] == 1 and f["slowest_end_s"] == 12.0
+    assert f["faults"] == {"SIGKILL vcpu": 1, "SIGSTOP coordinator": 1} and len(f["failing"]) == 1
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    p = subprocess.run([sys.executable, "launch.py", "chaos", "--runs", "0", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--runs" in p.stderr
+
+
+def test_ten_chaos_runs_end_well(tmp_path):
+    fig_path = tmp_path / "fig.json"
+    p = subprocess.run([sys.executable, "launch.py", "chaos", "--runs", "10", "--seed", "5", "--out",
+                        str(tmp_path / "out"), "--json", str(fig_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=280)
+    fig = json.loads(fig_path.read_text())
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert fig["runs"] == 10 and fig["hangs"] == 0 and fig["leaked_segments"] == 0 and fig["orphans"] == 0
+    assert fig["bad_json"] == 0 and fig["diagnosis_named"] == fig["named_needed"] > 0
+    assert sum(n for k, n in fig["faults"].items() if k not in ("none", "missed")) >= 6  # faults really fired
+    doc = json.loads((tmp_path / "out" / "chaos.json").read_text())
+    assert len(doc["cases"]) == 10 and all("command" in c for c in doc["cases"])
