@@ -37,6 +37,27 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def proc_starttime(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (/proc/pid/stat field 22); with the pid it
+    names one process for good (a reused pid has a later start time). None if there is no such
+    process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def identity_alive(pid: int, start: int | None) -> bool:
+    """Is the process ``pid`` that started at ``start`` (``proc_starttime``) still alive?  A falsy
+    ``start`` (not recorded) checks the pid alone; a live process with another start time reused the
+    pid: the recorded one is dead."""
+    if not pid_alive(pid):
+        return False
+    return not start or proc_starttime(pid) == start
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to send ``sig`` to this process when its parent dies (prctl PDEATHSIG).
 

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from ipc.errors import UsageError
 from ipc.proc import pid_alive
+from ipc.proc import proc_starttime as _proc_starttime  # pid + start time name one process
 
 RUN_PREFIX = "pagetrack-sim-"
 SOCKET_NAME = "ctl.sock"
@@ -39,17 +40,6 @@ def run_base() -> Path:
     if xdg and os.path.isabs(xdg) and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
         return Path(xdg)
     return Path(tempfile.gettempdir())
-
-
-def _proc_starttime(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (/proc/pid/stat field 22), to tell a live
-    coordinator from an unrelated process that reused its pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def make_run_dir(run_id: str, base: str | os.PathLike | None = None) -> Path:
