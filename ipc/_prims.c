@@ -8,18 +8,25 @@
  *
  * Word layouts used by the C types (declared once, mirrored in ipc/layout.py):
  *
- *   lock block (8 words, one 64-byte line)
- *     [0] state     SpinLock: 0 = free, else owner tag.
+ *   lock block (LOCK_WORDS = 8 words, one 64-byte line)
+ *     [0] state     0 = free.  High 32 bits: the holder's pid, set by the same atomic
+ *                   instruction that takes the lock ("holder identity" below).
+ *                   SpinLock: low 32 bits = owner tag.
  *                   Mutex: low 32 bits = futex word (0 free, 1 locked, 2 locked+waiters)
  *     [1] acq_ns    monotonic ns at acquisition (written by the holder only)
  *     [2] owner     Mutex: owner tag while held (SpinLock: unused, state is the owner)
  *     [3] acq_cyc   stats clock (cycle counter, see "Timestamps") at acquisition, holder only
- *     [4..7]        reserved
+ *     [4] start     the holder's start time (/proc/<pid>/stat field 22), stored by the call that
+ *                   took the lock before it returns, cleared by unlock; 0 = free / not readable
+ *     [5..7]        reserved
  *
- *   lock-stat block (8 words, one line, one per (process, lock class); only
+ *   lock-stat block (STAT_WORDS = 16 words, two lines, one per (process, lock class); only
  *   the owning process writes it, readers merge blocks with numpy)
  *     [0] acquisitions [1] contentions [2] wait_total [3] wait_max [4] wait_min
  *     [5] hold_total   [6] hold_max    [7] hold_min     (min words start at INT64_MAX)
+ *     [8] holds        completed holds (released): the divisor of the hold average; a hold
+ *                      that never ends (its holder died) is an acquisition but not a hold
+ *     [9..15]          reserved
  *
  *   RCU domain header (8 words)
  *     [0] gp_ctr    phase bit (bit 32) | GP_COUNT (1), liburcu style
@@ -27,11 +34,14 @@
  *     [2] gp_futex  low 32 bits: -1 while a writer sleeps waiting for readers
  *     [3] gp_state  (ipc/rcu.py) kernel rcu_seq style: 2 * GPs completed + 1 while a GP runs;
  *                   lets overlapping synchronize() callers share a grace period
- *     [4] gp_holder (ipc/rcu.py) pid of the process holding the gp lock (0 = none)
- *     [5..7]        reserved
+ *     [4] dead_tag  (ipc/rcu.py) owner tag of the last writer that died holding the gp lock (set
+ *                   by the writer that took the lock over; 0 = none)
+ *     [5] dead_pid  (ipc/rcu.py) its pid
+ *     [6..7]        reserved
  *   RCU reader slot (8 words, one line per process)
  *     [0] ctr       snapshot of gp_ctr | nesting count
  *     [1] owner     owner tag (0 = free slot)
+ *     [2] pid, [3] start time of the registered process (ipc/rcu.py)
  *
  *   histogram (HIST_WORDS words): [0] count [1] sum [2] max [3] min, then
  *     HIST_BUCKETS log-linear buckets (8 sub-buckets per power of two).
@@ -52,8 +62,11 @@
 #include <Python.h>
 #include <stdint.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
@@ -76,10 +89,13 @@
 #define HIST_HDR 4
 #define HIST_WORDS (((HIST_HDR + HIST_BUCKETS) + 7) & ~7)
 
+#define LOCK_WORDS 8
+#define STAT_WORDS 16
 #define LK_STATE 0
 #define LK_ACQ 1
 #define LK_OWNER 2
 #define LK_ACQ_CYC 3
+#define LK_START 4
 #define ST_ACQ 0
 #define ST_CON 1
 #define ST_WTOT 2
@@ -88,6 +104,7 @@
 #define ST_HTOT 5
 #define ST_HMAX 6
 #define ST_HMIN 7
+#define ST_HOLDS 8
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -270,6 +287,7 @@ static inline void stat_wait(int64_t *s, int64_t w) {
 }
 
 static inline void stat_hold(int64_t *s, int64_t h) {
+    stat_add(s, ST_HOLDS, 1);
     stat_add(s, ST_HTOT, h);
     stat_max(s, ST_HMAX, h);
     stat_min(s, ST_HMIN, h);
@@ -524,34 +542,125 @@ static PyTypeObject MemType = {
     .tp_getset = mem_getset,
 };
 
+/* ------------------------------------------------------------------ holder identity
+ * A lock's holder is recorded inside the C call that takes it: the holder's pid is part of the
+ * lock word itself (high 32 bits; set by the same atomic instruction that acquires, so even a
+ * SIGKILL right after it leaves the pid behind) and its start time (/proc/<pid>/stat field 22, to
+ * tell a dead holder from a live process that reused its pid) goes to LK_START before the call
+ * returns.  unlock() clears both in the call that releases.  No Python code (signal handler) can
+ * run between acquiring and recording.
+ *
+ * This process' pid and start time are cached (read once; a fork()ed child refreshes them in a
+ * pthread_atfork handler), so the fast path only loads two globals. */
+static int64_t g_pid_hi;   /* (int64)getpid() << 32 */
+static int64_t g_start;    /* this process' start time; 0 = not read yet, -1 = unreadable */
+
+static void after_fork_child(void) {
+    g_pid_hi = (int64_t)getpid() << 32;
+    g_start = 0;
+}
+
+/* /proc/<pid>/stat (pid 0: self): state letter and start time.  0 ok, -1 open/read failed (errno
+ * set), -2 unparsable.  Plain syscalls, no stdio. */
+static int read_proc_stat(int64_t pid, char *state, int64_t *start) {
+    char path[48], buf[1024];
+    if (pid == 0) snprintf(path, sizeof path, "/proc/self/stat");
+    else snprintf(path, sizeof path, "/proc/%lld/stat", (long long)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    int err = errno;
+    close(fd);
+    if (n <= 0) { errno = n < 0 ? err : ESRCH; return -1; }
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');  /* comm may contain ')' and spaces: the last one ends it */
+    if (!p || p[1] != ' ' || !p[2]) return -2;
+    p += 2;
+    *state = *p;
+    for (int i = 0; i < 19; i++) {  /* field 3 (state) -> field 22 (starttime) */
+        p = strchr(p, ' ');
+        if (!p) return -2;
+        p++;
+    }
+    *start = strtoll(p, NULL, 10);
+    return 0;
+}
+
+static int64_t my_start_slow(void) {
+    char st;
+    int64_t s;
+    g_start = (read_proc_stat(0, &st, &s) == 0 && s > 0) ? s : -1;
+    return g_start;
+}
+
+/* start time to record (0 if it cannot be read: holders are then checked by pid alone) */
+static inline int64_t my_start(void) {
+    int64_t s = g_start;
+    if (__builtin_expect(s == 0, 0)) s = my_start_slow();
+    return s > 0 ? s : 0;
+}
+
+enum { HOLDER_ALIVE = 0, HOLDER_DEAD = 1, HOLDER_REUSED = 2 };
+
+/* Is the process (pid, start) alive?  start 0 = unknown: the pid alone decides.  Zombies are dead
+ * (a holder that exited but was not reaped yet); a live pid with another start time was reused. */
+static int holder_state(int64_t pid, int64_t start) {
+    if (pid <= 0) return HOLDER_ALIVE;  /* nothing recorded: cannot tell */
+    if (kill((pid_t)pid, 0) == -1 && errno == ESRCH) return HOLDER_DEAD;
+    char st = 0;
+    int64_t s = 0;
+    /* unreadable (it exited meanwhile, or /proc hides it): the pid alone decides */
+    if (read_proc_stat(pid, &st, &s) < 0)
+        return (kill((pid_t)pid, 0) == -1 && errno == ESRCH) ? HOLDER_DEAD : HOLDER_ALIVE;
+    if (st == 'Z' || st == 'X') return HOLDER_DEAD;
+    if (start > 0 && s != start) return HOLDER_REUSED;
+    return HOLDER_ALIVE;
+}
+
+#define HOLDER_CHECK_NS (50 * 1000000LL) /* a waiter looks at its holder every 50 ms of waiting */
+
+static PyObject *LockHolderDiedError;
+
 /* Common head of the lock types: they keep a reference to their Mem. */
 typedef struct {
     PyObject_HEAD
     MemObject *mem;
     int64_t *lk;        /* lock block */
     int64_t *st;        /* stats block or NULL */
-    int64_t tag;
+    int64_t tag;        /* owner tag, 1 .. 2**32-1 */
     int64_t spins;      /* spins before sched_yield */
     int busted;         /* fault injection: lock() does not lock */
+    int is_mutex;
+    PyObject *name;     /* str or None: named in errors */
 } LockObject;
 
 static int lock_common_init(LockObject *self, PyObject *args, PyObject *kw, const char *name) {
-    static char *kwlist[] = {"mem", "lock_index", "stats_index", "tag", "spins", "busted", NULL};
-    PyObject *mem;
+    static char *kwlist[] = {"mem", "lock_index", "stats_index", "tag", "spins", "busted", "name", NULL};
+    PyObject *mem, *lname = Py_None;
     Py_ssize_t li, si = -1;
     long long tag = 1, spins = 1000;
     int busted = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!n|nLLp", kwlist, &MemType, &mem, &li, &si, &tag,
-                                     &spins, &busted))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!n|nLLpO", kwlist, &MemType, &mem, &li, &si, &tag,
+                                     &spins, &busted, &lname))
         return -1;
     if (tag == 0) { PyErr_Format(PyExc_ValueError, "%s: tag must be nonzero", name); return -1; }
+    if (tag < 0 || tag > (long long)UINT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: tag must be in 1 .. 2**32-1 (got %lld)", name, tag);
+        return -1;
+    }
+    if (lname != Py_None && !PyUnicode_Check(lname)) {
+        PyErr_Format(PyExc_TypeError, "%s: name must be a str or None", name);
+        return -1;
+    }
     MemObject *m = (MemObject *)mem;
-    int64_t *lk = mem_word_at(m, li, 8, name);
+    int64_t *lk = mem_word_at(m, li, LOCK_WORDS, name);
     if (!lk) return -1;
     int64_t *st = NULL;
-    if (si >= 0 && !(st = mem_word_at(m, si, 8, name))) return -1;
+    if (si >= 0 && !(st = mem_word_at(m, si, STAT_WORDS, name))) return -1;
     Py_INCREF(mem);
     Py_XSETREF(self->mem, m);
+    Py_INCREF(lname);
+    Py_XSETREF(self->name, lname);
     self->lk = lk;
     self->st = st;
     self->tag = tag;
@@ -562,6 +671,7 @@ static int lock_common_init(LockObject *self, PyObject *args, PyObject *kw, cons
 
 static void lock_dealloc(LockObject *self) {
     Py_XDECREF(self->mem);
+    Py_XDECREF(self->name);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -574,9 +684,90 @@ static int mem_gone(MemObject *m) {
 }
 #define MEM_LIVE(m) (__builtin_expect((m) != NULL && (m)->has_view, 1) || !mem_gone(m))
 
+#define LO32(v) ((uint32_t)(uint64_t)(v))
+#define HI32(v) ((int64_t)((uint64_t)(v) >> 32))
+
+/* (state word, start time) of one holder: the pid half of the state word is the same before and
+ * after reading the start word.  0 if the record keeps changing. */
+static int holder_snapshot(int64_t *lk, int64_t *state, int64_t *start) {
+    for (int i = 0; i < 1000; i++) {
+        int64_t s1 = LD(&lk[LK_STATE]);
+        int64_t st = LD(&lk[LK_START]);
+        int64_t s2 = LD(&lk[LK_STATE]);
+        if (HI32(s1) == HI32(s2) && (LO32(s1) == 0) == (LO32(s2) == 0)) {
+            *state = s2;
+            *start = st;
+            return 1;
+        }
+        cpu_relax();
+    }
+    return 0;
+}
+
+static int64_t holder_tag(LockObject *self, int64_t state) {
+    return self->is_mutex ? LDR(&self->lk[LK_OWNER]) : (int64_t)LO32(state);
+}
+
+static void raise_holder_died(LockObject *self, int64_t pid, int64_t start, int64_t tag, int reused) {
+    Py_ssize_t word = self->lk - self->mem->base;
+    const char *kind = self->is_mutex ? "Mutex" : "SpinLock";
+    PyObject *msg;
+    const char *why = reused ? " (the pid now belongs to another process: its start time differs, the pid was reused)" : "";
+    if (self->name && self->name != Py_None)
+        msg = PyUnicode_FromFormat("%s %U (word %zd): its holder, pid %lld (owner tag %lld), died holding it%s",
+                                   kind, self->name, word, (long long)pid, (long long)tag, why);
+    else
+        msg = PyUnicode_FromFormat("%s at word %zd: its holder, pid %lld (owner tag %lld), died holding it%s",
+                                   kind, word, (long long)pid, (long long)tag, why);
+    if (!msg) return;
+    PyObject *exc = PyObject_CallOneArg(LockHolderDiedError, msg);
+    Py_DECREF(msg);
+    if (!exc) return;
+    PyObject *v;
+    int bad = 0;
+    bad |= !(v = PyLong_FromLongLong(pid)) || PyObject_SetAttrString(exc, "holder_pid", v) < 0;
+    Py_XDECREF(v);
+    bad |= !(v = PyLong_FromLongLong(start)) || PyObject_SetAttrString(exc, "holder_start", v) < 0;
+    Py_XDECREF(v);
+    bad |= !(v = PyLong_FromLongLong(tag)) || PyObject_SetAttrString(exc, "owner_tag", v) < 0;
+    Py_XDECREF(v);
+    bad |= !(v = PyLong_FromSsize_t(word)) || PyObject_SetAttrString(exc, "lock_word", v) < 0;
+    Py_XDECREF(v);
+    bad |= PyObject_SetAttrString(exc, "lock_name", self->name ? self->name : Py_None) < 0;
+    bad |= PyObject_SetAttrString(exc, "pid_reused", reused ? Py_True : Py_False) < 0;
+    if (bad) { Py_DECREF(exc); return; }
+    PyErr_SetObject(LockHolderDiedError, exc);
+    Py_DECREF(exc);
+}
+
+/* Waiter side, every HOLDER_CHECK_NS of waiting: -1 with LockHolderDied set if the recorded holder
+ * is dead (or its pid was reused) and the record did not change meanwhile (a dead process cannot
+ * release, so an unchanged record is still the dead holder's); else 0. */
+static int check_holder(LockObject *self) {
+    int64_t state, start, state2, start2;
+    if (!holder_snapshot(self->lk, &state, &start)) return 0;
+    int64_t pid = HI32(state);
+    if (LO32(state) == 0 || pid == 0) return 0;  /* free, or no holder recorded (raw word) */
+    int h = holder_state(pid, start);
+    if (h == HOLDER_ALIVE) return 0;
+    if (!holder_snapshot(self->lk, &state2, &start2) || LO32(state2) == 0 || HI32(state2) != pid ||
+        start2 != start)
+        return 0;
+    raise_holder_died(self, pid, start, holder_tag(self, state2), h == HOLDER_REUSED);
+    return -1;
+}
+
 static PyObject *lock_owner(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
-    return PyLong_FromLongLong(LD(&self->lk[LK_STATE]));
+    return PyLong_FromLongLong(LO32(LD(&self->lk[LK_STATE])));
+}
+
+/* holder() -> (pid, start time) recorded for the current holder, (0, 0) when free */
+static PyObject *lock_holder(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
+    int64_t state = 0, start = 0;
+    if (!holder_snapshot(self->lk, &state, &start) || LO32(state) == 0) state = start = 0;
+    return Py_BuildValue("(LL)", (long long)HI32(state), (long long)start);
 }
 
 static inline int deadline_passed(int64_t deadline) { return deadline >= 0 && now_ns() >= deadline; }
@@ -603,33 +794,66 @@ static inline void stat_released(LockObject *self) {
     stat_hold(self->st, cyc_ns(cyc() - LDR(&self->lk[LK_ACQ_CYC])));
 }
 
+/* recover(holder_pid, holder_start) -> bool: take the lock over from a dead holder (the pair a
+ * LockHolderDied carried).  Succeeds only if the lock is still recorded as held by exactly that
+ * process and that process is dead (or its pid was reused); one of several callers wins.  What
+ * the lock protected may be half-updated: only callers that can repair it should use this. */
+static PyObject *lock_recover(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(2, "recover");
+    if (!MEM_LIVE(self->mem)) return NULL;
+    int64_t pid, start;
+    if (get_i64(args[0], &pid) < 0 || get_i64(args[1], &start) < 0) return NULL;
+    if (self->busted || pid <= 0) Py_RETURN_FALSE;
+    int64_t *w = &self->lk[LK_STATE];
+    int64_t state, st;
+    if (!holder_snapshot(self->lk, &state, &st) || LO32(state) == 0 || HI32(state) != pid || st != start)
+        Py_RETURN_FALSE;
+    if (holder_state(pid, start) == HOLDER_ALIVE) Py_RETURN_FALSE;
+    int64_t mystart = my_start();
+    for (;;) {
+        int64_t nv = g_pid_hi | (self->is_mutex ? (LO32(state) == 2 ? 2 : 1) : (int64_t)(uint32_t)self->tag);
+        if (__atomic_compare_exchange_n(w, &state, nv, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) break;
+        /* a waiter marked the mutex contended (1 -> 2), or someone else took it over */
+        if (LO32(state) == 0 || HI32(state) != pid) Py_RETURN_FALSE;
+    }
+    STR(&self->lk[LK_START], mystart);
+    if (self->is_mutex) STR(&self->lk[LK_OWNER], self->tag);
+    if (self->st) stat_acquired(self, cyc());
+    Py_RETURN_TRUE;
+}
+
 /* ------------------------------------------------------------------ SpinLock */
 
 static PyTypeObject SpinLockType;
 
 static int spin_init(LockObject *self, PyObject *args, PyObject *kw) {
+    self->is_mutex = 0;
     return lock_common_init(self, args, kw, "SpinLock");
 }
 
 /* lock(timeout_ns=-1) -> True, or False on timeout.  Test-and-test-and-set with pause,
- * sched_yield after `spins` polls; Python signal handlers run while waiting. */
+ * sched_yield after `spins` polls; Python signal handlers run while waiting; raises LockHolderDied
+ * if the holder is found dead (checked every HOLDER_CHECK_NS of waiting). */
 static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!MEM_LIVE(self->mem)) return NULL;
     int64_t *state = &self->lk[LK_STATE];
     int64_t expected = 0;
     if (self->busted) Py_RETURN_TRUE;
-    if (__builtin_expect(__atomic_compare_exchange_n(state, &expected, self->tag, 0, __ATOMIC_ACQUIRE,
+    int64_t me = g_pid_hi | self->tag, start = my_start();
+    if (__builtin_expect(__atomic_compare_exchange_n(state, &expected, me, 0, __ATOMIC_ACQUIRE,
                                                      __ATOMIC_RELAXED), 1)) {
+        STR(&self->lk[LK_START], start);
         if (self->st) stat_acquired(self, cyc());
         Py_RETURN_TRUE;
     }
-    if (expected == self->tag) {
+    if (expected == me) {
         PyErr_SetString(PyExc_RuntimeError, "SpinLock: recursive lock (deadlock) by its holder");
         return NULL;
     }
     int64_t deadline;
     if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
     int64_t t0 = cyc();
+    int64_t next_check = now_ns() + HOLDER_CHECK_NS;
     int64_t n = 0;
     for (;;) {
         while (LDR(state) != 0) {
@@ -643,13 +867,19 @@ static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t n
                 if (mem_released_meanwhile(self->mem)) { mem_block_end(self->mem); return NULL; }
                 mem_block_end(self->mem);
                 if (PyErr_CheckSignals() < 0) return NULL;
-                if (deadline_passed(deadline)) Py_RETURN_FALSE;
+                int64_t t = now_ns();
+                if (deadline >= 0 && t >= deadline) Py_RETURN_FALSE;
+                if (t >= next_check) {
+                    if (check_holder(self) < 0) return NULL;
+                    next_check = now_ns() + HOLDER_CHECK_NS;
+                }
             }
         }
         expected = 0;
-        if (__atomic_compare_exchange_n(state, &expected, self->tag, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        if (__atomic_compare_exchange_n(state, &expected, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
             break;
     }
+    STR(&self->lk[LK_START], start);
     if (self->st) {
         int64_t t1 = cyc();
         stat_acquired(self, t1);
@@ -662,31 +892,39 @@ static PyObject *spin_trylock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
     int64_t expected = 0;
     if (self->busted) Py_RETURN_TRUE;
-    if (__atomic_compare_exchange_n(&self->lk[LK_STATE], &expected, self->tag, 0, __ATOMIC_ACQUIRE,
+    int64_t start = my_start();
+    if (__atomic_compare_exchange_n(&self->lk[LK_STATE], &expected, g_pid_hi | self->tag, 0, __ATOMIC_ACQUIRE,
                                     __ATOMIC_RELAXED)) {
+        STR(&self->lk[LK_START], start);
         if (self->st) stat_acquired(self, cyc());
         Py_RETURN_TRUE;
     }
     Py_RETURN_FALSE;
 }
 
+static PyObject *not_holder_error(LockObject *self, int64_t state, int64_t owner) {
+    PyErr_Format(PyExc_RuntimeError, "%s: unlock by tag %lld (pid %lld) but owner is %lld (pid %lld)",
+                 self->is_mutex ? "Mutex" : "SpinLock", (long long)self->tag, (long long)HI32(g_pid_hi),
+                 (long long)owner, (long long)(LO32(state) ? HI32(state) : 0));
+    return NULL;
+}
+
 static PyObject *spin_unlock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
     int64_t *state = &self->lk[LK_STATE];
     if (self->busted) Py_RETURN_NONE;
-    if (__builtin_expect(LDR(state) != self->tag, 0)) {
-        PyErr_Format(PyExc_RuntimeError, "SpinLock: unlock by tag %lld but owner is %lld",
-                     (long long)self->tag, (long long)LDR(state));
-        return NULL;
-    }
+    int64_t v = LDR(state);
+    if (__builtin_expect(v != (g_pid_hi | self->tag), 0)) return not_holder_error(self, v, LO32(v));
     if (self->st) stat_released(self);
+    STR(&self->lk[LK_START], 0);
     ST(state, 0);
     Py_RETURN_NONE;
 }
 
+/* held by this object's tag in this process? */
 static PyObject *spin_is_held(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
-    return PyBool_FromLong(self->busted || LDR(&self->lk[LK_STATE]) == self->tag);
+    return PyBool_FromLong(self->busted || LDR(&self->lk[LK_STATE]) == (g_pid_hi | self->tag));
 }
 
 static PyObject *spin_exit(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -694,11 +932,15 @@ static PyObject *spin_exit(LockObject *self, PyObject *const *args, Py_ssize_t n
 }
 
 static PyMethodDef spin_methods[] = {
-    {"lock", (PyCFunction)(void (*)(void))spin_lock, METH_FASTCALL, "lock(timeout_ns=-1) -> bool"},
+    {"lock", (PyCFunction)(void (*)(void))spin_lock, METH_FASTCALL,
+     "lock(timeout_ns=-1) -> bool; raises LockHolderDied if the holder died"},
     {"trylock", (PyCFunction)spin_trylock, METH_NOARGS, "trylock() -> bool"},
-    {"unlock", (PyCFunction)spin_unlock, METH_NOARGS, "unlock(); raises if not held by this tag"},
-    {"is_held", (PyCFunction)spin_is_held, METH_NOARGS, "held by this process' tag?"},
+    {"unlock", (PyCFunction)spin_unlock, METH_NOARGS, "unlock(); raises if not held by this tag in this process"},
+    {"is_held", (PyCFunction)spin_is_held, METH_NOARGS, "held by this tag in this process?"},
     {"owner", (PyCFunction)lock_owner, METH_NOARGS, "current owner tag (0 = free)"},
+    {"holder", (PyCFunction)lock_holder, METH_NOARGS, "(pid, start time) of the holder, (0, 0) when free"},
+    {"recover", (PyCFunction)(void (*)(void))lock_recover, METH_FASTCALL,
+     "recover(holder_pid, holder_start) -> bool: take the lock over from that dead holder"},
     {"__enter__", (PyCFunction)(void (*)(void))spin_lock, METH_FASTCALL, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))spin_exit, METH_FASTCALL, NULL},
     {NULL}
@@ -709,58 +951,84 @@ static PyTypeObject SpinLockType = {
     .tp_name = "ipc._prims.SpinLock",
     .tp_basicsize = sizeof(LockObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "SpinLock(mem, lock_index, stats_index=-1, tag=1, spins=1000, busted=False)",
+    .tp_doc = "SpinLock(mem, lock_index, stats_index=-1, tag=1, spins=1000, busted=False, name=None)",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)spin_init,
     .tp_dealloc = (destructor)lock_dealloc,
     .tp_methods = spin_methods,
 };
 
-/* ------------------------------------------------------------------ Mutex (Drepper "mutex2") */
+/* ------------------------------------------------------------------ Mutex (Drepper "mutex3")
+ * The futex word is the low half of the state word; the high half is the holder's pid.  Every
+ * transition is a 64-bit atomic on the whole word (the kernel's FUTEX_WAIT compares the low
+ * half): 0 -> pid|1 (uncontended), x -> pid|2 (taken contended), pid|1 -> pid|2 (a waiter marks it
+ * contended, the pid stays), unlock: xchg(0), wake one if it was 2. */
 
 static PyTypeObject MutexType;
 
 static int mutex_init(LockObject *self, PyObject *args, PyObject *kw) {
+    self->is_mutex = 1;
     return lock_common_init(self, args, kw, "Mutex");
 }
 
-static inline int32_t cas32(int32_t *p, int32_t old, int32_t nv) {
-    __atomic_compare_exchange_n(p, &old, nv, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
-    return old;
+/* take the mutex if free (as contended: pid|2) or mark it contended; returns the old futex value
+ * (0 = we took it) */
+static inline int32_t mutex_take_or_mark(int64_t *w, int64_t me) {
+    int64_t v = LDR(w);
+    for (;;) {
+        uint32_t lo = LO32(v);
+        if (lo == 2) return 2;
+        int64_t nv = lo == 0 ? (me | 2) : ((v & ~(int64_t)UINT32_MAX) | 2);
+        if (__atomic_compare_exchange_n(w, &v, nv, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return (int32_t)lo;
+    }
 }
 
 #define MUTEX_SLEEP_NS (50 * 1000000LL) /* bound on one futex sleep (signals, timeouts) */
 
 static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!MEM_LIVE(self->mem)) return NULL;
-    int32_t *f = (int32_t *)&self->lk[LK_STATE];
+    int64_t *w = &self->lk[LK_STATE];
+    int32_t *f = (int32_t *)w;
     if (self->busted) Py_RETURN_TRUE;
-    int32_t c = cas32(f, 0, 1);
+    int64_t me = g_pid_hi, start = my_start();
+    int64_t c = 0;
     int64_t t0 = 0;
-    if (c != 0) {
-        if (LDR(&self->lk[LK_OWNER]) == self->tag) {
+    if (!__atomic_compare_exchange_n(w, &c, me | 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        if (HI32(c) == HI32(me) && LDR(&self->lk[LK_OWNER]) == self->tag) {
             PyErr_SetString(PyExc_RuntimeError, "Mutex: recursive lock (deadlock) by its holder");
             return NULL;
         }
         int64_t deadline;
         if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
         t0 = cyc();
+        int64_t next_check = now_ns() + HOLDER_CHECK_NS;
         /* brief adaptive spin before sleeping */
-        for (int i = 0; i < 100 && c != 0; i++) {
+        int got = 0;
+        for (int i = 0; i < 100 && !got; i++) {
             cpu_relax();
-            if (LDR(f) == 0) c = cas32(f, 0, 1);
+            int64_t v = LDR(w);
+            if (LO32(v) == 0)
+                got = __atomic_compare_exchange_n(w, &v, me | 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
         }
-        if (c != 0) {
-            if (c != 2) c = __atomic_exchange_n(f, 2, __ATOMIC_ACQUIRE);
-            while (c != 0) {
-                int64_t sleep = MUTEX_SLEEP_NS;
+        if (!got) {
+            int32_t old = mutex_take_or_mark(w, me);
+            while (old != 0) {
+                int64_t sleep = MUTEX_SLEEP_NS, t = now_ns();
+                if (t >= next_check) {
+                    if (check_holder(self) < 0) {
+                        futex_wake32(f, 1); /* as below: never swallow a wake-up */
+                        return NULL;
+                    }
+                    next_check = now_ns() + HOLDER_CHECK_NS;
+                }
                 if (deadline >= 0) {
-                    int64_t rem = deadline - now_ns();
+                    int64_t rem = deadline - t;
                     /* f is 2 and the lock is held by someone else: its unlock wakes a waiter,
                      * so leaving here loses no wake-up */
                     if (rem <= 0) Py_RETURN_FALSE;
                     if (rem < sleep) sleep = rem;
                 }
+                if (next_check - t < sleep) sleep = next_check - t > 0 ? next_check - t : 1;
                 mem_block_begin(self->mem);
                 Py_BEGIN_ALLOW_THREADS
                 futex_wait32(f, 2, sleep);
@@ -778,10 +1046,11 @@ static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t 
                     futex_wake32(f, 1);
                     return NULL;
                 }
-                c = __atomic_exchange_n(f, 2, __ATOMIC_ACQUIRE);
+                old = mutex_take_or_mark(w, me);
             }
         }
     }
+    STR(&self->lk[LK_START], start);
     STR(&self->lk[LK_OWNER], self->tag);
     if (self->st) {
         int64_t t1 = cyc();
@@ -793,9 +1062,12 @@ static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t 
 
 static PyObject *mutex_trylock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
-    int32_t *f = (int32_t *)&self->lk[LK_STATE];
     if (self->busted) Py_RETURN_TRUE;
-    if (cas32(f, 0, 1) != 0) Py_RETURN_FALSE;
+    int64_t c = 0, start = my_start();
+    if (!__atomic_compare_exchange_n(&self->lk[LK_STATE], &c, g_pid_hi | 1, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED))
+        Py_RETURN_FALSE;
+    STR(&self->lk[LK_START], start);
     STR(&self->lk[LK_OWNER], self->tag);
     if (self->st) stat_acquired(self, cyc());
     Py_RETURN_TRUE;
@@ -803,26 +1075,24 @@ static PyObject *mutex_trylock(LockObject *self, PyObject *unused) {
 
 static PyObject *mutex_unlock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
-    int32_t *f = (int32_t *)&self->lk[LK_STATE];
+    int64_t *w = &self->lk[LK_STATE];
     if (self->busted) Py_RETURN_NONE;
-    if (LDR(&self->lk[LK_OWNER]) != self->tag || LDR(f) == 0) {
-        PyErr_Format(PyExc_RuntimeError, "Mutex: unlock by tag %lld but owner is %lld",
-                     (long long)self->tag, (long long)LDR(&self->lk[LK_OWNER]));
-        return NULL;
-    }
+    int64_t v = LDR(w), owner = LDR(&self->lk[LK_OWNER]);
+    if (__builtin_expect(LO32(v) == 0 || owner != self->tag || HI32(v) != HI32(g_pid_hi), 0))
+        return not_holder_error(self, v, LO32(v) ? owner : 0);
     if (self->st) stat_released(self);
     STR(&self->lk[LK_OWNER], 0);
-    if (__atomic_fetch_sub(f, 1, __ATOMIC_RELEASE) != 1) {
-        __atomic_store_n(f, 0, __ATOMIC_RELEASE);
-        futex_wake32(f, 1);
-    }
+    STR(&self->lk[LK_START], 0);
+    if (LO32(__atomic_exchange_n(w, 0, __ATOMIC_RELEASE)) == 2) futex_wake32((int32_t *)w, 1);
     Py_RETURN_NONE;
 }
 
+/* held by this object's tag in this process? */
 static PyObject *mutex_is_held(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
-    return PyBool_FromLong(self->busted ||
-                           (LDR((int32_t *)&self->lk[LK_STATE]) != 0 && LDR(&self->lk[LK_OWNER]) == self->tag));
+    int64_t v = LDR(&self->lk[LK_STATE]);
+    return PyBool_FromLong(self->busted || (LO32(v) != 0 && HI32(v) == HI32(g_pid_hi) &&
+                                            LDR(&self->lk[LK_OWNER]) == self->tag));
 }
 
 static PyObject *mutex_owner(LockObject *self, PyObject *unused) {
@@ -835,11 +1105,15 @@ static PyObject *mutex_exit(LockObject *self, PyObject *const *args, Py_ssize_t 
 }
 
 static PyMethodDef mutex_methods[] = {
-    {"lock", (PyCFunction)(void (*)(void))mutex_lock, METH_FASTCALL, "lock(timeout_ns=-1) -> bool (sleeps on a futex)"},
+    {"lock", (PyCFunction)(void (*)(void))mutex_lock, METH_FASTCALL,
+     "lock(timeout_ns=-1) -> bool (sleeps on a futex); raises LockHolderDied if the holder died"},
     {"trylock", (PyCFunction)mutex_trylock, METH_NOARGS, "trylock() -> bool"},
-    {"unlock", (PyCFunction)mutex_unlock, METH_NOARGS, "unlock(); raises if not held by this tag"},
-    {"is_held", (PyCFunction)mutex_is_held, METH_NOARGS, "held by this process' tag?"},
+    {"unlock", (PyCFunction)mutex_unlock, METH_NOARGS, "unlock(); raises if not held by this tag in this process"},
+    {"is_held", (PyCFunction)mutex_is_held, METH_NOARGS, "held by this tag in this process?"},
     {"owner", (PyCFunction)mutex_owner, METH_NOARGS, "current owner tag (0 = free)"},
+    {"holder", (PyCFunction)lock_holder, METH_NOARGS, "(pid, start time) of the holder, (0, 0) when free"},
+    {"recover", (PyCFunction)(void (*)(void))lock_recover, METH_FASTCALL,
+     "recover(holder_pid, holder_start) -> bool: take the lock over from that dead holder"},
     {"__enter__", (PyCFunction)(void (*)(void))mutex_lock, METH_FASTCALL, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))mutex_exit, METH_FASTCALL, NULL},
     {NULL}
@@ -850,7 +1124,7 @@ static PyTypeObject MutexType = {
     .tp_name = "ipc._prims.Mutex",
     .tp_basicsize = sizeof(LockObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Mutex(mem, lock_index, stats_index=-1, tag=1, spins=..., busted=False): futex mutex",
+    .tp_doc = "Mutex(mem, lock_index, stats_index=-1, tag=1, spins=..., busted=False, name=None): futex mutex",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)mutex_init,
     .tp_dealloc = (destructor)lock_dealloc,
@@ -1144,7 +1418,14 @@ static PyObject *m_stats_clock_abs_ns(PyObject *mod, PyObject *arg) {
     return PyLong_FromLongLong(cyc_abs_ns(c));
 }
 
+/* self_identity() -> (pid, start time) this process records as a lock holder */
+static PyObject *m_self_identity(PyObject *mod, PyObject *unused) {
+    return Py_BuildValue("(LL)", (long long)HI32(g_pid_hi), (long long)my_start());
+}
+
 static PyMethodDef module_methods[] = {
+    {"self_identity", m_self_identity, METH_NOARGS,
+     "(pid, start time) this process records as a lock holder (start time: /proc/self/stat field 22)"},
     {"clock_source", m_clock_source, METH_NOARGS, "stats clock: 'tsc', 'cntvct' or 'monotonic'"},
     {"stats_clock", m_stats_clock, METH_NOARGS, "raw stats-clock reading (cycles, or ns on 'monotonic')"},
     {"stats_clock_ns", m_stats_clock_ns, METH_O, "stats_clock_ns(delta) -> ns of a stats-clock delta"},
@@ -1168,6 +1449,10 @@ static struct PyModuleDef prims_module = {
 
 PyMODINIT_FUNC PyInit__prims(void) {
     clk_init();
+    g_pid_hi = (int64_t)getpid() << 32;
+    g_start = 0;
+    static int atfork_done;
+    if (!atfork_done && pthread_atfork(NULL, NULL, after_fork_child) == 0) atfork_done = 1;
     PyTypeObject *types[] = {&MemType, &SpinLockType, &MutexType, &ReaderType, &HistType};
     for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++)
         if (PyType_Ready(types[i]) < 0) return NULL;
@@ -1178,6 +1463,16 @@ PyMODINIT_FUNC PyInit__prims(void) {
         Py_INCREF(types[i]);
         if (PyModule_AddObject(m, names[i], (PyObject *)types[i]) < 0) return NULL;
     }
+    LockHolderDiedError = PyErr_NewExceptionWithDoc(
+        "ipc._prims.LockHolderDied",
+        "lock(): the process recorded as the lock's holder is dead (or its pid was reused by another "
+        "process).  Attributes: holder_pid, holder_start, owner_tag, lock_word, lock_name, pid_reused.",
+        PyExc_RuntimeError, NULL);
+    if (!LockHolderDiedError) return NULL;
+    Py_INCREF(LockHolderDiedError);
+    if (PyModule_AddObject(m, "LockHolderDied", LockHolderDiedError) < 0) return NULL;
+    PyModule_AddIntConstant(m, "LOCK_WORDS", LOCK_WORDS);
+    PyModule_AddIntConstant(m, "STAT_WORDS", STAT_WORDS);
     PyModule_AddIntConstant(m, "HIST_SUB_BITS", HIST_SUB_BITS);
     PyModule_AddIntConstant(m, "HIST_BUCKETS", HIST_BUCKETS);
     PyModule_AddIntConstant(m, "HIST_HDR", HIST_HDR);

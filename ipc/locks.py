@@ -1,16 +1,28 @@
-"""Spinlock and futex mutex on shm, lock_stat accounting per lock class, lockdep-style asserts.
+"""Spinlock and futex mutex on shm, lock_stat accounting per lock class, lockdep-style asserts,
+dead-holder detection.
 
 Word layouts (mirrors of ipc/_prims.c):
-- lock block: ``LOCK_WORDS`` (8) int64 words, one cache line: [0] state/owner tag, [1] acquire ns
+- lock block: ``LOCK_WORDS`` (8) int64 words, one cache line: [0] state: 0 = free, high 32 bits the
+  holder's pid, low 32 bits the owner tag (spinlock) or the futex word (mutex); [1] acquire ns
   (CLOCK_MONOTONIC), [2] owner tag (mutex), [3] acquire time in stats-clock units (cycle counter,
-  ``_prims.clock_source()``), rest reserved.
+  ``_prims.clock_source()``), [4] the holder's start time (/proc/<pid>/stat field 22), rest reserved.
+- Holder identity: the C call that takes a lock records the holder (pid in the same atomic
+  instruction, start time before it returns) and ``unlock()`` clears it in the call that releases:
+  no signal handler can run in between. ``holder()`` reads it: ``(pid, start)``, ``(0, 0)`` free.
+- Every wait is bounded by dead-holder checks: after each 50 ms of waiting, ``lock()`` looks at the
+  recorded holder and raises :class:`LockHolderDied` if that process is gone (or its pid now
+  belongs to another process: the start time differs). The uncontended path checks nothing.
+  ``recover(pid, start)`` takes a lock over from such a holder, for callers that can repair what it
+  protected (the RCU grace-period lock).
 - Wait and hold times are measured with the CPU cycle counter when the kernel trusts it (calibrated
   to ns once per process; ``PTS_PRIMS_CLOCK=monotonic`` forces clock_gettime) and stored in ns.
 - ``lock()``/``unlock()`` called as a pair is the cheap form (~1.1x a no-op C call pair with stats
   on); ``with lock:`` costs about twice that (CPython builds bound ``__enter__``/``__exit__``
   method objects per use).
-- lock-stat block: ``STAT_WORDS`` (8) int64 words per (process, lock class), written only by that
-  process: ``STAT_FIELDS`` below; min words start at INT64_MAX (``init_lockstat``).
+- lock-stat block: ``STAT_WORDS`` (16) int64 words per (process, lock class), written only by that
+  process: ``STAT_FIELDS`` below (then reserved words); min words start at INT64_MAX
+  (``init_lockstat``). ``holds`` counts completed (released) holds: the hold average divides by it,
+  so a hold that never ended (a dead holder's) cannot pull it below the minimum.
 
 A region that holds locks declares ``locks`` as ``(nlocks, LOCK_WORDS)`` and ``lockstat`` as
 ``(nprocs, nclasses, STAT_WORDS)``; ``merge_lockstat`` folds the processes together like
@@ -25,12 +37,16 @@ from ipc import _prims
 
 SpinLock = _prims.SpinLock
 Mutex = _prims.Mutex
+#: ``lock()`` found the lock's recorded holder dead (a RuntimeError; attributes ``holder_pid``,
+#: ``holder_start``, ``owner_tag``, ``lock_word``, ``lock_name``, ``pid_reused``)
+LockHolderDied = _prims.LockHolderDied
 
 LOCK_WORDS = 8
-STAT_WORDS = 8
+STAT_WORDS = 16
+assert (LOCK_WORDS, STAT_WORDS) == (_prims.LOCK_WORDS, _prims.STAT_WORDS), "ipc._prims is out of date"
 STAT_FIELDS = (
     "acquisitions", "contentions", "wait_total", "wait_max", "wait_min",
-    "hold_total", "hold_max", "hold_min",
+    "hold_total", "hold_max", "hold_min", "holds",
 )
 _I64_MAX = np.iinfo(np.int64).max
 KINDS = {"spin": SpinLock, "mutex": Mutex}
@@ -41,15 +57,16 @@ class LockdepError(AssertionError):
 
 
 def new_lock(kind: str, mem, lock_word: int, stats_word: int = -1, tag: int = 1,
-             busted: bool = False, spins: int = 1000):
+             busted: bool = False, spins: int = 1000, name: str | None = None):
     """A ``SpinLock`` ('spin') or ``Mutex`` ('mutex') on ``mem`` at ``lock_word``;
-    ``stats_word`` < 0 turns accounting off; ``tag`` (nonzero) identifies the holder process;
-    ``busted`` = a lock that does not lock (fault injection for torture self-tests)."""
+    ``stats_word`` < 0 turns accounting off; ``tag`` (1 .. 2**32-1) identifies the holder process;
+    ``busted`` = a lock that does not lock (fault injection for torture self-tests); ``name`` is
+    what a :class:`LockHolderDied` calls the lock."""
     try:
         cls = KINDS[kind]
     except KeyError:
         raise ValueError(f"unknown lock kind {kind!r} (spin, mutex)") from None
-    return cls(mem, lock_word, stats_word, tag, spins, busted)
+    return cls(mem, lock_word, stats_word, tag, spins, busted, name)
 
 
 def lockdep_assert_held(lock, name: str = "lock") -> None:
@@ -65,7 +82,9 @@ def init_lockstat(arr: np.ndarray) -> None:
 
 
 def merge_lockstat(arr: np.ndarray, class_names: list[str]) -> dict[str, dict]:
-    """Per class: acquisitions, contentions, wait/hold ns total/max/min/avg (lock_stat columns).
+    """Per class: acquisitions, contentions, wait/hold ns total/max/min/avg (lock_stat columns) and
+    ``holds`` (completed holds, the divisor of the hold average: a hold that never ended, e.g. a dead
+    holder's, has no length).
 
     ``arr`` is ``(nprocs, nclasses, STAT_WORDS)``; classes never acquired are left out."""
     out: dict[str, dict] = {}
@@ -77,6 +96,7 @@ def merge_lockstat(arr: np.ndarray, class_names: list[str]) -> dict[str, dict]:
         con = int(s[:, 1].sum())
         wmin = int(s[:, 4].min())
         hmin = int(s[:, 7].min())
+        holds = int(s[:, 8].sum())
         d = {
             "acquisitions": acq,
             "contentions": con,
@@ -86,8 +106,9 @@ def merge_lockstat(arr: np.ndarray, class_names: list[str]) -> dict[str, dict]:
             "hold_ns_total": int(s[:, 5].sum()),
             "hold_ns_max": int(s[:, 6].max()),
             "hold_ns_min": 0 if hmin == _I64_MAX else hmin,
+            "holds": holds,
         }
         d["wait_ns_avg"] = d["wait_ns_total"] // con if con else 0
-        d["hold_ns_avg"] = d["hold_ns_total"] // acq
+        d["hold_ns_avg"] = d["hold_ns_total"] // holds if holds else 0
         out[name] = d
     return out

@@ -363,12 +363,12 @@ def test_lock_after_region_close_raises(run_id):
 def test_merge_lockstat_across_processes_synthetic():
     arr = np.zeros((3, 1, STAT_WORDS), dtype=np.int64)
     init_lockstat(arr)
-    arr[0, 0] = [10, 2, 300, 200, 100, 1000, 400, 50]
-    arr[2, 0] = [5, 1, 50, 50, 50, 500, 150, 60]
+    arr[0, 0, :9] = [10, 2, 300, 200, 100, 1000, 400, 50, 10]
+    arr[2, 0, :9] = [5, 1, 50, 50, 50, 500, 150, 60, 4]  # one hold never ended (its holder died)
     s = merge_lockstat(arr, ["c"])["c"]
-    assert s["acquisitions"] == 15 and s["contentions"] == 3
+    assert s["acquisitions"] == 15 and s["contentions"] == 3 and s["holds"] == 14
     assert s["wait_ns_min"] == 50 and s["wait_ns_max"] == 200 and s["wait_ns_avg"] == 350 // 3
-    assert s["hold_ns_min"] == 50 and s["hold_ns_max"] == 400 and s["hold_ns_avg"] == 1500 // 15
+    assert s["hold_ns_min"] == 50 and s["hold_ns_max"] == 400 and s["hold_ns_avg"] == 1500 // 14
 
 
 _CLOSE_WHILE_WAITING = textwrap.dedent("""
@@ -410,3 +410,22 @@ def test_region_closed_under_a_blocked_waiter(tmp_path, run_id):
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, (res.returncode, res.stderr)
     assert res.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("kind", ["spin", "mutex"])
+def test_hold_avg_counts_completed_holds_only(region_factory, kind):
+    """A hold that never ends (its holder died) is an acquisition but not a hold: it must not pull
+    the hold average below the minimum hold (issue 12, defect 5)."""
+    region = _make(region_factory)
+    mem, w = region.mem, region.word
+    lk = new_lock(kind, mem, w("locks", 0), w("lockstat", 1, 0), tag=2)
+    for _ in range(3):
+        lk.lock()
+        _prims.spin_ns(1_000_000)
+        lk.unlock()
+    lk.lock()  # "dies" holding it: never released
+    s = merge_lockstat(region.v["lockstat"], ["l"])["l"]
+    assert s["acquisitions"] == 4
+    assert s["hold_ns_min"] >= 900_000
+    assert s["hold_ns_min"] <= s["hold_ns_avg"] <= s["hold_ns_max"], s
+    assert s["hold_ns_avg"] == s["hold_ns_total"] // 3

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, shm_segments, wait_until
 
 from ipc import _prims
-from ipc.proc import pid_alive, reap, sigterm_to_exit
+from ipc.proc import identity_alive, pid_alive, proc_starttime, reap, sigterm_to_exit
 from ipc.shm import Layout, Region
 
 
@@ -237,6 +237,26 @@ def test_proc_helpers(ctx, procs):
     t = time.monotonic()
     assert reap([q], timeout=0.2) == [-signal.SIGTERM]
     assert time.monotonic() - t < 5
+
+
+def test_process_identity(ctx, procs):
+    """pid + start time (/proc/<pid>/stat field 22) name one process: what the locks record (C) and
+    what ipc.proc reads (Python) agree; a dead process or a reused pid is not alive."""
+    me = os.getpid()
+    start = proc_starttime(me)
+    assert start and start > 0
+    assert _prims.self_identity() == (me, start)
+    assert identity_alive(me, start) and identity_alive(me, 0)  # 0: not recorded, the pid decides
+    assert not identity_alive(me, start + 1), "another start time = the pid was reused"
+    p = ctx.Process(target=time.sleep, args=(60,))
+    procs.append(p)
+    p.start()
+    wait_until(lambda: pid_alive(p.pid), 10, what="child")
+    pstart = proc_starttime(p.pid)
+    assert pstart >= start and identity_alive(p.pid, pstart)
+    p.kill()
+    p.join(10)
+    assert not identity_alive(p.pid, pstart) and proc_starttime(p.pid) is None
 
 
 # -- the primitives benchmark ------------------------------------------------------------------------
