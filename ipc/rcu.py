@@ -3,11 +3,15 @@
 Layout of a domain named ``prefix`` inside a region (declare with ``RcuDomain.fields``):
 - ``<prefix>_hdr``    8 words: [0] gp_ctr (phase bit 32 | GP_COUNT), [1] gp_seq (completed grace
   periods), [2] gp_futex (low 32 bits, -1 while a writer sleeps), [3] gp_state (kernel ``rcu_seq``
-  style: even = idle, odd = a grace period is running; each GP ends at the next even value),
-  [4] pid of the process holding the gp lock (0 = none), rest reserved
-- ``<prefix>_gplock`` one lock block: the futex mutex that serializes writers
+  style: even = idle, odd = a grace period is running -- or was, and aborted: the next grace
+  period reuses that odd number, so a cookie can only complete when a grace period really ends),
+  [4] owner tag and [5] pid of the last writer that died holding the gp lock (written by the
+  writer that took the lock over; 0 = none), rest reserved
+- ``<prefix>_gplock`` one lock block: the futex mutex that serializes writers; it records its
+  holder (pid + start time, ``ipc.locks``) inside the C call that takes it
 - ``<prefix>_slots``  (nslots, 8) words, one cache line per process: [0] ctr (gp_ctr snapshot |
-  nesting), [1] owner tag, [2] pid
+  nesting), [1] owner tag, [2] pid, [3] start time of the registered process (pid + start time
+  name a process for good: a dead reader is found even if its pid was reused)
 
 Read side: ``read_lock()`` / ``read_unlock()`` are bound C methods (no Python frame); nesting
 supported; also usable as a context manager (``with domain.reader:``).
@@ -18,8 +22,11 @@ reader wakes; callers that overlap share a grace period (``gp_state`` snapshot t
 barrier: a caller returns without running its own GP only when a whole grace period started after
 its call and has completed, like the kernel's ``rcu_seq_snap``/``rcu_seq_done``). While waiting it
 warns once per reader slot that stays in its critical section past ``stall_ns`` (naming the
-process) and raises :class:`GracePeriodBlocked` if a blocking reader's process, or the process
-holding the gp lock, is dead.
+process) and raises :class:`GracePeriodBlocked` if a blocking reader's process is dead. A writer
+that dies holding the gp lock (SIGKILL, or SIGTERM anywhere in ``synchronize``) leaves it recorded
+as held by the dead process; the next writer's ``lock()`` notices (``LockHolderDied``) and takes
+it over: the dead writer's grace period is simply not finished (``gp_state`` stays odd and is
+reused), and a full grace period after the takeover is correct whatever step it died at.
 
 ``call_rcu(fn)`` queues ``fn`` behind a ``gp_state`` cookie; ``poll()`` (also run by this process'
 ``synchronize``) runs the callbacks whose grace period has completed; ``barrier()`` waits for them
@@ -37,14 +44,15 @@ from collections.abc import Callable
 import numpy as np
 
 from ipc import _prims
-from ipc.locks import LOCK_WORDS, Mutex
-from ipc.proc import pid_alive
+from ipc.locks import LOCK_WORDS, LockHolderDied, Mutex
+from ipc.proc import identity_alive, pid_alive, proc_starttime
 
 GP_COUNT = _prims.GP_COUNT
 GP_CTR_PHASE = _prims.GP_CTR_PHASE
 SLOT_WORDS = 8
 HDR_WORDS = 8
-HDR_GP_CTR, HDR_GP_SEQ, HDR_GP_FUTEX, HDR_GP_STATE, HDR_GP_HOLDER = 0, 1, 2, 3, 4
+HDR_GP_CTR, HDR_GP_SEQ, HDR_GP_FUTEX, HDR_GP_STATE, HDR_DEAD_TAG, HDR_DEAD_PID = 0, 1, 2, 3, 4, 5
+SLOT_CTR, SLOT_TAG, SLOT_PID, SLOT_START = 0, 1, 2, 3
 _POLL_NS = 50_000_000  # how often the waiter looks up from the C wait loop
 
 
@@ -89,8 +97,10 @@ class RcuDomain:
         self.on_stall = on_stall
         self.slot_name = slot_name or (lambda i: f"slot {i}")
         self.gp_hist = gp_hist
-        self.gp_lock = Mutex(self.mem, region.word(f"{prefix}_gplock"), gp_lock_stats_word, tag)
+        self.gp_lock = Mutex(self.mem, region.word(f"{prefix}_gplock"), gp_lock_stats_word, tag,
+                             name=f"{self.name}.gp_lock")
         self.stalls: list[tuple[int, int]] = []
+        self.gp_lock_takeovers: list[tuple[int, int]] = []  # (pid, owner tag) of dead gp-lock holders
         self.shared_gps = 0  # synchronize calls that shared another caller's grace period
         self.gps = 0  # grace periods this object ran itself
         self._cbs: deque[tuple[int, Callable[[], None]]] = deque()
@@ -105,16 +115,19 @@ class RcuDomain:
 
     # -- registration ---------------------------------------------------------------------
     def register(self) -> None:
-        """Claim this process' reader slot (owner tag + pid, for stall and death diagnosis)."""
+        """Claim this process' reader slot (owner tag, pid and start time, for stall and death
+        diagnosis)."""
         s = self.slots[self.slot]
-        s[0] = 0
-        s[1] = self.tag
-        s[2] = os.getpid()
+        pid = os.getpid()
+        s[SLOT_CTR] = 0
+        s[SLOT_START] = proc_starttime(pid) or 0
+        s[SLOT_TAG] = self.tag
+        s[SLOT_PID] = pid
 
     def unregister(self) -> None:
         if self.reader is not None and self.reader.nesting():
             raise RuntimeError(f"{self.name}: unregister inside a read-side critical section")
-        self.slots[self.slot, 1:3] = 0
+        self.slots[self.slot, SLOT_TAG:SLOT_START + 1] = 0
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -125,6 +138,14 @@ class RcuDomain:
     @property
     def gp_state(self) -> int:
         return self.mem.load(self.hdr_w + HDR_GP_STATE)
+
+    def gp_lock_holder(self) -> int:
+        """pid recorded as the holder of the gp lock (0 = free)."""
+        return self.gp_lock.holder()[0]
+
+    def gp_lock_dead_holder(self) -> tuple[int, int]:
+        """(owner tag, pid) of the last writer that died holding the gp lock, (0, 0) if none."""
+        return self.mem.load(self.hdr_w + HDR_DEAD_TAG), self.mem.load(self.hdr_w + HDR_DEAD_PID)
 
     def readers_inside(self) -> list[int]:
         """Slots currently inside a read-side critical section (diagnostics)."""
@@ -167,7 +188,7 @@ class RcuDomain:
         call_rcu callbacks it ran afterwards."""
         if self.reader is not None and self.reader.nesting():
             raise RuntimeError(f"synchronize on {self.name} inside its own read-side critical section")
-        mem, hdr = self.mem, self.hdr_w
+        mem, hdr, gp_lock = self.mem, self.hdr_w, self.gp_lock
         t0 = _prims.now_ns()
         if target is None:
             target = self.get_state()
@@ -175,16 +196,24 @@ class RcuDomain:
             mem.fetch_add(hdr + HDR_GP_SEQ, 1)
             mem.fetch_add(hdr + HDR_GP_STATE, 2)
         else:
-            self._gp_lock_acquire()
+            if gp_lock.is_held():
+                raise RuntimeError(f"synchronize on {self.name} while holding its gp lock (recursion)")
+            # Everything from the lock on is inside the try: an exception (SIGTERM -> SystemExit)
+            # wherever it lands either finds the lock not taken, or taken -- then recorded as ours
+            # by the C call itself -- and released here; if the process dies before, the lock
+            # stays recorded as held by the dead process and the next writer takes it over.
             try:
+                self._gp_lock_acquire()
                 cur = mem.load(hdr + HDR_GP_STATE)
                 if cur >= target:
                     self.shared_gps += 1  # a whole GP started after our call and completed
                     _prims.smp_mb()
                 else:
-                    # next odd value: a GP that aborted (dead reader) left an odd state, which
-                    # must never read as completed
-                    start = cur + 1 + (cur & 1)
+                    # idle (even): the next odd number; odd = a GP that aborted (exception, dead
+                    # writer or reader) and never ended: reuse its number, so that no cookie reads
+                    # as complete before a grace period really ends (cur + 2 would complete the
+                    # cookies of cur + 1 while this GP still waits for their readers)
+                    start = cur | 1
                     mem.store(hdr + HDR_GP_STATE, start)
                     warned: set[int] = set()
                     self._wait_readers(t0, warned)  # begins with a full barrier
@@ -195,19 +224,28 @@ class RcuDomain:
                     mem.store(hdr + HDR_GP_STATE, start + 1)  # >= every waiter's target
                     self.gps += 1
             finally:
-                mem.store(hdr + HDR_GP_HOLDER, 0)
-                self.gp_lock.unlock()
+                if gp_lock.is_held():
+                    gp_lock.unlock()
         if self.gp_hist is not None:
             self.gp_hist.record_since(t0)
         return self.poll() if self._cbs else 0
 
     def _gp_lock_acquire(self) -> None:
-        while not self.gp_lock.lock(_POLL_NS):
-            holder = self.mem.load(self.hdr_w + HDR_GP_HOLDER)
-            if holder and not pid_alive(holder):
-                raise GracePeriodBlocked(
-                    f"grace period of {self.name} blocked: process {holder} died holding its gp lock")
-        self.mem.store(self.hdr_w + HDR_GP_HOLDER, os.getpid())
+        """Take the gp lock; take it over from a writer that died holding it (``lock()`` raises
+        LockHolderDied within ~50 ms of waiting on a dead holder)."""
+        while True:
+            try:
+                self.gp_lock.lock()
+                return
+            except LockHolderDied as e:
+                if self.gp_lock.recover(e.holder_pid, e.holder_start):
+                    # the dead writer's grace period never ended: gp_state stays odd and this GP
+                    # reuses its number; record who died for the diagnosis
+                    self.mem.store(self.hdr_w + HDR_DEAD_PID, e.holder_pid)
+                    self.mem.store(self.hdr_w + HDR_DEAD_TAG, e.owner_tag)
+                    self.gp_lock_takeovers.append((e.holder_pid, e.owner_tag))
+                    return
+                # another writer took it over first: wait for that one
 
     def _wait_readers(self, t0: int, warned: set[int]) -> None:
         while True:
@@ -216,11 +254,12 @@ class RcuDomain:
                 return
             blocking = self.blocking_readers()  # may be empty: the reader left meanwhile
             for i in blocking:
-                pid = int(self.slots[i, 2])
-                if pid and not pid_alive(pid):
+                pid, start = int(self.slots[i, SLOT_PID]), int(self.slots[i, SLOT_START])
+                if pid and not identity_alive(pid, start):
+                    reused = ", its pid reused by another process" if pid_alive(pid) else ""
                     raise GracePeriodBlocked(
                         f"grace period of {self.name} blocked by dead reader slot of {self.slot_name(i)}"
-                        f" (pid {pid})")
+                        f" (pid {pid}{reused})")
             elapsed = _prims.now_ns() - t0
             if elapsed < self.stall_ns:
                 continue
