@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from ipc.errors import UsageError
+from ipc.rcu import HDR_DEAD_TAG
 from vm import layout as L
 
 KILL_POINTS = ("rcu-read", "srcu-read", "mmu-lock", "tables-lock", "random")
@@ -66,18 +67,30 @@ def _check_vcpu(spec: str, k: int, vcpus: int) -> None:
 
 
 def diagnose_dead(kvm, vcpu: int, exitcode: int | None) -> list[str]:
-    """What the dead vCPU left behind in shared memory: locks it holds, reader slots it occupies."""
+    """What the dead vCPU left behind in shared memory: locks it holds (the vm's locks and the
+    grace-period mutex of every RCU/SRCU domain, also one another vCPU has taken over from it since),
+    reader slots it occupies."""
     proc = vcpu + 1
     tag = proc + 1
     name = f"vCPU {vcpu}"
     out = []
-    locks = kvm.vm.v["locks"]
+    v = kvm.vm.v
+    locks = v["locks"]
     for i, lname in enumerate(L.LOCKS):
-        owner = int(locks[i, 2]) if L.LOCK_KIND[lname] == "mutex" else int(locks[i, 0])
-        if owner == tag:
+        # lock word 0: 0 = free, else holder pid (high half) | owner tag or futex word (low half)
+        held = int(locks[i, 0]) & 0xFFFFFFFF
+        owner = int(locks[i, 2]) if L.LOCK_KIND[lname] == "mutex" else held
+        if held and owner == tag:
             out.append(f"{name} died holding {lname}")
     for prefix, _cls in L.DOMAINS:
-        slots = kvm.vm.v[f"{prefix}_slots"]
+        gl = v[f"{prefix}_gplock"]
+        hdr = v.get(f"{prefix}_hdr")
+        held_by_it = int(gl[0]) & 0xFFFFFFFF and int(gl[2]) == tag
+        taken_over = hdr is not None and int(hdr[HDR_DEAD_TAG]) == tag
+        if held_by_it or taken_over:
+            out.append(f"{name} died holding the grace-period lock of {prefix}")
+    for prefix, _cls in L.DOMAINS:
+        slots = v[f"{prefix}_slots"]
         if int(slots[proc, 0]) & 0xFFFFFFFF:
             out.append(f"grace period of {prefix} blocked by dead reader slot of {name}")
     sig = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"

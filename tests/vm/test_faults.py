@@ -76,3 +76,52 @@ def test_bad_inject_spec_is_usage_error(spec, tmp_path):
     p, _, _ = _run(["--vcpus", "2", "--inject", spec], tmp_path)
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1 and "--inject" in p.stderr
+
+
+def _fake_kvm(nprocs: int = 3):
+    """Just the shared arrays diagnose_dead reads, laid out as in vm.layout."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ipc.locks import LOCK_WORDS
+    from vm import layout as L
+
+    v = {"locks": np.zeros((len(L.LOCKS), LOCK_WORDS), dtype=np.int64)}
+    for prefix, _cls in L.DOMAINS:
+        v[f"{prefix}_gplock"] = np.zeros(LOCK_WORDS, dtype=np.int64)
+        v[f"{prefix}_hdr"] = np.zeros(8, dtype=np.int64)
+        v[f"{prefix}_slots"] = np.zeros((nprocs, 8), dtype=np.int64)
+    return SimpleNamespace(vm=SimpleNamespace(v=v))
+
+
+def test_diagnose_dead_names_grace_period_lock():
+    """A vCPU that died inside synchronize() holding a domain's gp mutex is reported as such
+    (issue 12, defect 6), not only as 'died (signal 9)'."""
+    from vm.faults import diagnose_dead
+
+    kvm = _fake_kvm()
+    vcpu, tag, pid = 1, 3, 4242  # vCPU 1 = proc 2, tag 3
+    gl = kvm.vm.v["rcu_gplock"]
+    gl[0] = (pid << 32) | 1  # futex word: locked; holder pid in the high half
+    gl[2] = tag              # mutex owner tag
+    out = diagnose_dead(kvm, vcpu, -9)
+    assert out[0] == "vCPU 1 died holding the grace-period lock of rcu (signal 9)", out
+    assert diagnose_dead(kvm, 0, -9) == ["vCPU 0 died (signal 9)"]
+    gl[:] = 0
+    assert diagnose_dead(kvm, vcpu, -9) == ["vCPU 1 died (signal 9)"]
+    # another writer already took the lock over: the domain header remembers who died holding it
+    from ipc.rcu import HDR_DEAD_PID, HDR_DEAD_TAG
+
+    hdr = kvm.vm.v["track_srcu_hdr"]
+    hdr[HDR_DEAD_TAG], hdr[HDR_DEAD_PID] = tag, pid
+    assert diagnose_dead(kvm, vcpu, -9) == ["vCPU 1 died holding the grace-period lock of track_srcu (signal 9)"]
+
+
+def test_diagnose_dead_spinlock_owner_tag_is_low_half():
+    from vm import layout as L
+    from vm.faults import diagnose_dead
+
+    kvm = _fake_kvm()
+    kvm.vm.v["locks"][L.LOCK_MMU, 0] = (4242 << 32) | 2  # tag 2 = vCPU 0, holder pid in the high half
+    assert diagnose_dead(kvm, 0, -9)[0] == "vCPU 0 died holding mmu_lock (signal 9)"
