@@ -10,9 +10,14 @@ Endpoints: by default ``ipc://<run_dir>/ctl.sock`` inside a private run director
 ``owner.pid`` file so that ``clean`` can tell live runs from dead ones). No TCP unless an explicit
 ``tcp://`` endpoint is given, and then only on loopback unless ``allow_remote=True``.
 
-Peers: a worker is known by its vCPU index after a valid :class:`~ipc.messages.Hello` carrying
-the run's token; the DEALER's routing id is ``vcpu-<n>-<random>`` and must match the Hello's vcpu.
-Everything else from a peer that never said a valid Hello is counted (``unknown_peer``) and dropped.
+Peers: a connection must first prove it knows the run's token (ZMTP PLAIN, password derived from
+the token, checked by a ZAP handler thread: a peer without it can deliver no message at all, which
+matters because libzmq buffers a whole multipart message before the first frame can be read and
+ZMQ_MAXMSGSIZE bounds only one frame). A worker is then known by its vCPU index after a valid
+:class:`~ipc.messages.Hello` carrying the token; the DEALER's routing id is ``vcpu-<n>-<random>``
+and must match the Hello's vcpu. Everything else from a peer that never said a valid Hello is
+counted (``unknown_peer``) and dropped. Messages are received frame by frame with a cap on their
+frames and total bytes (``max_message``); a bigger one is drained, counted and dropped.
 
 Every receive has a timeout; sends never block (a full queue or a vanished peer is counted and
 reported by the return value), so a dead worker or coordinator can never hang the other side.
@@ -28,6 +33,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -61,6 +67,19 @@ from ipc.rundir import (  # re-exported: the channel's endpoint lives in a run d
     remove_run_dir,
     run_base,
 )
+from ipc.worker_channel import (  # re-exported: the plumbing both ends share
+    DRAIN_BATCH,
+    HARD_MAX_FRAME,
+    HWM,
+    PLAIN_USER,
+    ROUTING_ID_MAX,
+    TimedReceiver,
+    checked_timeout_ms,
+    plain_password,
+    set_common,
+    set_plain_client,
+    worker_identity,
+)
 
 __all__ = [
     "RUN_PREFIX",
@@ -68,6 +87,13 @@ __all__ = [
     "OWNER_FILE",
     "HWM",
     "HARD_MAX_FRAME",
+    "ROUTING_ID_MAX",
+    "DRAIN_BATCH",
+    "TimedReceiver",
+    "checked_timeout_ms",
+    "set_common",
+    "plain_password",
+    "set_plain_client",
     "RunDir",
     "PeerUnreachable",
     "run_base",
@@ -81,16 +107,13 @@ __all__ = [
     "CoordinatorChannel",
 ]
 
-#: Send / receive high-water mark (messages) of every socket.
-HWM = 10_000
-#: ZMQ_MAXMSGSIZE: libzmq drops the *connection* of a peer sending a bigger frame. Frames between
-#: MAX_FRAME and this are delivered and then counted / dropped by decode() (reason "oversized").
-HARD_MAX_FRAME = 4 * MAX_FRAME
+#: ZAP (RFC 27): a context's handler binds this.
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
 _IDENT_RE = re.compile(rb"^vcpu-(\d{1,9})-[0-9a-f]{8}$")
 _COUNTERS = (
     "received", "sent", "bad_frames", "rejected_peers", "unknown_peer", "vcpu_mismatch",
-    "unroutable", "send_full", "replaced_peers", "stale_acks",
+    "unroutable", "send_full", "replaced_peers", "stale_acks", "auth_denied",
 )
 
 
@@ -152,51 +175,38 @@ def check_endpoint(endpoint: str, allow_remote: bool = False) -> str:
     return endpoint
 
 
-def worker_identity(vcpu: int) -> bytes:
-    """DEALER routing id of a worker: ``vcpu-<n>-<8 hex>`` (random part: a restarted worker is a
-    new peer, and nobody can take over a route without knowing it)."""
-    return f"vcpu-{int(vcpu)}-{secrets.token_hex(4)}".encode()
+class _ZapGate(threading.Thread):
+    """ZAP handler of one context (RFC 27): accepts a PLAIN handshake iff its password is the
+    run's, so a peer without the token never gets a message queued. Runs until the context is
+    terminated (its blocking recv then fails with ETERM and it closes its socket, which lets
+    ``term()`` return). ``denied`` is written by this thread only."""
 
-
-def set_common(sock: zmq.Socket, hwm: int) -> None:
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, hwm)
-    sock.setsockopt(zmq.RCVHWM, hwm)
-    sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
-
-
-class TimedReceiver:
-    """Blocking multipart receive with a deadline, via ZMQ_RCVTIMEO (set only when it changes):
-    one wake-up per message, no poller round trip, never waits past the deadline (1 ms grain)."""
-
-    __slots__ = ("_sock", "_rcvtimeo")
-
-    def __init__(self, sock: zmq.Socket):
-        self._sock = sock
-        self._rcvtimeo = None
-
-    def recv(self, deadline: float) -> list[bytes] | None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            # non-blocking look (a vCPU's inbox check): no exception when nothing is there
-            if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return None
-            ms = 0
-        else:
-            ms = max(1, int(remaining * 1000.0 + 0.999))
-        if ms != self._rcvtimeo:
-            self._sock.setsockopt(zmq.RCVTIMEO, ms)
-            self._rcvtimeo = ms
+    def __init__(self, ctx: zmq.Context, password: bytes):
+        super().__init__(name="zap-gate", daemon=True)
+        self._sock = ctx.socket(zmq.REP)
         try:
-            return self._sock.recv_multipart()
-        except zmq.Again:
-            return None
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.bind(ZAP_ENDPOINT)
+        except BaseException:
+            self._sock.close(linger=0)
+            raise
+        self._password = password
+        self.denied = 0
 
-
-def checked_timeout_ms(timeout_ms: float) -> float:
-    if timeout_ms is None or timeout_ms < 0:
-        raise ValueError("timeout_ms must be >= 0 (every receive has a timeout)")
-    return float(timeout_ms)
+    def run(self) -> None:
+        sock = self._sock
+        try:
+            while True:
+                req = sock.recv_multipart()  # version, id, domain, address, identity, mechanism, creds
+                ok = len(req) == 8 and req[5] == b"PLAIN" and hmac.compare_digest(req[7], self._password)
+                if not ok:
+                    self.denied += 1
+                sock.send_multipart([b"1.0", req[1] if len(req) > 1 else b"", b"200" if ok else b"400",
+                                     b"OK" if ok else b"bad credentials", PLAIN_USER if ok else b"", b""])
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            sock.close(linger=0)
 
 
 def _as_commands(commands: Iterable[Command | tuple]) -> list[Command]:
@@ -215,11 +225,58 @@ def _as_commands(commands: Iterable[Command | tuple]) -> list[Command]:
 # --------------------------------------------------------------------------------------------
 
 
+def _endpoint_in(run_dir: Path, endpoint: str | None, allow_remote: bool) -> str:
+    """The endpoint to bind: ``endpoint`` (checked) or ``ipc://<run_dir>/ctl.sock``; the run dir
+    must be private either way."""
+    st = os.stat(run_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o077:
+        raise UsageError(f"run dir {run_dir} must be a private directory (mode 0700)")
+    if endpoint is None:
+        sock_path = run_dir / SOCKET_NAME
+        if len(str(sock_path).encode()) > SUN_PATH_MAX:
+            raise UsageError(f"socket path {sock_path} too long for ipc://")
+        endpoint = f"ipc://{sock_path}"
+    return check_endpoint(endpoint, allow_remote)
+
+
+def _open_router(endpoint: str, token: str, hwm: int) -> tuple[zmq.Context, _ZapGate, zmq.Socket, str]:
+    """A context whose ZAP gate runs, and a PLAIN-server ROUTER bound to ``endpoint`` (a socket
+    file gets mode 0600). Returns (context, gate, socket, bound endpoint); closes all on failure."""
+    ctx = zmq.Context(io_threads=1)
+    sock = None
+    try:
+        gate = _ZapGate(ctx, plain_password(token))  # bound before any connection can ask
+        gate.start()
+        sock = ctx.socket(zmq.ROUTER)
+        set_common(sock, hwm)
+        sock.setsockopt(zmq.PLAIN_SERVER, 1)  # the ZAP gate checks every connection
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable -> EHOSTUNREACH, not silent
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its route back
+        if endpoint.startswith("tcp://") and ":" in _tcp_host(endpoint):
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.bind(endpoint)
+        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if bound.startswith("ipc://"):
+            os.chmod(bound[len("ipc://"):], 0o600)
+    except BaseException:
+        if sock is not None:
+            sock.close(linger=0)
+        ctx.term()  # also ends the gate
+        raise
+    return ctx, gate, sock, bound
+
+
 class CoordinatorChannel:
     """The coordinator's ROUTER. Peers are addressed by vCPU index.
 
     ``recv`` returns ``(vcpu, msg)`` for every valid message of a known peer, including each valid
     Hello (so the caller can send that worker its Config); ``send``/``broadcast`` never block.
+
+    ``max_message`` caps one received message, routing id included (default ``max_frame +
+    ROUTING_ID_MAX``): the channel never keeps more of one message; a longer one, or one of more
+    than two frames, is drained frame by frame and counted (``multipart``,
+    ``oversized_multipart``, ``oversized``). What libzmq queues before the channel sees a message
+    is bounded by who may connect: only peers that know the token pass the ZAP gate.
     """
 
     def __init__(
@@ -230,39 +287,21 @@ class CoordinatorChannel:
         endpoint: str | None = None,
         allow_remote: bool = False,
         max_frame: int = MAX_FRAME,
+        max_message: int | None = None,
         hwm: int = HWM,
     ):
         if not isinstance(token, str) or len(token) < 8:
             raise UsageError("token must be a string of at least 8 characters (see new_token())")
         self.run_dir = Path(run_dir)
-        st = os.stat(self.run_dir)
-        if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o077:
-            raise UsageError(f"run dir {self.run_dir} must be a private directory (mode 0700)")
-        if endpoint is None:
-            sock_path = self.run_dir / SOCKET_NAME
-            if len(str(sock_path).encode()) > SUN_PATH_MAX:
-                raise UsageError(f"socket path {sock_path} too long for ipc://")
-            endpoint = f"ipc://{sock_path}"
-        check_endpoint(endpoint, allow_remote)
+        endpoint = _endpoint_in(self.run_dir, endpoint, allow_remote)
         self._token = token.encode()
         self.max_frame = int(max_frame)
-        self._ctx = zmq.Context(io_threads=1)
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        try:
-            set_common(self._sock, hwm)
-            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable -> EHOSTUNREACH, not silent
-            self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its route back
-            if endpoint.startswith("tcp://") and ":" in _tcp_host(endpoint):
-                self._sock.setsockopt(zmq.IPV6, 1)
-            self._sock.bind(endpoint)
-            self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            if self.endpoint.startswith("ipc://"):
-                os.chmod(self.endpoint[len("ipc://"):], 0o600)
-        except BaseException:
-            self._sock.close(linger=0)
-            self._ctx.term()
-            raise
-        self._timed = TimedReceiver(self._sock)
+        #: cap of one received message, routing id included (see TimedReceiver)
+        self.max_message = self.max_frame + ROUTING_ID_MAX if max_message is None else int(max_message)
+        #: from a peer that never said a valid Hello, a bigger frame is no Hello: dropped undecoded
+        self.hello_max = 4096 + len(self._token)
+        self._ctx, self._gate, self._sock, self.endpoint = _open_router(endpoint, token, hwm)
+        self._timed = TimedReceiver(self._sock, 2, self.max_message)
         self._by_ident: dict[bytes, int] = {}
         self._by_vcpu: dict[int, bytes] = {}
         self.last_seen: dict[int, float] = {}
@@ -277,8 +316,9 @@ class CoordinatorChannel:
     @property
     def counters(self) -> dict[str, int]:
         """Copy of the channel counters: received, sent, bad_frames, rejected_peers, unknown_peer,
-        vcpu_mismatch, unroutable, send_full, replaced_peers, stale_acks."""
-        return dict(self._counters)
+        vcpu_mismatch, unroutable, send_full, replaced_peers, stale_acks, auth_denied (connections
+        refused by the ZAP gate: wrong token)."""
+        return {**self._counters, "auth_denied": self._gate.denied}
 
     @property
     def vcpus(self) -> list[int]:
@@ -297,18 +337,22 @@ class CoordinatorChannel:
         self.bad_frame_reasons[reason] = self.bad_frame_reasons.get(reason, 0) + 1
 
     # -- receive ------------------------------------------------------------------------------
-    def _accept(self, parts: list[bytes]) -> tuple[int, Message] | None:
+    def _accept(self, parts: list[zmq.Frame]) -> tuple[int, Message] | None:
         """Validate one ROUTER message ([identity, frame]); None if it was counted and dropped."""
         if len(parts) != 2:
             self._bad("multipart")
             return None
-        ident, frame = parts
+        ident = parts[0].bytes
+        frame = parts[1]
+        c = self._counters
+        if self.hello_max < len(frame) <= self.max_frame and ident not in self._by_ident:
+            c["unknown_peer"] += 1  # not a Hello, and nobody we know: not worth decoding
+            return None
         try:
-            msg = decode(frame, self.max_frame)
+            msg = decode(frame.buffer, self.max_frame)
         except BadFrame as e:
             self._bad(e.reason)
             return None
-        c = self._counters
         if type(msg) is Hello:
             m = _IDENT_RE.match(ident)
             if (
@@ -340,12 +384,15 @@ class CoordinatorChannel:
     def _recv_wire(self, timeout_ms: float) -> tuple[int, Message] | None:
         deadline = time.monotonic() + timeout_ms / 1000.0
         while True:
-            parts = self._timed.recv(deadline)
-            if parts is None:
+            got = self._timed.recv(deadline)
+            if got is None:
                 return None
-            item = self._accept(parts)
-            if item is not None:
-                return item
+            if type(got) is str:  # dropped whole by the receiver (too many frames / bytes)
+                self._bad(got)
+            else:
+                item = self._accept(got)
+                if item is not None:
+                    return item
             if time.monotonic() >= deadline:  # a flood of bad frames cannot extend the timeout
                 return None
 
@@ -498,7 +545,8 @@ class CoordinatorChannel:
             return
         self._closed = True
         self._sock.close(linger=0)
-        self._ctx.term()
+        self._ctx.term()  # the gate's recv fails with ETERM, it closes its socket and ends
+        self._gate.join(5.0)
         if self.endpoint.startswith("ipc://"):
             try:
                 os.unlink(self.endpoint[len("ipc://"):])

@@ -60,7 +60,9 @@ class BadFrame(UsageError):
 
     ``reason`` is a short token (``oversized``, ``not_msgpack``, ``not_a_message``, ``missing_type``,
     ``unknown_type``, ``bad_version``, ``missing_field``, ``unknown_field``, ``wrong_type``,
-    ``bad_value``, ``too_deep``, ``multipart``, ``invalid``); ``str(exc)`` adds the detail."""
+    ``bad_value``, ``too_deep``, ``invalid``); ``str(exc)`` adds the detail. The channels count
+    frames under these reasons and, for what they drop before decoding (see
+    :class:`ipc.worker_channel.TimedReceiver`), ``multipart`` and ``oversized_multipart``."""
 
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason

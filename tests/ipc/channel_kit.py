@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import resource
 import secrets
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from ipc.channel import (
     make_run_dir,
     new_token,
     remove_run_dir,
+    set_plain_client,
 )
 from ipc.messages import (
     Batch,
@@ -100,6 +102,61 @@ def coordinator_proc(run_dir: str, token: str, ready) -> None:
         ch.close()
 
 
+def _status_mib(field: str) -> float | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    return None
+
+
+def maxrss_mib() -> float:
+    """Peak resident set size of this process (MiB): the address space's high-water mark
+    (VmHWM; ru_maxrss also counts the pre-exec image of a spawned child, i.e. its parent)."""
+    hwm = _status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_baseline_mib() -> float:
+    """Reset the peak RSS to the current one where Linux allows it (clear_refs 5) and return the
+    current RSS: ``maxrss_mib() - baseline`` is then the growth since now, never less (an older,
+    higher peak can only overstate it)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    rss = _status_mib("VmRSS")
+    return rss if rss is not None else maxrss_mib()
+
+
+def flood_coordinator(run_dir: str, token: str, out, until: str) -> None:
+    """A coordinator alone in its process, so that its peak RSS is its own: puts its pid, then its
+    endpoint on ``out``, pumps ``recv`` for at least 1.5 s and until ``counters[until]`` > 0 (15 s at most)
+    while the parent floods it, puts ``(maxrss growth MiB, counters, bad_frame_reasons,
+    max_message)``, then welcomes one worker and puts the value of one call to it (42)."""
+    die_with_parent()
+    ch = CoordinatorChannel(run_dir, token)
+    try:
+        for _ in range(5):
+            ch.recv(2)
+        out.put(os.getpid())  # starts the queue's feeder thread before the baseline
+        time.sleep(0.2)
+        base = rss_baseline_mib()
+        out.put(ch.endpoint)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 15:
+            ch.recv(50)
+            if time.monotonic() - t0 > 1.5 and ch.counters.get(until, 0) > 0:
+                break
+        max_message = getattr(ch, "max_message", ch.max_frame + 255)
+        out.put((maxrss_mib() - base, ch.counters, dict(ch.bad_frame_reasons), max_message))
+        ch.wait_for_hellos(1, 30)
+        (vcpu,) = ch.vcpus
+        ch.send(vcpu, Config({}))
+        out.put(ch.call(vcpu, [("add", {"a": 40, "b": 2})], timeout_s=30).results[0].value)
+    finally:
+        ch.close()
+
+
 # --------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------
@@ -170,22 +227,29 @@ def stop_workers(coord, procs) -> None:
     assert [p.exitcode for p in procs] == [0] * len(procs)
 
 
-def raw_dealer(endpoint: str, identity: bytes | None = None) -> tuple[zmq.Context, zmq.Socket]:
+def raw_dealer(
+    endpoint: str, identity: bytes | None = None, token: str | None = None
+) -> tuple[zmq.Context, zmq.Socket]:
+    """A bare DEALER; with ``token`` it passes the coordinator's ZAP gate (PLAIN) as a worker
+    would, without it (or with a wrong one) the gate refuses its connection."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     if identity is not None:
         s.setsockopt(zmq.ROUTING_ID, identity)
+    if token is not None:
+        set_plain_client(s, token)
     s.connect(endpoint)
     return ctx, s
 
 
-def wait_counter(ch, name: str, value: int, timeout_s: float = 5.0) -> None:
-    """Pump the channel until counters[name] reaches value (frames are counted on receipt)."""
+def wait_counter(ch, name: str, value: int, timeout_s: float = 5.0, at_least: bool = False) -> None:
+    """Pump the channel until counters[name] reaches value (frames are counted on receipt; with
+    ``at_least``, it may go past it, e.g. auth_denied: a refused peer retries)."""
     deadline = time.monotonic() + timeout_s
     while ch.counters[name] < value and time.monotonic() < deadline:
         ch.recv(20)
-    assert ch.counters[name] == value, ch.counters
+    assert ch.counters[name] >= value if at_least else ch.counters[name] == value, ch.counters
 
 
 def _listening_tcp_inodes() -> set[int]:

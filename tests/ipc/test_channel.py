@@ -1,5 +1,6 @@
 """ipc.channel: ROUTER/DEALER control channel across real processes (spawn context): endpoints,
-handshake, bad frames, scripted batches. Children and fixtures: tests/ipc/channel_kit.py."""
+handshake, bad frames, multipart floods, scripted batches. Children and fixtures:
+tests/ipc/channel_kit.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import zmq
 from channel_kit import (  # noqa: F401  (fixtures)
     CTX,
     RUN_TAG,
@@ -17,6 +19,7 @@ from channel_kit import (  # noqa: F401  (fixtures)
     coord,
     coordinator_proc,
     echo_worker,
+    flood_coordinator,
     procs,
     raw_dealer,
     run_dir,
@@ -37,6 +40,7 @@ from ipc.errors import UsageError
 from ipc.messages import (
     MAX_FRAME,
     VERSION,
+    Batch,
     BatchAck,
     Command,
     CommandResult,
@@ -127,7 +131,9 @@ def test_wrong_token_rejected_and_counted(coord, token, procs):
     p = spawn(procs, echo_worker, coord.endpoint, 0, "not-the-run-token", 1.5)
     with pytest.raises(TimeoutError):
         coord.wait_for_hellos(1, 1.0)
-    wait_counter(coord, "rejected_peers", 1)
+    # refused by the ZAP gate at connection time: its Hello never reaches the channel
+    wait_counter(coord, "auth_denied", 1, at_least=True)
+    assert coord.counters["rejected_peers"] == coord.counters["received"] == 0
     assert coord.vcpus == []
     p.join(10)
     assert p.exitcode == 3  # the worker's handshake timed out: no Config for a rejected peer
@@ -149,7 +155,7 @@ def test_wait_for_hellos_times_out(coord):
 
 def test_garbage_frames_counted_coordinator_keeps_working(coord, token, procs):
     start_workers(coord, token, procs, [0])
-    ctx, s = raw_dealer(coord.endpoint)
+    ctx, s = raw_dealer(coord.endpoint, token=token)  # gets past the ZAP gate, never says Hello
     try:
         bad = [
             b"", b"\xc1\xc1", os.urandom(64), b"hello world",
@@ -158,7 +164,7 @@ def test_garbage_frames_counted_coordinator_keeps_working(coord, token, procs):
             msgspec.msgpack.encode({"type": "stop", "version": VERSION + 1}),
             msgspec.msgpack.encode({"type": "stop"}),
             msgspec.msgpack.encode({"type": "hello", "version": VERSION, "vcpu": "0", "pid": 1, "token": token}),
-            b"\x81\xa4type" + b"\x91" * 100_000 + b"\x01",
+            b"\x81\xa4type" + b"\x91" * 3000 + b"\x01",  # within hello_max: decoded
         ]
         for frame in bad:
             s.send(frame)
@@ -171,6 +177,10 @@ def test_garbage_frames_counted_coordinator_keeps_working(coord, token, procs):
         s.send(encode(Heartbeat(0, 1, 2)))
         s.send(encode(Stats(0, {"x": 1})))
         wait_counter(coord, "unknown_peer", 2)
+        # a frame bigger than any Hello from such a peer is dropped undecoded (as unknown_peer)
+        s.send(b"\x81\xa4type" + b"\x91" * 100_000 + b"\x01")
+        wait_counter(coord, "unknown_peer", 3)
+        assert coord.counters["bad_frames"] == len(bad) + 1
         # a Hello with the right token but an identity that is not vcpu-<n>-<hex> of that vcpu
         s.send(encode(Hello(0, os.getpid(), token)))
         wait_counter(coord, "rejected_peers", 1)
@@ -187,7 +197,7 @@ def test_garbage_frames_counted_coordinator_keeps_working(coord, token, procs):
 
 def test_oversized_frames_dropped(coord, token, procs):
     start_workers(coord, token, procs, [0])
-    ctx, s = raw_dealer(coord.endpoint)
+    ctx, s = raw_dealer(coord.endpoint, token=token)
     try:
         # above MAX_FRAME: delivered, counted as oversized, dropped
         s.send(encode(Config({"blob": b"x" * (MAX_FRAME + 10)})))
@@ -226,6 +236,135 @@ def test_vcpu_mismatch_and_worker_side_bad_frames(coord, token):
         assert w.recv(2000) == Stop("after garbage")
         assert w.counters["bad_frames"] == 2
         assert w.bad_frame_reasons == {"not_msgpack": 1, "multipart": 1}
+    finally:
+        w.close()
+
+
+# --------------------------------------------------------------------------------------------
+# multipart floods (issue 12.4): ZMQ_MAXMSGSIZE bounds a frame, not a message
+# --------------------------------------------------------------------------------------------
+
+FLOOD_PARTS = 24  # x (HARD_MAX_FRAME - 1) bytes = 96 MiB in one message
+
+
+def _answer_one_call(w: WorkerChannel) -> None:
+    """The legitimate worker after a flood: handshake, answer one Batch of ("add", a, b)."""
+    w.handshake(30)
+    batch = w.recv(30_000)
+    assert type(batch) is Batch
+    args = batch.commands[0].args
+    assert w.ack(batch.seq, [CommandResult(True, args["a"] + args["b"])])
+
+
+def _flood(run_dir, token, procs, dealer_tokens, until) -> tuple[float, dict, dict, int]:
+    """A coordinator in a child (so that its peak RSS is its own); one raw DEALER per entry of
+    ``dealer_tokens`` (its PLAIN token, or None: no credentials) sends one FLOOD_PARTS-frame
+    message of 96 MiB and never says Hello; then a real worker gets one call through. Returns
+    the child's (maxrss growth MiB, counters, bad_frame_reasons, max_message)."""
+    out = CTX.Queue()
+    spawn(procs, flood_coordinator, str(run_dir), token, out, until)
+    out.get(timeout=60)  # its pid
+    endpoint = out.get(timeout=60)
+    blob = b"\x00" * (HARD_MAX_FRAME - 1)
+    dealers = [raw_dealer(endpoint, token=t) for t in dealer_tokens]
+    try:
+        for _, s in dealers:
+            try:  # a DEALER refused by the gate has no pipe left once refused: it cannot even queue
+                s.send_multipart([blob] * FLOOD_PARTS, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
+        growth, counters, reasons, cap = out.get(timeout=60)
+        print(f"\ncoordinator maxrss growth during {len(dealers)} x {FLOOD_PARTS * len(blob) / 2**20:.0f} MiB"
+              f" floods: {growth:.1f} MiB (cap {cap / 2**20:.2f} MiB); {counters}, reasons {reasons}")
+        with WorkerChannel(endpoint, 0, token) as w:
+            _answer_one_call(w)
+            assert out.get(timeout=60) == 42
+    finally:
+        for ctx, s in dealers:
+            s.close()
+            ctx.term()
+        out.close()
+        out.join_thread()
+    return growth, counters, reasons, cap
+
+
+def test_multipart_flood_from_a_peer_without_the_token_is_not_buffered(run_dir, token, procs):
+    """The issue's repro: a peer that never said Hello (and cannot: it lacks the token) sends
+    24 x (HARD_MAX_FRAME - 1) bytes as one message. The coordinator must not grow by more than
+    its per-message cap allows: the ZAP gate refuses the connection, so no frame is ever queued."""
+    growth, counters, reasons, cap = _flood(run_dir, token, procs, [None, "not-the-run-token"], "auth_denied")
+    assert growth < 2 * cap / 2**20 + 16
+    assert counters["auth_denied"] >= 1  # the wrong token; no credentials at all fails earlier
+    assert counters["received"] == counters["bad_frames"] == 0
+
+
+def test_multipart_flood_from_a_token_holder_is_drained(run_dir, token, procs):
+    """A peer past the gate that never said Hello floods the same way. libzmq queues a message
+    whole before its first frame can be read, so the coordinator's peak grows by the message
+    (not twice it: the channel keeps no frame of it); it is counted once, and drained."""
+    growth, counters, reasons, cap = _flood(run_dir, token, procs, [token], "bad_frames")
+    assert reasons == {"oversized_multipart": 1}
+    assert growth < FLOOD_PARTS * HARD_MAX_FRAME / 2**20 + 16
+    assert counters["received"] == counters["unknown_peer"] == 0
+
+
+def test_worker_drains_a_multipart_flood(coord, token):
+    """Worker side: frames from the coordinator's socket are capped the same way."""
+    w = WorkerChannel(coord.endpoint, 3, token)
+    try:
+        w.hello()
+        assert coord.wait_for_hellos(1, 5) == [3]
+        ident = coord._by_vcpu[3]
+        coord._sock.send_multipart([ident] + [b"\x00" * MAX_FRAME] * 16, copy=False)
+        coord._sock.send_multipart([ident, encode(Stop("a")), b"tail"])
+        assert coord.send(3, Stop("after the flood"))
+        assert w.recv(5000) == Stop("after the flood")
+        assert w.bad_frame_reasons == {"oversized_multipart": 1, "multipart": 1}
+        assert w.counters["bad_frames"] == 2 and w.counters["received"] == 1
+    finally:
+        w.close()
+
+
+def test_draining_a_long_multipart_never_extends_a_timeout(coord, token, procs):
+    start_workers(coord, token, procs, [0])
+    ctx, s = raw_dealer(coord.endpoint, token=token)
+    try:
+        s.send_multipart([b""] * 600_000)
+        s.send(encode(Heartbeat(0, 1)))
+        assert coord._sock.poll(30_000)  # the whole message is queued once its first frame is
+        slowest = 0.0
+        t_end = time.monotonic() + 30
+        while coord.counters["unknown_peer"] == 0 and time.monotonic() < t_end:
+            t0 = time.monotonic()
+            coord.recv(20)
+            slowest = max(slowest, time.monotonic() - t0)
+        print(f"\nslowest recv(20) while draining 600k frames: {slowest * 1e3:.0f} ms")
+        assert slowest < 0.25
+        assert coord.bad_frame_reasons == {"multipart": 1}
+        assert coord.counters["unknown_peer"] == 1
+        assert coord.call(0, [("add", {"a": 1, "b": 2})], timeout_s=10).results[0].value == 3
+    finally:
+        s.close()
+        ctx.term()
+    stop_workers(coord, procs)
+
+
+def test_largest_legitimate_messages_pass_both_ways(coord, token):
+    w = WorkerChannel(coord.endpoint, 1, token)
+    try:
+        w.hello()
+        assert coord.wait_for_hellos(1, 5) == [1]
+        over = len(encode(Config({"blob": b"x" * 70_000}))) - 70_000  # a bin32 header
+        big = Config({"blob": b"x" * (MAX_FRAME - over)})
+        assert len(encode(big)) == MAX_FRAME
+        assert coord.send(1, big)
+        assert w.recv(5000) == big
+        over = len(encode(Result(1, True, {"blob": b"y" * 70_000}))) - 70_000
+        res = Result(1, True, {"blob": b"y" * (MAX_FRAME - over)})
+        assert len(encode(res)) == MAX_FRAME
+        assert w.send(res)
+        assert coord.recv(5000) == (1, res)
+        assert coord.counters["bad_frames"] == w.counters["bad_frames"] == 0
     finally:
         w.close()
 
