@@ -553,19 +553,22 @@ static PyTypeObject MemType = {
  * This process' pid and start time are cached (read once; a fork()ed child refreshes them in a
  * pthread_atfork handler), so the fast path only loads two globals. */
 static int64_t g_pid_hi;   /* (int64)getpid() << 32 */
-static int64_t g_start;    /* this process' start time; 0 = not read yet, -1 = unreadable */
-
-static void after_fork_child(void) {
-    g_pid_hi = (int64_t)getpid() << 32;
-    g_start = 0;
-}
+static int64_t g_start;    /* this process' start time; 0 = unreadable */
+static void after_fork_child(void);
 
 /* /proc/<pid>/stat (pid 0: self): state letter and start time.  0 ok, -1 open/read failed (errno
- * set), -2 unparsable.  Plain syscalls, no stdio. */
+ * set), -2 unparsable.  Plain syscalls and hand-made formatting/parsing: for pid 0 it is
+ * async-signal-safe (called in the fork child). */
 static int read_proc_stat(int64_t pid, char *state, int64_t *start) {
-    char path[48], buf[1024];
-    if (pid == 0) snprintf(path, sizeof path, "/proc/self/stat");
-    else snprintf(path, sizeof path, "/proc/%lld/stat", (long long)pid);
+    char path[48] = "/proc/self/stat", buf[1024];
+    if (pid != 0) {
+        char digits[24];
+        int nd = 0;
+        for (uint64_t v = (uint64_t)pid; v && nd < 20; v /= 10) digits[nd++] = (char)('0' + v % 10);
+        int k = 6;  /* "/proc/" */
+        while (nd) path[k++] = digits[--nd];
+        memcpy(path + k, "/stat", 6);
+    }
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -1;
     ssize_t n = read(fd, buf, sizeof buf - 1);
@@ -582,23 +585,23 @@ static int read_proc_stat(int64_t pid, char *state, int64_t *start) {
         if (!p) return -2;
         p++;
     }
-    *start = strtoll(p, NULL, 10);
+    int64_t v = 0;
+    if (*p < '0' || *p > '9') return -2;
+    for (; *p >= '0' && *p <= '9'; p++) v = v * 10 + (*p - '0');
+    *start = v;
     return 0;
 }
 
-static int64_t my_start_slow(void) {
+/* this process' identity, at module init and in every fork()ed child (pthread_atfork) */
+static void after_fork_child(void) {
     char st;
-    int64_t s;
-    g_start = (read_proc_stat(0, &st, &s) == 0 && s > 0) ? s : -1;
-    return g_start;
+    int64_t s = 0;
+    g_pid_hi = (int64_t)getpid() << 32;
+    g_start = (read_proc_stat(0, &st, &s) == 0 && s > 0) ? s : 0;
 }
 
-/* start time to record (0 if it cannot be read: holders are then checked by pid alone) */
-static inline int64_t my_start(void) {
-    int64_t s = g_start;
-    if (__builtin_expect(s == 0, 0)) s = my_start_slow();
-    return s > 0 ? s : 0;
-}
+/* start time to record (0 if it could not be read: holders are then checked by pid alone) */
+static inline int64_t my_start(void) { return g_start; }
 
 enum { HOLDER_ALIVE = 0, HOLDER_DEAD = 1, HOLDER_REUSED = 2 };
 
@@ -1449,8 +1452,7 @@ static struct PyModuleDef prims_module = {
 
 PyMODINIT_FUNC PyInit__prims(void) {
     clk_init();
-    g_pid_hi = (int64_t)getpid() << 32;
-    g_start = 0;
+    after_fork_child();
     static int atfork_done;
     if (!atfork_done && pthread_atfork(NULL, NULL, after_fork_child) == 0) atfork_done = 1;
     PyTypeObject *types[] = {&MemType, &SpinLockType, &MutexType, &ReaderType, &HistType};
