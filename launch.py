@@ -79,6 +79,8 @@ HOOKS = {
     "no-synchronize-rcu": "rcu-list frees tables without waiting for RCU readers",
     "busted-lock": "every lock of the VM does not lock",
     "avic-reader-delay": "AVIC RCU readers stay 100 µs in their read-side section",
+    "avic-flood-often": "AVIC tables are flood-dropped after 2 unused writes, each drop steered onto a vCPU entering L2 (widening)",
+    "flood-drop-race": "avic-flood-often, and the drop does not kick the vCPUs in L2 on the table (the unfixed race)",
 }
 SEED = int_range(0, 2**63 - 1, "--seed")
 DURATION = float_range(0.05, MAX_DURATION_S, "--duration")

@@ -20,6 +20,7 @@ from ipc.channel import CoordinatorChannel, PeerUnreachable
 from ipc.proc import forkserver_context, pid_alive, reap
 from ipc.procstat import forkserver_alive
 from ipc.rundir import make_run_dir, remove_run_dir
+from vm import faults
 from vm import layout as L
 from vm import results as R
 from vm.faults import diagnose_dead
@@ -28,6 +29,8 @@ from vm.nested import make_design
 
 HELLO_TIMEOUT_S = 30.0
 RESULT_TIMEOUT_S = 10.0
+
+SAMPLE_MS = 20  # the design's sampling checker runs at least this often
 
 
 class RunError(RuntimeError):
@@ -227,10 +230,11 @@ class Coordinator:
             if now >= end:
                 break
             if self.faults and not self.fault_fired and now >= fault_at:
-                self.fire_faults()
-            self.pump(int(min(100, max(1, (end - now) * 1000))))
+                faults.fire(self)
+            self.pump(int(min(SAMPLE_MS, max(1, (end - now) * 1000))))
             if self.check_dead():
                 break
+            self.design.sample()
             if time.monotonic() >= next_prog:
                 hb += 1
                 self.ch.broadcast(M.Heartbeat(vcpu=-1, seq=hb))
@@ -240,40 +244,6 @@ class Coordinator:
         elapsed = time.monotonic() - t_start
         self.stop_vcpus()
         return self.finish(elapsed)
-
-    def fire_faults(self) -> None:
-        """Inject the --inject faults (vm/faults.py)."""
-        import random
-        import signal
-        import threading
-
-        self.fault_fired = True
-        rng = random.Random(self.cfg.seed)
-        for f in self.faults:
-            if f.kind == "kill-coordinator":
-                os.kill(os.getpid(), signal.SIGKILL)
-            elif f.kind == "kill-vcpu" and f.point == "random":
-                time.sleep(rng.random() * 0.2 * self.cfg.duration)
-                os.kill(self.procs[f.vcpu].pid, signal.SIGKILL)
-            elif f.kind == "kill-vcpu":
-                self.ch.send(f.vcpu, M.Fault(kind=f.kind, args=f.args()))
-            elif f.kind == "stall-vcpu":
-                self.ch.send(f.vcpu, M.Fault(kind=f.kind, args=f.args()))
-                self.stall_thread = threading.Thread(target=self._gp_waiter, args=(f.ms,), daemon=True)
-                self.stall_thread.start()
-
-    def _gp_waiter(self, ms: int) -> None:
-        """Grace periods on the RCU domain while a stalled reader sits in it: the stall warning
-        comes from the ordinary synchronize_rcu machinery."""
-        end = time.monotonic() + ms / 1000 + 1.0
-        rcu = self.kvm.rcu
-        while time.monotonic() < end and not rcu.stalls:
-            try:
-                rcu.synchronize()
-            except Exception as e:  # GracePeriodBlocked: the reader died
-                self.reasons.append(str(e))
-                return
-            time.sleep(0.01)
 
     def totals(self) -> dict[str, int]:
         c = self.kvm.vm.v["counters"].sum(axis=0)
@@ -323,7 +293,7 @@ class Coordinator:
         self.spawn("scripted")
         t0 = time.monotonic()
         if self.faults:
-            self.fire_faults()
+            faults.fire(self)
         log = []
         i = 0
         while i < len(steps):

@@ -83,6 +83,10 @@ class NestedDesign:
     def oracle(self) -> list[str]:
         return []
 
+    def sample(self) -> None:
+        """Coordinator, while the vCPUs run: check what can be checked from outside (WARN on a
+        violation); called every progress tick."""
+
     def teardown(self) -> None:
         """Undo kernel state (unregister, untrack); may take locks. Skipped after a vCPU died."""
 

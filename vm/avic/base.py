@@ -25,6 +25,7 @@ from vm.avic.table import (
     CS_PHYSID,
     DESIGN_IDS,
     FLOOD_PER_ENTRY,
+    FLOOD_RACE_LIMIT,
     FREE,
     H_DESIGN,
     H_LIVE,
@@ -86,6 +87,11 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
         self.tables_spin = kvm.locks["avic_tables_spin"]
         self.hooks = kvm.hooks
         self.reader_delay = READER_DELAY_NS if "avic-reader-delay" in kvm.hooks else 0
+        self.vmruns_checked = 0  # nested VMRUNs (of this process) since the last all-entries check
+        self.flood_race = "flood-drop-race" in kvm.hooks  # the unfixed drop: no kick
+        self.flood_steer = self.flood_race or "avic-flood-often" in kvm.hooks
+        if self.flood_steer:  # frequent drops, each steered onto a vCPU entering L2
+            self.flood_limit = FLOOD_RACE_LIMIT
         self.tag = kvm.tag
         self._host_apic = [host_apic_id(v) for v in range(self.nvcpus)]
         self.region: Region | None = None
@@ -206,6 +212,11 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
 
     def table_track_write(self, t: int, gpa: int, nbytes: int, node: int) -> None:
         raise NotImplementedError
+
+    def sample(self) -> None:
+        """The coordinator's sampling checker (I1), called while the vCPUs run."""
+        if self.region is not None and not self.region.closed:
+            oracle.sample(self)
 
     def oracle(self) -> list[str]:
         """Coordinator, vCPUs stopped: every violation, in words (empty = good)."""

@@ -24,6 +24,9 @@ from vm.avic.table import (
     UNTRACKED,
     V_CUR,
     V_INGUEST,
+    V_INL2,
+    V_L1SEQ,
+    V_L2SEQ,
     V_LOADED,
     V_RELOAD,
     VALID,
@@ -99,15 +102,28 @@ class GuestEntry:
     def nested_vmrun(self, vcpu: int, l2: int) -> None:
         if self.region is None:
             self._attach()
+        m = self.amem
+        vw = self.vw0 + vcpu * VW
+        if m.load(vw + V_L1SEQ) & 1:  # this vCPU's L1 stores to table pages have all completed
+            m.fetch_add(vw + V_L1SEQ, 1)
         gfn = table_gfn(self.cfg, l2)
         self._reload_check(vcpu)
         t = self._vmrun_get(vcpu, gfn, l2)
         if t >= 0:  # -1: the table turned out to be freed memory (reported)
-            oracle.check_stale(self, vcpu, t, l2, gfn)
+            m.store(vw + V_INL2, t + 1)  # from here the hardware uses the table's entries
+            m.fetch_add(vw + V_L2SEQ, 1)
+            oracle.check_vmrun(self, vcpu, t, l2, gfn)
 
     def nested_vmexit(self, vcpu: int, l2: int, leaving: bool) -> None:
         if self.region is None:
             self._attach()
+        m = self.amem
+        vw = self.vw0 + vcpu * VW
+        inl2 = m.load(vw + V_INL2) - 1
+        if inl2 >= 0:
+            oracle.check_vmexit(self, vcpu, inl2)  # before the reload request is consumed
+            m.fetch_add(vw + V_L2SEQ, 1)
+            m.store(vw + V_INL2, 0)
         t = self._cur(vcpu)
         if t >= 0:
             self._leave_guest(vcpu, t)

@@ -14,6 +14,9 @@ from vm.avic.table import (
     AVIC_IS_RUNNING,
     AVIC_UPDATABLE,
     AVIC_VALID,
+    V_L1GPA,
+    V_L1SEQ,
+    VW,
     make_entry,
     nentries,
     u64,
@@ -51,6 +54,11 @@ class L1Writes:
         gfn = table_gfn(cfg, int(rng.random() * cfg.l2s))
         e = vcpu % self.ne
         gpa = (gfn << PAGE_SHIFT) + e * 8
+        # the store the caller makes next is in flight until this vCPU's next nested VMRUN (I2):
+        # publish its gpa, then make the seqcount odd (or bump an odd one by 2: a new store)
+        m, vw = self.amem, self.vw0 + vcpu * VW
+        m.store(vw + V_L1GPA, gpa)
+        m.fetch_add(vw + V_L1SEQ, 2 if m.load(vw + V_L1SEQ) & 1 else 1)
         g = self.gmem.load((gfn << 9) + e) & 0xFFFFFFFFFFFFFFFF
         r = rng.random()
         if not g & AVIC_VALID:

@@ -1,21 +1,30 @@
 """The oracle of the nested AVIC wing, every check in one place.
 
-Invariants (each names the check that enforces it):
-- (I-stale) a vCPU entering L2 never runs on a stale shadow entry of its own: at every nested VMRUN
-  its entry equals the translation of the guest entry (``check_stale``; ``stale_entry`` WARN);
-- (I-shadow) every VALID shadow table equals the translation of its guest table, entry by entry,
-  with the cached guest entry and valid bitmap in step (``final``: "lost write");
-- (I-ref) refcount = vCPUs holding the table, usecount = vCPUs in guest mode on it (``final``);
-- (I-index) the design's index (gfn hash chains, RCU list) links exactly the live tables, each once,
+Invariants checked continuously, while the vCPUs run (a violation is a WARN, which fails the run):
+- (I1) a vCPU in L2 on table t => t is VALID and its gfn write-tracked, or a reload request for
+  that vCPU is pending (honoured at its next nested VMRUN, before it uses an entry again):
+  ``check_vmrun`` (after the table is made ready), ``check_vmexit`` (before the request is
+  consumed) and ``sample`` (the coordinator's sampling checker, every vCPU in L2);
+- (I2) every L1 write to a table page that completed before a vCPU's nested VMRUN began is in every
+  shadow entry the hardware may read on that VMRUN: ``check_vmrun`` (the vCPU's own entry at every
+  VMRUN, every entry at one VMRUN in ``ALL_ENTRIES_EVERY``; a store still in flight — its writer has
+  not reached its own next VMRUN — is left out);
+- (I3) no freed table or node is ever read, by any reader, at any time (``kvm.poisoned``, at the
+  reads themselves);
+- (I4) mutual exclusion of every lock the AVIC code takes (locktorture-style held flags).
+
+Checked by ``final`` at the end (coordinator, vCPUs stopped), besides the counts of the above:
+- (F-shadow) every VALID shadow table equals the translation of its guest table, entry by entry,
+  with the cached guest entry and valid bitmap in step ("lost write");
+- (F-ref) refcount = vCPUs holding the table, usecount = vCPUs in guest mode on it;
+- (F-index) the design's index (gfn hash chains, RCU list) links exactly the live tables, each once,
   in the right bucket (``check_chain``, ``check_linked``, the designs' ``_check_structure``);
-- (I-one) at most one live table per gfn, and gfn_write_track of each table page = the live tables
-  that write-protect it, never wrapped (``final``);
-- (I-notifier) a live table's writes are seen: its notifier node (shared or its own) is registered,
+- (F-one) at most one live table per gfn, and gfn_write_track of each table page = the live tables
+  that write-protect it, never wrapped;
+- (F-notifier) a live table's writes are seen: its notifier node (shared or its own) is registered,
   the shared node's user count = live tables, and (refcount) unregistered once none is live;
-- (I-warn) no redundant registration, no registration while write tracking is disabled;
-- (I-poison) no read of freed (poisoned) memory, by any reader, at any time (``kvm.poisoned``);
-- (I-lock) mutual exclusion of every lock the AVIC code takes (locktorture-style held flags), and
-  no lock still held after the run.
+- (F-warn) no redundant registration, no registration while write tracking is disabled;
+- (F-lock) no lock still held after the run.
 """
 
 from __future__ import annotations
@@ -24,14 +33,18 @@ from ipc import _prims
 from vm import layout as L
 from vm import notifier
 from vm.avic.table import (
+    ALL_ENTRIES_EVERY,
     ALLOC,
     CS,
     CS_FAILS,
+    H_I1,
+    H_I2,
     H_NODE,
     H_SEQ,
     H_UNTRACKED_REG,
     H_USERS,
     LIVE,
+    MASK64,
     RETIRING,
     STATE_NAMES,
     T_GFN,
@@ -46,6 +59,11 @@ from vm.avic.table import (
     TW,
     V_CUR,
     V_INGUEST,
+    V_INL2,
+    V_L1GPA,
+    V_L1SEQ,
+    V_L2SEQ,
+    V_RELOAD,
     VALID,
     VW,
     describe,
@@ -145,6 +163,10 @@ def final(d) -> list[str]:
     stale = int(counters[:, L.C["stale_entries"]].sum())
     if stale:
         bad.append(f"{stale} nested VMRUN(s) ran on a stale shadow physid entry")
+    i1 = d._h(H_I1)
+    if i1:
+        bad.append(f"(I1) {i1} time(s) a vCPU was in L2 on a shadow table that was no longer shadowed, "
+                   f"with no reload request pending")
     del counters
     if kvm.poison_reads:
         bad.append(f"{kvm.poison_reads} read(s) of poisoned (freed) memory")
@@ -159,38 +181,130 @@ def final(d) -> list[str]:
     return bad
 
 
-def check_stale(d, v: int, t: int, l2: int, gfn: int) -> None:
-    """The hardware is about to use the vCPU's own entry: it must be the translation of the
-    guest entry (the vCPU's own writes to it have all completed)."""
+def _table_snapshot(d, v: int, t: int, gfn: int, entries=()) -> tuple | None:
+    """(state, tracked, reload pending for vCPU ``v``, [(entry, shadow, guest, translation)]) of
+    table ``t`` (on ``gfn``), taken while no drop / invalidation / IsRunning flip was half-done
+    (``H_SEQ``), with the entries whose writer had a store to this page in flight left out; None if
+    no consistent snapshot could be taken (counted as skipped)."""
     m = d.amem
+    load = m.load
     b = d.tw0 + t * TW
-    e = v % d.ne
     seq_w = d.hdr0 + H_SEQ
     for _ in range(16):
-        s1 = m.load(seq_w)
+        s1 = load(seq_w)
         if s1 & 1:
             _prims.sched_yield()
             continue
-        if m.load(b + T_STATE) != VALID:
-            d._stat("stale_check_skipped")  # invalidated meanwhile: a reload is pending
-            return
-        sh = m.load(d.shadow0 + t * d.ne + e) & 0xFFFFFFFFFFFFFFFF
-        g = d.gmem.load((gfn << 9) + e) & 0xFFFFFFFFFFFFFFFF
-        exp = d._translate(g)
-        if m.load(seq_w) == s1:
-            break
-    else:
-        d._stat("stale_check_skipped")
+        st, tracked = load(b + T_STATE), load(b + T_TRACKED)
+        reload = load(d.vw0 + v * VW + V_RELOAD)
+        seen = []
+        if st == VALID and tracked:
+            for e in entries:
+                w = e if e < d.nvcpus and e != v else -1  # the one vCPU that writes entry e
+                if w >= 0:
+                    ws = load(d.vw0 + w * VW + V_L1SEQ)
+                    if ws & 1 and load(d.vw0 + w * VW + V_L1GPA) >> PAGE_SHIFT == gfn:
+                        continue  # its store to this page has not completed yet
+                sh = load(d.shadow0 + t * d.ne + e) & MASK64
+                g = d.gmem.load((gfn << 9) + e) & MASK64
+                exp = d._translate(g)
+                if w >= 0 and load(d.vw0 + w * VW + V_L1SEQ) != ws:
+                    continue
+                seen.append((e, sh, g, exp))
+        if load(seq_w) == s1:
+            return st, tracked, reload, seen
+    return None
+
+
+def _unshadowed(d, v: int, t: int, st: int, tracked: int, where: str) -> None:
+    """(I1) violated: report it (a WARN fails the run) and count it for the final oracle."""
+    d.amem.fetch_add(d.hdr0 + H_I1, 1)
+    gfn = d.amem.load(d.tw0 + t * TW + T_GFN)
+    what = STATE_NAMES[st] if 0 <= st < len(STATE_NAMES) else str(st)
+    d.kvm.warn("l2_on_unshadowed_table",
+               f"(I1) vCPU {v} {where} in L2 on shadow physid table slot {t} (gfn {gfn:#x}) that is {what}"
+               f"{'' if tracked else ', not write-protected'}, with no reload request pending: L1's writes "
+               f"to it are not seen, the hardware may use stale entries", vcpu=v, table=t, gfn=gfn, state=st)
+
+
+def check_vmrun(d, v: int, t: int, l2: int, gfn: int) -> None:
+    """At nested VMRUN, the table ready: (I1) it is VALID and write-protected, or a reload request
+    for this vCPU is pending; (I2) every entry the hardware may read equals the translation of its
+    guest entry, unless that entry's store is still in flight (the vCPU's own entry at every VMRUN,
+    all entries at one VMRUN in ``ALL_ENTRIES_EVERY``)."""
+    d.vmruns_checked += 1
+    every = d.vmruns_checked >= ALL_ENTRIES_EVERY
+    if every:
+        d.vmruns_checked = 0
+    else:  # the common case first, inline: table VALID and tracked, own entry up to date
+        m = d.amem
+        load, seq_w, b = m.load, d.hdr0 + H_SEQ, d.tw0 + t * TW
+        e = v % d.ne
+        s1 = load(seq_w)
+        if not s1 & 1 and load(b + T_STATE) == VALID and load(b + T_TRACKED):
+            sh = load(d.shadow0 + t * d.ne + e) & MASK64
+            if sh == d._translate(d.gmem.load((gfn << 9) + e) & MASK64) and load(seq_w) == s1:
+                return
+    snap = _table_snapshot(d, v, t, gfn, range(d.ne) if every else (v % d.ne,))
+    if snap is None:
+        d._stat("invariant_skipped")
         return
-    d._stat("stale_check")
-    if sh != exp:
-        d.kvm.count("stale_entries")
-        gpa = (gfn << PAGE_SHIFT) + e * 8
-        d.kvm.warn("stale_entry",
-                      f"vCPU {v} nested VMRUN into L2 {l2} on a stale shadow physid entry: table gfn "
-                      f"{gfn:#x} entry {e}: shadow {sh:#018x} != translation {exp:#018x} of guest entry "
-                      f"{describe(g)} (lost write to gpa {gpa:#x})",
-                      vcpu=v, l2=l2, gfn=gfn, entry=e, shadow=sh, expected=exp)
+    st, tracked, reload, seen = snap
+    if st != VALID or not tracked:
+        if reload:
+            d._stat("stale_check_skipped")  # changed meanwhile, and this vCPU was told to reload
+        else:
+            _unshadowed(d, v, t, st, tracked, f"entering L2 {l2}")
+        return
+    if every:
+        d._stat("entries_checked", len(seen))
+    for e, sh, g, exp in seen:
+        if sh != exp:
+            d.kvm.count("stale_entries")
+            d.amem.fetch_add(d.hdr0 + H_I2, 1)
+            gpa = (gfn << PAGE_SHIFT) + e * 8
+            d.kvm.warn("stale_entry",
+                       f"vCPU {v} nested VMRUN into L2 {l2} on a stale shadow physid entry: table gfn "
+                       f"{gfn:#x} entry {e}: shadow {sh:#018x} != translation {exp:#018x} of guest entry "
+                       f"{describe(g)} (lost write to gpa {gpa:#x})",
+                       vcpu=v, l2=l2, gfn=gfn, entry=e, shadow=sh, expected=exp)
+
+
+def check_vmexit(d, v: int, t: int) -> None:
+    """At nested VMEXIT (before the reload request is consumed): (I1) the table the vCPU ran L2 on
+    is still VALID and write-protected, or the vCPU was told to reload."""
+    m = d.amem
+    if m.load(d.vw0 + v * VW + V_RELOAD):
+        return  # told to reload: whatever the table's state, I1 holds
+    seq_w, b = d.hdr0 + H_SEQ, d.tw0 + t * TW
+    s1 = m.load(seq_w)
+    if not s1 & 1 and m.load(b + T_STATE) == VALID and m.load(b + T_TRACKED) and m.load(seq_w) == s1:
+        return  # the common case, in four loads
+    snap = _table_snapshot(d, v, t, -1)
+    if snap is None:
+        d._stat("invariant_skipped")
+        return
+    st, tracked, reload, _ = snap
+    if (st != VALID or not tracked) and not reload:
+        _unshadowed(d, v, t, st, tracked, "ran")
+
+
+def sample(d) -> None:
+    """The sampling checker (coordinator, while the vCPUs run): (I1) for every vCPU in L2 now."""
+    m = d.amem
+    for v in range(d.nvcpus):
+        vw = d.vw0 + v * VW
+        s1 = m.load(vw + V_L2SEQ)
+        if not s1 & 1:
+            continue
+        t = m.load(vw + V_INL2) - 1
+        snap = _table_snapshot(d, v, t, -1) if 0 <= t < d.nt else None
+        if snap is None or m.load(vw + V_L2SEQ) != s1:
+            continue
+        d._stat("invariant_check")
+        st, tracked, reload, _ = snap
+        if (st != VALID or not tracked) and not reload:
+            _unshadowed(d, v, t, st, tracked, "is (sampling checker)")
 
 
 def check_chain(d, bad: list[str], what: str, head_w: int, seen: dict[int, str]) -> None:

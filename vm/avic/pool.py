@@ -16,10 +16,12 @@ from vm.avic.table import (
     AVIC_VALID,
     DROPPED,
     DUMMY_HPA,
+    FLOOD_RACE_DELAY_NS,
     FREE,
     H_GEN,
     H_LIVE,
     H_MAXLIVE,
+    H_SEQ,
     HPA_BASE,
     INVALID,
     LIVE,
@@ -44,7 +46,9 @@ from vm.avic.table import (
     T_WRITES,
     TW,
     UNTRACKED,
+    V_CUR,
     V_INGUEST,
+    V_INL2,
     V_LOADED,
     V_RELOAD,
     VALID,
@@ -222,20 +226,53 @@ class TablePool:
         lockdep_assert_held(self.physid_lock, "avic_physid_lock")
         m = self.amem
         b = self.tw0 + t * TW
+        m.fetch_add(self.hdr0 + H_SEQ, 1)  # odd: the checks wait for the kick below
         if m.load(b + T_STATE) == VALID:
             m.store(b + T_STATE, INVALID)
+        self._kick(t)
+        m.fetch_add(self.hdr0 + H_SEQ, 1)
+        self._stat("invalidate")
+
+    def _kick(self, t: int) -> None:
+        """KVM_REQ_APIC_PAGE_RELOAD + kick for every vCPU in guest mode on table ``t``: it must not use
+        the table's entries again before it reloads (the caller has just changed the table's state;
+        the barrier pairs with the one between a vCPU's in-guest store and its state read)."""
+        m = self.amem
         _prims.smp_mb()
         for v in range(self.nvcpus):
             if m.load(self.vw0 + v * VW + V_INGUEST) == t + 1:
                 m.store(self.vw0 + v * VW + V_RELOAD, 1)
                 self._stat("reload_request")
-        self._stat("invalidate")
+
+    def _steer_flood_drop(self, t: int) -> None:
+        """Widening (hooks ``avic-flood-often``, ``flood-drop-race``): having seen usecount 0, wait
+        up to ``FLOOD_RACE_DELAY_NS`` for a vCPU to enter L2 on the table (its entries in use), so
+        that the drop lands on the worst interleaving: a vCPU that has just entered L2 on it."""
+        m, end = self.amem, _prims.now_ns() + FLOOD_RACE_DELAY_NS
+        me = self.kvm.proc - 1  # this vCPU (the coordinator: -1) cannot enter while it waits here
+        if not any(m.load(self.vw0 + v * VW + V_CUR) == t + 1 for v in range(self.nvcpus) if v != me):
+            return  # nobody else holds the table: nobody can enter it
+        words = [self.vw0 + v * VW + V_INL2 for v in range(self.nvcpus)]
+        while _prims.now_ns() < end:
+            if any(m.load(w) == t + 1 for w in words):
+                self._stat("flood_steered")
+                return
+            _prims.spin_ns(2_000)
 
     def _drop(self, t: int) -> None:
-        """Flood rule: stop shadowing (untrack) until the table is used again."""
+        """Flood rule: stop shadowing (untrack) until the table is used again. A vCPU that entered
+        L2 on it after the caller saw usecount 0 is kicked to reload (KVM would), else it would run
+        on a table whose page is no longer write-protected (hook ``flood-drop-race``: not kicked)."""
         lockdep_assert_held(self.physid_lock, "avic_physid_lock")
-        self.amem.store(self.tw0 + t * TW + T_STATE, DROPPED)
+        m = self.amem
+        m.fetch_add(self.hdr0 + H_SEQ, 1)
+        # untrack before DROPPED is visible: a user that sees DROPPED write-protects the page again,
+        # and must not do it while this untrack is still to come (it would drop that user's count)
         self._untrack(t)
+        m.store(self.tw0 + t * TW + T_STATE, DROPPED)
+        if not self.flood_race:
+            self._kick(t)
+        m.fetch_add(self.hdr0 + H_SEQ, 1)
         self._stat("flood_drop")
 
     def _entry_write(self, t: int, gpa: int, nbytes: int) -> None:
@@ -283,6 +320,8 @@ class TablePool:
             self._stat("track_write")
             if m.load(b + T_USE) == 0:
                 if m.fetch_add(b + T_FLOOD, 1) + 1 > self.flood_limit and st in (VALID, INVALID):
+                    if self.flood_steer:
+                        self._steer_flood_drop(t)
                     self._drop(t)
                     return True
             if st == VALID:

@@ -17,7 +17,7 @@ Region ``avic`` (segment ``pts_<run>_avic``; created by the design's ``setup()``
 attached by vCPU processes; registered in ``kvm.regions`` so ``Kvm.close`` unmaps/unlinks it):
 - ``hdr``     H_* words below
 - ``hash``    256 bucket heads (table index + 1), mutex-hash / per-table-notifier
-- ``vcpu``    (vcpus, 8) V_* words, one cache line per vCPU
+- ``vcpu``    (vcpus, 16) V_* words, two cache lines per vCPU
 - ``tables``  (ntables, 16) T_* header words per table
 - ``valid``   (ntables, 4) bitmap of valid entries
 - ``cache``   (ntables, nentries) cached guest entries
@@ -62,7 +62,8 @@ H_USERS = 0          # users of the shared notifier node (tables), all variants
 H_REGISTERED = 1     # the "bool registered" flag of the shared node (bool variant)
 H_NODE = 2           # shared notifier node index + 1 (0 = none)
 H_LIST = 3           # rcu-list: head of the RCU-protected table list (index + 1)
-H_SEQ = 4            # seqcount of IsRunning flips (odd while vcpu_load/put rewrites entries)
+H_SEQ = 4            # seqcount of shadow changes the checks must not see half-done (odd while
+                     # vcpu_load/put flip IsRunning, while a table is dropped or invalidated)
 H_DESIGN = 5         # design id
 H_NENTRIES = 6       # entries per table
 H_GEN = 7            # table generation counter (bumped on every allocation)
@@ -70,6 +71,8 @@ H_REGVAR = 8         # registration variant id
 H_UNTRACKED_REG = 9  # notifiers registered while write tracking was disabled
 H_MAXLIVE = 10       # high-water mark of live tables
 H_LIVE = 11          # live tables now
+H_I1 = 12            # (I1) violations: a vCPU in L2 on a table no longer shadowed, no reload pending
+H_I2 = 13            # (I2) violations: a completed L1 write missing from a shadow entry at VMRUN
 HDR_WORDS = 16
 
 # -- per-vCPU words (avic.vcpu[v]) -----------------------------------------------------------
@@ -77,7 +80,13 @@ V_CUR = 0            # table the vCPU holds a reference on (index + 1)
 V_INGUEST = 1        # table the vCPU runs L2 on right now (index + 1), for reload requests
 V_RELOAD = 2         # KVM_REQ_APIC_PAGE_RELOAD pending
 V_LOADED = 3         # the L1 vCPU is loaded (scheduled in): shadow IsRunning may be set
-VW = 8
+V_INL2 = 4           # table whose entries the hardware uses for this vCPU now (index + 1): set once
+                     # nested VMRUN made it ready, cleared at VMEXIT (what the I1 checks look at)
+V_L1SEQ = 5          # seqcount of this vCPU's L1 stores to table pages: odd from the store's start
+                     # until the vCPU's next nested VMRUN (a store in flight is not yet "completed")
+V_L1GPA = 6          # gpa of that store
+V_L2SEQ = 8          # seqcount of L2 runs: odd from nested VMRUN (table ready) to VMEXIT
+VW = 16
 
 # -- table header words (avic.tables[t]) -----------------------------------------------------
 T_STATE = 0
@@ -110,9 +119,10 @@ STATS = (
     "table_create", "table_free", "sync", "resync", "invalidate", "entry_update", "flood_drop",
     "reload_request", "stale_check", "stale_check_skipped", "get_fast", "get_slow",
     "synchronize_rcu_add", "synchronize_rcu_del", "isrunning_flip", "track_gfn", "untrack_gfn",
-    "track_write", "track_write_miss", "register", "unregister", "rcu_retry",
+    "track_write", "track_write_miss", "register", "unregister", "rcu_retry", "invariant_check",
+    "invariant_skipped", "entries_checked", "flood_steered",
 )
-NSTATS = 24
+NSTATS = 32
 S = {name: i for i, name in enumerate(STATS)}
 assert len(STATS) <= NSTATS
 
@@ -121,6 +131,9 @@ REGISTRATION_IDS = {"refcount": 1, "bool": 2, "naive": 3, "split": 4}
 AVIC_DESIGNS = tuple(DESIGN_IDS)
 REGISTRATIONS = tuple(REGISTRATION_IDS)
 READER_DELAY_NS = 100_000  # avic-reader-delay hook: time inside rcu-list read-side sections
+FLOOD_RACE_DELAY_NS = 500_000  # flood hooks: longest wait, after usecount 0, for a vCPU to enter
+FLOOD_RACE_LIMIT = 2  # flood-drop-race hook: writes while unused before a drop (else nentries * 1000)
+ALL_ENTRIES_EVERY = 8  # (I2): every entry of the table is checked at one nested VMRUN in this many
 
 
 def u64(x: int) -> int:
