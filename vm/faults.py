@@ -14,9 +14,15 @@ Faults fire at 30 % of the run (or before the first scripted step).
 
 from __future__ import annotations
 
+import os
+import random
 import re
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
+from ipc import messages as M
 from ipc.errors import UsageError
 from ipc.rcu import HDR_DEAD_TAG
 from vm import layout as L
@@ -99,3 +105,35 @@ def diagnose_dead(kvm, vcpu: int, exitcode: int | None) -> list[str]:
     else:
         out[0] += f" ({sig})"
     return out
+
+
+def fire(co) -> None:
+    """Inject coordinator ``co``'s --inject faults, now (the run is under way)."""
+    co.fault_fired = True
+    rng = random.Random(co.cfg.seed)
+    for f in co.faults:
+        if f.kind == "kill-coordinator":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif f.kind == "kill-vcpu" and f.point == "random":
+            time.sleep(rng.random() * 0.2 * co.cfg.duration)
+            os.kill(co.procs[f.vcpu].pid, signal.SIGKILL)
+        elif f.kind == "kill-vcpu":
+            co.ch.send(f.vcpu, M.Fault(kind=f.kind, args=f.args()))
+        elif f.kind == "stall-vcpu":
+            co.ch.send(f.vcpu, M.Fault(kind=f.kind, args=f.args()))
+            co.stall_thread = threading.Thread(target=_gp_waiter, args=(co, f.ms), daemon=True)
+            co.stall_thread.start()
+
+
+def _gp_waiter(co, ms: int) -> None:
+    """Grace periods on the RCU domain while a stalled reader sits in it: the stall warning comes
+    from the ordinary synchronize_rcu machinery."""
+    end = time.monotonic() + ms / 1000 + 1.0
+    rcu = co.kvm.rcu
+    while time.monotonic() < end and not rcu.stalls:
+        try:
+            rcu.synchronize()
+        except Exception as e:  # GracePeriodBlocked: the reader died
+            co.reasons.append(str(e))
+            return
+        time.sleep(0.01)
