@@ -8,6 +8,8 @@ import os
 import signal
 import time
 
+from ipc import procstat
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -41,12 +43,8 @@ def proc_starttime(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (/proc/pid/stat field 22); with the pid it
     names one process for good (a reused pid has a later start time). None if there is no such
     process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    s = procstat.sample(pid)
+    return s.start if s is not None else None
 
 
 def identity_alive(pid: int, start: int | None) -> bool:

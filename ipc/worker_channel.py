@@ -148,6 +148,9 @@ def checked_timeout_ms(timeout_ms: float) -> float:
     return float(timeout_ms)
 
 
+CLOSE_LINGER_MS = 500  # how long a closing worker may take to flush its last messages
+
+
 class WorkerChannel:
     """A vCPU worker's DEALER, connected to the coordinator's endpoint. Create it in the worker
     process. Sends never block (a full queue, e.g. coordinator gone, is counted in ``dropped``).
@@ -270,12 +273,14 @@ class WorkerChannel:
                 return msg
             self._pending.append(msg)
 
-    def close(self) -> None:
-        """Close the socket (linger 0) and its context. Idempotent."""
+    def close(self, linger_ms: int = CLOSE_LINGER_MS) -> None:
+        """Close the socket and its context. Idempotent. Messages still queued (a vCPU's final
+        Result, sent just before it exits) get up to ``linger_ms`` to reach the coordinator; a
+        coordinator that is gone costs no more than that."""
         if self._closed:
             return
         self._closed = True
-        self._sock.close(linger=0)
+        self._sock.close(linger=max(0, int(linger_ms)))
         self._ctx.term()
 
     def __enter__(self) -> WorkerChannel:

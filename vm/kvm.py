@@ -46,7 +46,7 @@ class Kvm:
 
         self.locks = {
             name: new_lock(L.LOCK_KIND[name], vm.mem, vm.word("locks", i), stats_word(name), self.tag,
-                           busted="busted-lock" in self.hooks)
+                           busted="busted-lock" in self.hooks, name=name)
             for i, name in enumerate(L.LOCKS)
         }
         self.mmu_lock = self.locks["mmu_lock"]
