@@ -114,6 +114,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memslots", type=int_range(1, 64, "--memslots"))
     p.add_argument("--preempt-rate", dest="preempt_rate", type=float_range(0, 1, "--preempt-rate"))
     p.add_argument("--stall-ms", dest="stall_ms", type=int_range(1, 3_600_000, "--stall-ms"))
+    p.add_argument("--fuzz", choices=["off", "light", "heavy"],
+                   help="race widening: seeded delays at named preemption points (default light)")
     p.add_argument("--no-stats", dest="stats", action="store_const", const=False, default=None,
                    help="turn lock_stat and latency histograms off")
     p.add_argument("--inject", action="append", default=[], metavar="FAULT",
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--registration", choices=["refcount", "bool", "naive", "split"], default="refcount")
     sc.add_argument("--design", choices=["mutex-hash", "rcu-list", "per-table-notifier"], default="mutex-hash")
     sc.add_argument("--seed", type=SEED, default=1)
+    sc.add_argument("--fuzz", choices=["off", "light", "heavy"], default="light",
+                    help="race widening at named preemption points (default light)")
     sc.add_argument("--inject", action="append", default=[], metavar="FAULT")
     sc.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK")
     sc.add_argument("--json", metavar="PATH", default=None)
@@ -255,7 +259,7 @@ def _cmd_scenario(args: argparse.Namespace) -> int:
     from vm.avic.kaboom import kaboom_steps
 
     cfg = config.from_dict({"vcpus": 2, "design": args.design, "registration": args.registration,
-                            "seed": args.seed, "l2s": 2, "duration": 1.0})
+                            "seed": args.seed, "l2s": 2, "duration": 1.0, "fuzz": args.fuzz})
     _check_json_path(args.json)
     injected = [faults.parse(f, cfg.vcpus) for f in args.inject]
     steps = kaboom_steps(args.registration, args.design)

@@ -40,7 +40,7 @@ GOALS = {"tracked_write_vs_floor": ("<=", 15), "untracked_write_vs_floor": ("<="
 
 def loop_ns_per_write(kind: str, seconds: float, reps: int = 3) -> float:
     """ns per guest write of one kind through ``Vcpu.run`` (in this process, 1 vCPU)."""
-    cfg = from_dict({"vcpus": 1, "duration": seconds, "memory_mib": 16, "notifiers": 1, "tracked_pages": 8,
+    cfg = from_dict({"fuzz": "off", "vcpus": 1, "duration": seconds, "memory_mib": 16, "notifiers": 1, "tracked_pages": 8,
                      "writes_per_exit": 2000, "guest_time_us": 0, "preempt_rate": 0, "l2s": 1,
                      "tracked_fraction": 1.0 if kind == "tracked" else 0.0, "mmio_fraction": 0.0,
                      "stats": True})
@@ -65,7 +65,7 @@ def loop_ns_per_write(kind: str, seconds: float, reps: int = 3) -> float:
 
 def path_ns_per_write(kind: str, n: int = 100_000, reps: int = 5) -> float:
     """ns per ``Vcpu.l1_store`` on pre-generated stores (1 vCPU, 1 mirror notifier, stats on)."""
-    cfg = from_dict({"vcpus": 1, "memory_mib": 16, "notifiers": 1, "tracked_pages": 8, "l2s": 1})
+    cfg = from_dict({"fuzz": "off", "vcpus": 1, "memory_mib": 16, "notifiers": 1, "tracked_pages": 8, "l2s": 1})
     kvm = Kvm.create(cfg, f"bp{os.getpid()}")
     try:
         d = make_design(kvm, cfg)
@@ -92,7 +92,7 @@ def path_ns_per_write(kind: str, n: int = 100_000, reps: int = 5) -> float:
 
 
 def free_run(vcpus: int, seconds: float, stats: bool = True) -> dict:
-    cfg = from_dict({"vcpus": vcpus, "duration": seconds, "stats": stats, "progress": False})
+    cfg = from_dict({"fuzz": "off", "vcpus": vcpus, "duration": seconds, "stats": stats, "progress": False})
     with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",)) as co:
         res = co.run_free()
     c = res["counters"]

@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ipc import _prims
+from ipc import _prims, fuzz
 from ipc.locks import LOCK_WORDS, LockHolderDied, Mutex
 from ipc.proc import identity_alive, pid_alive, proc_starttime
 
@@ -217,8 +217,12 @@ class RcuDomain:
                     mem.store(hdr + HDR_GP_STATE, start)
                     warned: set[int] = set()
                     self._wait_readers(t0, warned)  # begins with a full barrier
+                    if fuzz.ACTIVE:
+                        fuzz.point("rcu.gp.before_flip")
                     mem.store(hdr, mem.load(hdr) ^ GP_CTR_PHASE)
                     _prims.smp_mb()
+                    if fuzz.ACTIVE:
+                        fuzz.point("rcu.gp.after_flip")
                     self._wait_readers(t0, warned)
                     mem.fetch_add(hdr + HDR_GP_SEQ, 1)
                     mem.store(hdr + HDR_GP_STATE, start + 1)  # >= every waiter's target

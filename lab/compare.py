@@ -37,7 +37,7 @@ def run_compare(vcpus: list[int], rates: list[float], duration: float, seed: int
     for i, (d, v, r) in enumerate(todo):
         cfg = dict(base or {})
         cfg.update({"design": d, "vcpus": v, "switch_rate": r, "duration": duration, "seed": seed,
-                    "registration": "refcount", "progress": False})
+                    "registration": "refcount", "progress": False, "fuzz": "off"})  # measure undisturbed
         res = run_one(cfg)
         res["point_id"] = f"{d}/v{v}/s{r:g}"
         results.append(res)

@@ -126,6 +126,8 @@ def parse_grid(doc: dict, where: str = "grid") -> list[Point]:
             raise UsageError(f"{where}: fixed.{k}: expected a single value, got {v!r} (lists go under [grid])")
         if k in grid:
             raise UsageError(f"{where}: fixed.{k}: also in [grid]")
+    if "fuzz" not in grid:
+        fixed = {**fixed, "fuzz": fixed.get("fuzz", "off")}  # a sweep measures: no race widening
     n = 1
     for vals in grid.values():
         n *= len(vals)

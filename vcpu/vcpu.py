@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from ipc import _prims
+from ipc import _prims, fuzz
 from vm import layout as L
 from vm import notifier
 from vm.mirror import MIRROR_KIND
@@ -100,6 +100,7 @@ class Vcpu:
         policy, K, p_switch, p_preempt = cfg.policy, cfg.l2s, cfg.switch_rate, cfg.preempt_rate
         p_churn = cfg.churn_rate
         n = self.n
+        fz = fuzz.ACTIVE  # race widening (ipc/fuzz.py), configured when this process' Kvm was made
         n_unt = n_tr = n_mmio = n_run = n_sw = iters = 0
         l2 = self.l2
         next_tick = now() + tick_ns
@@ -119,6 +120,8 @@ class Vcpu:
                             emulate((gfn << PAGE_SHIFT) + self.lane, bits(64).to_bytes(8, "little"))
                             gm_lock()
                         else:
+                            if fz:
+                                fz.hit("vcpu.track_check_to_store")
                             gstore((gfn << 9) + lane_w, bits(63))
                         n_unt += 1
                     elif r < p_tr:
@@ -129,6 +132,8 @@ class Vcpu:
                             gm_lock()
                         else:  # not (yet / any more) tracked: a plain store, still in guest mode,
                             # so a concurrent track + TLB flush waits for it
+                            if fz:
+                                fz.hit("vcpu.track_check_to_store")
                             self.raw_store(gpa, data)
                         n_tr += 1
                     else:

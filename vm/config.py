@@ -20,6 +20,7 @@ SHM_BUDGET_BYTES = 2 << 30  # all segments of one run together
 Design = Literal["mirror", "mutex-hash", "rcu-list", "per-table-notifier"]
 Registration = Literal["refcount", "bool", "naive", "split"]
 Policy = Literal["sticky", "round-robin", "random"]
+FuzzLevel = Literal["off", "light", "heavy"]
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -48,6 +49,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stall_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 1000
     heartbeat_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
     progress: bool = True
+    fuzz: FuzzLevel = "light"  # race widening at named preemption points (ipc/fuzz.py); measure with off
 
     def __post_init__(self) -> None:
         if self.tracked_fraction + self.mmio_fraction > 1.0 + 1e-9:
@@ -142,7 +144,7 @@ def build(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Config:
 # Config keys that `launch.py run` takes as flags (--key-with-dashes); the others only from TOML
 CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switch_rate", "policy",
             "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
-            "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms")
+            "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms", "fuzz")
 
 # scripted commands a vCPU understands (vcpu/vcpu.py executes them)
 SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "write_entry", "read", "register", "reregister", "unregister",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ipc import _prims, hist, procstat
+from ipc import _prims, fuzz, hist, procstat
 from ipc.locks import init_lockstat, new_lock
 from ipc.shm import Region, ShmError, check_run_id
 from vm import layout as L
@@ -23,6 +23,7 @@ class Kvm:
         self.tag = proc + 1
         self.owner = owner
         self.hooks = frozenset(hooks)
+        fuzz.configure(cfg.fuzz, cfg.seed, proc)  # this process' preemption points (ipc/fuzz.py)
         self.regions = regions
         vm = self.vm = regions["vm"]
         self.guest = regions["guest"]

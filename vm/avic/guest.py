@@ -5,7 +5,7 @@ A mixin of :class:`vm.avic.base.AvicDesign`."""
 
 from __future__ import annotations
 
-from ipc import _prims
+from ipc import _prims, fuzz
 from vm.avic import oracle
 from vm.avic.table import (
     AVIC_APIC_ID_MASK,
@@ -55,6 +55,8 @@ class GuestEntry:
         if old >= 0:
             self._leave_guest(v, old)
         m.store(w, t + 1)
+        if fuzz.ACTIVE:
+            fuzz.point("avic.inguest_to_usecount")
         if m.fetch_add(b + T_USE, 1) == 0:  # full barrier: in_guest is visible before the state read
             m.store(b + T_FLOOD, 0)
 
@@ -79,6 +81,8 @@ class GuestEntry:
         while True:
             st = m.load(b + T_STATE)
             if st == VALID:
+                if fuzz.ACTIVE:
+                    fuzz.point("avic.ready_to_run")  # VALID seen; L2 about to use the entries
                 return True
             if st in (UNTRACKED, DROPPED):
                 if m.cmpxchg(b + T_STATE, st, TRACKING) == st:

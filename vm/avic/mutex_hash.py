@@ -6,6 +6,7 @@ and looks the gfn up in the hash, for every emulated write that walks the notifi
 
 from __future__ import annotations
 
+from ipc import fuzz
 from ipc.locks import lockdep_assert_held
 from vm.avic import oracle
 from vm.avic.base import AvicDesign
@@ -118,6 +119,8 @@ class MutexTables(AvicDesign):
         finally:
             self._cs_out(CS_TABLES)
             lk.unlock()
+        if fuzz.ACTIVE:
+            fuzz.point("avic.tables_lock.after_unlock")
         if spare_user:
             self._notifier_put()
         return t if ready else -1

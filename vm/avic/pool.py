@@ -5,7 +5,7 @@ their gfn, sync / update / invalidate / drop their entries, and the chain walks 
 
 from __future__ import annotations
 
-from ipc import _prims
+from ipc import _prims, fuzz
 from ipc.locks import lockdep_assert_held
 from vm.avic.table import (
     ALLOC,
@@ -189,6 +189,8 @@ class TablePool:
             if ok:
                 self.amem.store(b + T_TRACKED, 1)
         if ok:
+            if fuzz.ACTIVE:
+                fuzz.point("page_track.protect_to_flush")  # stores in flight may still land
             kvm_flush_remote_tlbs(kvm)
         self._stat("track_gfn")
 
@@ -322,6 +324,8 @@ class TablePool:
                 if m.fetch_add(b + T_FLOOD, 1) + 1 > self.flood_limit and st in (VALID, INVALID):
                     if self.flood_steer:
                         self._steer_flood_drop(t)
+                    elif fuzz.ACTIVE:
+                        fuzz.point("avic.flood_check_to_drop")
                     self._drop(t)
                     return True
             if st == VALID:

@@ -6,7 +6,7 @@ the last (free) take the ``avic_tables_spin`` spinlock and wait ``synchronize_rc
 
 from __future__ import annotations
 
-from ipc import _prims
+from ipc import _prims, fuzz
 from ipc.locks import lockdep_assert_held
 from vm.avic import oracle
 from vm.avic.base import AvicDesign
@@ -77,6 +77,8 @@ class RcuListDesign(AvicDesign):
                 gen = m.load(b + T_GEN)
                 if self.reader_delay:
                     _prims.spin_ns(self.reader_delay)
+                if fuzz.ACTIVE:
+                    fuzz.point("avic.rcu.lookup_to_get")  # inside the read-side section
                 if self._inc_not_zero(t):
                     if m.load(b + T_GEN) == gen and m.load(b + T_GFN) == gfn:
                         self._stat("get_fast")
@@ -185,6 +187,8 @@ class RcuListDesign(AvicDesign):
             gen = m.load(b + T_GEN)
             if self.reader_delay:
                 _prims.spin_ns(self.reader_delay)
+            if fuzz.ACTIVE:
+                fuzz.point("avic.rcu.track_write_lookup_to_write")
             if self._table_write(t, gpa, nbytes, gen) and m.load(b + T_GEN) != gen:
                 self.kvm.poisoned(f"avic_physid_table slot {t} freed under an RCU reader (track_write gpa "
                                   f"{gpa:#x})", table=t, gpa=gpa)
