@@ -813,11 +813,19 @@ static PyObject *lock_recover(LockObject *self, PyObject *const *args, Py_ssize_
         Py_RETURN_FALSE;
     if (holder_state(pid, start) == HOLDER_ALIVE) Py_RETURN_FALSE;
     int64_t mystart = my_start();
+    /* Claim the start word first (dead holder's start -> 0): until our own start is stored below,
+     * the block reads (pid, 0) and a waiter judges by the pid alone, so it can never see our live
+     * pid beside the dead holder's start time and take us for a reused pid (and "recover" a lock
+     * we hold).  A second recoverer fails here or on the state CAS. */
+    int64_t expect = start;
+    if (!__atomic_compare_exchange_n(&self->lk[LK_START], &expect, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+        Py_RETURN_FALSE;
     for (;;) {
         int64_t nv = g_pid_hi | (self->is_mutex ? (LO32(state) == 2 ? 2 : 1) : (int64_t)(uint32_t)self->tag);
         if (__atomic_compare_exchange_n(w, &state, nv, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) break;
-        /* a waiter marked the mutex contended (1 -> 2), or someone else took it over */
-        if (LO32(state) == 0 || HI32(state) != pid) Py_RETURN_FALSE;
+        /* retry only for a waiter marking the dead holder's mutex contended (1 -> 2); anything
+         * else (released, taken over, a spinlock word changed) means it is no longer ours to take */
+        if (!self->is_mutex || HI32(state) != pid || LO32(state) != 2) Py_RETURN_FALSE;
     }
     STR(&self->lk[LK_START], mystart);
     if (self->is_mutex) STR(&self->lk[LK_OWNER], self->tag);

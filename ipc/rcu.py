@@ -190,6 +190,7 @@ class RcuDomain:
             raise RuntimeError(f"synchronize on {self.name} inside its own read-side critical section")
         mem, hdr, gp_lock = self.mem, self.hdr_w, self.gp_lock
         t0 = _prims.now_ns()
+        cookie = target is not None
         if target is None:
             target = self.get_state()
         if self.broken:  # fault injection: a grace period that does not wait
@@ -208,7 +209,10 @@ class RcuDomain:
                 if cur >= target:
                     self.shared_gps += 1  # a whole GP started after our call and completed
                     _prims.smp_mb()
-                else:
+                # synchronize(): one grace period that starts after the call; a cookie (barrier,
+                # cond_synchronize) taken while a GP that later aborted was running is two GPs
+                # away from the restart of that GP: run grace periods until it is reached
+                while cur < target:
                     # idle (even): the next odd number; odd = a GP that aborted (exception, dead
                     # writer or reader) and never ended: reuse its number, so that no cookie reads
                     # as complete before a grace period really ends (cur + 2 would complete the
@@ -225,8 +229,11 @@ class RcuDomain:
                         fuzz.point("rcu.gp.after_flip")
                     self._wait_readers(t0, warned)
                     mem.fetch_add(hdr + HDR_GP_SEQ, 1)
-                    mem.store(hdr + HDR_GP_STATE, start + 1)  # >= every waiter's target
+                    mem.store(hdr + HDR_GP_STATE, start + 1)  # >= the target of every caller before
                     self.gps += 1
+                    cur = start + 1
+                    if not cookie:
+                        break
             finally:
                 if gp_lock.is_held():
                     gp_lock.unlock()
