@@ -6,9 +6,12 @@ registration.py (notifier variants), oracle.py (the checks)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ipc.locks import init_lockstat, merge_lockstat, new_lock
+from ipc.proc import proc_starttime
 from ipc.shm import Region
 from vm import layout as L
 from vm import notifier
@@ -88,6 +91,9 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
         self.hooks = kvm.hooks
         self.reader_delay = READER_DELAY_NS if "avic-reader-delay" in kvm.hooks else 0
         self.vmruns_checked = 0  # nested VMRUNs (of this process) since the last all-entries check
+        self.entered_epoch: dict[int, int] = {}  # per vCPU in L2: its table's epoch at VMRUN (I1)
+        pid = os.getpid()  # T_TRACKER: who is write-protecting a table
+        self.identity = pid << 32 | (proc_starttime(pid) or 0) & 0xFFFFFFFF
         self.flood_race = "flood-drop-race" in kvm.hooks  # the unfixed drop: no kick
         self.flood_steer = self.flood_race or "avic-flood-often" in kvm.hooks
         if self.flood_steer:  # frequent drops, each steered onto a vCPU entering L2

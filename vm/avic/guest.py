@@ -6,6 +6,7 @@ A mixin of :class:`vm.avic.base.AvicDesign`."""
 from __future__ import annotations
 
 from ipc import _prims, fuzz
+from ipc.proc import pid_alive, proc_starttime
 from vm.avic import oracle
 from vm.avic.table import (
     AVIC_APIC_ID_MASK,
@@ -18,6 +19,7 @@ from vm.avic.table import (
     T_FLOOD,
     T_STATE,
     T_SYNCS,
+    T_TRACKER,
     T_USE,
     TRACKING,
     TW,
@@ -78,6 +80,7 @@ class GuestEntry:
         (new or dropped), resync it if it was invalidated."""
         m = self.amem
         b = self.tw0 + t * TW
+        waits = 0
         while True:
             st = m.load(b + T_STATE)
             if st == VALID:
@@ -86,10 +89,18 @@ class GuestEntry:
                 return True
             if st in (UNTRACKED, DROPPED):
                 if m.cmpxchg(b + T_STATE, st, TRACKING) == st:
-                    self._track(t)
+                    m.store(b + T_TRACKER, self.identity)
+                    try:
+                        self._track(t)
+                    except BaseException:  # e.g. the TLB flush met a dead vCPU: let others retry
+                        m.cmpxchg(b + T_STATE, TRACKING, st)
+                        raise
                     m.store(b + T_STATE, INVALID)
             elif st == TRACKING:
                 _prims.sched_yield()  # another user is write-protecting it
+                waits += 1
+                if not waits % 1024:
+                    self._check_tracker(t, b)
             elif st == INVALID:
                 self._physid_lock()
                 try:
@@ -103,6 +114,14 @@ class GuestEntry:
                                   f" at nested VMRUN of vCPU {v}", table=t, vcpu=v)
                 return False
 
+    def _check_tracker(self, t: int, b: int) -> None:
+        """A table stuck in TRACKING: is the process write-protecting it still alive?"""
+        w = self.amem.load(b + T_TRACKER)
+        pid, start = w >> 32, w & 0xFFFFFFFF
+        if pid and not (pid_alive(pid) and (not start or (proc_starttime(pid) or 0) & 0xFFFFFFFF == start)):
+            raise RuntimeError(f"avic_physid_table slot {t}: process {pid} died write-protecting it "
+                               f"(table left in state tracking)")
+
     def nested_vmrun(self, vcpu: int, l2: int) -> None:
         if self.region is None:
             self._attach()
@@ -114,8 +133,9 @@ class GuestEntry:
         self._reload_check(vcpu)
         t = self._vmrun_get(vcpu, gfn, l2)
         if t >= 0:  # -1: the table turned out to be freed memory (reported)
+            if m.load(vw + V_INL2) == 0:  # (scripted mode may VMRUN again without a VMEXIT)
+                m.fetch_add(vw + V_L2SEQ, 1)  # odd: in L2
             m.store(vw + V_INL2, t + 1)  # from here the hardware uses the table's entries
-            m.fetch_add(vw + V_L2SEQ, 1)
             oracle.check_vmrun(self, vcpu, t, l2, gfn)
 
     def nested_vmexit(self, vcpu: int, l2: int, leaving: bool) -> None:

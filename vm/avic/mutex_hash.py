@@ -83,6 +83,7 @@ class MutexTables(AvicDesign):
         lk = self.tables_lock
         spare_user = False
         lk.lock()
+        held = True  # false only while dropped around _notifier_get (a failed re-lock: not ours)
         self._cs_in(CS_TABLES)
         try:
             t = self._hash_lookup(gfn)
@@ -92,10 +93,12 @@ class MutexTables(AvicDesign):
                     # the new table's user reference on the shared node, taken without tables_lock
                     self._cs_out(CS_TABLES)
                     lk.unlock()
+                    held = False
                     try:
                         self._notifier_get()
                     finally:
                         lk.lock()
+                        held = True
                         self._cs_in(CS_TABLES)
                     t = self._hash_lookup(gfn)
                     spare_user = t >= 0
@@ -117,8 +120,9 @@ class MutexTables(AvicDesign):
             self._enter_guest(v, t)
             ready = self._make_ready(v, t)
         finally:
-            self._cs_out(CS_TABLES)
-            lk.unlock()
+            if held:
+                self._cs_out(CS_TABLES)
+                lk.unlock()
         if fuzz.ACTIVE:
             fuzz.point("avic.tables_lock.after_unlock")
         if spare_user:

@@ -47,6 +47,7 @@ from vm.avic.table import (
     MASK64,
     RETIRING,
     STATE_NAMES,
+    T_EPOCH,
     T_GFN,
     T_L2,
     T_NEXT,
@@ -182,7 +183,7 @@ def final(d) -> list[str]:
 
 
 def _table_snapshot(d, v: int, t: int, gfn: int, entries=()) -> tuple | None:
-    """(state, tracked, reload pending for vCPU ``v``, [(entry, shadow, guest, translation)]) of
+    """(state, tracked, reload pending for vCPU ``v``, epoch, [(entry, shadow, guest, translation)]) of
     table ``t`` (on ``gfn``), taken while no drop / invalidation / IsRunning flip was half-done
     (``H_SEQ``), with the entries whose writer had a store to this page in flight left out; None if
     no consistent snapshot could be taken (counted as skipped)."""
@@ -195,7 +196,7 @@ def _table_snapshot(d, v: int, t: int, gfn: int, entries=()) -> tuple | None:
         if s1 & 1:
             _prims.sched_yield()
             continue
-        st, tracked = load(b + T_STATE), load(b + T_TRACKED)
+        st, tracked, epoch = load(b + T_STATE), load(b + T_TRACKED), load(b + T_EPOCH)
         reload = load(d.vw0 + v * VW + V_RELOAD)
         seen = []
         if st == VALID and tracked:
@@ -212,7 +213,7 @@ def _table_snapshot(d, v: int, t: int, gfn: int, entries=()) -> tuple | None:
                     continue
                 seen.append((e, sh, g, exp))
         if load(seq_w) == s1:
-            return st, tracked, reload, seen
+            return st, tracked, reload, epoch, seen
     return None
 
 
@@ -242,14 +243,18 @@ def check_vmrun(d, v: int, t: int, l2: int, gfn: int) -> None:
         e = v % d.ne
         s1 = load(seq_w)
         if not s1 & 1 and load(b + T_STATE) == VALID and load(b + T_TRACKED):
+            epoch = load(b + T_EPOCH)
             sh = load(d.shadow0 + t * d.ne + e) & MASK64
             if sh == d._translate(d.gmem.load((gfn << 9) + e) & MASK64) and load(seq_w) == s1:
+                d.entered_epoch[v] = epoch  # what check_vmexit compares with
                 return
     snap = _table_snapshot(d, v, t, gfn, range(d.ne) if every else (v % d.ne,))
     if snap is None:
         d._stat("invariant_skipped")
+        d.entered_epoch.pop(v, None)
         return
-    st, tracked, reload, seen = snap
+    st, tracked, reload, epoch, seen = snap
+    d.entered_epoch[v] = epoch
     if st != VALID or not tracked:
         if reload:
             d._stat("stale_check_skipped")  # changed meanwhile, and this vCPU was told to reload
@@ -272,21 +277,30 @@ def check_vmrun(d, v: int, t: int, l2: int, gfn: int) -> None:
 
 def check_vmexit(d, v: int, t: int) -> None:
     """At nested VMEXIT (before the reload request is consumed): (I1) the table the vCPU ran L2 on
-    is still VALID and write-protected, or the vCPU was told to reload."""
+    is still VALID and write-protected and was neither dropped nor invalidated meanwhile (its epoch
+    is the one seen at VMRUN: a drop undone by another vCPU's re-sync is caught too), or the vCPU was
+    told to reload."""
     m = d.amem
     if m.load(d.vw0 + v * VW + V_RELOAD):
         return  # told to reload: whatever the table's state, I1 holds
+    entered = d.entered_epoch.pop(v, None)
     seq_w, b = d.hdr0 + H_SEQ, d.tw0 + t * TW
     s1 = m.load(seq_w)
-    if not s1 & 1 and m.load(b + T_STATE) == VALID and m.load(b + T_TRACKED) and m.load(seq_w) == s1:
-        return  # the common case, in four loads
+    if (not s1 & 1 and m.load(b + T_STATE) == VALID and m.load(b + T_TRACKED)
+            and (entered is None or m.load(b + T_EPOCH) == entered) and m.load(seq_w) == s1):
+        return  # the common case, in five loads
     snap = _table_snapshot(d, v, t, -1)
     if snap is None:
         d._stat("invariant_skipped")
         return
-    st, tracked, reload, _ = snap
-    if (st != VALID or not tracked) and not reload:
+    st, tracked, reload, epoch, _ = snap
+    if reload:
+        return
+    if st != VALID or not tracked:
         _unshadowed(d, v, t, st, tracked, "ran")
+    elif entered is not None and epoch != entered:
+        _unshadowed(d, v, t, st, tracked, f"ran (the table was dropped or invalidated {epoch - entered} "
+                                          f"time(s) meanwhile, and shadowed again by another vCPU)")
 
 
 def sample(d) -> None:
@@ -302,7 +316,7 @@ def sample(d) -> None:
         if snap is None or m.load(vw + V_L2SEQ) != s1:
             continue
         d._stat("invariant_check")
-        st, tracked, reload, _ = snap
+        st, tracked, reload, _, _ = snap
         if (st != VALID or not tracked) and not reload:
             _unshadowed(d, v, t, st, tracked, "is (sampling checker)")
 

@@ -30,6 +30,7 @@ from vm.avic.table import (
     POISON_ENTRY,
     POISON_NEXT,
     POISON_REF,
+    T_EPOCH,
     T_FLOOD,
     T_GEN,
     T_GFN,
@@ -231,6 +232,7 @@ class TablePool:
         m.fetch_add(self.hdr0 + H_SEQ, 1)  # odd: the checks wait for the kick below
         if m.load(b + T_STATE) == VALID:
             m.store(b + T_STATE, INVALID)
+        m.fetch_add(b + T_EPOCH, 1)
         self._kick(t)
         m.fetch_add(self.hdr0 + H_SEQ, 1)
         self._stat("invalidate")
@@ -272,6 +274,7 @@ class TablePool:
         # and must not do it while this untrack is still to come (it would drop that user's count)
         self._untrack(t)
         m.store(self.tw0 + t * TW + T_STATE, DROPPED)
+        m.fetch_add(self.tw0 + t * TW + T_EPOCH, 1)
         if not self.flood_race:
             self._kick(t)
         m.fetch_add(self.hdr0 + H_SEQ, 1)

@@ -93,6 +93,7 @@ class RcuListDesign(AvicDesign):
         spin = self.tables_spin
         created = spare_user = False
         spin.lock()
+        held = True  # false only while dropped around _notifier_get (a failed re-lock: not ours)
         self._cs_in(CS_SPIN)
         try:
             t = self._lookup(gfn)
@@ -101,10 +102,12 @@ class RcuListDesign(AvicDesign):
                 # (registering takes mmu_lock, unregistering sleeps in synchronize_srcu)
                 self._cs_out(CS_SPIN)
                 spin.unlock()
+                held = False
                 try:
                     self._notifier_get()
                 finally:
                     spin.lock()
+                    held = True
                     self._cs_in(CS_SPIN)
                 t = self._lookup(gfn)
                 spare_user = t >= 0
@@ -115,8 +118,9 @@ class RcuListDesign(AvicDesign):
                 self._list_add(t)
                 created = True
         finally:
-            self._cs_out(CS_SPIN)
-            spin.unlock()
+            if held:
+                self._cs_out(CS_SPIN)
+                spin.unlock()
         if spare_user:
             self._notifier_put()
         if created and "no-synchronize-rcu" not in self.hooks:

@@ -103,6 +103,8 @@ T_REGISTERED = 10    # per-table "bool registered" flag
 T_TRACKED = 11       # this table holds a gfn_write_track count on its gfn
 T_WRITES = 12        # track_write calls that reached the table
 T_SYNCS = 13         # full syncs of the table
+T_EPOCH = 14         # drops + invalidations (under avic_physid_lock): what a vCPU in L2 must be told of
+T_TRACKER = 15       # pid << 32 | start time (low 32 bits) of the process write-protecting it (TRACKING)
 TW = 16
 
 # -- this module's own locks, lock classes ---------------------------------------------------
