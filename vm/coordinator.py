@@ -209,7 +209,7 @@ class Coordinator:
             elif code == 0:
                 self.reasons.append(f"vCPU {v} exited (code 0) but its result never reached the coordinator")
             else:
-                self.reasons.extend(diagnose_dead(self.kvm, v, code))
+                self.reasons.extend(diagnose_dead(self.kvm, v, code, pid))
                 if fs_dead and code == 255:
                     self.reasons[-1] += " (exit status lost: the fork server died)"
         return True
@@ -271,6 +271,7 @@ class Coordinator:
         bad = [(i, c) for i, c in enumerate(codes) if c not in (0, None)]
         if bad:
             self.reasons.append(f"vCPU {bad[0][0]} exited with code {bad[0][1]}")
+            self.vcpu_died = True  # killed (by reap, or crashed late): it may have left locks held
 
     def finish(self, elapsed: float) -> dict[str, Any]:
         if self.vcpu_died:  # its locks may still be held: the oracle could block or lie

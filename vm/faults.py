@@ -72,10 +72,11 @@ def _check_vcpu(spec: str, k: int, vcpus: int) -> None:
         raise UsageError(f"--inject {spec}: no vCPU {k} (vcpus = {vcpus})")
 
 
-def diagnose_dead(kvm, vcpu: int, exitcode: int | None) -> list[str]:
+def diagnose_dead(kvm, vcpu: int, exitcode: int | None, pid: int = 0) -> list[str]:
     """What the dead vCPU left behind in shared memory: locks it holds (the vm's locks and the
     grace-period mutex of every RCU/SRCU domain, also one another vCPU has taken over from it since),
-    reader slots it occupies."""
+    reader slots it occupies. A lock is its if the owner tag says so or, given its ``pid``, if the
+    holder pid in the lock word does (the CAS that takes a lock records it before any tag store)."""
     proc = vcpu + 1
     tag = proc + 1
     name = f"vCPU {vcpu}"
@@ -86,12 +87,12 @@ def diagnose_dead(kvm, vcpu: int, exitcode: int | None) -> list[str]:
         # lock word 0: 0 = free, else holder pid (high half) | owner tag or futex word (low half)
         held = int(locks[i, 0]) & 0xFFFFFFFF
         owner = int(locks[i, 2]) if L.LOCK_KIND[lname] == "mutex" else held
-        if held and owner == tag:
+        if held and (owner == tag or (pid and int(locks[i, 0]) >> 32 == pid)):
             out.append(f"{name} died holding {lname}")
     for prefix, _cls in L.DOMAINS:
         gl = v[f"{prefix}_gplock"]
         hdr = v.get(f"{prefix}_hdr")
-        held_by_it = int(gl[0]) & 0xFFFFFFFF and int(gl[2]) == tag
+        held_by_it = int(gl[0]) & 0xFFFFFFFF and (int(gl[2]) == tag or (pid and int(gl[0]) >> 32 == pid))
         taken_over = hdr is not None and int(hdr[HDR_DEAD_TAG]) == tag
         if held_by_it or taken_over:
             out.append(f"{name} died holding the grace-period lock of {prefix}")
