@@ -155,9 +155,10 @@ class Coordinator:
                 if dead or time.monotonic() >= deadline:
                     self.pump(0)
                     why = "; ".join(w["message"] for w in self.warnings if w["kind"] == "vcpu_error")[:300]
+                    fs = "" if forkserver_alive() else "; the fork server died"
                     raise RunError(f"start barrier failed: {e}"
                                    + (f" (dead vCPUs: {dead[:8]}, exit code {self.procs[dead[0]].exitcode})"
-                                      if dead else "") + (f": {why}" if why else "")) from None
+                                      if dead else "") + fs + (f": {why}" if why else "")) from None
         self.launch_s = time.monotonic() - t0
 
     def _early_message(self, vcpu: int, msg) -> None:
