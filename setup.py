@@ -4,6 +4,7 @@
 (ipc/) so that `python launch.py ...` and `python -m pytest` run from a checkout find it too.
 """
 
+import os
 import shutil
 
 from setuptools import Extension, setup
@@ -21,7 +22,11 @@ class build_ext_and_inplace(build_ext):
             finally:
                 self.inplace = was
             if built != dest:
-                shutil.copyfile(built, dest)
+                # a new file, renamed over the old one: processes that have the old extension
+                # mapped keep their copy (writing into it in place would crash them)
+                tmp = f"{dest}.tmp{os.getpid()}"
+                shutil.copyfile(built, tmp)
+                os.replace(tmp, dest)
 
 
 setup(
