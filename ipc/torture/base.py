@@ -43,11 +43,11 @@ def lock_stat_line(tag: str, cls: str, st: dict) -> str:
 
 
 class TortureType:
-    """One ``--kind`` of torture test. ``name`` is the kind (``torture_type=``), ``inject`` the
-    ``--inject`` fault it supports; subclasses fill in the hooks below."""
+    """One ``--kind`` of torture test. ``name`` is the kind (``torture_type=``), ``injects`` the
+    ``--inject`` faults it supports; subclasses fill in the hooks below."""
 
     name: str
-    inject: str
+    injects: tuple[str, ...]
 
     def check_inject(self, procs: int, inject: str) -> None:
         """Extra parameter checks once ``inject`` is known to apply (raise ``UsageError``)."""

@@ -23,5 +23,6 @@ LOCK_KINDS = {t.name: t.ops.lock for t in LOCK_TYPES}
 # --inject fault -> the kinds it applies to
 INJECTS: dict[str, tuple[str, ...]] = {}
 for _t in TORTURE_TYPES.values():
-    INJECTS[_t.inject] = (*INJECTS.get(_t.inject, ()), _t.name)
-del _t
+    for _i in _t.injects:
+        INJECTS[_i] = (*INJECTS.get(_i, ()), _t.name)
+del _t, _i

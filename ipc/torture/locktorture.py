@@ -174,7 +174,7 @@ def lock_report(region: Region, cfg: dict, started: bool, elapsed: float, reason
 class LockTorture(TortureType):
     """locktorture on one lock type: the writer above, driven by ``ops``."""
 
-    inject = "busted-lock"
+    injects = ("busted-lock",)
 
     def __init__(self, ops: LockTortureOps):
         self.ops = ops

@@ -1,23 +1,32 @@
 """The rcutorture pipeline (after kernel/rcu/rcutorture.c), flavor-blind: ``--kind rcu`` / ``srcu``.
 
-A pool of ``NPOOL`` elements (pipe_count, mb = 1 while allocated / 0 once freed, generation,
-state). One writer process allocates a free element, publishes it as current (one atomic
-exchange of ``gen << 16 | index``) and retires the old one; a retired element's pipe_count
-advances once per grace period (after ``synchronize``, or from a ``call_rcu`` callback), and at
-``PIPE_LEN`` (10) the element is freed (poisoned: mb = 0) and may be reused. Like
-rcutorture's writer it mixes the ways of waiting: synchronize, call_rcu callbacks, and (when
-the domain has the polled API) get_state + cond_synchronize / poll_state. ``--procs``
-reader processes loop: read_lock, load current, read its pipe_count, sometimes hold it (spin a
-few us, rarely a long hold; SRCU readers sleep for the long hold), re-read the pipe_count,
-check mb and generation (a freed or reused element = use-after-free), read_unlock; they bump a
-per-reader "Reader Pipe" histogram at min(pipe_count, 10) and a "Reader Batch" histogram of
-the grace periods completed during the read. ``NFAKEWRITERS`` fake writers call synchronize at
-random times (grace-period sharing). FAILURE: any Reader Pipe count at index >= 2, any read of
-a freed/reused element, a worker that died, or no progress.
+A pool of ``NPOOL`` elements (pipe_count, mbtest, generation, state). One writer process
+allocates a free element (pipe_count 0), sets its mbtest to 1, publishes it as current (one
+atomic exchange of ``gen << 16 | index``: rcu_assign_pointer) and removes the old one. **Pipe
+rule, as rcu_torture_writer()**: right after the exchange the removed element's pipe_count goes
+from 0 to 1 (``old_rp->rtort_pipe_count + 1``, before any grace period), then
+``rcu_torture_pipe_update_one()`` adds 1 after each grace period (after ``synchronize``, or from a
+``call_rcu`` callback); at ``PIPE_LEN`` (10) the element is freed (mbtest = 0) and may be reused.
+So a reader sees 0 (current) or 1 (removed, no full grace period since: legal); **2 or more means
+it still held an element a whole grace period after its removal: FAILURE**. The writer counts
+every step in ``wcount`` (index = the pipe_count the element had before the step; [0] =
+removals, [9] = frees), printed as the kernel's "Free-Block Circulation" (the writer's pipe).
+Like rcutorture's writer it mixes the ways of waiting: synchronize, call_rcu callbacks, and (when
+the domain has the polled API) get_state + cond_synchronize / poll_state.
+
+``--procs`` reader processes loop (rcu_torture_one_read): read_lock, gp_seq, load current, check
+its mbtest (0 = a freed element reached through the current pointer: ``rtmbe``), the flavor's
+read delay (``readdelay``: rcu_read_delay / srcu_read_delay, seeded per reader), read its
+pipe_count, check mbtest and generation again (freed, or freed and reused, while held), gp_seq,
+read_unlock; they bump a per-reader "Reader Pipe" histogram at min(pipe_count, 10) and a "Reader
+Batch" histogram of the grace periods completed during the read. ``NFAKEWRITERS`` fake writers
+call synchronize at random times (grace-period sharing). FAILURE: any Reader Pipe count at index
+>= 2, any mbtest failure, a worker that died, or no progress.
 
 What differs between flavors is an :class:`RcuTortureOps` (rcutorture's ``rcu_torture_ops``):
-``ipc/torture/rcu.py`` has ``rcu_ops``, ``ipc/torture/srcu.py`` ``srcu_ops``. ``--inject
-broken-gp`` makes synchronize return without waiting.
+``ipc/torture/rcu.py`` has ``rcu_ops``, ``ipc/torture/srcu.py`` ``srcu_ops``. Injected faults
+(``INJECTS``): ``broken-gp`` makes synchronize return without waiting (rcutorture's
+``rcu_busted_ops``).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from ipc.torture.base import (
     rng,
     wait_for_go,
 )
+from ipc.torture.readdelay import D_LONG, D_PREEMPT, D_SHORT, D_SLEEP, ReadDelay
 
 if TYPE_CHECKING:
     from ipc.rcu import RcuDomain
@@ -56,15 +66,16 @@ PIPE_SLOTS = PIPE_LEN + 1
 NPOOL = 32
 NFAKEWRITERS = 2
 
-# pool element words
+# pool element words (EL_MB: rtort_mbtest, 1 from publication to free)
 EL_PIPE, EL_MB, EL_GEN, EL_STATE = 0, 1, 2, 3
 EL_WORDS = 8
 ST_FREE, ST_CURRENT, ST_RETIRED = 0, 1, 2
 IDX_BITS = 16
 IDX_MASK = (1 << IDX_BITS) - 1
 
-# reader stat row
-R_READS, R_POISON, R_REUSE, R_LONG = 0, 1, 2, 3
+# reader stat row: reads; mbtest failures (at the dereference = rtmbe, freed while held, freed and
+# reused while held); delays (mdelay + sleep, udelay, preemption, sleep alone)
+R_READS, R_POISON, R_REUSE, R_LONG, R_MBERR, R_SHORT, R_PREEMPT, R_SLEEP = range(8)
 # writer / fake-writer stat row
 W_VERSIONS, W_ALLOCS, W_ALLOC_FAIL, W_FREES, W_GPS, W_SHARED, W_STALLS, W_ASYNC, W_COND, W_POLL = range(10)
 W_WORDS = 16
@@ -74,6 +85,8 @@ MODE_SYNC, MODE_ASYNC, MODE_COND, MODE_POLL = 0, 1, 2, 3
 
 WRITER_TAG = 100_000  # rcu writer tags (readers use 1..nreaders)
 POLLED_API = ("get_state", "poll_state", "cond_synchronize")
+INJECTS = ("broken-gp",)
+PIPE_RULE = "removal sets pipe_count 1, each grace period +1, a read at >= 2 fails (rcu_torture_writer)"
 
 
 def has_polled_api(domain: type) -> bool:
@@ -88,24 +101,12 @@ class RcuTortureOps:
     name: str  # torture_type; also the domain's field prefix in the segment
     domain: type[RcuDomain]  # RcuDomain or a subclass
     polled: bool  # get_state / poll_state / cond_synchronize usable: the writer's cond and poll modes
-    long_delay: Callable[[int], None]  # how a reader holds an element for a long delay (ns): read_delay
+    # read_delay: nreaders -> per-read probability of each delay kind (readdelay: rcu_read_delay_probs,
+    # srcu_read_delay_probs)
+    read_delay: Callable[[int], dict[int, float]]
 
 
 # ------------------------------------------------------------------------------------ workers
-
-def _reader_delays(seed: int, r: int) -> list[int]:
-    """ns to hold the element (0: none; < 0: a long hold, ``ops.long_delay``)."""
-    rg = rng(seed, 1, r)
-    u = rg.random(DELAY_TABLE)
-    d = np.zeros(DELAY_TABLE, dtype=np.int64)
-    m = u < 0.25
-    d[m] = rg.integers(1_000, 5_000, int(m.sum()))
-    m = u < 0.01
-    d[m] = rg.integers(20_000, 100_000, int(m.sum()))
-    m = u < 0.0005
-    d[m] = -rg.integers(200_000, 1_000_000, int(m.sum()))
-    return d.tolist()
-
 
 def rcu_torture_reader(ops: RcuTortureOps, region: Region, cfg: dict, r: int) -> None:
     kind = ops.name
@@ -114,54 +115,53 @@ def rcu_torture_reader(ops: RcuTortureOps, region: Region, cfg: dict, r: int) ->
     mem = region.mem
     load, store = mem.load, mem.store
     rl, ru, nesting = dom.read_lock, dom.read_unlock, dom.reader.nesting
-    spin = _prims.spin_ns
-    long_delay = ops.long_delay
     ctl_w = region.word("ctl")
     stop_w = ctl_w + CTL_STOP
     cur_w = region.word("cur")
     pool_w = region.word("pool")
     gp_w = dom.hdr_w + 1
     st_w, pipe_w, batch_w = region.word("rstat", r), region.word("rpipe", r), region.word("rbatch", r)
-    delays = _reader_delays(cfg["seed"], r)
-    mask = len(delays) - 1
+    rd = ReadDelay(ops.read_delay(cfg["nreaders"]), cfg["seed"], r)
+    delay, nxt = rd.run, rd.next
+    dcount = rd.counts
     pipe = [0] * PIPE_SLOTS
     batch = [0] * PIPE_SLOTS
 
-    def flush(reads: int, poison: int, reuse: int, longd: int) -> None:
+    def flush(reads: int, mberr: int, poison: int, reuse: int) -> None:
         for i in range(PIPE_SLOTS):
             store(pipe_w + i, pipe[i])
             store(batch_w + i, batch[i])
+        store(st_w + R_MBERR, mberr)
         store(st_w + R_POISON, poison)
         store(st_w + R_REUSE, reuse)
-        store(st_w + R_LONG, longd)
+        store(st_w + R_LONG, dcount[D_LONG] + dcount[D_SLEEP])
+        store(st_w + R_SHORT, dcount[D_SHORT])
+        store(st_w + R_PREEMPT, dcount[D_PREEMPT])
+        store(st_w + R_SLEEP, dcount[D_SLEEP])
         store(st_w + R_READS, reads)
 
     wait_for_go(mem, ctl_w)
-    n = poison = reuse = longd = 0
+    n = mberr = poison = reuse = 0
     try:
         while True:
             if not n & 255:
-                flush(n, poison, reuse, longd)
+                flush(n, mberr, poison, reuse)
                 if load(stop_w):
                     break
-            d = delays[n & mask]
             rl()
-            g0 = load(gp_w)
-            c = load(cur_w)
+            g0 = load(gp_w)  # started = cur_ops->get_gp_seq()
+            c = load(cur_w)  # rcu_dereference(rcu_torture_current)
             e = pool_w + (c & IDX_MASK) * EL_WORDS
-            pc = load(e)
-            if d:
-                if d > 0:
-                    spin(d)
-                else:
-                    longd += 1
-                    long_delay(-d)
-                pc = load(e)  # re-read after holding the element
             if not load(e + EL_MB):
-                poison += 1  # element was freed under us
+                mberr += 1  # n_rcu_torture_mberror: freed, yet reached through the current pointer
+            if n == nxt:
+                nxt = delay(n)  # cur_ops->read_delay()
+            pc = load(e)  # pipe_count
+            if not load(e + EL_MB):
+                poison += 1  # freed while this reader held it
             elif load(e + EL_GEN) != c >> IDX_BITS:
-                reuse += 1  # element was freed and reallocated under us
-            g1 = load(gp_w)
+                reuse += 1  # freed and reallocated while this reader held it
+            g1 = load(gp_w)  # completed = cur_ops->get_gp_seq()
             ru()
             pipe[pc if pc < PIPE_LEN else PIPE_LEN] += 1
             b = g1 - g0
@@ -170,7 +170,7 @@ def rcu_torture_reader(ops: RcuTortureOps, region: Region, cfg: dict, r: int) ->
     finally:
         while nesting():
             ru()
-        flush(n, poison, reuse, longd)
+        flush(n, mberr, poison, reuse)
         dom.unregister()
 
 
@@ -186,11 +186,12 @@ def _gp_domain(ops: RcuTortureOps, region: Region, cfg: dict, w: int, counters: 
         print(f"{tag}: writer stall: reader {slot} (pid {int(slots[slot, 2])}) in read-side critical "
               f"section for {elapsed // 1_000_000} ms", file=sys.stderr, flush=True)
 
+    inject = cfg["inject"]
     return ops.domain(
         region, kind, None, WRITER_TAG + w, name=kind,
         gp_lock_stats_word=region.word("lockstat", w, 0),
         gp_hist=_prims.Histogram(mem, region.word("gphist", w)),
-        broken=cfg["inject"] == "broken-gp", stall_ns=STALL_NS, on_stall=on_stall,
+        broken=inject == "broken-gp", stall_ns=STALL_NS, on_stall=on_stall,
         slot_name=lambda i: f"reader {i}")
 
 
@@ -215,11 +216,12 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
     mask = len(modes) - 1
     free: deque[int] = deque(range(1, NPOOL))
     retired: list[int] = []  # retired by the synchronous path (advanced after each synchronize)
-    wcount = [0] * PIPE_SLOTS  # Free-Block Circulation
+    wcount = [0] * PIPE_SLOTS  # rcu_torture_wcount: the writer's pipe (Free-Block Circulation)
     gen = 1
 
     def advance(i: int) -> bool:
-        """rcu_torture_pipe_update_one: one more grace period for element i; True when freed."""
+        """One more step down the pipe for element i (its removal, then each grace period:
+        rcu_torture_pipe_update_one); True when freed."""
         e = pool_w + i * EL_WORDS
         p = load(e + EL_PIPE)
         if p > PIPE_LEN:
@@ -270,6 +272,7 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
             counters[W_ALLOCS] += 1
             oi = old & IDX_MASK
             store(pool_w + oi * EL_WORDS + EL_STATE, ST_RETIRED)
+            advance(oi)  # removed: pipe_count 0 -> 1 at once, before any grace period
             mode = modes[n & mask]
             if mode == MODE_ASYNC:
                 counters[W_ASYNC] += 1
@@ -366,9 +369,13 @@ def rcu_snapshot(region: Region, kind: str) -> dict:
         "stalls": int(ws[:, W_STALLS].sum()),
         "gp_seq": int(v[f"{kind}_hdr"][1]),
         "reads": int(rs[:, R_READS].sum()),
+        "mberror_reads": int(rs[:, R_MBERR].sum()),
         "poisoned_reads": int(rs[:, R_POISON].sum()),
         "reused_reads": int(rs[:, R_REUSE].sum()),
         "long_holds": int(rs[:, R_LONG].sum()),
+        "short_delays": int(rs[:, R_SHORT].sum()),
+        "preempt_delays": int(rs[:, R_PREEMPT].sum()),
+        "sleep_delays": int(rs[:, R_SLEEP].sum()),
         "reader_pipe": [int(x) for x in v["rpipe"][:, :PIPE_SLOTS].sum(axis=0)],
         "reader_batch": [int(x) for x in v["rbatch"][:, :PIPE_SLOTS].sum(axis=0)],
         "free_block_circulation": [int(x) for x in v["wcount"][:PIPE_SLOTS]],
@@ -376,15 +383,24 @@ def rcu_snapshot(region: Region, kind: str) -> dict:
     }
 
 
+def mb_errors(s: dict) -> int:
+    """mbtest failures: a freed element reached through the current pointer, or freed (and
+    perhaps reused) while a reader held it."""
+    return s["mberror_reads"] + s["poisoned_reads"] + s["reused_reads"]
+
+
 def rcu_lines(tag: str, s: dict) -> list[str]:
-    bad = sum(s["reader_pipe"][2:])
+    """rcu_torture_stats_print: "!!! " before Reader Pipe on an mbtest error or a read at index
+    >= 2. The writer's pipe (rcu_torture_wcount) is the kernel's "Free-Block Circulation"."""
+    bad = sum(s["reader_pipe"][2:]) or mb_errors(s)
     return [
         f"{tag}: rtc: {s['current'] & IDX_MASK} ver: {s['versions']} rta: {s['allocs']} "
         f"rtaf: {s['alloc_fail']} rtf: {s['frees']} "
-        f"rtmbe: {s['poisoned_reads'] + s['reused_reads']} nt: {s['reads']} gp_seq: {s['gp_seq']} "
+        f"rtmbe: {mb_errors(s)} nt: {s['reads']} gp_seq: {s['gp_seq']} "
         f"sync: {s['writer_synchronize']}+{s['fake_synchronize']} shared: {s['shared_gps']} "
         f"async/cond/poll: {s['async_retires']}/{s['cond_retires']}/{s['poll_retires']} "
-        f"stalls: {s['stalls']}",
+        f"stalls: {s['stalls']} delays short/long/preempt: {s['short_delays']}/{s['long_holds']}/"
+        f"{s['preempt_delays']}",
         f"{tag}: {'!!! ' if bad else ''}Reader Pipe:  " + " ".join(map(str, s["reader_pipe"])),
         f"{tag}: Reader Batch:  " + " ".join(map(str, s["reader_batch"])),
         f"{tag}: Free-Block Circulation:  " + " ".join(map(str, s["free_block_circulation"])),
@@ -392,7 +408,7 @@ def rcu_lines(tag: str, s: dict) -> list[str]:
 
 
 def rcu_errors(s: dict) -> int:
-    return sum(s["reader_pipe"][2:]) + s["poisoned_reads"] + s["reused_reads"]
+    return sum(s["reader_pipe"][2:]) + mb_errors(s)
 
 
 def rcu_report(region: Region, cfg: dict, started: bool, elapsed: float, reasons: list[str],
@@ -404,16 +420,17 @@ def rcu_report(region: Region, cfg: dict, started: bool, elapsed: float, reasons
     lock_stat = merge_lockstat(np.array(region.v["lockstat"]), [f"{cfg['kind']}_gp_lock"])
     rstat, rpipe = region.v["rstat"], region.v["rpipe"]
     per = [{"reader": i, "reads": int(rstat[i, R_READS]),
-            "errors": int(rstat[i, R_POISON] + rstat[i, R_REUSE]),
+            "errors": int(rstat[i, R_MBERR] + rstat[i, R_POISON] + rstat[i, R_REUSE]),
             "pipe_ge2": int(rpipe[i, 2:PIPE_SLOTS].sum())}
            for i in range(cfg["nreaders"])]
     bad_pipe = sum(s["reader_pipe"][2:])
     if bad_pipe:
         reasons.append(f"{bad_pipe} reads saw Reader Pipe index >= 2 (a reader held an element "
                        f"across a full grace period)")
-    if s["poisoned_reads"] or s["reused_reads"]:
-        reasons.append(f"{s['poisoned_reads']} reads of a freed (poisoned) element, "
-                       f"{s['reused_reads']} of a reallocated one")
+    if mb_errors(s):
+        reasons.append(f"{mb_errors(s)} mbtest errors: {s['mberror_reads']} reads reached a freed "
+                       f"element through the current pointer, {s['poisoned_reads']} held an element "
+                       f"that was freed (poisoned), {s['reused_reads']} one that was reallocated")
     if started and not reasons:
         stuck = [w for w, n in (("writer", s["versions"]), ("readers", s["reads"])) if n == 0]
         for w in stuck:  # a stall; too short a run to tell for sure is only a warning
@@ -438,10 +455,13 @@ def rcu_report(region: Region, cfg: dict, started: bool, elapsed: float, reasons
             "versions", "allocs", "alloc_fail", "frees", "async_retires", "cond_retires",
             "poll_retires", "writer_synchronize",
             "fake_synchronize", "shared_gps", "stalls", "gp_seq", "reads", "poisoned_reads",
-            "reused_reads", "long_holds")},
+            "reused_reads", "long_holds", "mberror_reads", "short_delays", "preempt_delays",
+            "sleep_delays")},
         "rates": rates,
+        "pipe_rule": PIPE_RULE,
         "histograms": {"reader_pipe": s["reader_pipe"], "reader_batch": s["reader_batch"],
                        "free_block_circulation": s["free_block_circulation"],
+                       "writer_pipe": s["free_block_circulation"],
                        "gp_latency_ns": gp_all, "writer_gp_latency_ns": gp_writer},
         "per_process": per,
         "lock_stat": lock_stat,
@@ -453,7 +473,7 @@ def rcu_report(region: Region, cfg: dict, started: bool, elapsed: float, reasons
 class RcuTorture(TortureType):
     """rcutorture on one flavor: the pipeline above, driven by ``ops``."""
 
-    inject = "broken-gp"
+    injects = INJECTS
 
     def __init__(self, ops: RcuTortureOps):
         self.ops = ops

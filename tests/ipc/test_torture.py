@@ -196,6 +196,10 @@ def test_rcu_broken_grace_period_fails(kind, tmp_path):
     assert sum(doc["histograms"]["reader_pipe"][2:]) > 0
     assert any("Reader Pipe index >= 2" in r for r in doc["reasons"])
     assert "!!! Reader Pipe:" in out
+    # elements are freed under the readers: the mbtest checks (rtmbe) see it too
+    c = doc["counts"]
+    assert c["mberror_reads"] + c["poisoned_reads"] + c["reused_reads"] > 0
+    assert any("mbtest errors" in r for r in doc["reasons"])
     last = out.splitlines()[-1]
     assert last.startswith(f"{kind}-torture:--- End of test: FAILURE") and "inject=broken-gp" in last
     on_disk = json.loads(path.read_text())  # written on FAILURE too
