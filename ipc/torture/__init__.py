@@ -13,12 +13,18 @@ locktorture.c with its ``lock_torture_ops``):
 - ``kinds``       the table of kinds (``TORTURE_TYPES``; ``KINDS``, ``INJECTS``): each RCU flavor's
                   ops on the rcutorture pipeline, each lock's ops on locktorture.
 - ``rcutorture``  the rcutorture pipeline (writer, fake writers, readers, Reader Pipe / Batch,
-                  Free-Block Circulation), flavor-blind: takes an ``RcuTortureOps``.
+                  Free-Block Circulation = the writer's pipe), flavor-blind: takes an
+                  ``RcuTortureOps``. Pipe rule as the kernel: removal sets the pipe count to 1,
+                  each grace period adds 1, a read at >= 2 fails.
+- ``readdelay``   the readers' delays, rcutorture's ``rcu_read_delay`` / ``srcu_read_delay``
+                  (seeded per reader).
+- ``gpbugs``      grace periods with one bug each (``--inject gp-single-flip``,
+                  ``gp-skip-alternate``, ``gp-share-early``): subclasses of the flavor's domain.
 - ``rcu``, ``srcu`` the RCU flavors: ``rcu_ops``, ``srcu_ops``.
 - ``locktorture`` the lock writers and their report; ``spin_lock_ops``, ``mutex_lock_ops``.
 
-Imports point one way, toward ``base``: core -> kinds -> {rcu, srcu} -> rcutorture -> base and
-kinds -> locktorture -> base; only this file imports core.
+Imports point one way, toward ``base``: core -> kinds -> {rcu, srcu} -> rcutorture -> {base,
+readdelay, gpbugs} and kinds -> locktorture -> base; only this file imports core.
 """
 
 from ipc.torture.core import MAX_PROCS, SCHEMA, main, run_torture

@@ -9,8 +9,10 @@ start barrier, the stats loop every ``stat_interval``, stopping and reaping, the
 (``SUCCESS`` / ``FAILURE`` with the reasons), the results document and its JSON file. What a kind
 does comes from its entry in ``kinds.TORTURE_TYPES``.
 
-``--inject broken-gp`` makes synchronize return without waiting, ``--inject busted-lock`` uses a
-lock that does not lock: both must end in FAILURE (the harness' self-test).
+``--inject`` breaks the primitive on purpose and the run must end in FAILURE (the harness'
+self-test): ``broken-gp`` (synchronize does not wait), ``gp-single-flip``, ``gp-skip-alternate``,
+``gp-share-early`` (a grace period with one subtle bug, ``gpbugs``) for rcu/srcu, ``busted-lock``
+(a lock that does not lock) for spinlock/mutex; ``kinds.INJECTS`` lists them.
 """
 
 from __future__ import annotations

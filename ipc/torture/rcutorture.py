@@ -26,7 +26,8 @@ call synchronize at random times (grace-period sharing). FAILURE: any Reader Pip
 What differs between flavors is an :class:`RcuTortureOps` (rcutorture's ``rcu_torture_ops``):
 ``ipc/torture/rcu.py`` has ``rcu_ops``, ``ipc/torture/srcu.py`` ``srcu_ops``. Injected faults
 (``INJECTS``): ``broken-gp`` makes synchronize return without waiting (rcutorture's
-``rcu_busted_ops``).
+``rcu_busted_ops``); ``gp-single-flip``, ``gp-skip-alternate``, ``gp-share-early`` give the
+writer and fake writers a grace period with one bug (``gpbugs``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ipc.torture.base import (
     rng,
     wait_for_go,
 )
+from ipc.torture.gpbugs import GP_BUGS, gp_bug_domain
 from ipc.torture.readdelay import D_LONG, D_PREEMPT, D_SHORT, D_SLEEP, ReadDelay
 
 if TYPE_CHECKING:
@@ -85,7 +87,7 @@ MODE_SYNC, MODE_ASYNC, MODE_COND, MODE_POLL = 0, 1, 2, 3
 
 WRITER_TAG = 100_000  # rcu writer tags (readers use 1..nreaders)
 POLLED_API = ("get_state", "poll_state", "cond_synchronize")
-INJECTS = ("broken-gp",)
+INJECTS = ("broken-gp", *GP_BUGS)
 PIPE_RULE = "removal sets pipe_count 1, each grace period +1, a read at >= 2 fails (rcu_torture_writer)"
 
 
@@ -187,7 +189,8 @@ def _gp_domain(ops: RcuTortureOps, region: Region, cfg: dict, w: int, counters: 
               f"section for {elapsed // 1_000_000} ms", file=sys.stderr, flush=True)
 
     inject = cfg["inject"]
-    return ops.domain(
+    domain = gp_bug_domain(ops.domain, inject) if inject in GP_BUGS else ops.domain
+    return domain(
         region, kind, None, WRITER_TAG + w, name=kind,
         gp_lock_stats_word=region.word("lockstat", w, 0),
         gp_hist=_prims.Histogram(mem, region.word("gphist", w)),
