@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reader / writer processes (default 4)")
     t.add_argument("--duration", type=DURATION, default=3.0, help="seconds (default 3)")
     t.add_argument("--seed", type=SEED, default=1)
-    t.add_argument("--inject", choices=["broken-gp", "busted-lock"], default=None,
+    t.add_argument("--inject", choices=["broken-gp", "gp-single-flip", "gp-skip-alternate", "gp-share-early",
+                                        "busted-lock"], default=None,
                    help="break the primitive on purpose: the run must end in FAILURE")
     t.add_argument("--stat-interval", type=float_range(0.1, 3600, "--stat-interval"), default=1.0,
                    help="seconds between stats lines (default 1)")
