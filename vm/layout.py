@@ -33,6 +33,8 @@ NH_LIVE = 1            # nodes on the list
 NH_REGISTERED = 2      # total registrations
 NH_UNREGISTERED = 3    # total unregistrations
 NH_REDUNDANT = 4       # redundant registrations caught (WARN)
+NH_SEQ = 5             # registry seqcount: odd while register/unregister changes the list (the
+                       # exact call accounting, vm.mirror, caches the live set per even value)
 
 N_NEXT = 0             # index + 1 of the next node, 0 = end
 N_KIND = 1             # notifier kind id (vm.notifier.KINDS)
@@ -40,6 +42,7 @@ N_OWNER = 2            # owner object index (e.g. a physid table), kind-specific
 N_STATE = 3            # NODE_* below
 N_GEN = 4              # bumped on every (re)allocation of the slot
 N_HITS = 5             # track_write calls (relaxed, statistics only)
+N_REGSEQ = 6           # NH_SEQ (odd) of the registration that made the node live: its identity
 
 NODE_FREE, NODE_LIVE, NODE_RETIRING, NODE_POISON, NODE_ALLOCATED = 0, 1, 2, 3, 4
 
@@ -60,8 +63,12 @@ COUNTERS = (
     "vmrun", "vmexit", "l2_switch", "write_tracked", "write_mmio", "write_untracked",
     "notifier_calls", "tlb_flush", "register", "unregister", "warns", "stale_entries",
     "reloads", "table_create", "table_free", "iterations",
+    # exact call accounting of emulated writes (vm.mirror.WriteAccounting): writes judged, notifier
+    # calls found missing or repeated (each one a WARN), and nodes that joined or left the list
+    # within a judged interval and got fewer calls than its walks (not decidable per walk)
+    "track_checked", "track_violations", "track_indeterminate",
 )
-NCOUNTERS = 16
+NCOUNTERS = 19
 C = {name: i for i, name in enumerate(COUNTERS)}
 assert len(COUNTERS) == NCOUNTERS
 

@@ -8,6 +8,11 @@ Mirrors ``kvm_page_track_notifier_head`` (an SRCU domain, ``track_srcu``, plus a
 - unregister = ``hlist_del_rcu`` under mmu_lock, then ``synchronize_srcu`` so no reader still
   holds the node when the caller frees it; ``free_node`` poisons the slot, and a reader that
   meets a poisoned node reports it (use after free).
+- bookkeeping of the simulation (no kernel counterpart), for the exact call accounting of
+  ``vm.mirror``: a seqcount ``NH_SEQ`` (odd while register / unregister change the list) and per
+  node the seqcount of the registration that made it live (``N_REGSEQ``). A node's state is LIVE
+  only while it is on the list (set after linking, cleared before unlinking), so a node seen LIVE
+  with the same ``N_REGSEQ`` at two instants was on the list in between.
 
 Each node has a kind: the id of a Python handler class registered with ``@notifier_kind``; every
 process instantiates its own handler for a node (``handler(kvm, node)``) with the callbacks
@@ -106,11 +111,14 @@ def kvm_page_track_register_notifier(kvm, node: int) -> bool:
         if st == L.NODE_POISON:
             kvm.poisoned("notifier node (register)", node=node)
             return False
+        seq = mem.fetch_add(h + L.NH_SEQ, 1) + 1  # odd: the list is changing
+        mem.store(_w(kvm, node, L.N_REGSEQ), seq)  # this registration's identity, before LIVE
         mem.store(_w(kvm, node, L.N_NEXT), mem.load(h + L.NH_HEAD))
-        mem.store(_w(kvm, node, L.N_STATE), L.NODE_LIVE)
         mem.store(h + L.NH_HEAD, node + 1)  # release: the node is complete before it is visible
+        mem.store(_w(kvm, node, L.N_STATE), L.NODE_LIVE)  # after linking: LIVE => on the list
         mem.fetch_add(h + L.NH_LIVE, 1)
         mem.fetch_add(h + L.NH_REGISTERED, 1)
+        mem.fetch_add(h + L.NH_SEQ, 1)
     kvm.count("register")
     return True
 
@@ -133,12 +141,14 @@ def kvm_page_track_unregister_notifier(kvm, node: int) -> bool:
                 kvm.warn("list_corrupt", f"notifier node {node} live but not on the list", node=node)
                 return False
             if cur == node + 1:
-                mem.store(link, nxt)
                 break
             link = _w(kvm, cur - 1, L.N_NEXT)
-        mem.store(_w(kvm, node, L.N_STATE), L.NODE_RETIRING)
+        mem.fetch_add(h + L.NH_SEQ, 1)  # odd: the list is changing
+        mem.store(_w(kvm, node, L.N_STATE), L.NODE_RETIRING)  # before unlinking: LIVE => on the list
+        mem.store(link, nxt)
         mem.fetch_add(h + L.NH_LIVE, -1)
         mem.fetch_add(h + L.NH_UNREGISTERED, 1)
+        mem.fetch_add(h + L.NH_SEQ, 1)
     if "no-synchronize-srcu" not in kvm.hooks:
         kvm.track_srcu.synchronize()
     mem.store(_w(kvm, node, L.N_STATE), L.NODE_ALLOCATED)
