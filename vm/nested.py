@@ -116,13 +116,17 @@ class MirrorDesign(NestedDesign):
     def vcpu_init(self, vcpu: int) -> None:
         self.gfns = tracked_gfns(self.cfg)
         self.lane = (vcpu % 512) * 8
+        mirror.enable_write_accounting(self.kvm)  # every emulated write checked (vm/mirror.py)
 
     def tracked_write(self, vcpu: int, rng: random.Random) -> tuple[int, bytes]:
         gfn = self.gfns[int(rng.random() * len(self.gfns))] if self.gfns else 1
         return (gfn << PAGE_SHIFT) + self.lane, rng.getrandbits(64).to_bytes(8, "little")
 
     def oracle(self) -> list[str]:
-        return mirror.oracle(self.kvm)
+        return mirror.oracle(self.kvm) + mirror.accounting_oracle(self.kvm)
+
+    def stats(self) -> dict:
+        return {"accounting": mirror.accounting_totals(self.kvm)}
 
     def teardown(self) -> None:
         kvm = self.kvm

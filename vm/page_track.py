@@ -178,7 +178,36 @@ def _bind_write_path(kvm):
             rec_emul(t0)
         return calls
 
-    return emulate_write, page_track_write
+    acct = getattr(kvm, "write_acct", None)
+    if acct is None:
+        return emulate_write, page_track_write
+
+    # exact call accounting (vm.mirror.WriteAccounting): each emulated RAM write counts down; the
+    # one that reaches 0 walks through ``checkpoint``, which judges it alone and the others in aggregate
+    checkpoint, walk_outside_write = acct.checkpoint, acct.walk_outside_write
+    left = acct.period
+
+    def emulate_write_accounted(gpa: int, new: bytes) -> int:
+        nonlocal left
+        t0 = now() if rec_emul is not None else 0
+        if (gpa >> PAGE_SHIFT) < pages:
+            guest_write(gpa, new)
+            left -= 1
+            if left:
+                calls = page_track_write(gpa, new)
+            else:
+                calls = checkpoint(gpa, new, page_track_write)
+                left = acct.period
+        else:
+            calls = page_track_write(gpa, new)
+        if rec_emul is not None:
+            rec_emul(t0)
+        return calls
+
+    def page_track_write_accounted(gpa: int, new: bytes) -> int:
+        return walk_outside_write(page_track_write, gpa, new)
+
+    return emulate_write_accounted, page_track_write_accounted
 
 
 def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:
