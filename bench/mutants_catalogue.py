@@ -170,18 +170,30 @@ CATALOGUE: tuple[Mutant, ...] = (
     # -- publish before init (store order) -------------------------------------------------------------
     Mutant("rcu-list-publish-before-init", "publish order", "vm/avic/rcu_list.py",
            (Edit("        m.store(self.tw0 + t * TW + T_NEXT, m.load(self.hdr0 + H_LIST))\n"
+                 "        if fuzz.ACTIVE:\n"
+                 "            fuzz.point(\"avic.rcu_list.init_to_publish\")\n"
                  "        m.store(self.hdr0 + H_LIST, t + 1)  # release: the table is complete before it "
                  "is visible\n",
-                 "        m.store(self.tw0 + t * TW + T_NEXT, m.xchg(self.hdr0 + H_LIST, t + 1))\n"),),
+                 "        head = m.load(self.hdr0 + H_LIST)\n"
+                 "        m.store(self.hdr0 + H_LIST, t + 1)\n"
+                 "        if fuzz.ACTIVE:\n"
+                 "            fuzz.point(\"avic.rcu_list.init_to_publish\")\n"
+                 "        m.store(self.tw0 + t * TW + T_NEXT, head)\n"),),
            RUN_RCU_LIST, "list_add publishes the table as the list head before its next pointer is set",
-           lines=2, multi="a reorder of two stores (publish, then init) is a deletion plus a change"),
+           lines=3, multi="a reorder of two stores (publish, then init) around the point between them"),
     Mutant("notifier-publish-before-init", "publish order", "vm/notifier.py",
-           (Edit("        mem.store(_w(kvm, node, L.N_NEXT), mem.load(h + L.NH_HEAD))\n",
-                 "        mem.store(_w(kvm, node, L.N_NEXT), mem.xchg(h + L.NH_HEAD, node + 1))\n"),
-            _drop("", "        mem.store(h + L.NH_HEAD, node + 1)  # release: the node is complete before "
-                      "it is visible\n")),
+           (Edit("        mem.store(_w(kvm, node, L.N_NEXT), mem.load(h + L.NH_HEAD))\n"
+                 "        if fuzz.ACTIVE:\n"
+                 "            fuzz.point(\"notifier.init_to_publish\")\n"
+                 "        mem.store(h + L.NH_HEAD, node + 1)  # release: the node is complete before it is "
+                 "visible\n",
+                 "        head = mem.load(h + L.NH_HEAD)\n"
+                 "        mem.store(h + L.NH_HEAD, node + 1)\n"
+                 "        if fuzz.ACTIVE:\n"
+                 "            fuzz.point(\"notifier.init_to_publish\")\n"
+                 "        mem.store(_w(kvm, node, L.N_NEXT), head)\n"),),
            RUN_PER_TABLE, "hlist_add_head_rcu publishes the node before its next pointer is set",
-           lines=2, multi="a reorder of two stores (publish, then init) is a deletion plus a change"),
+           lines=3, multi="a reorder of two stores (publish, then init) around the point between them"),
     Mutant("sync-publishes-valid-before-entries", "publish order", "vm/avic/pool.py",
            (Edit("        bits = [0, 0, 0, 0]\n",
                  "        m.store(b + T_STATE, VALID)\n        bits = [0, 0, 0, 0]\n"),

@@ -56,6 +56,13 @@ class Fuzz:
             _prims.sched_yield()
 
 
+    def chance(self, name: str, scale: float = 1.0) -> bool:
+        """A seeded yes (with ``scale`` times the level's delay probability) at a named decision
+        point: for widening a heuristic's choice (e.g. drop a table early), not a delay."""
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return self.rng.random() < self.p * scale
+
+
 def configure(level: str, seed: int, proc: int) -> None:
     """Turn fuzzing on (``light``/``heavy``) or off for this process."""
     global ACTIVE

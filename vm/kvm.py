@@ -75,6 +75,7 @@ class Kvm:
         self.handlers: dict[int, tuple[int, object]] = {}  # node index -> (gen, handler)
         self.trace_nodes: list[int] | None = None  # scripted mode: nodes each walk visited
         self.write_path = None  # vm.page_track.write_path(): the bound emulated-write closures
+        self.write_acct = None  # vm.mirror.WriteAccounting: per-write track_write accounting (mirror)
         self.closed = False
 
     @staticmethod

@@ -21,9 +21,11 @@ process instantiates its own handler for a node (``handler(kvm, node)``) with th
 
 from __future__ import annotations
 
+from ipc import fuzz
 from vm import layout as L
 
 POISON_NEXT = -0x6B6B6B6B  # like POISON_FREE: a freed node's next pointer
+UNINIT_NEXT = -0x5A5A5A5A  # an allocated node's next pointer until it is linked (not yet written)
 KINDS: dict[int, type] = {}
 
 
@@ -75,7 +77,7 @@ def alloc_node(kvm, kind: int, owner: int) -> int:
             if mem.load(_w(kvm, i, L.N_STATE)) in (L.NODE_FREE, L.NODE_POISON):
                 mem.store(_w(kvm, i, L.N_KIND), kind)
                 mem.store(_w(kvm, i, L.N_OWNER), owner)
-                mem.store(_w(kvm, i, L.N_NEXT), 0)
+                mem.store(_w(kvm, i, L.N_NEXT), UNINIT_NEXT)
                 mem.store(_w(kvm, i, L.N_HITS), 0)
                 mem.fetch_add(_w(kvm, i, L.N_GEN), 1)
                 mem.store(_w(kvm, i, L.N_STATE), L.NODE_ALLOCATED)
@@ -114,6 +116,8 @@ def kvm_page_track_register_notifier(kvm, node: int) -> bool:
         seq = mem.fetch_add(h + L.NH_SEQ, 1) + 1  # odd: the list is changing
         mem.store(_w(kvm, node, L.N_REGSEQ), seq)  # this registration's identity, before LIVE
         mem.store(_w(kvm, node, L.N_NEXT), mem.load(h + L.NH_HEAD))
+        if fuzz.ACTIVE:
+            fuzz.point("notifier.init_to_publish")
         mem.store(h + L.NH_HEAD, node + 1)  # release: the node is complete before it is visible
         mem.store(_w(kvm, node, L.N_STATE), L.NODE_LIVE)  # after linking: LIVE => on the list
         mem.fetch_add(h + L.NH_LIVE, 1)
@@ -149,6 +153,8 @@ def kvm_page_track_unregister_notifier(kvm, node: int) -> bool:
         mem.fetch_add(h + L.NH_LIVE, -1)
         mem.fetch_add(h + L.NH_UNREGISTERED, 1)
         mem.fetch_add(h + L.NH_SEQ, 1)
+    if fuzz.ACTIVE:
+        fuzz.point("notifier.unlink_to_synchronize_srcu")  # walkers may still stand on the node
     if "no-synchronize-srcu" not in kvm.hooks:
         kvm.track_srcu.synchronize()
     mem.store(_w(kvm, node, L.N_STATE), L.NODE_ALLOCATED)

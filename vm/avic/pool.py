@@ -16,6 +16,7 @@ from vm.avic.table import (
     AVIC_VALID,
     DROPPED,
     DUMMY_HPA,
+    FLOOD_EARLY_SCALE,
     FLOOD_RACE_DELAY_NS,
     FREE,
     H_GEN,
@@ -46,6 +47,7 @@ from vm.avic.table import (
     T_USE,
     T_WRITES,
     TW,
+    UNINIT_NEXT,
     UNTRACKED,
     V_CUR,
     V_INGUEST,
@@ -136,7 +138,7 @@ class TablePool:
             self.kvm.warn("avic_tables_exhausted", f"avic_physid_table pool ({self.nt}) exhausted")
             raise RuntimeError(f"avic_physid_table pool ({self.nt}) exhausted")
         for w, val in ((T_GFN, gfn), (T_L2, l2), (T_NENTRIES, self.ne), (T_REF, 1), (T_USE, 0),
-                       (T_FLOOD, 0), (T_NEXT, 0), (T_NODE, 0), (T_REGISTERED, 0), (T_TRACKED, 0),
+                       (T_FLOOD, 0), (T_NEXT, UNINIT_NEXT), (T_NODE, 0), (T_REGISTERED, 0), (T_TRACKED, 0),
                        (T_WRITES, 0), (T_SYNCS, 0)):
             m.store(b + w, val)
         m.store(b + T_GEN, m.fetch_add(self.hdr0 + H_GEN, 1) + 1)
@@ -324,8 +326,14 @@ class TablePool:
             self.kvm.count("notifier_calls")
             self._stat("track_write")
             if m.load(b + T_USE) == 0:
-                if m.fetch_add(b + T_FLOOD, 1) + 1 > self.flood_limit and st in (VALID, INVALID):
-                    if self.flood_steer:
+                flooded = m.fetch_add(b + T_FLOOD, 1) + 1 > self.flood_limit
+                # widening: a drop is always allowed (the table is simply re-shadowed on its next
+                # use), so the fuzzer sometimes takes the flood decision early, and steers that drop
+                # onto a vCPU entering L2 on the table, the interleaving the kick exists for
+                early = not flooded and fuzz.ACTIVE is not None and fuzz.ACTIVE.chance("avic.flood_drop_early",
+                                                                                      FLOOD_EARLY_SCALE)
+                if (flooded or early) and st in (VALID, INVALID):
+                    if self.flood_steer or early:
                         self._steer_flood_drop(t)
                     elif fuzz.ACTIVE:
                         fuzz.point("avic.flood_check_to_drop")

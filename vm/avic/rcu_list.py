@@ -46,6 +46,8 @@ class RcuListDesign(AvicDesign):
         lockdep_assert_held(self.tables_spin, "avic_tables_spin")
         m = self.amem
         m.store(self.tw0 + t * TW + T_NEXT, m.load(self.hdr0 + H_LIST))
+        if fuzz.ACTIVE:
+            fuzz.point("avic.rcu_list.init_to_publish")
         m.store(self.hdr0 + H_LIST, t + 1)  # release: the table is complete before it is visible
 
     def _list_del(self, t: int) -> None:

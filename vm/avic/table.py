@@ -46,6 +46,7 @@ DUMMY_HPA = (1 << 45) - PAGE_SIZE
 NO_HOST_APIC = 0xFF
 POISON_ENTRY = 0x6B6B6B6B6B6B6B6B
 POISON_NEXT = -0x6B6B6B6B
+UNINIT_NEXT = -0x5A5A5A5A  # a new table's link until it is linked (memory not yet written: garbage)
 POISON_REF = -0x6B6B6B6B
 HASH_BUCKETS = 256
 MAX_NENTRIES = 256
@@ -134,6 +135,7 @@ AVIC_DESIGNS = tuple(DESIGN_IDS)
 REGISTRATIONS = tuple(REGISTRATION_IDS)
 READER_DELAY_NS = 100_000  # avic-reader-delay hook: time inside rcu-list read-side sections
 FLOOD_RACE_DELAY_NS = 500_000  # flood hooks: longest wait, after usecount 0, for a vCPU to enter
+FLOOD_EARLY_SCALE = 0.1  # --fuzz: share of the level's probability with which a drop is taken early
 FLOOD_RACE_LIMIT = 2  # flood-drop-race hook: writes while unused before a drop (else nentries * 1000)
 ALL_ENTRIES_EVERY = 8  # (I2): every entry of the table is checked at one nested VMRUN in this many
 
