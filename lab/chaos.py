@@ -95,13 +95,14 @@ def _role(p, coordinator_pid: int, forkservers: set[int]) -> str | None:
     try:
         if p.pid == coordinator_pid:
             return "coordinator"
+        ppid = p.ppid()
+        if ppid in forkservers:  # forked by the fork server: a vCPU (its cmdline is the server's)
+            return "vcpu"
         cmd = " ".join(p.cmdline())
-        if "multiprocessing.forkserver" in cmd:
+        if "multiprocessing.forkserver" in cmd and ppid == coordinator_pid:
             return "forkserver"
         if "multiprocessing.resource_tracker" in cmd:
             return "resource_tracker"
-        if p.ppid() in forkservers:
-            return "vcpu"
     except Exception:  # psutil.Error: gone meanwhile
         return None
     return "other"

@@ -79,3 +79,24 @@ def test_ten_chaos_runs_end_well(tmp_path):
     assert sum(n for k, n in fig["faults"].items() if k not in ("none", "missed")) >= 6  # faults really fired
     doc = json.loads((tmp_path / "out" / "chaos.json").read_text())
     assert len(doc["cases"]) == 10 and all("command" in c for c in doc["cases"])
+
+
+class _P:
+    def __init__(self, pid, ppid, cmd):
+        self.pid, self._ppid, self._cmd = pid, ppid, cmd
+
+    def ppid(self):
+        return self._ppid
+
+    def cmdline(self):
+        return self._cmd.split()
+
+
+def test_roles_in_the_process_tree():
+    fs_cmd = "python -c from multiprocessing.forkserver import main; main(...)"
+    assert chaos._role(_P(10, 1, "python launch.py run"), 10, set()) == "coordinator"
+    assert chaos._role(_P(11, 10, fs_cmd), 10, set()) == "forkserver"
+    # a vCPU is forked by the fork server and so has the server's command line
+    assert chaos._role(_P(12, 11, fs_cmd), 10, {11}) == "vcpu"
+    assert chaos._role(_P(13, 10, "python -c from multiprocessing.resource_tracker import main"), 10, {11}) \
+        == "resource_tracker"
