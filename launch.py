@@ -345,9 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         print("terminated by SIGTERM: vCPUs reaped, shared memory released", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        if old is not None:
+        if callable(old):  # called in-process by code with its own handler: give it back
             signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the run is over: a late SIGTERM changes nothing
+    sys.exit(rc)

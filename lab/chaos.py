@@ -50,6 +50,8 @@ POLL_S = 0.05
 # a dead vCPU (or its lost exit status, after the fork server died) named by the diagnosis
 _VCPU_NAMED = re.compile(r"vCPU \d+ (died|exited|is alive but)|dead reader slot of vCPU \d+|"
                          r"died holding|fork server|dead vCPUs: \[\d")
+# what a run says when it lost a vCPU (dead, unjoinable, or no result)
+_VCPU_LOST = re.compile(r"no result from vCPU|vCPU \d+ (died|exited|is alive but)|dead vCPUs|fork server")
 _SHM_MAP = re.compile(r"/dev/shm/pts_([A-Za-z0-9]+)_")
 _RUN_LINE = re.compile(r"^run (\S+): ", re.M)
 
@@ -321,6 +323,10 @@ def judge(rec: dict, text: str) -> tuple[bool, bool, str]:
         return False, rc in (0, 1), f"no fault delivered; exit {rc}"
     sig, target = case["sig"], case["target"]
     failed_with_reason = rc == 1 and bool(re.search(r"FAILURE\S*:? \S", text))
+    if target == "forkserver" and not _VCPU_LOST.search(text):
+        # the vCPUs had finished (or were not yet forked and the run failed to start, saying so):
+        # the fork server's death changed nothing the run had to report
+        return False, rc == 0 or failed_with_reason, f"exit {rc} (no vCPU lost)"
     if sig == "SIGSTOP" or target == "resource_tracker":
         # a pause or a lost tracker may end in SUCCESS; a FAILURE must still say why
         ok = rc == 0 or failed_with_reason or (target == "coordinator" and rc is not None and rc < 0)
@@ -328,7 +334,8 @@ def judge(rec: dict, text: str) -> tuple[bool, bool, str]:
     if target == "coordinator":
         if sig == "SIGKILL":
             return True, rc == -signal.SIGKILL, f"exit {rc} (killed coordinator)"
-        return True, rc == 128 + signal.SIGTERM and "terminated" in text, f"exit {rc}"
+        done = rc in (0, 1) and bool(re.search(r"^(SUCCESS|FAILURE)\b", text, re.M))  # signal came after
+        return True, (rc == 128 + signal.SIGTERM and "terminated" in text) or done, f"exit {rc}"
     # a vCPU or the fork server died: the run must fail naming it
     named = rc == 1 and bool(_VCPU_NAMED.search(text))
     return True, named, f"exit {rc}" + ("" if named else ": no named diagnosis")

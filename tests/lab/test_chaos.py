@@ -100,3 +100,14 @@ def test_roles_in_the_process_tree():
     assert chaos._role(_P(12, 11, fs_cmd), 10, {11}) == "vcpu"
     assert chaos._role(_P(13, 10, "python -c from multiprocessing.resource_tracker import main"), 10, {11}) \
         == "resource_tracker"
+
+
+def test_judge_fork_server_and_late_sigterm():
+    # the fork server died after the vCPUs were done: nothing to report, SUCCESS is fine
+    assert chaos.judge(_rec("SIGKILL", "forkserver", 0), "SUCCESS: oracle clean")[:2] == (False, True)
+    # ... but a lost vCPU must be named
+    assert chaos.judge(_rec("SIGKILL", "forkserver", 1), "FAILURE: no result from vCPU(s) [2]")[1]
+    assert chaos.judge(_rec("SIGTERM", "forkserver", 1),
+                       "FAILURE: vCPU 0 died (exit code 255) (exit status lost: the fork server died)")[1]
+    # a SIGTERM that lands after the verdict was printed changes nothing
+    assert chaos.judge(_rec("SIGTERM", "coordinator", 1), "FAILURE: oracle: 1 violation(s)")[:2] == (True, True)
