@@ -48,7 +48,7 @@ END_BOUND_S = 10.0
 FAMILY_EXIT_S = 5.0  # processes of a finished run get this long to go away by themselves
 POLL_S = 0.05
 # a dead vCPU (or its lost exit status, after the fork server died) named by the diagnosis
-_VCPU_NAMED = re.compile(r"vCPU \d+ (died|exited|is alive but)|dead reader slot of vCPU \d+|"
+_VCPU_NAMED = re.compile(r"vCPU \d+ (died|exited|is alive but)|dead reader slot of vCPU \d+|no result from vCPU|"
                          r"died holding|fork server|dead vCPUs: \[\d")
 # what a run says when it lost a vCPU (dead, unjoinable, or no result)
 _VCPU_LOST = re.compile(r"no result from vCPU|vCPU \d+ (died|exited|is alive but)|dead vCPUs|fork server")
