@@ -99,6 +99,10 @@ def final(d) -> list[str]:
         nlive += 1
         gfn, l2 = m.load(b + T_GFN), m.load(b + T_L2)
         name = f"shadow physid table gfn {gfn:#x} (L2 {l2}, slot {t})"
+        if not 0 <= gfn < d.mem_pages:  # a live state on a freed (scribbled) slot
+            bad.append(f"{name}: live (state {STATE_NAMES[st]}) but its gfn is not a guest page: freed "
+                       f"memory reused as a live table")
+            continue
         live_by_gfn.setdefault(gfn, []).append(t)
         if m.load(b + T_TRACKED):
             tracked_by_gfn[gfn] = tracked_by_gfn.get(gfn, 0) + 1
