@@ -61,6 +61,7 @@ def avm(run_id):
     def make(design, registration="refcount", hooks=(), **kw):
         kw.setdefault("vcpus", 2)
         kw.setdefault("l2s", 4)
+        kw.setdefault("fuzz", "off")  # in-process unit tests: deterministic, no race widening
         cfg = Config(design=design, registration=registration, **kw)
         kvm = Kvm.create(cfg, run_id, frozenset(hooks))
         d = None
