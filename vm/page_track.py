@@ -16,7 +16,7 @@ write-tracking enable flag, the emulated-write notifier walk and the fault-path 
 
 from __future__ import annotations
 
-from ipc import _prims
+from ipc import _prims, fuzz
 from ipc.locks import lockdep_assert_held
 from vm import layout as L
 from vm.notifier import POISON_NEXT, handler_entry, walk
@@ -132,6 +132,7 @@ def _bind_write_path(kvm):
     guest_write = kvm.guest_mem.write
     pages = kvm.memory_pages
     S_POISON, O_STATE, O_GEN, O_NEXT = L.NODE_POISON, L.N_STATE, L.N_GEN, L.N_NEXT
+    fz = fuzz.ACTIVE  # this process' preemption points (configured with its Kvm)
 
     def page_track_write(gpa: int, new: bytes) -> int:
         if not load(head_w):  # empty list: return at once
@@ -162,6 +163,8 @@ def _bind_write_path(kvm):
                 if trace is not None:
                     trace.append(n - 1)
                 calls += 1
+                if fz:
+                    fz.hit("page_track.walk.call_to_next")  # still standing on the node
                 n = load(base + O_NEXT)
         finally:
             srcu_unlock()

@@ -165,7 +165,8 @@ def test_scripted_bad_command_is_reported_not_fatal():
 def test_churn_never_lets_a_reader_touch_a_poisoned_node(hooks, expect):
     """Register/unregister concurrently with writers; without synchronize_srcu (test hook) the
     freed, poisoned node is met by a reader and the run fails — the test has teeth."""
-    cfg = _cfg(vcpus=3, duration=1.5, churn_rate=0.3, notifiers=2, tracked_fraction=0.5, mmio_fraction=0.3)
+    cfg = _cfg(vcpus=3, duration=1.5, churn_rate=0.3, notifiers=2, tracked_fraction=0.5, mmio_fraction=0.3,
+               fuzz="heavy")  # race widening: the window is a few loads wide
     with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",), hooks=hooks) as co:
         res = co.run_free()
     assert res["counters"]["register"] > 100
