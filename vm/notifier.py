@@ -139,14 +139,19 @@ def kvm_page_track_unregister_notifier(kvm, node: int) -> bool:
             return False
         nxt = mem.load(_w(kvm, node, L.N_NEXT))
         link = h + L.NH_HEAD
-        while True:
+        nmax = kvm.nodes.shape[0]
+        for _ in range(nmax + 1):  # bounded: a corrupt (cyclic) list must not spin under mmu_lock
             cur = mem.load(link)
-            if cur == 0:  # not on the list: registry corrupt
-                kvm.warn("list_corrupt", f"notifier node {node} live but not on the list", node=node)
+            if cur == 0 or not 0 < cur <= nmax:  # not on the list, or a bad pointer: registry corrupt
+                kvm.warn("list_corrupt", f"notifier node {node} live but not on the list (link {cur})",
+                         node=node)
                 return False
             if cur == node + 1:
                 break
             link = _w(kvm, cur - 1, L.N_NEXT)
+        else:
+            kvm.warn("list_corrupt", f"notifier list loops: node {node} not found in {nmax} steps", node=node)
+            return False
         mem.fetch_add(h + L.NH_SEQ, 1)  # odd: the list is changing
         mem.store(_w(kvm, node, L.N_STATE), L.NODE_RETIRING)  # before unlinking: LIVE => on the list
         mem.store(link, nxt)

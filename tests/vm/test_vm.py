@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from vcpu.worker import vcpu_main
+from vm import layout as L
 from vm import notifier, page_track
 from vm.config import from_dict
 from vm.coordinator import Coordinator
@@ -245,3 +246,15 @@ def test_scenario_file_scripted_run(tmp_path):
 
     steps = json.loads(out.read_text())["steps"]
     assert steps[2]["value"]["calls"] == 1 and steps[2]["value"]["emulated"] is True
+
+
+def test_unregister_on_a_cyclic_list_ends_with_a_warn(kvm):
+    """A corrupted (cyclic) registry must not make unregister spin under mmu_lock."""
+    a, b = (notifier.alloc_node(kvm, MIRROR_KIND, 0) for _ in range(2))
+    assert notifier.kvm_page_track_register_notifier(kvm, a)
+    assert notifier.kvm_page_track_register_notifier(kvm, b)  # head -> b -> a
+    kvm.mem.store(kvm.nodes_w + a * 8 + L.N_NEXT, a + 1)  # a -> a: the list loops past b
+    kvm.mem.store(kvm.notifier_w + L.NH_HEAD, a + 1)  # head -> a -> a ...: b is live but unreachable
+    assert notifier.kvm_page_track_unregister_notifier(kvm, b) is False
+    assert any(k == "list_corrupt" and "loops" in m for k, m, _ in kvm.events)
+    assert kvm.mmu_lock.owner() == 0
