@@ -151,44 +151,31 @@ class WriteAccounting:
 
     def checkpoint(self, gpa: int, new: bytes, page_track_write) -> int:
         """The emulated write to ``gpa`` that closes the interval: judge the interval's writes in
-        aggregate, then walk and judge this one alone. Common case (the list did not change, each
-        live node got one call per write, nothing else was called): compares only."""
-        load, seq_w, counts, c_total = self.load, self.seq_w, self.counts, self.c_total
-        calls, nodes = self.calls, self.nodes
+        aggregate, then walk and judge this one alone."""
         writes = self.period - 1
-        v = self.v
-        ok = v >= 0 and self.base_v == v and load(seq_w) == v and \
-            counts[c_total] - self.base_total == writes * len(nodes)
-        if ok:
-            for n in nodes:
-                if calls[n] != writes:
-                    ok = False
-        if ok:
-            for n in nodes:
-                calls[n] = 0
-            self.base_total = counts[c_total]
-        else:
-            self.judge(self.base_v, writes, gpa)
-            self._reset()
-            self.refresh()
-            v, nodes = self.v, self.nodes
+        self._settle(self.base_v, writes, gpa)
         calls_ret = page_track_write(gpa, new)
-        ok = v >= 0 and load(seq_w) == v and counts[c_total] - self.base_total == len(nodes)
-        if ok:
-            for n in nodes:
-                if calls[n] != 1:
-                    ok = False
-        if ok:
+        self._settle(self.v, 1, gpa)
+        self.base_v = self.v
+        self.counts[self.c_checked] += writes + 1
+        return calls_ret
+
+    def _settle(self, base_v: int, walks: int, gpa: int) -> None:
+        """Judge the ``walks`` emulated writes since the last settle, made while the list was at
+        version ``base_v``. Common case (the list did not change, each live node got one call per
+        walk, nothing else was called): compares only, then starts the next count; anything else
+        goes to ``judge`` and the accounting starts over."""
+        calls, nodes = self.calls, self.nodes
+        total = self.counts[self.c_total]
+        if (base_v >= 0 and self.v == base_v and self.load(self.seq_w) == base_v
+                and total - self.base_total == walks * len(nodes) and all(calls[n] == walks for n in nodes)):
             for n in nodes:
                 calls[n] = 0
-            self.base_total = counts[c_total]
+            self.base_total = total
         else:
-            self.judge(v, 1, gpa)
+            self.judge(base_v, walks, gpa)
             self._reset()
             self.refresh()
-        self.base_v = self.v
-        counts[self.c_checked] += writes + 1
-        return calls_ret
 
     def walk_outside_write(self, page_track_write, gpa: int, new: bytes) -> int:
         """A walk that is no emulated write (``kvm_page_track_write`` called directly): its calls
