@@ -18,6 +18,7 @@ import time
 import uuid
 
 import pytest
+from conftest import _cmdline
 
 from ipc import torture
 from ipc.errors import UsageError
@@ -57,14 +58,6 @@ def _descendants(root: int) -> set[int]:
         frontier = {p for p, pp in parent.items() if pp in frontier} - out
         out |= frontier
     return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _is_mp_helper(pid: int) -> bool:
