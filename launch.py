@@ -87,6 +87,25 @@ DURATION = float_range(0.05, MAX_DURATION_S, "--duration")
 
 
 
+REGISTRATION_CHOICES = ["refcount", "bool", "naive", "split", "node-refcount"]
+
+
+def _add_page_track_args(p: argparse.ArgumentParser) -> None:
+    """Page-track fidelity options (run and scenario); None = not given (the config default)."""
+    p.add_argument("--mmio-walk", dest="mmio_walk", action="store_const", const=True, default=None,
+                   help="MMIO writes walk the notifier list too (Maxim's line in the seed; default off, as in "
+                        "x86.c emulator_write_phys)")
+    p.add_argument("--page-track", dest="page_track", choices=["v6.0", "v6.6"], default=None,
+                   help="page-track API era: v6.0 registers KVM's own kvm_mmu_pte_write node at VM creation "
+                        "(default v6.0)")
+    p.add_argument("--redundant-registration", dest="redundant_registration", choices=["warn", "mainline"],
+                   default=None,
+                   help="registering a node already on the list: WARN and refuse (default), or mainline's "
+                        "second hlist_add_head_rcu (a cycle)")
+    p.add_argument("--split-warn", dest="split_warn", choices=["on", "off"], default=None,
+                   help="split: WARN when a notifier is registered while write tracking is off (default on)")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Run options; None = not given (a scenario file or the default decides)."""
     from vm.config import MAX_VCPUS
@@ -96,7 +115,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, help="run seed (default 1)")
     p.add_argument("--design", choices=["mirror", "mutex-hash", "rcu-list", "per-table-notifier"],
                    help="nested AVIC design (default mirror: no AVIC, a mirror notifier)")
-    p.add_argument("--registration", choices=["refcount", "bool", "naive", "split"],
+    p.add_argument("--registration", choices=REGISTRATION_CHOICES,
                    help="notifier registration variant (default refcount)")
     p.add_argument("--l2s", type=int_range(1, 64, "--l2s"), help="L2 VMs per L1 (default 4)")
     p.add_argument("--switch-rate", dest="switch_rate", type=float_range(0, 1, "--switch-rate"),
@@ -116,6 +135,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stall-ms", dest="stall_ms", type=int_range(1, 3_600_000, "--stall-ms"))
     p.add_argument("--fuzz", choices=["off", "light", "heavy"],
                    help="race widening: seeded delays at named preemption points (default light)")
+    _add_page_track_args(p)
     p.add_argument("--no-stats", dest="stats", action="store_const", const=False, default=None,
                    help="turn lock_stat and latency histograms off")
     p.add_argument("--inject", action="append", default=[], metavar="FAULT",
@@ -161,9 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scenario", help="a scripted scenario from the seed, over ZeroMQ, deterministic")
     sc.add_argument("name", choices=["kaboom"],
                     help="kaboom: X registers, Y registers, X unregisters, L1 writes Y's table, Y VMRUNs")
-    sc.add_argument("--registration", choices=["refcount", "bool", "naive", "split"], default="refcount")
+    sc.add_argument("--registration", choices=REGISTRATION_CHOICES, default="refcount")
     sc.add_argument("--design", choices=["mutex-hash", "rcu-list", "per-table-notifier"], default="mutex-hash")
     sc.add_argument("--seed", type=SEED, default=1)
+    _add_page_track_args(sc)
+    sc.add_argument("--table", action="store_true",
+                    help="kaboom: the verdict of every registration variant x design (x warn/mainline), "
+                         "in-process, as a Markdown table")
     sc.add_argument("--fuzz", choices=["off", "light", "heavy"], default="light",
                     help="race widening at named preemption points (default light)")
     sc.add_argument("--inject", action="append", default=[], metavar="FAULT")
@@ -259,8 +283,15 @@ def _cmd_scenario(args: argparse.Namespace) -> int:
     from vm import config, faults
     from vm.avic.kaboom import kaboom_steps
 
+    fidelity = {k: getattr(args, k) for k in ("mmio_walk", "page_track", "redundant_registration", "split_warn")
+                if getattr(args, k) is not None}
+    if args.table:
+        from vm.avic.kaboom import verdict_table
+
+        print(verdict_table(args.seed, fidelity))
+        return EXIT_OK
     cfg = config.from_dict({"vcpus": 2, "design": args.design, "registration": args.registration,
-                            "seed": args.seed, "l2s": 2, "duration": 1.0, "fuzz": args.fuzz})
+                            "seed": args.seed, "l2s": 2, "duration": 1.0, "fuzz": args.fuzz, **fidelity})
     _check_json_path(args.json)
     injected = [faults.parse(f, cfg.vcpus) for f in args.inject]
     steps = kaboom_steps(args.registration, args.design)

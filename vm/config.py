@@ -18,7 +18,10 @@ MAX_VCPUS = 256
 SHM_BUDGET_BYTES = 2 << 30  # all segments of one run together
 
 Design = Literal["mirror", "mutex-hash", "rcu-list", "per-table-notifier"]
-Registration = Literal["refcount", "bool", "naive", "split"]
+Registration = Literal["refcount", "bool", "naive", "split", "node-refcount"]
+PageTrack = Literal["v6.0", "v6.6"]
+RedundantRegistration = Literal["warn", "mainline"]
+OnOff = Literal["on", "off"]
 Policy = Literal["sticky", "round-robin", "random"]
 FuzzLevel = Literal["off", "light", "heavy"]
 
@@ -50,6 +53,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     heartbeat_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
     progress: bool = True
     fuzz: FuzzLevel = "light"  # race widening at named preemption points (ipc/fuzz.py); measure with off
+    # page-track fidelity (issue 11): MMIO writes walk the notifiers (Maxim's line; x86.c does not),
+    # the page-track API's era (v6.0: KVM's own kvm_mmu_pte_write node on the list from VM creation),
+    # a redundant registration WARNed and refused (Sean's check) or done as mainline does it (a cycle),
+    # and the split variant's registration-time WARN
+    mmio_walk: bool = False
+    page_track: PageTrack = "v6.0"
+    redundant_registration: RedundantRegistration = "warn"
+    split_warn: OnOff = "on"
 
     def __post_init__(self) -> None:
         if self.tracked_fraction + self.mmio_fraction > 1.0 + 1e-9:
@@ -144,7 +155,8 @@ def build(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Config:
 # Config keys that `launch.py run` takes as flags (--key-with-dashes); the others only from TOML
 CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switch_rate", "policy",
             "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
-            "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms", "fuzz")
+            "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms", "fuzz",
+            "mmio_walk", "page_track", "redundant_registration", "split_warn")
 
 # scripted commands a vCPU understands (vcpu/vcpu.py executes them)
 SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "write_entry", "read", "register", "reregister", "unregister",

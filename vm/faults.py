@@ -138,3 +138,38 @@ def _gp_waiter(co, ms: int) -> None:
             co.reasons.append(str(e))
             return
         time.sleep(0.01)
+
+
+def notifier_cycle(kvm) -> str:
+    """A walk of the page-track notifier list ran longer than the node pool: the list is a cycle, and
+    in the kernel ``kvm_page_track_write`` (``hlist_for_each_entry_srcu``) would never finish — a soft
+    lockup of that vCPU with the SRCU read lock held. Here the walk stops; this names the node where
+    the cycle closes and the registration that closed it (``NH_CYCLE``: mainline's second
+    ``hlist_add_head_rcu`` of a node already on the list, see vm/notifier.py). WARNed once per process;
+    returns the message."""
+    mem, h = kvm.mem, kvm.notifier_w
+    nmax = kvm.nodes.shape[0]
+    seen: set[int] = set()
+    n, at = mem.load(h + L.NH_HEAD), -1
+    for _ in range(nmax + 1):  # the first node met twice is where the cycle closes
+        if not 0 < n <= nmax:
+            break
+        if n - 1 in seen:
+            at = n - 1
+            break
+        seen.add(n - 1)
+        n = mem.load(kvm.nodes_w + (n - 1) * 8 + L.N_NEXT)
+    made, by = mem.load(h + L.NH_CYCLE) - 1, mem.load(h + L.NH_CYCLE_BY)
+    if made >= 0:
+        tag, nreg = by >> 32, by & 0xFFFFFFFF
+        who = "the coordinator" if tag == 1 else f"vCPU {tag - 2}"
+        how = (f"made by registration #{nreg} (by {who}) of notifier node {made}, which was already on the "
+               f"list (mainline: a second hlist_add_head_rcu, no redundant-registration check)")
+    else:
+        how = "made by no recorded registration (the list was corrupted otherwise)"
+    msg = (f"notifier list cycle at node {at}: kvm_page_track_write would never finish (soft lockup); "
+           f"the cycle was {how}")
+    if not kvm.cycle_warned:
+        kvm.cycle_warned = True
+        kvm.warn("notifier_cycle", msg, node=at, made_by_node=made)
+    return msg

@@ -12,6 +12,7 @@ from ipc import _prims, fuzz, hist, procstat
 from ipc.locks import init_lockstat, new_lock
 from ipc.shm import Region, ShmError, check_run_id
 from vm import layout as L
+from vm import mmu
 
 
 class Kvm:
@@ -76,6 +77,7 @@ class Kvm:
         self.trace_nodes: list[int] | None = None  # scripted mode: nodes each walk visited
         self.write_path = None  # vm.page_track.write_path(): the bound emulated-write closures
         self.write_acct = None  # vm.mirror.WriteAccounting: per-write track_write accounting (mirror)
+        self.cycle_warned = False  # vm.faults.notifier_cycle: the soft-lockup diagnosis, once per process
         self.closed = False
 
     @staticmethod
@@ -107,7 +109,10 @@ class Kvm:
                 v["memslots"][i, L.MS_NPAGES] = npages
                 v["memslots"][i, L.MS_LIVE] = 1
             v["gfn_track"][:] = 0
-            return cls(cfg, run_id, 0, regions, owner=True, hooks=hooks)
+            kvm = cls(cfg, run_id, 0, regions, owner=True, hooks=hooks)
+            if cfg.page_track == "v6.0":  # kvm_arch_init_vm -> kvm_mmu_init_vm (vm/mmu.py)
+                mmu.kvm_mmu_init_vm(kvm)
+            return kvm
         except BaseException:
             for r in regions.values():
                 r.close()

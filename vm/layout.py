@@ -35,6 +35,9 @@ NH_UNREGISTERED = 3    # total unregistrations
 NH_REDUNDANT = 4       # redundant registrations caught (WARN)
 NH_SEQ = 5             # registry seqcount: odd while register/unregister changes the list (the
                        # exact call accounting, vm.mirror, caches the live set per even value)
+NH_CYCLE = 6           # node (index + 1) a mainline redundant registration re-linked, making the
+                       # list cyclic (0 = none; simulation bookkeeping for the soft-lockup diagnosis)
+NH_CYCLE_BY = 7        # who made it: registering proc tag << 32 | the registration's number (NH_REGISTERED)
 
 N_NEXT = 0             # index + 1 of the next node, 0 = end
 N_KIND = 1             # notifier kind id (vm.notifier.KINDS)
@@ -43,6 +46,7 @@ N_STATE = 3            # NODE_* below
 N_GEN = 4              # bumped on every (re)allocation of the slot
 N_HITS = 5             # track_write calls (relaxed, statistics only)
 N_REGSEQ = 6           # NH_SEQ (odd) of the registration that made the node live: its identity
+N_REFS = 7             # --registration node-refcount: registrations held (-1: the node is not counted)
 
 NODE_FREE, NODE_LIVE, NODE_RETIRING, NODE_POISON, NODE_ALLOCATED = 0, 1, 2, 3, 4
 
@@ -67,8 +71,10 @@ COUNTERS = (
     # calls found missing or repeated (each one a WARN), and nodes that joined or left the list
     # within a judged interval and got fewer calls than its walks (not decidable per walk)
     "track_checked", "track_violations", "track_indeterminate",
+    # page_track v6.0: calls of KVM's own kvm_mmu_pte_write notifier (vm/mmu.py)
+    "mmu_pte_write",
 )
-NCOUNTERS = 19
+NCOUNTERS = 20
 C = {name: i for i, name in enumerate(COUNTERS)}
 assert len(COUNTERS) == NCOUNTERS
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from ipc import fuzz
 from vm import layout as L
+from vm.faults import notifier_cycle
 
 POISON_NEXT = -0x6B6B6B6B  # like POISON_FREE: a freed node's next pointer
 UNINIT_NEXT = -0x5A5A5A5A  # an allocated node's next pointer until it is linked (not yet written)
@@ -67,8 +68,9 @@ def node_state(kvm, node: int) -> int:
     return kvm.mem.load(_w(kvm, node, L.N_STATE))
 
 
-def alloc_node(kvm, kind: int, owner: int) -> int:
-    """Take a free (or poisoned, i.e. freed) slot of the pool; returns its index."""
+def alloc_node(kvm, kind: int, owner: int, refcounted: bool = False) -> int:
+    """Take a free (or poisoned, i.e. freed) slot of the pool; returns its index. ``refcounted``:
+    the node carries Maxim's count (``--registration node-refcount``, ``N_REFS``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown notifier kind {kind}")
     mem = kvm.mem
@@ -79,6 +81,7 @@ def alloc_node(kvm, kind: int, owner: int) -> int:
                 mem.store(_w(kvm, i, L.N_OWNER), owner)
                 mem.store(_w(kvm, i, L.N_NEXT), UNINIT_NEXT)
                 mem.store(_w(kvm, i, L.N_HITS), 0)
+                mem.store(_w(kvm, i, L.N_REFS), 0 if refcounted else -1)
                 mem.fetch_add(_w(kvm, i, L.N_GEN), 1)
                 mem.store(_w(kvm, i, L.N_STATE), L.NODE_ALLOCATED)
                 return i
@@ -98,29 +101,59 @@ def free_node(kvm, node: int) -> None:
 
 
 def kvm_page_track_register_notifier(kvm, node: int) -> bool:
-    """hlist_add_head_rcu under mmu_lock. A node that is already live WARNs and is refused."""
+    """hlist_add_head_rcu under mmu_lock (arch/x86/kvm/mmu/page_track.c). A node already on the list:
+    - counted (node-refcount, Maxim's "refcount in struct kvm_page_track_notifier_node"): one more
+      registration held, the list is unchanged;
+    - ``cfg.redundant_registration == "warn"``: WARN and refuse (the check Sean asks for);
+    - ``"mainline"``: what v6.0 and v6.6 do (no check) — a second hlist_add_head_rcu: ``n->next``
+      becomes the old head (itself if it was the head), the head becomes ``n``: the list is a cycle
+      and every walk from now on never ends (``notifier_cycle`` diagnoses it). Which registration
+      did it is recorded (``NH_CYCLE``, ``NH_CYCLE_BY``: simulation bookkeeping, no WARN here).
+    A node still RETIRING (its unregister waits for the SRCU grace period) is refused with a WARN:
+    linking it again would leave a listed node that its unregister then marks unregistered."""
     mem = kvm.mem
     h = kvm.notifier_w
     with kvm.mmu_lock:
         st = mem.load(_w(kvm, node, L.N_STATE))
+        refs = mem.load(_w(kvm, node, L.N_REFS))
+        relink = False
+        if st == L.NODE_LIVE and refs > 0:  # node-refcount: only the count changes
+            mem.store(_w(kvm, node, L.N_REFS), refs + 1)
+            kvm.count("register")
+            return True
         if st == L.NODE_LIVE:
-            mem.fetch_add(h + L.NH_REDUNDANT, 1)
-            kvm.warn("redundant_registration",
-                     f"redundant registration of live notifier node {node} "
-                     f"(kind {mem.load(_w(kvm, node, L.N_KIND))}, owner {mem.load(_w(kvm, node, L.N_OWNER))})",
-                     node=node)
+            if kvm.cfg.redundant_registration != "mainline":
+                mem.fetch_add(h + L.NH_REDUNDANT, 1)
+                kvm.warn("redundant_registration",
+                         f"redundant registration of live notifier node {node} "
+                         f"(kind {mem.load(_w(kvm, node, L.N_KIND))}, owner {mem.load(_w(kvm, node, L.N_OWNER))})",
+                         node=node)
+                return False
+            relink = True
+        if st == L.NODE_RETIRING:
+            kvm.warn("register_retiring",
+                     f"registration of notifier node {node} while its unregister waits for the SRCU grace "
+                     f"period (refused: the node would stay listed after that unregister returns)", node=node)
             return False
         if st == L.NODE_POISON:
             kvm.poisoned("notifier node (register)", node=node)
             return False
         seq = mem.fetch_add(h + L.NH_SEQ, 1) + 1  # odd: the list is changing
-        mem.store(_w(kvm, node, L.N_REGSEQ), seq)  # this registration's identity, before LIVE
+        if relink:  # mainline: the node is on the list already; this add closes a cycle
+            if not mem.load(h + L.NH_CYCLE):
+                mem.store(h + L.NH_CYCLE_BY, kvm.tag << 32 | mem.load(h + L.NH_REGISTERED) + 1)
+                mem.store(h + L.NH_CYCLE, node + 1)
+        else:
+            mem.store(_w(kvm, node, L.N_REGSEQ), seq)  # this registration's identity, before LIVE
         mem.store(_w(kvm, node, L.N_NEXT), mem.load(h + L.NH_HEAD))
         if fuzz.ACTIVE:
             fuzz.point("notifier.init_to_publish")
         mem.store(h + L.NH_HEAD, node + 1)  # release: the node is complete before it is visible
-        mem.store(_w(kvm, node, L.N_STATE), L.NODE_LIVE)  # after linking: LIVE => on the list
-        mem.fetch_add(h + L.NH_LIVE, 1)
+        if not relink:
+            mem.store(_w(kvm, node, L.N_STATE), L.NODE_LIVE)  # after linking: LIVE => on the list
+            mem.fetch_add(h + L.NH_LIVE, 1)
+            if refs == 0:
+                mem.store(_w(kvm, node, L.N_REFS), 1)
         mem.fetch_add(h + L.NH_REGISTERED, 1)
         mem.fetch_add(h + L.NH_SEQ, 1)
     kvm.count("register")
@@ -137,6 +170,11 @@ def kvm_page_track_unregister_notifier(kvm, node: int) -> bool:
             kvm.warn("unregister_unregistered", f"unregister of notifier node {node} that is not registered",
                      node=node)
             return False
+        refs = mem.load(_w(kvm, node, L.N_REFS))
+        if refs > 1:  # node-refcount: other registrations still hold it; the list is unchanged
+            mem.store(_w(kvm, node, L.N_REFS), refs - 1)
+            kvm.count("unregister")
+            return True
         nxt = mem.load(_w(kvm, node, L.N_NEXT))
         link = h + L.NH_HEAD
         nmax = kvm.nodes.shape[0]
@@ -154,6 +192,8 @@ def kvm_page_track_unregister_notifier(kvm, node: int) -> bool:
             return False
         mem.fetch_add(h + L.NH_SEQ, 1)  # odd: the list is changing
         mem.store(_w(kvm, node, L.N_STATE), L.NODE_RETIRING)  # before unlinking: LIVE => on the list
+        if refs == 1:
+            mem.store(_w(kvm, node, L.N_REFS), 0)
         mem.store(link, nxt)
         mem.fetch_add(h + L.NH_LIVE, -1)
         mem.fetch_add(h + L.NH_UNREGISTERED, 1)
@@ -201,6 +241,9 @@ def walk(kvm, fn) -> int:
         while n:
             if not 0 < n <= nmax:
                 kvm.poisoned("notifier list pointer", pointer=n)
+                break
+            if calls >= nmax:  # longer than the pool: a cycle
+                notifier_cycle(kvm)
                 break
             i = n - 1
             base = kvm.nodes_w + i * 8

@@ -9,9 +9,15 @@ write-tracking enable flag, the emulated-write notifier walk and the fault-path 
   of the ``guest_mode`` domain, which vCPUs hold while running guest code, so once it returns no
   vCPU can still be writing the gfn through a stale writable mapping.
 - a write fault on a tracked gfn is emulated (``page_fault_handle_page_track``); the emulator
-  writes guest memory, then ``kvm_page_track_write`` walks every notifier under the SRCU read lock
-  (MMIO addresses outside every memslot walk too). Untracked pages take the fast path and never
-  touch the list.
+  writes guest memory, then ``kvm_page_track_write`` walks every notifier under the SRCU read lock.
+  Untracked pages take the fast path and never touch the list.
+- MMIO (a gpa in no memslot) never walks by default: arch/x86/kvm/x86.c ``emulator_write_phys``
+  returns when ``kvm_vcpu_write_guest`` fails, before ``kvm_page_track_write``, and MMIO goes on
+  through ``read_write_mmio`` (``emulator_read_write_onepage``), which calls no notifier (v6.0 and
+  v6.6 alike). ``cfg.mmio_walk`` (``--mmio-walk``) makes MMIO writes walk as Maxim's "even just for
+  mmio write" in the seed describes.
+- the list is never empty in ``cfg.page_track == "v6.0"``: KVM's own ``kvm_mmu_pte_write`` node
+  (vm/mmu.py) is on it from VM creation.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 from ipc import _prims, fuzz
 from ipc.locks import lockdep_assert_held
 from vm import layout as L
+from vm.faults import notifier_cycle
 from vm.notifier import POISON_NEXT, handler_entry, walk
 
 USHRT_MAX = 0xFFFF
@@ -131,6 +138,7 @@ def _bind_write_path(kvm):
     rec_emul = kvm.h_emulated_write.record_since if kvm.h_emulated_write is not None else None
     guest_write = kvm.guest_mem.write
     pages = kvm.memory_pages
+    mmio_walk = kvm.cfg.mmio_walk
     S_POISON, O_STATE, O_GEN, O_NEXT = L.NODE_POISON, L.N_STATE, L.N_GEN, L.N_NEXT
     fz = fuzz.ACTIVE  # this process' preemption points (configured with its Kvm)
 
@@ -148,8 +156,8 @@ def _bind_write_path(kvm):
                 if not 0 < n <= nmax:
                     kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT + 1)
                     break
-                if calls >= nmax:  # longer than the pool: the list has a cycle
-                    kvm.warn("list_corrupt", "notifier list longer than the node pool (cycle)")
+                if calls >= nmax:  # longer than the pool: a cycle (the kernel's walk never ends)
+                    notifier_cycle(kvm)
                     break
                 base = nodes_w + (n - 1) * 8
                 if load(base + O_STATE) == S_POISON:
@@ -176,7 +184,9 @@ def _bind_write_path(kvm):
         t0 = now() if rec_emul is not None else 0
         if (gpa >> PAGE_SHIFT) < pages:
             guest_write(gpa, new)
-        calls = page_track_write(gpa, new)
+            calls = page_track_write(gpa, new)
+        else:  # MMIO: x86.c returns before the walk, unless --mmio-walk (module doc)
+            calls = page_track_write(gpa, new) if mmio_walk else 0
         if rec_emul is not None:
             rec_emul(t0)
         return calls
@@ -202,7 +212,7 @@ def _bind_write_path(kvm):
                 calls = checkpoint(gpa, new, page_track_write)
                 left = acct.period
         else:
-            calls = page_track_write(gpa, new)
+            calls = page_track_write(gpa, new) if mmio_walk else 0
         if rec_emul is not None:
             rec_emul(t0)
         return calls
@@ -220,7 +230,8 @@ def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:
 
 
 def emulator_write_phys(kvm, gpa: int, new: bytes) -> int:
-    """Write guest memory (if ``gpa`` is RAM), then the notifier walk (also for MMIO)."""
+    """Write guest memory and walk the notifiers if ``gpa`` is RAM; MMIO walks only with
+    ``cfg.mmio_walk``."""
     return write_path(kvm)[0](gpa, new)
 
 

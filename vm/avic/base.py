@@ -198,7 +198,8 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
         if self.registration != "split":
             kvm_page_track_write_tracking_enable(kvm)  # registration and tracking go together
         if self.shared_node:
-            node = notifier.alloc_node(kvm, AVIC_SHARED_KIND, 0)
+            node = notifier.alloc_node(kvm, AVIC_SHARED_KIND, 0,
+                                       refcounted=self.registration == "node-refcount")
             m.store(h + H_NODE, node + 1)
             if self.registration == "split":
                 # registered once, at VM creation, apart from enabling tracking (done on first use)

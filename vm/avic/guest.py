@@ -131,6 +131,8 @@ class GuestEntry:
             m.fetch_add(vw + V_L1SEQ, 1)
         gfn = table_gfn(self.cfg, l2)
         self._reload_check(vcpu)
+        if self.registration == "split":
+            self._activate(vcpu)  # write tracking enabled by its own path (vm/avic/registration.py)
         t = self._vmrun_get(vcpu, gfn, l2)
         if t >= 0:  # -1: the table turned out to be freed memory (reported)
             if m.load(vw + V_INL2) == 0:  # (scripted mode may VMRUN again without a VMEXIT)

@@ -155,7 +155,7 @@ def final(d) -> list[str]:
         users = d._h(H_USERS)
         if users != nlive:
             bad.append(f"shared notifier node: {users} users counted, {nlive} live tables")
-        if d.registration == "refcount" and not nlive and live:
+        if d.registration in ("refcount", "node-refcount") and not nlive and live:
             bad.append(f"nested AVIC notifier node {node} still registered with no table live")
     redundant = kvm.mem.load(kvm.notifier_w + L.NH_REDUNDANT)
     if redundant:

@@ -2,7 +2,8 @@
 (``vm.notifier`` pool), so the walk is linear over all nodes and ``track_write`` goes straight to
 its table (no hash, no mutex); get/put, register and unregister (``synchronize_srcu``) run under
 ``tables_lock`` (vm/avic/mutex_hash.py's ``MutexTables``). Registration variants act on the
-table's own node: refcount/split register at create and unregister at free, bool/naive per user."""
+table's own node: refcount/split register at create and unregister at free, bool/naive/node-refcount
+per user."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ class PerTableNotifierDesign(MutexTables):
         return self.amem.load(self.tw0 + t * TW + T_NODE) - 1
 
     def _on_create(self, t: int) -> None:
-        node = notifier.alloc_node(self.kvm, AVIC_TABLE_KIND, t)
+        node = notifier.alloc_node(self.kvm, AVIC_TABLE_KIND, t,
+                                   refcounted=self.registration == "node-refcount")
         self.amem.store(self.tw0 + t * TW + T_NODE, node + 1)
         if self.registration in ("refcount", "split"):
             gfn = self.amem.load(self.tw0 + t * TW + T_GFN)
@@ -48,7 +50,7 @@ class PerTableNotifierDesign(MutexTables):
             if not self.amem.load(w):
                 self._register(self._node(t), f"shadow physid table slot {t}, vCPU {v}")
                 self.amem.store(w, 1)
-        elif reg == "naive":
+        elif reg in ("naive", "node-refcount"):
             self._register(self._node(t), f"shadow physid table slot {t}, vCPU {v}")
 
     def _on_unref(self, v: int, t: int) -> None:
@@ -58,7 +60,7 @@ class PerTableNotifierDesign(MutexTables):
             if self.amem.load(w):
                 self._unregister(self._node(t))
                 self.amem.store(w, 0)
-        elif reg == "naive":
+        elif reg in ("naive", "node-refcount"):
             self._unregister(self._node(t))
 
     def _on_free(self, t: int) -> None:

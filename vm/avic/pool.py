@@ -61,8 +61,6 @@ from vm.avic.table import (
 from vm.page_track import (
     PAGE_SHIFT,
     kvm_flush_remote_tlbs,
-    kvm_page_track_write_tracking_enable,
-    kvm_page_track_write_tracking_enabled,
     kvm_write_track_add_gfn,
     kvm_write_track_remove_gfn,
 )
@@ -185,8 +183,6 @@ class TablePool:
         kvm = self.kvm
         b = self.tw0 + t * TW
         gfn = self.amem.load(b + T_GFN)
-        if self.registration == "split" and not kvm_page_track_write_tracking_enabled(kvm):
-            kvm_page_track_write_tracking_enable(kvm)  # enabled apart from registration, on first use
         with kvm.mmu_lock:
             ok = kvm_write_track_add_gfn(kvm, gfn)
             if ok:

@@ -130,7 +130,7 @@ S = {name: i for i, name in enumerate(STATS)}
 assert len(STATS) <= NSTATS
 
 DESIGN_IDS = {"mutex-hash": 1, "rcu-list": 2, "per-table-notifier": 3}
-REGISTRATION_IDS = {"refcount": 1, "bool": 2, "naive": 3, "split": 4}
+REGISTRATION_IDS = {"refcount": 1, "bool": 2, "naive": 3, "split": 4, "node-refcount": 5}
 AVIC_DESIGNS = tuple(DESIGN_IDS)
 REGISTRATIONS = tuple(REGISTRATION_IDS)
 READER_DELAY_NS = 100_000  # avic-reader-delay hook: time inside rcu-list read-side sections

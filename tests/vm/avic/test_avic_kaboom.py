@@ -1,6 +1,7 @@
 """The seed's "X registers, Y registers, X unregisters, kaboom", scripted (vm/avic/kaboom.py):
-refcount -> SUCCESS; bool -> FAILURE naming the lost write; naive -> FAILURE by the
-redundant-registration WARN; split -> FAILURE by the WARN naming the untracked notifier."""
+refcount and node-refcount -> SUCCESS; bool -> FAILURE naming the lost write; naive -> FAILURE by the
+redundant-registration WARN (warn) or by the named notifier-list cycle (mainline); split -> FAILURE by
+the lost write the oracle sees (with or without the registration-time WARN)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from vm.kvm import Kvm
 from vm.nested import table_gfn
 
 
-def kaboom(run_id, design, registration):
-    cfg = Config(vcpus=2, design=design, registration=registration)
+def kaboom(run_id, design, registration, **kw):
+    cfg = Config(vcpus=2, design=design, registration=registration, **kw)
     kvm = Kvm.create(cfg, run_id)
     try:
         return cfg, run_kaboom(kvm, cfg, registration)
@@ -55,11 +56,40 @@ def test_kaboom_naive_is_caught_by_the_redundant_registration_warn(run_id, desig
 
 
 @pytest.mark.parametrize("design", AVIC_DESIGNS)
-def test_kaboom_split_warns_about_the_untracked_notifier(run_id, design):
-    _, (verdict, msgs) = kaboom(run_id, design, "split")
+@pytest.mark.parametrize("page_track", ["v6.0", "v6.6"])
+def test_kaboom_naive_mainline_makes_a_cycle_named_in_bounded_time(run_id, design, page_track):
+    """Mainline has no redundant-registration check: Y's registration links the node again (a cycle);
+    L1's write then walks a list that never ends. The walk stops and names the cycle and who made it."""
+    _, (verdict, msgs) = kaboom(run_id, design, "naive", redundant_registration="mainline",
+                                page_track=page_track)
     assert verdict == "FAILURE"
+    cyc = [m for m in msgs if "notifier list cycle at node" in m]
+    assert cyc and "kvm_page_track_write would never finish (soft lockup)" in cyc[0], msgs
+    nreg = 3 if page_track == "v6.0" else 2  # KVM's own node is registration #1 in v6.0
+    assert f"made by registration #{nreg}" in cyc[0] and "already on the list" in cyc[0], cyc[0]
+    assert not any("redundant registration of live" in m for m in msgs), "mainline does not WARN"
+
+
+@pytest.mark.parametrize("design", AVIC_DESIGNS)
+def test_kaboom_node_refcount_succeeds(run_id, design):
+    """Maxim's alternative: the count lives in the notifier node; redundant registration is counted."""
+    _, (verdict, msgs) = kaboom(run_id, design, "node-refcount")
+    assert verdict == "SUCCESS", msgs
+    assert not [m for m in msgs if m.startswith("WARN") or m.startswith("oracle")]
+
+
+@pytest.mark.parametrize("design", AVIC_DESIGNS)
+@pytest.mark.parametrize("split_warn", ["on", "off"])
+def test_kaboom_split_loses_a_write_the_oracle_sees(run_id, design, split_warn):
+    """Y's table is made before X's activation path enables write tracking: it is never
+    write-protected and L1's write to it is lost — with Sean's registration WARN on or off."""
+    cfg, (verdict, msgs) = kaboom(run_id, design, "split", split_warn=split_warn)
+    assert verdict == "FAILURE"
+    ly = 0 if design == "per-table-notifier" else 1
+    lost = [m for m in msgs if m.startswith("oracle: lost write")]
+    assert lost and f"gfn {table_gfn(cfg, ly):#x}" in lost[0], msgs
     w = [m for m in msgs if m.startswith("WARN") and "registered while write tracking is disabled" in m]
-    assert w and "notifier node" in w[0], msgs
+    assert bool(w) == (split_warn == "on"), msgs
 
 
 def test_kaboom_steps_shape():
@@ -67,7 +97,8 @@ def test_kaboom_steps_shape():
         for design in AVIC_DESIGNS:
             steps = kaboom_steps(reg, design)
             ops = [(v, op) for v, op, _ in steps]
-            assert ops[:2] == [(0, "vmrun"), (1, "vmrun")]
+            # split: Y's table is in use before X (the activation path) VMRUNs
+            assert ops[:2] == ([(1, "vmrun"), (0, "vmrun")] if reg == "split" else [(0, "vmrun"), (1, "vmrun")])
             assert (0, "vmexit") in ops and steps[ops.index((0, "vmexit"))][2]["leaving"]
             assert ops[-3:] == [(1, "write_entry"), (1, "vmrun"), (1, "vmexit")]
     with pytest.raises(UsageError):
@@ -93,4 +124,4 @@ def test_kaboom_default_design_is_mutex_hash(run_id, registration):
     finally:
         kvm.close()
     assert msgs[0] == f"kaboom: design mutex-hash, registration {registration}"
-    assert verdict == ("SUCCESS" if registration == "refcount" else "FAILURE")
+    assert verdict == ("SUCCESS" if registration in ("refcount", "node-refcount") else "FAILURE")
