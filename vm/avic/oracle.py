@@ -203,7 +203,7 @@ def _table_snapshot(d, v: int, t: int, gfn: int, entries=()) -> tuple | None:
         st, tracked, epoch = load(b + T_STATE), load(b + T_TRACKED), load(b + T_EPOCH)
         reload = load(d.vw0 + v * VW + V_RELOAD)
         seen = []
-        if st == VALID and tracked:
+        if st == VALID:  # tracked or not (split: VALID before write tracking was enabled)
             for e in entries:
                 w = e if e < d.nvcpus and e != v else -1  # the one vCPU that writes entry e
                 if w >= 0:
@@ -262,9 +262,12 @@ def check_vmrun(d, v: int, t: int, l2: int, gfn: int) -> None:
     if st != VALID or not tracked:
         if reload:
             d._stat("stale_check_skipped")  # changed meanwhile, and this vCPU was told to reload
-        else:
-            _unshadowed(d, v, t, st, tracked, f"entering L2 {l2}")
-        return
+            return
+        _unshadowed(d, v, t, st, tracked, f"entering L2 {l2}")
+        if st != VALID:
+            return
+        # VALID but never write-protected (split: made before tracking was enabled): its entries are
+        # what the hardware reads, so L1 writes that missed it are lost writes, checked below (I2)
     if every:
         d._stat("entries_checked", len(seen))
     for e, sh, g, exp in seen:
