@@ -23,13 +23,16 @@ def _launch(args, tmp_path, timeout=120):
 @pytest.mark.parametrize("design", ["mutex-hash", "rcu-list", "per-table-notifier"])
 @pytest.mark.parametrize("registration,rc,needle", [
     ("refcount", 0, None),
+    ("node-refcount", 0, None),
     ("bool", 1, "lost write to gpa"),
     ("naive", 1, "redundant registration of live notifier node"),
-    ("split", 1, "write tracking"),
+    ("naive --redundant-registration mainline", 1, "kvm_page_track_write would never finish (soft lockup)"),
+    ("split", 1, "lost write"),
+    ("split --split-warn off", 1, "lost write"),
 ])
 def test_kaboom_scenario(design, registration, rc, needle, tmp_path):
-    p, res = _launch(["scenario", "kaboom", "--design", design, "--registration", registration, "--quiet"],
-                     tmp_path)
+    p, res = _launch(["scenario", "kaboom", "--design", design, "--registration", *registration.split(),
+                      "--quiet"], tmp_path)
     assert p.returncode == rc, p.stdout + p.stderr
     assert res["steps"] and all(s["ok"] for s in res["steps"])
     text = json.dumps(res["warnings"]) + json.dumps(res["reasons"]) + json.dumps(res["oracle"])
@@ -37,6 +40,10 @@ def test_kaboom_scenario(design, registration, rc, needle, tmp_path):
         assert res["verdict"] == "SUCCESS" and not res["warnings"]
     else:
         assert res["verdict"] == "FAILURE" and needle in text, text[:2000]
+    if "mainline" in registration:  # the cycle names the registration that made it: vCPU 1 (Y)
+        assert "made by registration #3 (by vCPU 1)" in text, text[:2000]
+    if registration.startswith("split"):
+        assert ("registered while write tracking is disabled" in text) == ("off" not in registration)
 
 
 @pytest.mark.parametrize("design", ["mutex-hash", "rcu-list", "per-table-notifier"])
@@ -62,3 +69,40 @@ def test_rcu_list_without_synchronize_rcu_fails(tmp_path):
 def test_bad_design_input_exit_2(argv):
     p = subprocess.run([sys.executable, "launch.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_kaboom_table_command_prints_every_verdict():
+    p = subprocess.run([sys.executable, "launch.py", "scenario", "kaboom", "--table"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in p.stdout.splitlines() if line.startswith("| ") and not line.startswith("| registration")}
+    assert set(rows) == {"refcount", "node-refcount", "bool", "naive (warn)", "naive (mainline)",
+                         "split (WARN on)", "split (WARN off)"}
+    assert all(len(cells) == 3 for cells in rows.values())
+    assert rows["refcount"] == rows["node-refcount"] == ["SUCCESS"] * 3
+    assert all(c.startswith("FAILURE: lost write") for c in rows["bool"] + rows["split (WARN off)"])
+    assert all("redundant-registration WARN" in c for c in rows["naive (warn)"])
+    assert all("notifier list cycle" in c for c in rows["naive (mainline)"])
+    assert all("lost write" in c and "untracked-notifier WARN" in c for c in rows["split (WARN on)"])
+
+
+@pytest.mark.parametrize("design", ["mutex-hash", "per-table-notifier"])
+def test_split_free_run_loses_a_write_the_oracle_sees(design, tmp_path):
+    """The split ordering in a free run: a vCPU's first nested VMRUN before vCPU 0's activation path
+    makes a table that is never write-protected. Seeded runs with --fuzz heavy until one shows it;
+    the oracle must name a lost write (I2 at VMRUN), with the registration WARN off."""
+    found = None
+    for seed in range(1, 9):
+        p, res = _launch(["run", "--design", design, "--registration", "split", "--split-warn", "off",
+                          "--vcpus", "3", "--duration", "1", "--seed", str(seed), "--fuzz", "heavy", "--quiet"],
+                         tmp_path)
+        assert res is not None, p.stderr[-2000:]
+        if res["verdict"] == "FAILURE":
+            found = res
+            break
+        assert not res["warnings"], res["warnings"][:3]
+    assert found is not None, "no seed lost a write"
+    kinds = {w["kind"] for w in found["warnings"]}
+    assert "stale_entry" in kinds and "untracked_notifier" not in kinds, kinds
+    assert any("lost write to gpa" in w["message"] for w in found["warnings"])

@@ -542,13 +542,19 @@ def test_tracked_write_rewrites_the_vcpus_own_entry(avm, design):
 
 @pytest.mark.parametrize("design", ["mutex-hash", "per-table-notifier"])
 def test_split_registers_before_tracking_is_enabled(avm, design):
+    """split: registration (VM creation, or table creation for per-table nodes) and activation (vCPU
+    0's nested VMRUN) are separate paths; vCPU 1 may make and use a table before activation."""
     kvm, d = avm(design, registration="split")
     assert not kvm_page_track_write_tracking_enabled(kvm)
-    d.nested_vmrun(0, 0)  # enabled on first use, after the registration
-    assert kvm_page_track_write_tracking_enabled(kvm)
+    d.nested_vmrun(1, 1)  # not the activation path: tracking stays off, the table is not write-protected
+    assert not kvm_page_track_write_tracking_enabled(kvm)
     warns = [m for k, m, _ in kvm.events if k == "untracked_notifier"]
     assert len(warns) == 1 and "notifier node" in warns[0] and "write tracking is disabled" in warns[0]
+    assert any(k == "tracking_disabled" for k, _, _ in kvm.events), "kvm_write_track_add_gfn WARNs, refuses"
+    d.nested_vmrun(0, 0)  # the activation path enables tracking before its own table
+    assert kvm_page_track_write_tracking_enabled(kvm)
     d.nested_vmexit(0, 0, False)
+    d.nested_vmexit(1, 1, False)
     assert any("while write tracking was disabled" in f for f in d.oracle())
 
 

@@ -1,0 +1,173 @@
+"""Issue 11 fidelity of the page-track API (items 1-6): MMIO walks only with --mmio-walk (x86.c
+emulator_write_phys), KVM's own kvm_mmu_pte_write node in v6.0, mainline's redundant registration (a
+cycle the walk names in bounded time), node-refcount, and re-registration while RETIRING."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vm import layout as L
+from vm import mmu, notifier, page_track
+from vm.config import from_dict
+from vm.kvm import Kvm
+from vm.mirror import MIRROR_KIND, mirror_track
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+MMIO = 0xFEE00000
+
+
+@pytest.fixture
+def make_kvm():
+    made = []
+
+    def make(**kw):
+        cfg = from_dict({"vcpus": 1, "memory_mib": 1, "notifiers": 0, "tracked_pages": 2, "l2s": 1,
+                         "fuzz": "off", **kw})
+        k = Kvm.create(cfg, f"tf{len(made)}x{os.getpid()}")
+        made.append(k)
+        page_track.kvm_page_track_write_tracking_enable(k)
+        return k
+
+    yield make
+    for k in made:
+        k.close()
+
+
+def _mirror(kvm) -> int:
+    n = notifier.alloc_node(kvm, MIRROR_KIND, 0)
+    assert notifier.kvm_page_track_register_notifier(kvm, n)
+    return n
+
+
+# -- item 2: KVM's own node (v6.0) ------------------------------------------------------------------
+
+def test_v60_registers_kvm_mmu_pte_write_at_vm_creation(make_kvm):
+    kvm = make_kvm()  # default page_track v6.0
+    node = mmu.mmu_node(kvm)
+    assert node >= 0 and notifier.live_nodes(kvm) == [node], "the list is never empty"
+    m = _mirror(kvm)
+    mirror_track(kvm, 1)
+    kvm.trace_nodes = []
+    assert page_track.emulator_write_phys(kvm, 4096, b"\1" * 8) == 2
+    assert kvm.trace_nodes == [m, node]
+    assert kvm.counts[L.C["mmu_pte_write"]] == 1, "kvm_mmu_pte_write is called and counted"
+
+
+def test_v66_has_no_kvm_node_and_an_empty_list_returns_at_once(make_kvm):
+    kvm = make_kvm(page_track="v6.6")
+    assert mmu.mmu_node(kvm) == -1 and notifier.live_nodes(kvm) == []
+    assert page_track.emulator_write_phys(kvm, 4096, b"\1" * 8) == 0
+    assert kvm.counts[L.C["mmu_pte_write"]] == 0
+
+
+# -- item 1: MMIO ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mmio_walk", [False, True])
+def test_mmio_write_walks_only_with_mmio_walk(make_kvm, mmio_walk):
+    kvm = make_kvm(mmio_walk=mmio_walk)
+    _mirror(kvm)
+    assert page_track.emulator_write_phys(kvm, MMIO, b"\1\0\0\0") == (2 if mmio_walk else 0)
+    assert kvm.counts[L.C["mmu_pte_write"]] == int(mmio_walk)
+
+
+def _run_json(tmp_path, *args) -> dict:
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "launch.py", "run", "--vcpus", "2", "--duration", "0.6", "--quiet",
+                        "--fuzz", "off", "--json", str(out), *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_run_json_counts_mmio_walks_only_with_the_flag(tmp_path):
+    """mirror design: every tracked write is emulated (its pages stay tracked), so KVM's own node is
+    called once per tracked write, plus once per MMIO write only with --mmio-walk."""
+    off = _run_json(tmp_path)
+    assert off["config"]["mmio_walk"] is False and off["config"]["page_track"] == "v6.0"
+    c = off["counters"]
+    assert c["write_mmio"] > 0 and c["write_tracked"] > 0
+    assert c["mmu_pte_write"] == c["write_tracked"], c
+    on = _run_json(tmp_path, "--mmio-walk")
+    assert on["config"]["mmio_walk"] is True
+    c = on["counters"]
+    assert c["write_mmio"] > 0 and c["mmu_pte_write"] == c["write_tracked"] + c["write_mmio"], c
+
+
+# -- item 3: mainline redundant registration ------------------------------------------------------
+
+@pytest.mark.parametrize("page_track_v", ["v6.0", "v6.6"])
+def test_mainline_redundant_registration_makes_a_cycle_the_walk_names(make_kvm, page_track_v):
+    kvm = make_kvm(redundant_registration="mainline", page_track=page_track_v)
+    a = _mirror(kvm)
+    b = _mirror(kvm)  # head -> b -> a (-> KVM's node in v6.0)
+    assert notifier.kvm_page_track_register_notifier(kvm, a)  # mainline: no check, linked again
+    assert not [e for e in kvm.events if e[0] == "redundant_registration"]
+    assert kvm.mem.load(kvm.nodes_w + a * 8 + L.N_NEXT) == b + 1  # a -> b -> a -> ...
+    mirror_track(kvm, 1)
+    calls = page_track.emulator_write_phys(kvm, 4096, b"\2" * 8)
+    assert calls == kvm.cfg.max_nodes, "the walk is bounded by the pool size"
+    cyc = [m for k, m, _ in kvm.events if k == "notifier_cycle"]
+    nreg = 4 if page_track_v == "v6.0" else 3
+    assert len(cyc) == 1 and f"notifier list cycle at node {a}" in cyc[0]
+    assert "kvm_page_track_write would never finish (soft lockup)" in cyc[0]
+    assert f"registration #{nreg} (by the coordinator) of notifier node {a}" in cyc[0], cyc[0]
+    page_track.emulator_write_phys(kvm, 4096, b"\3" * 8)
+    assert len([k for k, _, _ in kvm.events if k == "notifier_cycle"]) == 1, "named once per process"
+    assert len(notifier.live_nodes(kvm)) == kvm.cfg.max_nodes  # the diagnostic walk is bounded too
+
+
+def test_warn_mode_refuses_the_redundant_registration(make_kvm):
+    kvm = make_kvm(page_track="v6.6")
+    a = _mirror(kvm)
+    assert not notifier.kvm_page_track_register_notifier(kvm, a)
+    assert kvm.events[-1][0] == "redundant_registration" and notifier.live_nodes(kvm) == [a]
+
+
+# -- item 4: node-refcount ------------------------------------------------------------------------
+
+def test_node_refcount_changes_the_list_only_on_0_1(make_kvm):
+    kvm = make_kvm(page_track="v6.6")
+    n = notifier.alloc_node(kvm, MIRROR_KIND, 0, refcounted=True)
+    refs = kvm.nodes_w + n * 8 + L.N_REFS
+    assert notifier.kvm_page_track_register_notifier(kvm, n)
+    assert notifier.kvm_page_track_register_notifier(kvm, n)  # X registers, Y registers: counted
+    assert kvm.mem.load(refs) == 2 and notifier.live_nodes(kvm) == [n] and kvm.events == []
+    gp = kvm.track_srcu.gp_seq
+    assert notifier.kvm_page_track_unregister_notifier(kvm, n)  # X unregisters: still listed
+    assert notifier.live_nodes(kvm) == [n] and kvm.track_srcu.gp_seq == gp, "no unlink, no grace period"
+    assert notifier.kvm_page_track_unregister_notifier(kvm, n)  # Y: 1 -> 0, unlinked
+    assert notifier.live_nodes(kvm) == [] and kvm.mem.load(refs) == 0
+    assert notifier.node_state(kvm, n) == L.NODE_ALLOCATED and kvm.events == []
+
+
+# -- item 6: re-registration while RETIRING -------------------------------------------------------
+
+def test_reregistration_during_unregister_grace_period_is_refused(make_kvm, monkeypatch):
+    """Another path registers the node while its unregister waits in synchronize_srcu. Before the fix
+    the registration was accepted and unregister then set the listed node ALLOCATED: a free poisoned
+    a node still on the list."""
+    kvm = make_kvm(page_track="v6.6")
+    n = _mirror(kvm)
+    got = []
+    real = kvm.track_srcu.synchronize
+
+    def synchronize_with_a_racing_register():
+        assert notifier.node_state(kvm, n) == L.NODE_RETIRING
+        got.append(notifier.kvm_page_track_register_notifier(kvm, n))
+        real()
+
+    monkeypatch.setattr(kvm.track_srcu, "synchronize", synchronize_with_a_racing_register)
+    assert notifier.kvm_page_track_unregister_notifier(kvm, n)
+    assert got == [False]
+    assert any(k == "register_retiring" and f"node {n}" in m for k, m, _ in kvm.events)
+    assert notifier.live_nodes(kvm) == [], "not on the list once unregister returned"
+    assert notifier.node_state(kvm, n) == L.NODE_ALLOCATED
+    monkeypatch.undo()
+    notifier.free_node(kvm, n)
+    assert not [k for k, _, _ in kvm.events if k == "free_live_node"]
+    assert notifier.kvm_page_track_register_notifier(kvm, notifier.alloc_node(kvm, MIRROR_KIND, 0))
