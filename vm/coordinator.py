@@ -20,7 +20,7 @@ from ipc.channel import CoordinatorChannel, PeerUnreachable
 from ipc.proc import forkserver_context, pid_alive, reap
 from ipc.procstat import forkserver_alive
 from ipc.rundir import make_run_dir, remove_run_dir
-from vm import faults
+from vm import faults, mmu
 from vm import layout as L
 from vm import results as R
 from vm.faults import diagnose_dead
@@ -102,6 +102,11 @@ class Coordinator:
                 self.design.teardown()
             except Exception as e:  # teardown must not hide the run's outcome
                 self.reasons.append(f"design teardown failed: {e!r}")
+        if self.kvm is not None and not self.kvm.closed and not self.vcpu_died:
+            try:  # kvm_arch_destroy_vm -> kvm_mmu_uninit_vm: KVM's own node leaves the list (v6.0)
+                mmu.kvm_mmu_uninit_vm(self.kvm)
+            except Exception as e:
+                self.reasons.append(f"kvm_mmu_uninit_vm failed: {e!r}")
         if self.design is not None:
             self.design.close()
             self.design = None

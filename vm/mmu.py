@@ -47,6 +47,15 @@ def kvm_mmu_init_vm(kvm) -> int:
     return node
 
 
+def kvm_mmu_uninit_vm(kvm) -> None:
+    """Unregister and free KVM's own node, if there is one (VM destruction)."""
+    node = mmu_node(kvm)
+    if node >= 0:
+        if notifier.node_state(kvm, node) == L.NODE_LIVE:
+            notifier.kvm_page_track_unregister_notifier(kvm, node)
+        notifier.free_node(kvm, node)
+
+
 def mmu_node(kvm) -> int:
     """Index of KVM's own node, -1 if there is none (v6.6)."""
     for i in range(kvm.nodes.shape[0]):
