@@ -45,6 +45,10 @@ def test_parse_steps_is_valid_or_usage_error(steps):
 @pytest.mark.parametrize("d,field", [({"vcpus": 0}, "vcpus"), ({"vcpus": "x"}, "vcpus"), ({"nope": 1}, "nope"),
                                      ({"switch_rate": 1.5}, "switch_rate"), ({"design": "x"}, "design"),
                                      ({"memory_mib": 1, "tracked_pages": 1000}, "tracked_pages"),
+                                     ({"page_track": "v5.16"}, "page_track"), ({"mmio_walk": "yes"}, "mmio_walk"),
+                                     ({"redundant_registration": "x"}, "redundant_registration"),
+                                     ({"split_warn": True}, "split_warn"),
+                                     ({"registration": "node-count"}, "registration"),
                                      ({"memslots": 64, "memory_mib": 1, "tracked_pages": 0, "l2s": 1}, None)])
 def test_error_names_the_field(d, field):
     if field is None:

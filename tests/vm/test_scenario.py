@@ -65,7 +65,10 @@ def test_rcu_list_without_synchronize_rcu_fails(tmp_path):
 
 @pytest.mark.parametrize("argv", [["scenario", "kaboom", "--registration", "sometimes"],
                                   ["scenario", "nope"], ["run", "--design", "hash"], ["run", "--l2s", "0"],
-                                  ["run", "--switch-rate", "-0.1"], ["run", "--hook", "nope"]])
+                                  ["run", "--switch-rate", "-0.1"], ["run", "--hook", "nope"],
+                                  ["run", "--page-track", "v5.16"], ["run", "--split-warn", "maybe"],
+                                  ["scenario", "kaboom", "--redundant-registration", "sometimes"],
+                                  ["scenario", "kaboom", "--registration", "node-count"]])
 def test_bad_design_input_exit_2(argv):
     p = subprocess.run([sys.executable, "launch.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
