@@ -96,7 +96,7 @@ def test_split_free_run_loses_a_write_the_oracle_sees(design, tmp_path):
     makes a table that is never write-protected. Seeded runs with --fuzz heavy until one shows it;
     the oracle must name a lost write (I2 at VMRUN), with the registration WARN off."""
     found = None
-    for seed in range(1, 9):
+    for seed in range(1, 13):  # about one seed in two shows it (measured: 5 of 8, both designs)
         p, res = _launch(["run", "--design", design, "--registration", "split", "--split-warn", "off",
                           "--vcpus", "3", "--duration", "1", "--seed", str(seed), "--fuzz", "heavy", "--quiet"],
                          tmp_path)
