@@ -4,7 +4,9 @@ Mirrors ``kvm_page_track_notifier_head`` (an SRCU domain, ``track_srcu``, plus a
 - writers of the list hold ``mmu_lock``; readers walk it under ``srcu_read_lock(track_srcu)``;
 - register = ``hlist_add_head_rcu`` (the node's next is set before the head is published with a
   release store); redundant registration of a live node WARNs and is refused (the check the seed
-  asks for: the AVIC code must refcount);
+  asks for: the AVIC code must refcount), or with ``cfg.redundant_registration = "mainline"`` is
+  linked again as the kernel does (a cycle: vm/faults.py ``notifier_cycle`` names it); a node made
+  with ``refcounted=True`` counts registrations instead (``N_REFS``, node-refcount);
 - unregister = ``hlist_del_rcu`` under mmu_lock, then ``synchronize_srcu`` so no reader still
   holds the node when the caller frees it; ``free_node`` poisons the slot, and a reader that
   meets a poisoned node reports it (use after free).
