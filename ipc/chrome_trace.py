@@ -233,3 +233,51 @@ def dump_dir(snap: Snapshot, directory: str, stem: str = "trace", **fmt) -> tupl
     with open(tp, "w") as f:
         f.write(to_text(snap, **fmt))
     return jp, tp
+
+
+def problems(doc: dict) -> list[str]:
+    """What is wrong with a Chrome trace document's shape (empty = fine): ``traceEvents`` present,
+    every process named, slices on one (pid, tid) nest, every ``B`` has its ``E``, every flow has
+    both ends and each end lies inside a slice of its (pid, tid)."""
+    out: list[str] = []
+    evs = doc.get("traceEvents") if isinstance(doc, dict) else None
+    if not isinstance(evs, list):
+        return ["no traceEvents list"]
+    named = {e["pid"] for e in evs if e.get("ph") == "M" and e.get("name") == "process_name"}
+    tracks: dict[tuple, list[tuple[float, float, str]]] = {}
+    open_b: dict[tuple, list[str]] = {}
+    flows: dict[object, dict[str, dict]] = {}
+    eps = 1e-6
+    for e in evs:
+        ph, key = e.get("ph"), (e.get("pid"), e.get("tid"))
+        if ph != "M" and e.get("pid") not in named:
+            out.append(f"event {e.get('name')!r} on unnamed process {e.get('pid')}")
+        if ph == "X":
+            tracks.setdefault(key, []).append((e["ts"], e["ts"] + e["dur"], e["name"]))
+        elif ph == "B":
+            open_b.setdefault(key, []).append(e["name"])
+        elif ph == "E":
+            if not open_b.get(key):
+                out.append(f"E {e.get('name')!r} without B on {key}")
+            else:
+                open_b[key].pop()
+        elif ph in ("s", "f"):
+            flows.setdefault(e.get("id"), {})[ph] = e
+    out += [f"B {n!r} without E on {k}" for k, names in open_b.items() for n in names]
+    for key, sl in tracks.items():
+        stack: list[tuple[float, float, str]] = []
+        for s in sorted(sl, key=lambda s: (s[0], -s[1])):
+            while stack and stack[-1][1] <= s[0] + eps:
+                stack.pop()
+            if stack and s[1] > stack[-1][1] + eps:
+                out.append(f"slices {stack[-1][2]!r} and {s[2]!r} overlap without nesting on {key}")
+            stack.append(s)
+    for fid, ends in flows.items():
+        if set(ends) != {"s", "f"}:
+            out.append(f"flow {fid} has only {sorted(ends)}")
+            continue
+        for ph, e in ends.items():
+            key = (e.get("pid"), e.get("tid"))
+            if not any(a - eps <= e["ts"] <= b + eps for a, b, _ in tracks.get(key, ())):
+                out.append(f"flow {fid} {ph} at {e['ts']} points at no slice on {key}")
+    return out
