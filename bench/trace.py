@@ -27,12 +27,10 @@ import statistics
 import sys
 import time
 
+from bench.inproc import one_vcpu
 from bench.primitives import floor_ns
 from ipc import _prims, trace
-from vcpu.vcpu import Vcpu
 from vm.config import Config, from_dict
-from vm.kvm import Kvm
-from vm.nested import make_design
 
 GOALS = {"ratio_default": (">=", 0.90)}
 DEFAULT_EVENTS = Config().trace_events
@@ -42,12 +40,7 @@ def loop_ops_per_s(design: str, events: int, seconds: float, guest_time_us: floa
     """(ops/s, trace events per op) of one vCPU's free-running loop in this process."""
     cfg = from_dict({"fuzz": "off", "vcpus": 1, "duration": max(seconds, 0.05), "design": design,
                      "trace_events": events, "guest_time_us": guest_time_us})
-    kvm = Kvm.create(cfg, f"bt{os.getpid()}")
-    try:
-        d = make_design(kvm, cfg)
-        d.setup()
-        d.vcpu_init(0)
-        v = Vcpu(kvm, d, 0)
+    with one_vcpu(cfg, "bt") as (kvm, d, v):
         ring = kvm.regions.get("trace")
         h0 = int(ring.v["trace_hdr"][0, 0]) if ring is not None else 0
         t0 = time.process_time()  # CPU time: on a shared host, the other processes' load stays out
@@ -55,11 +48,7 @@ def loop_ops_per_s(design: str, events: int, seconds: float, guest_time_us: floa
         dt = time.process_time() - t0
         ops = max(v.ops(), 1)
         nev = int(ring.v["trace_hdr"][0, 0]) - h0 if ring is not None else 0
-        d.teardown()
-        d.close()
-        return ops / dt, nev / ops
-    finally:
-        kvm.close()
+    return ops / dt, nev / ops
 
 
 def ratio(design: str, seconds: float, reps: int, guest_time_us: float) -> dict:

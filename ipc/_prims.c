@@ -1572,28 +1572,20 @@ static PyObject *m_trace_emit(PyObject *mod, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
+/* ---- traced objects: the plain object, then the name id it has in the trace (member trace_id) */
+#define TRACED_STRUCT(T, BASE, MEMBERS, DEFAULT)                                                  \
+    typedef struct {                                                                              \
+        BASE base;                                                                                \
+        long long trace_id;                                                                       \
+    } T;                                                                                          \
+    static PyMemberDef MEMBERS[] = {                                                              \
+        {"trace_id", T_LONGLONG, offsetof(T, trace_id), 0, "name id in the trace (default: " DEFAULT ")"}, \
+        {NULL}};
+
+TRACED_STRUCT(TLockObject, LockObject, tlock_members, "lock word")
+TRACED_STRUCT(TReaderObject, ReaderObject, treader_members, "header word")
+
 /* ---- traced locks */
-typedef struct {
-    LockObject base;
-    long long trace_id;
-} TLockObject;
-
-static PyMemberDef tlock_members[] = {
-    {"trace_id", T_LONGLONG, offsetof(TLockObject, trace_id), 0, "name id in the trace (default: lock word)"},
-    {NULL}
-};
-
-static int tspin_init(TLockObject *self, PyObject *args, PyObject *kw) {
-    if (spin_init((LockObject *)self, args, kw) < 0) return -1;
-    self->trace_id = self->base.lk - self->base.mem->base;
-    return 0;
-}
-
-static int tmutex_init(TLockObject *self, PyObject *args, PyObject *kw) {
-    if (mutex_init((LockObject *)self, args, kw) < 0) return -1;
-    self->trace_id = self->base.lk - self->base.mem->base;
-    return 0;
-}
 
 typedef PyObject *(*lock_fn)(LockObject *, PyObject *const *, Py_ssize_t);
 typedef PyObject *(*trylock_fn)(LockObject *, PyObject *);
@@ -1616,91 +1608,49 @@ static PyObject *tlock_common(TLockObject *self, PyObject *const *args, Py_ssize
     return r;
 }
 
-static PyObject *tspin_lock(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return tlock_common(self, args, nargs, spin_trylock, spin_lock);
-}
-
-static PyObject *tmutex_lock(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return tlock_common(self, args, nargs, mutex_trylock, mutex_lock);
-}
-
 static PyObject *ttrylock_common(TLockObject *self, trylock_fn tryl) {
     PyObject *r = tryl((LockObject *)self, NULL);
     if (r == Py_True) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, self->trace_id), 0, 0);
     return r;
 }
 
-static PyObject *tspin_trylock(TLockObject *self, PyObject *unused) { return ttrylock_common(self, spin_trylock); }
-static PyObject *tmutex_trylock(TLockObject *self, PyObject *unused) { return ttrylock_common(self, mutex_trylock); }
+/* TracedSpinLock and TracedMutex: the same wrappers around spin_* and mutex_* */
+#define TRACED_LOCK(P, NAME)                                                                      \
+    static int t##P##_init(TLockObject *self, PyObject *args, PyObject *kw) {                     \
+        if (P##_init((LockObject *)self, args, kw) < 0) return -1;                                \
+        self->trace_id = self->base.lk - self->base.mem->base;                                    \
+        return 0;                                                                                 \
+    }                                                                                             \
+    static PyObject *t##P##_lock(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {    \
+        return tlock_common(self, args, nargs, P##_trylock, P##_lock);                            \
+    }                                                                                             \
+    static PyObject *t##P##_trylock(TLockObject *self, PyObject *u) {                             \
+        return ttrylock_common(self, P##_trylock);                                                \
+    }                                                                                             \
+    static PyObject *t##P##_unlock(TLockObject *self, PyObject *u) {                              \
+        tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_E, self->trace_id), 0, 0);                              \
+        return P##_unlock((LockObject *)self, NULL);                                              \
+    }                                                                                             \
+    static PyObject *t##P##_exit(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {    \
+        return t##P##_unlock(self, NULL);                                                         \
+    }                                                                                             \
+    static PyMethodDef t##P##_methods[] = {                                                       \
+        {"lock", (PyCFunction)(void (*)(void))t##P##_lock, METH_FASTCALL, "lock(timeout_ns=-1) -> bool (traced)"}, \
+        {"trylock", (PyCFunction)t##P##_trylock, METH_NOARGS, "trylock() -> bool (traced)"},     \
+        {"unlock", (PyCFunction)t##P##_unlock, METH_NOARGS, "unlock() (traced)"},                \
+        {"__enter__", (PyCFunction)(void (*)(void))t##P##_lock, METH_FASTCALL, NULL},            \
+        {"__exit__", (PyCFunction)(void (*)(void))t##P##_exit, METH_FASTCALL, NULL},             \
+        {NULL}};                                                                                  \
+    static PyTypeObject t##P##_type = {                                                           \
+        PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ipc._prims." NAME,                              \
+        .tp_basicsize = sizeof(TLockObject), .tp_flags = Py_TPFLAGS_DEFAULT,                      \
+        .tp_doc = NAME ": its waits and holds are events in this process' trace ring",           \
+        .tp_init = (initproc)t##P##_init, .tp_methods = t##P##_methods, .tp_members = tlock_members};
 
-static PyObject *tspin_unlock(TLockObject *self, PyObject *unused) {
-    tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_E, self->trace_id), 0, 0);
-    return spin_unlock((LockObject *)self, NULL);
-}
-
-static PyObject *tmutex_unlock(TLockObject *self, PyObject *unused) {
-    tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_E, self->trace_id), 0, 0);
-    return mutex_unlock((LockObject *)self, NULL);
-}
-
-static PyObject *tspin_exit(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return tspin_unlock(self, NULL);
-}
-
-static PyObject *tmutex_exit(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return tmutex_unlock(self, NULL);
-}
-
-static PyMethodDef tspin_methods[] = {
-    {"lock", (PyCFunction)(void (*)(void))tspin_lock, METH_FASTCALL, "lock(timeout_ns=-1) -> bool (traced)"},
-    {"trylock", (PyCFunction)tspin_trylock, METH_NOARGS, "trylock() -> bool (traced)"},
-    {"unlock", (PyCFunction)tspin_unlock, METH_NOARGS, "unlock() (traced)"},
-    {"__enter__", (PyCFunction)(void (*)(void))tspin_lock, METH_FASTCALL, NULL},
-    {"__exit__", (PyCFunction)(void (*)(void))tspin_exit, METH_FASTCALL, NULL},
-    {NULL}
-};
-
-static PyMethodDef tmutex_methods[] = {
-    {"lock", (PyCFunction)(void (*)(void))tmutex_lock, METH_FASTCALL, "lock(timeout_ns=-1) -> bool (traced)"},
-    {"trylock", (PyCFunction)tmutex_trylock, METH_NOARGS, "trylock() -> bool (traced)"},
-    {"unlock", (PyCFunction)tmutex_unlock, METH_NOARGS, "unlock() (traced)"},
-    {"__enter__", (PyCFunction)(void (*)(void))tmutex_lock, METH_FASTCALL, NULL},
-    {"__exit__", (PyCFunction)(void (*)(void))tmutex_exit, METH_FASTCALL, NULL},
-    {NULL}
-};
-
-static PyTypeObject TracedSpinLockType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "ipc._prims.TracedSpinLock",
-    .tp_basicsize = sizeof(TLockObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "SpinLock whose wait / hold are events in this process' trace ring",
-    .tp_init = (initproc)tspin_init,
-    .tp_methods = tspin_methods,
-    .tp_members = tlock_members,
-};
-
-static PyTypeObject TracedMutexType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "ipc._prims.TracedMutex",
-    .tp_basicsize = sizeof(TLockObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Mutex whose wait / hold are events in this process' trace ring",
-    .tp_init = (initproc)tmutex_init,
-    .tp_methods = tmutex_methods,
-    .tp_members = tlock_members,
-};
+TRACED_LOCK(spin, "TracedSpinLock")
+TRACED_LOCK(mutex, "TracedMutex")
 
 /* ---- traced RCU reader: the outermost read-side section is a slice */
-typedef struct {
-    ReaderObject base;
-    long long trace_id;
-} TReaderObject;
-
-static PyMemberDef treader_members[] = {
-    {"trace_id", T_LONGLONG, offsetof(TReaderObject, trace_id), 0, "name id in the trace (default: header word)"},
-    {NULL}
-};
 
 static int treader_init(TReaderObject *self, PyObject *args, PyObject *kw) {
     if (reader_init((ReaderObject *)self, args, kw) < 0) return -1;
@@ -1732,19 +1682,13 @@ static PyMethodDef treader_methods[] = {
     {"unlock", (PyCFunction)treader_unlock, METH_NOARGS, "rcu_read_unlock() (traced)"},
     {"__enter__", (PyCFunction)treader_lock, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))treader_exit, METH_FASTCALL, NULL},
-    {NULL}
-};
+    {NULL}};
 
 static PyTypeObject TracedRcuReaderType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "ipc._prims.TracedRcuReader",
-    .tp_basicsize = sizeof(TReaderObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ipc._prims.TracedRcuReader",
+    .tp_basicsize = sizeof(TReaderObject), .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "RcuReader whose outermost read-side sections are events in this process' trace ring",
-    .tp_init = (initproc)treader_init,
-    .tp_methods = treader_methods,
-    .tp_members = treader_members,
-};
+    .tp_init = (initproc)treader_init, .tp_methods = treader_methods, .tp_members = treader_members};
 
 static PyMethodDef trace_functions[] = {
     {"trace_attach", (PyCFunction)(void (*)(void))m_trace_attach, METH_FASTCALL,
@@ -1755,10 +1699,10 @@ static PyMethodDef trace_functions[] = {
 };
 
 static int trace_module_init(PyObject *m) {
-    TracedSpinLockType.tp_base = &SpinLockType;
-    TracedMutexType.tp_base = &MutexType;
+    tspin_type.tp_base = &SpinLockType;
+    tmutex_type.tp_base = &MutexType;
     TracedRcuReaderType.tp_base = &ReaderType;
-    PyTypeObject *types[] = {&TracedSpinLockType, &TracedMutexType, &TracedRcuReaderType};
+    PyTypeObject *types[] = {&tspin_type, &tmutex_type, &TracedRcuReaderType};
     const char *names[] = {"TracedSpinLock", "TracedMutex", "TracedRcuReader"};
     for (size_t i = 0; i < 3; i++) {
         if (PyType_Ready(types[i]) < 0) return -1;
@@ -1766,13 +1710,11 @@ static int trace_module_init(PyObject *m) {
         if (PyModule_AddObject(m, names[i], (PyObject *)types[i]) < 0) return -1;
     }
     if (PyModule_AddFunctions(m, trace_functions) < 0) return -1;
-    PyModule_AddIntConstant(m, "TR_EV_WORDS", TR_EV_WORDS);
-    PyModule_AddIntConstant(m, "TR_PH_B", TR_PH_B);
-    PyModule_AddIntConstant(m, "TR_PH_E", TR_PH_E);
-    PyModule_AddIntConstant(m, "TR_PH_I", TR_PH_I);
-    PyModule_AddIntConstant(m, "TR_CAT_OP", TR_CAT_OP);
-    PyModule_AddIntConstant(m, "TR_CAT_WAIT", TR_CAT_WAIT);
-    PyModule_AddIntConstant(m, "TR_CAT_HOLD", TR_CAT_HOLD);
-    PyModule_AddIntConstant(m, "TR_CAT_RCU", TR_CAT_RCU);
+    static const struct { const char *name; int value; } consts[] = {
+        {"TR_EV_WORDS", TR_EV_WORDS}, {"TR_PH_B", TR_PH_B}, {"TR_PH_E", TR_PH_E}, {"TR_PH_I", TR_PH_I},
+        {"TR_CAT_OP", TR_CAT_OP}, {"TR_CAT_WAIT", TR_CAT_WAIT}, {"TR_CAT_HOLD", TR_CAT_HOLD},
+        {"TR_CAT_RCU", TR_CAT_RCU}};
+    for (size_t i = 0; i < sizeof(consts) / sizeof(consts[0]); i++)
+        if (PyModule_AddIntConstant(m, consts[i].name, consts[i].value) < 0) return -1;
     return 0;
 }
