@@ -8,7 +8,8 @@ Events (``ipc.trace`` rings; B/E = slice, I = instant):
   notifier call it made (vm/page_track.py); a flow arrow links a write to its calls
 - ``table_create`` / ``table_sync`` / ``table_drop`` (table, gfn): nested AVIC shadow tables
 - ``synchronize <domain>`` and ``grace period <domain>`` (gp_state): ipc/rcu.py
-- ``page_fault`` (gpa): a write fault on a write-tracked gfn, emulated; ``WARN <kind>`` instants
+- ``page_fault`` (gpa): a write fault on a write-tracked gfn, emulated; ``WARN <kind>`` instants;
+  ``inject <fault>`` (vcpu, ms): an --inject fault fired by the coordinator
 - from the C primitives: lock waits and holds per lock, RCU/SRCU read-side sections per domain
 
 API: ``snapshot(kvm)`` (the run's rings, decoded), ``export(snap, path)`` (Chrome trace JSON),
@@ -28,6 +29,7 @@ ARGS = {
     "emulated_write": ("gpa", "bytes"), "track_write": ("node", "gpa"), "page_fault": ("gpa", ""),
     "table_create": ("table", "gfn"), "table_sync": ("table", "gfn"), "table_drop": ("table", "gfn"),
     **{f"grace period {d}": ("gp_state", "") for d, _ in DOMAINS},
+    **{f"inject {k}": ("vcpu", "ms") for k in ("kill-vcpu", "stall-vcpu", "kill-coordinator")},
 }
 HEX_ARGS = ("gpa", "gfn")
 FLOWS = (("emulated_write", "track_write"),)

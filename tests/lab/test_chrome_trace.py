@@ -148,3 +148,18 @@ def test_snapshot_decode_is_what_export_reads(tmp_path, region_factory):
     doc = json.loads(open(jp).read())
     (x,) = [e for e in doc["traceEvents"] if e["ph"] == "X"]
     assert x["name"] == "x" and x["args"] == {"n": 5} and "x: begin n=5" in open(tp).read()
+
+
+def test_killed_vcpu_last_event_is_the_lock_it_died_holding(tmp_path):
+    res = tmp_path / "kill.json"
+    p = _launch("run", "--duration", "1", "--quiet", "--inject", "kill-vcpu:0@mmu-lock", "--json", str(res))
+    assert p.returncode == 1, p.stderr[-2000:]
+    jp, tp = json.loads(res.read_text())["failure_trace"]
+    lines = open(tp).read().splitlines()
+    vcpu0 = [ln for ln in lines if ln.lstrip().startswith("vCPU0-")]
+    assert vcpu0[-1].endswith("lock_acquired: mmu_lock")
+    assert any("inject kill-vcpu: vcpu=0" in ln for ln in lines)
+    doc = json.loads(open(jp).read())
+    assert chrome_trace.problems(doc) == []
+    held = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["pid"] == 2 and e["name"] == "mmu_lock"]
+    assert held[-1]["args"]["truncated"].startswith("no end")
