@@ -289,17 +289,9 @@ class Coordinator:
         res["channel"] = dict(self.ch.counters) if hasattr(self.ch, "counters") else {}
         res["run_id"] = self.run_id
         self.trace_snapshot = tracepoints.snapshot(self.kvm)
-        if res["verdict"] == "FAILURE" and self.trace_snapshot is not None:
-            self.save_failure_trace(res)
+        if res["verdict"] == "FAILURE":  # the last events of every process, beside the results
+            tracepoints.save_failure(self.trace_snapshot, res, self.results_path)
         return res
-
-    def save_failure_trace(self, res: dict) -> None:
-        """The last events of every process, beside the results (JSON + ftrace-style text)."""
-        d, stem = tracepoints.failure_dir(self.results_path, self.run_id)
-        try:
-            res["failure_trace"] = list(tracepoints.dump(self.trace_snapshot, d, stem, self.run_id))
-        except OSError as e:
-            res["failure_trace"] = [f"not saved: {e}"]
 
     # -- scripted -------------------------------------------------------------------------------
     def run_script(self, steps: list[tuple[int, str, dict]]) -> dict[str, Any]:

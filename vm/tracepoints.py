@@ -13,7 +13,8 @@ Events (``ipc.trace`` rings; B/E = slice, I = instant):
 - from the C primitives: lock waits and holds per lock, RCU/SRCU read-side sections per domain
 
 API: ``snapshot(kvm)`` (the run's rings, decoded), ``export(snap, path)`` (Chrome trace JSON),
-``dump(snap, directory, stem)`` (JSON + ftrace-style text), ``failure_dir(json_path, run_id)``.
+``dump(snap, directory, stem)`` (JSON + ftrace-style text), ``save_failure(snap, res, json_path)``
+(what the coordinator does on every FAILURE: both formats beside the results, ``failure_dir``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def export(snap: trace.Snapshot, path: str, run_id: str = "") -> str:
 
 def dump(snap: trace.Snapshot, directory: str, stem: str = "trace", run_id: str = "") -> tuple[str, str]:
     return chrome_trace.dump_dir(snap, directory, stem, **fmt(run_id))
+
+
+def save_failure(snap: trace.Snapshot | None, res: dict, json_path: str | None) -> None:
+    """A FAILURE's trace dump (``failure_dir``); ``res["failure_trace"]`` = [json path, text path]."""
+    if snap is None:
+        return
+    d, stem = failure_dir(json_path, res["run_id"])
+    try:
+        res["failure_trace"] = list(dump(snap, d, stem, res["run_id"]))
+    except OSError as e:
+        res["failure_trace"] = [f"not saved: {e}"]
 
 
 def failure_dir(json_path: str | None, run_id: str) -> tuple[str, str]:
