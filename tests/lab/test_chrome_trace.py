@@ -41,8 +41,10 @@ def test_free_run_trace_has_the_documented_shape(tmp_path):
         assert want in names, want
     flows = [e for e in evs if e["ph"] in "sf"]
     assert flows and {e["name"] for e in flows} == {"emulated_write -> track_write"}
-    vmrun = next(e for e in evs if e["ph"] == "X" and e["name"] == "nested_vmrun")
-    assert set(vmrun["args"]) == {"l2", "vcpu"}
+    vmruns = [e for e in evs if e["ph"] == "X" and e["name"] == "nested_vmrun"]
+    # the oldest may have lost its begin (and its arguments) to the ring's overwriting
+    assert all(set(e["args"]) == {"l2", "vcpu"} for e in vmruns if "truncated" not in e.get("args", {}))
+    assert sum("truncated" not in e.get("args", {}) for e in vmruns) > 10
 
 
 def test_failure_saves_last_events_beside_results(tmp_path):
