@@ -35,7 +35,6 @@ ARGS = {
 HEX_ARGS = ("gpa", "gfn")
 FLOWS = (("emulated_write", "track_write"),)
 TABLE_EVENTS = ("table_create", "table_sync", "table_drop")
-EVENTS_DEFAULT = 4096
 
 
 def proc_name(proc: int) -> str:
