@@ -145,6 +145,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="break the kernel code on purpose: " + ", ".join(sorted(HOOKS)) + " (repeatable)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the results document here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--trace-events", dest="trace_events", type=int_range(0, 1 << 20, "--trace-events"),
+                   help="events kept per process in its trace ring (default 4096; 0 = no ring, no trace)")
+    _add_trace_arg(p)
+
+
+def _add_trace_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", metavar="PATH", default=None,
+                   help="write the run's trace (Chrome trace event JSON: Perfetto UI, chrome://tracing)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK")
     sc.add_argument("--json", metavar="PATH", default=None)
     sc.add_argument("--quiet", action="store_true")
+    _add_trace_arg(sc)
 
     c = sub.add_parser("clean", help="remove shm segments and run directories of dead runs")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
@@ -252,16 +261,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise UsageError(f"launch.py: command {args.command!r} is not available yet")
 
 
-def _check_json_path(path: str | None) -> None:
+def _check_json_path(path: str | None, flag: str = "--json") -> None:
     import os
 
     if path is None:
         return
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
-        raise UsageError(f"--json: directory {d} does not exist")
+        raise UsageError(f"{flag}: directory {d} does not exist")
     if os.path.isdir(path):
-        raise UsageError(f"--json: {path} is a directory")
+        raise UsageError(f"{flag}: {path} is a directory")
+
+
+def _check_trace(args: argparse.Namespace, cfg) -> None:
+    _check_json_path(args.trace, "--trace")
+    if args.trace and not cfg.trace_events:
+        raise UsageError("--trace: the trace ring is off (trace_events = 0)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -271,12 +286,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cli = {k: getattr(args, k) for k in config.CLI_KEYS + ("stats",)}
     cfg = config.build(file_cfg, cli)
     _check_json_path(args.json)
+    _check_trace(args, cfg)
     script = config.parse_steps(steps, cfg) if steps else None
     from vm import faults
 
     injected = [faults.parse(f, cfg.vcpus) for f in args.inject]
     return run_and_report(cfg, script=script, json_path=args.json, quiet=args.quiet, faults=injected,
-                          hooks=tuple(args.hook))
+                          hooks=tuple(args.hook), trace_path=args.trace)
 
 
 def _cmd_scenario(args: argparse.Namespace) -> int:
@@ -293,23 +309,25 @@ def _cmd_scenario(args: argparse.Namespace) -> int:
     cfg = config.from_dict({"vcpus": 2, "design": args.design, "registration": args.registration,
                             "seed": args.seed, "l2s": 2, "duration": 1.0, "fuzz": args.fuzz, **fidelity})
     _check_json_path(args.json)
+    _check_trace(args, cfg)
     injected = [faults.parse(f, cfg.vcpus) for f in args.inject]
     steps = kaboom_steps(args.registration, args.design)
     if not args.quiet:
         for v, op, a in steps:
             print(f"  step: vCPU {v} {op} {a}", file=sys.stderr)
     return run_and_report(cfg, script=steps, json_path=args.json, quiet=args.quiet, faults=injected,
-                          hooks=tuple(args.hook))
+                          hooks=tuple(args.hook), trace_path=args.trace)
 
 
-def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), faults=()) -> int:
-    """Run (free or scripted), print the summary, write JSON; exit code from the verdict."""
+def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), faults=(), trace_path=None) -> int:
+    """Run (free or scripted), print the summary, write JSON (and the trace); exit code from the verdict."""
     from vcpu.worker import vcpu_main
-    from vm import results
+    from vm import results, tracepoints
     from vm.coordinator import Coordinator, LiveProgress, RunError, print_progress_line
 
     try:
-        with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",), hooks=hooks, faults=faults) as co:
+        with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",), hooks=hooks, faults=faults,
+                         results_path=json_path) as co:
             if not quiet:
                 print(f"run {co.run_id}: {cfg.vcpus} vCPU(s), design {cfg.design}, "
                       f"{'scripted' if script else f'{cfg.duration:g}s'}", file=sys.stderr, flush=True)
@@ -326,6 +344,11 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
         print(f"FAILURE: {e}", file=sys.stderr)
         return EXIT_FAILURE
     results.render(res)
+    if trace_path and co.trace_snapshot is not None:
+        tracepoints.export(co.trace_snapshot, trace_path, co.run_id)
+        print(f"trace: {trace_path} ({co.trace_snapshot.events():,} events)", file=sys.stderr)
+    if res.get("failure_trace"):
+        print(f"last events of every process: {', '.join(res['failure_trace'])}", file=sys.stderr)
     if json_path:
         results.write_json(json_path, res)
     return EXIT_OK if res["verdict"] == "SUCCESS" else EXIT_FAILURE

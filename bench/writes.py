@@ -24,14 +24,13 @@ import statistics
 import sys
 import time
 
+from bench.inproc import one_vcpu
 from bench.primitives import floor_ns
 from ipc import _prims
 from vcpu.vcpu import Vcpu
 from vcpu.worker import vcpu_main
 from vm.config import from_dict
 from vm.coordinator import Coordinator
-from vm.kvm import Kvm
-from vm.nested import make_design
 
 GOALS = {"tracked_write_vs_floor": ("<=", 15), "untracked_write_vs_floor": ("<=", 4),
          "instrumentation_overhead": ("<=", 0.10), "scaling_2v_over_1v": (">=", 1.7),
@@ -44,11 +43,7 @@ def loop_ns_per_write(kind: str, seconds: float, reps: int = 3) -> float:
                      "writes_per_exit": 2000, "guest_time_us": 0, "preempt_rate": 0, "l2s": 1,
                      "tracked_fraction": 1.0 if kind == "tracked" else 0.0, "mmio_fraction": 0.0,
                      "stats": True})
-    kvm = Kvm.create(cfg, f"bw{os.getpid()}")
-    try:
-        d = make_design(kvm, cfg)
-        d.setup()
-        d.vcpu_init(0)
+    with one_vcpu(cfg, "bw") as (kvm, d, _):
         samples = []
         for _ in range(reps):
             v = Vcpu(kvm, d, 0)
@@ -57,21 +52,13 @@ def loop_ns_per_write(kind: str, seconds: float, reps: int = 3) -> float:
             dt = time.perf_counter_ns() - t0
             n = v.n["write_tracked"] if kind == "tracked" else v.n["write_untracked"]
             samples.append(dt / max(n, 1))
-        d.teardown()
-        return statistics.median(samples)
-    finally:
-        kvm.close()
+    return statistics.median(samples)
 
 
 def path_ns_per_write(kind: str, n: int = 100_000, reps: int = 5) -> float:
     """ns per ``Vcpu.l1_store`` on pre-generated stores (1 vCPU, 1 mirror notifier, stats on)."""
     cfg = from_dict({"fuzz": "off", "vcpus": 1, "memory_mib": 16, "notifiers": 1, "tracked_pages": 8, "l2s": 1})
-    kvm = Kvm.create(cfg, f"bp{os.getpid()}")
-    try:
-        d = make_design(kvm, cfg)
-        d.setup()
-        d.vcpu_init(0)
-        v = Vcpu(kvm, d, 0)
+    with one_vcpu(cfg, "bp") as (kvm, d, v):
         from vm.nested import tracked_gfns, untracked_range
 
         gfns = tracked_gfns(cfg) if kind == "tracked" else list(range(*untracked_range(cfg)))[:64]
@@ -85,10 +72,7 @@ def path_ns_per_write(kind: str, n: int = 100_000, reps: int = 5) -> float:
                 gpa, data = stores[i & 1023]
                 st(gpa, data)
             samples.append((time.perf_counter_ns() - t0) / n)
-        d.teardown()
-        return statistics.median(samples)
-    finally:
-        kvm.close()
+    return statistics.median(samples)
 
 
 def free_run(vcpus: int, seconds: float, stats: bool = True) -> dict:

@@ -1458,6 +1458,8 @@ static struct PyModuleDef prims_module = {
     PyModuleDef_HEAD_INIT, "ipc._prims", "compiled shared-memory concurrency primitives", -1, module_methods
 };
 
+static int trace_module_init(PyObject *m); /* the trace section at the end of this file */
+
 PyMODINIT_FUNC PyInit__prims(void) {
     clk_init();
     after_fork_child();
@@ -1489,5 +1491,230 @@ PyMODINIT_FUNC PyInit__prims(void) {
     PyModule_AddIntConstant(m, "HIST_WORDS", HIST_WORDS);
     PyModule_AddObject(m, "GP_CTR_PHASE", PyLong_FromLongLong(GP_CTR_PHASE));
     PyModule_AddObject(m, "GP_COUNT", PyLong_FromLongLong(GP_COUNT));
+    if (trace_module_init(m) < 0) return NULL;
     return m;
+}
+
+/* ================================================================== trace ring (ipc/trace.py)
+ * One event ring per process in shared memory; this process writes only its own (attached with
+ * trace_attach).  Declared once in ipc/trace.py (fields()); word layout:
+ *   ring header (8 words, one line per process)
+ *     [0] head      events ever written (the next sequence number); release-stored after the event
+ *     [1] pid       of the writer (trace_attach)
+ *     [2] nevents   ring capacity
+ *   ring events (nevents x TR_EV_WORDS words)
+ *     [0] ts        CLOCK_MONOTONIC ns (the calibrated stats clock, cyc_abs_ns(cyc()))
+ *     [1] code      (category << 40) | (phase << 32) | name id (interned in the ring's name table)
+ *     [2] a, [3] b  arguments
+ * Event sequence s lives at slot s % nevents; the oldest is overwritten.
+ *
+ * Traced lock / RCU reader types (TracedSpinLock, TracedMutex, TracedRcuReader) are subtypes of
+ * the plain ones: ipc/locks.py and ipc/rcu.py choose them at object creation when tracing is on,
+ * so the plain types' paths stay untouched when it is off.  Their events: lock wait begin (the
+ * trylock failed) / wait end, hold begin (acquired) / hold end (before the release store, so a
+ * waiter's acquisition is always later); RCU read section begin / end at the outermost lock /
+ * unlock only.  ``trace_id`` names the object (a name id); it defaults to its word index. */
+
+#include "structmember.h"
+
+#define TR_EV_WORDS 4
+enum { TR_PH_B = 1, TR_PH_E = 2, TR_PH_I = 3 };
+enum { TR_CAT_OP = 0, TR_CAT_WAIT = 1, TR_CAT_HOLD = 2, TR_CAT_RCU = 3 };
+#define TR_CODE(cat, ph, id) (((int64_t)(cat) << 40) | ((int64_t)(ph) << 32) | ((int64_t)(id) & 0xffffffffLL))
+
+static MemObject *tr_mem;       /* the attached ring's Mem (a reference), NULL = tracing off */
+static int64_t *tr_hdr, *tr_ev;
+static int64_t tr_n;
+
+static inline void tr_put(int64_t code, int64_t a, int64_t b) {
+    if (!tr_mem || !__builtin_expect(tr_mem->has_view, 1)) return;
+    int64_t h = LDR(&tr_hdr[0]);
+    int64_t *e = &tr_ev[(h % tr_n) * TR_EV_WORDS];
+    STR(&e[0], cyc_abs_ns(cyc()));
+    STR(&e[1], code);
+    STR(&e[2], a);
+    STR(&e[3], b);
+    ST(&tr_hdr[0], h + 1);
+}
+
+/* trace_attach(mem, header_index, events_index, nevents): this process' ring (None detaches) */
+static PyObject *m_trace_attach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs == 1 && args[0] == Py_None) {
+        Py_CLEAR(tr_mem);
+        Py_RETURN_NONE;
+    }
+    CHECK_NARGS(4, "trace_attach");
+    if (!PyObject_TypeCheck(args[0], &MemType)) { PyErr_SetString(PyExc_TypeError, "need Mem"); return NULL; }
+    MemObject *m = (MemObject *)args[0];
+    int64_t hi, ei, n;
+    if (get_i64(args[1], &hi) < 0 || get_i64(args[2], &ei) < 0 || get_i64(args[3], &n) < 0) return NULL;
+    if (n < 1) { PyErr_SetString(PyExc_ValueError, "trace_attach: nevents < 1"); return NULL; }
+    int64_t *h = mem_word_at(m, hi, 8, "trace header");
+    int64_t *e = mem_word_at(m, ei, n * TR_EV_WORDS, "trace events");
+    if (!h || !e) return NULL;
+    Py_INCREF(m);
+    Py_XSETREF(tr_mem, m);
+    tr_hdr = h;
+    tr_ev = e;
+    tr_n = n;
+    STR(&h[1], HI32(g_pid_hi));
+    STR(&h[2], n);
+    Py_RETURN_NONE;
+}
+
+/* trace_emit(code, a=0, b=0): one event into this process' ring (nothing when none is attached) */
+static PyObject *m_trace_emit(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t v[3] = {0, 0, 0};
+    if (nargs < 1 || nargs > 3) { PyErr_SetString(PyExc_TypeError, "trace_emit(code, a=0, b=0)"); return NULL; }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        if (get_i64(args[i], &v[i]) < 0) return NULL;
+    tr_put(v[0], v[1], v[2]);
+    Py_RETURN_NONE;
+}
+
+/* ---- traced objects: the plain object, then the name id it has in the trace (member trace_id) */
+#define TRACED_STRUCT(T, BASE, MEMBERS, DEFAULT)                                                  \
+    typedef struct {                                                                              \
+        BASE base;                                                                                \
+        long long trace_id;                                                                       \
+    } T;                                                                                          \
+    static PyMemberDef MEMBERS[] = {                                                              \
+        {"trace_id", T_LONGLONG, offsetof(T, trace_id), 0, "name id in the trace (default: " DEFAULT ")"}, \
+        {NULL}};
+
+TRACED_STRUCT(TLockObject, LockObject, tlock_members, "lock word")
+TRACED_STRUCT(TReaderObject, ReaderObject, treader_members, "header word")
+
+/* ---- traced locks */
+
+typedef PyObject *(*lock_fn)(LockObject *, PyObject *const *, Py_ssize_t);
+typedef PyObject *(*trylock_fn)(LockObject *, PyObject *);
+
+/* trylock first: taken -> hold begins; else a wait slice around the real lock() */
+static PyObject *tlock_common(TLockObject *self, PyObject *const *args, Py_ssize_t nargs, trylock_fn tryl,
+                              lock_fn lockf) {
+    int64_t id = self->trace_id;
+    PyObject *r = tryl((LockObject *)self, NULL);
+    if (!r) return NULL;
+    if (r == Py_True) {
+        tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, id), 0, 0);
+        return r;
+    }
+    Py_DECREF(r);
+    tr_put(TR_CODE(TR_CAT_WAIT, TR_PH_B, id), 0, 0);
+    r = lockf((LockObject *)self, args, nargs);
+    tr_put(TR_CODE(TR_CAT_WAIT, TR_PH_E, id), r == Py_True, 0);
+    if (r == Py_True) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, id), 1, 0);
+    return r;
+}
+
+static PyObject *ttrylock_common(TLockObject *self, trylock_fn tryl) {
+    PyObject *r = tryl((LockObject *)self, NULL);
+    if (r == Py_True) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, self->trace_id), 0, 0);
+    return r;
+}
+
+/* TracedSpinLock and TracedMutex: the same wrappers around spin_* and mutex_* */
+#define TRACED_LOCK(P, NAME)                                                                      \
+    static int t##P##_init(TLockObject *self, PyObject *args, PyObject *kw) {                     \
+        if (P##_init((LockObject *)self, args, kw) < 0) return -1;                                \
+        self->trace_id = self->base.lk - self->base.mem->base;                                    \
+        return 0;                                                                                 \
+    }                                                                                             \
+    static PyObject *t##P##_lock(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {    \
+        return tlock_common(self, args, nargs, P##_trylock, P##_lock);                            \
+    }                                                                                             \
+    static PyObject *t##P##_trylock(TLockObject *self, PyObject *u) {                             \
+        return ttrylock_common(self, P##_trylock);                                                \
+    }                                                                                             \
+    static PyObject *t##P##_unlock(TLockObject *self, PyObject *u) {                              \
+        tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_E, self->trace_id), 0, 0);                              \
+        return P##_unlock((LockObject *)self, NULL);                                              \
+    }                                                                                             \
+    static PyObject *t##P##_exit(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {    \
+        return t##P##_unlock(self, NULL);                                                         \
+    }                                                                                             \
+    static PyMethodDef t##P##_methods[] = {                                                       \
+        {"lock", (PyCFunction)(void (*)(void))t##P##_lock, METH_FASTCALL, "lock(timeout_ns=-1) -> bool (traced)"}, \
+        {"trylock", (PyCFunction)t##P##_trylock, METH_NOARGS, "trylock() -> bool (traced)"},     \
+        {"unlock", (PyCFunction)t##P##_unlock, METH_NOARGS, "unlock() (traced)"},                \
+        {"__enter__", (PyCFunction)(void (*)(void))t##P##_lock, METH_FASTCALL, NULL},            \
+        {"__exit__", (PyCFunction)(void (*)(void))t##P##_exit, METH_FASTCALL, NULL},             \
+        {NULL}};                                                                                  \
+    static PyTypeObject t##P##_type = {                                                           \
+        PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ipc._prims." NAME,                              \
+        .tp_basicsize = sizeof(TLockObject), .tp_flags = Py_TPFLAGS_DEFAULT,                      \
+        .tp_doc = NAME ": its waits and holds are events in this process' trace ring",           \
+        .tp_init = (initproc)t##P##_init, .tp_methods = t##P##_methods, .tp_members = tlock_members};
+
+TRACED_LOCK(spin, "TracedSpinLock")
+TRACED_LOCK(mutex, "TracedMutex")
+
+/* ---- traced RCU reader: the outermost read-side section is a slice */
+
+static int treader_init(TReaderObject *self, PyObject *args, PyObject *kw) {
+    if (reader_init((ReaderObject *)self, args, kw) < 0) return -1;
+    self->trace_id = self->base.hdr - self->base.mem->base;
+    return 0;
+}
+
+static PyObject *treader_lock(TReaderObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->base.mem)) return NULL;
+    int outer = !(LDR(&self->base.slot[0]) & GP_CTR_NEST_MASK);
+    PyObject *r = reader_lock((ReaderObject *)self, NULL);
+    if (r && outer) tr_put(TR_CODE(TR_CAT_RCU, TR_PH_B, self->trace_id), 0, 0);
+    return r;
+}
+
+static PyObject *treader_unlock(TReaderObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->base.mem)) return NULL;
+    if ((LDR(&self->base.slot[0]) & GP_CTR_NEST_MASK) == GP_COUNT)
+        tr_put(TR_CODE(TR_CAT_RCU, TR_PH_E, self->trace_id), 0, 0);
+    return reader_unlock((ReaderObject *)self, NULL);
+}
+
+static PyObject *treader_exit(TReaderObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return treader_unlock(self, NULL);
+}
+
+static PyMethodDef treader_methods[] = {
+    {"lock", (PyCFunction)treader_lock, METH_NOARGS, "rcu_read_lock() (traced)"},
+    {"unlock", (PyCFunction)treader_unlock, METH_NOARGS, "rcu_read_unlock() (traced)"},
+    {"__enter__", (PyCFunction)treader_lock, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))treader_exit, METH_FASTCALL, NULL},
+    {NULL}};
+
+static PyTypeObject TracedRcuReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ipc._prims.TracedRcuReader",
+    .tp_basicsize = sizeof(TReaderObject), .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "RcuReader whose outermost read-side sections are events in this process' trace ring",
+    .tp_init = (initproc)treader_init, .tp_methods = treader_methods, .tp_members = treader_members};
+
+static PyMethodDef trace_functions[] = {
+    {"trace_attach", (PyCFunction)(void (*)(void))m_trace_attach, METH_FASTCALL,
+     "trace_attach(mem, header_index, events_index, nevents) or trace_attach(None): this process' ring"},
+    {"trace_emit", (PyCFunction)(void (*)(void))m_trace_emit, METH_FASTCALL,
+     "trace_emit(code, a=0, b=0): one event into this process' ring (no-op when none is attached)"},
+    {NULL}
+};
+
+static int trace_module_init(PyObject *m) {
+    tspin_type.tp_base = &SpinLockType;
+    tmutex_type.tp_base = &MutexType;
+    TracedRcuReaderType.tp_base = &ReaderType;
+    PyTypeObject *types[] = {&tspin_type, &tmutex_type, &TracedRcuReaderType};
+    const char *names[] = {"TracedSpinLock", "TracedMutex", "TracedRcuReader"};
+    for (size_t i = 0; i < 3; i++) {
+        if (PyType_Ready(types[i]) < 0) return -1;
+        Py_INCREF(types[i]);
+        if (PyModule_AddObject(m, names[i], (PyObject *)types[i]) < 0) return -1;
+    }
+    if (PyModule_AddFunctions(m, trace_functions) < 0) return -1;
+    static const struct { const char *name; int value; } consts[] = {
+        {"TR_EV_WORDS", TR_EV_WORDS}, {"TR_PH_B", TR_PH_B}, {"TR_PH_E", TR_PH_E}, {"TR_PH_I", TR_PH_I},
+        {"TR_CAT_OP", TR_CAT_OP}, {"TR_CAT_WAIT", TR_CAT_WAIT}, {"TR_CAT_HOLD", TR_CAT_HOLD},
+        {"TR_CAT_RCU", TR_CAT_RCU}};
+    for (size_t i = 0; i < sizeof(consts) / sizeof(consts[0]); i++)
+        if (PyModule_AddIntConstant(m, consts[i].name, consts[i].value) < 0) return -1;
+    return 0;
 }

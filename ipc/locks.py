@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ipc import _prims
+from ipc import _prims, trace
 
 SpinLock = _prims.SpinLock
 Mutex = _prims.Mutex
@@ -50,6 +50,7 @@ STAT_FIELDS = (
 )
 _I64_MAX = np.iinfo(np.int64).max
 KINDS = {"spin": SpinLock, "mutex": Mutex}
+TRACED = {"spin": _prims.TracedSpinLock, "mutex": _prims.TracedMutex}  # with ipc.trace on
 
 
 class LockdepError(AssertionError):
@@ -61,12 +62,15 @@ def new_lock(kind: str, mem, lock_word: int, stats_word: int = -1, tag: int = 1,
     """A ``SpinLock`` ('spin') or ``Mutex`` ('mutex') on ``mem`` at ``lock_word``;
     ``stats_word`` < 0 turns accounting off; ``tag`` (1 .. 2**32-1) identifies the holder process;
     ``busted`` = a lock that does not lock (fault injection for torture self-tests); ``name`` is
-    what a :class:`LockHolderDied` calls the lock."""
+    what a :class:`LockHolderDied` calls the lock. With tracing on (``ipc.trace.ACTIVE`` when the
+    lock is made) it is the traced type: its waits and holds are events named ``name``."""
+    tr = trace.ACTIVE
     try:
-        cls = KINDS[kind]
+        cls = (TRACED if tr else KINDS)[kind]
     except KeyError:
         raise ValueError(f"unknown lock kind {kind!r} (spin, mutex)") from None
-    return cls(mem, lock_word, stats_word, tag, spins, busted, name)
+    lk = cls(mem, lock_word, stats_word, tag, spins, busted, name)
+    return tr.name_object(lk, name or f"lock@{lock_word}") if tr else lk
 
 
 def lockdep_assert_held(lock, name: str = "lock") -> None:

@@ -43,8 +43,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ipc import _prims, fuzz
-from ipc.locks import LOCK_WORDS, LockHolderDied, Mutex
+from ipc import _prims, fuzz, trace
+from ipc.locks import LOCK_WORDS, LockHolderDied, new_lock
 from ipc.proc import identity_alive, pid_alive, proc_starttime
 
 GP_COUNT = _prims.GP_COUNT
@@ -97,8 +97,12 @@ class RcuDomain:
         self.on_stall = on_stall
         self.slot_name = slot_name or (lambda i: f"slot {i}")
         self.gp_hist = gp_hist
-        self.gp_lock = Mutex(self.mem, region.word(f"{prefix}_gplock"), gp_lock_stats_word, tag,
-                             name=f"{self.name}.gp_lock")
+        self.gp_lock = new_lock("mutex", self.mem, region.word(f"{prefix}_gplock"), gp_lock_stats_word, tag,
+                                name=f"{self.name}.gp_lock")
+        tr = trace.ACTIVE  # grace periods and read-side sections are trace events (ipc/trace.py)
+        self._emit = tr.emit if tr else None
+        self._tr_sync = tr.pair(f"synchronize {self.name}") if tr else (0, 0)
+        self._tr_gp = tr.pair(f"grace period {self.name}") if tr else (0, 0)
         self.stalls: list[tuple[int, int]] = []
         self.gp_lock_takeovers: list[tuple[int, int]] = []  # (pid, owner tag) of dead gp-lock holders
         self.shared_gps = 0  # synchronize calls that shared another caller's grace period
@@ -107,7 +111,10 @@ class RcuDomain:
         if slot is not None:
             if not 0 <= slot < self.nslots:
                 raise ValueError(f"{self.name}: reader slot {slot} outside 0..{self.nslots - 1}")
-            self.reader = _prims.RcuReader(self.mem, self.hdr_w, self.slot0_w + SLOT_WORDS * slot)
+            self.reader = (_prims.TracedRcuReader if tr else _prims.RcuReader)(
+                self.mem, self.hdr_w, self.slot0_w + SLOT_WORDS * slot)
+            if tr:
+                tr.name_object(self.reader, self.name)
             self.read_lock = self.reader.lock
             self.read_unlock = self.reader.unlock
         else:
@@ -188,8 +195,10 @@ class RcuDomain:
         call_rcu callbacks it ran afterwards."""
         if self.reader is not None and self.reader.nesting():
             raise RuntimeError(f"synchronize on {self.name} inside its own read-side critical section")
-        mem, hdr, gp_lock = self.mem, self.hdr_w, self.gp_lock
+        mem, hdr, gp_lock, emit = self.mem, self.hdr_w, self.gp_lock, self._emit
         t0 = _prims.now_ns()
+        if emit:
+            emit(self._tr_sync[0])
         cookie = target is not None
         if target is None:
             target = self.get_state()
@@ -219,6 +228,8 @@ class RcuDomain:
                     # cookies of cur + 1 while this GP still waits for their readers)
                     start = cur | 1
                     mem.store(hdr + HDR_GP_STATE, start)
+                    if emit:
+                        emit(self._tr_gp[0], start)
                     warned: set[int] = set()
                     self._wait_readers(t0, warned)  # begins with a full barrier
                     if fuzz.ACTIVE:
@@ -230,6 +241,8 @@ class RcuDomain:
                     self._wait_readers(t0, warned)
                     mem.fetch_add(hdr + HDR_GP_SEQ, 1)
                     mem.store(hdr + HDR_GP_STATE, start + 1)  # >= the target of every caller before
+                    if emit:
+                        emit(self._tr_gp[1], start + 1)
                     self.gps += 1
                     cur = start + 1
                     if not cookie:
@@ -239,6 +252,8 @@ class RcuDomain:
                     gp_lock.unlock()
         if self.gp_hist is not None:
             self.gp_hist.record_since(t0)
+        if emit:
+            emit(self._tr_sync[1])
         return self.poll() if self._cbs else 0
 
     def _gp_lock_acquire(self) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from ipc import _prims, fuzz
+from ipc import _prims, fuzz, trace
 from vm import layout as L
 from vm import notifier
 from vm.mirror import MIRROR_KIND
@@ -101,6 +101,11 @@ class Vcpu:
         p_churn = cfg.churn_rate
         n = self.n
         fz = fuzz.ACTIVE  # race widening (ipc/fuzz.py), configured when this process' Kvm was made
+        tr = trace.ACTIVE  # trace ring (vm/tracepoints.py), likewise; None = no emission
+        emit = tr.emit if tr else None
+        (R_B, R_E), (G_B, G_E), (X_B, X_E) = ((tr.pair("nested_vmrun"), tr.pair("L2"), tr.pair("nested_vmexit"))
+                                              if tr else ((0, 0),) * 3)
+        PF = tr.instant("page_fault") if tr else 0
         n_unt = n_tr = n_mmio = n_run = n_sw = iters = 0
         l2 = self.l2
         next_tick = now() + tick_ns
@@ -117,6 +122,8 @@ class Vcpu:
                         gfn = ulo + int(rnd() * span)
                         if track_mv[gfn]:
                             gm_unlock()
+                            if emit:
+                                emit(PF, gfn << PAGE_SHIFT)
                             emulate((gfn << PAGE_SHIFT) + self.lane, bits(64).to_bytes(8, "little"))
                             gm_lock()
                         else:
@@ -128,6 +135,8 @@ class Vcpu:
                         gpa, data = d.tracked_write(vid, rng)
                         if track_mv[gpa >> PAGE_SHIFT]:
                             gm_unlock()
+                            if emit:
+                                emit(PF, gpa)
                             emulate(gpa, data)
                             gm_lock()
                         else:  # not (yet / any more) tracked: a plain store, still in guest mode,
@@ -144,19 +153,30 @@ class Vcpu:
                 gm_unlock()
                 # 2. nested VMRUN / L2 runs / VMEXIT
                 t0 = now()
+                if emit:
+                    emit(R_B, l2, vid)
                 d.nested_vmrun(vid, l2)
                 if h_vmrun is not None:
                     h_vmrun.record_since(t0)
+                if emit:
+                    emit(R_E)
+                    emit(G_B, l2)
                 n_run += 1
                 if guest_ns:
                     spin(guest_ns)
+                if emit:
+                    emit(G_E)
                 if policy == "round-robin":
                     nxt = (l2 + 1) % K
                 elif policy == "random" and K > 1 and rnd() < p_switch:
                     nxt = (l2 + 1 + int(rnd() * (K - 1))) % K
                 else:
                     nxt = l2
+                if emit:
+                    emit(X_B, l2, nxt != l2)
                 d.nested_vmexit(vid, l2, nxt != l2)
+                if emit:
+                    emit(X_E)
                 if nxt != l2:
                     n_sw += 1
                     l2 = nxt
@@ -216,11 +236,15 @@ class Vcpu:
             self.load()
             d.nested_vmrun(self.id, l2)
             self.l2, self.in_l2 = l2, True
+            if trace.ACTIVE:  # L2 time spans the commands until the VMEXIT
+                trace.ACTIVE.emit(trace.ACTIVE.pair("L2")[0], l2)
             self.n["vmrun"] += 1
             return {"l2": l2}
         if op == "vmexit":
             l2 = _int(args, "l2", 0, self.cfg.l2s - 1, default=self.l2)
             d.nested_vmexit(self.id, l2, bool(args.get("leaving", False)))
+            if trace.ACTIVE and self.in_l2:
+                trace.ACTIVE.emit(trace.ACTIVE.pair("L2")[1])
             self.in_l2 = False
             self.n["vmexit"] += 1
             return {"l2": l2}

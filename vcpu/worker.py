@@ -10,7 +10,7 @@ import signal
 import traceback
 
 import vm.avic  # noqa: F401  (registers the nested AVIC designs in vm.nested.DESIGNS)
-from ipc import _prims
+from ipc import _prims, trace
 from ipc import messages as M
 from ipc.proc import die_with_parent, pid_alive, sigterm_to_exit
 from ipc.worker_channel import WorkerChannel
@@ -167,12 +167,19 @@ class Worker:
 
     def batch(self, b) -> M.BatchAck:
         results = []
+        tr = trace.ACTIVE
         for cmd in b.commands:
+            codes = tr.pair(f"cmd {cmd.op}") if tr else None  # one slice per scripted command
+            if codes:
+                tr.emit(codes[0])
             try:
                 value = self.v.execute(cmd.op, dict(cmd.args))
                 results.append(M.CommandResult(ok=True, value=_plain(value)))
             except (ValueError, RuntimeError, AssertionError) as e:
                 results.append(M.CommandResult(ok=False, error=f"{cmd.op}: {e}"))
+            finally:
+                if codes:
+                    tr.emit(codes[1])
         return M.BatchAck(seq=b.seq, vcpu=self.v.id, results=results)
 
 

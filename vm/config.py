@@ -61,6 +61,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     page_track: PageTrack = "v6.0"
     redundant_registration: RedundantRegistration = "warn"
     split_warn: OnOff = "on"
+    trace_events: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 4096  # per-process trace ring; 0 = off
 
     def __post_init__(self) -> None:
         if self.tracked_fraction + self.mmio_fraction > 1.0 + 1e-9:
@@ -77,10 +78,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def shm_bytes(self) -> int:
         """Bytes of every shm segment this run creates (the VM layouts + the AVIC region)."""
         from vm.avic.table import avic_layout
-        from vm.layout import guest_layout, mirror_layout, vm_layout
+        from vm.layout import guest_layout, mirror_layout, trace_layout, vm_layout
 
         return sum(lay.nbytes for lay in (vm_layout(self), guest_layout(self), mirror_layout(self),
-                                          avic_layout(self)))
+                                          avic_layout(self), trace_layout(self)))
 
     def check_budget(self) -> None:
         need = self.shm_bytes()
@@ -156,7 +157,7 @@ def build(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Config:
 CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switch_rate", "policy",
             "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
             "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms", "fuzz",
-            "mmio_walk", "page_track", "redundant_registration", "split_warn")
+            "mmio_walk", "page_track", "redundant_registration", "split_warn", "trace_events")
 
 # scripted commands a vCPU understands (vcpu/vcpu.py executes them)
 SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "write_entry", "read", "register", "reregister", "unregister",

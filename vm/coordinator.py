@@ -20,7 +20,7 @@ from ipc.channel import CoordinatorChannel, PeerUnreachable
 from ipc.proc import forkserver_context, pid_alive, reap
 from ipc.procstat import forkserver_alive
 from ipc.rundir import make_run_dir, remove_run_dir
-from vm import faults, mmu
+from vm import faults, mmu, tracepoints
 from vm import layout as L
 from vm import results as R
 from vm.faults import diagnose_dead
@@ -43,7 +43,7 @@ def new_run_id() -> str:
 
 class Coordinator:
     def __init__(self, cfg, vcpu_entry: Callable, *, preload: tuple[str, ...] = (), hooks=(),
-                 console=None, quiet: bool = False, faults=()):
+                 console=None, quiet: bool = False, faults=(), results_path: str | None = None):
         self.cfg = cfg
         self.vcpu_entry = vcpu_entry
         self.preload = tuple(preload)
@@ -66,6 +66,8 @@ class Coordinator:
         self.vcpu_died = False  # a vCPU died mid-run: shm may hold its locks; skip teardown/oracle
         self.lost: list[int] = []  # pids of vCPUs alive but unjoinable (their fork server died)
         self.stall_thread = None
+        self.results_path = results_path  # a FAILURE's trace dump goes beside it (vm/tracepoints.py)
+        self.trace_snapshot = None  # every process' trace ring at the end of the run (ipc.trace)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> Coordinator:
@@ -291,6 +293,9 @@ class Coordinator:
         res["launch_s"] = round(self.launch_s, 3)
         res["channel"] = dict(self.ch.counters) if hasattr(self.ch, "counters") else {}
         res["run_id"] = self.run_id
+        self.trace_snapshot = tracepoints.snapshot(self.kvm)
+        if res["verdict"] == "FAILURE":  # the last events of every process, beside the results
+            tracepoints.save_failure(self.trace_snapshot, res, self.results_path)
         return res
 
     # -- scripted -------------------------------------------------------------------------------

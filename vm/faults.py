@@ -113,6 +113,8 @@ def fire(co) -> None:
     co.fault_fired = True
     rng = random.Random(co.cfg.seed)
     for f in co.faults:
+        if co.kvm.tracer is not None:  # an instant in the coordinator's trace ring
+            co.kvm.tracer.emit(co.kvm.tracer.instant(f"inject {f.kind}"), f.vcpu, f.ms)
         if f.kind == "kill-coordinator":
             os.kill(os.getpid(), signal.SIGKILL)
         elif f.kind == "kill-vcpu" and f.point == "random":

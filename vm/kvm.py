@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ipc import _prims, fuzz, hist, procstat
+from ipc import _prims, fuzz, hist, procstat, trace
 from ipc.locks import init_lockstat, new_lock
 from ipc.shm import Region, ShmError, check_run_id
 from vm import layout as L
@@ -25,6 +25,7 @@ class Kvm:
         self.owner = owner
         self.hooks = frozenset(hooks)
         fuzz.configure(cfg.fuzz, cfg.seed, proc)  # this process' preemption points (ipc/fuzz.py)
+        self.tracer = trace.configure(regions.get("trace"), proc)  # before any lock: they bind it
         self.regions = regions
         vm = self.vm = regions["vm"]
         self.guest = regions["guest"]
@@ -86,12 +87,17 @@ class Kvm:
         return region._buf[f.offset:f.offset + f.nbytes]
 
     # -- construction -------------------------------------------------------------------------
+    @staticmethod
+    def layouts(cfg) -> list:
+        lays = [L.vm_layout(cfg), L.guest_layout(cfg), L.mirror_layout(cfg)]
+        return lays + [L.trace_layout(cfg)] if cfg.trace_events else lays
+
     @classmethod
     def create(cls, cfg, run_id: str, hooks=frozenset()) -> Kvm:
         check_run_id(run_id)
         regions: dict[str, Region] = {}
         try:
-            for lay in (L.vm_layout(cfg), L.guest_layout(cfg), L.mirror_layout(cfg)):
+            for lay in cls.layouts(cfg):
                 regions[lay.name] = Region.create(run_id, lay)
             vm = regions["vm"]
             v = vm.v
@@ -109,6 +115,8 @@ class Kvm:
                 v["memslots"][i, L.MS_NPAGES] = npages
                 v["memslots"][i, L.MS_LIVE] = 1
             v["gfn_track"][:] = 0
+            if "trace" in regions:
+                trace.init(regions["trace"])
             kvm = cls(cfg, run_id, 0, regions, owner=True, hooks=hooks)
             if cfg.page_track == "v6.0":  # kvm_arch_init_vm -> kvm_mmu_init_vm (vm/mmu.py)
                 mmu.kvm_mmu_init_vm(kvm)
@@ -122,7 +130,7 @@ class Kvm:
     def attach(cls, cfg, run_id: str, proc: int, hooks=frozenset()) -> Kvm:
         regions: dict[str, Region] = {}
         try:
-            for lay in (L.vm_layout(cfg), L.guest_layout(cfg), L.mirror_layout(cfg)):
+            for lay in cls.layouts(cfg):
                 regions[lay.name] = Region.attach(run_id, lay)
         except ShmError:
             for r in regions.values():
@@ -145,6 +153,9 @@ class Kvm:
                 except RuntimeError:
                     pass
         self.handlers.clear()
+        if self.tracer is not None and trace.ACTIVE is self.tracer:
+            trace.configure(None)
+        self.tracer = None
         self.write_path = None
         self.locks.clear()
         self.domains.clear()
@@ -179,6 +190,8 @@ class Kvm:
         self.count("warns")
         ev = (kind, f"WARN {self.proc_name(self.proc)}: {message}", dict(data))
         self.events.append(ev)
+        if self.tracer is not None:
+            self.tracer.emit(self.tracer.instant(f"WARN {kind}"))
         if self.on_warn is not None:
             self.on_warn(*ev)
 

@@ -4,13 +4,14 @@ Regions of a run (segment ``pts_<run>_<region>``):
 - ``vm``     page-track state, notifier registry, locks, RCU/SRCU domains, per-process stats
 - ``guest``  guest physical memory (bytes)
 - ``mirror`` the mirror notifier's shadow copy of guest memory (oracle for the write path)
+- ``trace``  one event ring per process (``ipc.trace``), only when ``trace_events`` > 0
 
 Process index ``proc``: 0 = coordinator, vCPU i = i + 1; lock/owner ``tag`` = proc + 1.
 """
 
 from __future__ import annotations
 
-from ipc import hist
+from ipc import hist, trace
 from ipc.locks import LOCK_WORDS, STAT_WORDS
 from ipc.rcu import RcuDomain, SrcuDomain
 from ipc.shm import Layout
@@ -108,3 +109,8 @@ def guest_layout(cfg) -> Layout:
 
 def mirror_layout(cfg) -> Layout:
     return Layout("mirror", [("mem", "u1", (cfg.memory_pages * 4096,))])
+
+
+def trace_layout(cfg) -> Layout:
+    """The per-process event rings (``ipc.trace.fields``); ``trace_events`` = 0: none (empty)."""
+    return Layout("trace", trace.fields(cfg.nprocs, cfg.trace_events) if cfg.trace_events else [])

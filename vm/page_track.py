@@ -22,7 +22,7 @@ write-tracking enable flag, the emulated-write notifier walk and the fault-path 
 
 from __future__ import annotations
 
-from ipc import _prims, fuzz
+from ipc import _prims, fuzz, trace
 from ipc.locks import lockdep_assert_held
 from vm import layout as L
 from vm.faults import notifier_cycle
@@ -141,6 +141,9 @@ def _bind_write_path(kvm):
     mmio_walk = kvm.cfg.mmio_walk
     S_POISON, O_STATE, O_GEN, O_NEXT = L.NODE_POISON, L.N_STATE, L.N_GEN, L.N_NEXT
     fz = fuzz.ACTIVE  # this process' preemption points (configured with its Kvm)
+    tr = trace.ACTIVE  # this process' trace ring (vm/tracepoints.py): None = no emission
+    emit = tr.emit if tr else None
+    (W_B, W_E), (T_B, T_E) = (tr.pair("emulated_write"), tr.pair("track_write")) if tr else ((0, 0), (0, 0))
 
     def page_track_write(gpa: int, new: bytes) -> int:
         if not load(head_w):  # empty list: return at once
@@ -167,7 +170,11 @@ def _bind_write_path(kvm):
                 e = handlers.get(n - 1)
                 if e is None or e[0] != gen:
                     e = handler_entry(kvm, n - 1, gen)
+                if emit:
+                    emit(T_B, n - 1, gpa)
                 e[2](gpa, new, nbytes, n - 1)
+                if emit:
+                    emit(T_E)
                 if trace is not None:
                     trace.append(n - 1)
                 calls += 1
@@ -182,6 +189,8 @@ def _bind_write_path(kvm):
 
     def emulate_write(gpa: int, new: bytes) -> int:
         t0 = now() if rec_emul is not None else 0
+        if emit:
+            emit(W_B, gpa, len(new))
         if (gpa >> PAGE_SHIFT) < pages:
             guest_write(gpa, new)
             calls = page_track_write(gpa, new)
@@ -189,6 +198,8 @@ def _bind_write_path(kvm):
             calls = page_track_write(gpa, new) if mmio_walk else 0
         if rec_emul is not None:
             rec_emul(t0)
+        if emit:
+            emit(W_E)
         return calls
 
     acct = getattr(kvm, "write_acct", None)
@@ -203,6 +214,8 @@ def _bind_write_path(kvm):
     def emulate_write_accounted(gpa: int, new: bytes) -> int:
         nonlocal left
         t0 = now() if rec_emul is not None else 0
+        if emit:
+            emit(W_B, gpa, len(new))
         if (gpa >> PAGE_SHIFT) < pages:
             guest_write(gpa, new)
             left -= 1
@@ -215,6 +228,8 @@ def _bind_write_path(kvm):
             calls = page_track_write(gpa, new) if mmio_walk else 0
         if rec_emul is not None:
             rec_emul(t0)
+        if emit:
+            emit(W_E)
         return calls
 
     def page_track_write_accounted(gpa: int, new: bytes) -> int:

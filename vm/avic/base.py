@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from ipc import trace
 from ipc.locks import init_lockstat, merge_lockstat, new_lock
 from ipc.proc import proc_starttime
 from ipc.shm import Region
@@ -62,6 +63,7 @@ from vm.page_track import (
     PAGE_SHIFT,
     kvm_page_track_write_tracking_enable,
 )
+from vm.tracepoints import TABLE_EVENTS
 
 
 class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
@@ -95,6 +97,8 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
         pid = os.getpid()  # T_TRACKER: who is write-protecting a table
         self.identity = pid << 32 | (proc_starttime(pid) or 0) & 0xFFFFFFFF
         self.flood_race = "flood-drop-race" in kvm.hooks  # the unfixed drop: no kick
+        tr = trace.ACTIVE  # table create / sync / drop slices (vm/tracepoints.py)
+        self._emit, self._tp = (tr.emit, {n: tr.pair(n) for n in TABLE_EVENTS}) if tr else (None, {})
         self.flood_steer = self.flood_race or "avic-flood-often" in kvm.hooks
         if self.flood_steer:  # frequent drops, each steered onto a vCPU entering L2
             self.flood_limit = FLOOD_RACE_LIMIT
@@ -124,7 +128,7 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
         self.notifier_lock = new_lock(
             "mutex", region.mem, region.word("locks", LOCK_NOTIFIER),
             region.word("lockstat", self.kvm.proc, LOCK_NOTIFIER) if stats else -1, self.tag,
-            busted="busted-lock" in self.hooks)
+            busted="busted-lock" in self.hooks, name="avic_notifier_lock")
 
     def _attach(self) -> None:
         if self.region is None or self.region.closed:

@@ -127,6 +127,8 @@ class TablePool:
     def _create_table(self, gfn: int, l2: int) -> int:
         """Allocate and initialise a table (refcount 1, not yet write-protected)."""
         m = self.amem
+        if self._emit:
+            self._emit(self._tp["table_create"][0], -1, gfn)
         for t in range(self.nt):
             b = self.tw0 + t * TW
             st = m.load(b + T_STATE)
@@ -156,6 +158,8 @@ class TablePool:
         m.store(b + T_STATE, UNTRACKED)  # release: complete before anyone can use it
         self.kvm.count("table_create")
         self._stat("table_create")
+        if self._emit:
+            self._emit(self._tp["table_create"][1], t, gfn)
         return t
 
     def _poison_table(self, t: int) -> None:
@@ -208,6 +212,8 @@ class TablePool:
         m, gl = self.amem, self.gmem.load
         b = self.tw0 + t * TW
         gbase = m.load(b + T_GFN) << 9
+        if self._emit:
+            self._emit(self._tp["table_sync"][0], t, gbase >> 9)
         cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
         bits = [0, 0, 0, 0]
         for e in range(self.ne):
@@ -221,6 +227,8 @@ class TablePool:
         m.store(b + T_FLOOD, 0)
         m.fetch_add(b + T_SYNCS, 1)
         m.store(b + T_STATE, VALID)
+        if self._emit:
+            self._emit(self._tp["table_sync"][1])
 
     def _invalidate(self, t: int) -> None:
         """The table no longer matches its guest table: vCPUs running on it must reload."""
@@ -267,6 +275,8 @@ class TablePool:
         on a table whose page is no longer write-protected (hook ``flood-drop-race``: not kicked)."""
         lockdep_assert_held(self.physid_lock, "avic_physid_lock")
         m = self.amem
+        if self._emit:
+            self._emit(self._tp["table_drop"][0], t, m.load(self.tw0 + t * TW + T_GFN))
         m.fetch_add(self.hdr0 + H_SEQ, 1)
         # untrack before DROPPED is visible: a user that sees DROPPED write-protects the page again,
         # and must not do it while this untrack is still to come (it would drop that user's count)
@@ -277,6 +287,8 @@ class TablePool:
             self._kick(t)
         m.fetch_add(self.hdr0 + H_SEQ, 1)
         self._stat("flood_drop")
+        if self._emit:
+            self._emit(self._tp["table_drop"][1])
 
     def _entry_write(self, t: int, gpa: int, nbytes: int) -> None:
         lockdep_assert_held(self.physid_lock, "avic_physid_lock")

@@ -1,0 +1,100 @@
+"""ipc.trace: the per-process ring (oldest overwritten, decoded in order), name interning, and the
+traced C lock / RCU reader types (events recorded inside the primitives)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipc import _prims, trace
+from ipc.locks import LOCK_WORDS, new_lock
+from ipc.rcu import RcuDomain
+from ipc.shm import Layout
+
+
+@pytest.fixture
+def tracer_at(region_factory):
+    """``make(nprocs, nevents, proc)`` -> (region, Tracer); tracing is turned off afterwards."""
+
+    def make(nprocs=2, nevents=64, proc=0, extra=()):
+        r = region_factory(Layout("trace", trace.fields(nprocs, nevents) + list(extra)))
+        trace.init(r)
+        return r, trace.configure(r, proc)
+
+    yield make
+    trace.configure(None)
+
+
+def test_ring_keeps_the_newest_events_in_order(tracer_at):
+    r, tr = tracer_at(nprocs=2, nevents=8, proc=1)
+    b, e = tr.pair("op")
+    for i in range(20):
+        tr.emit(b if i % 2 == 0 else e, i, -i)
+    snap = trace.snapshot(r)
+    assert set(snap.procs) == {1}  # process 0 wrote nothing
+    pid, events, lost = snap.procs[1]
+    assert pid == _prims.self_identity()[0]
+    # 8 slots; the slot the writer would fill next is not trusted: the newest 7 survive
+    assert [ev.a for ev in events] == list(range(13, 20))
+    assert [ev.seq for ev in events] == list(range(13, 20)) and lost == 13
+    assert all(ev.name == "op" and ev.cat == trace.CAT_OP for ev in events)
+    assert [ev.phase for ev in events][:2] == [trace.PH_E, trace.PH_B]
+    assert [ev.b for ev in events] == [-a for a in range(13, 20)]
+    ts = [ev.ts for ev in events]
+    assert ts == sorted(ts) and abs(ts[-1] - _prims.now_ns()) < 5_000_000_000
+
+
+def test_names_are_interned_once_per_region(tracer_at):
+    r, tr = tracer_at()
+    ids = [tr.intern(n) for n in ("a", "b", "a")]
+    assert ids[0] == ids[2] != ids[1]
+    other = trace.Tracer(r, 1)  # another process' view of the same table finds the same ids
+    assert other.intern("b") == ids[1]
+    assert trace.snapshot(r).names[:2] == ["a", "b"]
+
+
+def test_emit_without_a_ring_is_a_no_op():
+    trace.configure(None)
+    _prims.trace_emit(trace.code(trace.CAT_OP, trace.PH_I, 0), 1, 2)  # must not crash or raise
+
+
+def test_plain_lock_types_when_tracing_is_off(region_factory):
+    trace.configure(None)
+    r = region_factory(Layout("lk", [("locks", "i8", (1, LOCK_WORDS))]))
+    assert type(new_lock("spin", r.mem, r.word("locks", 0))) is _prims.SpinLock
+    assert type(new_lock("mutex", r.mem, r.word("locks", 0))) is _prims.Mutex
+
+
+@pytest.mark.parametrize("kind", ["spin", "mutex"])
+def test_traced_lock_records_wait_and_hold(tracer_at, kind):
+    r, tr = tracer_at(extra=[("locks", "i8", (1, LOCK_WORDS))])
+    w = r.word("locks", 0)
+    holder = new_lock(kind, r.mem, w, tag=1, name="demo_lock")
+    me = new_lock(kind, r.mem, w, tag=2, name="demo_lock")
+    assert isinstance(me, _prims.TracedSpinLock if kind == "spin" else _prims.TracedMutex)
+    assert holder.lock()
+    assert me.lock(1_000_000) is False  # contended: a wait that times out, no hold
+    holder.unlock()
+    assert me.lock()
+    me.unlock()
+    evs = [(e.cat, e.phase, e.a) for e in trace.snapshot(r).procs[0][1] if e.name == "demo_lock"]
+    H, W, B, E = trace.CAT_HOLD, trace.CAT_WAIT, trace.PH_B, trace.PH_E
+    assert evs == [(H, B, 0), (W, B, 0), (W, E, 0), (H, E, 0), (H, B, 0), (H, E, 0)]
+
+
+def test_traced_rcu_reader_marks_the_outermost_section_only(tracer_at):
+    r, tr = tracer_at(extra=RcuDomain.fields("rcu", 2))
+    RcuDomain.init(r, "rcu")
+    d = RcuDomain(r, "rcu", 1, 2, name="demo_rcu")
+    assert isinstance(d.reader, _prims.TracedRcuReader)
+    for _ in range(2):
+        d.read_lock()
+        d.read_lock()
+        d.read_unlock()
+        d.read_unlock()
+    d.synchronize()
+    evs = [(e.cat, e.phase, e.name) for e in trace.snapshot(r).procs[0][1]]
+    R = trace.CAT_RCU
+    assert [x for x in evs if x[0] == R] == [(R, trace.PH_B, "demo_rcu"), (R, trace.PH_E, "demo_rcu")] * 2
+    ops = [(ph, n) for c, ph, n in evs if c == trace.CAT_OP]
+    assert ops == [(trace.PH_B, "synchronize demo_rcu"), (trace.PH_B, "grace period demo_rcu"),
+                   (trace.PH_E, "grace period demo_rcu"), (trace.PH_E, "synchronize demo_rcu")]
