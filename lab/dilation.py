@@ -255,3 +255,15 @@ def describe(doc: dict) -> str:
                      f"{p['register_unregister']['dilation']}×")
     return (f"dilate auto: factor {doc['factor']:g} (range {doc['low']:g}-{doc['high']:g}); Python wall time "
             f"per path / C estimate of its primitive sequence, weighted per nested VMRUN — " + "; ".join(parts))
+
+
+def resolve(dilate, cfg_values: dict, designs) -> tuple[float, dict | None]:
+    """``--dilate auto|off|N`` (None = off) -> (factor, what the results record as ``dilation``);
+    ``auto`` measures (a few seconds) and prints how."""
+    if dilate is None or dilate == "off":
+        return 1.0, None
+    if dilate == "auto":
+        doc = measure(cfg_values, designs)
+        print(describe(doc), file=sys.stderr, flush=True)
+        return doc["factor"], doc
+    return float(dilate), {"factor": float(dilate), "method": "given on the command line (--dilate N)"}
