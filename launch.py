@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(map.json, map.png, map.md; resumable)")
     cp.add_argument("--table-writes", dest="table_writes", type=float_list(0, 10000, "--table-writes"),
                     default=None, help="--map: table writes per nested VMRUN (default 0.002,0.02,0.2,2)")
+    cp.add_argument("--repeats", type=int_range(1, 100, "--repeats"), default=1,
+                    help="--map: seeds per cell (the median; their spread is reported) (default 1)")
     cp.add_argument("--designs", type=str, default=None,
                     help="comma-separated designs (default: all three; the map needs mutex-hash and rcu-list)")
     cp.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,13 +38,19 @@ DURATION = 1.0
 HURTS = SLOWER  # mutex-hash / rcu-list <= this: the mutex costs >= 20 %
 
 
-def grid_doc(designs, vcpus, rates, writes, duration, seed, base: dict, dilations) -> dict:
-    """The sweep grid (lab/sweep.py format) of the map."""
+def grid_doc(designs, vcpus, rates, writes, duration, seed, base: dict, dilations, repeats: int = 1) -> dict:
+    """The sweep grid (lab/sweep.py format) of the map: the designs of one cell (and seed) run one after
+    the other, so that they meet about the same load on a shared machine."""
     fixed = {k: v for k, v in base.items() if k not in ("switch_rate", "table_writes_per_vmrun", "tracked_fraction")}
-    fixed.update({"duration": float(duration), "seed": seed, "registration": "refcount", "fuzz": "off"})
+    fixed.update({"duration": float(duration), "registration": "refcount", "fuzz": "off"})
     fixed["writes_per_exit"] = max(int(fixed.get("writes_per_exit", 8)), math.ceil(max(writes)))
     grid = {"dilate": [float(x) for x in dilations], "vcpus": list(vcpus), "switch_rate": [float(r) for r in rates],
-            "table_writes_per_vmrun": [float(w) for w in writes], "design": list(designs)}
+            "table_writes_per_vmrun": [float(w) for w in writes]}
+    if repeats > 1:
+        grid["seed"] = [seed + k for k in range(repeats)]
+    else:
+        fixed["seed"] = seed
+    grid["design"] = list(designs)
     return {"grid": grid, "fixed": fixed}
 
 
@@ -51,15 +58,23 @@ def _rate(r: dict) -> float:
     return float(r["ops"]["nested_vmrun"]["per_s"])
 
 
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
 def build(results: list[dict], designs, vcpus, rates, writes, dilations) -> dict:
-    """``{label: {str(vcpus): {"ratio": [[sw][tw]], "rates": {design: [[...]]}, "fine": [[bool]]}}}``;
-    missing cells are None. label: "undilated" or "dilated"."""
-    idx = {}
+    """``{label: {str(vcpus): {"ratio": [[sw][tw]], "rates": {design: [[...]]}, "fine": [[bool]],
+    "spread": [[...]]}}}``; with several seeds per cell a rate is their median, the ratio the median of
+    the per-seed ratios and ``spread`` their (max - min) / median; missing cells are None. label:
+    "undilated" or "dilated"."""
+    idx: dict = {}
     for r in results:
         c = r["config"]
         key = (float(c.get("dilate", 1.0)), int(c["vcpus"]), float(c["switch_rate"]),
                float(c.get("table_writes_per_vmrun") or 0.0), c["design"])
-        idx[key] = r
+        idx.setdefault(key, {})[c.get("seed")] = r
     maps: dict = {}
     for x in dilations:
         label = "undilated" if x == 1.0 else "dilated"
@@ -68,21 +83,26 @@ def build(results: list[dict], designs, vcpus, rates, writes, dilations) -> dict
             rates_d = {d: [[None] * len(writes) for _ in rates] for d in designs}
             ratio = [[None] * len(writes) for _ in rates]
             fine = [[None] * len(writes) for _ in rates]
+            spread = [[None] * len(writes) for _ in rates]
             failed = []
             for i, sw in enumerate(rates):
                 for j, tw in enumerate(writes):
-                    cell = {}
+                    cell, runs = {}, {}
                     for d in designs:
-                        r = idx.get((float(x), v, float(sw), float(tw), d))
-                        if r is not None:
-                            cell[d] = rates_d[d][i][j] = _rate(r)
-                            if r.get("verdict") != "SUCCESS":
-                                failed.append(r.get("point_id"))
-                    if cell.get("mutex-hash") is not None and cell.get("rcu-list"):
-                        ratio[i][j] = cell["mutex-hash"] / cell["rcu-list"]
+                        by_seed = idx.get((float(x), v, float(sw), float(tw), d), {})
+                        runs[d] = {s: _rate(r) for s, r in by_seed.items()}
+                        failed += [r.get("point_id") for r in by_seed.values() if r.get("verdict") != "SUCCESS"]
+                        if runs[d]:
+                            cell[d] = rates_d[d][i][j] = _median(list(runs[d].values()))
+                    pairs = [m / runs["rcu-list"][s] for s, m in runs.get("mutex-hash", {}).items()
+                             if runs.get("rcu-list", {}).get(s)]
+                    if pairs:
+                        ratio[i][j] = _median(pairs)
+                        if len(pairs) > 1 and ratio[i][j] > 0:
+                            spread[i][j] = (max(pairs) - min(pairs)) / ratio[i][j]
                     if len(cell) == len(designs) and max(cell.values()) > 0:
                         fine[i][j] = min(cell.values()) / max(cell.values()) >= FINE
-            per_v[str(v)] = {"ratio": ratio, "rates": rates_d, "fine": fine, "failed": failed}
+            per_v[str(v)] = {"ratio": ratio, "rates": rates_d, "fine": fine, "spread": spread, "failed": failed}
     return maps
 
 
@@ -143,6 +163,10 @@ def verdict_md(maps: dict, rates, writes, vcpus, point: dict, dil_doc: dict | No
              f"The workload's own point: {point['table_writes_per_vmrun']:g} table writes per VMRUN, switch rate "
              f"{point['switch_rate']:g} (vm/workloads.py says where these rates come from).", ""]
     labels = [x for x in ("dilated", "undilated") if x in maps]
+    if "load" in point:
+        lines += [f"Machine: {point['load']['cpus']} CPUs, load average {point['load']['start']:.1f} when the map "
+                  f"started and {point['load']['end']:.1f} when it ended (all work on the host, not only the map's).",
+                  ""]
     if "dilated" in maps:
         f = maps["dilated"]["factor"]
         how = (f"measured, range {dil_doc['low']:g}-{dil_doc['high']:g}; {dil_doc['method']}"
@@ -171,11 +195,16 @@ def verdict_md(maps: dict, rates, writes, vcpus, point: dict, dil_doc: dict | No
             if pt is not None:
                 lines.append(f"- at the workload's point: ratio {pt[0]:.2f}, "
                              + ("any solution is fine there." if pt[1] else "not every design is within 80 % there."))
+            sp = [s for row in m.get("spread", []) for s in row if s is not None]
+            if sp:
+                lines.append(f"- repeatability: the ratio's spread over seeds, (max - min) / median, is "
+                             f"{_median(sp):.2f} for the median cell and {max(sp):.2f} at most.")
             if m["failed"]:
                 lines.append(f"- **{len(m['failed'])} point(s) ended in FAILURE**: {', '.join(map(str, m['failed'][:4]))}.")
             lines.append("")
-    lines += ["Each cell is one run per design (same seed); on a shared 2-CPU machine a ratio moves by about "
-              "±0.1 between repeats, so a single cell near 0.8 is not a finding — the region's edge is.", ""]
+    lines += ["A cell is one run per design and seed (``--repeats`` seeds: the median). The ratio of two runs "
+              "moves with the machine's load (other work on a shared host steals the vCPUs' CPUs at random "
+              "moments), so a single cell near 0.8 is not a finding — a region is; read the spread above.", ""]
     return "\n".join(lines), out
 
 
@@ -261,26 +290,29 @@ def main(args, designs, base: dict) -> int:
     writes = sorted(args.table_writes or TABLE_WRITES)
     duration = args.duration or DURATION
     scheduler = sweep.check_scheduler(args.scheduler) if args.scheduler else None
-    probe = grid_doc(designs, vcpus, rates, writes, duration, args.seed, base, [1.0])
+    repeats = int(getattr(args, "repeats", 1) or 1)
+    probe = grid_doc(designs, vcpus, rates, writes, duration, args.seed, base, [1.0], repeats)
     sweep.parse_grid(probe, "compare --map")  # every point valid before anything runs or is measured
     out = sweep._out_dir(args.out)
     lock = sweep._Lock(out)
     try:
         t0 = time.monotonic()
+        load0 = os.getloadavg()[0]
         factor, dil_doc = _dilation(out, args.dilate, base, designs, dilation)
         dilations = [1.0, factor] if factor != 1.0 else [1.0]
-        points = sweep.parse_grid(grid_doc(designs, vcpus, rates, writes, duration, args.seed, base, dilations),
-                                  "compare --map")
+        points = sweep.parse_grid(grid_doc(designs, vcpus, rates, writes, duration, args.seed, base, dilations,
+                                           repeats), "compare --map")
         console = Console(stderr=True, soft_wrap=True)
         rc = sweep._sweep(points, out, scheduler, int(args.workers or 1), console, "compare --map")
         results = json.loads((out / "sweep.json").read_text())
         point = {"table_writes_per_vmrun": base.get("table_writes_per_vmrun",
                                                     base.get("writes_per_exit", 8) * base.get("tracked_fraction", 0.25)),
-                 "switch_rate": base.get("switch_rate", 0.1)}
+                 "switch_rate": base.get("switch_rate", 0.1),
+                 "load": {"cpus": os.cpu_count(), "start": load0, "end": os.getloadavg()[0]}}
         _, text = write_outputs(out, results, designs=designs, vcpus=vcpus, rates=rates, writes=writes,
                                 dilations=dilations, point=point, dil_doc=dil_doc,
                                 extra={"wall_s": round(time.monotonic() - t0, 1), "points": len(points),
-                                       "workload": args.workload, "duration": duration})
+                                       "workload": args.workload, "duration": duration, "repeats": repeats})
     finally:
         lock.release()
     print(text)

@@ -99,6 +99,23 @@ def test_dilated_verdict_rests_on_dilated_numbers_and_files_have_their_shape(tmp
     assert (tmp_path / "map.md").read_text() == text
 
 
+def test_repeats_take_the_median_ratio_and_report_the_spread():
+    runs = []
+    for seed, (m, r) in {1: (8000.0, 10_000.0), 2: (4000.0, 10_000.0), 3: (9000.0, 10_000.0)}.items():
+        for d, rate in (("mutex-hash", m), ("rcu-list", r)):
+            runs.append({"config": {"design": d, "vcpus": 2, "switch_rate": 0.0, "dilate": 1.0,
+                                    "table_writes_per_vmrun": 0.2, "seed": seed},
+                         "ops": {"nested_vmrun": {"per_s": rate}}, "verdict": "SUCCESS", "point_id": f"{d}/{seed}"})
+    maps = cmap.build(runs, ("mutex-hash", "rcu-list"), [2], [0.0], [0.2], [1.0])
+    m = maps["undilated"]["2"]
+    assert m["ratio"] == [[0.8]] and m["rates"]["mutex-hash"] == [[8000.0]]  # the 0.4 outlier does not decide
+    assert abs(m["spread"][0][0] - (0.9 - 0.4) / 0.8) < 1e-9
+    text, _ = cmap.verdict_md(maps, [0.0], [0.2], [2], POINT, None)
+    assert "repeatability" in text and "0.62" in text
+    g = cmap.grid_doc(DESIGNS, [2], RATES, WRITES, 0.5, 7, {}, [1.0], repeats=3)
+    assert g["grid"]["seed"] == [7, 8, 9] and "seed" not in g["fixed"] and list(g["grid"])[-1] == "design"
+
+
 def test_grid_covers_every_axis_and_keeps_the_workload():
     base = {"table_writes_per_vmrun": 0.02, "switch_rate": 0.01, "mmio_fraction": 0.0, "writes_per_exit": 1}
     g = cmap.grid_doc(DESIGNS, [2], RATES, WRITES, 0.5, 3, base, [1.0, 5.0])
