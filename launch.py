@@ -84,6 +84,7 @@ HOOKS = {
     "flood-drop-race": "avic-flood-often, and the drop does not kick the vCPUs in L2 on the table (the unfixed race)",
 }
 SEED = int_range(0, 2**63 - 1, "--seed")
+DURATION = float_range(0.05, MAX_DURATION_S, "--duration")
 
 
 def dilate_arg(s: str) -> str | float:
@@ -92,7 +93,6 @@ def dilate_arg(s: str) -> str | float:
         return s
     v = float_range(1, 10000, "--dilate")(s)
     return "off" if v == 1 else v
-DURATION = float_range(0.05, MAX_DURATION_S, "--duration")
 
 
 
@@ -131,7 +131,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", choices=list(WORKLOAD_NAMES),
                    help="a named workload point (vm/workloads.py); explicit flags override its values "
                         "(default: realistic when --design is not given, else the Config defaults = heavy)")
-    p.add_argument("--dilate", type=dilate_arg, metavar="auto|N",
+    p.add_argument("--dilate", type=dilate_arg, metavar="auto|off|N",
                    help="time dilation: guest time and modelled delays x N; auto measures N (lab/dilation.py)")
     p.add_argument("--no-stats", dest="stats", action="store_const", const=False, default=None,
                    help="turn lock_stat and latency histograms off")
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--vcpus", type=int_list(1, 256, "--vcpus"), default=None,
                     help="comma-separated vCPU counts (default 1,2,4,8; --map: 2,4)")
     cp.add_argument("--switch-rates", dest="switch_rates", type=float_list(0, 1, "--switch-rates"),
-                    default=None, help="comma-separated switch rates (default 0,0.01,0.1,0.5; --map: 0,0.05,0.5)")
+                    default=None, help="comma-separated switch rates (default 0,0.01,0.1,0.5)")
     cp.add_argument("--duration", type=DURATION, default=None,
                     help="seconds per run (default 1.5; --map: 1)")
     cp.add_argument("--seed", type=SEED, default=1)
@@ -240,6 +240,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_run(args)
     if args.command == "scenario":
         return _cmd_scenario(args)
+    if args.command == "compare" and args.map:
+        from lab import map as cmap
+
+        return cmap.main(args)
     if args.command == "compare":
         from lab import compare
 

@@ -171,10 +171,6 @@ def main(args, run_one: Callable[[dict], dict]) -> int:
         raise UsageError(f"--out: {out} exists and is not a directory")
     designs = designs_arg(args.designs)
     base = workload(args.workload)
-    if args.map:
-        from lab import map as cmap
-
-        return cmap.main(args, designs, base)
     vcpus, rates = args.vcpus or [1, 2, 4, 8], args.switch_rates or [0, 0.01, 0.1, 0.5]
     duration = args.duration or 1.5
     for v in vcpus:  # validate every point before running anything

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ipc.errors import UsageError
 from lab import sweep
-from lab.compare import FINE, SLOWER
+from lab.compare import FINE, SLOWER, designs_arg
 
 TABLE_WRITES = [0.002, 0.02, 0.2, 2.0]
 SWITCH_RATES = [0.0, 0.01, 0.1, 0.5]
@@ -278,10 +278,16 @@ def write_outputs(out: Path, results: list[dict], *, designs, vcpus, rates, writ
     return doc, text
 
 
-def main(args, designs, base: dict) -> int:
+def main(args) -> int:
     from rich.console import Console
 
     from lab import dilation
+    from vm.workloads import workload
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} exists and is not a directory")
+    designs = designs_arg(args.designs)
+    base = workload(args.workload)
 
     if not {"mutex-hash", "rcu-list"} <= set(designs):
         raise UsageError("--map: the map is mutex-hash ÷ rcu-list; --designs must include both")
