@@ -3,7 +3,7 @@
 A grid over **table writes per nested VMRUN** (log scale, default 0.002, 0.02, 0.2, 2) × **switch
 rate** (default 0, 0.01, 0.1, 0.5) at each vCPU count (default 2, 4), every design, at the workload
 point's other values (vm/workloads.py), each point undilated and dilated (``--dilate auto|N|off``,
-lab/dilation.py). The points run as a ``launch.py sweep`` does (lab/sweep.py): each a full run in its
+lab/dilation.py), ``--repeats`` seeds per cell (the median of the paired ratios; their spread reported). The points run as a ``launch.py sweep`` does (lab/sweep.py): each a full run in its
 own process on Dask distributed — a loopback LocalCluster by default, ``--scheduler`` for a cluster —
 and resumable (a finished point in ``DIR/points`` is not run again).
 
