@@ -15,6 +15,7 @@ import threading
 from ipc.errors import UsageError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+WORKLOAD_NAMES = ("realistic", "heavy")  # vm/workloads.py (kept here: --help needs no vm import)
 MAX_PROCS = 256
 MAX_DURATION_S = 24 * 3600.0
 
@@ -86,6 +87,14 @@ SEED = int_range(0, 2**63 - 1, "--seed")
 DURATION = float_range(0.05, MAX_DURATION_S, "--duration")
 
 
+def dilate_arg(s: str) -> str | float:
+    """``--dilate auto|off|N`` (N >= 1)."""
+    if s in ("auto", "off"):
+        return s
+    v = float_range(1, 10000, "--dilate")(s)
+    return "off" if v == 1 else v
+
+
 
 REGISTRATION_CHOICES = ["refcount", "bool", "naive", "split", "node-refcount"]
 
@@ -136,6 +145,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuzz", choices=["off", "light", "heavy"],
                    help="race widening: seeded delays at named preemption points (default light)")
     _add_page_track_args(p)
+    p.add_argument("--table-writes-per-vmrun", dest="table_writes_per_vmrun",
+                   type=float_range(0, 10000, "--table-writes-per-vmrun"),
+                   help="L1 writes to its physical APIC ID tables per nested VMRUN (sets tracked_fraction)")
+    p.add_argument("--workload", choices=list(WORKLOAD_NAMES),
+                   help="a named workload point (vm/workloads.py); explicit flags override its values "
+                        "(default: realistic when --design is not given, else the Config defaults = heavy)")
+    p.add_argument("--dilate", type=dilate_arg, metavar="auto|off|N",
+                   help="time dilation: guest time and modelled delays x N; auto measures N (lab/dilation.py)")
     p.add_argument("--no-stats", dest="stats", action="store_const", const=False, default=None,
                    help="turn lock_stat and latency histograms off")
     p.add_argument("--inject", action="append", default=[], metavar="FAULT",
@@ -178,13 +195,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML: [config] keys as below; [[step]] entries make it a scripted run")
 
     cp = sub.add_parser("compare", help="every nested AVIC design on the same workload; table, plots, verdicts")
-    cp.add_argument("--vcpus", type=int_list(1, 256, "--vcpus"), default=[1, 2, 4, 8],
-                    help="comma-separated vCPU counts (default 1,2,4,8)")
+    cp.add_argument("--vcpus", type=int_list(1, 256, "--vcpus"), default=None,
+                    help="comma-separated vCPU counts (default 1,2,4,8; --map: 2,4)")
     cp.add_argument("--switch-rates", dest="switch_rates", type=float_list(0, 1, "--switch-rates"),
-                    default=[0, 0.01, 0.1, 0.5], help="comma-separated switch rates (default 0,0.01,0.1,0.5)")
-    cp.add_argument("--duration", type=DURATION, default=1.5, help="seconds per run (default 1.5)")
+                    default=None, help="comma-separated switch rates (default 0,0.01,0.1,0.5)")
+    cp.add_argument("--duration", type=DURATION, default=None,
+                    help="seconds per run (default 1.5; --map: 1)")
     cp.add_argument("--seed", type=SEED, default=1)
     cp.add_argument("--out", metavar="DIR", required=True)
+    cp.add_argument("--workload", choices=list(WORKLOAD_NAMES), default="realistic",
+                    help="the workload point (vm/workloads.py; default realistic, heavy = the old default)")
+    cp.add_argument("--dilate", type=dilate_arg, default="auto", metavar="auto|off|N",
+                    help="also run every point dilated by N (auto: measured; default auto; off: undilated only)")
+    cp.add_argument("--map", action="store_true",
+                    help="the map: table writes per VMRUN x switch rate at each vCPU count, on Dask "
+                         "(map.json, map.png, map.md; resumable)")
+    cp.add_argument("--table-writes", dest="table_writes", type=float_list(0, 10000, "--table-writes"),
+                    default=None, help="--map: table writes per nested VMRUN (default 0.002,0.02,0.2,2)")
+    cp.add_argument("--repeats", type=int_range(1, 100, "--repeats"), default=1,
+                    help="--map: seeds per cell (the median; their spread is reported) (default 1)")
+    cp.add_argument("--designs", type=str, default=None,
+                    help="comma-separated designs (default: all three; the map needs mutex-hash and rcu-list)")
+    cp.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,
+                    help="--map: an existing Dask scheduler (default: a LocalCluster on this machine)")
+    cp.add_argument("--workers", type=int_range(1, 64, "--workers"), default=1,
+                    help="--map: LocalCluster workers (default 1: runs are multiprocess already)")
 
     sc = sub.add_parser("scenario", help="a scripted scenario from the seed, over ZeroMQ, deterministic")
     sc.add_argument("name", choices=["kaboom"],
@@ -238,6 +273,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_run(args)
     if args.command == "scenario":
         return _cmd_scenario(args)
+    if args.command == "compare" and args.map:
+        from lab import map as cmap
+
+        return cmap.main(args)
     if args.command == "compare":
         from lab import compare
 
@@ -279,20 +318,50 @@ def _check_trace(args: argparse.Namespace, cfg) -> None:
         raise UsageError("--trace: the trace ring is off (trace_events = 0)")
 
 
+NEXT_STEPS = ("next: `launch.py compare --out DIR` measures every design (and `--map` where the mutex "
+              "hurts); `launch.py scenario kaboom --registration bool` replays the seed's registration bug")
+
+
+def run_base(args: argparse.Namespace, file_cfg: dict) -> tuple[dict, bool]:
+    """(Config values under the flags, newcomer?): a named workload, then the scenario file. A bare
+    ``run`` (no --design, no scenario file) is the newcomer's tour: mutex-hash at the realistic point."""
+    from vm import workloads
+
+    newcomer = not args.scenario and args.design is None
+    name = args.workload or ("realistic" if newcomer else None)
+    base = dict(workloads.NEWCOMER) if newcomer else {}
+    if name:
+        base.update(workloads.workload(name))
+    base.update(file_cfg)
+    if args.tracked_fraction is not None or "tracked_fraction" in file_cfg:
+        base.pop("table_writes_per_vmrun", None)  # an explicit fraction wins over the preset's rate
+    return base, newcomer
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from vm import config
 
     file_cfg, steps = config.load_toml(args.scenario) if args.scenario else ({}, [])
+    base, newcomer = run_base(args, file_cfg)
     cli = {k: getattr(args, k) for k in config.CLI_KEYS + ("stats",)}
-    cfg = config.build(file_cfg, cli)
+    cli["dilate"] = None
+    cfg = config.build(base, cli)  # validated before any measuring
     _check_json_path(args.json)
     _check_trace(args, cfg)
+    from lab import dilation
+
+    factor, dil_doc = dilation.resolve(args.dilate, cfg.to_dict(), (cfg.design,))
+    if factor != 1.0:
+        cli["dilate"] = factor
+        cfg = config.build(base, cli)
     script = config.parse_steps(steps, cfg) if steps else None
     from vm import faults
 
     injected = [faults.parse(f, cfg.vcpus) for f in args.inject]
     return run_and_report(cfg, script=script, json_path=args.json, quiet=args.quiet, faults=injected,
-                          hooks=tuple(args.hook), trace_path=args.trace)
+                          hooks=tuple(args.hook), trace_path=args.trace,
+                          extra={"dilation": dil_doc} if dil_doc else None,
+                          footer=NEXT_STEPS if newcomer and not script else None)
 
 
 def _cmd_scenario(args: argparse.Namespace) -> int:
@@ -319,7 +388,8 @@ def _cmd_scenario(args: argparse.Namespace) -> int:
                           hooks=tuple(args.hook), trace_path=args.trace)
 
 
-def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), faults=(), trace_path=None) -> int:
+def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), faults=(), trace_path=None,
+                   extra=None, footer=None) -> int:
     """Run (free or scripted), print the summary, write JSON (and the trace); exit code from the verdict."""
     from vcpu.worker import vcpu_main
     from vm import results, tracepoints
@@ -343,12 +413,16 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
     except RunError as e:
         print(f"FAILURE: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    if extra:
+        res.update(extra)
     results.render(res)
     if trace_path and co.trace_snapshot is not None:
         tracepoints.export(co.trace_snapshot, trace_path, co.run_id)
         print(f"trace: {trace_path} ({co.trace_snapshot.events():,} events)", file=sys.stderr)
     if res.get("failure_trace"):
         print(f"last events of every process: {', '.join(res['failure_trace'])}", file=sys.stderr)
+    if footer:
+        print(footer)
     if json_path:
         results.write_json(json_path, res)
     return EXIT_OK if res["verdict"] == "SUCCESS" else EXIT_FAILURE

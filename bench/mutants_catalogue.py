@@ -20,7 +20,7 @@ import difflib
 from dataclasses import dataclass
 
 TORTURE = (("torture", "rcu"), ("torture", "srcu"))
-RUN_MIRROR = (("run",),)
+RUN_MIRROR = (("run", "--design", "mirror"),)  # a bare `run` is mutex-hash (the newcomer's tour)
 RUN_RCU_LIST = (("run", "--design", "rcu-list"),)
 RUN_MUTEX_HASH = (("run", "--design", "mutex-hash"),)
 RUN_PER_TABLE = (("run", "--design", "per-table-notifier"),)

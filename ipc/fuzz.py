@@ -34,9 +34,11 @@ ACTIVE: Fuzz | None = None
 
 
 class Fuzz:
-    def __init__(self, level: str, seed: int, proc: int):
+    def __init__(self, level: str, seed: int, proc: int, dilate: float = 1.0):
         self.level = level
-        self.p, self.spin_max, self.p_sleep = _PARAMS[level]
+        self.p, spin_max, self.p_sleep = _PARAMS[level]
+        self.spin_max = int(spin_max * dilate)  # delays are modelled time: dilated like guest time
+        self.sleep_max_s = SLEEP_MAX_S * dilate
         self.rng = random.Random((seed * 0x9E3779B97F4A7C15 + proc * 0x632BE59BD9B4E019 + 7) % (1 << 64))
         self.counts: dict[str, int] = {}
         self.delays = 0
@@ -49,7 +51,7 @@ class Fuzz:
         self.delays += 1
         r /= self.p  # uniform again in [0, 1)
         if r < self.p_sleep:
-            time.sleep(self.rng.random() * SLEEP_MAX_S)
+            time.sleep(self.rng.random() * self.sleep_max_s)
         elif r < 0.5:
             _prims.spin_ns(int(self.rng.random() * self.spin_max))
         else:
@@ -63,12 +65,12 @@ class Fuzz:
         return self.rng.random() < self.p * scale
 
 
-def configure(level: str, seed: int, proc: int) -> None:
-    """Turn fuzzing on (``light``/``heavy``) or off for this process."""
+def configure(level: str, seed: int, proc: int, dilate: float = 1.0) -> None:
+    """Turn fuzzing on (``light``/``heavy``) or off for this process; ``dilate`` scales its delays."""
     global ACTIVE
     if level not in LEVELS:
         raise ValueError(f"fuzz level must be one of {', '.join(LEVELS)}, got {level!r}")
-    ACTIVE = None if level == "off" else Fuzz(level, seed, proc)
+    ACTIVE = None if level == "off" else Fuzz(level, seed, proc, dilate)
 
 
 def point(name: str) -> None:

@@ -1,11 +1,15 @@
 """``launch.py compare``: every nested-AVIC design on the same seeded workload at each point
-(vCPUs × switch rate), a table, plots, and a plain-words reading of the seed's two claims:
+(vCPUs × switch rate), a table, plots, and a plain-words reading of the seed's two claims (``--map``:
+the same over table writes per nested VMRUN × switch rate, lab/map.py):
 
 1. Sean: the VM-wide mutex (``mutex-hash``) serializes nested VMRUN when L1 switches L2s often.
 2. "Because the code isn't executed often, pretty much any solution will provide good performance"
    — at low switching any design is fine.
 
-Each claim is judged on the measured numbers only, with the thresholds stated in the report.
+Each claim is judged on the measured numbers only, with the thresholds stated in the report. The
+workload is a named point (vm/workloads.py: ``realistic`` by default, ``heavy`` = the old default).
+Every point runs twice, undilated and dilated (``--dilate auto|N``, lab/dilation.py: guest time ×N so
+that code time / guest time is the kernel's); the verdicts say which numbers they rest on.
 """
 
 from __future__ import annotations
@@ -30,16 +34,18 @@ def points(vcpus: list[int], rates: list[float]) -> list[tuple[int, float]]:
 
 
 def run_compare(vcpus: list[int], rates: list[float], duration: float, seed: int, out_dir: Path,
-                run_one: Callable[[dict], dict], designs=DESIGNS, progress=None, base=None) -> list[dict]:
-    """Run every (design, vcpus, switch_rate) once with the same seed; results in order."""
+                run_one: Callable[[dict], dict], designs=DESIGNS, progress=None, base=None,
+                dilations=(1.0,)) -> list[dict]:
+    """Run every (dilation, design, vcpus, switch_rate) once with the same seed; results in order."""
     results = []
-    todo = [(d, v, r) for (v, r) in points(vcpus, rates) for d in designs]
-    for i, (d, v, r) in enumerate(todo):
+    todo = [(x, d, v, r) for x in dilations for (v, r) in points(vcpus, rates) for d in designs]
+    for i, (x, d, v, r) in enumerate(todo):
         cfg = dict(base or {})
         cfg.update({"design": d, "vcpus": v, "switch_rate": r, "duration": duration, "seed": seed,
-                    "registration": "refcount", "progress": False, "fuzz": "off"})  # measure undisturbed
+                    "registration": "refcount", "progress": False, "fuzz": "off",  # measure undisturbed
+                    "dilate": float(x)})
         res = run_one(cfg)
-        res["point_id"] = f"{d}/v{v}/s{r:g}"
+        res["point_id"] = f"{d}/v{v}/s{r:g}" + (f"/x{x:g}" if x != 1 else "")
         results.append(res)
         if progress:
             progress(i + 1, len(todo), res)
@@ -63,20 +69,42 @@ def _wait_share(results: list[dict], design: str, vcpus: int, rate: float, lock:
     return 0.0
 
 
+def rests_on(factor: float, doc: dict | None) -> str:
+    """The sentence saying which numbers a verdict rests on."""
+    if factor == 1.0:
+        return ("These verdicts rest on **undilated** numbers: the Python model as it runs, where the code "
+                "under study is slower relative to guest time than the kernel's C (lab/dilation.py).")
+    how = (f"measured: range {doc['low']:g}-{doc['high']:g}, {doc['method']}" if doc and "low" in doc
+           else "given with --dilate")
+    return (f"The verdicts below rest on the **dilated** numbers (guest time and delays ×{factor:g}, {how}): "
+            "they keep the kernel's ratio of time in the code under study to time in the guest. The "
+            "undilated verdicts follow for reference.")
+
+
+def split_by_dilation(results: list[dict]) -> dict[float, list[dict]]:
+    out: dict[float, list[dict]] = {}
+    for r in results:
+        out.setdefault(float(r["config"].get("dilate", 1.0)), []).append(r)
+    return out
+
+
 def assess(results: list[dict], cpus: int | None = None) -> str:
-    """Markdown paragraphs judging the two claims on ``results``."""
+    """Markdown paragraphs judging the two claims on ``results`` (one dilation)."""
     cpus = cpus or os.cpu_count() or 1
     designs = sorted({r["config"]["design"] for r in results})
     vcpus = sorted({r["config"]["vcpus"] for r in results})
     rates = sorted({float(r["config"]["switch_rate"]) for r in results})
     failed = [r["point_id"] for r in results if r["verdict"] != "SUCCESS"]
     c0 = results[0]["config"]
-    lines = ["## Verdict on the seed's claims", "",
+    x = float(c0.get("dilate", 1.0))
+    twv = c0["writes_per_exit"] * c0["tracked_fraction"]
+    lines = ["## Verdict on the seed's claims" + (f" — dilated ×{x:g}" if x != 1 else " — undilated"), "",
              f"Measured on {cpus} CPU(s); points with more vCPUs than CPUs are oversubscribed (vCPU "
              "processes are preempted, lock holders included), which weighs on every design.", "",
-             f"Workload: each nested VMRUN runs L2 for {c0['guest_time_us']:g} µs, then L1 does "
-             f"{c0['writes_per_exit']} guest writes, {c0['tracked_fraction']:.0%} of them to physid tables "
-             f"(tracked, emulated) and {c0['mmio_fraction']:.0%} to MMIO. The seed's \"the code isn't executed "
+             f"Workload: each nested VMRUN runs L2 for {c0['guest_time_us']:g} µs"
+             + (f" (×{x:g} dilated: {c0['guest_time_us'] * x:g} µs)" if x != 1 else "") +
+             f", then L1 does {c0['writes_per_exit']} guest writes, {twv:.3g} of them (per VMRUN) to physid "
+             f"tables (tracked, emulated) and {c0['mmio_fraction']:.0%} to MMIO. The seed's \"the code isn't executed "
              "often\" is a statement about this rate: with longer guest runs and fewer table writes every "
              "design spends less time in the code measured here.", ""]
     if failed:
@@ -124,26 +152,46 @@ def assess(results: list[dict], cpus: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def designs_arg(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return DESIGNS
+    ds = tuple(d.strip() for d in text.split(",") if d.strip())
+    bad = [d for d in ds if d not in DESIGNS]
+    if bad or not ds:
+        raise UsageError(f"--designs: unknown design {bad[0] if bad else text!r} (one of {', '.join(DESIGNS)})")
+    return ds
+
+
 def main(args, run_one: Callable[[dict], dict]) -> int:
+    from lab import dilation
+    from vm.workloads import workload
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} exists and is not a directory")
-    for v in args.vcpus:  # validate every point before running anything
-        for r in args.switch_rates:
-            for d in DESIGNS:
-                from_dict({"design": d, "vcpus": v, "switch_rate": r, "duration": args.duration,
+    designs = designs_arg(args.designs)
+    base = workload(args.workload)
+    vcpus, rates = args.vcpus or [1, 2, 4, 8], args.switch_rates or [0, 0.01, 0.1, 0.5]
+    duration = args.duration or 1.5
+    for v in vcpus:  # validate every point before running anything
+        for r in rates:
+            for d in designs:
+                from_dict({**base, "design": d, "vcpus": v, "switch_rate": r, "duration": duration,
                            "seed": args.seed})
     out.mkdir(parents=True, exist_ok=True)
+    factor, dil_doc = dilation.resolve(args.dilate, base, designs)
 
     def progress(i, n, res):
         print(f"  [{i}/{n}] {res['point_id']}: {res['ops']['nested_vmrun']['per_s']:,.0f} VMRUN/s "
               f"{res['verdict']}", file=sys.stderr, flush=True)
 
-    results = run_compare(args.vcpus, args.switch_rates, args.duration, args.seed, out, run_one,
-                          progress=progress)
-    text = assess(results)
+    results = run_compare(vcpus, rates, duration, args.seed, out, run_one, designs=designs, progress=progress,
+                          base=base, dilations=(1.0, factor) if factor != 1.0 else (1.0,))
+    parts = split_by_dilation(results)
+    text = "\n".join([rests_on(factor, dil_doc), ""] + [assess(parts[x]) for x in sorted(parts, reverse=True)])
     tmp = out / "compare.json.tmp"
-    tmp.write_text(json.dumps({"points": results, "assessment": text}, indent=1, default=str))
+    tmp.write_text(json.dumps({"points": results, "assessment": text, "workload": args.workload,
+                               "dilation": dil_doc or {"factor": factor}}, indent=1, default=str))
     tmp.replace(out / "compare.json")
     report.write_report(results, out, title="pagetrack-sim compare: nested AVIC designs", extra_md=text)
     rows = report.summarize(results)

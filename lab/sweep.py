@@ -199,6 +199,8 @@ def point_command(p: Point, points_dir: Path, launch: Path) -> tuple[list[str], 
     """(argv, scenario TOML text or None) of a point's ``launch.py run``."""
     cmd = [sys.executable, str(launch), "run", "--json", str(points_dir / f"{p.point_id}.json"), "--quiet"]
     scenario = {}
+    if "design" not in p.values:  # a bare `run` is the newcomer's tour (launch.py): name the Config default
+        cmd += ["--design", str(p.config["design"])]
     for k in p.values:
         v = p.config[k]  # normalized (an int written for a float key is a float here)
         if k in FLAG_KEYS:

@@ -96,7 +96,7 @@ class Vcpu:
         span = max(0, uhi - ulo)
         lane_w = self.lane >> 3
         writes = cfg.writes_per_exit
-        guest_ns = int(cfg.guest_time_us * 1000)
+        guest_ns = cfg.guest_ns  # dilated (vm/config.py)
         policy, K, p_switch, p_preempt = cfg.policy, cfg.l2s, cfg.switch_rate, cfg.preempt_rate
         p_churn = cfg.churn_rate
         n = self.n
@@ -302,7 +302,7 @@ class Vcpu:
             self.put()
             return True
         if op == "sleep":
-            _prims.spin_ns(_int(args, "us", 0, 10_000_000) * 1000)
+            _prims.spin_ns(self.cfg.dilated_ns(_int(args, "us", 0, 10_000_000) * 1000))
             return True
         if op == "counters":
             self.flush()

@@ -62,8 +62,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     redundant_registration: RedundantRegistration = "warn"
     split_warn: OnOff = "on"
     trace_events: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 4096  # per-process trace ring; 0 = off
+    # L1 writes to its physical APIC ID tables per nested VMRUN (the seed's "how often is the code
+    # executed"); set, it decides tracked_fraction = table_writes_per_vmrun / writes_per_exit
+    table_writes_per_vmrun: Annotated[float, msgspec.Meta(ge=0, le=10000)] | None = None
+    # time dilation (lab/dilation.py): guest time and the modelled real-time delays are this many
+    # times longer, so that (time in the code under study) / (guest time) is the kernel's
+    dilate: Annotated[float, msgspec.Meta(ge=1, le=10000)] = 1.0
 
     def __post_init__(self) -> None:
+        if self.table_writes_per_vmrun is not None:
+            self._resolve_table_writes()
         if self.tracked_fraction + self.mmio_fraction > 1.0 + 1e-9:
             raise UsageError(
                 f"tracked_fraction + mmio_fraction = {self.tracked_fraction + self.mmio_fraction:g} > 1")
@@ -74,6 +82,23 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise UsageError(f"tracked_pages = {self.tracked_pages} exceeds the {pages} guest pages")
         if self.l2s * 1 > pages - self.tracked_pages:
             raise UsageError(f"l2s = {self.l2s} physid tables do not fit beside tracked_pages in memory")
+
+    def _resolve_table_writes(self) -> None:
+        twv, w = self.table_writes_per_vmrun, self.writes_per_exit
+        if twv > w:
+            raise UsageError(f"table_writes_per_vmrun = {twv:g} needs writes_per_exit >= {twv:g} "
+                             f"(L1 writes between VMRUNs; got {w})")
+        self.tracked_fraction = twv / w if w else 0.0
+
+    # -- dilated times: what the hot loops read, computed from the config once per run ----------------
+    @property
+    def guest_ns(self) -> int:
+        """L2 run time per nested VMRUN in ns, dilated."""
+        return int(self.guest_time_us * 1000 * self.dilate)
+
+    def dilated_ns(self, ns: float) -> int:
+        """A modelled real-time delay (widening, preemption, scripted sleep) in ns, dilated."""
+        return int(ns * self.dilate)
 
     def shm_bytes(self) -> int:
         """Bytes of every shm segment this run creates (the VM layouts + the AVIC region)."""
@@ -157,7 +182,8 @@ def build(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Config:
 CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switch_rate", "policy",
             "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
             "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms", "fuzz",
-            "mmio_walk", "page_track", "redundant_registration", "split_warn", "trace_events")
+            "mmio_walk", "page_track", "redundant_registration", "split_warn", "trace_events",
+            "table_writes_per_vmrun", "dilate")
 
 # scripted commands a vCPU understands (vcpu/vcpu.py executes them)
 SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "write_entry", "read", "register", "reregister", "unregister",

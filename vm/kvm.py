@@ -24,7 +24,7 @@ class Kvm:
         self.tag = proc + 1
         self.owner = owner
         self.hooks = frozenset(hooks)
-        fuzz.configure(cfg.fuzz, cfg.seed, proc)  # this process' preemption points (ipc/fuzz.py)
+        fuzz.configure(cfg.fuzz, cfg.seed, proc, cfg.dilate)  # this process' preemption points (ipc/fuzz.py)
         self.tracer = trace.configure(regions.get("trace"), proc)  # before any lock: they bind it
         self.regions = regions
         vm = self.vm = regions["vm"]

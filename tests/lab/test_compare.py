@@ -46,15 +46,20 @@ def test_claims_do_not_hold_when_the_numbers_say_otherwise():
 def test_compare_command_writes_table_plots_and_verdict(tmp_path):
     out = tmp_path / "cmp"
     p = subprocess.run([sys.executable, "launch.py", "compare", "--vcpus", "1,2", "--switch-rates", "0,0.5",
-                        "--duration", "0.4", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+                        "--duration", "0.4", "--dilate", "3", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     doc = json.loads((out / "compare.json").read_text())
-    assert len(doc["points"]) == 12 and "Verdict on the seed's claims" in doc["assessment"]
+    # every point undilated and dilated, the realistic workload by default
+    assert len(doc["points"]) == 24 and "Verdict on the seed's claims" in doc["assessment"]
+    assert sorted({r["config"]["dilate"] for r in doc["points"]}) == [1.0, 3.0] and doc["workload"] == "realistic"
+    assert {r["config"]["table_writes_per_vmrun"] for r in doc["points"]} == {0.02}
+    text = doc["assessment"]
+    assert "rest on the **dilated** numbers" in text and "— dilated ×3" in text and "— undilated" in text
     md = (out / "report.md").read_text()
     assert "nested VMRUN/s" in md and ("Holds on these numbers" in md or "Does not hold" in md)
     pngs = sorted(f.name for f in out.glob("*.png"))
-    assert "lock_wait.png" in pngs and len(pngs) == 3
+    assert "lock_wait.png" in pngs and len(pngs) >= 3
     assert (out / "lock_wait.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

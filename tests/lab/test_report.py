@@ -23,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def real(tmp_path_factory) -> tuple[Path, dict]:
     path = tmp_path_factory.mktemp("real") / "real.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--vcpus", "1", "--duration", "0.3", "--quiet",
+    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "mirror", "--vcpus", "1", "--duration", "0.3", "--quiet",
                         "--json", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     return path, json.loads(path.read_text())

@@ -18,7 +18,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 def _run(args, tmp_path, timeout=90):
     out = tmp_path / "r.json"
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "launch.py", "run", "--quiet", "--json", str(out), *args],
+    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "mirror", "--quiet", "--json", str(out), *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return p, out, time.monotonic() - t0
 
@@ -45,7 +45,7 @@ def test_fault_is_diagnosed(spec, diagnosis, tmp_path):
 
 
 def test_kill_coordinator_vcpus_exit_by_themselves(tmp_path):
-    p = subprocess.Popen([sys.executable, "launch.py", "run", "--vcpus", "3", "--duration", "5",
+    p = subprocess.Popen([sys.executable, "launch.py", "run", "--design", "mirror", "--vcpus", "3", "--duration", "5",
                           "--inject", "kill-coordinator"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     me = psutil.Process(p.pid)

@@ -248,7 +248,7 @@ def test_free_runs_succeed_with_writes_checked(kw):
 
 def test_cli_run_default_is_success_with_checked_writes(tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--vcpus", "2", "--duration", "2", "--json", str(out),
+    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "mirror", "--vcpus", "2", "--duration", "2", "--json", str(out),
                         "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "SUCCESS" in p.stdout, p.stdout + p.stderr
     res = json.loads(out.read_text())

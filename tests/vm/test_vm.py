@@ -183,7 +183,7 @@ def test_churn_never_lets_a_reader_touch_a_poisoned_node(hooks, expect):
 @pytest.mark.parametrize("vcpus", [1, 2, 8])
 def test_free_run_cli_json(vcpus, tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--vcpus", str(vcpus), "--duration", "1",
+    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "mirror", "--vcpus", str(vcpus), "--duration", "1",
                         "--seed", "7", "--json", str(out), "--quiet"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr

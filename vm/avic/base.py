@@ -29,6 +29,7 @@ from vm.avic.table import (
     CS_PHYSID,
     DESIGN_IDS,
     FLOOD_PER_ENTRY,
+    FLOOD_RACE_DELAY_NS,
     FLOOD_RACE_LIMIT,
     FREE,
     H_DESIGN,
@@ -91,7 +92,8 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
         self.physid_lock = kvm.locks["avic_physid_lock"]
         self.tables_spin = kvm.locks["avic_tables_spin"]
         self.hooks = kvm.hooks
-        self.reader_delay = READER_DELAY_NS if "avic-reader-delay" in kvm.hooks else 0
+        self.reader_delay = cfg.dilated_ns(READER_DELAY_NS) if "avic-reader-delay" in kvm.hooks else 0
+        self.flood_race_ns = cfg.dilated_ns(FLOOD_RACE_DELAY_NS)
         self.vmruns_checked = 0  # nested VMRUNs (of this process) since the last all-entries check
         self.entered_epoch: dict[int, int] = {}  # per vCPU in L2: its table's epoch at VMRUN (I1)
         pid = os.getpid()  # T_TRACKER: who is write-protecting a table

@@ -17,7 +17,6 @@ from vm.avic.table import (
     DROPPED,
     DUMMY_HPA,
     FLOOD_EARLY_SCALE,
-    FLOOD_RACE_DELAY_NS,
     FREE,
     H_GEN,
     H_LIVE,
@@ -256,9 +255,9 @@ class TablePool:
 
     def _steer_flood_drop(self, t: int) -> None:
         """Widening (hooks ``avic-flood-often``, ``flood-drop-race``): having seen usecount 0, wait
-        up to ``FLOOD_RACE_DELAY_NS`` for a vCPU to enter L2 on the table (its entries in use), so
+        up to ``FLOOD_RACE_DELAY_NS`` (dilated) for a vCPU to enter L2 on the table (its entries in use), so
         that the drop lands on the worst interleaving: a vCPU that has just entered L2 on it."""
-        m, end = self.amem, _prims.now_ns() + FLOOD_RACE_DELAY_NS
+        m, end = self.amem, _prims.now_ns() + self.flood_race_ns
         me = self.kvm.proc - 1  # this vCPU (the coordinator: -1) cannot enter while it waits here
         if not any(m.load(self.vw0 + v * VW + V_CUR) == t + 1 for v in range(self.nvcpus) if v != me):
             return  # nobody else holds the table: nobody can enter it

@@ -76,7 +76,7 @@ def vcpu_main(cfg_dict: dict, run_id: str, proc: int, hooks: tuple, seed: int, c
 def _loop(kvm, d, cfg, v: int, rng: random.Random, run_w: int) -> int:
     mem = kvm.mem
     gm = kvm.guest_mode
-    guest_ns = int(cfg.guest_time_us * 1000)
+    guest_ns = cfg.guest_ns
     tf, mf = cfg.tracked_fraction, cfg.tracked_fraction + cfg.mmio_fraction
     lo, hi = untracked_range(cfg)
     span = max(1, hi - lo)
