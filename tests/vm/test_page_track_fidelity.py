@@ -171,3 +171,48 @@ def test_reregistration_during_unregister_grace_period_is_refused(make_kvm, monk
     notifier.free_node(kvm, n)
     assert not [k for k, _, _ in kvm.events if k == "free_live_node"]
     assert notifier.kvm_page_track_register_notifier(kvm, notifier.alloc_node(kvm, MIRROR_KIND, 0))
+
+
+# -- review fixes -----------------------------------------------------------------------------------
+
+def test_release_node_drops_every_registration_and_free_node_warns_on_a_counted_listed_node(make_kvm):
+    kvm = make_kvm(page_track="v6.6")
+    n = notifier.alloc_node(kvm, MIRROR_KIND, 0, refcounted=True)
+    for _ in range(3):
+        assert notifier.kvm_page_track_register_notifier(kvm, n)
+    notifier.release_node(kvm, n)  # teardown: all three registrations go, one unlink, then free
+    assert notifier.live_nodes(kvm) == [] and kvm.events == []
+    assert notifier.node_state(kvm, n) == L.NODE_POISON
+    m = notifier.alloc_node(kvm, MIRROR_KIND, 0, refcounted=True)
+    for _ in range(2):
+        assert notifier.kvm_page_track_register_notifier(kvm, m)
+    notifier.free_node(kvm, m)  # a caller bug: two registrations still held
+    assert [(k, msg) for k, msg, _ in kvm.events] == [
+        ("free_live_node", f"WARN coordinator: freeing notifier node {m} that is still registered "
+                           f"(2 registrations held)")]
+
+
+def test_a_never_allocated_slot_is_not_a_counted_node(make_kvm):
+    """A FREE slot registered directly (the scripted ``reregister`` op) is a plain node, as before
+    node-refcount: the second registration is redundant (WARN), not silently counted."""
+    kvm = make_kvm(page_track="v6.6")
+    assert notifier.node_state(kvm, 5) == L.NODE_FREE
+    assert notifier.kvm_page_track_register_notifier(kvm, 5)
+    assert not notifier.kvm_page_track_register_notifier(kvm, 5)
+    assert [k for k, _, _ in kvm.events] == ["redundant_registration"]
+    assert notifier.kvm_page_track_unregister_notifier(kvm, 5)
+    notifier.free_node(kvm, 5)
+    assert kvm.mem.load(kvm.nodes_w + 5 * 8 + L.N_REFS) == -1, "a freed slot is not counted either"
+
+
+def test_mmu_node_is_kvms_own_not_any_node_of_its_kind(make_kvm):
+    """The scripted ``register`` op can allocate a node of any kind: it is not KVM's node."""
+    kvm = make_kvm(page_track="v6.6")
+    other = notifier.alloc_node(kvm, mmu.KVM_MMU_KIND, 0)
+    assert mmu.mmu_node(kvm) == -1
+    mmu.kvm_mmu_uninit_vm(kvm)
+    assert notifier.node_state(kvm, other) == L.NODE_ALLOCATED
+    kvm0 = make_kvm()
+    own = mmu.mmu_node(kvm0)
+    mmu.kvm_mmu_uninit_vm(kvm0)
+    assert notifier.node_state(kvm0, own) == L.NODE_POISON and mmu.mmu_node(kvm0) == -1
