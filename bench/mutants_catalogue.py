@@ -226,10 +226,14 @@ CATALOGUE: tuple[Mutant, ...] = (
            (("scenario", "kaboom"),) + RUN_RCU_LIST,
            "put reads the user count instead of decrementing it: the node is never unregistered"),
     Mutant("node-refcount-unlinks-early", "registration", "vm/notifier.py",
-           (Edit("        if refs > 1:  # node-refcount: other registrations still hold it; the list is unchanged\n",
-                 "        if refs > 2:  # node-refcount: other registrations still hold it; the list is unchanged\n"),),
-           (("scenario", "kaboom", "--registration", "node-refcount"),),
-           "the count in the notifier node unlinks it when the last-but-one registration goes"),
+           (Edit("        if refs > 1 and not every:  # node-refcount: other registrations still hold it; the list is "
+                 "unchanged\n",
+                 "        if refs > 2 and not every:  # node-refcount: other registrations still hold it; the list is "
+                 "unchanged\n"),),
+           (("scenario", "kaboom", "--registration", "node-refcount"),
+            ("run", "--design", "mutex-hash", "--registration", "node-refcount")),
+           "the count in the notifier node unlinks it when the last-but-one registration goes (a free run "
+           "kills it too: the oracle's N_REFS != users check, and stale entries)"),
     Mutant("per-table-free-without-unregister", "registration", "vm/avic/per_table.py",
            (Edit("            self._unregister(node)  # waits synchronize_srcu: no walker still has the node\n",
                  "            pass\n"),),

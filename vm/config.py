@@ -82,6 +82,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise UsageError(f"tracked_pages = {self.tracked_pages} exceeds the {pages} guest pages")
         if self.l2s * 1 > pages - self.tracked_pages:
             raise UsageError(f"l2s = {self.l2s} physid tables do not fit beside tracked_pages in memory")
+        kvm_own = " + KVM's own node (page_track v6.0)" if self.page_track == "v6.0" else ""
+        need = self.notifiers + bool(kvm_own)  # the mirror's nodes + kvm_mmu_init_vm's (v6.0)
+        if self.max_nodes < need:
+            raise UsageError(f"max_nodes = {self.max_nodes} is too small: notifiers = {self.notifiers}{kvm_own} "
+                             f"need {need} notifier nodes")
 
     def _resolve_table_writes(self) -> None:
         twv, w = self.table_writes_per_vmrun, self.writes_per_exit

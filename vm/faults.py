@@ -148,7 +148,8 @@ def notifier_cycle(kvm) -> str:
     lockup of that vCPU with the SRCU read lock held. Here the walk stops; this names the node where
     the cycle closes and the registration that closed it (``NH_CYCLE``: mainline's second
     ``hlist_add_head_rcu`` of a node already on the list, see vm/notifier.py). WARNed once per process;
-    returns the message."""
+    returns the message. If a re-walk finds no cycle, the list changed since the walker overran
+    (WARNed as an overrun, not as a cycle)."""
     mem, h = kvm.mem, kvm.notifier_w
     nmax = kvm.nodes.shape[0]
     seen: set[int] = set()
@@ -169,6 +170,11 @@ def notifier_cycle(kvm) -> str:
                f"list (mainline: a second hlist_add_head_rcu, no redundant-registration check)")
     else:
         how = "made by no recorded registration (the list was corrupted otherwise)"
+    if at < 0:  # the re-walk ended: the list the walker overran is not the list now
+        msg = (f"notifier walk ran past the {nmax}-node pool, but the list changed meanwhile: no cycle on "
+               f"a re-walk (the walk stopped early; notifiers after that point were not called)")
+        kvm.warn("notifier_overrun", msg)
+        return msg
     msg = (f"notifier list cycle at node {at}: kvm_page_track_write would never finish (soft lockup); "
            f"the cycle was {how}")
     if not kvm.cycle_warned:

@@ -103,6 +103,8 @@ class Kvm:
             v = vm.v
             for name in ("flags", "locks", "notifier", "nodes", "counters"):
                 v[name][...] = 0
+            # no slot is a counted node until its owner makes it one (alloc_node(refcounted=True))
+            v["nodes"][:, L.N_REFS] = -1
             init_lockstat(v["lockstat"])
             hist.init(v["hist"])
             for prefix, dom in L.DOMAINS:

@@ -39,6 +39,7 @@ NH_SEQ = 5             # registry seqcount: odd while register/unregister change
 NH_CYCLE = 6           # node (index + 1) a mainline redundant registration re-linked, making the
                        # list cyclic (0 = none; simulation bookkeeping for the soft-lockup diagnosis)
 NH_CYCLE_BY = 7        # who made it: registering proc tag << 32 | the registration's number (NH_REGISTERED)
+NH_MMU_NODE = 8        # kvm->arch.mmu_sp_tracker: index + 1 of KVM's own node (page_track v6.0), 0 = none
 
 N_NEXT = 0             # index + 1 of the next node, 0 = end
 N_KIND = 1             # notifier kind id (vm.notifier.KINDS)
@@ -93,7 +94,7 @@ def vm_layout(cfg) -> Layout:
         ("gfn_track", "u2", (cfg.memory_pages,)),
         ("locks", "i8", (len(LOCKS), LOCK_WORDS)),
         ("lockstat", "i8", (n, len(LOCK_CLASSES), STAT_WORDS)),
-        ("notifier", "i8", (8,)),
+        ("notifier", "i8", (16,)),
         ("nodes", "i8", (cfg.max_nodes, 8)),
         ("counters", "i8", (n, NCOUNTERS)),
         ("hist", "i8", (n, len(HISTS), hist.HIST_WORDS)),

@@ -41,8 +41,10 @@ class KvmMmuNotifier(notifier.NotifierNode):
 
 
 def kvm_mmu_init_vm(kvm) -> int:
-    """Register KVM's own node (v6.0); returns its index."""
+    """Register KVM's own node (v6.0) and remember it (``kvm->arch.mmu_sp_tracker``: ``NH_MMU_NODE``,
+    in shm so every process finds the same node); returns its index."""
     node = notifier.alloc_node(kvm, KVM_MMU_KIND, 0)
+    kvm.mem.store(kvm.notifier_w + L.NH_MMU_NODE, node + 1)
     notifier.kvm_page_track_register_notifier(kvm, node)
     return node
 
@@ -51,15 +53,10 @@ def kvm_mmu_uninit_vm(kvm) -> None:
     """Unregister and free KVM's own node, if there is one (VM destruction)."""
     node = mmu_node(kvm)
     if node >= 0:
-        if notifier.node_state(kvm, node) == L.NODE_LIVE:
-            notifier.kvm_page_track_unregister_notifier(kvm, node)
-        notifier.free_node(kvm, node)
+        kvm.mem.store(kvm.notifier_w + L.NH_MMU_NODE, 0)
+        notifier.release_node(kvm, node)
 
 
 def mmu_node(kvm) -> int:
-    """Index of KVM's own node, -1 if there is none (v6.6)."""
-    for i in range(kvm.nodes.shape[0]):
-        if kvm.mem.load(kvm.nodes_w + i * 8 + L.N_KIND) == KVM_MMU_KIND and \
-                kvm.mem.load(kvm.nodes_w + i * 8 + L.N_STATE) not in (L.NODE_FREE, L.NODE_POISON):
-            return i
-    return -1
+    """Index of KVM's own node, -1 if there is none (v6.6, or after ``kvm_mmu_uninit_vm``)."""
+    return kvm.mem.load(kvm.notifier_w + L.NH_MMU_NODE) - 1

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import random
 
-from vm import layout as L
 from vm import mirror, notifier
 from vm.page_track import PAGE_SHIFT, kvm_page_track_write_tracking_enable
 
@@ -131,9 +130,7 @@ class MirrorDesign(NestedDesign):
     def teardown(self) -> None:
         kvm = self.kvm
         for n in getattr(self, "nodes", []):
-            if notifier.node_state(kvm, n) == L.NODE_LIVE:
-                notifier.kvm_page_track_unregister_notifier(kvm, n)
-            notifier.free_node(kvm, n)
+            notifier.release_node(kvm, n)  # every registration it still holds, then free
 
 
 def make_design(kvm, cfg) -> NestedDesign:

@@ -8,8 +8,11 @@ Mirrors ``kvm_page_track_notifier_head`` (an SRCU domain, ``track_srcu``, plus a
   linked again as the kernel does (a cycle: vm/faults.py ``notifier_cycle`` names it); a node made
   with ``refcounted=True`` counts registrations instead (``N_REFS``, node-refcount);
 - unregister = ``hlist_del_rcu`` under mmu_lock, then ``synchronize_srcu`` so no reader still
-  holds the node when the caller frees it; ``free_node`` poisons the slot, and a reader that
-  meets a poisoned node reports it (use after free).
+  holds the node when the caller frees it; ``free_node`` poisons the slot (WARN if it is still
+  listed or counted), and a reader that meets a poisoned node reports it (use after free); an
+  owner's teardown uses ``release_node``: every registration the node still holds goes (one unlink),
+  then the free. ``N_REFS`` is -1 in every slot no owner made counted (never allocated, freed, or
+  allocated uncounted): such a node is a mainline node, without Maxim's count.
 - bookkeeping of the simulation (no kernel counterpart), for the exact call accounting of
   ``vm.mirror``: a seqcount ``NH_SEQ`` (odd while register / unregister change the list) and per
   node the seqcount of the registration that made it live (``N_REGSEQ``). A node's state is LIVE
@@ -93,13 +96,28 @@ def alloc_node(kvm, kind: int, owner: int, refcounted: bool = False) -> int:
 
 def free_node(kvm, node: int) -> None:
     """Return a node to the pool, poisoned. The caller guarantees no reader can still see it
-    (it was unregistered, which waited for an SRCU grace period)."""
+    (it was unregistered, which waited for an SRCU grace period); a node still on the list, or
+    still holding counted registrations (node-refcount), is freed all the same after a WARN (the
+    model keeps the bug's consequence: walkers meet the poison)."""
     mem = kvm.mem
     st = mem.load(_w(kvm, node, L.N_STATE))
-    if st == L.NODE_LIVE:
-        kvm.warn("free_live_node", f"freeing notifier node {node} that is still registered", node=node)
+    refs = mem.load(_w(kvm, node, L.N_REFS))
+    if st == L.NODE_LIVE or refs > 0:
+        held = f" ({refs} registration{'s' if refs != 1 else ''} held)" if refs > 0 else ""
+        kvm.warn("free_live_node", f"freeing notifier node {node} that is still registered{held}", node=node,
+                 refs=refs)
     mem.store(_w(kvm, node, L.N_NEXT), POISON_NEXT)
+    mem.store(_w(kvm, node, L.N_REFS), -1)
     mem.store(_w(kvm, node, L.N_STATE), L.NODE_POISON)
+
+
+def release_node(kvm, node: int) -> None:
+    """Teardown of a node's owner (VM destruction, the design's teardown): drop every registration
+    the node still holds — all of a counted node's (node-refcount: one unregister would only
+    decrement) — with one unlink and its grace period, then free it."""
+    if node_state(kvm, node) == L.NODE_LIVE:
+        _unregister(kvm, node, every=True)
+    free_node(kvm, node)
 
 
 def kvm_page_track_register_notifier(kvm, node: int) -> bool:
@@ -164,7 +182,13 @@ def kvm_page_track_register_notifier(kvm, node: int) -> bool:
 
 def kvm_page_track_unregister_notifier(kvm, node: int) -> bool:
     """hlist_del_rcu under mmu_lock, then synchronize_srcu(track_srcu). False (with a WARN) if
-    the node was not registered."""
+    the node was not registered. A counted node (node-refcount) drops one registration and is
+    unlinked only when it was the last."""
+    return _unregister(kvm, node, every=False)
+
+
+def _unregister(kvm, node: int, every: bool) -> bool:
+    """``every``: drop all of a counted node's registrations at once (``release_node``)."""
     mem = kvm.mem
     h = kvm.notifier_w
     with kvm.mmu_lock:
@@ -173,7 +197,7 @@ def kvm_page_track_unregister_notifier(kvm, node: int) -> bool:
                      node=node)
             return False
         refs = mem.load(_w(kvm, node, L.N_REFS))
-        if refs > 1:  # node-refcount: other registrations still hold it; the list is unchanged
+        if refs > 1 and not every:  # node-refcount: other registrations still hold it; the list is unchanged
             mem.store(_w(kvm, node, L.N_REFS), refs - 1)
             kvm.count("unregister")
             return True
@@ -194,7 +218,7 @@ def kvm_page_track_unregister_notifier(kvm, node: int) -> bool:
             return False
         mem.fetch_add(h + L.NH_SEQ, 1)  # odd: the list is changing
         mem.store(_w(kvm, node, L.N_STATE), L.NODE_RETIRING)  # before unlinking: LIVE => on the list
-        if refs == 1:
+        if refs >= 1:
             mem.store(_w(kvm, node, L.N_REFS), 0)
         mem.store(link, nxt)
         mem.fetch_add(h + L.NH_LIVE, -1)

@@ -147,9 +147,12 @@ def render(result: dict, console=None) -> None:
     con.print(f"[bold]pagetrack-sim run[/]: design={cfg['design']} registration={cfg['registration']} "
               f"vcpus={cfg['vcpus']} l2s={cfg['l2s']} switch_rate={cfg['switch_rate']} seed={result['seed']} "
               f"duration={result['elapsed_s']:.2f}s")
-    con.print(f"page track: {cfg.get('page_track', 'v6.0')}, MMIO writes "
-              f"{'walk the notifiers (--mmio-walk)' if cfg.get('mmio_walk') else 'do not walk (as x86.c)'}, "
-              f"redundant registration {cfg.get('redundant_registration', 'warn')}")
+    if "page_track" in cfg:
+        con.print(f"page track: {cfg['page_track']}, MMIO writes "
+                  f"{'walk the notifiers (--mmio-walk)' if cfg.get('mmio_walk') else 'do not walk (as x86.c)'}, "
+                  f"redundant registration {cfg.get('redundant_registration', 'warn')}")
+    else:  # written before the page-track options existed: which behaviour it had is not recorded
+        con.print("page track: unknown (older results)")
     t = Table(title="operations", show_edge=False)
     for col in ("op", "count", "per s", "p50", "p99", "p99.9", "max"):
         t.add_column(col, justify="right" if col != "op" else "left")

@@ -14,7 +14,6 @@ from ipc import trace
 from ipc.locks import init_lockstat, merge_lockstat, new_lock
 from ipc.proc import proc_starttime
 from ipc.shm import Region
-from vm import layout as L
 from vm import notifier
 from vm.avic import oracle
 from vm.avic.guest import GuestEntry
@@ -266,18 +265,14 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
             self._untrack(t)
             node = m.load(b + T_NODE) - 1
             if node >= 0:
-                if notifier.node_state(kvm, node) == L.NODE_LIVE:
-                    notifier.kvm_page_track_unregister_notifier(kvm, node)
-                notifier.free_node(kvm, node)
+                notifier.release_node(kvm, node)  # every registration it still holds, then free
             self._poison_table(t)
         for v in range(self.nvcpus):
             m.store(self.vw0 + v * VW + V_CUR, 0)
             m.store(self.vw0 + v * VW + V_INGUEST, 0)
         node = m.load(self.hdr0 + H_NODE) - 1
         if node >= 0:
-            if notifier.node_state(kvm, node) == L.NODE_LIVE:
-                notifier.kvm_page_track_unregister_notifier(kvm, node)
-            notifier.free_node(kvm, node)
+            notifier.release_node(kvm, node)  # every registration it still holds, then free
             m.store(self.hdr0 + H_NODE, 0)
 
     def close(self) -> None:

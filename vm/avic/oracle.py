@@ -118,6 +118,8 @@ def final(d) -> list[str]:
             if node < 0 or notifier.node_state(kvm, node) != L.NODE_LIVE:
                 bad.append(f"{name} is live but its notifier node {node} is not registered: writes "
                            f"to it are not seen")
+            elif d.registration == "node-refcount":  # one registration per vCPU holding the table
+                _node_refs(kvm, bad, node, ref, f"{name}'s refcount")
         if st == VALID:
             gbase = gfn << 9
             cb, sb = d.cache0 + t * d.ne, d.shadow0 + t * d.ne
@@ -157,6 +159,8 @@ def final(d) -> list[str]:
             bad.append(f"shared notifier node: {users} users counted, {nlive} live tables")
         if d.registration in ("refcount", "node-refcount") and not nlive and live:
             bad.append(f"nested AVIC notifier node {node} still registered with no table live")
+        if d.registration == "node-refcount" and node >= 0:  # one registration per user (table)
+            _node_refs(kvm, bad, node, users, "users counted (H_USERS)")
     redundant = kvm.mem.load(kvm.notifier_w + L.NH_REDUNDANT)
     if redundant:
         bad.append(f"{redundant} redundant registration(s) of a live page-track notifier node (WARN)")
@@ -184,6 +188,14 @@ def final(d) -> list[str]:
         if owner:
             bad.append(f"lock {lname} still held (owner tag {owner}) after the run")
     return bad
+
+
+def _node_refs(kvm, bad: list[str], node: int, want: int, what: str) -> None:
+    """node-refcount: the count in notifier node ``node`` (``N_REFS``) must be ``want``; one short
+    unlinks the node while a user still needs it, one over never unlinks it."""
+    refs = max(kvm.mem.load(kvm.nodes_w + node * 8 + L.N_REFS), 0)
+    if refs != want:
+        bad.append(f"notifier node {node} holds {refs} registration(s) (N_REFS), but {want} {what}")
 
 
 def _table_snapshot(d, v: int, t: int, gfn: int, entries=()) -> tuple | None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 import pytest
 
 from ipc.errors import UsageError
+from vm import layout as L
+from vm import mmu, notifier
 from vm.avic import AVIC_DESIGNS, REGISTRATIONS, kaboom_steps, run_kaboom
+from vm.avic.kaboom import apply_step
 from vm.config import Config
 from vm.kvm import Kvm
-from vm.nested import table_gfn
+from vm.nested import DESIGNS, table_gfn
 
 
 def kaboom(run_id, design, registration, **kw):
@@ -125,3 +128,59 @@ def test_kaboom_default_design_is_mutex_hash(run_id, registration):
         kvm.close()
     assert msgs[0] == f"kaboom: design mutex-hash, registration {registration}"
     assert verdict == ("SUCCESS" if registration in ("refcount", "node-refcount") else "FAILURE")
+
+
+def _two_users(run_id, design):
+    """node-refcount, X and Y both in L2 (two live tables on the shared node, or two vCPUs on one
+    per-table node): the node's count is 2 when the coordinator tears the design down."""
+    cfg = Config(vcpus=2, design=design, registration="node-refcount", fuzz="off")
+    kvm = Kvm.create(cfg, run_id)
+    d = DESIGNS[design](kvm, cfg)
+    d.setup()
+    for v in (0, 1):
+        d.vcpu_init(v)
+        d.vcpu_load(v)
+    for step in kaboom_steps("node-refcount", design)[:2]:  # X VMRUNs, Y VMRUNs
+        apply_step(d, step)
+    for v in (0, 1):
+        d.vcpu_put(v)
+    return kvm, d
+
+
+def _counted_twice(kvm) -> list[int]:
+    return [n for n in notifier.live_nodes(kvm) if kvm.mem.load(kvm.nodes_w + n * 8 + L.N_REFS) == 2]
+
+
+@pytest.mark.parametrize("design", AVIC_DESIGNS)
+def test_teardown_drops_every_registration_of_a_counted_node(run_id, design):
+    """Teardown with N_REFS = 2: it must unlink the node (all its registrations), not free a node
+    that is still on the list (a WARN, then kvm_mmu_uninit_vm walks into the poisoned slot)."""
+    kvm, d = _two_users(run_id, design)
+    try:
+        assert len(_counted_twice(kvm)) == 1, "the setting under test: one node held twice"
+        assert d.oracle() == []
+        d.teardown()
+        d.close()
+        mmu.kvm_mmu_uninit_vm(kvm)
+        assert [m for _, m, _ in kvm.events] == [] and kvm.poison_reads == 0
+        assert notifier.live_nodes(kvm) == []
+    finally:
+        kvm.close()
+
+
+@pytest.mark.parametrize("design", AVIC_DESIGNS)
+def test_oracle_checks_the_count_in_the_node(run_id, design):
+    """node-refcount: the node's N_REFS must equal its users (shared node: H_USERS; per-table: the
+    table's T_REF). A count one short would unlink the node while a user still needs it."""
+    kvm, d = _two_users(run_id, design)
+    try:
+        (n,) = _counted_twice(kvm)
+        kvm.mem.store(kvm.nodes_w + n * 8 + L.N_REFS, 1)
+        bad = d.oracle()
+        assert any(f"notifier node {n}" in b and "holds 1 registration" in b for b in bad), bad
+        kvm.mem.store(kvm.nodes_w + n * 8 + L.N_REFS, 2)
+        assert d.oracle() == []
+        d.teardown()
+    finally:
+        d.close()
+        kvm.close()
