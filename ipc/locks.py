@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ipc import _prims
+from ipc import _prims, sched
 
 SpinLock = _prims.SpinLock
 Mutex = _prims.Mutex
@@ -66,7 +66,8 @@ def new_lock(kind: str, mem, lock_word: int, stats_word: int = -1, tag: int = 1,
         cls = KINDS[kind]
     except KeyError:
         raise ValueError(f"unknown lock kind {kind!r} (spin, mutex)") from None
-    return cls(mem, lock_word, stats_word, tag, spins, busted, name)
+    lock = cls(mem, lock_word, stats_word, tag, spins, busted, name)
+    return lock if sched.ACTIVE is None else sched.wrap_lock(lock, name or f"{kind} lock word {lock_word}")
 
 
 def lockdep_assert_held(lock, name: str = "lock") -> None:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ipc import _prims, fuzz
+from ipc import _prims, fuzz, sched
 from ipc.locks import LOCK_WORDS, LockHolderDied, Mutex
 from ipc.proc import identity_alive, pid_alive, proc_starttime
 
@@ -112,6 +112,8 @@ class RcuDomain:
             self.read_unlock = self.reader.unlock
         else:
             self.reader = None
+        if sched.ACTIVE is not None:  # controlled scheduling (ipc/sched.py), decided at creation
+            sched.wrap_domain(self, sched.ACTIVE)
 
     # -- registration ---------------------------------------------------------------------
     def register(self) -> None:

@@ -124,7 +124,7 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
         self.notifier_lock = new_lock(
             "mutex", region.mem, region.word("locks", LOCK_NOTIFIER),
             region.word("lockstat", self.kvm.proc, LOCK_NOTIFIER) if stats else -1, self.tag,
-            busted="busted-lock" in self.hooks)
+            busted="busted-lock" in self.hooks, name="avic_notifier_lock")
 
     def _attach(self) -> None:
         if self.region is None or self.region.closed:
