@@ -29,6 +29,7 @@ import random
 import zlib
 
 from ipc import _prims, fuzz
+from ipc.proc import die_with_parent, pid_alive
 from ipc.shm import Layout, Region
 
 HDR_WORDS = SLOT_WORDS = 8
@@ -97,6 +98,8 @@ class Client:
 
     def _yield(self, name: str, state: int) -> None:
         m, s = self.mem, self.slot
+        if m.load(self.hdr + H_ABORT):  # unwinding after an abort: no more turns
+            raise ScheduleAborted("schedule ended by the scheduler")
         m.store(s + S_POINT, self._id(name))
         m.store(s + S_SINCE, m.load(self.hdr + H_PROGRESS))
         m.store(s + S_GO, 0)
@@ -297,7 +300,7 @@ class Scheduler:
             if not enabled:
                 self.outcome = "deadlock"
                 self.detail = "every unfinished process is blocked: " + ", ".join(
-                    f"{i}@{self._s(i, S_POINT)}" for i, s in enumerate(states) if s == BLOCKED)
+                    f"process {i} at @{self._s(i, S_POINT)}" for i, s in enumerate(states) if s == BLOCKED)
                 return self._abort()
             if step >= self.max_steps:
                 self.outcome, self.detail = "step-bound", f"{self.max_steps} steps without the end"
@@ -310,8 +313,8 @@ class Scheduler:
                 if i not in enabled or self._s(i, S_POINT) != pid:
                     self.outcome = "mismatch"
                     self.detail = (f"step {step}: process {i} is "
-                                   + ("not runnable" if i not in enabled else f"at point {self._s(i, S_POINT)}")
-                                   + f", the schedule expects point {pid}")
+                                   + ("not runnable" if i not in enabled else f"at @{self._s(i, S_POINT)}")
+                                   + f", the schedule expects it at @{pid}")
                     return self._abort()
             else:
                 i = self.strategy.pick(enabled, step, last)
@@ -330,3 +333,90 @@ class Scheduler:
             m.store(base + S_GO, 1)
             m.futex_wake(base + S_GO)
         return self.outcome
+
+
+# -- driver: forked clients -------------------------------------------------------------------
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            return b"".join(chunks)
+        chunks.append(b)
+
+
+def _client_main(run_id: str, n: int, i: int, body, wfd: int) -> None:
+    """A forked client: attach the turnstile, run ``body(i, client) -> bytes``, hand the bytes to
+    the parent through ``wfd``, exit (never returns)."""
+    report, code, client = b"", 1, None
+    try:
+        die_with_parent()
+        client = Client(Region.attach(run_id, layout(n)), i)
+        install(client)
+        report, code = body(i, client), 0
+    except BaseException:  # the body reports its own errors; anything else is exit status 1
+        pass
+    try:
+        if client is not None:
+            client.done()
+        while report:
+            report = report[os.write(wfd, report):]
+    finally:
+        os._exit(code)
+
+
+def run_forked(run_id: str, n: int, body, strategy, max_steps: int, check=None,
+               hang_s: float = 10.0) -> tuple[Scheduler, list[bytes], list[int]]:
+    """Fork ``n`` client processes running ``body(index, client) -> bytes`` under one schedule of
+    ``strategy`` (the calling process is the scheduler); returns the scheduler (``outcome``,
+    ``log``), each client's bytes and exit status. The turnstile segment is unlinked and every
+    child reaped before it returns, whatever happened."""
+    region = Region.create(run_id, layout(n))
+    pids: list[int] = []
+    fds: list[int] = []
+    try:
+        region.v["hdr"][:] = 0
+        region.v["slots"][:] = 0
+        for i in range(n):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                _client_main(run_id, n, i, body, w)
+            os.close(w)
+            pids.append(pid)
+            fds.append(r)
+        s = Scheduler(region, n, strategy, max_steps, alive=lambda i: pid_alive(pids[i]), hang_s=hang_s,
+                      check=check)
+        if s.run() != "done":  # aborted clients unwind and exit; one that does not is killed
+            deadline = _prims.now_ns() + int(hang_s * 1e9)
+            while any(pid_alive(p) for p in pids) and _prims.now_ns() < deadline:
+                _prims.spin_ns(1_000_000)
+            for p in pids:
+                if pid_alive(p):
+                    os.kill(p, 9)
+        out = [_read_all(fd) for fd in fds]
+        codes = _reap(pids)
+        pids = []
+        return s, out, codes
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if pids:
+            _reap(pids, kill=True)
+        region.close()
+
+
+def _reap(pids: list[int], kill: bool = False) -> list[int]:
+    codes = []
+    for pid in pids:
+        if kill:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        try:
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        except ChildProcessError:
+            codes.append(0)
+    return codes

@@ -12,6 +12,7 @@ the order between vCPUs is the scheduler's).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ import tomllib
 
 from ipc import sched
 from ipc.errors import UsageError
-from lab.schedrun import Scenario, describe, run_schedule
+from lab.schedrun import Scenario, describe, name_points, run_schedule
 from vm.results import versions
 
 DEFAULT_DEPTH = 3
@@ -114,8 +115,8 @@ def save(path: str, sc: Scenario, meta: dict, log: list[tuple[int, str, bool]], 
              "", "[explore]", *[f"{k} = {_toml_value(v)}" for k, v in meta.items()],
              "", "[versions]", *[f"{k} = {_toml_value(v)}" for k, v in versions().items()],
              "", "[result]", f"diagnosis = {_toml_value(reasons[:20])}",
-             "", "# one [vCPU, point] per scheduling step, in order",
-             "schedule = [", *[f"  [{v}, {_toml_value(n)}]," for v, n, _ in log], "]", ""]
+             "", "[schedule]  # one [vCPU, point] per scheduling step, in order",
+             "steps = [", *[f"  [{v}, {_toml_value(n)}]," for v, n, _ in log], "]", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -135,7 +136,7 @@ def load(path: str) -> tuple[Scenario, list[tuple[int, str]], dict]:
         s = doc["scenario"]
         progs = [[(str(op), dict(a)) for op, a in p] for p in s["programs"]]
         sc = Scenario(str(s["name"]), dict(s["config"]), tuple(s["hooks"]), progs, str(s["executor"]))
-        schedule = [(int(v), str(n)) for v, n in doc["schedule"]]
+        schedule = [(int(v), str(n)) for v, n in doc["schedule"]["steps"]]
     except (KeyError, TypeError, ValueError) as e:
         raise bad(f"not a failing-schedule file ({type(e).__name__}: {e})") from None
     if sc.executor not in ("avic", "vcpu") or not all(0 <= v < sc.n for v, _ in schedule):
@@ -192,7 +193,8 @@ def replay(path: str) -> dict:
     sc, schedule, doc = load(path)
     _check_cfg(sc)
     o = run_schedule(sc, sched.Replay([(v, sched.point_id(n)) for v, n in schedule]), len(schedule) + 1)
-    return {"verdict": o.verdict, "reasons": o.reasons, "log": o.log, "steps": len(o.log),
+    expected = {sched.point_id(n): n for _, n in schedule}
+    return {"verdict": o.verdict, "reasons": [name_points(r, expected) for r in o.reasons], "log": o.log, "steps": len(o.log),
             "expected": doc.get("result", {}).get("diagnosis", []), "seconds": round(o.seconds, 3)}
 
 
@@ -210,7 +212,10 @@ def main(args) -> int:
         sc = from_toml(args.scenario, args.registration, args.design, hooks)
     else:
         sc = builtin(args.scenario, args.registration, args.design, hooks)
-    res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out)
+    res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: v for k, v in res.items() if k != "log"}, f, indent=1)
     if res["verdict"] == "FAILURE":
         print(f"FAILURE after {res['schedules_to_failure']} schedule(s) ({res['strategy']}, depth {res['depth']},"
               f" seed {res['seed']}): {res['reasons'][0] if res['reasons'] else '?'}")
@@ -234,7 +239,7 @@ def main_replay(args) -> int:
         return 2
     print("\n".join(format_log(res["log"])))
     if res["verdict"] == "FAILURE":
-        same = res["reasons"][:len(res["expected"])] == res["expected"][:len(res["reasons"])]
+        same = res["reasons"][:20] == res["expected"]
         print(f"FAILURE (replayed {res['steps']} steps{', same diagnosis as saved' if same else ''}): "
               f"{res['reasons'][0]}")
         for r in res["reasons"][1:8]:

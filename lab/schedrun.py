@@ -9,16 +9,14 @@ the same interleaving, the same WARNs and the same oracle findings.
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
 
 import msgspec
 
+import vm.avic  # noqa: F401  (registers the nested AVIC designs)
 from ipc import sched
-from ipc.proc import die_with_parent, pid_alive
-from ipc.shm import Region
 from vm.config import from_dict
 from vm.coordinator import new_run_id
 from vm.kvm import Kvm
@@ -59,43 +57,36 @@ def describe(op: str, args: dict) -> str:
     return " ".join([op] + [f"{k}={v}" for k, v in args.items()])
 
 
-def _child(sc: Scenario, cfg, run_id: str, v: int, wfd: int) -> None:
-    """A vCPU process: attach under the turnstile, run its program, report, exit (never returns)."""
-    report: dict = {"vcpu": v, "error": None, "events": [], "log": [], "names": {}, "aborted": False}
-    client = None
-    try:
-        die_with_parent()
-        region = Region.attach(run_id, sched.layout(sc.n))
-        client = sched.Client(region, v)
-        sched.install(client)
-        kvm = Kvm.attach(cfg, run_id, v + 1, frozenset(sc.hooks))
-        d = make_design(kvm, cfg)
-        d.vcpu_init(v)
-        run = _executor(sc.executor, kvm, d, v)
-        client.hit("op vcpu_load")
-        d.vcpu_load(v)
+def _vcpu_body(sc: Scenario, cfg, run_id: str):
+    """What each forked vCPU process runs (ipc.sched.run_forked): attach the VM, run its program
+    under the turnstile, return its report."""
+
+    def body(v: int, client) -> bytes:
+        report: dict = {"vcpu": v, "error": None, "events": [], "log": [], "names": {}, "aborted": False}
         try:
-            for op, args in sc.programs[v]:
-                client.hit(f"op {describe(op, args)}")
-                report["log"].append(run(op, args))
-            client.hit("op vcpu_put")
-            d.vcpu_put(v)
-        finally:
-            report["events"] = [m for _, m, _ in kvm.events[:MAX_EVENTS]]
-    except sched.ScheduleAborted:
-        report["aborted"] = True
-    except BaseException as e:
-        report["error"] = f"{type(e).__name__}: {e}"
-        report["traceback"] = traceback.format_exc()[-3000:]
-    try:
-        if client is not None:
-            report["names"] = {str(k): n for k, n in client.names.items()}
-            client.done()
-        data = msgspec.msgpack.encode(report)
-        while data:
-            data = data[os.write(wfd, data):]
-    finally:
-        os._exit(0)
+            kvm = Kvm.attach(cfg, run_id, v + 1, frozenset(sc.hooks))
+            d = make_design(kvm, cfg)
+            d.vcpu_init(v)
+            run = _executor(sc.executor, kvm, d, v)
+            client.hit("op vcpu_load")
+            d.vcpu_load(v)
+            try:
+                for op, args in sc.programs[v]:
+                    client.hit(f"op {describe(op, args)}")
+                    report["log"].append(run(op, args))
+                client.hit("op vcpu_put")
+                d.vcpu_put(v)
+            finally:
+                report["events"] = [m for _, m, _ in kvm.events[:MAX_EVENTS]]
+        except sched.ScheduleAborted:
+            report["aborted"] = True
+        except BaseException as e:
+            report["error"] = f"{type(e).__name__}: {e}"
+            report["traceback"] = traceback.format_exc()[-3000:]
+        report["names"] = {str(k): n for k, n in client.names.items()}
+        return msgspec.msgpack.encode(report)
+
+    return body
 
 
 def _executor(kind: str, kvm, d, v: int):
@@ -109,90 +100,50 @@ def _executor(kind: str, kvm, d, v: int):
     return lambda op, args: f"vCPU {v}: {describe(op, args)} -> {vc.execute(op, dict(args))}"
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        b = os.read(fd, 65536)
-        if not b:
-            return b"".join(chunks)
-        chunks.append(b)
-
-
 def run_schedule(sc: Scenario, strategy, max_steps: int) -> Outcome:
     """Run ``sc`` once under ``strategy`` (ipc.sched Pct / RandomWalk / Replay)."""
     cfg = from_dict({**sc.cfg, "fuzz": "off"})
     run_id = new_run_id()
     t0 = time.monotonic()
     kvm = Kvm.create(cfg, run_id, frozenset(sc.hooks))
-    region = d = None
-    pids: list[int] = []
-    fds: list[int] = []
-    reports: list[dict] = []
+    d = None
     try:
         d = make_design(kvm, cfg)
         d.setup()
-        region = Region.create(run_id, sched.layout(sc.n))
-        region.v["hdr"][:] = 0
-        region.v["slots"][:] = 0
-        for v in range(sc.n):
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(r)
-                _child(sc, cfg, run_id, v, w)
-            os.close(w)
-            pids.append(pid)
-            fds.append(r)
         # the coordinator's sampling checker (I1) runs between every two steps
-        s = sched.Scheduler(region, sc.n, strategy, max_steps, alive=lambda i: pid_alive(pids[i]),
-                            check=d.sample)
-        s.run()
-        for fd in fds:
+        s, raw, codes = sched.run_forked(run_id, sc.n, _vcpu_body(sc, cfg, run_id), strategy, max_steps,
+                                         check=d.sample)
+        reports = []
+        for v, b in enumerate(raw):
             try:
-                reports.append(msgspec.msgpack.decode(_read_all(fd)))
+                reports.append(msgspec.msgpack.decode(b))
             except msgspec.DecodeError:
-                reports.append({"vcpu": len(reports), "error": "no report (process died)", "events": [],
-                                "log": [], "names": {}, "aborted": False})
-        codes = _reap(pids)
-        pids = []
+                reports.append({"vcpu": v, "error": "no report (process died)", "events": [], "log": [],
+                                "names": {}, "aborted": False})
         names: dict[int, str] = {}
         for rep in reports:
             names.update({int(k): n for k, n in rep["names"].items()})
         log = [(i, names.get(p, f"point #{p}"), b) for i, p, b in s.log]
         reasons = _reasons(s, reports, codes, names) + [m for _, m, _ in kvm.events]
-        clean = s.outcome == "done" and not any(rep["error"] for rep in reports)
+        clean = s.outcome == "done" and not any(rep["error"] for rep in reports) and not any(codes)
         if clean:
             reasons += [f"oracle: {f}" for f in d.oracle()]
         reasons = _dedup(reasons)
-        if s.outcome == "mismatch":
-            verdict = "MISMATCH"
-        else:
-            verdict = "FAILURE" if reasons else "SUCCESS"
+        verdict = "MISMATCH" if s.outcome == "mismatch" else "FAILURE" if reasons else "SUCCESS"
         if clean:
             d.teardown()  # nobody holds a lock: every vCPU ended its program
         return Outcome(verdict, reasons, log, s.outcome, time.monotonic() - t0,
                        [rep["log"] for rep in reports])
     finally:
-        for fd in fds:
-            os.close(fd)
-        if pids:
-            _reap(pids, kill=True)
         if d is not None:
             d.close()
-        if region is not None:
-            region.close()
         kvm.close()
 
 
 def _reasons(s, reports: list[dict], codes: list[int], names: dict[int, str]) -> list[str]:
     out = []
-    if s.outcome in ("deadlock", "step-bound", "hang", "crash"):
-        detail = s.detail
-        for pid, n in names.items():
-            detail = detail.replace(f"@{pid}", f" at '{n}'")
-        out.append(f"{s.outcome}: {detail}")
-    if s.outcome == "mismatch":
-        out.append(s.detail)
+    if s.outcome != "done":
+        out.append(f"{s.outcome}: {name_points(s.detail, names)}")
     for rep in reports:
         if rep["error"]:
             out.append(f"vCPU {rep['vcpu']} failed: {rep['error']}")
@@ -203,6 +154,13 @@ def _reasons(s, reports: list[dict], codes: list[int], names: dict[int, str]) ->
     return out
 
 
+def name_points(text: str, names: dict[int, str]) -> str:
+    """``@<point id>`` -> ``'name'`` for the points whose names are known."""
+    for pid, n in names.items():
+        text = text.replace(f"@{pid}", f"'{n}'")
+    return text
+
+
 def _dedup(msgs: list[str]) -> list[str]:
     """Each message once, in first-seen order, with how often it came (the sampling checker
     repeats itself at every step)."""
@@ -210,19 +168,3 @@ def _dedup(msgs: list[str]) -> list[str]:
     for m in msgs:
         n[m] = n.get(m, 0) + 1
     return [m if c == 1 else f"{m} (x{c})" for m, c in n.items()]
-
-
-def _reap(pids: list[int], kill: bool = False) -> list[int]:
-    codes = []
-    for pid in pids:
-        if kill:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        try:
-            _, st = os.waitpid(pid, 0)
-            codes.append(os.waitstatus_to_exitcode(st))
-        except ChildProcessError:
-            codes.append(0)
-    return codes
