@@ -16,7 +16,8 @@ unfinished client is blocked that way the scheduler reports a deadlock.
 Layout of the turnstile region (``layout(n)``, one segment ``pts_<run>_sched``):
 - ``hdr``   8 words: [0] wake (futex word of the scheduler: 1 = a client yielded), [1] progress
   (productive steps so far), [2] abort (1 = every client raises :class:`ScheduleAborted` when it
-  resumes), rest reserved
+  resumes), [3] job (futex word: a pool's clients start schedule number ``job``; ipc/schedpool.py),
+  [4] quit (the pool's clients exit), rest reserved
 - ``slots`` (n, 8) words, one cache line per client: [0] go (futex word: 1 = your turn), [1] state
   (RUN, POINT, BLOCKED, DONE), [2] point id (crc32 of the point's name), [3] progress value seen
   when it blocked, rest reserved
@@ -29,11 +30,10 @@ import random
 import zlib
 
 from ipc import _prims, fuzz
-from ipc.proc import die_with_parent, pid_alive
 from ipc.shm import Layout, Region
 
 HDR_WORDS = SLOT_WORDS = 8
-H_WAKE, H_PROGRESS, H_ABORT = 0, 1, 2
+H_WAKE, H_PROGRESS, H_ABORT, H_JOB, H_QUIT = 0, 1, 2, 3, 4
 S_GO, S_STATE, S_POINT, S_SINCE = 0, 1, 2, 3
 RUN, POINT, BLOCKED, DONE = 0, 1, 2, 3
 STRATEGIES = ("pct", "random")
@@ -334,89 +334,3 @@ class Scheduler:
             m.futex_wake(base + S_GO)
         return self.outcome
 
-
-# -- driver: forked clients -------------------------------------------------------------------
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        b = os.read(fd, 65536)
-        if not b:
-            return b"".join(chunks)
-        chunks.append(b)
-
-
-def _client_main(run_id: str, n: int, i: int, body, wfd: int) -> None:
-    """A forked client: attach the turnstile, run ``body(i, client) -> bytes``, hand the bytes to
-    the parent through ``wfd``, exit (never returns)."""
-    report, code, client = b"", 1, None
-    try:
-        die_with_parent()
-        client = Client(Region.attach(run_id, layout(n)), i)
-        install(client)
-        report, code = body(i, client), 0
-    except BaseException:  # the body reports its own errors; anything else is exit status 1
-        pass
-    try:
-        if client is not None:
-            client.done()
-        while report:
-            report = report[os.write(wfd, report):]
-    finally:
-        os._exit(code)
-
-
-def run_forked(run_id: str, n: int, body, strategy, max_steps: int, check=None,
-               hang_s: float = 10.0) -> tuple[Scheduler, list[bytes], list[int]]:
-    """Fork ``n`` client processes running ``body(index, client) -> bytes`` under one schedule of
-    ``strategy`` (the calling process is the scheduler); returns the scheduler (``outcome``,
-    ``log``), each client's bytes and exit status. The turnstile segment is unlinked and every
-    child reaped before it returns, whatever happened."""
-    region = Region.create(run_id, layout(n))
-    pids: list[int] = []
-    fds: list[int] = []
-    try:
-        region.v["hdr"][:] = 0
-        region.v["slots"][:] = 0
-        for i in range(n):
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(r)
-                _client_main(run_id, n, i, body, w)
-            os.close(w)
-            pids.append(pid)
-            fds.append(r)
-        s = Scheduler(region, n, strategy, max_steps, alive=lambda i: pid_alive(pids[i]), hang_s=hang_s,
-                      check=check)
-        if s.run() != "done":  # aborted clients unwind and exit; one that does not is killed
-            deadline = _prims.now_ns() + int(hang_s * 1e9)
-            while any(pid_alive(p) for p in pids) and _prims.now_ns() < deadline:
-                _prims.spin_ns(1_000_000)
-            for p in pids:
-                if pid_alive(p):
-                    os.kill(p, 9)
-        out = [_read_all(fd) for fd in fds]
-        codes = _reap(pids)
-        pids = []
-        return s, out, codes
-    finally:
-        for fd in fds:
-            os.close(fd)
-        if pids:
-            _reap(pids, kill=True)
-        region.close()
-
-
-def _reap(pids: list[int], kill: bool = False) -> list[int]:
-    codes = []
-    for pid in pids:
-        if kill:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        try:
-            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-        except ChildProcessError:
-            codes.append(0)
-    return codes

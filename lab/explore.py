@@ -20,7 +20,7 @@ import tomllib
 
 from ipc import sched
 from ipc.errors import UsageError
-from lab.schedrun import Scenario, describe, name_points, run_schedule
+from lab.schedrun import Runner, Scenario, describe, name_points, run_schedule
 from vm.results import versions
 
 DEFAULT_DEPTH = 3
@@ -166,23 +166,24 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
     steps = k_max = 0
     k_est = 50  # PCT places its change points among this many steps: the longest schedule so far
     res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks)}
-    for i in range(schedules):
-        sseed = seed * 1_000_003 + i
-        o = run_schedule(sc, _strategy(strategy, sseed, sc.n, depth, k_est), max_steps)
-        steps += len(o.log)
-        k_max = max(k_max, len(o.log))
-        k_est = max(k_est, k_max)
-        if o.verdict != "SUCCESS":
-            res.update(verdict="FAILURE", schedules=i + 1, schedules_to_failure=i + 1, reasons=o.reasons,
-                       log=o.log, schedule_seed=sseed, failing_steps=len(o.log))
-            if out is not None:
-                os.makedirs(out, exist_ok=True)
-                res["file"] = os.path.join(out, FILE)
-                save(res["file"], sc, {"strategy": strategy, "depth": depth, "seed": seed, "schedule": i,
-                                       "schedule_seed": sseed, "steps": len(o.log)}, o.log, o.reasons)
-            break
-    else:
-        res.update(verdict="SUCCESS", schedules=schedules, reasons=[])
+    with Runner(sc) as runner:
+        for i in range(schedules):
+            sseed = seed * 1_000_003 + i
+            o = runner.run(_strategy(strategy, sseed, sc.n, depth, k_est), max_steps)
+            steps += len(o.log)
+            k_max = max(k_max, len(o.log))
+            k_est = max(k_est, k_max)
+            if o.verdict != "SUCCESS":
+                res.update(verdict="FAILURE", schedules=i + 1, schedules_to_failure=i + 1, reasons=o.reasons,
+                           log=o.log, schedule_seed=sseed, failing_steps=len(o.log))
+                if out is not None:
+                    os.makedirs(out, exist_ok=True)
+                    res["file"] = os.path.join(out, FILE)
+                    save(res["file"], sc, {"strategy": strategy, "depth": depth, "seed": seed, "schedule": i,
+                                           "schedule_seed": sseed, "steps": len(o.log)}, o.log, o.reasons)
+                break
+        else:
+            res.update(verdict="SUCCESS", schedules=schedules, reasons=[])
     el = time.monotonic() - t0
     res.update(steps=steps, seconds=round(el, 3), steps_per_s=round(steps / max(el, 1e-9), 1),
                n=sc.n, k=k_max, guarantee=sched.guarantee(sc.n, k_max, depth) if strategy == "pct" else None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 import vm.avic  # noqa: F401  (registers the nested AVIC designs)
-from ipc import sched
+from ipc import sched, schedpool
 from vm.config import from_dict
 from vm.coordinator import new_run_id
 from vm.kvm import Kvm
@@ -57,32 +57,36 @@ def describe(op: str, args: dict) -> str:
     return " ".join([op] + [f"{k}={v}" for k, v in args.items()])
 
 
-def _vcpu_body(sc: Scenario, cfg, run_id: str):
-    """What each forked vCPU process runs (ipc.sched.run_forked): attach the VM, run its program
-    under the turnstile, return its report."""
+def _vcpu_body(sc: Scenario, cfg, base: str):
+    """What each vCPU process of the pool runs for schedule ``job`` (ipc.schedpool): attach that
+    schedule's VM, run its program under the turnstile, detach, return its report."""
 
-    def body(v: int, client) -> bytes:
+    def body(v: int, client, job: int) -> bytes:
         report: dict = {"vcpu": v, "error": None, "events": [], "log": [], "names": {}, "aborted": False}
+        kvm = d = None
         try:
-            kvm = Kvm.attach(cfg, run_id, v + 1, frozenset(sc.hooks))
+            kvm = Kvm.attach(cfg, f"{base}j{job}", v + 1, frozenset(sc.hooks))
             d = make_design(kvm, cfg)
             d.vcpu_init(v)
             run = _executor(sc.executor, kvm, d, v)
             client.hit("op vcpu_load")
             d.vcpu_load(v)
-            try:
-                for op, args in sc.programs[v]:
-                    client.hit(f"op {describe(op, args)}")
-                    report["log"].append(run(op, args))
-                client.hit("op vcpu_put")
-                d.vcpu_put(v)
-            finally:
-                report["events"] = [m for _, m, _ in kvm.events[:MAX_EVENTS]]
+            for op, args in sc.programs[v]:
+                client.hit(f"op {describe(op, args)}")
+                report["log"].append(run(op, args))
+            client.hit("op vcpu_put")
+            d.vcpu_put(v)
         except sched.ScheduleAborted:
             report["aborted"] = True
         except BaseException as e:
             report["error"] = f"{type(e).__name__}: {e}"
             report["traceback"] = traceback.format_exc()[-3000:]
+        finally:
+            if kvm is not None:
+                report["events"] = [m for _, m, _ in kvm.events[:MAX_EVENTS]]
+                if d is not None:
+                    d.close()
+                kvm.close()
         report["names"] = {str(k): n for k, n in client.names.items()}
         return msgspec.msgpack.encode(report)
 
@@ -100,47 +104,82 @@ def _executor(kind: str, kvm, d, v: int):
     return lambda op, args: f"vCPU {v}: {describe(op, args)} -> {vc.execute(op, dict(args))}"
 
 
+class Runner:
+    """Runs schedules of one scenario: vCPU processes forked once (a pool), a fresh VM per schedule
+    (run id ``<base>j<job>``); ``close()`` ends the processes. Use as a context manager."""
+
+    def __init__(self, sc: Scenario):
+        self.sc = sc
+        self.cfg = from_dict({**sc.cfg, "fuzz": "off"})
+        self.pool: schedpool.Pool | None = None
+        self.base = ""
+
+    def _pool(self) -> schedpool.Pool:
+        if self.pool is not None and self.pool.broken:
+            self.pool.close()
+            self.pool = None
+        if self.pool is None:
+            self.base = new_run_id()[:16]
+            self.pool = schedpool.Pool(self.base, self.sc.n, _vcpu_body(self.sc, self.cfg, self.base))
+        return self.pool
+
+    def run(self, strategy, max_steps: int) -> Outcome:
+        """Run the scenario once under ``strategy`` (ipc.sched Pct / RandomWalk / Replay)."""
+        sc, cfg = self.sc, self.cfg
+        t0 = time.monotonic()
+        pool = self._pool()
+        kvm = Kvm.create(cfg, f"{self.base}j{pool.job + 1}", frozenset(sc.hooks))
+        d = None
+        try:
+            d = make_design(kvm, cfg)
+            d.setup()
+            # the coordinator's sampling checker (I1) runs between every two steps
+            s, raw = pool.run(strategy, max_steps, check=d.sample)
+            reports = []
+            for v, b in enumerate(raw):
+                try:
+                    reports.append(msgspec.msgpack.decode(b or b""))
+                except msgspec.DecodeError:
+                    reports.append({"vcpu": v, "error": "no report (process died or hung)", "events": [],
+                                    "log": [], "names": {}, "aborted": False})
+            names: dict[int, str] = {}
+            for rep in reports:
+                names.update({int(k): n for k, n in rep["names"].items()})
+            log = [(i, names.get(p, f"point #{p}"), b) for i, p, b in s.log]
+            reasons = _reasons(s, reports, names) + [m for _, m, _ in kvm.events]
+            clean = s.outcome == "done" and not any(rep["error"] for rep in reports)
+            if clean:
+                reasons += [f"oracle: {f}" for f in d.oracle()]
+            reasons = _dedup(reasons)
+            verdict = "MISMATCH" if s.outcome == "mismatch" else "FAILURE" if reasons else "SUCCESS"
+            if clean:
+                d.teardown()  # nobody holds a lock: every vCPU ended its program
+            return Outcome(verdict, reasons, log, s.outcome, time.monotonic() - t0,
+                           [rep["log"] for rep in reports])
+        finally:
+            if d is not None:
+                d.close()
+            kvm.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_schedule(sc: Scenario, strategy, max_steps: int) -> Outcome:
-    """Run ``sc`` once under ``strategy`` (ipc.sched Pct / RandomWalk / Replay)."""
-    cfg = from_dict({**sc.cfg, "fuzz": "off"})
-    run_id = new_run_id()
-    t0 = time.monotonic()
-    kvm = Kvm.create(cfg, run_id, frozenset(sc.hooks))
-    d = None
-    try:
-        d = make_design(kvm, cfg)
-        d.setup()
-        # the coordinator's sampling checker (I1) runs between every two steps
-        s, raw, codes = sched.run_forked(run_id, sc.n, _vcpu_body(sc, cfg, run_id), strategy, max_steps,
-                                         check=d.sample)
-        reports = []
-        for v, b in enumerate(raw):
-            try:
-                reports.append(msgspec.msgpack.decode(b))
-            except msgspec.DecodeError:
-                reports.append({"vcpu": v, "error": "no report (process died)", "events": [], "log": [],
-                                "names": {}, "aborted": False})
-        names: dict[int, str] = {}
-        for rep in reports:
-            names.update({int(k): n for k, n in rep["names"].items()})
-        log = [(i, names.get(p, f"point #{p}"), b) for i, p, b in s.log]
-        reasons = _reasons(s, reports, codes, names) + [m for _, m, _ in kvm.events]
-        clean = s.outcome == "done" and not any(rep["error"] for rep in reports) and not any(codes)
-        if clean:
-            reasons += [f"oracle: {f}" for f in d.oracle()]
-        reasons = _dedup(reasons)
-        verdict = "MISMATCH" if s.outcome == "mismatch" else "FAILURE" if reasons else "SUCCESS"
-        if clean:
-            d.teardown()  # nobody holds a lock: every vCPU ended its program
-        return Outcome(verdict, reasons, log, s.outcome, time.monotonic() - t0,
-                       [rep["log"] for rep in reports])
-    finally:
-        if d is not None:
-            d.close()
-        kvm.close()
+    """One schedule on processes of its own."""
+    with Runner(sc) as r:
+        return r.run(strategy, max_steps)
 
 
-def _reasons(s, reports: list[dict], codes: list[int], names: dict[int, str]) -> list[str]:
+def _reasons(s, reports: list[dict], names: dict[int, str]) -> list[str]:
     out = []
     if s.outcome != "done":
         out.append(f"{s.outcome}: {name_points(s.detail, names)}")
@@ -148,9 +187,6 @@ def _reasons(s, reports: list[dict], codes: list[int], names: dict[int, str]) ->
         if rep["error"]:
             out.append(f"vCPU {rep['vcpu']} failed: {rep['error']}")
         out.extend(rep["events"])
-    for v, c in enumerate(codes):
-        if c != 0:
-            out.append(f"vCPU {v} exited with status {c}")
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ipc import fuzz, sched
+from ipc import fuzz, sched, schedpool
 from ipc.locks import LOCK_WORDS, new_lock
 from ipc.shm import Layout, Region
 
@@ -37,7 +37,7 @@ def _counter_body(run_id: str, incs: int = 2):
 
 
 def test_clients_run_one_at_a_time_and_the_log_is_the_interleaving(run_id, data):
-    s, out, codes = sched.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(1), 1000)
+    s, out, codes = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(1), 1000)
     assert s.outcome == "done" and out == [b"ok", b"ok"] and codes == [0, 0]
     assert sorted(i for i, _, _ in s.log).count(0) == sorted(i for i, _, _ in s.log).count(1) == 4
     # every step is a (client, point) choice, point ids are the names' crc32
@@ -50,7 +50,7 @@ def test_a_strategy_finds_the_lost_update_and_replay_repeats_it(run_id, data, st
     for seed in range(40):
         data.v["w"][:] = 0
         strat = sched.RandomWalk(seed) if strategy == "random" else sched.Pct(seed, 2, 2, 8)
-        s, _, _ = sched.run_forked(run_id, 2, _counter_body(run_id), strat, 1000)
+        s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), strat, 1000)
         assert s.outcome == "done"
         if int(data.v["w"][0]) != 4:
             found = s.log
@@ -59,22 +59,22 @@ def test_a_strategy_finds_the_lost_update_and_replay_repeats_it(run_id, data, st
     lost = int(data.v["w"][0])
     for _ in range(3):
         data.v["w"][:] = 0
-        s, _, _ = sched.run_forked(run_id, 2, _counter_body(run_id), sched.Replay([(i, p) for i, p, _ in found]),
+        s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.Replay([(i, p) for i, p, _ in found]),
                                    len(found) + 1)
         assert s.outcome == "done" and s.log == found and int(data.v["w"][0]) == lost
 
 
 def test_same_seed_same_interleaving(run_id, data):
-    logs = [sched.run_forked(run_id, 2, _counter_body(run_id), sched.Pct(7, 2, 3, 8), 1000)[0].log
+    logs = [schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.Pct(7, 2, 3, 8), 1000)[0].log
             for _ in range(2)]
     assert logs[0] == logs[1]
 
 
 def test_replay_of_a_point_that_does_not_exist_is_a_mismatch(run_id, data):
-    s, _, _ = sched.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(3), 1000)
+    s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(3), 1000)
     bad = [(i, p) for i, p, _ in s.log]
     bad[2] = (bad[2][0], sched.point_id("no such point"))
-    s2, _, codes = sched.run_forked(run_id, 2, _counter_body(run_id), sched.Replay(bad), len(bad) + 1)
+    s2, _, codes = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.Replay(bad), len(bad) + 1)
     assert s2.outcome == "mismatch" and "step 2" in s2.detail
     assert codes == [1, 1]  # both clients unwound (ScheduleAborted) and exited
 
@@ -104,7 +104,7 @@ def test_blocking_on_a_descheduled_holder_yields_and_mutual_exclusion_holds(run_
     retries = 0
     for seed in range(15):
         data.v["w"][:] = 0
-        s, out, _ = sched.run_forked(run_id, 2, _lock_body(run_id, None), sched.RandomWalk(seed), 2000)
+        s, out, _ = schedpool.run_forked(run_id, 2, _lock_body(run_id, None), sched.RandomWalk(seed), 2000)
         assert s.outcome == "done" and out == [b"ok", b"ok"]
         assert int(data.v["w"][1]) == 4  # no lost update under the (scheduled) lock
         retries += sum(b for _, _, b in s.log)
@@ -115,7 +115,7 @@ def test_opposite_lock_order_is_reported_as_a_deadlock_not_a_hang(run_id, data):
     outcomes = set()
     for seed in range(30):
         data.v["locks"][:] = 0
-        s, _, _ = sched.run_forked(run_id, 2, _lock_body(run_id, (1, 0)), sched.RandomWalk(seed), 2000)
+        s, _, _ = schedpool.run_forked(run_id, 2, _lock_body(run_id, (1, 0)), sched.RandomWalk(seed), 2000)
         outcomes.add(s.outcome)
         if s.outcome == "deadlock":
             assert "process 0 at @" in s.detail and "process 1 at @" in s.detail  # both blocked, named
@@ -124,7 +124,7 @@ def test_opposite_lock_order_is_reported_as_a_deadlock_not_a_hang(run_id, data):
 
 
 def test_step_bound(run_id, data):
-    s, _, _ = sched.run_forked(run_id, 2, _counter_body(run_id, incs=50), sched.RandomWalk(1), 10)
+    s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id, incs=50), sched.RandomWalk(1), 10)
     assert s.outcome == "step-bound" and len(s.log) == 10
 
 
