@@ -82,6 +82,7 @@ HOOKS = {
     "avic-reader-delay": "AVIC RCU readers stay 100 µs in their read-side section",
     "avic-flood-often": "AVIC tables are flood-dropped after 2 unused writes, each drop steered onto a vCPU entering L2 (widening)",
     "flood-drop-race": "avic-flood-often, and the drop does not kick the vCPUs in L2 on the table (the unfixed race)",
+    "no-tlb-flush": "write-protecting a page does not flush remote TLBs (no wait for vCPUs in guest mode)",
 }
 SEED = int_range(0, 2**63 - 1, "--seed")
 DURATION = float_range(0.05, MAX_DURATION_S, "--duration")
@@ -239,6 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--quiet", action="store_true")
     _add_trace_arg(sc)
 
+    ex = sub.add_parser("explore", help="search interleavings of a small scenario under a controlled scheduler")
+    ex.add_argument("scenario", metavar="SCENARIO", help="kaboom, flood-drop, tlb-flush, or a FILE.toml whose "
+                    "[[step]]s are per-vCPU programs (no global order)")
+    ex.add_argument("--strategy", choices=["pct", "random"], default="pct")
+    ex.add_argument("--depth", type=int_range(1, 10, "--depth"), default=3, help="PCT bug depth d (default 3)")
+    ex.add_argument("--schedules", type=int_range(1, 10_000_000, "--schedules"), default=1000,
+                    help="schedules to try before SUCCESS (default 1000)")
+    ex.add_argument("--seed", type=SEED, default=1)
+    ex.add_argument("--out", metavar="DIR", default="explore-out", help="where failing-schedule.toml goes")
+    ex.add_argument("--registration", choices=["refcount", "bool", "naive", "split"], default=None)
+    ex.add_argument("--design", choices=["mutex-hash", "rcu-list", "per-table-notifier"], default=None)
+    ex.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK")
+    ex.add_argument("--max-steps", dest="max_steps", type=int_range(10, 10_000_000, "--max-steps"), default=5000,
+                    help="step bound per schedule (default 5000)")
+    ex.add_argument("--json", metavar="PATH", default=None, help="write the summary as JSON")
+    rpl = sub.add_parser("replay", help="re-execute a failing-schedule.toml exactly")
+    rpl.add_argument("file", metavar="FILE")
+
     c = sub.add_parser("clean", help="remove shm segments and run directories of dead runs")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
@@ -293,6 +312,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lab import sweep
 
         return sweep.main(args)
+    if args.command in ("explore", "replay"):
+        from lab import explore
+
+        _check_json_path(getattr(args, "json", None))
+        return explore.main(args) if args.command == "explore" else explore.main_replay(args)
     if args.command == "chaos":
         from lab import chaos
 

@@ -34,6 +34,8 @@ ACTIVE: Fuzz | None = None
 
 
 class Fuzz:
+    controlled = False  # ipc/sched.py's Client, which takes this role under control, is True
+
     def __init__(self, level: str, seed: int, proc: int, dilate: float = 1.0):
         self.level = level
         self.p, spin_max, self.p_sleep = _PARAMS[level]
@@ -70,6 +72,8 @@ def configure(level: str, seed: int, proc: int, dilate: float = 1.0) -> None:
     global ACTIVE
     if level not in LEVELS:
         raise ValueError(f"fuzz level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if getattr(ACTIVE, "controlled", False):
+        return  # a scheduled process (ipc/sched.py): its points belong to the scheduler
     ACTIVE = None if level == "off" else Fuzz(level, seed, proc, dilate)
 
 

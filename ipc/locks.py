@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ipc import _prims, trace
+from ipc import _prims, sched, trace
 
 SpinLock = _prims.SpinLock
 Mutex = _prims.Mutex
@@ -70,7 +70,9 @@ def new_lock(kind: str, mem, lock_word: int, stats_word: int = -1, tag: int = 1,
     except KeyError:
         raise ValueError(f"unknown lock kind {kind!r} (spin, mutex)") from None
     lk = cls(mem, lock_word, stats_word, tag, spins, busted, name)
-    return tr.name_object(lk, name or f"lock@{lock_word}") if tr else lk
+    if tr:
+        tr.name_object(lk, name or f"lock@{lock_word}")
+    return lk if sched.ACTIVE is None else sched.wrap_lock(lk, name or f"{kind} lock word {lock_word}")
 
 
 def lockdep_assert_held(lock, name: str = "lock") -> None:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ipc import _prims, fuzz, trace
+from ipc import _prims, fuzz, sched, trace
 from ipc.locks import LOCK_WORDS, LockHolderDied, new_lock
 from ipc.proc import identity_alive, pid_alive, proc_starttime
 
@@ -119,6 +119,8 @@ class RcuDomain:
             self.read_unlock = self.reader.unlock
         else:
             self.reader = None
+        if sched.ACTIVE is not None:  # controlled scheduling (ipc/sched.py), decided at creation
+            sched.wrap_domain(self, sched.ACTIVE)
 
     # -- registration ---------------------------------------------------------------------
     def register(self) -> None:

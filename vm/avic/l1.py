@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 
+from ipc import fuzz
 from vm.avic.table import (
     AVIC_APIC_ID_MASK,
     AVIC_IS_RUNNING,
@@ -92,6 +93,8 @@ def guest_write(kvm, gpa: int, data: bytes) -> bool:
     gm.read_lock()
     gfn = gpa >> PAGE_SHIFT
     if gfn < kvm.memory_pages and not page_fault_handle_page_track(kvm, gfn, True):
+        if fuzz.ACTIVE:
+            fuzz.point("l1.check_to_store")  # the mapping is writable; a write-protect may come now
         if len(data) == 8 and not gpa & 7:
             kvm.guest_mem.store(gpa >> 3, int.from_bytes(data, "little", signed=True))
         else:

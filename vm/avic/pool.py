@@ -257,6 +257,9 @@ class TablePool:
         """Widening (hooks ``avic-flood-often``, ``flood-drop-race``): having seen usecount 0, wait
         up to ``FLOOD_RACE_DELAY_NS`` (dilated) for a vCPU to enter L2 on the table (its entries in use), so
         that the drop lands on the worst interleaving: a vCPU that has just entered L2 on it."""
+        if getattr(fuzz.ACTIVE, "controlled", False):  # ipc/sched.py: no timed wait, the scheduler
+            fuzz.point("avic.flood_steer")  # decides who enters L2 before the drop
+            return
         m, end = self.amem, _prims.now_ns() + self.flood_race_ns
         me = self.kvm.proc - 1  # this vCPU (the coordinator: -1) cannot enter while it waits here
         if not any(m.load(self.vw0 + v * VW + V_CUR) == t + 1 for v in range(self.nvcpus) if v != me):

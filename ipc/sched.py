@@ -1,0 +1,337 @@
+"""Controlled scheduling across processes: one process runs at a time, between scheduling points,
+and ONE scheduler decides who runs next.
+
+Every participating process (a "client", index 0..n-1) stops at each scheduling point — every shm
+lock acquire / release, RCU / SRCU read lock / unlock, grace-period wait, and the named preemption
+points of ``ipc/fuzz.py`` (the client takes the role of ``fuzz.ACTIVE``) — hands the turn to the
+scheduler process through a turnstile in shared memory (futex wait / wake) and sleeps until it is
+chosen again. An interleaving is thus the sequence of (client, point) choices of the scheduler: a
+seeded strategy (PCT, random walk) or a recorded list (replay). Nothing depends on timing.
+
+Blocking is modelled, not deadlocked: a client that would spin or sleep on a lock held by another,
+or wait for a grace period while readers are inside, calls ``block()``: it is not chosen again until
+some other client has made progress (ended a step that was not itself a blocked retry); when every
+unfinished client is blocked that way the scheduler reports a deadlock.
+
+Layout of the turnstile region (``layout(n)``, one segment ``pts_<run>_sched``):
+- ``hdr``   8 words: [0] wake (futex word of the scheduler: 1 = a client yielded), [1] progress
+  (productive steps so far), [2] abort (1 = every client raises :class:`ScheduleAborted` when it
+  resumes), [3] job (futex word: a pool's clients start schedule number ``job``; ipc/schedpool.py),
+  [4] quit (the pool's clients exit), rest reserved
+- ``slots`` (n, 8) words, one cache line per client: [0] go (futex word: 1 = your turn), [1] state
+  (RUN, POINT, BLOCKED, DONE), [2] point id (crc32 of the point's name), [3] progress value seen
+  when it blocked, rest reserved
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+from ipc import _prims, fuzz
+from ipc.shm import Layout, Region
+
+HDR_WORDS = SLOT_WORDS = 8
+H_WAKE, H_PROGRESS, H_ABORT, H_JOB, H_QUIT = 0, 1, 2, 3, 4
+S_GO, S_STATE, S_POINT, S_SINCE = 0, 1, 2, 3
+RUN, POINT, BLOCKED, DONE = 0, 1, 2, 3
+STRATEGIES = ("pct", "random")
+_WAIT_NS = 200_000_000  # futex waits look up this often (parent or children gone?)
+
+ACTIVE: Client | None = None
+
+
+class ScheduleAborted(BaseException):  # noqa: N818  (not an error of the code under test)
+    """The scheduler ended this schedule (step bound, deadlock, mismatch): unwind and exit."""
+
+
+def layout(n: int) -> Layout:
+    return Layout("sched", [("hdr", "i8", (HDR_WORDS,)), ("slots", "i8", (n, SLOT_WORDS))])
+
+
+def point_id(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+# -- client side (one per scheduled process) -----------------------------------------------------
+class Client:
+    """This process' side of the turnstile; installed as ``fuzz.ACTIVE`` by :func:`install`."""
+
+    controlled = True  # fuzz.configure() leaves a controlled ACTIVE alone; timed widening is off
+
+    def __init__(self, region: Region, index: int):
+        self.region = region
+        self.mem = region.mem
+        self.hdr = region.word("hdr")
+        self.slot = region.word("slots", index)
+        self.index = index
+        self.counts: dict[str, int] = {}
+        self.names: dict[int, str] = {}
+        self._ids: dict[str, int] = {}
+        self.parent = os.getppid()
+
+    def _id(self, name: str) -> int:
+        i = self._ids.get(name)
+        if i is None:
+            i = self._ids[name] = point_id(name)
+            self.names[i] = name
+        return i
+
+    def hit(self, name: str) -> None:
+        """A scheduling point; the step that ended here was productive."""
+        self.counts[name] = self.counts.get(name, 0) + 1
+        self.mem.fetch_add(self.hdr + H_PROGRESS, 1)
+        self._yield(name, POINT)
+
+    point = hit
+
+    def block(self, name: str) -> None:
+        """Cannot go on until another client makes progress (a lock is held, readers are inside)."""
+        self.counts[name] = self.counts.get(name, 0) + 1
+        self._yield(name, BLOCKED)
+
+    def chance(self, name: str, scale: float = 1.0) -> bool:
+        """Timed / random widening is off under control: the scheduler makes the interleavings."""
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return False
+
+    def _yield(self, name: str, state: int) -> None:
+        m, s = self.mem, self.slot
+        if m.load(self.hdr + H_ABORT):  # unwinding after an abort: no more turns
+            raise ScheduleAborted("schedule ended by the scheduler")
+        m.store(s + S_POINT, self._id(name))
+        m.store(s + S_SINCE, m.load(self.hdr + H_PROGRESS))
+        m.store(s + S_GO, 0)
+        m.store(s + S_STATE, state)
+        m.store(self.hdr + H_WAKE, 1)
+        m.futex_wake(self.hdr + H_WAKE)
+        while not m.load(s + S_GO):
+            if m.futex_wait(s + S_GO, 0, _WAIT_NS) and os.getppid() != self.parent:
+                raise ScheduleAborted("scheduler gone")
+        if m.load(self.hdr + H_ABORT):
+            raise ScheduleAborted("schedule ended by the scheduler")
+
+    def done(self) -> None:
+        m = self.mem
+        m.fetch_add(self.hdr + H_PROGRESS, 1)  # its last step was productive too
+        m.store(self.slot + S_STATE, DONE)
+        m.store(self.hdr + H_WAKE, 1)
+        m.futex_wake(self.hdr + H_WAKE)
+
+
+class SchedLock:
+    """A lock (``ipc.locks`` SpinLock / Mutex) whose acquire and release are scheduling points and
+    whose waiting is a modelled block (try-lock, then yield the turn)."""
+
+    def __init__(self, inner, client: Client, name: str):
+        self.inner = inner
+        self.c = client
+        self.name = name
+        for attr in ("trylock", "is_held", "owner", "holder", "recover"):
+            setattr(self, attr, getattr(inner, attr))
+
+    def lock(self, *a) -> None:
+        self.c.hit(f"{self.name}: lock")
+        while not self.inner.trylock():
+            self.c.block(f"{self.name}: wait")
+
+    def unlock(self) -> None:
+        self.c.hit(f"{self.name}: unlock")
+        self.inner.unlock()
+
+    def __enter__(self):
+        self.lock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+
+def wrap_domain(domain, client: Client) -> None:
+    """RCU / SRCU domain (``ipc.rcu``): read lock / unlock are points; the gp lock is a SchedLock;
+    a grace-period wait blocks while readers of the old phase are inside."""
+    name = domain.name
+    if domain.reader is not None:
+        lock, unlock = domain.reader.lock, domain.reader.unlock
+
+        def read_lock() -> None:
+            client.hit(f"{name}: read_lock")
+            lock()
+
+        def read_unlock() -> None:
+            client.hit(f"{name}: read_unlock")
+            unlock()
+
+        domain.read_lock, domain.read_unlock = read_lock, read_unlock
+    if not isinstance(domain.gp_lock, SchedLock):  # ipc.locks.new_lock wraps it already
+        domain.gp_lock = SchedLock(domain.gp_lock, client, f"{name}.gp_lock")
+
+    def wait_readers(t0: int, warned: set[int]) -> None:
+        _prims.smp_mb()
+        while domain.blocking_readers():
+            client.block(f"{name}: grace period waits for readers")
+
+    domain._wait_readers = wait_readers
+
+
+def install(client: Client) -> None:
+    """Make this process scheduled: fuzz points, new locks and RCU domains go through ``client``,
+    and ``_prims.sched_yield`` (spin-wait loops in the code under test) blocks instead. Call it
+    before the VM is attached; it is for the whole life of this (dedicated) process."""
+    global ACTIVE
+    ACTIVE = client
+    fuzz.ACTIVE = client
+    _prims.sched_yield = lambda: client.block("sched_yield (spin wait)")
+
+
+def wrap_lock(lock, name: str | None):
+    """Used by ``ipc.locks.new_lock`` / ``ipc.rcu``: the lock itself, or its scheduled wrapper."""
+    c = ACTIVE
+    return lock if c is None else SchedLock(lock, c, name or f"lock@{id(lock):x}")
+
+
+# -- scheduler side --------------------------------------------------------------------------
+class RandomWalk:
+    name = "random"
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def pick(self, enabled: list[int], step: int, last: int) -> int:
+        return enabled[int(self.rng.random() * len(enabled))]
+
+
+class Pct:
+    """PCT (Burckhardt et al., ASPLOS 2010): random distinct priorities, d-1 change points among
+    the first ``k`` steps at which the running client's priority drops below every other; always
+    run the highest-priority enabled client."""
+
+    name = "pct"
+
+    def __init__(self, seed: int, n: int, depth: int, k: int):
+        rng = random.Random(seed)
+        prios = list(range(depth, depth + n))
+        rng.shuffle(prios)
+        self.prio = prios
+        self.change = {s: depth - 1 - i for i, s in enumerate(sorted(rng.sample(range(1, max(k, depth) + 1),
+                                                                                depth - 1)))}
+
+    def pick(self, enabled: list[int], step: int, last: int) -> int:
+        low = self.change.get(step)
+        if low is not None and last >= 0:
+            self.prio[last] = low
+        return max(enabled, key=self.prio.__getitem__)
+
+
+class Replay:
+    name = "replay"
+
+    def __init__(self, choices: list[tuple[int, int]]):
+        self.choices = choices
+        self.mismatch: str | None = None
+
+    def pick(self, enabled: list[int], step: int, last: int) -> int:
+        raise AssertionError("Replay is driven by Scheduler.run")
+
+
+def guarantee(n: int, k: int, depth: int) -> float:
+    """PCT's per-run lower bound for finding a bug of depth ``depth``: 1 / (n * k^(d-1))."""
+    return 1.0 / (n * max(k, 1) ** (depth - 1))
+
+
+class Scheduler:
+    """Drives one schedule: waits until no client runs, picks the next, hands it the turn.
+    ``log`` holds (client, point id, blocked-retry?) per step; ``outcome`` is "done", "deadlock",
+    "step-bound", "mismatch", "crash" or "hang"."""
+
+    def __init__(self, region: Region, n: int, strategy, max_steps: int, alive=None,
+                 hang_s: float = 10.0, check=None):
+        self.mem = region.mem
+        self.hdr = region.word("hdr")
+        self.slot0 = region.word("slots")
+        self.n = n
+        self.strategy = strategy
+        self.max_steps = max_steps
+        self.alive = alive  # callable(i) -> bool: is client i's process still there?
+        self.hang_ns = int(hang_s * 1e9)
+        self.check = check  # called between every two steps, while nobody runs (a sampling checker)
+        self.log: list[tuple[int, int, bool]] = []
+        self.outcome = ""
+        self.detail = ""
+
+    def _s(self, i: int, f: int) -> int:
+        return self.mem.load(self.slot0 + i * SLOT_WORDS + f)
+
+    def _wait_quiet(self) -> bool:
+        """Until no client is running; False if one died or hung."""
+        m, w = self.mem, self.hdr + H_WAKE
+        t0 = _prims.now_ns()
+        while any(self._s(i, S_STATE) == RUN for i in range(self.n)):
+            if m.futex_wait(w, 0, _WAIT_NS // 4):
+                dead = [i for i in range(self.n) if self.alive is not None and not self.alive(i)
+                        and self._s(i, S_STATE) != DONE]
+                if dead:
+                    self.outcome, self.detail = "crash", f"process {dead[0]} died while running"
+                    return False
+                if _prims.now_ns() - t0 > self.hang_ns:
+                    self.outcome, self.detail = "hang", "a process ran without reaching a scheduling point"
+                    return False
+            m.store(w, 0)
+        return True
+
+    def run(self) -> str:
+        m = self.mem
+        progress_w = self.hdr + H_PROGRESS
+        last = -1
+        replay = self.strategy if isinstance(self.strategy, Replay) else None
+        while True:
+            if not self._wait_quiet():
+                return self._abort()
+            if self.check is not None:
+                self.check()
+            states = [self._s(i, S_STATE) for i in range(self.n)]
+            if all(s == DONE for s in states):
+                self.outcome = "done"
+                return self.outcome
+            prog = m.load(progress_w)
+            enabled = [i for i, s in enumerate(states)
+                       if s == POINT or (s == BLOCKED and self._s(i, S_SINCE) != prog)]
+            step = len(self.log)
+            if not enabled:
+                self.outcome = "deadlock"
+                self.detail = "every unfinished process is blocked: " + ", ".join(
+                    f"process {i} at @{self._s(i, S_POINT)}" for i, s in enumerate(states) if s == BLOCKED)
+                return self._abort()
+            if step >= self.max_steps:
+                self.outcome, self.detail = "step-bound", f"{self.max_steps} steps without the end"
+                return self._abort()
+            if replay is not None:
+                if step >= len(replay.choices):
+                    self.outcome, self.detail = "mismatch", f"the schedule ends at step {step}, the run goes on"
+                    return self._abort()
+                i, pid = replay.choices[step]
+                if i not in enabled or self._s(i, S_POINT) != pid:
+                    self.outcome = "mismatch"
+                    self.detail = (f"step {step}: process {i} is "
+                                   + ("not runnable" if i not in enabled else f"at @{self._s(i, S_POINT)}")
+                                   + f", the schedule expects it at @{pid}")
+                    return self._abort()
+            else:
+                i = self.strategy.pick(enabled, step, last)
+            self.log.append((i, self._s(i, S_POINT), states[i] == BLOCKED))
+            last = i
+            base = self.slot0 + i * SLOT_WORDS
+            m.store(base + S_STATE, RUN)
+            m.store(base + S_GO, 1)
+            m.futex_wake(base + S_GO)
+
+    def _abort(self) -> str:
+        m = self.mem
+        m.store(self.hdr + H_ABORT, 1)
+        for i in range(self.n):
+            base = self.slot0 + i * SLOT_WORDS
+            m.store(base + S_GO, 1)
+            m.futex_wake(base + S_GO)
+        return self.outcome
+

@@ -1,0 +1,253 @@
+"""``launch.py explore`` and ``launch.py replay``: search the interleavings of a small scenario under
+the controlled scheduler (ipc/sched.py), stop at the first FAILURE, print the failing interleaving,
+save it as ``failing-schedule.toml``; re-execute such a file exactly.
+
+A scenario is one program per vCPU (no global order): the built-ins ``kaboom`` (the seed's
+registration race; ``--registration``), ``flood-drop`` (an L1 writer floods a table while its
+owner enters L2; ``--hook flood-drop-race`` removes the kick) and ``tlb-flush`` (an L1 store
+through a writable mapping while the table page is write-protected; ``--hook no-tlb-flush``), or a
+TOML file whose ``[[step]]`` tables are read per vCPU (each vCPU's steps keep their file order,
+the order between vCPUs is the scheduler's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import tomllib
+
+from ipc import sched
+from ipc.errors import UsageError
+from lab.schedrun import Runner, Scenario, describe, name_points, run_schedule
+from vm.results import versions
+
+DEFAULT_DEPTH = 3
+DEFAULT_SCHEDULES = 1000
+MAX_STEPS = 5000
+SHOW_STEPS = 40
+FILE = "failing-schedule.toml"
+BUILTINS = ("kaboom", "flood-drop", "tlb-flush")
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+def builtin(name: str, registration: str | None, design: str | None, hooks: tuple[str, ...]) -> Scenario:
+    from vm.avic.kaboom import kaboom_steps
+
+    hooks = tuple(sorted(set(hooks)))
+    if name == "kaboom":
+        reg, des = registration or "refcount", design or "mutex-hash"
+        progs: list[list[tuple[str, dict]]] = [[], []]
+        for v, op, args in kaboom_steps(reg, des):
+            progs[v].append((op, args))
+        return Scenario(name, {"vcpus": 2, "l2s": 2, "design": des, "registration": reg}, hooks, progs)
+    # flood-drop: the lock-free design (mutex-hash serializes track_write and VMRUN by tables_lock)
+    des = design or ("rcu-list" if name == "flood-drop" else "mutex-hash")
+    cfg = {"vcpus": 2, "l2s": 2, "design": des, "registration": registration or "refcount"}
+    if name == "flood-drop":
+        # vCPU 1 runs L2 0 once and keeps its table; back in L1 it rewrites its own entry while
+        # the table is unused: the third such write floods it (avic-flood-often: a drop after 2
+        # unused writes) -- maybe while vCPU 0 enters L2 0 for good (the sampling checker, run
+        # between every two steps, then sees vCPU 0 in L2 on an unshadowed table unless kicked)
+        owner = [("vmrun", {"l2": 0})]
+        writer = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0})] + [
+            ("write_entry", {"l2": 0, "entry": 1, "apic": 1, "running": r}) for r in (False, True, False)]
+        return Scenario(name, cfg, tuple(sorted({*hooks, "avic-flood-often"})), [owner, writer])
+    if name == "tlb-flush":
+        # vCPU 1 (L1) stores into L2 0's table while vCPU 0 creates and write-protects it
+        owner = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0}), ("vmrun", {"l2": 0}), ("vmexit", {"l2": 0})]
+        writer = [("write_entry", {"l2": 0, "entry": 1, "apic": 1, "running": True})]
+        return Scenario(name, cfg, hooks, [owner, writer])
+    raise UsageError(f"explore: unknown scenario {name!r} (built-ins: {', '.join(BUILTINS)}, or a .toml file)")
+
+
+def from_toml(path: str, registration: str | None, design: str | None, hooks: tuple[str, ...]) -> Scenario:
+    from vm import config
+
+    file_cfg, steps = config.load_toml(path)
+    cli = {"registration": registration, "design": design}
+    cfg = config.build(file_cfg, cli)
+    if not steps:
+        raise UsageError(f"scenario file {path}: explore needs [[step]] tables (per-vCPU programs)")
+    progs: list[list[tuple[str, dict]]] = [[] for _ in range(cfg.vcpus)]
+    for v, op, args in config.parse_steps(steps, cfg):
+        progs[v].append((op, args))
+    merged = {**file_cfg, **{k: v for k, v in cli.items() if v is not None}}
+    return Scenario(os.path.basename(path), merged, tuple(sorted(set(hooks))), progs, executor="vcpu")
+
+
+# -- printing ----------------------------------------------------------------------------------
+def format_log(log: list[tuple[int, str, bool]], last: int = SHOW_STEPS) -> list[str]:
+    """The interleaving, readably: step number, which vCPU, at which point, inside which op."""
+    cur: dict[int, str] = {}
+    lines = []
+    start = max(0, len(log) - last)
+    for k, (v, name, blocked) in enumerate(log):
+        if name.startswith("op "):
+            cur[v] = name[3:]
+        if k >= start:
+            what = f"{name} (retry after blocking)" if blocked else name
+            lines.append(f"  {k:5d}  vCPU {v}  {what:<52}  [{cur.get(v, 'setup')}]")
+    return lines
+
+
+# -- saving / loading a schedule ---------------------------------------------------------------
+def _toml_value(x) -> str:
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, int | float):
+        return repr(x)
+    if isinstance(x, str):
+        return '"' + x.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(x, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in x) + "]"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in x.items()) + "}"
+    raise TypeError(f"cannot write {type(x).__name__} to TOML")
+
+
+def save(path: str, sc: Scenario, meta: dict, log: list[tuple[int, str, bool]], reasons: list[str]) -> None:
+    lines = ["# failing schedule of `launch.py explore`; re-run it with `launch.py replay` this file",
+             "[scenario]", f"name = {_toml_value(sc.name)}", f"executor = {_toml_value(sc.executor)}",
+             f"hooks = {_toml_value(list(sc.hooks))}", f"config = {_toml_value(sc.cfg)}",
+             "programs = [", *[f"  {_toml_value([[op, a] for op, a in p])}," for p in sc.programs], "]",
+             "", "[explore]", *[f"{k} = {_toml_value(v)}" for k, v in meta.items()],
+             "", "[versions]", *[f"{k} = {_toml_value(v)}" for k, v in versions().items()],
+             "", "[result]", f"diagnosis = {_toml_value(reasons[:20])}",
+             "", "[schedule]  # one [vCPU, point] per scheduling step, in order",
+             "steps = [", *[f"  [{v}, {_toml_value(n)}]," for v, n, _ in log], "]", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def load(path: str) -> tuple[Scenario, list[tuple[int, str]], dict]:
+    def bad(why: str):
+        return UsageError(f"replay: {path}: {why}")
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise bad("not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise bad(f"unreadable: {e}") from None
+    try:
+        s = doc["scenario"]
+        progs = [[(str(op), dict(a)) for op, a in p] for p in s["programs"]]
+        sc = Scenario(str(s["name"]), dict(s["config"]), tuple(s["hooks"]), progs, str(s["executor"]))
+        schedule = [(int(v), str(n)) for v, n in doc["schedule"]["steps"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad(f"not a failing-schedule file ({type(e).__name__}: {e})") from None
+    if sc.executor not in ("avic", "vcpu") or not all(0 <= v < sc.n for v, _ in schedule):
+        raise bad("not a failing-schedule file (executor or vCPU out of range)")
+    return sc, schedule, doc
+
+
+# -- the commands ------------------------------------------------------------------------------
+def _strategy(name: str, seed: int, n: int, depth: int, k: int):
+    return sched.Pct(seed, n, depth, k) if name == "pct" else sched.RandomWalk(seed)
+
+
+def _check_cfg(sc: Scenario) -> None:
+    from vm import config
+
+    try:
+        config.from_dict({**sc.cfg, "fuzz": "off"})
+    except (UsageError, ValueError) as e:
+        raise UsageError(f"explore: {e}") from None
+
+
+def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, schedules: int = DEFAULT_SCHEDULES,
+            seed: int = 1, out: str | None = None, max_steps: int = MAX_STEPS, quiet: bool = False) -> dict:
+    """Run up to ``schedules`` schedules; stop at the first FAILURE. Returns a summary dict."""
+    _check_cfg(sc)
+    t0 = time.monotonic()
+    steps = k_max = 0
+    k_est = 50  # PCT places its change points among this many steps: the longest schedule so far
+    res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks)}
+    with Runner(sc) as runner:
+        for i in range(schedules):
+            sseed = seed * 1_000_003 + i
+            o = runner.run(_strategy(strategy, sseed, sc.n, depth, k_est), max_steps)
+            steps += len(o.log)
+            k_max = max(k_max, len(o.log))
+            k_est = max(k_est, k_max)
+            if o.verdict != "SUCCESS":
+                res.update(verdict="FAILURE", schedules=i + 1, schedules_to_failure=i + 1, reasons=o.reasons,
+                           log=o.log, schedule_seed=sseed, failing_steps=len(o.log))
+                if out is not None:
+                    os.makedirs(out, exist_ok=True)
+                    res["file"] = os.path.join(out, FILE)
+                    save(res["file"], sc, {"strategy": strategy, "depth": depth, "seed": seed, "schedule": i,
+                                           "schedule_seed": sseed, "steps": len(o.log)}, o.log, o.reasons)
+                break
+        else:
+            res.update(verdict="SUCCESS", schedules=schedules, reasons=[])
+    el = time.monotonic() - t0
+    res.update(steps=steps, seconds=round(el, 3), steps_per_s=round(steps / max(el, 1e-9), 1),
+               n=sc.n, k=k_max, guarantee=sched.guarantee(sc.n, k_max, depth) if strategy == "pct" else None)
+    return res
+
+
+def replay(path: str) -> dict:
+    sc, schedule, doc = load(path)
+    _check_cfg(sc)
+    o = run_schedule(sc, sched.Replay([(v, sched.point_id(n)) for v, n in schedule]), len(schedule) + 1)
+    expected = {sched.point_id(n): n for _, n in schedule}
+    return {"verdict": o.verdict, "reasons": [name_points(r, expected) for r in o.reasons], "log": o.log, "steps": len(o.log),
+            "expected": doc.get("result", {}).get("diagnosis", []), "seconds": round(o.seconds, 3)}
+
+
+def _print_summary(res: dict) -> None:
+    p = res.get("guarantee")
+    g = f"; PCT guarantee per schedule >= 1/(n*k^(d-1)) = {p:.3g} (n={res['n']}, k={res['k']}, d={res['depth']})" \
+        if p is not None else ""
+    print(f"{res['scenario']}: {res['schedules']} schedule(s) tried, {res['steps']} scheduling steps in "
+          f"{res['seconds']:.1f} s ({res['steps_per_s']:,.0f} steps/s){g}")
+
+
+def main(args) -> int:
+    hooks = tuple(args.hook)
+    if args.scenario.endswith(".toml"):
+        sc = from_toml(args.scenario, args.registration, args.design, hooks)
+    else:
+        sc = builtin(args.scenario, args.registration, args.design, hooks)
+    res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: v for k, v in res.items() if k != "log"}, f, indent=1)
+    if res["verdict"] == "FAILURE":
+        print(f"FAILURE after {res['schedules_to_failure']} schedule(s) ({res['strategy']}, depth {res['depth']},"
+              f" seed {res['seed']}): {res['reasons'][0] if res['reasons'] else '?'}")
+        print(f"the failing interleaving (last {min(SHOW_STEPS, len(res['log']))} of {len(res['log'])} steps; "
+              "vCPU about to pass the point, [its op]):")
+        print("\n".join(format_log(res["log"])))
+        for r in res["reasons"][1:8]:
+            print(f"  also: {r}")
+        if "file" in res:
+            print(f"saved {res['file']}: `python launch.py replay {res['file']}` re-runs it")
+    else:
+        print(f"SUCCESS: no failure in {res['schedules']} schedule(s)")
+    _print_summary(res)
+    return 0 if res["verdict"] == "SUCCESS" else 1
+
+
+def main_replay(args) -> int:
+    res = replay(args.file)
+    if res["verdict"] == "MISMATCH":
+        print(f"error: {args.file} no longer matches the code: {res['reasons'][0]}", file=sys.stderr)
+        return 2
+    print("\n".join(format_log(res["log"])))
+    if res["verdict"] == "FAILURE":
+        same = res["reasons"][:20] == res["expected"]
+        print(f"FAILURE (replayed {res['steps']} steps{', same diagnosis as saved' if same else ''}): "
+              f"{res['reasons'][0]}")
+        for r in res["reasons"][1:8]:
+            print(f"  also: {r}")
+        return 1
+    print(f"SUCCESS: the replayed schedule ({res['steps']} steps) no longer fails")
+    return 0
+
+
+__all__ = ["builtin", "from_toml", "explore", "replay", "format_log", "describe", "main", "main_replay"]

@@ -1,0 +1,206 @@
+"""One controlled schedule of a scenario: a fresh VM, one real process per vCPU (forked from this
+one), each running its own list of steps, and this process as the scheduler (ipc/sched.py) that
+lets exactly one of them run between two scheduling points. Then the oracle, teardown, unlink.
+
+A vCPU process reports (WARNs, its step log, an error) over a pipe as one msgpack message when it
+ends; shared memory carries everything else. Nothing here is timed: the same strategy and seed give
+the same interleaving, the same WARNs and the same oracle findings.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import msgspec
+
+import vm.avic  # noqa: F401  (registers the nested AVIC designs)
+from ipc import sched, schedpool
+from vm.config import from_dict
+from vm.coordinator import new_run_id
+from vm.kvm import Kvm
+from vm.nested import make_design
+
+MAX_EVENTS = 50
+
+
+@dataclass
+class Scenario:
+    """What to explore: the VM (``cfg`` dict, ``hooks``) and one program per vCPU, each a list of
+    (op, args) run in order by that vCPU only; ``executor`` "avic" runs the ops as
+    vm/avic/kaboom.apply_step (L1 stores inside the guest-mode section), "vcpu" as the scripted
+    commands of vcpu/vcpu.py."""
+
+    name: str
+    cfg: dict
+    hooks: tuple[str, ...]
+    programs: list[list[tuple[str, dict]]]
+    executor: str = "avic"
+
+    @property
+    def n(self) -> int:
+        return len(self.programs)
+
+
+@dataclass
+class Outcome:
+    verdict: str  # SUCCESS | FAILURE | ABORTED (deadlock, step bound: also FAILURE) | MISMATCH
+    reasons: list[str]
+    log: list[tuple[int, str, bool]]  # (vCPU, point name, blocked retry) per step
+    sched_outcome: str
+    seconds: float
+    steps_log: list[list[str]] = field(default_factory=list)  # per vCPU: what each op did
+
+
+def describe(op: str, args: dict) -> str:
+    return " ".join([op] + [f"{k}={v}" for k, v in args.items()])
+
+
+def _vcpu_body(sc: Scenario, cfg, base: str):
+    """What each vCPU process of the pool runs for schedule ``job`` (ipc.schedpool): attach that
+    schedule's VM, run its program under the turnstile, detach, return its report."""
+
+    def body(v: int, client, job: int) -> bytes:
+        report: dict = {"vcpu": v, "error": None, "events": [], "log": [], "names": {}, "aborted": False}
+        kvm = d = None
+        try:
+            kvm = Kvm.attach(cfg, f"{base}j{job}", v + 1, frozenset(sc.hooks))
+            d = make_design(kvm, cfg)
+            d.vcpu_init(v)
+            run = _executor(sc.executor, kvm, d, v)
+            client.hit("op vcpu_load")
+            d.vcpu_load(v)
+            for op, args in sc.programs[v]:
+                client.hit(f"op {describe(op, args)}")
+                report["log"].append(run(op, args))
+            client.hit("op vcpu_put")
+            d.vcpu_put(v)
+        except sched.ScheduleAborted:
+            report["aborted"] = True
+        except BaseException as e:
+            report["error"] = f"{type(e).__name__}: {e}"
+            report["traceback"] = traceback.format_exc()[-3000:]
+        finally:
+            if kvm is not None:
+                report["events"] = [m for _, m, _ in kvm.events[:MAX_EVENTS]]
+                if d is not None:
+                    d.close()
+                kvm.close()
+        report["names"] = {str(k): n for k, n in client.names.items()}
+        return msgspec.msgpack.encode(report)
+
+    return body
+
+
+def _executor(kind: str, kvm, d, v: int):
+    if kind == "avic":
+        from vm.avic.kaboom import apply_step
+
+        return lambda op, args: apply_step(d, (v, op, args))
+    from vcpu.vcpu import Vcpu
+
+    vc = Vcpu(kvm, d, v)
+    return lambda op, args: f"vCPU {v}: {describe(op, args)} -> {vc.execute(op, dict(args))}"
+
+
+class Runner:
+    """Runs schedules of one scenario: vCPU processes forked once (a pool), a fresh VM per schedule
+    (run id ``<base>j<job>``); ``close()`` ends the processes. Use as a context manager."""
+
+    def __init__(self, sc: Scenario):
+        self.sc = sc
+        self.cfg = from_dict({**sc.cfg, "fuzz": "off"})
+        self.pool: schedpool.Pool | None = None
+        self.base = ""
+
+    def _pool(self) -> schedpool.Pool:
+        if self.pool is not None and self.pool.broken:
+            self.pool.close()
+            self.pool = None
+        if self.pool is None:
+            self.base = new_run_id()[:16]
+            self.pool = schedpool.Pool(self.base, self.sc.n, _vcpu_body(self.sc, self.cfg, self.base))
+        return self.pool
+
+    def run(self, strategy, max_steps: int) -> Outcome:
+        """Run the scenario once under ``strategy`` (ipc.sched Pct / RandomWalk / Replay)."""
+        sc, cfg = self.sc, self.cfg
+        t0 = time.monotonic()
+        pool = self._pool()
+        kvm = Kvm.create(cfg, f"{self.base}j{pool.job + 1}", frozenset(sc.hooks))
+        d = None
+        try:
+            d = make_design(kvm, cfg)
+            d.setup()
+            # the coordinator's sampling checker (I1) runs between every two steps
+            s, raw = pool.run(strategy, max_steps, check=d.sample)
+            reports = []
+            for v, b in enumerate(raw):
+                try:
+                    reports.append(msgspec.msgpack.decode(b or b""))
+                except msgspec.DecodeError:
+                    reports.append({"vcpu": v, "error": "no report (process died or hung)", "events": [],
+                                    "log": [], "names": {}, "aborted": False})
+            names: dict[int, str] = {}
+            for rep in reports:
+                names.update({int(k): n for k, n in rep["names"].items()})
+            log = [(i, names.get(p, f"point #{p}"), b) for i, p, b in s.log]
+            reasons = _reasons(s, reports, names) + [m for _, m, _ in kvm.events]
+            clean = s.outcome == "done" and not any(rep["error"] for rep in reports)
+            if clean:
+                reasons += [f"oracle: {f}" for f in d.oracle()]
+            reasons = _dedup(reasons)
+            verdict = "MISMATCH" if s.outcome == "mismatch" else "FAILURE" if reasons else "SUCCESS"
+            if clean:
+                d.teardown()  # nobody holds a lock: every vCPU ended its program
+            return Outcome(verdict, reasons, log, s.outcome, time.monotonic() - t0,
+                           [rep["log"] for rep in reports])
+        finally:
+            if d is not None:
+                d.close()
+            kvm.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_schedule(sc: Scenario, strategy, max_steps: int) -> Outcome:
+    """One schedule on processes of its own."""
+    with Runner(sc) as r:
+        return r.run(strategy, max_steps)
+
+
+def _reasons(s, reports: list[dict], names: dict[int, str]) -> list[str]:
+    out = []
+    if s.outcome != "done":
+        out.append(f"{s.outcome}: {name_points(s.detail, names)}")
+    for rep in reports:
+        if rep["error"]:
+            out.append(f"vCPU {rep['vcpu']} failed: {rep['error']}")
+        out.extend(rep["events"])
+    return out
+
+
+def name_points(text: str, names: dict[int, str]) -> str:
+    """``@<point id>`` -> ``'name'`` for the points whose names are known."""
+    for pid, n in names.items():
+        text = text.replace(f"@{pid}", f"'{n}'")
+    return text
+
+
+def _dedup(msgs: list[str]) -> list[str]:
+    """Each message once, in first-seen order, with how often it came (the sampling checker
+    repeats itself at every step)."""
+    n: dict[str, int] = {}
+    for m in msgs:
+        n[m] = n.get(m, 0) + 1
+    return [m if c == 1 else f"{m} (x{c})" for m, c in n.items()]

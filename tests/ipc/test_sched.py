@@ -1,0 +1,139 @@
+"""ipc.sched: forked processes run one at a time between scheduling points; the scheduler's choice
+is the interleaving (PCT, random walk, replay); blocking is modelled; deadlocks are reported."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipc import fuzz, sched, schedpool
+from ipc.locks import LOCK_WORDS, new_lock
+from ipc.shm import Layout, Region
+
+DATA = Layout("data", [("w", "i8", (8,)), ("locks", "i8", (2, LOCK_WORDS))])
+
+
+@pytest.fixture
+def data(region_factory):
+    r = region_factory(DATA)
+    r.v["w"][:] = 0
+    r.v["locks"][:] = 0
+    return r
+
+
+def _counter_body(run_id: str, incs: int = 2):
+    """Each client increments word 0 non-atomically (load, point, store): a lost update needs the
+    other client to run between a load and its store."""
+
+    def body(i: int, c) -> bytes:
+        r = Region.attach(run_id, DATA)
+        for _ in range(incs):
+            v = r.mem.load(0)
+            fuzz.point("between load and store")
+            r.mem.store(0, v + 1)
+            fuzz.point("after store")
+        return b"ok"
+
+    return body
+
+
+def test_clients_run_one_at_a_time_and_the_log_is_the_interleaving(run_id, data):
+    s, out, codes = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(1), 1000)
+    assert s.outcome == "done" and out == [b"ok", b"ok"] and codes == [0, 0]
+    assert sorted(i for i, _, _ in s.log).count(0) == sorted(i for i, _, _ in s.log).count(1) == 4
+    # every step is a (client, point) choice, point ids are the names' crc32
+    assert {p for _, p, _ in s.log} == {sched.point_id("between load and store"), sched.point_id("after store")}
+
+
+@pytest.mark.parametrize("strategy", ["random", "pct"])
+def test_a_strategy_finds_the_lost_update_and_replay_repeats_it(run_id, data, strategy):
+    found = None
+    for seed in range(40):
+        data.v["w"][:] = 0
+        strat = sched.RandomWalk(seed) if strategy == "random" else sched.Pct(seed, 2, 2, 8)
+        s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), strat, 1000)
+        assert s.outcome == "done"
+        if int(data.v["w"][0]) != 4:
+            found = s.log
+            break
+    assert found is not None, "no interleaving with a lost update in 40 schedules"
+    lost = int(data.v["w"][0])
+    for _ in range(3):
+        data.v["w"][:] = 0
+        s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.Replay([(i, p) for i, p, _ in found]),
+                                   len(found) + 1)
+        assert s.outcome == "done" and s.log == found and int(data.v["w"][0]) == lost
+
+
+def test_same_seed_same_interleaving(run_id, data):
+    logs = [schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.Pct(7, 2, 3, 8), 1000)[0].log
+            for _ in range(2)]
+    assert logs[0] == logs[1]
+
+
+def test_replay_of_a_point_that_does_not_exist_is_a_mismatch(run_id, data):
+    s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(3), 1000)
+    bad = [(i, p) for i, p, _ in s.log]
+    bad[2] = (bad[2][0], sched.point_id("no such point"))
+    s2, _, codes = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.Replay(bad), len(bad) + 1)
+    assert s2.outcome == "mismatch" and "step 2" in s2.detail
+    assert codes == [1, 1]  # both clients unwound (ScheduleAborted) and exited
+
+
+def _lock_body(run_id: str, order: tuple[int, int] | None):
+    """Client i takes lock A then B (or, with ``order``, client 1 takes them reversed)."""
+
+    def body(i: int, c) -> bytes:
+        r = Region.attach(run_id, DATA)
+        locks = [new_lock("spin", r.mem, r.word("locks", k), tag=i + 1, name=f"L{k}") for k in (0, 1)]
+        assert isinstance(locks[0], sched.SchedLock)  # wrapped at creation in a scheduled process
+        first, second = (0, 1) if order is None or i == 0 else order
+        for _ in range(2):
+            locks[first].lock()
+            locks[second].lock()
+            v = r.mem.load(1)
+            fuzz.point("in critical section")
+            r.mem.store(1, v + 1)
+            locks[second].unlock()
+            locks[first].unlock()
+        return b"ok"
+
+    return body
+
+
+def test_blocking_on_a_descheduled_holder_yields_and_mutual_exclusion_holds(run_id, data):
+    retries = 0
+    for seed in range(15):
+        data.v["w"][:] = 0
+        s, out, _ = schedpool.run_forked(run_id, 2, _lock_body(run_id, None), sched.RandomWalk(seed), 2000)
+        assert s.outcome == "done" and out == [b"ok", b"ok"]
+        assert int(data.v["w"][1]) == 4  # no lost update under the (scheduled) lock
+        retries += sum(b for _, _, b in s.log)
+    assert retries > 0  # some client met the lock held by a descheduled one, blocked, retried
+
+
+def test_opposite_lock_order_is_reported_as_a_deadlock_not_a_hang(run_id, data):
+    outcomes = set()
+    for seed in range(30):
+        data.v["locks"][:] = 0
+        s, _, _ = schedpool.run_forked(run_id, 2, _lock_body(run_id, (1, 0)), sched.RandomWalk(seed), 2000)
+        outcomes.add(s.outcome)
+        if s.outcome == "deadlock":
+            assert "process 0 at @" in s.detail and "process 1 at @" in s.detail  # both blocked, named
+            break
+    assert "deadlock" in outcomes
+
+
+def test_step_bound(run_id, data):
+    s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id, incs=50), sched.RandomWalk(1), 10)
+    assert s.outcome == "step-bound" and len(s.log) == 10
+
+
+def test_pct_priorities_and_guarantee():
+    p = sched.Pct(1, 3, 3, 100)
+    assert sorted(p.prio) == [3, 4, 5] and len(p.change) == 2 and sorted(p.change.values()) == [1, 2]
+    assert sched.guarantee(2, 10, 3) == pytest.approx(1 / 200)
+    # the highest-priority enabled process runs; at a change point the running one drops
+    top = max(range(3), key=p.prio.__getitem__)
+    assert p.pick([0, 1, 2], 0, -1) == top
+    step = min(p.change)
+    assert p.pick([0, 1, 2], step, top) != top

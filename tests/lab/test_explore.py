@@ -1,0 +1,92 @@
+"""launch.py explore / replay: the controlled scheduler finds each built-in race (hook on) from
+per-vCPU programs with no global order, the correct code stays SUCCESS, a saved schedule replays
+to the same FAILURE every time, and a stale schedule is one line + exit 2.
+
+Seeds are fixed and known to fail early (bench/explore.py runs the 1,000-schedule SUCCESS sweep)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lab.explore import builtin, explore, from_toml, load, replay
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+# (scenario, registration, hooks, seed): FAILURE within a few dozen schedules at depth 3
+FINDS = [
+    ("kaboom", "bool", (), 1),
+    ("flood-drop", None, ("flood-drop-race",), 8),
+    ("tlb-flush", None, ("no-tlb-flush",), 5),
+]
+EXPECT = {"kaboom": "stale shadow physid entry", "flood-drop": "dropped, not write-protected",
+          "tlb-flush": "lost write"}
+
+
+@pytest.mark.parametrize("name,reg,hooks,seed", FINDS, ids=[f[0] for f in FINDS])
+def test_explore_finds_the_race_and_replay_repeats_it_10_of_10(tmp_path, name, reg, hooks, seed):
+    sc = builtin(name, reg, None, hooks)
+    res = explore(sc, "pct", 3, 60, seed, str(tmp_path))
+    assert res["verdict"] == "FAILURE", res
+    assert any(EXPECT[name] in r for r in res["reasons"]), res["reasons"][:3]
+    path = tmp_path / "failing-schedule.toml"
+    sc2, schedule, doc = load(str(path))
+    assert sc2.programs == sc.programs and len(schedule) == res["failing_steps"]
+    assert doc["explore"]["seed"] == seed and "python" in doc["versions"]
+    for _ in range(10):
+        r = replay(str(path))
+        assert r["verdict"] == "FAILURE" and r["reasons"][:20] == r["expected"], r["reasons"][:3]
+        assert [(v, n) for v, n, _ in r["log"]] == schedule
+
+
+@pytest.mark.parametrize("name,hooks", [("kaboom", ()), ("flood-drop", ()), ("tlb-flush", ())])
+def test_correct_code_stays_success(name, hooks):
+    res = explore(builtin(name, "refcount", None, hooks), "pct", 3, 25, 1, None)
+    assert res["verdict"] == "SUCCESS", res.get("reasons", [])[:3]
+    assert res["schedules"] == 25 and res["steps"] > 25 * 10 and 0 < res["guarantee"] < 1
+
+
+def test_random_walk_strategy_also_finds_the_kaboom():
+    res = explore(builtin("kaboom", "bool", None, ()), "random", 3, 30, 1, None)
+    assert res["verdict"] == "FAILURE" and res["guarantee"] is None
+
+
+def test_toml_per_vcpu_programs(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('[config]\nvcpus = 2\ndesign = "mutex-hash"\nl2s = 2\n'
+                 '[[step]]\nvcpu = 0\nop = "vmrun"\nl2 = 0\n'
+                 '[[step]]\nvcpu = 1\nop = "vmrun"\nl2 = 1\n'
+                 '[[step]]\nvcpu = 0\nop = "vmexit"\nleaving = true\n')
+    sc = from_toml(str(f), None, None, ())
+    assert [len(p) for p in sc.programs] == [2, 1] and sc.executor == "vcpu"
+    res = explore(sc, "pct", 2, 5, 1, None)
+    assert res["verdict"] == "SUCCESS", res.get("reasons")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=120)
+
+
+def test_cli_explore_replay_and_a_stale_schedule(tmp_path):
+    p = _cli("explore", "tlb-flush", "--hook", "no-tlb-flush", "--seed", "5", "--schedules", "40",
+             "--out", str(tmp_path), "--json", str(tmp_path / "s.json"))
+    assert p.returncode == 1, p.stderr
+    assert "FAILURE after" in p.stdout and "vCPU 1  l1.check_to_store" in p.stdout and "steps/s" in p.stdout
+    f = tmp_path / "failing-schedule.toml"
+    p = _cli("replay", str(f))
+    assert p.returncode == 1 and "same diagnosis as saved" in p.stdout, p.stdout[-500:]
+    f.write_text(f.read_text().replace('"mmu_lock: unlock"', '"mmu_lock: let go"', 1))
+    p = _cli("replay", str(f))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no longer matches the code" in p.stderr
+    assert "'mmu_lock: let go'" in p.stderr
+
+
+@pytest.mark.parametrize("args", [["explore", "no-such"], ["explore", "kaboom", "--depth", "0"],
+                                  ["replay", "/nonexistent.toml"], ["explore", "/nonexistent.toml"]])
+def test_cli_bad_input_is_one_line_exit_2(args):
+    p = _cli(*args)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
