@@ -254,9 +254,8 @@ class TablePool:
                 self._stat("reload_request")
 
     def _steer_flood_drop(self, t: int) -> None:
-        """Widening (hooks ``avic-flood-often``, ``flood-drop-race``): having seen usecount 0, wait
-        up to ``FLOOD_RACE_DELAY_NS`` (dilated) for a vCPU to enter L2 on the table (its entries in use), so
-        that the drop lands on the worst interleaving: a vCPU that has just entered L2 on it."""
+        """Widening (hooks ``avic-flood-often``, ``flood-drop-race``): having seen usecount 0, wait up to
+        ``FLOOD_RACE_DELAY_NS`` (dilated) for a vCPU to enter L2 on the table: the worst interleaving."""
         if getattr(fuzz.ACTIVE, "controlled", False):  # ipc/sched.py: no timed wait, the scheduler
             fuzz.point("avic.flood_steer")  # decides who enters L2 before the drop
             return
