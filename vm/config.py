@@ -46,6 +46,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     notifiers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
     max_nodes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 128
     stats: bool = True
+    # hot-path latency histograms (nested VMRUN, emulated write, notifier walk) time one operation
+    # in about this many, at random intervals; their counts stay exact. 1 = time every operation
+    latency_sample: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 16
     stall_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 1000
     heartbeat_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
     progress: bool = True

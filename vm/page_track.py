@@ -127,17 +127,33 @@ def _bind_write_path(kvm):
     handlers = kvm.handlers
     srcu_lock, srcu_unlock = kvm.track_srcu.read_lock, kvm.track_srcu.read_unlock
     now = _prims.now_ns
-    rec_walk = kvm.h_notifier_walk.record_since if kvm.h_notifier_walk is not None else None
-    rec_emul = kvm.h_emulated_write.record_since if kvm.h_emulated_write is not None else None
+    # sampled latency (ipc/hist.py): each path counts down to the one operation in about
+    # cfg.latency_sample it times (``*_left``: operations to go, the last one timed; 0 = no stats);
+    # ``sample`` records it weighted by its interval and returns the next, ``settle`` counts the
+    # operations run since (at each counter flush), so the histogram counts stay exact
+    h_walk, h_emul = kvm.h_notifier_walk, kvm.h_emulated_write
+    settle_old = kvm.settle_samples.get("write_path")
+    if settle_old is not None:  # re-bound: the old closures' operations are counted first
+        settle_old()
+    w_left = h_walk.start() if h_walk is not None else 0
+    e_left = h_emul.start() if h_emul is not None else 0
+    sample_walk = h_walk.sample if h_walk is not None else None
+    sample_emul = h_emul.sample if h_emul is not None else None
     guest_write = kvm.guest_mem.write
     pages = kvm.memory_pages
     S_POISON, O_STATE, O_GEN, O_NEXT = L.NODE_POISON, L.N_STATE, L.N_GEN, L.N_NEXT
     fz = fuzz.ACTIVE  # this process' preemption points (configured with its Kvm)
 
     def page_track_write(gpa: int, new: bytes) -> int:
+        nonlocal w_left
         if not load(head_w):  # empty list: return at once
             return 0
-        t0 = now() if rec_walk is not None else 0
+        t0 = 0
+        if w_left:
+            if w_left == 1:
+                t0 = now()
+            else:
+                w_left -= 1
         nbytes = len(new)
         trace = kvm.trace_nodes
         calls = 0
@@ -168,18 +184,32 @@ def _bind_write_path(kvm):
                 n = load(base + O_NEXT)
         finally:
             srcu_unlock()
-        if rec_walk is not None:
-            rec_walk(t0)
+        if t0:
+            w_left = sample_walk(t0)
         return calls
 
     def emulate_write(gpa: int, new: bytes) -> int:
-        t0 = now() if rec_emul is not None else 0
+        nonlocal e_left
+        t0 = 0
+        if e_left:
+            if e_left == 1:
+                t0 = now()
+            else:
+                e_left -= 1
         if (gpa >> PAGE_SHIFT) < pages:
             guest_write(gpa, new)
         calls = page_track_write(gpa, new)
-        if rec_emul is not None:
-            rec_emul(t0)
+        if t0:
+            e_left = sample_emul(t0)
         return calls
+
+    def settle() -> None:
+        if h_walk is not None:
+            h_walk.settle(w_left)
+        if h_emul is not None:
+            h_emul.settle(e_left)
+
+    kvm.settle_samples["write_path"] = settle
 
     acct = getattr(kvm, "write_acct", None)
     if acct is None:
@@ -191,8 +221,13 @@ def _bind_write_path(kvm):
     left = acct.period
 
     def emulate_write_accounted(gpa: int, new: bytes) -> int:
-        nonlocal left
-        t0 = now() if rec_emul is not None else 0
+        nonlocal left, e_left
+        t0 = 0
+        if e_left:
+            if e_left == 1:
+                t0 = now()
+            else:
+                e_left -= 1
         if (gpa >> PAGE_SHIFT) < pages:
             guest_write(gpa, new)
             left -= 1
@@ -203,8 +238,8 @@ def _bind_write_path(kvm):
                 left = acct.period
         else:
             calls = page_track_write(gpa, new)
-        if rec_emul is not None:
-            rec_emul(t0)
+        if t0:
+            e_left = sample_emul(t0)
         return calls
 
     def page_track_write_accounted(gpa: int, new: bytes) -> int:
