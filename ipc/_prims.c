@@ -1397,14 +1397,17 @@ static PyObject *hist_start(HistObject *self, PyObject *unused) {
     return PyLong_FromLongLong(self->cur);
 }
 
-/* sample(t0_ns) -> next interval: records now - t0 for the cur operations of the interval that
- * ends with this one (those settled already are in the count), hands out the next interval. */
+/* sample(c0) -> next interval: c0 is a stats-clock reading (_prims.stats_clock(): the TSC, no
+ * vDSO page to touch, which a sampled operation would often find cold); records the ns since then
+ * for the cur operations of the interval that ends with this one (those settled already are in
+ * the count), hands out the next interval. */
 static PyObject *hist_sample(HistObject *self, PyObject *arg) {
-    int64_t t0;
+    int64_t c0;
+    int64_t c = cyc();
     if (!MEM_LIVE(self->mem)) return NULL;
-    if (get_i64(arg, &t0) < 0) return NULL;
+    if (get_i64(arg, &c0) < 0) return NULL;
     int64_t w = self->cur > 0 ? self->cur : 1;
-    hist_put_w(self->h, now_ns() - t0, w);
+    hist_put_w(self->h, cyc_ns(c - c0), w);
     self->cur = hist_interval(self);
     return PyLong_FromLongLong(self->cur);
 }
@@ -1435,7 +1438,7 @@ static PyMethodDef hist_methods[] = {
     {"record_since", (PyCFunction)hist_record_since, METH_O, "record_since(t0_ns) -> now_ns"},
     {"start", (PyCFunction)hist_start, METH_NOARGS, "start() -> first sampling interval"},
     {"sample", (PyCFunction)hist_sample, METH_O,
-     "sample(t0_ns) -> next interval: record now - t0 weighted by the interval it ends"},
+     "sample(c0) -> next interval: record the ns since stats-clock reading c0, weighted by the interval it ends"},
     {"settle", (PyCFunction)hist_settle, METH_O,
      "settle(left): count the interval's operations that ran unsampled (left = still to go)"},
     {NULL}

@@ -88,7 +88,7 @@ class Vcpu:
         gstore = kvm.guest_mem.store
         load = kvm.mem.load
         state_w = kvm.flags_w + L.F_RUN_STATE
-        now, spin = _prims.now_ns, _prims.spin_ns
+        now, spin, clock = _prims.now_ns, _prims.spin_ns, _prims.stats_clock
         h_vmrun = kvm.hist["nested_vmrun"]  # sampled latency: 1 VMRUN in ~cfg.latency_sample timed
         v_left = h_vmrun.start() if h_vmrun is not None else 0  # VMRUNs to go, the last one timed
         sample_vmrun = h_vmrun.sample if h_vmrun is not None else None
@@ -148,7 +148,7 @@ class Vcpu:
                 t0 = 0
                 if v_left:
                     if v_left == 1:
-                        t0 = now()
+                        t0 = clock()
                     else:
                         v_left -= 1
                 d.nested_vmrun(vid, l2)

@@ -126,7 +126,7 @@ def _bind_write_path(kvm):
     nmax = kvm.cfg.max_nodes
     handlers = kvm.handlers
     srcu_lock, srcu_unlock = kvm.track_srcu.read_lock, kvm.track_srcu.read_unlock
-    now = _prims.now_ns
+    clock = _prims.stats_clock  # spans in stats-clock readings (the TSC: no vDSO page, often cold)
     # sampled latency (ipc/hist.py): each path counts down to the one operation in about
     # cfg.latency_sample it times (``*_left``: operations to go, the last one timed; 0 = no stats);
     # ``sample`` records it weighted by its interval and returns the next, ``settle`` counts the
@@ -151,7 +151,7 @@ def _bind_write_path(kvm):
         t0 = 0
         if w_left:
             if w_left == 1:
-                t0 = now()
+                t0 = clock()
             else:
                 w_left -= 1
         nbytes = len(new)
@@ -193,7 +193,7 @@ def _bind_write_path(kvm):
         t0 = 0
         if e_left:
             if e_left == 1:
-                t0 = now()
+                t0 = clock()
             else:
                 e_left -= 1
         if (gpa >> PAGE_SHIFT) < pages:
@@ -225,7 +225,7 @@ def _bind_write_path(kvm):
         t0 = 0
         if e_left:
             if e_left == 1:
-                t0 = now()
+                t0 = clock()
             else:
                 e_left -= 1
         if (gpa >> PAGE_SHIFT) < pages:
