@@ -188,39 +188,14 @@ def _bind_write_path(kvm):
             w_left = sample_walk(t0)
         return calls
 
-    def emulate_write(gpa: int, new: bytes) -> int:
-        nonlocal e_left
-        t0 = 0
-        if e_left:
-            if e_left == 1:
-                t0 = clock()
-            else:
-                e_left -= 1
-        if (gpa >> PAGE_SHIFT) < pages:
-            guest_write(gpa, new)
-        calls = page_track_write(gpa, new)
-        if t0:
-            e_left = sample_emul(t0)
-        return calls
-
-    def settle() -> None:
-        if h_walk is not None:
-            h_walk.settle(w_left)
-        if h_emul is not None:
-            h_emul.settle(e_left)
-
-    kvm.settle_samples["write_path"] = settle
-
+    # exact call accounting (vm.mirror.WriteAccounting), when this process has it: each emulated RAM
+    # write counts down; the one that reaches 0 walks through ``checkpoint``, which judges it alone
+    # and the others in aggregate (without accounting the count never reaches 0)
     acct = getattr(kvm, "write_acct", None)
-    if acct is None:
-        return emulate_write, page_track_write
+    checkpoint = acct.checkpoint if acct is not None else None
+    left = acct.period if acct is not None else 1 << 62
 
-    # exact call accounting (vm.mirror.WriteAccounting): each emulated RAM write counts down; the
-    # one that reaches 0 walks through ``checkpoint``, which judges it alone and the others in aggregate
-    checkpoint, walk_outside_write = acct.checkpoint, acct.walk_outside_write
-    left = acct.period
-
-    def emulate_write_accounted(gpa: int, new: bytes) -> int:
+    def emulate_write(gpa: int, new: bytes) -> int:
         nonlocal left, e_left
         t0 = 0
         if e_left:
@@ -242,10 +217,21 @@ def _bind_write_path(kvm):
             e_left = sample_emul(t0)
         return calls
 
+    def settle() -> None:
+        if h_walk is not None:
+            h_walk.settle(w_left)
+        if h_emul is not None:
+            h_emul.settle(e_left)
+
+    kvm.settle_samples["write_path"] = settle
+    if acct is None:
+        return emulate_write, page_track_write
+
     def page_track_write_accounted(gpa: int, new: bytes) -> int:
         return walk_outside_write(page_track_write, gpa, new)
 
-    return emulate_write_accounted, page_track_write_accounted
+    walk_outside_write = acct.walk_outside_write
+    return emulate_write, page_track_write_accounted
 
 
 def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:
