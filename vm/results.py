@@ -94,8 +94,10 @@ def collect(kvm, cfg, elapsed_s: float, warnings: list[dict], oracle: list[str],
 def latency_sampling(cfg) -> dict[str, Any]:
     """How the latency percentiles of ``ops`` were sampled (counts are exact either way)."""
     every = cfg.latency_sample
-    return {"sampled_ops": list(L.SAMPLED_HISTS) if cfg.stats else [], "every": every,
-            "method": ("every operation timed" if every == 1 or not cfg.stats else
+    if not cfg.stats:
+        return {"sampled_ops": [], "every": every, "method": "no latency histograms (stats off)"}
+    return {"sampled_ops": list(L.SAMPLED_HISTS), "every": every,
+            "method": ("every operation timed" if every == 1 else
                        f"1 operation in {every} on average timed (random interval, uniform in 1..{2 * every - 1}), "
                        "weighted by its interval; count exact, percentiles, mean, min and max from the samples"),
             "other_ops": "every operation timed"}
