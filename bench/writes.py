@@ -2,10 +2,11 @@
 
     python -m bench.writes [--json PATH] [--quick] [--paths]
 
-- ``floor_ns``: a no-op C-extension call pair (the same floor as bench.primitives)
+- ``floor_ns``: a no-op C-extension call pair (the same floor as bench.primitives), measured in
+  reps interleaved with those of the paths, least disturbed rep (as the paths: ``path_ns``)
 - ``tracked_write_vs_floor``: one L1 store to a write-tracked page, ``Vcpu.l1_store`` (fault check →
-  emulate: guest write + SRCU notifier walk → mirror notifier, latency histograms on), ns/op over
-  the floor (goal <= 15)
+  emulate: guest write + SRCU notifier walk → mirror notifier, stats on: sampled latency), ns/op
+  over the floor (goal <= 15)
 - ``untracked_write_vs_floor``: one L1 store to an untracked page (fault check + store; goal <= 4)
 - ``*_loop_vs_floor``: the same through the whole free-running loop, i.e. including the seeded
   workload generation (random numbers, choice of page) around each store
