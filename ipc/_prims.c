@@ -1307,7 +1307,7 @@ static inline int hist_bucket(int64_t v) {
 
 /* Sampled latency (every = N > 1): the caller counts operations down from the interval the
  * histogram hands out (uniform in 1..2N-1, mean N, so a sample never locks onto a period of the
- * workload) and times only the one that reaches 0; sample(t0) records that value with the
+ * workload) and times only the one that reaches 0; sample(c0) records that value with the
  * interval's length as its weight (count, sum and bucket grow by the weight), so counts stay exact
  * and quantiles are those of the sampled values; settle(left) adds the operations of the interval
  * that have run so far but were not sampled yet (at every counter flush: the count is exact then).

@@ -119,6 +119,17 @@ def write_path(kvm):
     return wp
 
 
+class _Unaccounted:
+    """The write path of a process without call accounting: its countdown (a small int: a larger
+    one would be re-allocated at every decrement) wraps every 2**30 - 1 writes through a plain walk."""
+
+    period = (1 << 30) - 1
+
+    @staticmethod
+    def checkpoint(gpa: int, new: bytes, page_track_write) -> int:
+        return page_track_write(gpa, new)
+
+
 def _bind_write_path(kvm):
     load = kvm.mem.load
     head_w = kvm.notifier_w + L.NH_HEAD
@@ -190,10 +201,10 @@ def _bind_write_path(kvm):
 
     # exact call accounting (vm.mirror.WriteAccounting), when this process has it: each emulated RAM
     # write counts down; the one that reaches 0 walks through ``checkpoint``, which judges it alone
-    # and the others in aggregate (without accounting the count never reaches 0)
-    acct = getattr(kvm, "write_acct", None)
-    checkpoint = acct.checkpoint if acct is not None else None
-    left = acct.period if acct is not None else 1 << 62
+    # and the others in aggregate
+    acct = getattr(kvm, "write_acct", None) or _Unaccounted
+    checkpoint = acct.checkpoint
+    left = acct.period
 
     def emulate_write(gpa: int, new: bytes) -> int:
         nonlocal left, e_left
@@ -224,7 +235,7 @@ def _bind_write_path(kvm):
             h_emul.settle(e_left)
 
     kvm.settle_samples["write_path"] = settle
-    if acct is None:
+    if acct is _Unaccounted:
         return emulate_write, page_track_write
 
     def page_track_write_accounted(gpa: int, new: bytes) -> int:
