@@ -130,7 +130,7 @@ CATALOGUE: tuple[Mutant, ...] = (
            lines=2, multi="srcu_read_lock and srcu_read_unlock are a pair"),
     Mutant("walk-skipped-one-in-64", "notifier walk", "vm/page_track.py",
            (Edit("        if not load(head_w):  # empty list: return at once\n",
-                 "        if not load(head_w) or now() % 64 == 0:  # empty list: return at once\n"),),
+                 "        if not load(head_w) or _prims.now_ns() % 64 == 0:  # empty list: return at once\n"),),
            RUN_MIRROR, "about one emulated write in 64 returns before the notifier walk", fast=True),
     # -- write protection -------------------------------------------------------------------------
     Mutant("track-without-tlb-flush", "TLB flush", "vm/avic/pool.py",

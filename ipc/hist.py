@@ -3,6 +3,12 @@
 Word layout of one histogram (``HIST_WORDS`` int64 words): [0] count [1] sum [2] max [3] min,
 then ``HIST_BUCKETS`` buckets; values < 8 have exact buckets, above that each power of two is
 split in 8 sub-buckets (<= 12.5 % relative error).
+
+Sampled latency (``Histogram(mem, i, every=N)``, hot paths): 1 operation in about N is timed and
+recorded with the weight of the interval it ends (see ``_prims.c``), so [0] count is exact once
+settled, while [1] sum, min, max and the buckets describe the sampled values (weighted). The
+quantiles and the mean are therefore taken over the bucket total, which the unsampled operations
+of an open interval (counted by ``settle``) do not reach.
 """
 
 from __future__ import annotations
@@ -59,17 +65,18 @@ def summary(h: np.ndarray, quantiles=(0.5, 0.99, 0.999)) -> dict:
     """count, mean, min, max and quantiles (bucket upper bound, clipped to max) of one histogram."""
     count = int(h[0])
     out: dict = {"count": count}
-    if count == 0:
+    buckets = h[HIST_HDR:HIST_HDR + HIST_BUCKETS]
+    cum = np.cumsum(buckets)
+    weight = int(cum[-1])  # = count, unless some operations are counted but not sampled
+    if count == 0 or weight == 0:
         out.update({"mean_ns": 0, "min_ns": 0, "max_ns": 0})
         out.update({f"p{_qname(q)}_ns": 0 for q in quantiles})
         return out
-    buckets = h[HIST_HDR:HIST_HDR + HIST_BUCKETS]
-    cum = np.cumsum(buckets)
     mx = int(h[2])
     for q in quantiles:
-        idx = int(np.searchsorted(cum, max(1, int(np.ceil(q * count)))))
+        idx = int(np.searchsorted(cum, max(1, int(np.ceil(q * weight)))))
         out[f"p{_qname(q)}_ns"] = int(min(BUCKET_HI[min(idx, HIST_BUCKETS - 1)], mx))
-    out["mean_ns"] = int(h[1]) // count
+    out["mean_ns"] = int(h[1]) // weight
     out["min_ns"] = int(h[3])
     out["max_ns"] = mx
     return out

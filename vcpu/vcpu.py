@@ -88,8 +88,10 @@ class Vcpu:
         gstore = kvm.guest_mem.store
         load = kvm.mem.load
         state_w = kvm.flags_w + L.F_RUN_STATE
-        now, spin = _prims.now_ns, _prims.spin_ns
-        h_vmrun = kvm.hist["nested_vmrun"]
+        now, spin, clock = _prims.now_ns, _prims.spin_ns, _prims.stats_clock
+        h_vmrun = kvm.hist["nested_vmrun"]  # sampled latency: 1 VMRUN in ~cfg.latency_sample timed
+        v_left = h_vmrun.start() if h_vmrun is not None else 0  # VMRUNs to go, the last one timed
+        sample_vmrun = h_vmrun.sample if h_vmrun is not None else None
         p_tr = cfg.tracked_fraction
         p_mmio = p_tr + cfg.mmio_fraction
         ulo, uhi = untracked_range(cfg)
@@ -152,12 +154,17 @@ class Vcpu:
                         n_mmio += 1
                 gm_unlock()
                 # 2. nested VMRUN / L2 runs / VMEXIT
-                t0 = now()
+                t0 = 0
+                if v_left:
+                    if v_left == 1:
+                        t0 = clock()
+                    else:
+                        v_left -= 1
                 if emit:
                     emit(R_B, l2, vid)
                 d.nested_vmrun(vid, l2)
-                if h_vmrun is not None:
-                    h_vmrun.record_since(t0)
+                if t0:
+                    v_left = sample_vmrun(t0)
                 if emit:
                     emit(R_E)
                     emit(G_B, l2)
@@ -193,12 +200,16 @@ class Vcpu:
                     n["write_untracked"], n["write_tracked"], n["write_mmio"] = n_unt, n_tr, n_mmio
                     n["vmrun"] = n["vmexit"] = n_run
                     n["l2_switch"], n["iterations"] = n_sw, iters
+                    if h_vmrun is not None:
+                        h_vmrun.settle(v_left)  # the VMRUNs since the last sample: counted
                     self.flush()
                     if t >= deadline_ns or load(state_w) == L.RUN_STOP:
                         break
                     tick()
                     next_tick = now() + tick_ns
         finally:
+            if h_vmrun is not None:
+                h_vmrun.settle(v_left)
             self.l2 = l2
             self.put()
             self.flush()

@@ -53,8 +53,11 @@ class Kvm:
             for i, name in enumerate(L.LOCKS)
         }
         self.mmu_lock = self.locks["mmu_lock"]
-        self.hist = {name: (_prims.Histogram(vm.mem, vm.word("hist", proc, i)) if stats else None)
+        self.hist = {name: (_prims.Histogram(vm.mem, vm.word("hist", proc, i),
+                                             cfg.latency_sample if name in L.SAMPLED_HISTS else 1)
+                            if stats else None)
                      for i, name in enumerate(L.HISTS)}
+        self.settle_samples: dict[str, Callable[[], None]] = {}  # sampled paths: count their unsampled ops
         self.h_notifier_walk = self.hist["notifier_walk"]
         self.h_emulated_write = self.hist["emulated_write"]
         slot_name = self.proc_name
@@ -158,6 +161,7 @@ class Kvm:
         if self.tracer is not None and trace.ACTIVE is self.tracer:
             trace.configure(None)
         self.tracer = None
+        self.settle_samples.clear()
         self.write_path = None
         self.locks.clear()
         self.domains.clear()
@@ -202,7 +206,10 @@ class Kvm:
         self.counts[L.C[name]] += n
 
     def flush_counts(self) -> None:
-        """Publish ``count()`` tallies into this process' shm counter block."""
+        """Publish ``count()`` tallies into this process' shm counter block (and the operations
+        of the sampled latency histograms that ran since their last sample)."""
+        for settle in self.settle_samples.values():
+            settle()
         c = self.counters
         for i, v in enumerate(self.counts):
             if v:

@@ -84,6 +84,7 @@ assert len(COUNTERS) == NCOUNTERS
 HISTS = ("nested_vmrun", "emulated_write", "notifier_walk", "synchronize_srcu",
          "synchronize_rcu", "tlb_flush", "track_write", "avic_get")
 H = {name: i for i, name in enumerate(HISTS)}
+SAMPLED_HISTS = ("nested_vmrun", "emulated_write", "notifier_walk")  # 1 in cfg.latency_sample timed
 
 
 def vm_layout(cfg) -> Layout:

@@ -128,6 +128,17 @@ def write_path(kvm):
     return wp
 
 
+class _Unaccounted:
+    """The write path of a process without call accounting: its countdown (a small int: a larger
+    one would be re-allocated at every decrement) wraps every 2**30 - 1 writes through a plain walk."""
+
+    period = (1 << 30) - 1
+
+    @staticmethod
+    def checkpoint(gpa: int, new: bytes, page_track_write) -> int:
+        return page_track_write(gpa, new)
+
+
 def _bind_write_path(kvm):
     load = kvm.mem.load
     head_w = kvm.notifier_w + L.NH_HEAD
@@ -135,9 +146,19 @@ def _bind_write_path(kvm):
     nmax = kvm.cfg.max_nodes
     handlers = kvm.handlers
     srcu_lock, srcu_unlock = kvm.track_srcu.read_lock, kvm.track_srcu.read_unlock
-    now = _prims.now_ns
-    rec_walk = kvm.h_notifier_walk.record_since if kvm.h_notifier_walk is not None else None
-    rec_emul = kvm.h_emulated_write.record_since if kvm.h_emulated_write is not None else None
+    clock = _prims.stats_clock  # spans in stats-clock readings (the TSC: no vDSO page, often cold)
+    # sampled latency (ipc/hist.py): each path counts down to the one operation in about
+    # cfg.latency_sample it times (``*_left``: operations to go, the last one timed; 0 = no stats);
+    # ``sample`` records it weighted by its interval and returns the next, ``settle`` counts the
+    # operations run since (at each counter flush), so the histogram counts stay exact
+    h_walk, h_emul = kvm.h_notifier_walk, kvm.h_emulated_write
+    settle_old = kvm.settle_samples.get("write_path")
+    if settle_old is not None:  # re-bound: the old closures' operations are counted first
+        settle_old()
+    w_left = h_walk.start() if h_walk is not None else 0
+    e_left = h_emul.start() if h_emul is not None else 0
+    sample_walk = h_walk.sample if h_walk is not None else None
+    sample_emul = h_emul.sample if h_emul is not None else None
     guest_write = kvm.guest_mem.write
     pages = kvm.memory_pages
     mmio_walk = kvm.cfg.mmio_walk
@@ -148,9 +169,15 @@ def _bind_write_path(kvm):
     (W_B, W_E), (T_B, T_E) = (tr.pair("emulated_write"), tr.pair("track_write")) if tr else ((0, 0), (0, 0))
 
     def page_track_write(gpa: int, new: bytes) -> int:
+        nonlocal w_left
         if not load(head_w):  # empty list: return at once
             return 0
-        t0 = now() if rec_walk is not None else 0
+        t0 = 0
+        if w_left:
+            if w_left == 1:
+                t0 = clock()
+            else:
+                w_left -= 1
         nbytes = len(new)
         trace = kvm.trace_nodes
         calls = 0
@@ -185,37 +212,25 @@ def _bind_write_path(kvm):
                 n = load(base + O_NEXT)
         finally:
             srcu_unlock()
-        if rec_walk is not None:
-            rec_walk(t0)
+        if t0:
+            w_left = sample_walk(t0)
         return calls
 
-    def emulate_write(gpa: int, new: bytes) -> int:
-        t0 = now() if rec_emul is not None else 0
-        if emit:
-            emit(W_B, gpa, len(new))
-        if (gpa >> PAGE_SHIFT) < pages:
-            guest_write(gpa, new)
-            calls = page_track_write(gpa, new)
-        else:  # MMIO: x86.c returns before the walk, unless --mmio-walk (module doc)
-            calls = page_track_write(gpa, new) if mmio_walk else 0
-        if rec_emul is not None:
-            rec_emul(t0)
-        if emit:
-            emit(W_E)
-        return calls
-
-    acct = getattr(kvm, "write_acct", None)
-    if acct is None:
-        return emulate_write, page_track_write
-
-    # exact call accounting (vm.mirror.WriteAccounting): each emulated RAM write counts down; the
-    # one that reaches 0 walks through ``checkpoint``, which judges it alone and the others in aggregate
-    checkpoint, walk_outside_write = acct.checkpoint, acct.walk_outside_write
+    # exact call accounting (vm.mirror.WriteAccounting), when this process has it: each emulated RAM
+    # write counts down; the one that reaches 0 walks through ``checkpoint``, which judges it alone
+    # and the others in aggregate
+    acct = getattr(kvm, "write_acct", None) or _Unaccounted
+    checkpoint = acct.checkpoint
     left = acct.period
 
-    def emulate_write_accounted(gpa: int, new: bytes) -> int:
-        nonlocal left
-        t0 = now() if rec_emul is not None else 0
+    def emulate_write(gpa: int, new: bytes) -> int:
+        nonlocal left, e_left
+        t0 = 0
+        if e_left:
+            if e_left == 1:
+                t0 = clock()
+            else:
+                e_left -= 1
         if emit:
             emit(W_B, gpa, len(new))
         if (gpa >> PAGE_SHIFT) < pages:
@@ -228,16 +243,27 @@ def _bind_write_path(kvm):
                 left = acct.period
         else:
             calls = page_track_write(gpa, new) if mmio_walk else 0
-        if rec_emul is not None:
-            rec_emul(t0)
+        if t0:
+            e_left = sample_emul(t0)
         if emit:
             emit(W_E)
         return calls
 
+    def settle() -> None:
+        if h_walk is not None:
+            h_walk.settle(w_left)
+        if h_emul is not None:
+            h_emul.settle(e_left)
+
+    kvm.settle_samples["write_path"] = settle
+    if acct is _Unaccounted:
+        return emulate_write, page_track_write
+
     def page_track_write_accounted(gpa: int, new: bytes) -> int:
         return walk_outside_write(page_track_write, gpa, new)
 
-    return emulate_write_accounted, page_track_write_accounted
+    walk_outside_write = acct.walk_outside_write
+    return emulate_write, page_track_write_accounted
 
 
 def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:

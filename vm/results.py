@@ -3,8 +3,8 @@ rendering: throughput per op kind, latency percentiles, a lock_stat table, WARNs
 
 JSON shape (documented in README.md):
 ``{"config", "seed", "versions", "elapsed_s", "ops": {kind: {count, per_s, p50_ns, p99_ns, p999_ns,
-max_ns}}, "counters", "locks": {class: {acquisitions, contentions, wait_ns_total, wait_ns_max,
-wait_ns_min, wait_ns_avg, hold_ns_total, hold_ns_max, hold_ns_min, hold_ns_avg}}, "gp": {domain:
+max_ns}}, "latency_sampling": {sampled_ops, every, method, other_ops}, "counters", "locks": {class:
+{acquisitions, contentions, wait_ns_total, wait_ns_max, wait_ns_min, wait_ns_avg, hold_ns_total, hold_ns_max, hold_ns_min, hold_ns_avg}}, "gp": {domain:
 grace periods}, "warnings": [{kind, message, data}], "warn_count", "oracle": [violations],
 "verdict": "SUCCESS"|"FAILURE", "reasons": [...]}``
 """
@@ -76,6 +76,7 @@ def collect(kvm, cfg, elapsed_s: float, warnings: list[dict], oracle: list[str],
         "host": {"cpus": ncpu, "vcpus_per_cpu": round(cfg.vcpus / ncpu, 3)},
         "elapsed_s": round(elapsed_s, 4),
         "ops": ops,
+        "latency_sampling": latency_sampling(cfg),
         "counters": counters,
         "locks": locks,
         "gp": gp,
@@ -88,6 +89,18 @@ def collect(kvm, cfg, elapsed_s: float, warnings: list[dict], oracle: list[str],
     }
 
 
+
+
+def latency_sampling(cfg) -> dict[str, Any]:
+    """How the latency percentiles of ``ops`` were sampled (counts are exact either way)."""
+    every = cfg.latency_sample
+    if not cfg.stats:
+        return {"sampled_ops": [], "every": every, "method": "no latency histograms (stats off)"}
+    return {"sampled_ops": list(L.SAMPLED_HISTS), "every": every,
+            "method": ("every operation timed" if every == 1 else
+                       f"1 operation in {every} on average timed (random interval, uniform in 1..{2 * every - 1}), "
+                       "weighted by its interval; count exact, percentiles, mean, min and max from the samples"),
+            "other_ops": "every operation timed"}
 
 
 def _json_default(o):

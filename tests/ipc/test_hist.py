@@ -159,3 +159,90 @@ def test_histogram_after_close_raises(run_id):
         h.record(1)
     with pytest.raises(ValueError, match="released"):
         h.record_since(0)
+
+
+# -- sampled latency (every = N): 1 operation in ~N timed, weighted; counts exact ------------------
+
+def _cycles(ns: int) -> int:
+    """stats-clock ticks of ``ns`` (what ``sample`` takes is a stats-clock reading)"""
+    return ns * 10**9 // max(_prims.stats_clock_ns(10**9), 1)
+
+
+def _sampled_ops(h, values, left: int | None = None) -> int:
+    """Run ``len(values)`` operations the way the hot paths do (count down from the interval the
+    histogram hands out, time the last one: its value is values[i]); returns the operations left."""
+    left = h.start() if left is None else left
+    for v in values:
+        if left == 1:
+            left = h.sample(_prims.stats_clock() - _cycles(int(v)))
+        else:
+            left -= 1
+    return left
+
+
+def test_sampled_count_is_exact_after_settle(region):
+    h = _prims.Histogram(region.mem, region.word("h", 0), 16)
+    assert h.every == 16
+    n = 10_007
+    left = _sampled_ops(h, [50_000] * n)
+    row = region.v["h"][0]
+    sampled_weight = int(row[hist.HIST_HDR:].sum())
+    assert sampled_weight == row[0] < n  # the open interval is not counted yet
+    h.settle(left)
+    assert row[0] == n
+    assert int(row[hist.HIST_HDR:].sum()) == sampled_weight  # settle counts, records no value
+    h.settle(left)  # idempotent
+    assert row[0] == n
+    # then one more interval: the ops settled already are not counted twice
+    left = _sampled_ops(h, [1000] * 40, left)
+    h.settle(left)
+    assert row[0] == n + 40
+
+
+def test_sampling_intervals_average_every(region):
+    h = _prims.Histogram(region.mem, region.word("h", 1), 16)
+    iv = [h.start()] + [h.sample(_prims.stats_clock()) for _ in range(20_000)]
+    assert min(iv) == 1 and max(iv) == 31  # uniform in 1..2N-1
+    assert abs(np.mean(iv) - 16) < 0.3
+    assert len(set(iv[:64])) > 10  # not a fixed period (a workload period could alias with it)
+
+
+def test_every_1_times_every_operation(region):
+    h = _prims.Histogram(region.mem, region.word("h", 2))
+    assert h.every == 1 and h.start() == 1
+    data = [1000 * (i + 1) for i in range(50)]
+    assert _sampled_ops(h, data) == 1
+    row = region.v["h"][2]
+    assert row[0] == 50 and int(row[hist.HIST_HDR:].sum()) == 50  # each value recorded, weight 1
+    assert row[3] >= 990 and row[2] >= 49_500  # (ns -> stats-clock ticks -> ns rounds)
+
+
+def test_sampled_percentiles_match_exact(region):
+    rng = np.random.default_rng(5)
+    data = rng.lognormal(mean=10, sigma=1.0, size=60_000).astype(np.int64) + 20_000
+    h = _prims.Histogram(region.mem, region.word("h", 3), 8)
+    h.settle(_sampled_ops(h, data))
+    s = hist.summary(region.v["h"][3])
+    assert s["count"] == len(data)
+    for q in (0.5, 0.99):
+        true = float(np.percentile(data, q * 100, method="inverted_cdf"))
+        got = s[f"p{hist._qname(q)}_ns"]
+        assert abs(got - true) <= 0.25 * true, (q, got, true)  # bucket width + sampling error
+    assert abs(s["mean_ns"] - data.mean()) <= 0.15 * data.mean()
+
+
+def test_summary_counted_but_not_sampled(region):
+    h = _prims.Histogram(region.mem, region.word("h", 0), 1000)
+    left = h.start()
+    while left < 5:
+        left = h.start()
+    h.settle(left - 3)  # 3 ops counted, none timed yet
+    s = hist.summary(region.v["h"][0])
+    assert s["count"] == 3
+    assert s["p50_ns"] == s["max_ns"] == s["min_ns"] == s["mean_ns"] == 0
+
+
+def test_histogram_every_out_of_range(region):
+    for bad in (0, -1, 1 << 31):
+        with pytest.raises(ValueError, match="every"):
+            _prims.Histogram(region.mem, region.word("h", 0), bad)
