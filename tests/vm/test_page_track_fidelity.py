@@ -77,7 +77,7 @@ def test_mmio_write_walks_only_with_mmio_walk(make_kvm, mmio_walk):
 
 def _run_json(tmp_path, *args) -> dict:
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--vcpus", "2", "--duration", "0.6", "--quiet",
+    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "mirror", "--vcpus", "2", "--duration", "0.6", "--quiet",
                         "--fuzz", "off", "--json", str(out), *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
