@@ -6,7 +6,8 @@ Python calling compiled primitives while guest time is real time, so that ratio 
 share — is inflated by a factor D. ``--dilate N`` (vm/config.py ``dilate``) makes guest time and the
 modelled real-time delays N times longer; ``--dilate auto`` measures D with :func:`measure`.
 
-Method, per path, in this process on a small VM (2 vCPUs, fuzz off, uncontended, stats on as in a run):
+Method, per path, in this process on a small VM (2 vCPUs, fuzz off, uncontended, stats on as in a run, trace ring
+off as in every measuring command):
 
 1. **Python cost** ``T_py``: wall time of one call of the path, fastest of ``reps`` timed batches.
 2. **What the path executes**, counted once under ``sys.settrace`` (opcode events: Python bytecodes
@@ -169,7 +170,7 @@ def measure_design(design: str, budget_s: float = 0.05) -> dict:
     from vm.kvm import Kvm
     from vm.nested import make_design
 
-    cfg = Config(design=design, vcpus=2, l2s=4, fuzz="off", notifiers=0)
+    cfg = Config(design=design, vcpus=2, l2s=4, fuzz="off", notifiers=0, trace_events=0)
     kvm = Kvm.create(cfg, "rdil" + secrets.token_hex(4), frozenset())
     d = None
     try:
