@@ -98,3 +98,82 @@ def test_traced_rcu_reader_marks_the_outermost_section_only(tracer_at):
     ops = [(ph, n) for c, ph, n in evs if c == trace.CAT_OP]
     assert ops == [(trace.PH_B, "synchronize demo_rcu"), (trace.PH_B, "grace period demo_rcu"),
                    (trace.PH_E, "grace period demo_rcu"), (trace.PH_E, "synchronize demo_rcu")]
+
+
+@pytest.mark.parametrize("kind", ["spin", "mutex"])
+def test_recover_from_a_killed_holder_begins_the_hold(tracer_at, kind):
+    """A takeover from a SIGKILLed holder is a hold that starts at recover(), not at the ring's start."""
+    import json
+    import os
+    import signal
+
+    from ipc import chrome_trace
+
+    r, tr = tracer_at(extra=[("locks", "i8", (1, LOCK_WORDS))])
+    w = r.word("locks", 0)
+    tr.emit(tr.instant("before"))
+    pid = os.fork()
+    if pid == 0:  # the child: take the lock, die holding it
+        try:
+            new_lock(kind, r.mem, w, tag=3).lock()
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    me = new_lock(kind, r.mem, w, tag=1, name="demo_lock")
+    t0 = _prims.now_ns()
+    assert me.recover(*me.holder()) is True
+    me.unlock()
+    evs = [e for e in trace.snapshot(r).procs[0][1] if e.name == "demo_lock"]
+    assert [(e.cat, e.phase, e.a) for e in evs] == [(trace.CAT_HOLD, trace.PH_B, 2), (trace.CAT_HOLD, trace.PH_E, 0)]
+    assert evs[0].ts >= t0 - 1_000_000
+    doc = chrome_trace.to_chrome(trace.snapshot(r))
+    (hold,) = [e for e in doc["traceEvents"] if e.get("name") == "demo_lock"]
+    (before,) = [e for e in doc["traceEvents"] if e.get("name") == "before"]
+    assert hold["ts"] > before["ts"] and "truncated" not in hold.get("args", {}), json.dumps(hold)
+
+
+@pytest.mark.parametrize("kind", ["spin", "mutex"])
+def test_unlock_by_a_non_holder_ends_no_hold(tracer_at, kind):
+    r, tr = tracer_at(extra=[("locks", "i8", (1, LOCK_WORDS))])
+    w = r.word("locks", 0)
+    holder = new_lock(kind, r.mem, w, tag=1, name="demo_lock")
+    other = new_lock(kind, r.mem, w, tag=2, name="demo_lock")
+    assert holder.lock()
+    with pytest.raises(RuntimeError):
+        other.unlock()
+    holder.unlock()
+    evs = [(e.cat, e.phase) for e in trace.snapshot(r).procs[0][1] if e.name == "demo_lock"]
+    assert evs == [(trace.CAT_HOLD, trace.PH_B), (trace.CAT_HOLD, trace.PH_E)]
+
+
+def test_attach_rejects_a_ring_larger_than_the_buffer(region_factory):
+    r = region_factory(Layout("trace", trace.fields(1, 8)))
+    hdr, ev = r.word("trace_hdr", 0), r.word("trace_ev", 0)
+    for n in (2**62, 2**61 + 1, 10**6):  # n * 4 overflows int64 for the first two
+        with pytest.raises(IndexError):
+            _prims.trace_attach(r.mem, hdr, ev, n)
+    _prims.trace_attach(r.mem, hdr, ev, 8)
+    _prims.trace_attach(None)
+
+
+def test_a_forked_child_does_not_write_its_parents_ring(tracer_at):
+    import os
+
+    r, tr = tracer_at()
+    tr.emit(tr.instant("parent"))
+    pid = os.fork()
+    if pid == 0:
+        code = 0 if trace.ACTIVE is None else 1
+        _prims.trace_emit(trace.code(trace.CAT_OP, trace.PH_I, 0), 1, 2)
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child kept trace.ACTIVE"
+    assert [e.name for e in trace.snapshot(r).procs[0][1]] == ["parent"]
+
+
+def test_an_unwritten_name_row_reads_as_its_id(tracer_at):
+    r, tr = tracer_at()
+    tr.emit(tr.instant("named"))
+    j = r.mem.fetch_add(r.word("trace_meta") + trace.META_NAMES, 1)  # counted, row not yet written
+    tr.emit(trace.code(trace.CAT_OP, trace.PH_I, j))
+    assert [e.name for e in trace.snapshot(r).procs[0][1]] == ["named", f"#{j}"]
