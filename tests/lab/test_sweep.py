@@ -236,3 +236,12 @@ def _failure_doc() -> dict:
         "locks": {"mmu_lock": lock}, "gp": {"rcu": 1}, "warnings": [], "warn_count": 0, "oracle": ["lost write"],
         "verdict": "FAILURE", "reasons": ["oracle: 1 violation(s); first: lost write"],
     }
+
+
+def test_sweep_points_measure_without_the_trace_ring(tmp_path):
+    (p,) = sweep.parse_grid({"grid": {"vcpus": [1]}, "fixed": {"duration": 1}})
+    assert p.config["trace_events"] == 0
+    cmd, _ = sweep.point_command(p, tmp_path, Path("launch.py"))
+    assert cmd[cmd.index("--trace-events") + 1] == "0"
+    (q,) = sweep.parse_grid({"grid": {"vcpus": [1]}, "fixed": {"trace_events": 64}})
+    assert q.config["trace_events"] == 64  # a grid may still ask for it
