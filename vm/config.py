@@ -63,6 +63,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise UsageError(f"tracked_pages = {self.tracked_pages} exceeds the {pages} guest pages")
         if self.l2s * 1 > pages - self.tracked_pages:
             raise UsageError(f"l2s = {self.l2s} physid tables do not fit beside tracked_pages in memory")
+        if self.trace_events == 1:
+            raise UsageError("trace_events = 1: a ring keeps at least 2 events (0 = off)")
 
     def shm_bytes(self) -> int:
         """Bytes of every shm segment this run creates (the VM layouts + the AVIC region)."""

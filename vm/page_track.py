@@ -164,9 +164,11 @@ def _bind_write_path(kvm):
                     e = handler_entry(kvm, n - 1, gen)
                 if emit:
                     emit(T_B, n - 1, gpa)
-                e[2](gpa, new, nbytes, n - 1)
-                if emit:
-                    emit(T_E)
+                try:  # no cost unless it raises; then the slice still ends
+                    e[2](gpa, new, nbytes, n - 1)
+                finally:
+                    if emit:
+                        emit(T_E)
                 if trace is not None:
                     trace.append(n - 1)
                 calls += 1
@@ -183,13 +185,15 @@ def _bind_write_path(kvm):
         t0 = now() if rec_emul is not None else 0
         if emit:
             emit(W_B, gpa, len(new))
-        if (gpa >> PAGE_SHIFT) < pages:
-            guest_write(gpa, new)
-        calls = page_track_write(gpa, new)
-        if rec_emul is not None:
-            rec_emul(t0)
-        if emit:
-            emit(W_E)
+        try:
+            if (gpa >> PAGE_SHIFT) < pages:
+                guest_write(gpa, new)
+            calls = page_track_write(gpa, new)
+            if rec_emul is not None:
+                rec_emul(t0)
+        finally:
+            if emit:
+                emit(W_E)
         return calls
 
     acct = getattr(kvm, "write_acct", None)
@@ -206,20 +210,22 @@ def _bind_write_path(kvm):
         t0 = now() if rec_emul is not None else 0
         if emit:
             emit(W_B, gpa, len(new))
-        if (gpa >> PAGE_SHIFT) < pages:
-            guest_write(gpa, new)
-            left -= 1
-            if left:
-                calls = page_track_write(gpa, new)
+        try:
+            if (gpa >> PAGE_SHIFT) < pages:
+                guest_write(gpa, new)
+                left -= 1
+                if left:
+                    calls = page_track_write(gpa, new)
+                else:
+                    calls = checkpoint(gpa, new, page_track_write)
+                    left = acct.period
             else:
-                calls = checkpoint(gpa, new, page_track_write)
-                left = acct.period
-        else:
-            calls = page_track_write(gpa, new)
-        if rec_emul is not None:
-            rec_emul(t0)
-        if emit:
-            emit(W_E)
+                calls = page_track_write(gpa, new)
+            if rec_emul is not None:
+                rec_emul(t0)
+        finally:
+            if emit:
+                emit(W_E)
         return calls
 
     def page_track_write_accounted(gpa: int, new: bytes) -> int:

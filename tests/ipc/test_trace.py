@@ -177,3 +177,23 @@ def test_an_unwritten_name_row_reads_as_its_id(tracer_at):
     j = r.mem.fetch_add(r.word("trace_meta") + trace.META_NAMES, 1)  # counted, row not yet written
     tr.emit(trace.code(trace.CAT_OP, trace.PH_I, j))
     assert [e.name for e in trace.snapshot(r).procs[0][1]] == ["named", f"#{j}"]
+
+
+def test_worker_interns_only_known_script_ops(tracer_at):
+    """Ops come from the wire before validation: an unknown one must not take a name row."""
+    from types import SimpleNamespace as NS
+
+    from vcpu.worker import Worker
+
+    r, tr = tracer_at()
+
+    def execute(op, args):
+        if op != "read":
+            raise ValueError("unknown op")
+        return 0
+
+    w = Worker(None, NS(on_warn=None), NS(id=0, execute=execute), "scripted")
+    ops = [f"bogus{i}" for i in range(trace.NNAMES + 1)] + ["read"]
+    ack = w.batch(NS(seq=1, commands=[NS(op=op, args={}) for op in ops]))
+    assert [x.ok for x in ack.results] == [False] * (trace.NNAMES + 1) + [True]
+    assert trace.snapshot(r).names == ["cmd read"]

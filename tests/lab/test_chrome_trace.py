@@ -77,6 +77,7 @@ def test_success_writes_no_failure_trace(tmp_path):
 @pytest.mark.parametrize("argv, msg", [
     (["--trace", "/nonexistent-dir/t.json"], "--trace: directory"),
     (["--trace", "t.json", "--trace-events", "0"], "trace ring is off"),
+    (["--trace-events", "1"], "at least 2"),  # a 1-event ring keeps nothing readable
 ])
 def test_bad_trace_arguments_exit_2(argv, msg):
     p = _launch("run", "--duration", "0.1", *argv)

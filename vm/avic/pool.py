@@ -137,6 +137,8 @@ class TablePool:
             if st in (FREE, POISON) and m.cmpxchg(b + T_STATE, st, ALLOC) == st:
                 break
         else:
+            if self._emit:  # the slice ends (table -1) before the error
+                self._emit(self._tp["table_create"][1], -1, gfn)
             self.kvm.warn("avic_tables_exhausted", f"avic_physid_table pool ({self.nt}) exhausted")
             raise RuntimeError(f"avic_physid_table pool ({self.nt}) exhausted")
         for w, val in ((T_GFN, gfn), (T_L2, l2), (T_NENTRIES, self.ne), (T_REF, 1), (T_USE, 0),
