@@ -126,7 +126,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", default=None, help="write the results document here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--trace-events", dest="trace_events", type=int_range(0, 1 << 20, "--trace-events"),
-                   help="events kept per process in its trace ring (default 4096; 0 = no ring, no trace)")
+                   help="events kept per process in its trace ring (default 4096, at least 2; 0 = no ring, no trace)")
     _add_trace_arg(p)
 
 

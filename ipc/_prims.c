@@ -1508,16 +1508,18 @@ PyMODINIT_FUNC PyInit__prims(void) {
  *     [1] pid       of the writer (trace_attach)
  *     [2] nevents   ring capacity
  *   ring events (nevents x TR_EV_WORDS words)
- *     [0] ts        CLOCK_MONOTONIC ns (the calibrated stats clock, cyc_abs_ns(cyc()))
+ *     [0] ts        the raw stats clock, cyc() (ipc/trace.py converts every ring with one
+ *                   calibration, trace_clock(): cross-process order is the clock's own)
  *     [1] code      (category << 40) | (phase << 32) | name id (interned in the ring's name table)
  *     [2] a, [3] b  arguments
  * Event sequence s lives at slot s % nevents; the oldest is overwritten.
  *
  * Traced lock / RCU reader types (TracedSpinLock, TracedMutex, TracedRcuReader) are subtypes of
  * the plain ones: ipc/locks.py and ipc/rcu.py choose them at object creation when tracing is on,
- * so the plain types' paths stay untouched when it is off.  Their events: lock wait begin (the
- * trylock failed) / wait end, hold begin (acquired) / hold end (before the release store, so a
- * waiter's acquisition is always later); RCU read section begin / end at the outermost lock /
+ * so the plain types' paths stay untouched when it is off (their slow paths test one flag).  Their
+ * events: lock wait begin (stamped with the slow path's own t0) / wait end, hold begin (acquired,
+ * a = waited, 2 = recover()ed from a dead holder) / hold end (by the holder only, before the
+ * release store, so a waiter's acquisition is always later); RCU read section begin / end at the outermost lock /
  * unlock only.  ``trace_id`` names the object (a name id); it defaults to its word index. */
 
 #include "structmember.h"
