@@ -64,12 +64,16 @@ def test_plain_lock_types_when_tracing_is_off(region_factory):
     assert type(new_lock("mutex", r.mem, r.word("locks", 0))) is _prims.Mutex
 
 
+def _two_tags(tracer_at, kind):
+    """(region, lock with tag 1, lock with tag 2): one traced lock word, both named demo_lock"""
+    r, _ = tracer_at(extra=[("locks", "i8", (1, LOCK_WORDS))])
+    w = r.word("locks", 0)
+    return r, new_lock(kind, r.mem, w, tag=1, name="demo_lock"), new_lock(kind, r.mem, w, tag=2, name="demo_lock")
+
+
 @pytest.mark.parametrize("kind", ["spin", "mutex"])
 def test_traced_lock_records_wait_and_hold(tracer_at, kind):
-    r, tr = tracer_at(extra=[("locks", "i8", (1, LOCK_WORDS))])
-    w = r.word("locks", 0)
-    holder = new_lock(kind, r.mem, w, tag=1, name="demo_lock")
-    me = new_lock(kind, r.mem, w, tag=2, name="demo_lock")
+    r, holder, me = _two_tags(tracer_at, kind)
     assert isinstance(me, _prims.TracedSpinLock if kind == "spin" else _prims.TracedMutex)
     assert holder.lock()
     assert me.lock(1_000_000) is False  # contended: a wait that times out, no hold
@@ -134,10 +138,7 @@ def test_recover_from_a_killed_holder_begins_the_hold(tracer_at, kind):
 
 @pytest.mark.parametrize("kind", ["spin", "mutex"])
 def test_unlock_by_a_non_holder_ends_no_hold(tracer_at, kind):
-    r, tr = tracer_at(extra=[("locks", "i8", (1, LOCK_WORDS))])
-    w = r.word("locks", 0)
-    holder = new_lock(kind, r.mem, w, tag=1, name="demo_lock")
-    other = new_lock(kind, r.mem, w, tag=2, name="demo_lock")
+    r, holder, other = _two_tags(tracer_at, kind)
     assert holder.lock()
     with pytest.raises(RuntimeError):
         other.unlock()

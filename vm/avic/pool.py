@@ -129,18 +129,16 @@ class TablePool:
     def _create_table(self, gfn: int, l2: int) -> int:
         """Allocate and initialise a table (refcount 1, not yet write-protected)."""
         m = self.amem
-        if self._emit:
-            self._emit(self._tp["table_create"][0], -1, gfn)
         for t in range(self.nt):
             b = self.tw0 + t * TW
             st = m.load(b + T_STATE)
             if st in (FREE, POISON) and m.cmpxchg(b + T_STATE, st, ALLOC) == st:
                 break
         else:
-            if self._emit:  # the slice ends (table -1) before the error
-                self._emit(self._tp["table_create"][1], -1, gfn)
             self.kvm.warn("avic_tables_exhausted", f"avic_physid_table pool ({self.nt}) exhausted")
             raise RuntimeError(f"avic_physid_table pool ({self.nt}) exhausted")
+        if self._emit:  # from the claimed slot on: an exhausted pool opens no slice
+            self._emit(self._tp["table_create"][0], t, gfn)
         for w, val in ((T_GFN, gfn), (T_L2, l2), (T_NENTRIES, self.ne), (T_REF, 1), (T_USE, 0),
                        (T_FLOOD, 0), (T_NEXT, UNINIT_NEXT), (T_NODE, 0), (T_REGISTERED, 0), (T_TRACKED, 0),
                        (T_WRITES, 0), (T_SYNCS, 0)):
