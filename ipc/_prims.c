@@ -636,6 +636,7 @@ typedef struct {
     int is_mutex;
     PyObject *name;     /* str or None: named in errors */
     int traced;         /* a Traced* subtype (trace section at the end): its slow path emits a wait */
+    int tr_waited;      /* traced: this lock() call took the slow path (set by tr_wait_begin) */
 } LockObject;
 
 static void tr_wait_begin(LockObject *self, int64_t t0); /* trace section at the end of this file */
@@ -1614,10 +1615,9 @@ TRACED_STRUCT(TReaderObject, ReaderObject, treader_members, "header word")
 /* ---- traced locks: the plain lock(), whose slow path calls tr_wait_begin where its wait starts
  * (the same single CAS on the fast path and the same lock_stat accounting as the plain types) */
 
-static int tr_waited; /* set by tr_wait_begin during one traced lock() (every caller holds the GIL) */
-
+/* per object, not global: a signal handler run while waiting may take another traced lock */
 static void tr_wait_begin(LockObject *self, int64_t t0) {
-    tr_waited = 1;
+    self->tr_waited = 1;
     tr_put_at(t0, TR_CODE(TR_CAT_WAIT, TR_PH_B, ((TLockObject *)self)->trace_id), 0, 0);
 }
 
@@ -1626,9 +1626,9 @@ typedef PyObject *(*trylock_fn)(LockObject *, PyObject *); /* also is_held, unlo
 
 static PyObject *tlock_common(TLockObject *self, PyObject *const *args, Py_ssize_t nargs, lock_fn lockf) {
     int64_t id = self->trace_id;
-    tr_waited = 0;
+    self->base.tr_waited = 0;
     PyObject *r = lockf((LockObject *)self, args, nargs);
-    int waited = tr_waited;
+    int waited = self->base.tr_waited;
     if (waited) tr_put(TR_CODE(TR_CAT_WAIT, TR_PH_E, id), r == Py_True, 0);
     if (r == Py_True) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, id), waited, 0);
     return r;
