@@ -1520,8 +1520,8 @@ PyMODINIT_FUNC PyInit__prims(void) {
  * so the plain types' paths stay untouched when it is off (their slow paths test one flag).  Their
  * events: lock wait begin (stamped with the slow path's own t0) / wait end, hold begin (acquired,
  * a = waited, 2 = recover()ed from a dead holder) / hold end (by the holder only, before the
- * release store, so a waiter's acquisition is always later); RCU read section begin / end at the outermost lock /
- * unlock only.  ``trace_id`` names the object (a name id); it defaults to its word index. */
+ * release store, so a waiter's acquisition is always later); RCU read section begin / end at
+ * the outermost lock / unlock only.  ``trace_id`` names the object (a name id); it defaults to its word index. */
 
 #include "structmember.h"
 
