@@ -275,6 +275,6 @@ def failure_dumps(remove: bool, file=None) -> int:
 
 def main(args) -> int:
     rep = clean(dry_run=bool(getattr(args, "dry_run", False)))
-    print_report(rep)
     bad = failure_dumps(bool(getattr(args, "dumps", False)) and not rep.dry_run)
+    print_report(rep)  # its summary line stays last
     return EXIT_ERRORS if rep.errors or bad else EXIT_OK
