@@ -164,7 +164,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", default=None, help="write the results document here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--trace-events", dest="trace_events", type=int_range(0, 1 << 20, "--trace-events"),
-                   help="events kept per process in its trace ring (default 4096; 0 = no ring, no trace)")
+                   help="events kept per process in its trace ring (default 4096, at least 2; 0 = no ring, no trace)")
     _add_trace_arg(p)
 
 
@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("clean", help="remove shm segments and run directories of dead runs")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    c.add_argument("--dumps", action="store_true", help="also remove the FAILURE trace dumps of runs without --json")
 
     rp = sub.add_parser("report", help="re-render tables and plots from saved results JSON")
     rp.add_argument("results", nargs="+", metavar="RESULTS.json")
@@ -441,8 +442,12 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
         res.update(extra)
     results.render(res)
     if trace_path and co.trace_snapshot is not None:
-        tracepoints.export(co.trace_snapshot, trace_path, co.run_id)
-        print(f"trace: {trace_path} ({co.trace_snapshot.events():,} events)", file=sys.stderr)
+        try:
+            tracepoints.export(co.trace_snapshot, trace_path, co.run_id)
+            print(f"trace: {trace_path} ({co.trace_snapshot.events():,} events)", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 (the results JSON below must still be written)
+            res["trace_error"] = f"--trace {trace_path}: {type(e).__name__}: {e}"
+            print(f"trace: not written: {res['trace_error']}", file=sys.stderr)
     if res.get("failure_trace"):
         print(f"last events of every process: {', '.join(res['failure_trace'])}", file=sys.stderr)
     if footer:

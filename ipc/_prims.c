@@ -635,7 +635,11 @@ typedef struct {
     int busted;         /* fault injection: lock() does not lock */
     int is_mutex;
     PyObject *name;     /* str or None: named in errors */
+    int traced;         /* a Traced* subtype (trace section at the end): its slow path emits a wait */
+    int tr_waited;      /* traced: this lock() call took the slow path (set by tr_wait_begin) */
 } LockObject;
+
+static void tr_wait_begin(LockObject *self, int64_t t0); /* trace section at the end of this file */
 
 static int lock_common_init(LockObject *self, PyObject *args, PyObject *kw, const char *name) {
     static char *kwlist[] = {"mem", "lock_index", "stats_index", "tag", "spins", "busted", "name", NULL};
@@ -864,6 +868,7 @@ static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t n
     int64_t deadline;
     if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
     int64_t t0 = cyc();
+    if (self->traced) tr_wait_begin(self, t0);
     int64_t next_check = now_ns() + HOLDER_CHECK_NS;
     int64_t n = 0;
     for (;;) {
@@ -1012,6 +1017,7 @@ static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t 
         int64_t deadline;
         if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
         t0 = cyc();
+        if (self->traced) tr_wait_begin(self, t0);
         int64_t next_check = now_ns() + HOLDER_CHECK_NS;
         /* brief adaptive spin before sleeping */
         int got = 0;
@@ -1584,17 +1590,19 @@ PyMODINIT_FUNC PyInit__prims(void) {
  *     [1] pid       of the writer (trace_attach)
  *     [2] nevents   ring capacity
  *   ring events (nevents x TR_EV_WORDS words)
- *     [0] ts        CLOCK_MONOTONIC ns (the calibrated stats clock, cyc_abs_ns(cyc()))
+ *     [0] ts        the raw stats clock, cyc() (ipc/trace.py converts every ring with one
+ *                   calibration, trace_clock(): cross-process order is the clock's own)
  *     [1] code      (category << 40) | (phase << 32) | name id (interned in the ring's name table)
  *     [2] a, [3] b  arguments
  * Event sequence s lives at slot s % nevents; the oldest is overwritten.
  *
  * Traced lock / RCU reader types (TracedSpinLock, TracedMutex, TracedRcuReader) are subtypes of
  * the plain ones: ipc/locks.py and ipc/rcu.py choose them at object creation when tracing is on,
- * so the plain types' paths stay untouched when it is off.  Their events: lock wait begin (the
- * trylock failed) / wait end, hold begin (acquired) / hold end (before the release store, so a
- * waiter's acquisition is always later); RCU read section begin / end at the outermost lock /
- * unlock only.  ``trace_id`` names the object (a name id); it defaults to its word index. */
+ * so the plain types' paths stay untouched when it is off (their slow paths test one flag).  Their
+ * events: lock wait begin (stamped with the slow path's own t0) / wait end, hold begin (acquired,
+ * a = waited, 2 = recover()ed from a dead holder) / hold end (by the holder only, before the
+ * release store, so a waiter's acquisition is always later); RCU read section begin / end at
+ * the outermost lock / unlock only.  ``trace_id`` names the object (a name id); it defaults to its word index. */
 
 #include "structmember.h"
 
@@ -1605,18 +1613,22 @@ enum { TR_CAT_OP = 0, TR_CAT_WAIT = 1, TR_CAT_HOLD = 2, TR_CAT_RCU = 3 };
 
 static MemObject *tr_mem;       /* the attached ring's Mem (a reference), NULL = tracing off */
 static int64_t *tr_hdr, *tr_ev;
-static int64_t tr_n;
+static uint64_t tr_n, tr_head;  /* capacity; head kept here (the shm copy is only published) */
 
-static inline void tr_put(int64_t code, int64_t a, int64_t b) {
+/* one event stamped with the stats-clock reading c (raw: ipc/trace.py converts every ring with
+ * one calibration, so events of different processes keep the clock's own order) */
+static inline void tr_put_at(int64_t c, int64_t code, int64_t a, int64_t b) {
     if (!tr_mem || !__builtin_expect(tr_mem->has_view, 1)) return;
-    int64_t h = LDR(&tr_hdr[0]);
+    uint64_t h = tr_head++;
     int64_t *e = &tr_ev[(h % tr_n) * TR_EV_WORDS];
-    STR(&e[0], cyc_abs_ns(cyc()));
+    STR(&e[0], c);
     STR(&e[1], code);
     STR(&e[2], a);
     STR(&e[3], b);
-    ST(&tr_hdr[0], h + 1);
+    ST(&tr_hdr[0], (int64_t)tr_head);
 }
+
+static inline void tr_put(int64_t code, int64_t a, int64_t b) { tr_put_at(cyc(), code, a, b); }
 
 /* trace_attach(mem, header_index, events_index, nevents): this process' ring (None detaches) */
 static PyObject *m_trace_attach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
@@ -1630,6 +1642,11 @@ static PyObject *m_trace_attach(PyObject *mod, PyObject *const *args, Py_ssize_t
     int64_t hi, ei, n;
     if (get_i64(args[1], &hi) < 0 || get_i64(args[2], &ei) < 0 || get_i64(args[3], &n) < 0) return NULL;
     if (n < 1) { PyErr_SetString(PyExc_ValueError, "trace_attach: nevents < 1"); return NULL; }
+    if (ei >= 0 && ei <= m->nwords && n > (m->nwords - ei) / TR_EV_WORDS) {  /* before n * 4 overflows */
+        PyErr_Format(PyExc_IndexError, "trace events: %lld events at word %lld outside buffer of %zd words",
+                     (long long)n, (long long)ei, m->nwords);
+        return NULL;
+    }
     int64_t *h = mem_word_at(m, hi, 8, "trace header");
     int64_t *e = mem_word_at(m, ei, n * TR_EV_WORDS, "trace events");
     if (!h || !e) return NULL;
@@ -1637,10 +1654,20 @@ static PyObject *m_trace_attach(PyObject *mod, PyObject *const *args, Py_ssize_t
     Py_XSETREF(tr_mem, m);
     tr_hdr = h;
     tr_ev = e;
-    tr_n = n;
+    tr_n = (uint64_t)n;
+    tr_head = (uint64_t)LDR(&h[0]);
     STR(&h[1], HI32(g_pid_hi));
     STR(&h[2], n);
     Py_RETURN_NONE;
+}
+
+/* trace_clock() -> (cycles?, anchor cycles, anchor ns, ns per cycle * 2**32): the calibration
+ * (just re-anchored) that turns the rings' raw stamps into CLOCK_MONOTONIC ns */
+static PyObject *m_trace_clock(PyObject *mod, PyObject *unused) {
+    if (clk_kind != CLK_CYC) return Py_BuildValue("(iLLK)", 0, 0LL, 0LL, (unsigned long long)1 << 32);
+    cyc_abs_slow(cyc());
+    return Py_BuildValue("(iLLK)", 1, (long long)clk_anchor_cyc, (long long)clk_anchor_ns,
+                         (unsigned long long)clk_mult);
 }
 
 /* trace_emit(code, a=0, b=0): one event into this process' ring (nothing when none is attached) */
@@ -1666,26 +1693,25 @@ static PyObject *m_trace_emit(PyObject *mod, PyObject *const *args, Py_ssize_t n
 TRACED_STRUCT(TLockObject, LockObject, tlock_members, "lock word")
 TRACED_STRUCT(TReaderObject, ReaderObject, treader_members, "header word")
 
-/* ---- traced locks */
+/* ---- traced locks: the plain lock(), whose slow path calls tr_wait_begin where its wait starts
+ * (the same single CAS on the fast path and the same lock_stat accounting as the plain types) */
+
+/* per object, not global: a signal handler run while waiting may take another traced lock */
+static void tr_wait_begin(LockObject *self, int64_t t0) {
+    self->tr_waited = 1;
+    tr_put_at(t0, TR_CODE(TR_CAT_WAIT, TR_PH_B, ((TLockObject *)self)->trace_id), 0, 0);
+}
 
 typedef PyObject *(*lock_fn)(LockObject *, PyObject *const *, Py_ssize_t);
-typedef PyObject *(*trylock_fn)(LockObject *, PyObject *);
+typedef PyObject *(*trylock_fn)(LockObject *, PyObject *); /* also is_held, unlock */
 
-/* trylock first: taken -> hold begins; else a wait slice around the real lock() */
-static PyObject *tlock_common(TLockObject *self, PyObject *const *args, Py_ssize_t nargs, trylock_fn tryl,
-                              lock_fn lockf) {
+static PyObject *tlock_common(TLockObject *self, PyObject *const *args, Py_ssize_t nargs, lock_fn lockf) {
     int64_t id = self->trace_id;
-    PyObject *r = tryl((LockObject *)self, NULL);
-    if (!r) return NULL;
-    if (r == Py_True) {
-        tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, id), 0, 0);
-        return r;
-    }
-    Py_DECREF(r);
-    tr_put(TR_CODE(TR_CAT_WAIT, TR_PH_B, id), 0, 0);
-    r = lockf((LockObject *)self, args, nargs);
-    tr_put(TR_CODE(TR_CAT_WAIT, TR_PH_E, id), r == Py_True, 0);
-    if (r == Py_True) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, id), 1, 0);
+    self->base.tr_waited = 0;
+    PyObject *r = lockf((LockObject *)self, args, nargs);
+    int waited = self->base.tr_waited;
+    if (waited) tr_put(TR_CODE(TR_CAT_WAIT, TR_PH_E, id), r == Py_True, 0);
+    if (r == Py_True) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, id), waited, 0);
     return r;
 }
 
@@ -1695,22 +1721,39 @@ static PyObject *ttrylock_common(TLockObject *self, trylock_fn tryl) {
     return r;
 }
 
+/* a takeover from a dead holder starts a hold (argument a = 2: recovered) */
+static PyObject *tlock_recover(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *r = lock_recover((LockObject *)self, args, nargs);
+    if (r == Py_True) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, self->trace_id), 2, 0);
+    return r;
+}
+
+/* the hold ends only if unlock() will release it (this tag in this process holds it) */
+static PyObject *tlock_unlock(TLockObject *self, trylock_fn is_held, trylock_fn unlockf) {
+    if (self->base.mem && self->base.mem->has_view) {
+        PyObject *h = is_held((LockObject *)self, NULL);
+        if (h == Py_True) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_E, self->trace_id), 0, 0);
+        Py_XDECREF(h);
+    }
+    return unlockf((LockObject *)self, NULL);
+}
+
 /* TracedSpinLock and TracedMutex: the same wrappers around spin_* and mutex_* */
 #define TRACED_LOCK(P, NAME)                                                                      \
     static int t##P##_init(TLockObject *self, PyObject *args, PyObject *kw) {                     \
         if (P##_init((LockObject *)self, args, kw) < 0) return -1;                                \
+        self->base.traced = 1;                                                                    \
         self->trace_id = self->base.lk - self->base.mem->base;                                    \
         return 0;                                                                                 \
     }                                                                                             \
     static PyObject *t##P##_lock(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {    \
-        return tlock_common(self, args, nargs, P##_trylock, P##_lock);                            \
+        return tlock_common(self, args, nargs, P##_lock);                                         \
     }                                                                                             \
     static PyObject *t##P##_trylock(TLockObject *self, PyObject *u) {                             \
         return ttrylock_common(self, P##_trylock);                                                \
     }                                                                                             \
     static PyObject *t##P##_unlock(TLockObject *self, PyObject *u) {                              \
-        tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_E, self->trace_id), 0, 0);                              \
-        return P##_unlock((LockObject *)self, NULL);                                              \
+        return tlock_unlock(self, P##_is_held, P##_unlock);                                       \
     }                                                                                             \
     static PyObject *t##P##_exit(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {    \
         return t##P##_unlock(self, NULL);                                                         \
@@ -1719,6 +1762,7 @@ static PyObject *ttrylock_common(TLockObject *self, trylock_fn tryl) {
         {"lock", (PyCFunction)(void (*)(void))t##P##_lock, METH_FASTCALL, "lock(timeout_ns=-1) -> bool (traced)"}, \
         {"trylock", (PyCFunction)t##P##_trylock, METH_NOARGS, "trylock() -> bool (traced)"},     \
         {"unlock", (PyCFunction)t##P##_unlock, METH_NOARGS, "unlock() (traced)"},                \
+        {"recover", (PyCFunction)(void (*)(void))tlock_recover, METH_FASTCALL, "recover(pid, start) -> bool (traced)"}, \
         {"__enter__", (PyCFunction)(void (*)(void))t##P##_lock, METH_FASTCALL, NULL},            \
         {"__exit__", (PyCFunction)(void (*)(void))t##P##_exit, METH_FASTCALL, NULL},             \
         {NULL}};                                                                                  \
@@ -1774,6 +1818,8 @@ static PyTypeObject TracedRcuReaderType = {
 static PyMethodDef trace_functions[] = {
     {"trace_attach", (PyCFunction)(void (*)(void))m_trace_attach, METH_FASTCALL,
      "trace_attach(mem, header_index, events_index, nevents) or trace_attach(None): this process' ring"},
+    {"trace_clock", (PyCFunction)m_trace_clock, METH_NOARGS,
+     "trace_clock() -> (cycles?, anchor cycles, anchor ns, ns per cycle * 2**32): raw stamps -> ns"},
     {"trace_emit", (PyCFunction)(void (*)(void))m_trace_emit, METH_FASTCALL,
      "trace_emit(code, a=0, b=0): one event into this process' ring (no-op when none is attached)"},
     {NULL}

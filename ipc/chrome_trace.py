@@ -21,7 +21,9 @@ a slice that would overlap another without nesting (e.g. locks released out of o
 next lane of its group (``locks 2``...). An end whose begin was overwritten starts at the ring's
 first event, a begin without end (the process stopped or died inside) ends at its last; both
 carry ``args.truncated``. WARNs and faults are instants (``ph: i``); flows are ``s``/``f`` pairs.
-Timestamps are µs since the earliest event of the snapshot (one clock: CLOCK_MONOTONIC).
+Timestamps are µs since the earliest event of the snapshot (one clock: CLOCK_MONOTONIC; the rings'
+raw TSC stamps went through one calibration in ``ipc.trace.snapshot``, so events of different
+processes are ordered as the TSC ordered them: a release before the acquisition it allowed).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ described at the end of ``ipc/_prims.c``):
 - ``trace_names`` (NNAMES, NAME_BYTES) bytes: NUL-padded UTF-8 names; a name id is its row
 - ``trace_hdr``   (nprocs, 8) words, one line per process: [0] head (events ever written), [1] pid,
   [2] capacity
-- ``trace_ev``    (nprocs, nevents, 4) words: [0] ts (CLOCK_MONOTONIC ns, the calibrated stats
-  clock of ``_prims``), [1] code = (category << 40) | (phase << 32) | name id, [2] a, [3] b
+- ``trace_ev``    (nprocs, nevents, 4) words: [0] ts (the raw stats clock of ``_prims``: cycles,
+  or CLOCK_MONOTONIC ns without them), [1] code = (category << 40) | (phase << 32) | name id, [2] a, [3] b
 
 Categories: ``CAT_OP`` (Python tracepoints: op begin/end, instants), ``CAT_WAIT`` / ``CAT_HOLD``
 (lock wait and hold, emitted inside the C lock calls), ``CAT_RCU`` (outermost RCU/SRCU read-side
@@ -25,10 +25,14 @@ for the plain types.
 Reading: :func:`snapshot` copies every ring (consistent for stopped writers; for a live writer the
 events that may have been overwritten while copying are left out) and decodes it into a
 :class:`Snapshot`, which ``ipc.chrome_trace`` turns into Chrome trace JSON or an ftrace-style text.
+The raw stamps of every ring go through one calibration (``_prims.trace_clock``), so a release and
+the acquisition it allowed keep their order across processes (per-process calibrations could
+differ by more than the gap between them).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +48,17 @@ META_NAMES = 0
 HDR_HEAD, HDR_PID, HDR_CAP = 0, 1, 2
 
 ACTIVE: Tracer | None = None
+
+
+def _drop_in_child() -> None:
+    """A forked child does not write its parent's ring (two writers, one non-atomic head): it
+    configures its own, or traces nothing."""
+    global ACTIVE
+    ACTIVE = None
+    _prims.trace_attach(None)
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
 
 
 def code(cat: int, phase: int, name_id: int) -> int:
@@ -152,14 +167,19 @@ class Snapshot:
 def snapshot(region) -> Snapshot:
     """Copy and decode every ring of ``region`` (a ``trace`` region, owner or attached)."""
     v = region.v
-    n = min(int(v["trace_meta"][META_NAMES]), NNAMES)
-    names = [bytes(v["trace_names"][j]).rstrip(b"\0").decode(errors="replace") for j in range(n)]
-    snap = Snapshot(names)
+    rings = []
     nprocs, cap = v["trace_ev"].shape[:2]
     for p in range(nprocs):
         h0 = int(v["trace_hdr"][p, HDR_HEAD])
         ev = v["trace_ev"][p].copy()
-        h1 = int(v["trace_hdr"][p, HDR_HEAD])
+        rings.append((h0, ev, int(v["trace_hdr"][p, HDR_HEAD])))
+    # names after the rings: every name an event uses was interned before the event was written
+    # (a row still being written reads empty and is shown as #id)
+    n = min(int(v["trace_meta"][META_NAMES]), NNAMES)
+    names = [bytes(v["trace_names"][j]).rstrip(b"\0").decode(errors="replace") for j in range(n)]
+    snap = Snapshot(names)
+    to_ns = _clock()
+    for p, (h0, ev, h1) in enumerate(rings):
         if h1 == 0:
             continue
         # seqs h0..h1-1 were (re)written while copying and slot h1 may be in progress: both
@@ -169,7 +189,16 @@ def snapshot(region) -> Snapshot:
         for s in range(first, h0):
             ts, c, a, b = (int(x) for x in ev[s % cap])
             nid = c & 0xFFFFFFFF
-            nm = names[nid] if nid < len(names) else f"#{nid}"
-            out.append(Event(ts, (c >> 40) & 0xFF, (c >> 32) & 0xFF, nm, a, b, s))
+            nm = (names[nid] if nid < len(names) else "") or f"#{nid}"
+            out.append(Event(to_ns(ts), (c >> 40) & 0xFF, (c >> 32) & 0xFF, nm, a, b, s))
         snap.procs[p] = (int(v["trace_hdr"][p, HDR_PID]), out, first)
     return snap
+
+
+def _clock():
+    """raw ring stamp -> CLOCK_MONOTONIC ns, one calibration for every ring of a snapshot"""
+    cycles, c0, n0, mult = _prims.trace_clock()
+    if not cycles:
+        return int
+    k = mult / 2**32
+    return lambda c: n0 + round((c - c0) * k)

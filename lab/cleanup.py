@@ -1,4 +1,5 @@
-"""``launch.py clean [--dry-run]``: remove the shared-memory segments and run directories of dead runs.
+"""``launch.py clean [--dry-run] [--dumps]``: remove the shared-memory segments and run directories of dead
+runs; report the FAILURE trace dumps of runs without ``--json`` (``--dumps``: remove them too).
 
 What is ours: segments ``/dev/shm/pts_<run_id>_<region>`` owned by this user, and run directories
 ``pagetrack-sim-<run_id>`` (:func:`ipc.rundir.list_run_dirs`). Nothing of a live run is ever removed:
@@ -244,7 +245,36 @@ def print_report(rep: Report, file=None) -> None:
     print(line, file=out, flush=True)
 
 
+def failure_dumps(remove: bool, file=None) -> int:
+    """Report (``remove``: delete) the FAILURE trace dumps of runs without ``--json``
+    (``vm.tracepoints.failures_root()``); returns how many could not be removed."""
+    import shutil
+
+    from vm.tracepoints import failures_root
+
+    root = Path(failures_root())
+    dumps = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    size = sum(f.stat().st_size for d in dumps for f in d.rglob("*") if f.is_file())
+    out = file or sys.stdout
+    if not dumps:
+        print(f"failure dumps: none in {root}", file=out)
+        return 0
+    if not remove:
+        print(f"failure dumps: {len(dumps)} in {root} ({_mib(size)}); --dumps removes them", file=out)
+        return 0
+    bad = 0
+    for d in dumps:
+        try:
+            shutil.rmtree(d)
+        except OSError as e:
+            bad += 1
+            print(f"FAILED to remove failure dump {d}: {e}", file=out)
+    print(f"failure dumps: removed {len(dumps) - bad} from {root} ({_mib(size)})", file=out)
+    return bad
+
+
 def main(args) -> int:
     rep = clean(dry_run=bool(getattr(args, "dry_run", False)))
-    print_report(rep)
-    return EXIT_ERRORS if rep.errors else EXIT_OK
+    bad = failure_dumps(bool(getattr(args, "dumps", False)) and not rep.dry_run)
+    print_report(rep)  # its summary line stays last
+    return EXIT_ERRORS if rep.errors or bad else EXIT_OK

@@ -128,6 +128,8 @@ def parse_grid(doc: dict, where: str = "grid") -> list[Point]:
             raise UsageError(f"{where}: fixed.{k}: also in [grid]")
     if "fuzz" not in grid:
         fixed = {**fixed, "fuzz": fixed.get("fuzz", "off")}  # a sweep measures: no race widening
+    if "trace_events" not in grid:
+        fixed = {**fixed, "trace_events": fixed.get("trace_events", 0)}  # ... and no trace ring
     n = 1
     for vals in grid.values():
         n *= len(vals)
@@ -487,7 +489,8 @@ def _sweep(points: list[Point], out: Path, scheduler: str | None, workers: int, 
     todo = [p for p in points if p.point_id not in done]
     console.print(f"sweep {grid_path}: {len(points)} point(s); {len(done)} already done (skipped), "
                   f"{len(todo)} to run" + (f" on {scheduler}" if scheduler and todo else
-                                           f" on a LocalCluster of {workers} worker(s)" if todo else ""),
+                                           f" on a LocalCluster of {workers} worker(s)" if todo else "")
+                  + " (trace ring off unless the grid sets trace_events)",
                   highlight=False)
     outcomes: dict[str, dict] = {}
     start_s = 0.0

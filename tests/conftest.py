@@ -42,6 +42,17 @@ else:
     _LOG_OWNER = False
 SHM_LOG = os.environ[_LOG_ENV]
 
+# -- FAILURE trace dumps of runs without --json go to a directory of this session, removed at its end
+if "PTS_FAILURE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PTS_FAILURE_DIR"] = tempfile.mkdtemp(prefix="pts_test_failures_")
+    _dumps_owner = os.getpid()
+    atexit.register(lambda: os.getpid() == _dumps_owner and shutil.rmtree(os.environ["PTS_FAILURE_DIR"],
+                                                                          ignore_errors=True))
+
 
 def _install_shm_create_log() -> None:
     from multiprocessing import shared_memory

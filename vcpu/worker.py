@@ -15,7 +15,7 @@ from ipc import messages as M
 from ipc.proc import die_with_parent, pid_alive, sigterm_to_exit
 from ipc.worker_channel import WorkerChannel
 from vcpu.vcpu import Vcpu
-from vm.config import from_dict
+from vm.config import SCRIPT_OPS, from_dict
 from vm.faults import POINT_ACTION
 from vm.kvm import Kvm
 from vm.nested import make_design
@@ -169,7 +169,8 @@ class Worker:
         results = []
         tr = trace.ACTIVE
         for cmd in b.commands:
-            codes = tr.pair(f"cmd {cmd.op}") if tr else None  # one slice per scripted command
+            # one slice per scripted command (only known ops are interned: the name table is finite)
+            codes = tr.pair(f"cmd {cmd.op}") if tr and cmd.op in SCRIPT_OPS else None
             if codes:
                 tr.emit(codes[0])
             try:

@@ -93,6 +93,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.max_nodes < need:
             raise UsageError(f"max_nodes = {self.max_nodes} is too small: notifiers = {self.notifiers}{kvm_own} "
                              f"need {need} notifier nodes")
+        if self.trace_events == 1:
+            raise UsageError("trace_events = 1: a ring keeps at least 2 events (0 = off)")
 
     def _resolve_table_writes(self) -> None:
         twv, w = self.table_writes_per_vmrun, self.writes_per_exit

@@ -293,7 +293,7 @@ class Coordinator:
         res["launch_s"] = round(self.launch_s, 3)
         res["channel"] = dict(self.ch.counters) if hasattr(self.ch, "counters") else {}
         res["run_id"] = self.run_id
-        self.trace_snapshot = tracepoints.snapshot(self.kvm)
+        self.trace_snapshot = tracepoints.snapshot(self.kvm, res)
         if res["verdict"] == "FAILURE":  # the last events of every process, beside the results
             tracepoints.save_failure(self.trace_snapshot, res, self.results_path)
         return res

@@ -201,9 +201,11 @@ def _bind_write_path(kvm):
                     e = handler_entry(kvm, n - 1, gen)
                 if emit:
                     emit(T_B, n - 1, gpa)
-                e[2](gpa, new, nbytes, n - 1)
-                if emit:
-                    emit(T_E)
+                try:  # no cost unless it raises; then the slice still ends
+                    e[2](gpa, new, nbytes, n - 1)
+                finally:
+                    if emit:
+                        emit(T_E)
                 if trace is not None:
                     trace.append(n - 1)
                 calls += 1
@@ -233,20 +235,22 @@ def _bind_write_path(kvm):
                 e_left -= 1
         if emit:
             emit(W_B, gpa, len(new))
-        if (gpa >> PAGE_SHIFT) < pages:
-            guest_write(gpa, new)
-            left -= 1
-            if left:
-                calls = page_track_write(gpa, new)
+        try:
+            if (gpa >> PAGE_SHIFT) < pages:
+                guest_write(gpa, new)
+                left -= 1
+                if left:
+                    calls = page_track_write(gpa, new)
+                else:
+                    calls = checkpoint(gpa, new, page_track_write)
+                    left = acct.period
             else:
-                calls = checkpoint(gpa, new, page_track_write)
-                left = acct.period
-        else:
-            calls = page_track_write(gpa, new) if mmio_walk else 0
-        if t0:
-            e_left = sample_emul(t0)
-        if emit:
-            emit(W_E)
+                calls = page_track_write(gpa, new) if mmio_walk else 0
+            if t0:
+                e_left = sample_emul(t0)
+        finally:  # no cost unless it raises; then the slice still ends
+            if emit:
+                emit(W_E)
         return calls
 
     def settle() -> None:

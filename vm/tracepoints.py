@@ -35,6 +35,7 @@ ARGS = {
 HEX_ARGS = ("gpa", "gfn")
 FLOWS = (("emulated_write", "track_write"),)
 TABLE_EVENTS = ("table_create", "table_sync", "table_drop")
+FAILURE_DIR_ENV = "PTS_FAILURE_DIR"
 
 
 def proc_name(proc: int) -> str:
@@ -47,10 +48,19 @@ def fmt(run_id: str = "") -> dict:
             "title": f"pagetrack-sim {run_id}".strip()}
 
 
-def snapshot(kvm) -> trace.Snapshot | None:
-    """Every process' ring of ``kvm``'s run (None when the run was not traced)."""
+def snapshot(kvm, res: dict | None = None) -> trace.Snapshot | None:
+    """Every process' ring of ``kvm``'s run (None when the run was not traced). With ``res``, a
+    ring that cannot be read is ``res["trace_error"]`` and None: the trace never costs a verdict."""
     r = kvm.regions.get("trace")
-    return trace.snapshot(r) if r is not None and not r.closed else None
+    if r is None or r.closed:
+        return None
+    if res is None:
+        return trace.snapshot(r)
+    try:
+        return trace.snapshot(r)
+    except Exception as e:  # noqa: BLE001 (a decoder bug must not replace the results)
+        res["trace_error"] = f"snapshot: {type(e).__name__}: {e}"
+        return None
 
 
 def export(snap: trace.Snapshot, path: str, run_id: str = "") -> str:
@@ -68,15 +78,22 @@ def save_failure(snap: trace.Snapshot | None, res: dict, json_path: str | None) 
     d, stem = failure_dir(json_path, res["run_id"])
     try:
         res["failure_trace"] = list(dump(snap, d, stem, res["run_id"]))
-    except OSError as e:
-        res["failure_trace"] = [f"not saved: {e}"]
+    except Exception as e:  # noqa: BLE001 (disk full or an exporter bug: the verdict stays)
+        res["failure_trace"] = [f"not saved: {type(e).__name__}: {e}"]
 
 
 def failure_dir(json_path: str | None, run_id: str) -> tuple[str, str]:
     """Where a FAILURE's last events go: beside the results JSON (``<stem>.failure-trace.*``), or
-    without one in ``<tmp>/pts-failures/<run_id>/``. Returns (directory, stem)."""
+    without one in ``failures_root()/<run_id>/``. Returns (directory, stem)."""
     if json_path:
         d = os.path.dirname(os.path.abspath(json_path))
         stem = os.path.basename(json_path).removesuffix(".json")
         return d, f"{stem}.failure-trace"
-    return os.path.join(tempfile.gettempdir(), "pts-failures", run_id), "failure-trace"
+    return os.path.join(failures_root(), run_id), "failure-trace"
+
+
+def failures_root() -> str:
+    """Where FAILURE dumps of runs without ``--json`` go: ``$PTS_FAILURE_DIR`` (the tests point it
+    at their own temporary directory), else ``<tmp>/pts-failures``; ``launch.py clean --dumps``
+    removes them."""
+    return os.environ.get(FAILURE_DIR_ENV) or os.path.join(tempfile.gettempdir(), "pts-failures")

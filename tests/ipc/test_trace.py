@@ -64,12 +64,16 @@ def test_plain_lock_types_when_tracing_is_off(region_factory):
     assert type(new_lock("mutex", r.mem, r.word("locks", 0))) is _prims.Mutex
 
 
+def _two_tags(tracer_at, kind):
+    """(region, lock with tag 1, lock with tag 2): one traced lock word, both named demo_lock"""
+    r, _ = tracer_at(extra=[("locks", "i8", (1, LOCK_WORDS))])
+    w = r.word("locks", 0)
+    return r, new_lock(kind, r.mem, w, tag=1, name="demo_lock"), new_lock(kind, r.mem, w, tag=2, name="demo_lock")
+
+
 @pytest.mark.parametrize("kind", ["spin", "mutex"])
 def test_traced_lock_records_wait_and_hold(tracer_at, kind):
-    r, tr = tracer_at(extra=[("locks", "i8", (1, LOCK_WORDS))])
-    w = r.word("locks", 0)
-    holder = new_lock(kind, r.mem, w, tag=1, name="demo_lock")
-    me = new_lock(kind, r.mem, w, tag=2, name="demo_lock")
+    r, holder, me = _two_tags(tracer_at, kind)
     assert isinstance(me, _prims.TracedSpinLock if kind == "spin" else _prims.TracedMutex)
     assert holder.lock()
     assert me.lock(1_000_000) is False  # contended: a wait that times out, no hold
@@ -98,3 +102,99 @@ def test_traced_rcu_reader_marks_the_outermost_section_only(tracer_at):
     ops = [(ph, n) for c, ph, n in evs if c == trace.CAT_OP]
     assert ops == [(trace.PH_B, "synchronize demo_rcu"), (trace.PH_B, "grace period demo_rcu"),
                    (trace.PH_E, "grace period demo_rcu"), (trace.PH_E, "synchronize demo_rcu")]
+
+
+@pytest.mark.parametrize("kind", ["spin", "mutex"])
+def test_recover_from_a_killed_holder_begins_the_hold(tracer_at, kind):
+    """A takeover from a SIGKILLed holder is a hold that starts at recover(), not at the ring's start."""
+    import json
+    import os
+    import signal
+
+    from ipc import chrome_trace
+
+    r, tr = tracer_at(extra=[("locks", "i8", (1, LOCK_WORDS))])
+    w = r.word("locks", 0)
+    tr.emit(tr.instant("before"))
+    pid = os.fork()
+    if pid == 0:  # the child: take the lock, die holding it
+        try:
+            new_lock(kind, r.mem, w, tag=3).lock()
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    me = new_lock(kind, r.mem, w, tag=1, name="demo_lock")
+    t0 = _prims.now_ns()
+    assert me.recover(*me.holder()) is True
+    me.unlock()
+    evs = [e for e in trace.snapshot(r).procs[0][1] if e.name == "demo_lock"]
+    assert [(e.cat, e.phase, e.a) for e in evs] == [(trace.CAT_HOLD, trace.PH_B, 2), (trace.CAT_HOLD, trace.PH_E, 0)]
+    assert evs[0].ts >= t0 - 1_000_000
+    doc = chrome_trace.to_chrome(trace.snapshot(r))
+    (hold,) = [e for e in doc["traceEvents"] if e.get("name") == "demo_lock"]
+    (before,) = [e for e in doc["traceEvents"] if e.get("name") == "before"]
+    assert hold["ts"] > before["ts"] and "truncated" not in hold.get("args", {}), json.dumps(hold)
+
+
+@pytest.mark.parametrize("kind", ["spin", "mutex"])
+def test_unlock_by_a_non_holder_ends_no_hold(tracer_at, kind):
+    r, holder, other = _two_tags(tracer_at, kind)
+    assert holder.lock()
+    with pytest.raises(RuntimeError):
+        other.unlock()
+    holder.unlock()
+    evs = [(e.cat, e.phase) for e in trace.snapshot(r).procs[0][1] if e.name == "demo_lock"]
+    assert evs == [(trace.CAT_HOLD, trace.PH_B), (trace.CAT_HOLD, trace.PH_E)]
+
+
+def test_attach_rejects_a_ring_larger_than_the_buffer(region_factory):
+    r = region_factory(Layout("trace", trace.fields(1, 8)))
+    hdr, ev = r.word("trace_hdr", 0), r.word("trace_ev", 0)
+    for n in (2**62, 2**61 + 1, 10**6):  # n * 4 overflows int64 for the first two
+        with pytest.raises(IndexError):
+            _prims.trace_attach(r.mem, hdr, ev, n)
+    _prims.trace_attach(r.mem, hdr, ev, 8)
+    _prims.trace_attach(None)
+
+
+def test_a_forked_child_does_not_write_its_parents_ring(tracer_at):
+    import os
+
+    r, tr = tracer_at()
+    tr.emit(tr.instant("parent"))
+    pid = os.fork()
+    if pid == 0:
+        code = 0 if trace.ACTIVE is None else 1
+        _prims.trace_emit(trace.code(trace.CAT_OP, trace.PH_I, 0), 1, 2)
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child kept trace.ACTIVE"
+    assert [e.name for e in trace.snapshot(r).procs[0][1]] == ["parent"]
+
+
+def test_an_unwritten_name_row_reads_as_its_id(tracer_at):
+    r, tr = tracer_at()
+    tr.emit(tr.instant("named"))
+    j = r.mem.fetch_add(r.word("trace_meta") + trace.META_NAMES, 1)  # counted, row not yet written
+    tr.emit(trace.code(trace.CAT_OP, trace.PH_I, j))
+    assert [e.name for e in trace.snapshot(r).procs[0][1]] == ["named", f"#{j}"]
+
+
+def test_worker_interns_only_known_script_ops(tracer_at):
+    """Ops come from the wire before validation: an unknown one must not take a name row."""
+    from types import SimpleNamespace as NS
+
+    from vcpu.worker import Worker
+
+    r, tr = tracer_at()
+
+    def execute(op, args):
+        if op != "read":
+            raise ValueError("unknown op")
+        return 0
+
+    w = Worker(None, NS(on_warn=None), NS(id=0, execute=execute), "scripted")
+    ops = [f"bogus{i}" for i in range(trace.NNAMES + 1)] + ["read"]
+    ack = w.batch(NS(seq=1, commands=[NS(op=op, args={}) for op in ops]))
+    assert [x.ok for x in ack.results] == [False] * (trace.NNAMES + 1) + [True]
+    assert trace.snapshot(r).names == ["cmd read"]

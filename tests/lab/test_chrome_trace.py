@@ -77,6 +77,7 @@ def test_success_writes_no_failure_trace(tmp_path):
 @pytest.mark.parametrize("argv, msg", [
     (["--trace", "/nonexistent-dir/t.json"], "--trace: directory"),
     (["--trace", "t.json", "--trace-events", "0"], "trace ring is off"),
+    (["--trace-events", "1"], "at least 2"),  # a 1-event ring keeps nothing readable
 ])
 def test_bad_trace_arguments_exit_2(argv, msg):
     p = _launch("run", "--duration", "0.1", *argv)
@@ -165,3 +166,40 @@ def test_killed_vcpu_last_event_is_the_lock_it_died_holding(tmp_path):
     assert chrome_trace.problems(doc) == []
     held = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["pid"] == 2 and e["name"] == "mmu_lock"]
     assert held[-1]["args"]["truncated"].startswith("no end")
+
+
+def test_a_broken_exporter_or_decoder_never_costs_the_verdict(monkeypatch):
+    from types import SimpleNamespace
+
+    from vm import tracepoints
+
+    def boom(*a, **k):
+        raise ValueError("decoder bug")
+
+    monkeypatch.setattr(chrome_trace, "dump_dir", boom)
+    res = {"run_id": "r1", "verdict": "FAILURE"}
+    tracepoints.save_failure(Snapshot(["x"]), res, None)
+    assert res == {"run_id": "r1", "verdict": "FAILURE", "failure_trace": ["not saved: ValueError: decoder bug"]}
+    monkeypatch.setattr(trace, "snapshot", boom)
+    kvm = SimpleNamespace(regions={"trace": SimpleNamespace(closed=False)})
+    assert tracepoints.snapshot(kvm, res) is None and res["trace_error"] == "snapshot: ValueError: decoder bug"
+
+
+def test_failure_without_json_dumps_under_the_failure_dir_and_says_where(tmp_path, monkeypatch):
+    from lab import cleanup
+
+    env = {**__import__("os").environ, "PTS_FAILURE_DIR": str(tmp_path)}
+    p = subprocess.run([sys.executable, str(ROOT / "launch.py"), "scenario", "kaboom", "--registration", "bool",
+                        "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    (d,) = tmp_path.iterdir()
+    assert sorted(x.name for x in d.iterdir()) == ["failure-trace.json", "failure-trace.txt"]
+    assert str(d / "failure-trace.json") in p.stderr
+    monkeypatch.setenv("PTS_FAILURE_DIR", str(tmp_path))
+    out = tmp_path.parent / "clean.txt"
+    with open(out, "w") as f:
+        assert cleanup.failure_dumps(False, f) == 0
+    assert "failure dumps: 1 in" in out.read_text() and d.exists()
+    with open(out, "w") as f:
+        assert cleanup.failure_dumps(True, f) == 0
+    assert "removed 1" in out.read_text() and list(tmp_path.iterdir()) == []

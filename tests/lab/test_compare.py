@@ -67,3 +67,16 @@ def test_compare_bad_input():
     p = subprocess.run([sys.executable, "launch.py", "compare", "--vcpus", "0", "--out", "/tmp/x"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_compare_points_measure_without_the_trace_ring(tmp_path):
+    from lab.compare import run_compare
+
+    seen = []
+
+    def run_one(cfg):
+        seen.append(cfg)
+        return {"verdict": "SUCCESS"}
+
+    run_compare([1], [0.0], 0.1, 1, tmp_path, run_one, designs=("mirror",))
+    assert [c["trace_events"] for c in seen] == [0]

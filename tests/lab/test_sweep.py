@@ -132,7 +132,8 @@ def test_point_command_flags_and_scenario(tmp_path):
                        "--quiet", "--vcpus"]
     flags = cmd[6:]
     assert flags[:flags.index("--scenario")] == ["--vcpus", "2", "--design", "rcu-list", "--guest-time-us", "5.0",
-                                                 "--no-stats", "--fuzz", "off", "--switch-rate", "0.0"]
+                                                 "--no-stats", "--fuzz", "off", "--trace-events", "0",
+                                                 "--switch-rate", "0.0"]
     assert flags[-2:] == ["--scenario", str(tmp_path / f"{p.point_id}.toml")]
     import tomllib
 
@@ -217,7 +218,8 @@ def test_failure_and_crash_are_recorded_on_an_external_scheduler(tmp_path, monke
     assert status["failed"] == [p1.point_id] and status["results"] == 1
     (crash,) = status["crashed"]
     assert crash["point_id"] == p2.point_id and crash["returncode"] == 3 and "RuntimeError: boom" in crash["stderr_tail"]
-    assert crash["point"] == {"vcpus": 2, "duration": 0.5, "fuzz": "off"}  # a sweep measures: fuzz off
+    # a sweep measures: fuzz off, no trace ring
+    assert crash["point"] == {"vcpus": 2, "duration": 0.5, "fuzz": "off", "trace_events": 0}
     merged = json.loads((out / "sweep.json").read_text())
     assert [r["point_id"] for r in merged] == [p1.point_id] and merged[0]["verdict"] == "FAILURE"
     md = (out / "report.md").read_text()
@@ -236,3 +238,12 @@ def _failure_doc() -> dict:
         "locks": {"mmu_lock": lock}, "gp": {"rcu": 1}, "warnings": [], "warn_count": 0, "oracle": ["lost write"],
         "verdict": "FAILURE", "reasons": ["oracle: 1 violation(s); first: lost write"],
     }
+
+
+def test_sweep_points_measure_without_the_trace_ring(tmp_path):
+    (p,) = sweep.parse_grid({"grid": {"vcpus": [1]}, "fixed": {"duration": 1}})
+    assert p.config["trace_events"] == 0
+    cmd, _ = sweep.point_command(p, tmp_path, Path("launch.py"))
+    assert cmd[cmd.index("--trace-events") + 1] == "0"
+    (q,) = sweep.parse_grid({"grid": {"vcpus": [1]}, "fixed": {"trace_events": 64}})
+    assert q.config["trace_events"] == 64  # a grid may still ask for it

@@ -126,8 +126,6 @@ class TablePool:
     def _create_table(self, gfn: int, l2: int) -> int:
         """Allocate and initialise a table (refcount 1, not yet write-protected)."""
         m = self.amem
-        if self._emit:
-            self._emit(self._tp["table_create"][0], -1, gfn)
         for t in range(self.nt):
             b = self.tw0 + t * TW
             st = m.load(b + T_STATE)
@@ -136,6 +134,8 @@ class TablePool:
         else:
             self.kvm.warn("avic_tables_exhausted", f"avic_physid_table pool ({self.nt}) exhausted")
             raise RuntimeError(f"avic_physid_table pool ({self.nt}) exhausted")
+        if self._emit:  # from the claimed slot on: an exhausted pool opens no slice
+            self._emit(self._tp["table_create"][0], t, gfn)
         for w, val in ((T_GFN, gfn), (T_L2, l2), (T_NENTRIES, self.ne), (T_REF, 1), (T_USE, 0),
                        (T_FLOOD, 0), (T_NEXT, UNINIT_NEXT), (T_NODE, 0), (T_REGISTERED, 0), (T_TRACKED, 0),
                        (T_WRITES, 0), (T_SYNCS, 0)):
