@@ -39,6 +39,18 @@ def vcpu_seed(seed: int, vcpu: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + vcpu * 0xBF58476D1CE4E5B9 + 1) % (1 << 64)
 
 
+def _bind_l1_store(pages: int, track_mv, raw_store, emulate):
+    """``Vcpu.l1_store``, a closure over the vCPU's bound state (no attribute loads per store)."""
+    def l1_store(gpa: int, data: bytes) -> tuple[bool, int]:
+        """A guest store by L1 outside guest mode bookkeeping: (emulated?, notifier calls)."""
+        gfn = gpa >> PAGE_SHIFT
+        if gfn >= pages or track_mv[gfn]:  # MMIO, or write-protected: fault, emulate
+            return True, emulate(gpa, data)
+        raw_store(gpa, data)  # the guest's writable mapping
+        return False, 0
+    return l1_store
+
+
 class Vcpu:
     def __init__(self, kvm, design, vcpu: int):
         self.kvm = kvm
@@ -55,15 +67,7 @@ class Vcpu:
         self.track_mv = kvm.gfn_track_mv
         self.raw_store = kvm.guest_mem.write  # a store through the guest's writable mapping
         self.emulate = write_path(kvm)[0]  # emulator_write_phys bound to this process' VM
-
-    # -- guest stores ---------------------------------------------------------------------------
-    def l1_store(self, gpa: int, data: bytes) -> tuple[bool, int]:
-        """A guest store by L1 outside guest mode bookkeeping: (emulated?, notifier calls)."""
-        gfn = gpa >> PAGE_SHIFT
-        if gfn >= self.pages or self.track_mv[gfn]:  # MMIO, or write-protected: fault, emulate
-            return True, self.emulate(gpa, data)
-        self.raw_store(gpa, data)  # the guest's writable mapping
-        return False, 0
+        self.l1_store = _bind_l1_store(self.pages, self.track_mv, self.raw_store, self.emulate)
 
     def load(self) -> None:
         if not self.loaded:

@@ -46,22 +46,25 @@ _UNACCOUNTED: defaultdict[int, int] = defaultdict(int)  # calls of mirrors in a 
 class MirrorNotifier(notifier.NotifierNode):
     def __init__(self, kvm, node: int, owner: int):
         super().__init__(kvm, node, owner)
-        self.pages = kvm.memory_pages
-        self.write = kvm.mirror.mem.write
-        self.counts = kvm.counts
-        self.c_calls = C["notifier_calls"]
         acct = getattr(kvm, "write_acct", None)
-        self.calls = acct.calls if acct is not None else _UNACCOUNTED
-
-    def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
-        if (gpa >> PAGE_SHIFT) >= self.pages:  # MMIO: nothing to mirror
-            return
-        self.calls[node] += 1
-        self.counts[self.c_calls] += 1
-        self.write(gpa, new)
+        self.track_write = _bind_track_write(kvm.memory_pages, acct.calls if acct is not None else _UNACCOUNTED,
+                                             kvm.counts, C["notifier_calls"], kvm.mirror.mem.write)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         pass
+
+
+def _bind_track_write(pages: int, calls, counts: list, c_calls: int, write):
+    """The mirror's ``track_write``, a closure over its bound state (no attribute loads per call):
+    counts the call for its node (``calls``, WriteAccounting) and in ``notifier_calls``, then
+    copies the write into the mirror; an MMIO write has nothing to mirror."""
+    def track_write(gpa: int, new: bytes, nbytes: int, node: int) -> None:
+        if (gpa >> PAGE_SHIFT) >= pages:  # MMIO: nothing to mirror
+            return
+        calls[node] += 1
+        counts[c_calls] += 1
+        write(gpa, new)
+    return track_write
 
 
 class WriteAccounting:

@@ -23,18 +23,21 @@ from vm import notifier
 KVM_MMU_KIND = 2  # notifier kind of KVM's own node (kvm->arch.mmu_sp_tracker)
 
 
+def _bind_pte_write(counts: list, c_calls: int):
+    """``kvm_mmu_pte_write``, a closure over its bound state (no attribute loads per call)."""
+    def track_write(gpa: int, new: bytes, nbytes: int, node: int) -> None:
+        # kvm_mmu_pte_write: no indirect shadow pages in this model -> return at once
+        counts[c_calls] += 1
+    return track_write
+
+
 @notifier.notifier_kind(KVM_MMU_KIND)
 class KvmMmuNotifier(notifier.NotifierNode):
     """``kvm->arch.mmu_sp_tracker``: ``track_write = kvm_mmu_pte_write``."""
 
     def __init__(self, kvm, node: int, owner: int):
         super().__init__(kvm, node, owner)
-        self.counts = kvm.counts
-        self.c_calls = L.C["mmu_pte_write"]
-
-    def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
-        # kvm_mmu_pte_write: no indirect shadow pages in this model -> return at once
-        self.counts[self.c_calls] += 1
+        self.track_write = _bind_pte_write(kvm.counts, L.C["mmu_pte_write"])
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         pass  # kvm_mmu_invalidate_zap_pages_in_memslot: no shadow pages to zap

@@ -163,6 +163,7 @@ def _bind_write_path(kvm):
     pages = kvm.memory_pages
     mmio_walk = kvm.cfg.mmio_walk
     S_POISON, O_STATE, O_GEN, O_NEXT = L.NODE_POISON, L.N_STATE, L.N_GEN, L.N_NEXT
+    NO_ENTRY = (-1, None, None)  # no cached handler: its generation matches none (gen >= 0)
     fz = fuzz.ACTIVE  # this process' preemption points (configured with its Kvm)
     tr = trace.ACTIVE  # this process' trace ring (vm/tracepoints.py): None = no emission
     emit = tr.emit if tr else None
@@ -180,6 +181,7 @@ def _bind_write_path(kvm):
                 w_left -= 1
         nbytes = len(new)
         trace = kvm.trace_nodes
+        extra = fz or trace is not None  # anything to do between a call and the next node
         calls = 0
         srcu_lock()
         try:
@@ -191,26 +193,32 @@ def _bind_write_path(kvm):
                 if calls >= nmax:  # longer than the pool: a cycle (the kernel's walk never ends)
                     notifier_cycle(kvm)
                     break
-                base = nodes_w + (n - 1) * 8
+                i = n - 1
+                base = nodes_w + i * 8
                 if load(base + O_STATE) == S_POISON:
-                    kvm.poisoned("notifier node (walk)", node=n - 1)
+                    kvm.poisoned("notifier node (walk)", node=i)
                     break
                 gen = load(base + O_GEN)
-                e = handlers.get(n - 1)
-                if e is None or e[0] != gen:
-                    e = handler_entry(kvm, n - 1, gen)
+                try:
+                    e = handlers[i]  # (a dict subscript: cheaper than .get)
+                except KeyError:
+                    e = NO_ENTRY
+                if e[0] != gen:
+                    e = handler_entry(kvm, i, gen)
                 if emit:
-                    emit(T_B, n - 1, gpa)
-                try:  # no cost unless it raises; then the slice still ends
-                    e[2](gpa, new, nbytes, n - 1)
-                finally:
-                    if emit:
+                    emit(T_B, i, gpa)
+                    try:  # no cost unless it raises; then the slice still ends
+                        e[2](gpa, new, nbytes, i)
+                    finally:
                         emit(T_E)
-                if trace is not None:
-                    trace.append(n - 1)
+                else:
+                    e[2](gpa, new, nbytes, i)
                 calls += 1
-                if fz:
-                    fz.hit("page_track.walk.call_to_next")  # still standing on the node
+                if extra:
+                    if trace is not None:
+                        trace.append(i)
+                    if fz:
+                        fz.hit("page_track.walk.call_to_next")  # still standing on the node
                 n = load(base + O_NEXT)
         finally:
             srcu_unlock()
