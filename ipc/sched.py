@@ -66,6 +66,7 @@ class Client:
         self.hdr = region.word("hdr")
         self.slot = region.word("slots", index)
         self.index = index
+        self.turns = 0  # scheduling points passed (turns given up) in this job
         self.counts: dict[str, int] = {}
         self.names: dict[int, str] = {}
         self._ids: dict[str, int] = {}
@@ -100,6 +101,7 @@ class Client:
         m, s = self.mem, self.slot
         if m.load(self.hdr + H_ABORT):  # unwinding after an abort: no more turns
             raise ScheduleAborted("schedule ended by the scheduler")
+        self.turns += 1
         m.store(s + S_POINT, self._id(name))
         m.store(s + S_SINCE, m.load(self.hdr + H_PROGRESS))
         m.store(s + S_GO, 0)

@@ -20,6 +20,7 @@ import tomllib
 
 from ipc import sched
 from ipc.errors import UsageError
+from lab import schedtrace
 from lab.schedrun import Runner, Scenario, describe, name_points, run_schedule
 from vm.results import versions
 
@@ -28,6 +29,7 @@ DEFAULT_SCHEDULES = 1000
 MAX_STEPS = 5000
 SHOW_STEPS = 40
 FILE = "failing-schedule.toml"
+TRACE_JSON, TRACE_TEXT = "failing-schedule.trace.json", "failing-schedule.trace.txt"
 BUILTINS = ("kaboom", "flood-drop", "tlb-flush")
 
 
@@ -159,8 +161,10 @@ def _check_cfg(sc: Scenario) -> None:
 
 
 def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, schedules: int = DEFAULT_SCHEDULES,
-            seed: int = 1, out: str | None = None, max_steps: int = MAX_STEPS, quiet: bool = False) -> dict:
-    """Run up to ``schedules`` schedules; stop at the first FAILURE. Returns a summary dict."""
+            seed: int = 1, out: str | None = None, max_steps: int = MAX_STEPS, quiet: bool = False,
+            trace: str | None = None) -> dict:
+    """Run up to ``schedules`` schedules; stop at the first FAILURE. Returns a summary dict. The
+    failing schedule's trace goes beside ``failing-schedule.toml`` (JSON + text) and to ``trace``."""
     _check_cfg(sc)
     t0 = time.monotonic()
     steps = k_max = 0
@@ -181,6 +185,10 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                     res["file"] = os.path.join(out, FILE)
                     save(res["file"], sc, {"strategy": strategy, "depth": depth, "seed": seed, "schedule": i,
                                            "schedule_seed": sseed, "steps": len(o.log)}, o.log, o.reasons)
+                    res["trace_files"] = schedtrace.write(o.trace(sc.n), os.path.join(out, TRACE_JSON),
+                                                          _title(sc), os.path.join(out, TRACE_TEXT))
+                if trace is not None:
+                    res.setdefault("trace_files", []).extend(schedtrace.write(o.trace(sc.n), trace, _title(sc)))
                 break
         else:
             res.update(verdict="SUCCESS", schedules=schedules, reasons=[])
@@ -190,10 +198,17 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
     return res
 
 
-def replay(path: str) -> dict:
+def _title(sc: Scenario) -> str:
+    hooks = f" hooks={','.join(sc.hooks)}" if sc.hooks else ""
+    return f"pagetrack-sim schedule of {sc.name} ({sc.cfg.get('design')}, {sc.cfg.get('registration')}{hooks})"
+
+
+def replay(path: str, trace: str | None = None) -> dict:
     sc, schedule, doc = load(path)
     _check_cfg(sc)
     o = run_schedule(sc, sched.Replay([(v, sched.point_id(n)) for v, n in schedule]), len(schedule) + 1)
+    if trace is not None and o.verdict != "MISMATCH":
+        schedtrace.write(o.trace(sc.n), trace, _title(sc))
     expected = {sched.point_id(n): n for _, n in schedule}
     return {"verdict": o.verdict, "reasons": [name_points(r, expected) for r in o.reasons], "log": o.log, "steps": len(o.log),
             "expected": doc.get("result", {}).get("diagnosis", []), "seconds": round(o.seconds, 3)}
@@ -213,7 +228,8 @@ def main(args) -> int:
         sc = from_toml(args.scenario, args.registration, args.design, hooks)
     else:
         sc = builtin(args.scenario, args.registration, args.design, hooks)
-    res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps)
+    res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps,
+                  trace=args.trace)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: v for k, v in res.items() if k != "log"}, f, indent=1)
@@ -227,6 +243,8 @@ def main(args) -> int:
             print(f"  also: {r}")
         if "file" in res:
             print(f"saved {res['file']}: `python launch.py replay {res['file']}` re-runs it")
+        if res.get("trace_files"):
+            print(f"trace of the failing schedule (1 us = 1 step): {', '.join(res['trace_files'])}")
     else:
         print(f"SUCCESS: no failure in {res['schedules']} schedule(s)")
     _print_summary(res)
@@ -234,7 +252,7 @@ def main(args) -> int:
 
 
 def main_replay(args) -> int:
-    res = replay(args.file)
+    res = replay(args.file, args.trace)
     if res["verdict"] == "MISMATCH":
         print(f"error: {args.file} no longer matches the code: {res['reasons'][0]}", file=sys.stderr)
         return 2
@@ -247,6 +265,8 @@ def main_replay(args) -> int:
             print(f"  also: {r}")
         return 1
     print(f"SUCCESS: the replayed schedule ({res['steps']} steps) no longer fails")
+    if args.trace:
+        print(f"trace (1 us = 1 step): {args.trace}")
     return 0
 
 
