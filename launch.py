@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_arg(sc)
 
     ex = sub.add_parser("explore", help="search interleavings of a small scenario under a controlled scheduler")
-    ex.add_argument("scenario", metavar="SCENARIO", help="kaboom, flood-drop, tlb-flush, or a FILE.toml whose "
+    ex.add_argument("scenario", metavar="SCENARIO", help="kaboom, flood-drop, tlb-flush, free (seeded workload op "
+                    "streams), or a FILE.toml whose "
                     "[[step]]s are per-vCPU programs (no global order)")
     ex.add_argument("--strategy", choices=["pct", "random"], default="pct")
     ex.add_argument("--depth", type=int_range(1, 10, "--depth"), default=3, help="PCT bug depth d (default 3)")

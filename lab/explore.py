@@ -7,7 +7,8 @@ registration race; ``--registration``), ``flood-drop`` (an L1 writer floods a ta
 owner enters L2; ``--hook flood-drop-race`` removes the kick) and ``tlb-flush`` (an L1 store
 through a writable mapping while the table page is write-protected; ``--hook no-tlb-flush``), or a
 TOML file whose ``[[step]]`` tables are read per vCPU (each vCPU's steps keep their file order,
-the order between vCPUs is the scheduler's).
+the order between vCPUs is the scheduler's), or ``free``: a small free-running configuration whose
+vCPUs run short seeded op streams of the workload generator (``--seed`` seeds them too).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ MAX_STEPS = 5000
 SHOW_STEPS = 40
 FILE = "failing-schedule.toml"
 TRACE_JSON, TRACE_TEXT = "failing-schedule.trace.json", "failing-schedule.trace.txt"
-BUILTINS = ("kaboom", "flood-drop", "tlb-flush")
+BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "free")
+FREE = {"vcpus": 2, "l2s": 2, "switch_rate": 0.5, "writes_per_exit": 2, "tracked_fraction": 0.5}
+FREE_ITERATIONS = 3
 
 
 # -- scenarios ---------------------------------------------------------------------------------
@@ -38,6 +41,8 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
     from vm.avic.kaboom import kaboom_steps
 
     hooks = tuple(sorted(set(hooks)))
+    if name == "free":
+        return free(registration, design, hooks)
     if name == "kaboom":
         reg, des = registration or "refcount", design or "mutex-hash"
         progs: list[list[tuple[str, dict]]] = [[], []]
@@ -62,6 +67,19 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
         writer = [("write_entry", {"l2": 0, "entry": 1, "apic": 1, "running": True})]
         return Scenario(name, cfg, hooks, [owner, writer])
     raise UsageError(f"explore: unknown scenario {name!r} (built-ins: {', '.join(BUILTINS)}, or a .toml file)")
+
+
+def free(registration: str | None, design: str | None, hooks: tuple[str, ...], seed: int = 1,
+         iterations: int = FREE_ITERATIONS) -> Scenario:
+    """The small free-running configuration: each vCPU runs a short seeded op stream of the normal
+    workload generator (vcpu.vcpu.op_stream: tracked L1 writes, nested VMRUN / VMEXIT, L2
+    switches) instead of a hand-written program."""
+    from vcpu.vcpu import op_stream
+    from vm import config
+
+    cfg = {**FREE, "seed": seed, "design": design or "mutex-hash", "registration": registration or "refcount"}
+    c = config.from_dict({**cfg, "fuzz": "off"})
+    return Scenario("free", cfg, hooks, [op_stream(c, v, iterations) for v in range(c.vcpus)])
 
 
 def from_toml(path: str, registration: str | None, design: str | None, hooks: tuple[str, ...]) -> Scenario:
@@ -226,6 +244,8 @@ def main(args) -> int:
     hooks = tuple(args.hook)
     if args.scenario.endswith(".toml"):
         sc = from_toml(args.scenario, args.registration, args.design, hooks)
+    elif args.scenario == "free":  # --seed also seeds its op streams
+        sc = free(args.registration, args.design, hooks, args.seed)
     else:
         sc = builtin(args.scenario, args.registration, args.design, hooks)
     res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps,
@@ -270,4 +290,4 @@ def main_replay(args) -> int:
     return 0
 
 
-__all__ = ["builtin", "from_toml", "explore", "replay", "format_log", "describe", "main", "main_replay"]
+__all__ = ["builtin", "free", "from_toml", "explore", "replay", "format_log", "describe", "main", "main_replay"]

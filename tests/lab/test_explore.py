@@ -91,3 +91,34 @@ def test_cli_explore_replay_and_a_stale_schedule(tmp_path):
 def test_cli_bad_input_is_one_line_exit_2(args):
     p = _cli(*args)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+
+
+# the free-running configuration: seeded op streams of the workload generator, no hand-written program
+FREE_FINDS = [("bool", "mutex-hash", (), "stale shadow physid entry"),
+              ("refcount", "mutex-hash", ("no-tlb-flush",), "stale shadow physid entry")]
+
+
+@pytest.mark.parametrize("reg,design,hooks,expect", FREE_FINDS, ids=["bool", "no-tlb-flush"])
+def test_free_running_configuration_finds_the_race(reg, design, hooks, expect):
+    sc = builtin("free", reg, design, hooks)
+    assert all(len(p) >= 6 and {op for op, _ in p} >= {"vmrun", "vmexit"} for p in sc.programs)
+    assert any(op == "write_entry" for p in sc.programs for op, _ in p)
+    res = explore(sc, "pct", 3, 1000, 1, None)
+    assert res["verdict"] == "FAILURE" and any(expect in r for r in res["reasons"]), res.get("reasons", [])[:3]
+
+
+@pytest.mark.parametrize("design", ["mutex-hash", "rcu-list"])
+def test_free_running_configuration_correct_code_stays_success(design):
+    res = explore(builtin("free", "refcount", design, ()), "pct", 3, 60, 1, None)
+    assert res["verdict"] == "SUCCESS" and res["schedules"] == 60, res.get("reasons", [])[:3]
+
+
+def test_cli_explore_free_seeds_its_op_streams(tmp_path):
+    p = _cli("explore", "free", "--registration", "bool", "--seed", "3", "--out", str(tmp_path),
+             "--trace", str(tmp_path / "t.json"))
+    assert p.returncode == 1 and "FAILURE after" in p.stdout, p.stdout + p.stderr
+    sc, _, doc = load(str(tmp_path / "failing-schedule.toml"))
+    assert sc.name == "free" and sc.cfg["seed"] == 3 and doc["explore"]["seed"] == 3
+    assert (tmp_path / "t.json").exists() and (tmp_path / "failing-schedule.trace.txt").exists()
+    r = _cli("replay", str(tmp_path / "failing-schedule.toml"))
+    assert r.returncode == 1 and "same diagnosis as saved" in r.stdout, r.stdout + r.stderr
