@@ -266,7 +266,8 @@ def main(args) -> int:
         if res.get("trace_files"):
             print(f"trace of the failing schedule (1 us = 1 step): {', '.join(res['trace_files'])}")
     else:
-        print(f"SUCCESS: no failure in {res['schedules']} schedule(s)")
+        print(f"SUCCESS: no failure in {res['schedules']} schedule(s)"
+              + (" (no failing schedule: no trace written)" if args.trace else ""))
     _print_summary(res)
     return 0 if res["verdict"] == "SUCCESS" else 1
 

@@ -52,7 +52,7 @@ class Outcome:
     seconds: float
     steps_log: list[list[str]] = field(default_factory=list)  # per vCPU: what each op did
     findings: list[tuple[int, int, str]] = field(default_factory=list)  # (step, process, message) for the trace
-    final: list[str] = field(default_factory=list)  # the final oracle's findings
+    final: list[str] = field(default_factory=list)  # the reasons not in findings (oracle, errors, deadlock...)
 
     def trace(self, n: int):
         """This schedule as a trace snapshot (lab/schedtrace.py)."""
@@ -152,12 +152,13 @@ class Runner:
             d.setup()
             # the coordinator's sampling checker (I1) runs between every two steps
             findings: list[tuple[int, int, str]] = []
-            calls = [0]
+            calls, seen_msgs = [0], set()
 
             def check() -> None:  # called once before each step: its count is the next step's index
                 n0 = len(kvm.events)
                 d.sample()
-                findings.extend((calls[0], 0, m) for _, m, _ in kvm.events[n0:])
+                findings.extend((calls[0], 0, m) for _, m, _ in kvm.events[n0:] if m not in seen_msgs)
+                seen_msgs.update(m for _, m, _ in kvm.events[n0:])  # it repeats itself: the first time only
                 calls[0] += 1
 
             s, raw = pool.run(strategy, max_steps, check=check)
