@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_arg(sc)
 
     ex = sub.add_parser("explore", help="search interleavings of a small scenario under a controlled scheduler")
-    ex.add_argument("scenario", metavar="SCENARIO", help="kaboom, flood-drop, tlb-flush, or a FILE.toml whose "
+    ex.add_argument("scenario", metavar="SCENARIO", help="kaboom, flood-drop, tlb-flush, free (seeded workload op "
+                    "streams), or a FILE.toml whose "
                     "[[step]]s are per-vCPU programs (no global order)")
     ex.add_argument("--strategy", choices=["pct", "random"], default="pct")
     ex.add_argument("--depth", type=int_range(1, 10, "--depth"), default=3, help="PCT bug depth d (default 3)")
@@ -255,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-steps", dest="max_steps", type=int_range(10, 10_000_000, "--max-steps"), default=5000,
                     help="step bound per schedule (default 5000)")
     ex.add_argument("--json", metavar="PATH", default=None, help="write the summary as JSON")
+    _add_trace_arg(ex)
     rpl = sub.add_parser("replay", help="re-execute a failing-schedule.toml exactly")
     rpl.add_argument("file", metavar="FILE")
+    _add_trace_arg(rpl)
 
     c = sub.add_parser("clean", help="remove shm segments and run directories of dead runs")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
@@ -317,6 +320,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lab import explore
 
         _check_json_path(getattr(args, "json", None))
+        _check_json_path(args.trace, "--trace")
         return explore.main(args) if args.command == "explore" else explore.main_replay(args)
     if args.command == "chaos":
         from lab import chaos

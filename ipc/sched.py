@@ -66,6 +66,7 @@ class Client:
         self.hdr = region.word("hdr")
         self.slot = region.word("slots", index)
         self.index = index
+        self.turns = 0  # scheduling points passed (turns given up) in this job
         self.counts: dict[str, int] = {}
         self.names: dict[int, str] = {}
         self._ids: dict[str, int] = {}
@@ -100,6 +101,7 @@ class Client:
         m, s = self.mem, self.slot
         if m.load(self.hdr + H_ABORT):  # unwinding after an abort: no more turns
             raise ScheduleAborted("schedule ended by the scheduler")
+        self.turns += 1
         m.store(s + S_POINT, self._id(name))
         m.store(s + S_SINCE, m.load(self.hdr + H_PROGRESS))
         m.store(s + S_GO, 0)
@@ -146,6 +148,37 @@ class SchedLock:
 
     def __exit__(self, *exc) -> None:
         self.unlock()
+
+
+class AtomicPoints:
+    """A shared-memory word accessor (``_prims.Mem``) whose read-modify-writes (fetch_add, xchg,
+    cmpxchg) are scheduling points ``<what>: <op>`` before they happen; loads and stores are the
+    plain C methods. For Python callers only (the C lock / RCU types take the real ``Mem``)."""
+
+    def __init__(self, mem, client: Client, what: str):
+        self.inner = mem
+        for attr in ("load", "store", "write", "futex_wait", "futex_wake", "nwords", "nop", "release"):
+            setattr(self, attr, getattr(mem, attr))
+        self._hit = client.hit
+        self._names = tuple(f"{what}: atomic {op}" for op in ("fetch_add", "xchg", "cmpxchg"))
+
+    def fetch_add(self, w: int, v: int) -> int:
+        self._hit(self._names[0])
+        return self.inner.fetch_add(w, v)
+
+    def xchg(self, w: int, v: int) -> int:
+        self._hit(self._names[1])
+        return self.inner.xchg(w, v)
+
+    def cmpxchg(self, w: int, old: int, new: int) -> int:
+        self._hit(self._names[2])
+        return self.inner.cmpxchg(w, old, new)
+
+
+def atomic_points(mem, what: str):
+    """``mem`` itself, or (this process is scheduled) its :class:`AtomicPoints`: decide once, when
+    the object that keeps it is made, so that the free-running path is the plain ``Mem``."""
+    return mem if ACTIVE is None else AtomicPoints(mem, ACTIVE, what)
 
 
 def wrap_domain(domain, client: Client) -> None:

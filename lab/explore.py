@@ -7,7 +7,8 @@ registration race; ``--registration``), ``flood-drop`` (an L1 writer floods a ta
 owner enters L2; ``--hook flood-drop-race`` removes the kick) and ``tlb-flush`` (an L1 store
 through a writable mapping while the table page is write-protected; ``--hook no-tlb-flush``), or a
 TOML file whose ``[[step]]`` tables are read per vCPU (each vCPU's steps keep their file order,
-the order between vCPUs is the scheduler's).
+the order between vCPUs is the scheduler's), or ``free``: a small free-running configuration whose
+vCPUs run short seeded op streams of the workload generator (``--seed`` seeds them too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tomllib
 
 from ipc import sched
 from ipc.errors import UsageError
+from lab import schedtrace
 from lab.schedrun import Runner, Scenario, describe, name_points, run_schedule
 from vm.results import versions
 
@@ -28,7 +30,10 @@ DEFAULT_SCHEDULES = 1000
 MAX_STEPS = 5000
 SHOW_STEPS = 40
 FILE = "failing-schedule.toml"
-BUILTINS = ("kaboom", "flood-drop", "tlb-flush")
+TRACE_JSON, TRACE_TEXT = "failing-schedule.trace.json", "failing-schedule.trace.txt"
+BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "free")
+FREE = {"vcpus": 2, "l2s": 2, "switch_rate": 0.5, "writes_per_exit": 2, "tracked_fraction": 0.5}
+FREE_ITERATIONS = 3
 
 
 # -- scenarios ---------------------------------------------------------------------------------
@@ -36,6 +41,8 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
     from vm.avic.kaboom import kaboom_steps
 
     hooks = tuple(sorted(set(hooks)))
+    if name == "free":
+        return free(registration, design, hooks)
     if name == "kaboom":
         reg, des = registration or "refcount", design or "mutex-hash"
         progs: list[list[tuple[str, dict]]] = [[], []]
@@ -60,6 +67,19 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
         writer = [("write_entry", {"l2": 0, "entry": 1, "apic": 1, "running": True})]
         return Scenario(name, cfg, hooks, [owner, writer])
     raise UsageError(f"explore: unknown scenario {name!r} (built-ins: {', '.join(BUILTINS)}, or a .toml file)")
+
+
+def free(registration: str | None, design: str | None, hooks: tuple[str, ...], seed: int = 1,
+         iterations: int = FREE_ITERATIONS) -> Scenario:
+    """The small free-running configuration: each vCPU runs a short seeded op stream of the normal
+    workload generator (vcpu.vcpu.op_stream: tracked L1 writes, nested VMRUN / VMEXIT, L2
+    switches) instead of a hand-written program."""
+    from vcpu.vcpu import op_stream
+    from vm import config
+
+    cfg = {**FREE, "seed": seed, "design": design or "mutex-hash", "registration": registration or "refcount"}
+    c = config.from_dict({**cfg, "fuzz": "off"})
+    return Scenario("free", cfg, hooks, [op_stream(c, v, iterations) for v in range(c.vcpus)])
 
 
 def from_toml(path: str, registration: str | None, design: str | None, hooks: tuple[str, ...]) -> Scenario:
@@ -159,8 +179,10 @@ def _check_cfg(sc: Scenario) -> None:
 
 
 def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, schedules: int = DEFAULT_SCHEDULES,
-            seed: int = 1, out: str | None = None, max_steps: int = MAX_STEPS, quiet: bool = False) -> dict:
-    """Run up to ``schedules`` schedules; stop at the first FAILURE. Returns a summary dict."""
+            seed: int = 1, out: str | None = None, max_steps: int = MAX_STEPS, quiet: bool = False,
+            trace: str | None = None) -> dict:
+    """Run up to ``schedules`` schedules; stop at the first FAILURE. Returns a summary dict. The
+    failing schedule's trace goes beside ``failing-schedule.toml`` (JSON + text) and to ``trace``."""
     _check_cfg(sc)
     t0 = time.monotonic()
     steps = k_max = 0
@@ -181,6 +203,10 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                     res["file"] = os.path.join(out, FILE)
                     save(res["file"], sc, {"strategy": strategy, "depth": depth, "seed": seed, "schedule": i,
                                            "schedule_seed": sseed, "steps": len(o.log)}, o.log, o.reasons)
+                    res["trace_files"] = schedtrace.write(o.trace(sc.n), os.path.join(out, TRACE_JSON),
+                                                          _title(sc), os.path.join(out, TRACE_TEXT))
+                if trace is not None:
+                    res.setdefault("trace_files", []).extend(schedtrace.write(o.trace(sc.n), trace, _title(sc)))
                 break
         else:
             res.update(verdict="SUCCESS", schedules=schedules, reasons=[])
@@ -190,10 +216,17 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
     return res
 
 
-def replay(path: str) -> dict:
+def _title(sc: Scenario) -> str:
+    hooks = f" hooks={','.join(sc.hooks)}" if sc.hooks else ""
+    return f"pagetrack-sim schedule of {sc.name} ({sc.cfg.get('design')}, {sc.cfg.get('registration')}{hooks})"
+
+
+def replay(path: str, trace: str | None = None) -> dict:
     sc, schedule, doc = load(path)
     _check_cfg(sc)
     o = run_schedule(sc, sched.Replay([(v, sched.point_id(n)) for v, n in schedule]), len(schedule) + 1)
+    if trace is not None and o.verdict != "MISMATCH":
+        schedtrace.write(o.trace(sc.n), trace, _title(sc))
     expected = {sched.point_id(n): n for _, n in schedule}
     return {"verdict": o.verdict, "reasons": [name_points(r, expected) for r in o.reasons], "log": o.log, "steps": len(o.log),
             "expected": doc.get("result", {}).get("diagnosis", []), "seconds": round(o.seconds, 3)}
@@ -211,9 +244,12 @@ def main(args) -> int:
     hooks = tuple(args.hook)
     if args.scenario.endswith(".toml"):
         sc = from_toml(args.scenario, args.registration, args.design, hooks)
+    elif args.scenario == "free":  # --seed also seeds its op streams
+        sc = free(args.registration, args.design, hooks, args.seed)
     else:
         sc = builtin(args.scenario, args.registration, args.design, hooks)
-    res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps)
+    res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps,
+                  trace=args.trace)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: v for k, v in res.items() if k != "log"}, f, indent=1)
@@ -227,14 +263,17 @@ def main(args) -> int:
             print(f"  also: {r}")
         if "file" in res:
             print(f"saved {res['file']}: `python launch.py replay {res['file']}` re-runs it")
+        if res.get("trace_files"):
+            print(f"trace of the failing schedule (1 us = 1 step): {', '.join(res['trace_files'])}")
     else:
-        print(f"SUCCESS: no failure in {res['schedules']} schedule(s)")
+        print(f"SUCCESS: no failure in {res['schedules']} schedule(s)"
+              + (" (no failing schedule: no trace written)" if args.trace else ""))
     _print_summary(res)
     return 0 if res["verdict"] == "SUCCESS" else 1
 
 
 def main_replay(args) -> int:
-    res = replay(args.file)
+    res = replay(args.file, args.trace)
     if res["verdict"] == "MISMATCH":
         print(f"error: {args.file} no longer matches the code: {res['reasons'][0]}", file=sys.stderr)
         return 2
@@ -247,7 +286,9 @@ def main_replay(args) -> int:
             print(f"  also: {r}")
         return 1
     print(f"SUCCESS: the replayed schedule ({res['steps']} steps) no longer fails")
+    if args.trace:
+        print(f"trace (1 us = 1 step): {args.trace}")
     return 0
 
 
-__all__ = ["builtin", "from_toml", "explore", "replay", "format_log", "describe", "main", "main_replay"]
+__all__ = ["builtin", "free", "from_toml", "explore", "replay", "format_log", "describe", "main", "main_replay"]

@@ -51,6 +51,14 @@ class Outcome:
     sched_outcome: str
     seconds: float
     steps_log: list[list[str]] = field(default_factory=list)  # per vCPU: what each op did
+    findings: list[tuple[int, int, str]] = field(default_factory=list)  # (step, process, message) for the trace
+    final: list[str] = field(default_factory=list)  # the reasons not in findings (oracle, errors, deadlock...)
+
+    def trace(self, n: int):
+        """This schedule as a trace snapshot (lab/schedtrace.py)."""
+        from lab import schedtrace
+
+        return schedtrace.snapshot(self.log, n, self.findings, self.verdict, tuple(self.final))
 
 
 def describe(op: str, args: dict) -> str:
@@ -64,6 +72,12 @@ def _vcpu_body(sc: Scenario, cfg, base: str):
     def body(v: int, client, job: int) -> bytes:
         report: dict = {"vcpu": v, "error": None, "events": [], "log": [], "names": {}, "aborted": False}
         kvm = d = None
+        client.turns = 0
+        turns: list[int] = []  # per event of kvm.events: the vCPU's turns when it was seen (for the trace)
+
+        def seen() -> None:
+            turns.extend([client.turns] * (len(kvm.events) - len(turns)))
+
         try:
             kvm = Kvm.attach(cfg, f"{base}j{job}", v + 1, frozenset(sc.hooks))
             d = make_design(kvm, cfg)
@@ -74,6 +88,7 @@ def _vcpu_body(sc: Scenario, cfg, base: str):
             for op, args in sc.programs[v]:
                 client.hit(f"op {describe(op, args)}")
                 report["log"].append(run(op, args))
+                seen()
             client.hit("op vcpu_put")
             d.vcpu_put(v)
         except sched.ScheduleAborted:
@@ -84,6 +99,8 @@ def _vcpu_body(sc: Scenario, cfg, base: str):
         finally:
             if kvm is not None:
                 report["events"] = [m for _, m, _ in kvm.events[:MAX_EVENTS]]
+                seen()
+                report["turns"] = turns[:MAX_EVENTS]
                 if d is not None:
                     d.close()
                 kvm.close()
@@ -134,7 +151,17 @@ class Runner:
             d = make_design(kvm, cfg)
             d.setup()
             # the coordinator's sampling checker (I1) runs between every two steps
-            s, raw = pool.run(strategy, max_steps, check=d.sample)
+            findings: list[tuple[int, int, str]] = []
+            calls, seen_msgs = [0], set()
+
+            def check() -> None:  # called once before each step: its count is the next step's index
+                n0 = len(kvm.events)
+                d.sample()
+                findings.extend((calls[0], 0, m) for _, m, _ in kvm.events[n0:] if m not in seen_msgs)
+                seen_msgs.update(m for _, m, _ in kvm.events[n0:])  # it repeats itself: the first time only
+                calls[0] += 1
+
+            s, raw = pool.run(strategy, max_steps, check=check)
             reports = []
             for v, b in enumerate(raw):
                 try:
@@ -151,11 +178,14 @@ class Runner:
             if clean:
                 reasons += [f"oracle: {f}" for f in d.oracle()]
             reasons = _dedup(reasons)
+            findings += _vcpu_findings(s.log, reports)
+            placed = {m for _, _, m in findings}  # the rest (oracle, errors, deadlock...) come at the end
+            final = [r for r in reasons if r.rsplit(" (x", 1)[0] not in placed]
             verdict = "MISMATCH" if s.outcome == "mismatch" else "FAILURE" if reasons else "SUCCESS"
             if clean:
                 d.teardown()  # nobody holds a lock: every vCPU ended its program
             return Outcome(verdict, reasons, log, s.outcome, time.monotonic() - t0,
-                           [rep["log"] for rep in reports])
+                           [rep["log"] for rep in reports], sorted(findings), final)
         finally:
             if d is not None:
                 d.close()
@@ -187,6 +217,19 @@ def _reasons(s, reports: list[dict], names: dict[int, str]) -> list[str]:
         if rep["error"]:
             out.append(f"vCPU {rep['vcpu']} failed: {rep['error']}")
         out.extend(rep["events"])
+    return out
+
+
+def _vcpu_findings(log, reports: list[dict]) -> list[tuple[int, int, str]]:
+    """Each vCPU's WARNs at the global step in which it raised them (its turns -> the log)."""
+    steps: dict[int, list[int]] = {}
+    for k, (v, _, _) in enumerate(log):
+        steps.setdefault(v, []).append(k)
+    out = []
+    for rep in reports:
+        ks = steps.get(rep["vcpu"], [0])
+        for msg, t in zip(rep["events"], rep.get("turns", []), strict=False):
+            out.append((ks[min(max(t - 1, 0), len(ks) - 1)], rep["vcpu"] + 1, msg))
     return out
 
 

@@ -325,6 +325,30 @@ class Vcpu:
         raise ValueError(f"unknown command {op!r}")
 
 
+def op_stream(cfg, vcpu: int, iterations: int) -> list[tuple[str, dict]]:
+    """A short seeded program of scripted steps with the choices of :meth:`Vcpu.run` (same seed
+    derivation, L2 policy, switch rate, tracked-write share of the guest stores; untracked and MMIO
+    stores, which walk no notifier, are left out): per iteration the L1's tracked writes (its own
+    physid entry of a random L2's table, IsRunning flipped at random, as ``tracked_write``), nested
+    VMRUN, VMEXIT (leaving when it switches L2). Steps of vm/avic/kaboom.apply_step, for
+    controlled scheduling (lab/explore.py)."""
+    rng = random.Random(vcpu_seed(cfg.seed, vcpu))
+    K, l2, out = cfg.l2s, vcpu % cfg.l2s, []
+    for _ in range(iterations):
+        out += [("write_entry", {"l2": int(rng.random() * K), "entry": vcpu, "apic": vcpu,
+                                 "running": rng.random() < 0.5})
+                for _ in range(cfg.writes_per_exit) if rng.random() < cfg.tracked_fraction]
+        if cfg.policy == "round-robin":
+            nxt = (l2 + 1) % K
+        elif cfg.policy == "random" and K > 1 and rng.random() < cfg.switch_rate:
+            nxt = (l2 + 1 + int(rng.random() * (K - 1))) % K
+        else:
+            nxt = l2
+        out += [("vmrun", {"l2": l2}), ("vmexit", {"l2": l2, "leaving": nxt != l2})]
+        l2 = nxt
+    return out
+
+
 def _int(args: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
     v = args.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int):

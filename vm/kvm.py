@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ipc import _prims, fuzz, hist, procstat, trace
+from ipc import _prims, fuzz, hist, procstat, sched, trace
 from ipc.locks import init_lockstat, new_lock
 from ipc.shm import Region, ShmError, check_run_id
 from vm import layout as L
@@ -83,6 +83,9 @@ class Kvm:
         self.write_acct = None  # vm.mirror.WriteAccounting: per-write track_write accounting (mirror)
         self.cycle_warned = False  # vm.faults.notifier_cycle: the soft-lockup diagnosis, once per process
         self.closed = False
+        # a scheduled process (ipc/sched.py): its read-modify-writes of shared VM state are scheduling
+        # points too, decided here once (free-running: the plain Mem, nothing changes)
+        self.mem = sched.atomic_points(vm.mem, "vm")
 
     @staticmethod
     def guest_buf(region: Region, field: str):

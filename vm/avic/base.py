@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from ipc import trace
+from ipc import sched, trace
 from ipc.locks import init_lockstat, merge_lockstat, new_lock
 from ipc.proc import proc_starttime
 from ipc.shm import Region
@@ -130,6 +130,9 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
             "mutex", region.mem, region.word("locks", LOCK_NOTIFIER),
             region.word("lockstat", self.kvm.proc, LOCK_NOTIFIER) if stats else -1, self.tag,
             busted="busted-lock" in self.hooks, name="avic_notifier_lock")
+        # scheduled (ipc/sched.py): RMWs of the shared AVIC state are scheduling points; this
+        # process' own stats counters and the mutual-exclusion checker's words are not (_smem)
+        self._smem, self.amem = region.mem, sched.atomic_points(region.mem, "avic")
 
     def _attach(self) -> None:
         if self.region is None or self.region.closed:
@@ -153,7 +156,7 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
                           f"waiting for this section can deadlock against tables_lock)", gpa=gpa)
 
     def _stat(self, name: str, n: int = 1) -> None:
-        self.amem.fetch_add(self.st0 + S[name], n)
+        self._smem.fetch_add(self.st0 + S[name], n)
 
     def _h(self, w: int) -> int:
         return self.amem.load(self.hdr0 + w)
@@ -163,11 +166,11 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
 
     def _cs_in(self, i: int) -> None:
         w = self.cs0 + i * 8
-        if self.amem.xchg(w + CS_HOLDER, self.tag):
-            self.amem.fetch_add(w + CS_FAILS, 1)
+        if self._smem.xchg(w + CS_HOLDER, self.tag):  # the checker's own words: no scheduling point
+            self._smem.fetch_add(w + CS_FAILS, 1)
 
     def _cs_out(self, i: int) -> None:
-        self.amem.cmpxchg(self.cs0 + i * 8 + CS_HOLDER, self.tag, 0)
+        self._smem.cmpxchg(self.cs0 + i * 8 + CS_HOLDER, self.tag, 0)
 
     def _physid_lock(self) -> None:
         self.physid_lock.lock()
