@@ -67,6 +67,7 @@ class Client:
         self.slot = region.word("slots", index)
         self.index = index
         self.turns = 0  # scheduling points passed (turns given up) in this job
+        self.retrying = False  # the step now running began at a block(): a blocked retry
         self.counts: dict[str, int] = {}
         self.names: dict[int, str] = {}
         self._ids: dict[str, int] = {}
@@ -88,8 +89,13 @@ class Client:
     point = hit
 
     def block(self, name: str) -> None:
-        """Cannot go on until another client makes progress (a lock is held, readers are inside)."""
+        """Cannot go on until another client makes progress (a lock is held, readers are inside).
+        The step that ends here counts as progress unless it was itself a blocked retry (it may
+        have released a lock: SchedLock.unlock releases after its point); a real deadlock is still
+        seen one round later, when every blocked client's retry made no progress."""
         self.counts[name] = self.counts.get(name, 0) + 1
+        if not self.retrying:
+            self.mem.fetch_add(self.hdr + H_PROGRESS, 1)
         self._yield(name, BLOCKED)
 
     def chance(self, name: str, scale: float = 1.0) -> bool:
@@ -102,6 +108,7 @@ class Client:
         if m.load(self.hdr + H_ABORT):  # unwinding after an abort: no more turns
             raise ScheduleAborted("schedule ended by the scheduler")
         self.turns += 1
+        self.retrying = state == BLOCKED
         m.store(s + S_POINT, self._id(name))
         m.store(s + S_SINCE, m.load(self.hdr + H_PROGRESS))
         m.store(s + S_GO, 0)
@@ -116,6 +123,7 @@ class Client:
 
     def done(self) -> None:
         m = self.mem
+        self.retrying = False  # the next job begins with a fresh step
         m.fetch_add(self.hdr + H_PROGRESS, 1)  # its last step was productive too
         m.store(self.slot + S_STATE, DONE)
         m.store(self.hdr + H_WAKE, 1)

@@ -137,3 +137,36 @@ def test_pct_priorities_and_guarantee():
     assert p.pick([0, 1, 2], 0, -1) == top
     step = min(p.change)
     assert p.pick([0, 1, 2], step, top) != top
+
+
+def _release_then_spin_body(run_id: str):
+    """Process 0 takes and releases L, then spin-waits for a flag; process 1 takes L, sets the flag,
+    releases L. The step that ended at process 0's first spin released L: that is progress."""
+
+    def body(i: int, c) -> bytes:
+        from ipc import _prims
+
+        r = Region.attach(run_id, DATA)
+        lk = new_lock("spin", r.mem, r.word("locks", 0), tag=i + 1, name="L")
+        lk.lock()
+        if i == 0:
+            lk.unlock()
+            while not r.mem.load(2):
+                _prims.sched_yield()
+        else:
+            r.mem.store(2, 1)
+            lk.unlock()
+        return b"ok"
+
+    return body
+
+
+def test_a_block_after_a_release_is_progress_not_a_deadlock(run_id, data):
+    bad = []
+    for seed in range(40):
+        data.v["w"][:] = 0
+        data.v["locks"][:] = 0
+        s, out, _ = schedpool.run_forked(run_id, 2, _release_then_spin_body(run_id), sched.RandomWalk(seed), 2000)
+        if s.outcome != "done":
+            bad.append((seed, s.outcome, len(s.log)))
+    assert bad == []
