@@ -197,12 +197,15 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
             k_est = max(k_est, k_max)
             if o.verdict != "SUCCESS":
                 res.update(verdict="FAILURE", schedules=i + 1, schedules_to_failure=i + 1, reasons=o.reasons,
-                           log=o.log, schedule_seed=sseed, failing_steps=len(o.log))
+                           log=o.log, schedule_seed=sseed, failing_steps=len(o.log), sched_outcome=o.sched_outcome)
                 if out is not None:
                     os.makedirs(out, exist_ok=True)
                     res["file"] = os.path.join(out, FILE)
                     save(res["file"], sc, {"strategy": strategy, "depth": depth, "seed": seed, "schedule": i,
-                                           "schedule_seed": sseed, "steps": len(o.log)}, o.log, o.reasons)
+                                           "schedule_seed": sseed, "steps": len(o.log), "max_steps": max_steps,
+                                           # a hang / crash depends on timing: its steps do not repeat it
+                                           "replayable": o.sched_outcome not in ("hang", "crash")},
+                         o.log, o.reasons)
                     res["trace_files"] = schedtrace.write(o.trace(sc.n), os.path.join(out, TRACE_JSON),
                                                           _title(sc), os.path.join(out, TRACE_TEXT))
                 if trace is not None:
@@ -224,7 +227,14 @@ def _title(sc: Scenario) -> str:
 def replay(path: str, trace: str | None = None) -> dict:
     sc, schedule, doc = load(path)
     _check_cfg(sc)
-    o = run_schedule(sc, sched.Replay([(v, sched.point_id(n)) for v, n in schedule]), len(schedule) + 1)
+    ex = doc.get("explore", {})
+    if ex.get("replayable", True) is not True:
+        raise UsageError(f"replay: {path}: not replayable (the saved failure was a hang or crash, "
+                         "which depends on timing, not on the schedule)")
+    bound = ex.get("max_steps", len(schedule) + 1)  # the explore's step bound: a step-bound failure stops there
+    if type(bound) is not int or bound < 1:
+        raise UsageError(f"replay: {path}: [explore] max_steps must be a positive integer")
+    o = run_schedule(sc, sched.Replay([(v, sched.point_id(n)) for v, n in schedule]), bound)
     if trace is not None and o.verdict != "MISMATCH":
         schedtrace.write(o.trace(sc.n), trace, _title(sc))
     expected = {sched.point_id(n): n for _, n in schedule}

@@ -143,3 +143,48 @@ def test_atomic_rmws_of_shared_state_are_points_only_when_scheduled():
     res = explore(builtin("kaboom", "bool", None, ()), "pct", 3, 1000, 1, None)
     points = {n for _, n, _ in res["log"]}
     assert {"avic: atomic fetch_add", "avic: atomic cmpxchg", "vm: atomic fetch_add"} <= points, sorted(points)
+
+
+def test_a_step_bound_failure_replays_to_the_same_step_bound(tmp_path):
+    res = explore(builtin("kaboom", None, None, ()), "pct", 3, 1, 1, str(tmp_path), max_steps=20)
+    assert res["verdict"] == "FAILURE" and res["reasons"][0].startswith("step-bound"), res["reasons"][:2]
+    f = tmp_path / "failing-schedule.toml"
+    assert load(str(f))[2]["explore"]["max_steps"] == 20
+    r = replay(str(f))
+    assert r["verdict"] == "FAILURE" and r["steps"] == 20 and r["reasons"][:20] == r["expected"], r["reasons"][:2]
+
+
+def test_a_hang_or_crash_is_saved_as_not_replayable(tmp_path):
+    p = _cli("explore", "tlb-flush", "--hook", "no-tlb-flush", "--seed", "5", "--schedules", "100",
+             "--out", str(tmp_path))
+    assert p.returncode == 1, p.stderr
+    f = tmp_path / "failing-schedule.toml"
+    assert "replayable = true" in f.read_text()
+    f.write_text(f.read_text().replace("replayable = true", "replayable = false"))
+    p = _cli("replay", str(f))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not replayable" in p.stderr, p.stderr
+
+
+def test_a_hung_schedule_is_saved_with_replayable_false(tmp_path, monkeypatch):
+    from lab import explore as ex
+    from lab.schedrun import Outcome
+
+    class HangRunner:
+        def __init__(self, sc):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            pass
+
+        def run(self, strategy, max_steps):
+            return Outcome("FAILURE", ["hang: a process ran without reaching a scheduling point"],
+                           [(0, "mmu_lock: lock", False)], "hang", 0.0)
+
+    monkeypatch.setattr(ex, "Runner", HangRunner)
+    explore(builtin("kaboom", None, None, ()), "pct", 3, 1, 1, str(tmp_path))
+    assert load(str(tmp_path / "failing-schedule.toml"))[2]["explore"]["replayable"] is False
+    with pytest.raises(ex.UsageError, match="not replayable"):
+        replay(str(tmp_path / "failing-schedule.toml"))
