@@ -368,11 +368,16 @@ class Scheduler:
             m.futex_wake(base + S_GO)
 
     def _abort(self) -> str:
-        m = self.mem
-        m.store(self.hdr + H_ABORT, 1)
-        for i in range(self.n):
-            base = self.slot0 + i * SLOT_WORDS
-            m.store(base + S_GO, 1)
-            m.futex_wake(base + S_GO)
+        abort(self.mem, self.hdr, self.slot0, self.n)
         return self.outcome
+
+
+def abort(mem, hdr: int, slot0: int, n: int) -> None:
+    """End the schedule: every client raises :class:`ScheduleAborted` when it resumes, and each one
+    parked on its turn word is given the turn (woken) so that it resumes now."""
+    mem.store(hdr + H_ABORT, 1)
+    for i in range(n):
+        base = slot0 + i * SLOT_WORDS
+        mem.store(base + S_GO, 1)
+        mem.futex_wake(base + S_GO)
 

@@ -16,7 +16,7 @@ import select
 
 from ipc import _prims
 from ipc.proc import die_with_parent, pid_alive
-from ipc.sched import H_JOB, H_QUIT, Client, Scheduler, install, layout
+from ipc.sched import H_JOB, H_QUIT, Client, Scheduler, abort, install, layout
 from ipc.shm import Region
 
 _WAIT_NS = 200_000_000
@@ -125,6 +125,8 @@ class Pool:
         codes = []
         try:
             if self.pids and not self.broken:
+                # clients parked on their turn mid-schedule (an exception, SIGTERM) unwind first
+                abort(self.mem, self.hdr, self.region.word("slots"), self.n)
                 self.mem.store(self.hdr + H_QUIT, 1)
                 self.mem.store(self.hdr + H_JOB, self.job + 1)
                 self.mem.futex_wake(self.hdr + H_JOB)

@@ -188,3 +188,45 @@ def test_a_hung_schedule_is_saved_with_replayable_false(tmp_path, monkeypatch):
     assert load(str(tmp_path / "failing-schedule.toml"))[2]["explore"]["replayable"] is False
     with pytest.raises(ex.UsageError, match="not replayable"):
         replay(str(tmp_path / "failing-schedule.toml"))
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.add(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def test_sigterm_mid_schedule_ends_fast_and_clean():
+    import signal
+    import time
+
+    before = {f for f in os.listdir("/dev/shm") if f.startswith("pts_")}
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), "explore", "kaboom", "--registration",
+                          "refcount", "--schedules", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        mine = {f for f in os.listdir("/dev/shm") if f.startswith("pts_")} - before
+        kids = _children(p.pid)
+        assert p.poll() is None and mine and kids
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert rc == 143 and took < 2.5, (rc, took, p.stderr.read()[-500:])
+    assert not any(os.path.exists(f"/dev/shm/{f}") for f in mine)
+    t1 = time.monotonic()  # multiprocessing's resource tracker leaves when its pipe closes: a moment
+    while any(os.path.exists(f"/proc/{k}") for k in kids) and time.monotonic() - t1 < 2:
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{k}") for k in kids)
