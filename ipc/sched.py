@@ -318,7 +318,7 @@ class Scheduler:
                 if _prims.now_ns() - t0 > self.hang_ns:
                     self.outcome, self.detail = "hang", "a process ran without reaching a scheduling point"
                     return False
-            m.store(w, 0)
+            m.xchg(w, 0)  # a full barrier: the state loads below cannot pass it and miss a WAKE=1
         return True
 
     def run(self) -> str:

@@ -170,3 +170,30 @@ def test_a_block_after_a_release_is_progress_not_a_deadlock(run_id, data):
         if s.outcome != "done":
             bad.append((seed, s.outcome, len(s.log)))
     assert bad == []
+
+
+def test_the_scheduler_clears_its_wake_word_with_a_full_barrier(run_id, data, monkeypatch):
+    """store(WAKE, 0) then loads of the states may be reordered (store buffer) and lose a WAKE=1:
+    the scheduler must clear it with xchg (seq_cst), never a plain store."""
+    plain = []
+    init = sched.Scheduler.__init__
+
+    class Spy:
+        def __init__(self, mem, wake):
+            self.m, self.wake = mem, wake
+
+        def store(self, w, v):
+            if w == self.wake:
+                plain.append(v)
+            self.m.store(w, v)
+
+        def __getattr__(self, a):
+            return getattr(self.m, a)
+
+    def spy_init(self, region, *a, **k):
+        init(self, region, *a, **k)
+        self.mem = Spy(self.mem, self.hdr + sched.H_WAKE)
+
+    monkeypatch.setattr(sched.Scheduler, "__init__", spy_init)
+    s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(1), 1000)
+    assert s.outcome == "done" and len(s.log) == 8 and plain == []
