@@ -72,7 +72,9 @@ def new_lock(kind: str, mem, lock_word: int, stats_word: int = -1, tag: int = 1,
     lk = cls(mem, lock_word, stats_word, tag, spins, busted, name)
     if tr:
         tr.name_object(lk, name or f"lock@{lock_word}")
-    return lk if sched.ACTIVE is None else sched.wrap_lock(lk, name or f"{kind} lock word {lock_word}")
+    if sched.ACTIVE is None:
+        return lk
+    return sched.wrap_lock(lk, name or f"{kind} lock word {lock_word}", mem, stats_word)
 
 
 def lockdep_assert_held(lock, name: str = "lock") -> None:

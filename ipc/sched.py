@@ -20,7 +20,8 @@ Layout of the turnstile region (``layout(n)``, one segment ``pts_<run>_sched``):
   [4] quit (the pool's clients exit), rest reserved
 - ``slots`` (n, 8) words, one cache line per client: [0] go (futex word: 1 = your turn), [1] state
   (RUN, POINT, BLOCKED, DONE), [2] point id (crc32 of the point's name), [3] progress value seen
-  when it blocked, rest reserved
+  when it blocked, [4] pid of the holder of the lock it blocked on (0: not a lock), [5] its pid,
+  rest reserved
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ipc.shm import Layout, Region
 
 HDR_WORDS = SLOT_WORDS = 8
 H_WAKE, H_PROGRESS, H_ABORT, H_JOB, H_QUIT = 0, 1, 2, 3, 4
-S_GO, S_STATE, S_POINT, S_SINCE = 0, 1, 2, 3
+S_GO, S_STATE, S_POINT, S_SINCE, S_HOLDER, S_PID = 0, 1, 2, 3, 4, 5
 RUN, POINT, BLOCKED, DONE = 0, 1, 2, 3
 STRATEGIES = ("pct", "random")
 _WAIT_NS = 200_000_000  # futex waits look up this often (parent or children gone?)
@@ -72,6 +73,7 @@ class Client:
         self.names: dict[int, str] = {}
         self._ids: dict[str, int] = {}
         self.parent = os.getppid()
+        self.mem.store(self.slot + S_PID, os.getpid())
 
     def _id(self, name: str) -> int:
         i = self._ids.get(name)
@@ -88,7 +90,7 @@ class Client:
 
     point = hit
 
-    def block(self, name: str) -> None:
+    def block(self, name: str, holder: int = 0) -> None:
         """Cannot go on until another client makes progress (a lock is held, readers are inside).
         The step that ends here counts as progress unless it was itself a blocked retry (it may
         have released a lock: SchedLock.unlock releases after its point); a real deadlock is still
@@ -96,6 +98,7 @@ class Client:
         self.counts[name] = self.counts.get(name, 0) + 1
         if not self.retrying:
             self.mem.fetch_add(self.hdr + H_PROGRESS, 1)
+        self.mem.store(self.slot + S_HOLDER, holder)  # named in a deadlock report
         self._yield(name, BLOCKED)
 
     def chance(self, name: str, scale: float = 1.0) -> bool:
@@ -132,19 +135,28 @@ class Client:
 
 class SchedLock:
     """A lock (``ipc.locks`` SpinLock / Mutex) whose acquire and release are scheduling points and
-    whose waiting is a modelled block (try-lock, then yield the turn)."""
+    whose waiting is a modelled block (try-lock, then yield the turn). An acquisition whose first
+    try-lock fails counts one contention in the lock's lock_stat block (``stats_word`` >= 0), as
+    the C slow path does."""
 
-    def __init__(self, inner, client: Client, name: str):
+    def __init__(self, inner, client: Client, name: str, mem=None, stats_word: int = -1):
         self.inner = inner
         self.c = client
         self.name = name
+        self.mem, self.stats_word = mem, stats_word
         for attr in ("trylock", "is_held", "owner", "holder", "recover"):
             setattr(self, attr, getattr(inner, attr))
 
     def lock(self, *a) -> None:
         self.c.hit(f"{self.name}: lock")
+        if self.inner.trylock():
+            return
+        if self.stats_word >= 0:  # lock_stat's contentions (only one process runs: a plain add)
+            w = self.stats_word + 1
+            self.mem.store(w, self.mem.load(w) + 1)
+        self.c.block(f"{self.name}: wait", self.inner.holder()[0])
         while not self.inner.trylock():
-            self.c.block(f"{self.name}: wait")
+            self.c.block(f"{self.name}: wait", self.inner.holder()[0])
 
     def unlock(self) -> None:
         self.c.hit(f"{self.name}: unlock")
@@ -226,10 +238,10 @@ def install(client: Client) -> None:
     _prims.sched_yield = lambda: client.block("sched_yield (spin wait)")
 
 
-def wrap_lock(lock, name: str | None):
+def wrap_lock(lock, name: str | None, mem=None, stats_word: int = -1):
     """Used by ``ipc.locks.new_lock`` / ``ipc.rcu``: the lock itself, or its scheduled wrapper."""
     c = ACTIVE
-    return lock if c is None else SchedLock(lock, c, name or f"lock@{id(lock):x}")
+    return lock if c is None else SchedLock(lock, c, name or f"lock@{id(lock):x}", mem, stats_word)
 
 
 # -- scheduler side --------------------------------------------------------------------------
@@ -342,7 +354,8 @@ class Scheduler:
             if not enabled:
                 self.outcome = "deadlock"
                 self.detail = "every unfinished process is blocked: " + ", ".join(
-                    f"process {i} at @{self._s(i, S_POINT)}" for i, s in enumerate(states) if s == BLOCKED)
+                    f"process {i} at @{self._s(i, S_POINT)}{self._held_by(i, states)}"
+                    for i, s in enumerate(states) if s == BLOCKED)
                 return self._abort()
             if step >= self.max_steps:
                 self.outcome, self.detail = "step-bound", f"{self.max_steps} steps without the end"
@@ -366,6 +379,15 @@ class Scheduler:
             m.store(base + S_STATE, RUN)
             m.store(base + S_GO, 1)
             m.futex_wake(base + S_GO)
+
+    def _held_by(self, i: int, states: list[int]) -> str:
+        h = self._s(i, S_HOLDER)
+        if not h:
+            return ""
+        for j in range(self.n):
+            if self._s(j, S_PID) == h:
+                return f" (lock held by process {j}" + (", which has finished)" if states[j] == DONE else ")")
+        return f" (lock held by pid {h})"
 
     def _abort(self) -> str:
         abort(self.mem, self.hdr, self.slot0, self.n)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from ipc import fuzz, sched, schedpool
-from ipc.locks import LOCK_WORDS, new_lock
+from ipc.locks import LOCK_WORDS, init_lockstat, new_lock
 from ipc.shm import Layout, Region
 
-DATA = Layout("data", [("w", "i8", (8,)), ("locks", "i8", (2, LOCK_WORDS))])
+DATA = Layout("data", [("w", "i8", (8,)), ("locks", "i8", (2, LOCK_WORDS)), ("stats", "i8", (16,))])
 
 
 @pytest.fixture
@@ -17,6 +17,7 @@ def data(region_factory):
     r = region_factory(DATA)
     r.v["w"][:] = 0
     r.v["locks"][:] = 0
+    init_lockstat(r.v["stats"])
     return r
 
 
@@ -197,3 +198,49 @@ def test_the_scheduler_clears_its_wake_word_with_a_full_barrier(run_id, data, mo
     monkeypatch.setattr(sched.Scheduler, "__init__", spy_init)
     s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(1), 1000)
     assert s.outcome == "done" and len(s.log) == 8 and plain == []
+
+
+def _stat_lock_body(run_id: str, finish_holding: bool = False):
+    """Each process takes and releases L (lock_stat on) twice; or each takes it, one of them ends
+    holding it."""
+
+    def body(i: int, c) -> bytes:
+        r = Region.attach(run_id, DATA)
+        lk = new_lock("spin", r.mem, r.word("locks", 0), r.word("stats"), tag=i + 1, name="L")
+        if finish_holding:
+            lk.lock()
+            return b"ok"
+        for _ in range(2):
+            lk.lock()
+            fuzz.point("in critical section")
+            lk.unlock()
+        return b"ok"
+
+    return body
+
+
+def test_a_scheduled_lock_counts_one_contention_per_acquisition_that_waited(run_id, data):
+    wait = sched.point_id("L: wait")
+    total = 0
+    for seed in range(10):
+        init_lockstat(data.v["stats"])
+        data.v["locks"][:] = 0
+        s, _, _ = schedpool.run_forked(run_id, 2, _stat_lock_body(run_id), sched.RandomWalk(seed), 2000)
+        assert s.outcome == "done"
+        prev: dict[int, int] = {}
+        waited = 0
+        for i, p, _ in s.log:  # resumed at "L: wait" after something else: one acquisition that waited
+            waited += p == wait and prev.get(i) != wait
+            prev[i] = p
+        assert int(data.v["stats"][0]) == 4 and int(data.v["stats"][1]) == waited
+        total += waited
+    assert total > 0
+
+
+def test_a_lock_left_held_by_a_finished_process_names_its_holder(run_id, data):
+    for seed in range(10):
+        data.v["locks"][:] = 0
+        s, _, _ = schedpool.run_forked(run_id, 2, _stat_lock_body(run_id, True), sched.RandomWalk(seed), 2000)
+        assert s.outcome == "deadlock"
+        assert any(f"process {b} at @{sched.point_id('L: wait')} (lock held by process {1 - b}, which has finished)"
+                   in s.detail for b in (0, 1)), s.detail
