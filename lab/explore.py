@@ -185,12 +185,13 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
     failing schedule's trace goes beside ``failing-schedule.toml`` (JSON + text) and to ``trace``."""
     _check_cfg(sc)
     t0 = time.monotonic()
-    steps = k_max = 0
+    steps = k_max = k_used = 0
     k_est = 50  # PCT places its change points among this many steps: the longest schedule so far
     res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks)}
     with Runner(sc) as runner:
         for i in range(schedules):
             sseed = seed * 1_000_003 + i
+            k_used = max(k_used, k_est)  # the guarantee is stated with the k the change points were drawn over
             o = runner.run(_strategy(strategy, sseed, sc.n, depth, k_est), max_steps)
             steps += len(o.log)
             k_max = max(k_max, len(o.log))
@@ -215,7 +216,8 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
             res.update(verdict="SUCCESS", schedules=schedules, reasons=[])
     el = time.monotonic() - t0
     res.update(steps=steps, seconds=round(el, 3), steps_per_s=round(steps / max(el, 1e-9), 1),
-               n=sc.n, k=k_max, guarantee=sched.guarantee(sc.n, k_max, depth) if strategy == "pct" else None)
+               n=sc.n, k=k_used, k_longest=k_max,
+               guarantee=sched.guarantee(sc.n, k_used, depth) if strategy == "pct" else None)
     return res
 
 
@@ -244,8 +246,9 @@ def replay(path: str, trace: str | None = None) -> dict:
 
 def _print_summary(res: dict) -> None:
     p = res.get("guarantee")
-    g = f"; PCT guarantee per schedule >= 1/(n*k^(d-1)) = {p:.3g} (n={res['n']}, k={res['k']}, d={res['depth']})" \
-        if p is not None else ""
+    g = (f"; PCT guarantee per schedule >= 1/(n*k^(d-1)) = {p:.3g} (n={res['n']}, d={res['depth']}, k={res['k']}: "
+         f"the steps the change points were drawn over, an estimate of the schedule length; longest schedule "
+         f"{res['k_longest']} steps)") if p is not None else ""
     print(f"{res['scenario']}: {res['schedules']} schedule(s) tried, {res['steps']} scheduling steps in "
           f"{res['seconds']:.1f} s ({res['steps_per_s']:,.0f} steps/s){g}")
 

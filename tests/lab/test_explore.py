@@ -230,3 +230,21 @@ def test_sigterm_mid_schedule_ends_fast_and_clean():
     while any(os.path.exists(f"/proc/{k}") for k in kids) and time.monotonic() - t1 < 2:
         time.sleep(0.05)
     assert not any(os.path.exists(f"/proc/{k}") for k in kids)
+
+
+def test_the_pct_guarantee_is_stated_with_the_k_of_the_change_points(monkeypatch):
+    from ipc import sched
+    from lab import explore as ex
+
+    ks = []
+    real = ex._strategy
+
+    def spy(name, seed, n, depth, k):
+        ks.append(k)
+        return real(name, seed, n, depth, k)
+
+    monkeypatch.setattr(ex, "_strategy", spy)
+    res = explore(builtin("kaboom", "refcount", None, ()), "pct", 3, 3, 1, None)
+    assert res["verdict"] == "SUCCESS" and len(ks) == 3
+    assert res["k"] == max(ks) and res["guarantee"] == sched.guarantee(res["n"], max(ks), 3)
+    assert res["k_longest"] > 0
