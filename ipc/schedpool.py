@@ -16,7 +16,7 @@ import select
 
 from ipc import _prims
 from ipc.proc import die_with_parent, pid_alive
-from ipc.sched import H_JOB, H_QUIT, Client, Scheduler, abort, install, layout
+from ipc.sched import H_JOB, H_QUIT, S_PID, Client, Scheduler, abort, install, layout
 from ipc.shm import Region
 
 _WAIT_NS = 200_000_000
@@ -95,6 +95,8 @@ class Pool:
             raise RuntimeError("schedule pool is broken (a client died or hung): make a new one")
         m, v = self.mem, self.region.v
         v["slots"][:] = 0
+        for i, pid in enumerate(self.pids):  # who each slot is (a deadlock names a lock's holder by
+            m.store(self.region.word("slots", i) + S_PID, pid)  # pid): the clients' own store raced this reset
         for w in range(H_JOB):
             m.store(self.hdr + w, 0)
         self.job += 1
