@@ -124,13 +124,13 @@ CATALOGUE: tuple[Mutant, ...] = (
            RUN_PER_TABLE, "unregister returns without synchronize_srcu; the caller frees the node "
                           "under walkers", fast=True),
     Mutant("walk-without-srcu-read-lock", "notifier walk", "vm/page_track.py",
-           (_drop("", "        srcu_lock()\n", "        try:\n            n = load(head_w)\n"),
-            _blank("        finally:\n", "            srcu_unlock()\n")),
+           (_drop("", "                srcu_lock()\n", "                try:\n                    n = load(head_w)\n"),
+            _blank("                finally:\n", "                    srcu_unlock()\n")),
            RUN_PER_TABLE, "kvm_page_track_write walks the notifier list outside srcu_read_lock",
            lines=2, multi="srcu_read_lock and srcu_read_unlock are a pair"),
     Mutant("walk-skipped-one-in-64", "notifier walk", "vm/page_track.py",
-           (Edit("        if not load(head_w):  # empty list: return at once\n",
-                 "        if not load(head_w) or _prims.now_ns() % 64 == 0:  # empty list: return at once\n"),),
+           (Edit("                if not load(head_w):  # empty list: return at once\n",
+                 "                if not load(head_w) or _prims.now_ns() % 64 == 0:  # empty list: return at once\n"),),
            RUN_MIRROR, "about one emulated write in 64 returns before the notifier walk", fast=True),
     # -- write protection -------------------------------------------------------------------------
     Mutant("track-without-tlb-flush", "TLB flush", "vm/avic/pool.py",

@@ -39,18 +39,6 @@ def vcpu_seed(seed: int, vcpu: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + vcpu * 0xBF58476D1CE4E5B9 + 1) % (1 << 64)
 
 
-def _bind_l1_store(pages: int, track_mv, raw_store, emulate):
-    """``Vcpu.l1_store``, a closure over the vCPU's bound state (no attribute loads per store)."""
-    def l1_store(gpa: int, data: bytes) -> tuple[bool, int]:
-        """A guest store by L1 outside guest mode bookkeeping: (emulated?, notifier calls)."""
-        gfn = gpa >> PAGE_SHIFT
-        if gfn >= pages or track_mv[gfn]:  # MMIO, or write-protected: fault, emulate
-            return True, emulate(gpa, data)
-        raw_store(gpa, data)  # the guest's writable mapping
-        return False, 0
-    return l1_store
-
-
 class Vcpu:
     def __init__(self, kvm, design, vcpu: int):
         self.kvm = kvm
@@ -66,8 +54,10 @@ class Vcpu:
         self.pages = kvm.memory_pages
         self.track_mv = kvm.gfn_track_mv
         self.raw_store = kvm.guest_mem.write  # a store through the guest's writable mapping
-        self.emulate = write_path(kvm)[0]  # emulator_write_phys bound to this process' VM
-        self.l1_store = _bind_l1_store(self.pages, self.track_mv, self.raw_store, self.emulate)
+        # emulator_write_phys, and a guest store by L1 outside guest mode bookkeeping (MMIO or
+        # write-protected: fault, emulate, returns the notifier calls; else a plain store, -1),
+        # bound to this process' VM (vm/page_track.py)
+        self.emulate, _, self.l1_store = write_path(kvm)
 
     def load(self) -> None:
         if not self.loaded:
@@ -274,21 +264,21 @@ class Vcpu:
                 raise ValueError("write: data crosses a page boundary")
             kvm.trace_nodes = []
             try:
-                emulated, calls = self.l1_store(gpa, bytes(data))
-                return {"emulated": emulated, "calls": calls, "nodes": kvm.trace_nodes}
+                calls = self.l1_store(gpa, bytes(data))
+                return {"emulated": calls >= 0, "calls": max(calls, 0), "nodes": kvm.trace_nodes}
             finally:
                 kvm.trace_nodes = None
         if op == "l1_write":  # the design's own tracked write (e.g. a physid entry)
             gpa, data = d.tracked_write(self.id, self.rng)
-            emulated, calls = self.l1_store(gpa, data)
-            return {"gpa": gpa, "emulated": emulated, "calls": calls}
+            calls = self.l1_store(gpa, data)
+            return {"gpa": gpa, "emulated": calls >= 0, "calls": max(calls, 0)}
         if op == "write_entry":  # L1 rewrites apic id / IsRunning of a physid entry (AVIC designs)
             if not hasattr(d, "entry_write"):
                 raise ValueError(f"write_entry: design {self.cfg.design} has no physid tables")
             gpa, data = d.entry_write(_int(args, "l2", 0, self.cfg.l2s - 1), _int(args, "entry", 0, 511),
                                       _int(args, "apic", 0, 255), bool(args.get("running", False)))
-            emulated, calls = self.l1_store(gpa, data)
-            return {"gpa": gpa, "emulated": emulated, "calls": calls}
+            calls = self.l1_store(gpa, data)
+            return {"gpa": gpa, "emulated": calls >= 0, "calls": max(calls, 0)}
         if op == "read":
             gpa = _int(args, "gpa", 0, kvm.memory_pages * 4096 - 8)
             return kvm.guest_mem.load(gpa >> 3) if not gpa & 7 else None

@@ -78,6 +78,7 @@ class Kvm:
         self.events: list[tuple[str, str, dict]] = []  # WARNs not yet reported
         self.on_warn: Callable[[str, str, dict], None] | None = None
         self.handlers: dict[int, tuple[int, object]] = {}  # node index -> (gen, handler)
+        self.walk_cache: dict[int, tuple] = {}  # list pointer -> the write path's view (vm/page_track.py)
         self.trace_nodes: list[int] | None = None  # scripted mode: nodes each walk visited
         self.write_path = None  # vm.page_track.write_path(): the bound emulated-write closures
         self.write_acct = None  # vm.mirror.WriteAccounting: per-write track_write accounting (mirror)
@@ -161,6 +162,7 @@ class Kvm:
                 except RuntimeError:
                     pass
         self.handlers.clear()
+        self.walk_cache.clear()
         if self.tracer is not None and trace.ACTIVE is self.tracer:
             trace.configure(None)
         self.tracer = None

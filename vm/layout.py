@@ -45,7 +45,7 @@ N_NEXT = 0             # index + 1 of the next node, 0 = end
 N_KIND = 1             # notifier kind id (vm.notifier.KINDS)
 N_OWNER = 2            # owner object index (e.g. a physid table), kind-specific
 N_STATE = 3            # NODE_* below
-N_GEN = 4              # bumped on every (re)allocation of the slot
+N_GEN = 4              # bumped on every (re)allocation of the slot and on every free
 N_HITS = 5             # track_write calls (relaxed, statistics only)
 N_REGSEQ = 6           # NH_SEQ (odd) of the registration that made the node live: its identity
 N_REFS = 7             # --registration node-refcount: registrations held (-1: the node is not counted)

@@ -198,6 +198,7 @@ def enable_write_accounting(kvm, period: int = PERIOD) -> WriteAccounting:
         acct = kvm.write_acct = WriteAccounting(kvm, period)
         kvm.write_path = None
         kvm.handlers.clear()
+        kvm.walk_cache.clear()
     return acct
 
 

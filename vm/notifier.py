@@ -109,6 +109,7 @@ def free_node(kvm, node: int) -> None:
     mem.store(_w(kvm, node, L.N_NEXT), POISON_NEXT)
     mem.store(_w(kvm, node, L.N_REFS), -1)
     mem.store(_w(kvm, node, L.N_STATE), L.NODE_POISON)
+    mem.fetch_add(_w(kvm, node, L.N_GEN), 1)  # after the poison: a walker's cached view of the node dies
 
 
 def release_node(kvm, node: int) -> None:

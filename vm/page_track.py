@@ -118,10 +118,18 @@ def page_fault_handle_page_track(kvm, gfn: int, write: bool) -> bool:
     return write and kvm_gfn_is_write_tracked(kvm, gfn)
 
 
+# how a call of the bound write path begins (each step falls through into the next, like the
+# kernel's call chain): FAULT = an L1 store (page_fault_handle_page_track), EMULATE =
+# emulator_write_phys, WALK = kvm_page_track_write alone
+FAULT, EMULATE, WALK = 0, 1, 2
+
+
 def write_path(kvm):
-    """This process' emulated-write path, bound once to ``kvm``: ``(emulator_write_phys,
-    kvm_page_track_write)`` as closures over every constant they need (the hot path of each tracked
-    or MMIO write: no attribute lookups per call)."""
+    """This process' write path, bound once to ``kvm``: ``(emulator_write_phys,
+    kvm_page_track_write, l1_store)`` as closures over every constant they need (the hot path of
+    each tracked or MMIO write: no attribute lookups per call). ``l1_store(gpa, new)`` is an L1
+    store: a RAM gfn that is not write-tracked is written through the guest's writable mapping
+    (returns -1), any other faults and is emulated (returns the notifier calls)."""
     wp = kvm.write_path
     if wp is None:
         wp = kvm.write_path = _bind_write_path(kvm)
@@ -140,12 +148,13 @@ class _Unaccounted:
 
 
 def _bind_write_path(kvm):
+    """The three entry points of the write path are one function (``write``, made three times
+    with a different default ``how``): a tracked L1 store is one Python frame down to the
+    notifiers' ``track_write`` calls, as it is one call chain in the kernel."""
     load = kvm.mem.load
     head_w = kvm.notifier_w + L.NH_HEAD
     nodes_w = kvm.nodes_w
     nmax = kvm.cfg.max_nodes
-    handlers = kvm.handlers
-    srcu_lock, srcu_unlock = kvm.track_srcu.read_lock, kvm.track_srcu.read_unlock
     clock = _prims.stats_clock  # spans in stats-clock readings (the TSC: no vDSO page, often cold)
     # sampled latency (ipc/hist.py): each path counts down to the one operation in about
     # cfg.latency_sample it times (``*_left``: operations to go, the last one timed; 0 = no stats);
@@ -160,71 +169,33 @@ def _bind_write_path(kvm):
     sample_walk = h_walk.sample if h_walk is not None else None
     sample_emul = h_emul.sample if h_emul is not None else None
     guest_write = kvm.guest_mem.write
+    track_mv = kvm.gfn_track_mv
     pages = kvm.memory_pages
     mmio_walk = kvm.cfg.mmio_walk
     S_POISON, O_STATE, O_GEN, O_NEXT = L.NODE_POISON, L.N_STATE, L.N_GEN, L.N_NEXT
-    NO_ENTRY = (-1, None, None)  # no cached handler: its generation matches none (gen >= 0)
+    # this process' view of each list node it has walked, by list pointer (index + 1):
+    # ``(gen word, generation, track_write, index, next word)``; valid while the node's N_GEN
+    # word holds that generation (alloc and free both bump it: a freed node never passes)
+    cache = kvm.walk_cache
     fz = fuzz.ACTIVE  # this process' preemption points (configured with its Kvm)
     tr = trace.ACTIVE  # this process' trace ring (vm/tracepoints.py): None = no emission
     emit = tr.emit if tr else None
     (W_B, W_E), (T_B, T_E) = (tr.pair("emulated_write"), tr.pair("track_write")) if tr else ((0, 0), (0, 0))
 
-    def page_track_write(gpa: int, new: bytes) -> int:
-        nonlocal w_left
-        if not load(head_w):  # empty list: return at once
-            return 0
-        t0 = 0
-        if w_left:
-            if w_left == 1:
-                t0 = clock()
-            else:
-                w_left -= 1
-        nbytes = len(new)
-        trace = kvm.trace_nodes
-        extra = fz or trace is not None  # anything to do between a call and the next node
-        calls = 0
-        srcu_lock()
-        try:
-            n = load(head_w)
-            while n:
-                if not 0 < n <= nmax:
-                    kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT + 1)
-                    break
-                if calls >= nmax:  # longer than the pool: a cycle (the kernel's walk never ends)
-                    notifier_cycle(kvm)
-                    break
-                i = n - 1
-                base = nodes_w + i * 8
-                if load(base + O_STATE) == S_POISON:
-                    kvm.poisoned("notifier node (walk)", node=i)
-                    break
-                gen = load(base + O_GEN)
-                try:
-                    e = handlers[i]  # (a dict subscript: cheaper than .get)
-                except KeyError:
-                    e = NO_ENTRY
-                if e[0] != gen:
-                    e = handler_entry(kvm, i, gen)
-                if emit:
-                    emit(T_B, i, gpa)
-                    try:  # no cost unless it raises; then the slice still ends
-                        e[2](gpa, new, nbytes, i)
-                    finally:
-                        emit(T_E)
-                else:
-                    e[2](gpa, new, nbytes, i)
-                calls += 1
-                if extra:
-                    if trace is not None:
-                        trace.append(i)
-                    if fz:
-                        fz.hit("page_track.walk.call_to_next")  # still standing on the node
-                n = load(base + O_NEXT)
-        finally:
-            srcu_unlock()
-        if t0:
-            w_left = sample_walk(t0)
-        return calls
+    def node_entry(n: int):
+        """The walk met list pointer ``n`` with no valid cached view: check it (a poisoned pointer
+        or node is reported, None = stop the walk), cache and return its view."""
+        if not 0 < n <= nmax:
+            kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT + 1)
+            return None
+        i = n - 1
+        base = nodes_w + i * 8
+        gen = load(base + O_GEN)  # before the state: free_node poisons, then bumps N_GEN
+        if load(base + O_STATE) == S_POISON:
+            kvm.poisoned("notifier node (walk)", node=i)
+            return None
+        e = cache[n] = (base + O_GEN, gen, handler_entry(kvm, i, gen)[2], i, base + O_NEXT)
+        return e
 
     # exact call accounting (vm.mirror.WriteAccounting), when this process has it: each emulated RAM
     # write counts down; the one that reaches 0 walks through ``checkpoint``, which judges it alone
@@ -233,33 +204,100 @@ def _bind_write_path(kvm):
     checkpoint = acct.checkpoint
     left = acct.period
 
-    def emulate_write(gpa: int, new: bytes) -> int:
-        nonlocal left, e_left
-        t0 = 0
-        if e_left:
-            if e_left == 1:
-                t0 = clock()
-            else:
-                e_left -= 1
-        if emit:
-            emit(W_B, gpa, len(new))
-        try:
-            if (gpa >> PAGE_SHIFT) < pages:
-                guest_write(gpa, new)
-                left -= 1
-                if left:
-                    calls = page_track_write(gpa, new)
-                else:
-                    calls = checkpoint(gpa, new, page_track_write)
-                    left = acct.period
-            else:
-                calls = page_track_write(gpa, new) if mmio_walk else 0
-            if t0:
-                e_left = sample_emul(t0)
-        finally:  # no cost unless it raises; then the slice still ends
-            if emit:
-                emit(W_E)
-        return calls
+    def bind(default_how: int):
+        def write(gpa: int, new: bytes, how: int = default_how) -> int:
+            nonlocal left, e_left, w_left
+            te = 0
+            began = False
+            try:
+                if how != WALK:
+                    gfn = gpa >> PAGE_SHIFT
+                    ram = gfn < pages
+                    if ram and how == FAULT and not track_mv[gfn]:
+                        guest_write(gpa, new)  # not write-protected: the guest's writable mapping
+                        return -1
+                    # emulator_write_phys
+                    if e_left:
+                        if e_left == 1:
+                            te = clock()
+                        else:
+                            e_left -= 1
+                    if emit:
+                        emit(W_B, gpa, len(new))
+                        began = True
+                    if ram:
+                        guest_write(gpa, new)
+                        left -= 1
+                        if not left:
+                            calls = checkpoint(gpa, new, page_track_write)
+                            left = acct.period  # (after: a violation makes it 1)
+                            if te:
+                                e_left = sample_emul(te)
+                            return calls
+                    elif not mmio_walk:  # MMIO: read_write_mmio, no notifier (module doc)
+                        if te:
+                            e_left = sample_emul(te)
+                        return 0
+                # kvm_page_track_write
+                if not load(head_w):  # empty list: return at once
+                    if te:
+                        e_left = sample_emul(te)
+                    return 0
+                tw = 0
+                if w_left:
+                    if w_left == 1:
+                        tw = clock()
+                    else:
+                        w_left -= 1
+                nbytes = len(new)
+                visited = kvm.trace_nodes
+                extra = fz or visited is not None  # anything to do between a call and the next node
+                calls = 0
+                srcu_lock()
+                try:
+                    n = load(head_w)
+                    while n:
+                        try:
+                            gen_w, gen, track_write, i, next_w = cache[n]
+                            if load(gen_w) != gen:
+                                raise KeyError(n)
+                        except KeyError:
+                            e = node_entry(n)
+                            if e is None:
+                                break
+                            gen_w, gen, track_write, i, next_w = e
+                        if calls >= nmax:  # longer than the pool: a cycle (the kernel's walk never ends)
+                            notifier_cycle(kvm)
+                            break
+                        if emit:
+                            emit(T_B, i, gpa)
+                            try:  # no cost unless it raises; then the slice still ends
+                                track_write(gpa, new, nbytes, i)
+                            finally:
+                                emit(T_E)
+                        else:
+                            track_write(gpa, new, nbytes, i)
+                        calls += 1
+                        if extra:
+                            if visited is not None:
+                                visited.append(i)
+                            if fz:
+                                fz.hit("page_track.walk.call_to_next")  # still standing on the node
+                        n = load(next_w)
+                finally:
+                    srcu_unlock()
+                if tw:
+                    w_left = sample_walk(tw)
+                if te:
+                    e_left = sample_emul(te)
+                return calls
+            finally:  # no cost unless it raises; then the slice still ends
+                if began:
+                    emit(W_E)
+        return write
+
+    srcu_lock, srcu_unlock = kvm.track_srcu.read_lock, kvm.track_srcu.read_unlock
+    emulate_write, page_track_write, l1_store = bind(EMULATE), bind(WALK), bind(FAULT)
 
     def settle() -> None:
         if h_walk is not None:
@@ -269,13 +307,13 @@ def _bind_write_path(kvm):
 
     kvm.settle_samples["write_path"] = settle
     if acct is _Unaccounted:
-        return emulate_write, page_track_write
+        return emulate_write, page_track_write, l1_store
 
     def page_track_write_accounted(gpa: int, new: bytes) -> int:
         return walk_outside_write(page_track_write, gpa, new)
 
     walk_outside_write = acct.walk_outside_write
-    return emulate_write, page_track_write_accounted
+    return emulate_write, page_track_write_accounted, l1_store
 
 
 def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:

@@ -83,6 +83,7 @@ def _skipping(monkeypatch, kvm, every: int, skipped: list, repeat: bool = False)
 
     monkeypatch.setattr(page_track, "handler_entry", entry)
     kvm.handlers.clear()
+    kvm.walk_cache.clear()  # and the write path's view of each node
 
 
 def _warns(kvm) -> list[dict]:
@@ -225,6 +226,7 @@ def test_a_registry_change_during_the_walk_is_no_violation(vm_factory, monkeypat
 
     monkeypatch.setattr(page_track, "handler_entry", entry)
     kvm.handlers.clear()
+    kvm.walk_cache.clear()  # and the write path's view of each node
     _write_all(kvm, _gpas(kvm, 12 * PERIOD))
     assert state["changes"] > 20 and _warns(kvm) == []
 
