@@ -24,6 +24,7 @@ from vm.nested import untracked_range
 from vm.page_track import (
     PAGE_SHIFT,
     kvm_page_track_write_tracking_enable,
+    record_walks,
     track_gfn,
     untrack_gfn,
     write_path,
@@ -262,12 +263,9 @@ class Vcpu:
                 raise ValueError("write: data must be 1..4096 bytes or an int")
             if (gpa >> PAGE_SHIFT) < kvm.memory_pages and (gpa & 0xFFF) + len(data) > 4096:
                 raise ValueError("write: data crosses a page boundary")
-            kvm.trace_nodes = []
-            try:
+            with record_walks(kvm) as nodes:
                 calls = self.l1_store(gpa, bytes(data))
-                return {"emulated": calls >= 0, "calls": max(calls, 0), "nodes": kvm.trace_nodes}
-            finally:
-                kvm.trace_nodes = None
+            return {"emulated": calls >= 0, "calls": max(calls, 0), "nodes": nodes}
         if op == "l1_write":  # the design's own tracked write (e.g. a physid entry)
             gpa, data = d.tracked_write(self.id, self.rng)
             calls = self.l1_store(gpa, data)

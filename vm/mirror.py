@@ -47,19 +47,19 @@ class MirrorNotifier(notifier.NotifierNode):
     def __init__(self, kvm, node: int, owner: int):
         super().__init__(kvm, node, owner)
         acct = getattr(kvm, "write_acct", None)
-        self.track_write = _bind_track_write(kvm.memory_pages, acct.calls if acct is not None else _UNACCOUNTED,
+        self.track_write = _bind_track_write(kvm.memory_pages << PAGE_SHIFT, acct.calls if acct is not None else _UNACCOUNTED,
                                              kvm.counts, C["notifier_calls"], kvm.mirror.mem.write)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         pass
 
 
-def _bind_track_write(pages: int, calls, counts: list, c_calls: int, write):
+def _bind_track_write(ram_end: int, calls, counts: list, c_calls: int, write):
     """The mirror's ``track_write``, a closure over its bound state (no attribute loads per call):
     counts the call for its node (``calls``, WriteAccounting) and in ``notifier_calls``, then
     copies the write into the mirror; an MMIO write has nothing to mirror."""
     def track_write(gpa: int, new: bytes, nbytes: int, node: int) -> None:
-        if (gpa >> PAGE_SHIFT) >= pages:  # MMIO: nothing to mirror
+        if gpa >= ram_end:  # MMIO: nothing to mirror
             return
         calls[node] += 1
         counts[c_calls] += 1
@@ -171,14 +171,18 @@ class WriteAccounting:
         calls, nodes = self.calls, self.nodes
         total = self.counts[self.c_total]
         if (base_v >= 0 and self.v == base_v and self.load(self.seq_w) == base_v
-                and total - self.base_total == walks * len(nodes) and all(calls[n] == walks for n in nodes)):
+                and total - self.base_total == walks * len(nodes)):
             for n in nodes:
-                calls[n] = 0
-            self.base_total = total
-        else:
-            self.judge(base_v, walks, gpa)
-            self._reset()
-            self.refresh()
+                if calls[n] != walks:
+                    break
+            else:  # each got its calls: the next count starts
+                for n in nodes:
+                    calls[n] = 0
+                self.base_total = total
+                return
+        self.judge(base_v, walks, gpa)
+        self._reset()
+        self.refresh()
 
     def walk_outside_write(self, page_track_write, gpa: int, new: bytes) -> int:
         """A walk that is no emulated write (``kvm_page_track_write`` called directly): its calls

@@ -22,6 +22,9 @@ write-tracking enable flag, the emulated-write notifier walk and the fault-path 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from ipc import _prims, fuzz, trace
 from ipc.locks import lockdep_assert_held
 from vm import layout as L
@@ -157,7 +160,8 @@ def _bind_write_path(kvm):
     nmax = kvm.cfg.max_nodes
     clock = _prims.stats_clock  # spans in stats-clock readings (the TSC: no vDSO page, often cold)
     # sampled latency (ipc/hist.py): each path counts down to the one operation in about
-    # cfg.latency_sample it times (``*_left``: operations to go, the last one timed; 0 = no stats);
+    # cfg.latency_sample it times (``*_left``: operations to go, the last one timed; with no stats
+    # it starts at 0 and never reaches 0 again);
     # ``sample`` records it weighted by its interval and returns the next, ``settle`` counts the
     # operations run since (at each counter flush), so the histogram counts stay exact
     h_walk, h_emul = kvm.h_notifier_walk, kvm.h_emulated_write
@@ -170,7 +174,7 @@ def _bind_write_path(kvm):
     sample_emul = h_emul.sample if h_emul is not None else None
     guest_write = kvm.guest_mem.write
     track_mv = kvm.gfn_track_mv
-    pages = kvm.memory_pages
+    ram_end = kvm.memory_pages << PAGE_SHIFT  # the memslots are contiguous from gpa 0
     mmio_walk = kvm.cfg.mmio_walk
     S_POISON, O_STATE, O_GEN, O_NEXT = L.NODE_POISON, L.N_STATE, L.N_GEN, L.N_NEXT
     # this process' view of each list node it has walked, by list pointer (index + 1):
@@ -194,7 +198,10 @@ def _bind_write_path(kvm):
         if load(base + O_STATE) == S_POISON:
             kvm.poisoned("notifier node (walk)", node=i)
             return None
-        e = cache[n] = (base + O_GEN, gen, handler_entry(kvm, i, gen)[2], i, base + O_NEXT)
+        track_write = handler_entry(kvm, i, gen)[2]
+        if kvm.trace_nodes is not None:  # record_walks(): this view records its calls
+            track_write = _recording(track_write, kvm.trace_nodes)
+        e = cache[n] = (base + O_GEN, gen, track_write, i, base + O_NEXT)
         return e
 
     # exact call accounting (vm.mirror.WriteAccounting), when this process has it: each emulated RAM
@@ -207,25 +214,19 @@ def _bind_write_path(kvm):
     def bind(default_how: int):
         def write(gpa: int, new: bytes, how: int = default_how) -> int:
             nonlocal left, e_left, w_left
+            if how == FAULT and gpa < ram_end and not track_mv[gpa >> PAGE_SHIFT]:
+                guest_write(gpa, new)  # not write-protected: the guest's writable mapping
+                return -1
             te = 0
-            began = False
             try:
                 if how != WALK:
-                    gfn = gpa >> PAGE_SHIFT
-                    ram = gfn < pages
-                    if ram and how == FAULT and not track_mv[gfn]:
-                        guest_write(gpa, new)  # not write-protected: the guest's writable mapping
-                        return -1
                     # emulator_write_phys
-                    if e_left:
-                        if e_left == 1:
-                            te = clock()
-                        else:
-                            e_left -= 1
                     if emit:
                         emit(W_B, gpa, len(new))
-                        began = True
-                    if ram:
+                    e_left -= 1
+                    if not e_left:
+                        te = clock()
+                    if gpa < ram_end:
                         guest_write(gpa, new)
                         left -= 1
                         if not left:
@@ -244,14 +245,10 @@ def _bind_write_path(kvm):
                         e_left = sample_emul(te)
                     return 0
                 tw = 0
-                if w_left:
-                    if w_left == 1:
-                        tw = clock()
-                    else:
-                        w_left -= 1
+                w_left -= 1
+                if not w_left:
+                    tw = clock()
                 nbytes = len(new)
-                visited = kvm.trace_nodes
-                extra = fz or visited is not None  # anything to do between a call and the next node
                 calls = 0
                 srcu_lock()
                 try:
@@ -278,11 +275,8 @@ def _bind_write_path(kvm):
                         else:
                             track_write(gpa, new, nbytes, i)
                         calls += 1
-                        if extra:
-                            if visited is not None:
-                                visited.append(i)
-                            if fz:
-                                fz.hit("page_track.walk.call_to_next")  # still standing on the node
+                        if fz:
+                            fz.hit("page_track.walk.call_to_next")  # still standing on the node
                         n = load(next_w)
                 finally:
                     srcu_unlock()
@@ -292,7 +286,7 @@ def _bind_write_path(kvm):
                     e_left = sample_emul(te)
                 return calls
             finally:  # no cost unless it raises; then the slice still ends
-                if began:
+                if emit and how != WALK:
                     emit(W_E)
         return write
 
@@ -314,6 +308,27 @@ def _bind_write_path(kvm):
 
     walk_outside_write = acct.walk_outside_write
     return emulate_write, page_track_write_accounted, l1_store
+
+
+def _recording(track_write, visited: list):
+    def recorded(gpa: int, new: bytes, nbytes: int, node: int) -> None:
+        track_write(gpa, new, nbytes, node)
+        visited.append(node)
+    return recorded
+
+
+@contextmanager
+def record_walks(kvm) -> Iterator[list[int]]:
+    """The notifier nodes every walk of this process calls while in the block, in order (the
+    scripted ``write`` command, tests): the write path's node views are re-made to record."""
+    visited: list[int] = []
+    kvm.trace_nodes = visited
+    kvm.walk_cache.clear()
+    try:
+        yield visited
+    finally:
+        kvm.trace_nodes = None
+        kvm.walk_cache.clear()
 
 
 def kvm_page_track_write(kvm, gpa: int, new: bytes) -> int:

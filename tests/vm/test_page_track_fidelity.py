@@ -52,9 +52,9 @@ def test_v60_registers_kvm_mmu_pte_write_at_vm_creation(make_kvm):
     assert node >= 0 and notifier.live_nodes(kvm) == [node], "the list is never empty"
     m = _mirror(kvm)
     mirror_track(kvm, 1)
-    kvm.trace_nodes = []
-    assert page_track.emulator_write_phys(kvm, 4096, b"\1" * 8) == 2
-    assert kvm.trace_nodes == [m, node]
+    with page_track.record_walks(kvm) as visited:
+        assert page_track.emulator_write_phys(kvm, 4096, b"\1" * 8) == 2
+    assert visited == [m, node]
     assert kvm.counts[L.C["mmu_pte_write"]] == 1, "kvm_mmu_pte_write is called and counted"
 
 

@@ -83,9 +83,10 @@ def test_register_walk_unregister_poison(kvm):
         assert notifier.kvm_page_track_register_notifier(kvm, n)
     assert notifier.live_nodes(kvm) == nodes[::-1]  # hlist_add_head
     mirror_track(kvm, 1)
-    kvm.trace_nodes = []
-    assert page_track.emulator_write_phys(kvm, 4096 + 16, b"\x11" * 8) == 3
-    assert sorted(kvm.trace_nodes) == sorted(nodes)
+    page_track.emulator_write_phys(kvm, 4096 + 8, b"\x10" * 8)  # the walk caches its view of each node
+    with page_track.record_walks(kvm) as visited:
+        assert page_track.emulator_write_phys(kvm, 4096 + 16, b"\x11" * 8) == 3
+    assert visited == nodes[::-1]  # head first
     assert oracle(kvm) == []
     assert notifier.kvm_page_track_unregister_notifier(kvm, nodes[1])
     notifier.free_node(kvm, nodes[1])
