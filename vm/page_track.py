@@ -25,11 +25,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ipc import _prims, fuzz, trace
 from ipc.locks import lockdep_assert_held
 from vm import layout as L
-from vm.faults import notifier_cycle
-from vm.notifier import POISON_NEXT, handler_entry, walk
+from vm.notifier import walk
 
 USHRT_MAX = 0xFFFF
 PAGE_SHIFT = 12
@@ -121,200 +119,17 @@ def page_fault_handle_page_track(kvm, gfn: int, write: bool) -> bool:
     return write and kvm_gfn_is_write_tracked(kvm, gfn)
 
 
-# how a call of the bound write path begins (each step falls through into the next, like the
-# kernel's call chain): FAULT = an L1 store (page_fault_handle_page_track), EMULATE =
-# emulator_write_phys, WALK = kvm_page_track_write alone
-FAULT, EMULATE, WALK = 0, 1, 2
-
-
 def write_path(kvm):
-    """This process' write path, bound once to ``kvm``: ``(emulator_write_phys,
-    kvm_page_track_write, l1_store)`` as closures over every constant they need (the hot path of
-    each tracked or MMIO write: no attribute lookups per call). ``l1_store(gpa, new)`` is an L1
-    store: a RAM gfn that is not write-tracked is written through the guest's writable mapping
-    (returns -1), any other faults and is emulated (returns the notifier calls)."""
+    """This process' write path, bound once to ``kvm`` (vm/write_path.py): ``(emulator_write_phys,
+    kvm_page_track_write, l1_store)``. ``l1_store(gpa, new)`` is an L1 store: a RAM gfn that is not
+    write-tracked is written through the guest's writable mapping (returns -1), any other faults
+    and is emulated (returns the notifier calls)."""
     wp = kvm.write_path
     if wp is None:
-        wp = kvm.write_path = _bind_write_path(kvm)
+        from vm.write_path import bind  # (it imports this module)
+
+        wp = kvm.write_path = bind(kvm)
     return wp
-
-
-class _Unaccounted:
-    """The write path of a process without call accounting: its countdown (a small int: a larger
-    one would be re-allocated at every decrement) wraps every 2**30 - 1 writes through a plain walk."""
-
-    period = (1 << 30) - 1
-
-    @staticmethod
-    def checkpoint(gpa: int, new: bytes, page_track_write) -> int:
-        return page_track_write(gpa, new)
-
-
-def _bind_write_path(kvm):
-    """The three entry points of the write path are one function (``write``, made three times
-    with a different default ``how``): a tracked L1 store is one Python frame down to the
-    notifiers' ``track_write`` calls, as it is one call chain in the kernel."""
-    load = kvm.mem.load
-    head_w = kvm.notifier_w + L.NH_HEAD
-    nodes_w = kvm.nodes_w
-    nmax = kvm.cfg.max_nodes
-    clock = _prims.stats_clock  # spans in stats-clock readings (the TSC: no vDSO page, often cold)
-    # sampled latency (ipc/hist.py): each path counts down to the one operation in about
-    # cfg.latency_sample it times (``*_left``: operations to go, the last one timed; with no stats
-    # it starts at 0 and never reaches 0 again);
-    # ``sample`` records it weighted by its interval and returns the next, ``settle`` counts the
-    # operations run since (at each counter flush), so the histogram counts stay exact
-    h_walk, h_emul = kvm.h_notifier_walk, kvm.h_emulated_write
-    settle_old = kvm.settle_samples.get("write_path")
-    if settle_old is not None:  # re-bound: the old closures' operations are counted first
-        settle_old()
-    w_left = h_walk.start() if h_walk is not None else 0
-    e_left = h_emul.start() if h_emul is not None else 0
-    sample_walk = h_walk.sample if h_walk is not None else None
-    sample_emul = h_emul.sample if h_emul is not None else None
-    guest_write = kvm.guest_mem.write
-    track_mv = kvm.gfn_track_mv
-    ram_end = kvm.memory_pages << PAGE_SHIFT  # the memslots are contiguous from gpa 0
-    mmio_walk = kvm.cfg.mmio_walk
-    S_POISON, O_STATE, O_GEN, O_NEXT = L.NODE_POISON, L.N_STATE, L.N_GEN, L.N_NEXT
-    # this process' view of each list node it has walked, by list pointer (index + 1):
-    # ``(gen word, generation, track_write, index, next word)``; valid while the node's N_GEN
-    # word holds that generation (alloc and free both bump it: a freed node never passes)
-    cache = kvm.walk_cache
-    fz = fuzz.ACTIVE  # this process' preemption points (configured with its Kvm)
-    tr = trace.ACTIVE  # this process' trace ring (vm/tracepoints.py): None = no emission
-    emit = tr.emit if tr else None
-    (W_B, W_E), (T_B, T_E) = (tr.pair("emulated_write"), tr.pair("track_write")) if tr else ((0, 0), (0, 0))
-
-    def node_entry(n: int):
-        """The walk met list pointer ``n`` with no valid cached view: check it (a poisoned pointer
-        or node is reported, None = stop the walk), cache and return its view."""
-        if not 0 < n <= nmax:
-            kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT + 1)
-            return None
-        i = n - 1
-        base = nodes_w + i * 8
-        gen = load(base + O_GEN)  # before the state: free_node poisons, then bumps N_GEN
-        if load(base + O_STATE) == S_POISON:
-            kvm.poisoned("notifier node (walk)", node=i)
-            return None
-        track_write = handler_entry(kvm, i, gen)[2]
-        if kvm.trace_nodes is not None:  # record_walks(): this view records its calls
-            track_write = _recording(track_write, kvm.trace_nodes)
-        e = cache[n] = (base + O_GEN, gen, track_write, i, base + O_NEXT)
-        return e
-
-    # exact call accounting (vm.mirror.WriteAccounting), when this process has it: each emulated RAM
-    # write counts down; the one that reaches 0 walks through ``checkpoint``, which judges it alone
-    # and the others in aggregate
-    acct = getattr(kvm, "write_acct", None) or _Unaccounted
-    checkpoint = acct.checkpoint
-    left = acct.period
-
-    def bind(default_how: int):
-        def write(gpa: int, new: bytes, how: int = default_how) -> int:
-            nonlocal left, e_left, w_left
-            if how == FAULT and gpa < ram_end and not track_mv[gpa >> PAGE_SHIFT]:
-                guest_write(gpa, new)  # not write-protected: the guest's writable mapping
-                return -1
-            te = 0
-            try:
-                if how != WALK:
-                    # emulator_write_phys
-                    if emit:
-                        emit(W_B, gpa, len(new))
-                    e_left -= 1
-                    if not e_left:
-                        te = clock()
-                    if gpa < ram_end:
-                        guest_write(gpa, new)
-                        left -= 1
-                        if not left:
-                            calls = checkpoint(gpa, new, page_track_write)
-                            left = acct.period  # (after: a violation makes it 1)
-                            if te:
-                                e_left = sample_emul(te)
-                            return calls
-                    elif not mmio_walk:  # MMIO: read_write_mmio, no notifier (module doc)
-                        if te:
-                            e_left = sample_emul(te)
-                        return 0
-                # kvm_page_track_write
-                if not load(head_w):  # empty list: return at once
-                    if te:
-                        e_left = sample_emul(te)
-                    return 0
-                tw = 0
-                w_left -= 1
-                if not w_left:
-                    tw = clock()
-                nbytes = len(new)
-                calls = 0
-                srcu_lock()
-                try:
-                    n = load(head_w)
-                    while n:
-                        try:
-                            gen_w, gen, track_write, i, next_w = cache[n]
-                            if load(gen_w) != gen:
-                                raise KeyError(n)
-                        except KeyError:
-                            e = node_entry(n)
-                            if e is None:
-                                break
-                            gen_w, gen, track_write, i, next_w = e
-                        if calls >= nmax:  # longer than the pool: a cycle (the kernel's walk never ends)
-                            notifier_cycle(kvm)
-                            break
-                        if emit:
-                            emit(T_B, i, gpa)
-                            try:  # no cost unless it raises; then the slice still ends
-                                track_write(gpa, new, nbytes, i)
-                            finally:
-                                emit(T_E)
-                        else:
-                            track_write(gpa, new, nbytes, i)
-                        calls += 1
-                        if fz:
-                            fz.hit("page_track.walk.call_to_next")  # still standing on the node
-                        n = load(next_w)
-                finally:
-                    srcu_unlock()
-                if tw:
-                    w_left = sample_walk(tw)
-                if te:
-                    e_left = sample_emul(te)
-                return calls
-            finally:  # no cost unless it raises; then the slice still ends
-                if emit and how != WALK:
-                    emit(W_E)
-        return write
-
-    srcu_lock, srcu_unlock = kvm.track_srcu.read_lock, kvm.track_srcu.read_unlock
-    emulate_write, page_track_write, l1_store = bind(EMULATE), bind(WALK), bind(FAULT)
-
-    def settle() -> None:
-        if h_walk is not None:
-            h_walk.settle(w_left)
-        if h_emul is not None:
-            h_emul.settle(e_left)
-
-    kvm.settle_samples["write_path"] = settle
-    if acct is _Unaccounted:
-        return emulate_write, page_track_write, l1_store
-
-    def page_track_write_accounted(gpa: int, new: bytes) -> int:
-        return walk_outside_write(page_track_write, gpa, new)
-
-    walk_outside_write = acct.walk_outside_write
-    return emulate_write, page_track_write_accounted, l1_store
-
-
-def _recording(track_write, visited: list):
-    def recorded(gpa: int, new: bytes, nbytes: int, node: int) -> None:
-        track_write(gpa, new, nbytes, node)
-        visited.append(node)
-    return recorded
 
 
 @contextmanager

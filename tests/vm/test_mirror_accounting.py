@@ -63,7 +63,7 @@ def _write_all(kvm, gpas: list[int]) -> None:
 def _skipping(monkeypatch, kvm, every: int, skipped: list, repeat: bool = False):
     """Patch the walk (in this process): the handler it calls drops the track_write of one call in
     ``every`` (or makes it twice); ``skipped`` collects the gpas hit."""
-    real = page_track.handler_entry
+    real = notifier.handler_entry
     n = [0]
 
     def entry(kvm_, node, gen):
@@ -81,7 +81,7 @@ def _skipping(monkeypatch, kvm, every: int, skipped: list, repeat: bool = False)
         kvm_.handlers[node] = e = (gen_, obj, track_write)  # the walk's per-process handler cache
         return e
 
-    monkeypatch.setattr(page_track, "handler_entry", entry)
+    monkeypatch.setattr(notifier, "handler_entry", entry)
     kvm.handlers.clear()
     kvm.walk_cache.clear()  # and the write path's view of each node
 
@@ -205,7 +205,7 @@ def test_a_registry_change_during_the_walk_is_no_violation(vm_factory, monkeypat
         victim = notifier.alloc_node(kvm, MIRROR_KIND, 0)
     else:
         victim = d.nodes[0]
-    real = page_track.handler_entry
+    real = notifier.handler_entry
     state = {"n": 0, "changes": 0}
 
     def entry(kvm_, node, gen):
@@ -224,7 +224,7 @@ def test_a_registry_change_during_the_walk_is_no_violation(vm_factory, monkeypat
         kvm_.handlers[node] = e = (gen_, obj, track_write)
         return e
 
-    monkeypatch.setattr(page_track, "handler_entry", entry)
+    monkeypatch.setattr(notifier, "handler_entry", entry)
     kvm.handlers.clear()
     kvm.walk_cache.clear()  # and the write path's view of each node
     _write_all(kvm, _gpas(kvm, 12 * PERIOD))
