@@ -27,6 +27,7 @@ RUN_INIT, RUN_RUNNING, RUN_STOP = 0, 1, 2
 
 # -- memslot words (vm.memslots[i]) --------------------------------------------------------
 MS_BASE_GFN, MS_NPAGES, MS_LIVE = 0, 1, 2
+PAGE_SHIFT = 12  # 4K pages: gfn = gpa >> PAGE_SHIFT (vm/page_track.py exports it)
 
 # -- notifier registry (vm.notifier head words, vm.nodes[i] words) ---------------------------
 NH_HEAD = 0            # index + 1 of the first node, 0 = empty list
@@ -45,7 +46,8 @@ N_NEXT = 0             # index + 1 of the next node, 0 = end
 N_KIND = 1             # notifier kind id (vm.notifier.KINDS)
 N_OWNER = 2            # owner object index (e.g. a physid table), kind-specific
 N_STATE = 3            # NODE_* below
-N_GEN = 4              # bumped on every (re)allocation of the slot and on every free
+N_GEN = 4              # generation: even while allocated (the next even one at every allocation),
+                       # odd once freed (free_node's first store: poison + end of cached views)
 N_HITS = 5             # track_write calls (relaxed, statistics only)
 N_REGSEQ = 6           # NH_SEQ (odd) of the registration that made the node live: its identity
 N_REFS = 7             # --registration node-refcount: registrations held (-1: the node is not counted)

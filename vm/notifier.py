@@ -87,7 +87,7 @@ def alloc_node(kvm, kind: int, owner: int, refcounted: bool = False) -> int:
                 mem.store(_w(kvm, i, L.N_NEXT), UNINIT_NEXT)
                 mem.store(_w(kvm, i, L.N_HITS), 0)
                 mem.store(_w(kvm, i, L.N_REFS), 0 if refcounted else -1)
-                mem.fetch_add(_w(kvm, i, L.N_GEN), 1)
+                mem.store(_w(kvm, i, L.N_GEN), (mem.load(_w(kvm, i, L.N_GEN)) | 1) + 1)  # the next even one
                 mem.store(_w(kvm, i, L.N_STATE), L.NODE_ALLOCATED)
                 return i
     kvm.warn("nodes_exhausted", f"notifier node pool ({kvm.nodes.shape[0]}) exhausted")
@@ -106,10 +106,12 @@ def free_node(kvm, node: int) -> None:
         held = f" ({refs} registration{'s' if refs != 1 else ''} held)" if refs > 0 else ""
         kvm.warn("free_live_node", f"freeing notifier node {node} that is still registered{held}", node=node,
                  refs=refs)
+    # first an odd generation: the poison and the end of every walker's cached view of the node
+    # (vm/write_path.py) in one store; a second free stores the same odd value
+    mem.store(_w(kvm, node, L.N_GEN), mem.load(_w(kvm, node, L.N_GEN)) | 1)
     mem.store(_w(kvm, node, L.N_NEXT), POISON_NEXT)
     mem.store(_w(kvm, node, L.N_REFS), -1)
     mem.store(_w(kvm, node, L.N_STATE), L.NODE_POISON)
-    mem.fetch_add(_w(kvm, node, L.N_GEN), 1)  # after the poison: a walker's cached view of the node dies
 
 
 def release_node(kvm, node: int) -> None:

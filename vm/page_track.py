@@ -1,5 +1,6 @@
 """Page tracking (arch/x86/kvm/mmu/page_track.c): per-memslot ``gfn_write_track`` counts, the
-write-tracking enable flag, the emulated-write notifier walk and the fault-path check.
+write-tracking enable flag, the emulated-write notifier walk and the fault-path check (their
+bound hot path, one Python frame per write, is vm/write_path.py).
 
 - ``gfn_write_track``: one ``unsigned short`` per 4K gfn of each memslot (the memslots are
   contiguous here, so the per-slot arrays are slices of one shm array indexed by gfn).
@@ -28,9 +29,10 @@ from contextlib import contextmanager
 from ipc.locks import lockdep_assert_held
 from vm import layout as L
 from vm.notifier import walk
+from vm.write_path import bind
 
 USHRT_MAX = 0xFFFF
-PAGE_SHIFT = 12
+PAGE_SHIFT = L.PAGE_SHIFT
 PAGE_SIZE = 1 << PAGE_SHIFT
 
 
@@ -126,8 +128,6 @@ def write_path(kvm):
     and is emulated (returns the notifier calls)."""
     wp = kvm.write_path
     if wp is None:
-        from vm.write_path import bind  # (it imports this module)
-
         wp = kvm.write_path = bind(kvm)
     return wp
 

@@ -17,7 +17,8 @@ are globals of that namespace, shared by the three entry points.
 
 Sampled latency (ipc/hist.py): the emulated write and the walk each count down to the one
 operation in about ``cfg.latency_sample`` they time (``*_left``: operations to go, the last one
-timed; with no stats it starts at 0 and never reaches 0 again); ``sample`` records the timed one
+timed, which keeps it at 1 until it is sampled, so that if it raises the next one is timed; with
+no stats it starts at 0 and never reaches 0 again); ``sample`` records the timed one
 weighted by its interval and returns the next; ``settle`` counts the operations run since (at each
 counter flush), so the histogram counts stay exact.
 
@@ -37,9 +38,9 @@ from vm import layout as L
 from vm import notifier
 from vm.faults import notifier_cycle
 from vm.notifier import POISON_NEXT
-from vm.page_track import PAGE_SHIFT
 
 FAULT, EMULATE, WALK = 0, 1, 2  # where a call of the write path begins (module doc)
+PAGE_SHIFT = L.PAGE_SHIFT
 stats_clock = _prims.stats_clock  # spans in stats-clock readings (the TSC: no vDSO page, often cold)
 
 # -- one VM's names: placeholders here; ``bind`` fills them in the VM's namespace -------------------
@@ -85,7 +86,8 @@ def _template():
                 if emit:
                     emit(W_B, gpa, len(new))
                 e_left -= 1
-                if not e_left:
+                if not e_left:  # this one is timed; 1 until it is sampled (if it raises, the next is)
+                    e_left = 1
                     te = stats_clock()
                 if gpa < ram_end:
                     guest_write(gpa, new)
@@ -108,6 +110,7 @@ def _template():
             tw = 0
             w_left -= 1
             if not w_left:
+                w_left = 1
                 tw = stats_clock()
             nbytes = len(new)
             calls = 0
@@ -158,14 +161,15 @@ _WRITE = _template()  # (its code and default; bind makes the functions)
 def _node_entry(n: int) -> tuple | None:
     """The walk met list pointer ``n`` with no valid cached view: check it (a poisoned pointer or
     node is reported, None = stop the walk), cache and return its view, valid while the node's
-    N_GEN word holds that generation (alloc and free both bump it: a freed node never passes)."""
+    N_GEN word holds that (even) generation: free_node's first store makes it odd, so a cached
+    view fails exactly where a check of the node's poison would."""
     if not 0 < n <= nmax:
-        kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT + 1)
+        kvm.poisoned("notifier list pointer", pointer=n, poison=n == POISON_NEXT)
         return None
     i = n - 1
     base = nodes_w + i * 8
-    gen = load(base + L.N_GEN)  # before the state: free_node poisons, then bumps N_GEN
-    if load(base + L.N_STATE) == L.NODE_POISON:
+    gen = load(base + L.N_GEN)
+    if gen & 1 or load(base + L.N_STATE) == L.NODE_POISON:  # freed (vm/layout.py N_GEN)
         kvm.poisoned("notifier node (walk)", node=i)
         return None
     track_write = notifier.handler_entry(kvm, i, gen)[2]  # (looked up now: tests patch it)

@@ -15,6 +15,7 @@ from ipc import _prims, hist
 from vcpu.vcpu import Vcpu
 from vcpu.worker import vcpu_main
 from vm import layout as L
+from vm import notifier
 from vm.config import from_dict
 from vm.coordinator import Coordinator
 from vm.kvm import Kvm
@@ -69,6 +70,39 @@ def test_write_path_counts_exact(vm_factory, every):
         else:
             assert total - 2 * every < timed <= total  # weighted samples, minus the open interval
             assert 0 < hist.summary(row)["p50_ns"] < 10**7
+
+
+@pytest.mark.parametrize("every", [1, 16])
+def test_a_timed_write_that_raises_does_not_stop_the_counts(vm_factory, monkeypatch, every):
+    """A notifier that raises in 100 writes (one of them the timed one, for every = 1 each): the
+    next write is timed instead, and the counts go on. (A countdown left at 0 by the raise went
+    negative and never timed or counted again: 500 of 1,900.)"""
+    kvm, d, cfg = vm_factory(latency_sample=every, page_track="v6.6")
+    real, boom = notifier.handler_entry, {"on": False}
+
+    def entry(kvm_, node, gen):
+        gen_, obj, fn = real(kvm_, node, gen)
+
+        def track_write(gpa, new, nbytes, node_):
+            if boom["on"]:
+                raise RuntimeError("handler fault")
+            fn(gpa, new, nbytes, node_)
+        return gen_, obj, track_write
+
+    monkeypatch.setattr(notifier, "handler_entry", entry)
+    kvm.walk_cache.clear()
+    gpa, ok = tracked_gfns(cfg)[0] << 12, 0
+    for i in range(2000):
+        boom["on"] = 500 <= i < 600
+        try:
+            emulator_write_phys(kvm, gpa + 8 * (i % 8), i.to_bytes(8, "little"))
+            ok += 1
+        except RuntimeError:
+            pass
+    kvm.flush_counts()
+    assert ok == 1900
+    for name in ("emulated_write", "notifier_walk"):
+        assert ok - 2 * every < _row(kvm, name)[0] <= 2000, name
 
 
 def test_write_path_counts_fall_short_without_settle(vm_factory):

@@ -87,6 +87,7 @@ def test_register_walk_unregister_poison(kvm):
     with page_track.record_walks(kvm) as visited:
         assert page_track.emulator_write_phys(kvm, 4096 + 16, b"\x11" * 8) == 3
     assert visited == nodes[::-1]  # head first
+    page_track.emulator_write_phys(kvm, 4096 + 24, b"\x12" * 8)  # (record_walks dropped the views: warm again)
     assert oracle(kvm) == []
     assert notifier.kvm_page_track_unregister_notifier(kvm, nodes[1])
     notifier.free_node(kvm, nodes[1])
@@ -94,10 +95,12 @@ def test_register_walk_unregister_poison(kvm):
     assert kvm.track_srcu.gp_seq >= 1  # unregister waited for a grace period
     assert not notifier.kvm_page_track_unregister_notifier(kvm, nodes[1])
     assert kvm.events[-1][0] == "unregister_unregistered"
-    # a reader that meets the freed node (as it would without synchronize_srcu) reports poison
+    # a reader that meets the freed node (as it would without synchronize_srcu) reports poison and
+    # calls nothing, though it holds a view of the node from before the free
     kvm.mem.store(kvm.notifier_w, nodes[1] + 1)
     assert page_track.kvm_page_track_write(kvm, MMIO, b"\0" * 4) == 0
     assert kvm.poison_reads == 1
+    assert kvm.events[-1][1].endswith("read of poisoned notifier node (walk)") and kvm.events[-1][2]["node"] == nodes[1]
 
 
 def test_redundant_registration_warns(kvm):
