@@ -96,16 +96,19 @@ def test_split_free_run_loses_a_write_the_oracle_sees(design, tmp_path):
     makes a table that is never write-protected. Seeded runs with --fuzz heavy until one shows it;
     the oracle must name a lost write (I2 at VMRUN), with the registration WARN off."""
     found = None
+    split_kinds = {"stale_entry", "l2_on_unshadowed_table", "tracking_disabled"}  # what the split causes
     for seed in range(1, 13):  # about one seed in two shows it (measured: 5 of 8, both designs)
         p, res = _launch(["run", "--design", design, "--registration", "split", "--split-warn", "off",
                           "--vcpus", "3", "--duration", "1", "--seed", str(seed), "--fuzz", "heavy", "--quiet"],
                          tmp_path)
         assert res is not None, p.stderr[-2000:]
+        kinds = {w["kind"] for w in res["warnings"]}
         if res["verdict"] == "FAILURE":
-            found = res
-            break
+            assert kinds <= split_kinds, kinds  # never the registration WARN (off), nothing unrelated
+            if "stale_entry" in kinds:
+                found = res
+                break
+            continue  # (timing: L2 ran on the unshadowed table, I1 said so first, no write was lost)
         assert not res["warnings"], res["warnings"][:3]
     assert found is not None, "no seed lost a write"
-    kinds = {w["kind"] for w in found["warnings"]}
-    assert "stale_entry" in kinds and "untracked_notifier" not in kinds, kinds
     assert any("lost write to gpa" in w["message"] for w in found["warnings"])
