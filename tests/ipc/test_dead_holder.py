@@ -17,7 +17,7 @@ from ipc.proc import proc_starttime
 from ipc.shm import Layout, Region
 
 KINDS = ["spin", "mutex"]
-C_HOLD, C_RELEASE, C_PID = 0, 1, 2
+C_HOLD, C_RELEASE, C_PID, C_DIE = 0, 1, 2, 3
 BOUND_S = 10.0  # a dead holder is reported within this (generous: shared 2-core machine)
 
 
@@ -37,14 +37,20 @@ def region(region_factory):
 
 
 def holder_then_die(run_id: str, kind: str, tag: int, die_after_s: float):
-    """Take lock 0 (with stats), say so, then die holding it (SIGKILL) after ``die_after_s``."""
+    """Take lock 0 (with stats), say so, then die holding it (SIGKILL) after ``die_after_s``
+    (< 0: when the test sets ``C_DIE``, at most 30 s)."""
     region = Region.attach(run_id, layout())
     mem, w = region.mem, region.word
     lk = new_lock(kind, mem, w("locks", 0), w("lockstat", 1, 0), tag=tag)
     lk.lock()
     mem.store(w("ctl", C_PID), os.getpid())
     mem.store(w("ctl", C_HOLD), 1)
-    time.sleep(die_after_s)
+    if die_after_s >= 0:
+        time.sleep(die_after_s)
+    else:
+        t = time.monotonic() + 30
+        while not mem.load(w("ctl", C_DIE)) and time.monotonic() < t:
+            time.sleep(0.001)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -135,11 +141,12 @@ def test_pid_reuse_is_a_dead_holder(ctx, procs, region, run_id, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_recover_takes_over_from_a_dead_holder_only(ctx, procs, region, run_id, kind):
-    p = _start_holder(ctx, procs, region, run_id, kind)
+    p = _start_holder(ctx, procs, region, run_id, kind, die_after_s=-1)  # alive until told
     mem, w = region.mem, region.word
     lk = new_lock(kind, mem, w("locks", 0), w("lockstat", 0, 0), tag=1)
     start = proc_starttime(p.pid)
     assert lk.recover(p.pid, start) is False, "took the lock of a live holder"
+    mem.store(w("ctl", C_DIE), 1)
     p.join(10)
     assert lk.recover(p.pid, start + 1) is False, "took a lock recorded for another process"
     assert lk.recover(p.pid, start) is True
