@@ -78,9 +78,9 @@ class Kvm:
         self.events: list[tuple[str, str, dict]] = []  # WARNs not yet reported
         self.on_warn: Callable[[str, str, dict], None] | None = None
         self.handlers: dict[int, tuple[int, object]] = {}  # node index -> (gen, handler)
-        self.walk_cache: dict[int, tuple] = {}  # list pointer -> the write path's view (vm/page_track.py)
+        self.walk_cache: dict[int, tuple] = {}  # list pointer -> the write path's view of the node (vm/write_path.py)
         self.trace_nodes: list[int] | None = None  # page_track.record_walks: nodes the walks called
-        self.write_path = None  # vm.page_track.write_path(): the bound emulated-write closures
+        self.write_path = None  # vm.page_track.write_path(): this VM's bound write path (vm/write_path.py)
         self.write_acct = None  # vm.mirror.WriteAccounting: per-write track_write accounting (mirror)
         self.cycle_warned = False  # vm.faults.notifier_cycle: the soft-lockup diagnosis, once per process
         self.closed = False

@@ -47,8 +47,9 @@ class MirrorNotifier(notifier.NotifierNode):
     def __init__(self, kvm, node: int, owner: int):
         super().__init__(kvm, node, owner)
         acct = getattr(kvm, "write_acct", None)
-        self.track_write = _bind_track_write(kvm.memory_pages << PAGE_SHIFT, acct.calls if acct is not None else _UNACCOUNTED,
-                                             kvm.counts, C["notifier_calls"], kvm.mirror.mem.write)
+        calls = acct.calls if acct is not None else _UNACCOUNTED
+        self.track_write = _bind_track_write(kvm.memory_pages << PAGE_SHIFT, calls, kvm.counts, C["notifier_calls"],
+                                             kvm.mirror.mem.write)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         pass
