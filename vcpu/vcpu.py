@@ -52,8 +52,6 @@ class Vcpu:
         self.loaded = False
         self.n = dict.fromkeys(LOOP_COUNTERS, 0)
         self.lane = (vcpu % 512) * 8
-        self.pages = kvm.memory_pages
-        self.track_mv = kvm.gfn_track_mv
         self.raw_store = kvm.guest_mem.write  # a store through the guest's writable mapping
         # emulator_write_phys, and a guest store by L1 outside guest mode bookkeeping (MMIO or
         # write-protected: fault, emulate, returns the notifier calls; else a plain store, -1),
