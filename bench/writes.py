@@ -47,8 +47,7 @@ from vcpu.vcpu import Vcpu
 from vcpu.worker import vcpu_main
 from vm.config import from_dict
 from vm.coordinator import Coordinator
-from vm.kvm import Kvm
-from vm.nested import make_design, tracked_gfns, untracked_range
+from vm.nested import tracked_gfns, untracked_range
 from vm.page_track import write_path
 
 GOALS = {"tracked_write_vs_floor": ("<=", 15), "untracked_write_vs_floor": ("<=", 4),
@@ -82,18 +81,11 @@ _VM_IDS = itertools.count()
 
 
 def _vm(stack: contextlib.ExitStack, stats: bool, accounting: bool = True, **over):
-    """A 1-vCPU VM in this process (1 mirror notifier, 8 tracked pages), torn down by ``stack``;
-    ``accounting``: the mirror's per-write call accounting, as a vCPU of a run has it."""
+    """``(kvm, design, vcpu, cfg)``: a 1-vCPU VM in this process (1 mirror notifier, 8 tracked
+    pages), torn down by ``stack``; ``accounting``: as bench.inproc.one_vcpu."""
     cfg = from_dict({"fuzz": "off", "vcpus": 1, "memory_mib": 16, "notifiers": 1, "tracked_pages": 8, "l2s": 1,
                      "stats": stats, "trace_events": PATHS_TRACE_EVENTS, **over})
-    kvm = Kvm.create(cfg, f"bp{os.getpid()}x{next(_VM_IDS)}")
-    stack.callback(kvm.close)
-    d = make_design(kvm, cfg)
-    d.setup()
-    stack.callback(d.teardown)
-    if accounting:
-        d.vcpu_init(0)
-    return kvm, d, cfg
+    return (*stack.enter_context(one_vcpu(cfg, f"bp{next(_VM_IDS)}x", accounting)), cfg)
 
 
 def _stores(cfg, kind: str) -> list[tuple[int, bytes]]:
@@ -142,20 +134,18 @@ def path_ns(n: int = 100_000, reps: int = 9, vmrun_s: float = 0.05, samples: dic
         paths: dict[str, object] = {}
         for stats in (True, False):
             sfx = "" if stats else "_stats_off"
-            kvm, d, cfg = _vm(stack, stats, page_track=ONE_NODE)
-            v = Vcpu(kvm, d, 0)
+            kvm, d, v, cfg = _vm(stack, stats, page_track=ONE_NODE)
             paths["tracked_write" + sfx] = _per_store(v.l1_store, _stores(cfg, "tracked"), n)
             if stats:
                 paths["untracked_write"] = _per_store(v.l1_store, _stores(cfg, "untracked"), n)
-                kvm, d, cfg = _vm(stack, stats)
-                v = Vcpu(kvm, d, 0)
+                kvm, d, v, cfg = _vm(stack, stats)
                 paths["tracked_write_v6_0"] = _per_store(v.l1_store, _stores(cfg, "tracked"), n)
-            kvm, d, cfg = _vm(stack, stats, accounting=False, page_track=ONE_NODE)
+            kvm, d, _, cfg = _vm(stack, stats, accounting=False, page_track=ONE_NODE)
             paths["notifier_walk" + sfx] = _per_store(write_path(kvm)[1], _stores(cfg, "tracked"), n)
             loop = {"writes_per_exit": 0, "guest_time_us": 0, "preempt_rate": 0, "policy": "sticky"}
             for name, design in (("nested_vmrun", "mirror"), ("nested_vmrun_avic", "rcu-list")):
-                kvm, d, cfg = _vm(stack, stats, design=design, **loop)
-                paths[name + sfx] = _per_vmrun(Vcpu(kvm, d, 0), vmrun_s)
+                kvm, d, v, cfg = _vm(stack, stats, design=design, **loop)
+                paths[name + sfx] = _per_vmrun(v, vmrun_s)
         paths["floor"] = lambda: floor_ns(n, 1)  # the same-run floor, interleaved like the paths
         samples = {} if samples is None else samples  # every rep's figure (-> the caller's dict)
         samples.update({k: [] for k in paths})
