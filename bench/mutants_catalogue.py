@@ -133,6 +133,12 @@ CATALOGUE: tuple[Mutant, ...] = (
                  "            if not load(head_w) or _prims.now_ns() % 64 == 0:  # empty list: return at once\n"),),
            RUN_MIRROR, "about one emulated write in 64 returns before the notifier walk", fast=True),
     # -- write protection -------------------------------------------------------------------------
+    Mutant("l1-store-ignores-write-protection", "write protection", "vm/write_path.py",
+           (Edit("        if how == FAULT and gpa < ram_end and not track_mv[gpa >> PAGE_SHIFT]:\n",
+                 "        if how == FAULT and gpa < ram_end:\n"),),
+           (("scenario", "kaboom"),),
+           "a scripted L1 store goes through the writable mapping even to a write-tracked gfn: no fault, "
+           "no emulation, no notifier"),
     Mutant("track-without-tlb-flush", "TLB flush", "vm/avic/pool.py",
            (Edit("            kvm_flush_remote_tlbs(kvm)\n", "            pass\n"),),
            RUN_AVIC, "a table page is write-protected without kvm_flush_remote_tlbs: a vCPU that "
