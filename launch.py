@@ -100,6 +100,10 @@ def dilate_arg(s: str) -> str | float:
 REGISTRATION_CHOICES = ["refcount", "bool", "naive", "split", "node-refcount"]
 
 
+FIDELITY_KEYS = ("mmio_walk", "page_track", "redundant_registration", "split_warn", "avic_vmrun_lock",
+                 "indirect_shadow_pages", "entry_update")
+
+
 def _add_page_track_args(p: argparse.ArgumentParser) -> None:
     """Page-track fidelity options (run and scenario); None = not given (the config default)."""
     p.add_argument("--mmio-walk", dest="mmio_walk", action="store_const", const=True, default=None,
@@ -114,6 +118,15 @@ def _add_page_track_args(p: argparse.ArgumentParser) -> None:
                         "second hlist_add_head_rcu (a cycle)")
     p.add_argument("--split-warn", dest="split_warn", choices=["on", "off"], default=None,
                    help="split: WARN when a notifier is registered while write tracking is off (default on)")
+    p.add_argument("--avic-vmrun-lock", dest="avic_vmrun_lock", choices=["change", "every"], default=None,
+                   help="mutex-hash / per-table-notifier nested VMRUN takes tables_lock only when the table "
+                        "changes or needs a sync (RFC v3, default) or on every VMRUN")
+    p.add_argument("--indirect-shadow-pages", dest="indirect_shadow_pages", choices=["auto", "0"], default=None,
+                   help="KVM's own write handler takes mmu_lock for write on every emulated RAM write once L2 "
+                        "has run (auto: nested NPT makes indirect shadow pages, default) or never (0)")
+    p.add_argument("--entry-update", dest="entry_update", choices=["reread", "gentry"], default=None,
+                   help="a physid entry update re-reads guest memory (default) or applies the written bytes "
+                        "to the cached entry (RFC v3: concurrent writers can lose a write)")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -397,7 +410,7 @@ def _cmd_scenario(args: argparse.Namespace) -> int:
     from vm import config, faults
     from vm.avic.kaboom import kaboom_steps
 
-    fidelity = {k: getattr(args, k) for k in ("mmio_walk", "page_track", "redundant_registration", "split_warn")
+    fidelity = {k: getattr(args, k) for k in FIDELITY_KEYS
                 if getattr(args, k) is not None}
     if args.table:
         from vm.avic.kaboom import verdict_table

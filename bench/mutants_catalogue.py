@@ -157,11 +157,17 @@ CATALOGUE: tuple[Mutant, ...] = (
            RUN_RCU_LIST, "rcu-list track_write walks the table list outside rcu_read_lock",
            lines=2, multi="rcu_read_lock and rcu_read_unlock are a pair"),
     Mutant("per-table-write-without-physid-lock", "write-path lock", "vm/avic/pool.py",
-           (_drop("", "        self._physid_lock()\n", "        try:\n            if gen >= 0"),
-            _blank("            return True\n        finally:\n", "            self._physid_unlock()\n",
-                  "\n    def remove_region")),
+           (_drop("        targets = None\n", "        self._tlock(t)\n", "        try:\n            if gen >= 0"),
+            _blank("            return True\n        finally:\n", "            self._tunlock(t)\n",
+                  "            if targets:\n                self._reload_wait(t, targets)\n\n    def remove_region")),
            RUN_PER_TABLE, "a table write (per-table-notifier: its only lock) without avic_physid_lock",
            lines=2, multi="lock and unlock are a pair"),
+    Mutant("isrunning-flip-skips-unlocked", "write-path lock", "vm/avic/guest.py",
+           (Edit("                if not per_table and m.load(self.tw0 + t * TW + T_STATE) != VALID:\n",
+                 "                if m.load(self.tw0 + t * TW + T_STATE) != VALID:\n"),),
+           RUN_RCU_LIST + (("run", "--design", "rcu-list", "--vcpus", "4", "--preempt-rate", "0.3"),),
+           "rcu-list's vcpu_load / put reads a table's state before taking the table's lock: a "
+                         "sync that read the old IsRunning ends VALID after the skip"),
     # -- refcount ---------------------------------------------------------------------------------------
     Mutant("rcu-list-get-without-inc-not-zero", "refcount", "vm/avic/rcu_list.py",
            (Edit("        while r > 0:\n", "        while r >= 0:\n"),),
@@ -246,16 +252,21 @@ CATALOGUE: tuple[Mutant, ...] = (
            RUN_PER_TABLE + (("scenario", "kaboom", "--design", "per-table-notifier"),),
            "a table's own notifier node is freed while still registered"),
     # -- reload requests (kicks) -------------------------------------------------------------------------
-    Mutant("invalidate-without-kick", "reload request", "vm/avic/pool.py",
-           (_drop("", "        self._kick(t)\n",
-                  '        m.fetch_add(self.hdr0 + H_SEQ, 1)\n        self._stat("invalidate")\n'),),
-           RUN_AVIC, "an invalidated table does not request a reload of the vCPUs in L2 on it", fast=True),
+    Mutant("invalidate-without-reload-request", "reload request", "vm/avic/pool.py",
+           (Edit('        targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(t)\n',
+                 "        targets = None\n"),),
+           RUN_AVIC, "an erased table requests no reload (kvm_make_all_cpus_request dropped): vCPUs in L2 "
+                     "on it keep running on zeroed, unpinned entries", fast=True),
     Mutant("flood-drop-without-kick", "reload request", "vm/avic/pool.py",
-           (Edit("        if not self.flood_race:\n            self._kick(t)\n",
-                 "        if not self.flood_race:\n            pass\n"),),
-           RUN_RCU_LIST + RUN_PER_TABLE,
-           "a flood drop (write protection removed) does not kick the vCPUs in L2 on the table (mutex-hash "
-           "is immune: its VMRUN holds tables_lock)"),
+           (Edit('        targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(t)\n',
+                 '        targets = None if why == "flood_drop" else self._request_reload_all(t)\n'),),
+           RUN_RCU_LIST + RUN_PER_TABLE + RUN_MUTEX_HASH,
+           "a flood's erase (write protection removed) requests no reload (mutex-hash is no longer immune: "
+           "its VMRUN takes tables_lock only on a table change)"),
+    Mutant("reload-request-without-wait", "reload request", "vm/avic/guest.py",
+           (Edit("            while m.load(w) == s:\n", "            while False:\n"),),
+           RUN_AVIC, "kvm_make_all_cpus_request without KVM_REQUEST_WAIT: the eraser goes on (unpins) while "
+                     "kicked vCPUs are still in L2 on the table"),
 )
 
 #: Not a mutant: appended to package ``__init__`` files of a copy, it records which file each process

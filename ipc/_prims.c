@@ -18,7 +18,9 @@
  *     [3] acq_cyc   stats clock (cycle counter, see "Timestamps") at acquisition, holder only
  *     [4] start     the holder's start time (/proc/<pid>/stat field 22), stored by the call that
  *                   took the lock before it returns, cleared by unlock; 0 = free / not readable
- *     [5..7]        reserved
+ *     [5] readers   RwLock: readers inside (anonymous); its words 0..4 are the writer's, as
+ *                   SpinLock keeps them (see the RwLock section).  Others: reserved
+ *     [6..7]        reserved
  *
  *   lock-stat block (STAT_WORDS = 16 words, two lines, one per (process, lock class); only
  *   the owning process writes it, readers merge blocks with numpy)
@@ -634,6 +636,9 @@ typedef struct {
     int64_t spins;      /* spins before sched_yield */
     int busted;         /* fault injection: lock() does not lock */
     int is_mutex;
+    int is_rw;          /* RwLock (the writer side is the SpinLock's) */
+    int64_t rd_nest;    /* RwLock: read holds of this object (nesting count; 0 = not held for read) */
+    int64_t rd_acq_cyc; /* RwLock: stats clock at the outermost read acquisition (this object's) */
     PyObject *name;     /* str or None: named in errors */
     int traced;         /* a Traced* subtype (trace section at the end): its slow path emits a wait */
     int tr_waited;      /* traced: this lock() call took the slow path (set by tr_wait_begin) */
@@ -674,6 +679,10 @@ static int lock_common_init(LockObject *self, PyObject *args, PyObject *kw, cons
     self->spins = spins > 0 ? spins : 1;
     self->busted = busted;
     return 0;
+}
+
+static const char *lock_kind(LockObject *self) {
+    return self->is_mutex ? "Mutex" : self->is_rw ? "RwLock" : "SpinLock";
 }
 
 static void lock_dealloc(LockObject *self) {
@@ -717,7 +726,7 @@ static int64_t holder_tag(LockObject *self, int64_t state) {
 
 static void raise_holder_died(LockObject *self, int64_t pid, int64_t start, int64_t tag, int reused) {
     Py_ssize_t word = self->lk - self->mem->base;
-    const char *kind = self->is_mutex ? "Mutex" : "SpinLock";
+    const char *kind = lock_kind(self);
     PyObject *msg;
     const char *why = reused ? " (the pid now belongs to another process: its start time differs, the pid was reused)" : "";
     if (self->name && self->name != Py_None)
@@ -920,7 +929,7 @@ static PyObject *spin_trylock(LockObject *self, PyObject *unused) {
 
 static PyObject *not_holder_error(LockObject *self, int64_t state, int64_t owner) {
     PyErr_Format(PyExc_RuntimeError, "%s: unlock by tag %lld (pid %lld) but owner is %lld (pid %lld)",
-                 self->is_mutex ? "Mutex" : "SpinLock", (long long)self->tag, (long long)HI32(g_pid_hi),
+                 lock_kind(self), (long long)self->tag, (long long)HI32(g_pid_hi),
                  (long long)owner, (long long)(LO32(state) ? HI32(state) : 0));
     return NULL;
 }
@@ -1146,6 +1155,313 @@ static PyTypeObject MutexType = {
     .tp_init = (initproc)mutex_init,
     .tp_dealloc = (destructor)lock_dealloc,
     .tp_methods = mutex_methods,
+};
+
+/* ------------------------------------------------------------------ RwLock
+ * A reader-writer spinlock (the kernel's rwlock_t; x86-64 KVM's kvm->mmu_lock is one, with
+ * KVM_HAVE_MMU_RWLOCK).  Any number of readers or one writer.  Only the LOCK_WORDS words of the
+ * lock block:
+ *   [0] state     the writer, exactly as SpinLock keeps it: 0 = no writer, else pid << 32 | owner
+ *                 tag (so owner(), holder(), recover() and the dead-holder check work unchanged)
+ *   [1] acq_ns, [3] acq_cyc, [4] start   the writer's, as SpinLock
+ *   [5] readers   number of readers inside (plus, for a moment, a reader that found a writer and
+ *                 is backing off); readers are anonymous: no pid, no tag
+ *   [2], [6], [7] reserved
+ *
+ * Writer-preferring, like qrwlock: a writer first claims the state word (test-and-test-and-set,
+ * as SpinLock: no queue among writers) and only then waits for the readers inside to leave (the
+ * "drain"); while the state word is non-zero new readers do not enter.  A reader increments
+ * `readers`, then looks at `state`: non-zero = a writer holds or claimed it, so it decrements again
+ * and spins until `state` is 0 (cpu_relax, sched_yield after `spins` polls, as SpinLock).  Both
+ * sides use a seq_cst RMW followed by a seq_cst load (store-buffering pattern): at least one of a
+ * racing reader and writer sees the other.  Readers can starve under a steady stream of writers.
+ *
+ * During the drain the writer is already recorded in the state word: is_held() is true and
+ * owner()/holder() name it (no other process can take the lock meanwhile; its lock() call has not
+ * returned).  A timeout, a signal or a LockHolderDied during the drain gives the claim back.
+ *
+ * Dead holders: every waiter (reader or writer) checks the writer field every HOLDER_CHECK_NS
+ * and raises LockHolderDied if the recorded writer (holder or drain-phase claimant) is dead.
+ * Readers are anonymous, so only the writer field is checked: a reader that dies inside its
+ * section is not detected, and a writer waits for it until its timeout (during the drain the
+ * writer field is the waiting writer's own record, so the check finds nothing there).
+ *
+ * Read holds are counted per object (rd_nest): read_lock() on an object that already holds the
+ * lock for read only counts up (a recursive read: it never waits, so a waiting writer cannot
+ * deadlock it); only the outermost read_lock / read_unlock touch the shared count.  lock() by an
+ * object holding it for read (an upgrade) and read_lock() by the write holder raise (deadlock).
+ *
+ * lock_stat: read acquisitions go into the same stats block as write acquisitions (one class per
+ * lock, as /proc/lock_stat without a separate read class): an outermost read_lock is an
+ * acquisition (a contention with its wait if it had to wait), its read_unlock a hold measured from
+ * this object's own acquisition time; nested read_locks are not acquisitions. */
+
+#define LK_READERS 5
+
+static PyTypeObject RwLockType;
+
+static int rw_init(LockObject *self, PyObject *args, PyObject *kw) {
+    self->is_mutex = 0;
+    self->is_rw = 1;
+    self->rd_nest = 0;
+    return lock_common_init(self, args, kw, "RwLock");
+}
+
+enum { RW_GO_ON = 0, RW_TIMEOUT = 1, RW_ERROR = -1, RW_MEM_GONE = -2 };
+
+/* One poll of a waiting loop: cpu_relax; every `spins` polls a sched_yield (GIL released), then
+ * signals, the deadline and (every HOLDER_CHECK_NS) the writer field's holder, as spin_lock does. */
+static int rw_wait_step(LockObject *self, int64_t *n, int64_t deadline, int64_t *next_check) {
+    cpu_relax();
+    if (++*n < self->spins) return RW_GO_ON;
+    *n = 0;
+    mem_block_begin(self->mem);
+    Py_BEGIN_ALLOW_THREADS
+    sched_yield();
+    Py_END_ALLOW_THREADS
+    if (mem_released_meanwhile(self->mem)) { mem_block_end(self->mem); return RW_MEM_GONE; }
+    mem_block_end(self->mem);
+    if (PyErr_CheckSignals() < 0) return RW_ERROR;
+    int64_t t = now_ns();
+    if (deadline >= 0 && t >= deadline) return RW_TIMEOUT;
+    if (t >= *next_check) {
+        if (check_holder(self) < 0) return RW_ERROR;
+        *next_check = now_ns() + HOLDER_CHECK_NS;
+    }
+    return RW_GO_ON;
+}
+
+/* a writer gives back the state word it claimed (drain not finished: no hold to account) */
+static inline void rw_drop_claim(LockObject *self) {
+    STR(&self->lk[LK_START], 0);
+    ST(&self->lk[LK_STATE], 0);
+}
+
+/* wait until no reader is inside (the state word is ours); r = RW_* */
+static int rw_drain(LockObject *self, int64_t deadline, int64_t *n, int64_t *next_check) {
+    int r = RW_GO_ON;
+    while (__atomic_load_n(&self->lk[LK_READERS], __ATOMIC_SEQ_CST) != 0)
+        if ((r = rw_wait_step(self, n, deadline, next_check)) != RW_GO_ON) break;
+    return r;
+}
+
+static PyObject *rw_upgrade_error(void) {
+    PyErr_SetString(PyExc_RuntimeError, "RwLock: write lock by a read holder of this object (upgrade: deadlock)");
+    return NULL;
+}
+
+/* lock(timeout_ns=-1) -> True, or False on timeout: the write lock. */
+static PyObject *rw_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!MEM_LIVE(self->mem)) return NULL;
+    int64_t *state = &self->lk[LK_STATE];
+    if (self->busted) Py_RETURN_TRUE;
+    if (__builtin_expect(self->rd_nest > 0, 0)) return rw_upgrade_error();
+    int64_t me = g_pid_hi | self->tag, start = my_start(), expected = 0;
+    int claimed = 0;
+    if (__builtin_expect(__atomic_compare_exchange_n(state, &expected, me, 0, __ATOMIC_SEQ_CST,
+                                                     __ATOMIC_RELAXED), 1)) {
+        STR(&self->lk[LK_START], start);
+        if (__builtin_expect(__atomic_load_n(&self->lk[LK_READERS], __ATOMIC_SEQ_CST) == 0, 1)) {
+            if (self->st) stat_acquired(self, cyc());
+            Py_RETURN_TRUE;
+        }
+        claimed = 1;  /* readers inside: drain below */
+    } else if (expected == me) {
+        PyErr_SetString(PyExc_RuntimeError, "RwLock: recursive lock (deadlock) by its holder");
+        return NULL;
+    }
+    int64_t deadline;
+    if (parse_timeout(args, nargs, &deadline) < 0) {
+        if (claimed) rw_drop_claim(self);
+        return NULL;
+    }
+    int64_t t0 = cyc();
+    if (self->traced) tr_wait_begin(self, t0);
+    int64_t next_check = now_ns() + HOLDER_CHECK_NS, n = 0;
+    int r = RW_GO_ON;
+    while (!claimed) {
+        while (LDR(state) != 0)
+            if ((r = rw_wait_step(self, &n, deadline, &next_check)) != RW_GO_ON)
+                return r == RW_TIMEOUT ? Py_NewRef(Py_False) : NULL;
+        expected = 0;
+        if (__atomic_compare_exchange_n(state, &expected, me, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+            STR(&self->lk[LK_START], start);
+            claimed = 1;
+        }
+    }
+    r = rw_drain(self, deadline, &n, &next_check);
+    if (r != RW_GO_ON) {
+        if (r != RW_MEM_GONE) rw_drop_claim(self);
+        return r == RW_TIMEOUT ? Py_NewRef(Py_False) : NULL;
+    }
+    if (self->st) {
+        int64_t t1 = cyc();
+        stat_acquired(self, t1);
+        stat_wait(self->st, cyc_ns(t1 - t0));
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *rw_trylock(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
+    if (self->busted) Py_RETURN_TRUE;
+    if (self->rd_nest > 0) Py_RETURN_FALSE;  /* its own read hold is inside */
+    int64_t expected = 0, start = my_start();
+    if (!__atomic_compare_exchange_n(&self->lk[LK_STATE], &expected, g_pid_hi | self->tag, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_RELAXED))
+        Py_RETURN_FALSE;
+    STR(&self->lk[LK_START], start);
+    if (__atomic_load_n(&self->lk[LK_READERS], __ATOMIC_SEQ_CST) != 0) {
+        rw_drop_claim(self);
+        Py_RETURN_FALSE;
+    }
+    if (self->st) stat_acquired(self, cyc());
+    Py_RETURN_TRUE;
+}
+
+/* the write side's release and "held by this tag in this process?" are SpinLock's */
+static PyObject *rw_unlock(LockObject *self, PyObject *unused) { return spin_unlock(self, unused); }
+static PyObject *rw_is_held(LockObject *self, PyObject *unused) { return spin_is_held(self, unused); }
+
+static PyObject *rw_exit(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return rw_unlock(self, NULL);
+}
+
+/* recover(holder_pid, holder_start): SpinLock's takeover of the writer field, then the drain (the
+ * dead writer may have died before the readers left).  The drain has no timeout; a signal ends
+ * it: the lock is released again and the exception raised. */
+static PyObject *rw_recover(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *r = lock_recover(self, args, nargs);
+    if (r != Py_True) return r;
+    int64_t n = 0, next_check = now_ns() + HOLDER_CHECK_NS;
+    int d = rw_drain(self, -1, &n, &next_check);
+    if (d == RW_GO_ON) return r;
+    Py_DECREF(r);
+    if (d != RW_MEM_GONE) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyObject *u = spin_unlock(self, NULL);
+        Py_XDECREF(u);
+        PyErr_Restore(et, ev, tb);
+    }
+    return NULL;
+}
+
+static inline void rw_read_acquired(LockObject *self) {
+    self->rd_nest = 1;
+    if (self->st) {
+        self->rd_acq_cyc = cyc();
+        stat_add(self->st, ST_ACQ, 1);
+    }
+}
+
+/* one try: enter as a reader unless a writer holds or claimed the lock */
+static inline int rw_read_enter(int64_t *lk) {
+    __atomic_fetch_add(&lk[LK_READERS], 1, __ATOMIC_SEQ_CST);
+    if (__builtin_expect(__atomic_load_n(&lk[LK_STATE], __ATOMIC_SEQ_CST) == 0, 1)) return 1;
+    __atomic_fetch_sub(&lk[LK_READERS], 1, __ATOMIC_RELEASE);  /* back off: the writer goes first */
+    return 0;
+}
+
+/* read_lock(timeout_ns=-1) -> True, or False on timeout. */
+static PyObject *rw_read_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!MEM_LIVE(self->mem)) return NULL;
+    if (self->rd_nest > 0) { self->rd_nest++; Py_RETURN_TRUE; }  /* recursive read */
+    if (self->busted) { self->rd_nest = 1; Py_RETURN_TRUE; }
+    int64_t *state = &self->lk[LK_STATE];
+    if (__builtin_expect(rw_read_enter(self->lk), 1)) {
+        rw_read_acquired(self);
+        Py_RETURN_TRUE;
+    }
+    if (LDR(state) == (g_pid_hi | self->tag)) {
+        PyErr_SetString(PyExc_RuntimeError, "RwLock: read_lock by its write holder (deadlock)");
+        return NULL;
+    }
+    int64_t deadline;
+    if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
+    int64_t t0 = cyc();
+    if (self->traced) tr_wait_begin(self, t0);
+    int64_t next_check = now_ns() + HOLDER_CHECK_NS, n = 0;
+    for (;;) {
+        while (LDR(state) != 0) {
+            int r = rw_wait_step(self, &n, deadline, &next_check);
+            if (r == RW_TIMEOUT) Py_RETURN_FALSE;
+            if (r != RW_GO_ON) return NULL;
+        }
+        if (rw_read_enter(self->lk)) break;
+    }
+    rw_read_acquired(self);
+    if (self->st) stat_wait(self->st, cyc_ns(self->rd_acq_cyc - t0));
+    Py_RETURN_TRUE;
+}
+
+static PyObject *rw_read_trylock(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
+    if (self->rd_nest > 0) { self->rd_nest++; Py_RETURN_TRUE; }
+    if (self->busted) { self->rd_nest = 1; Py_RETURN_TRUE; }
+    if (!rw_read_enter(self->lk)) Py_RETURN_FALSE;
+    rw_read_acquired(self);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *rw_read_unlock(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
+    if (self->rd_nest <= 0) {
+        if (self->busted) Py_RETURN_NONE;
+        PyErr_Format(PyExc_RuntimeError, "RwLock: read_unlock by tag %lld (pid %lld) without read_lock",
+                     (long long)self->tag, (long long)HI32(g_pid_hi));
+        return NULL;
+    }
+    if (--self->rd_nest > 0 || self->busted) Py_RETURN_NONE;
+    if (self->st) stat_hold(self->st, cyc_ns(cyc() - self->rd_acq_cyc));
+    __atomic_fetch_sub(&self->lk[LK_READERS], 1, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+/* held for read by this object? */
+static PyObject *rw_read_held(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
+    return PyBool_FromLong(self->busted || self->rd_nest > 0);
+}
+
+/* readers() -> the shared reader count (may include, for a moment, a reader backing off) */
+static PyObject *rw_readers(LockObject *self, PyObject *unused) {
+    if (!MEM_LIVE(self->mem)) return NULL;
+    return PyLong_FromLongLong(LD(&self->lk[LK_READERS]));
+}
+
+static PyMethodDef rw_methods[] = {
+    {"lock", (PyCFunction)(void (*)(void))rw_lock, METH_FASTCALL,
+     "lock(timeout_ns=-1) -> bool: write lock; raises LockHolderDied if the writer holding it died"},
+    {"trylock", (PyCFunction)rw_trylock, METH_NOARGS, "trylock() -> bool: write lock if free of writer and readers"},
+    {"unlock", (PyCFunction)rw_unlock, METH_NOARGS, "unlock(): write unlock; raises if not held by this tag in this process"},
+    {"is_held", (PyCFunction)rw_is_held, METH_NOARGS, "held for write by this tag in this process?"},
+    {"owner", (PyCFunction)lock_owner, METH_NOARGS, "owner tag of the writer (0 = no writer)"},
+    {"holder", (PyCFunction)lock_holder, METH_NOARGS, "(pid, start time) of the writer, (0, 0) when none"},
+    {"recover", (PyCFunction)(void (*)(void))rw_recover, METH_FASTCALL,
+     "recover(holder_pid, holder_start) -> bool: take the write lock over from that dead writer"},
+    {"read_lock", (PyCFunction)(void (*)(void))rw_read_lock, METH_FASTCALL,
+     "read_lock(timeout_ns=-1) -> bool; raises LockHolderDied if the writer holding it died"},
+    {"read_unlock", (PyCFunction)rw_read_unlock, METH_NOARGS, "read_unlock(); raises if this object does not hold it for read"},
+    {"read_trylock", (PyCFunction)rw_read_trylock, METH_NOARGS, "read_trylock() -> bool"},
+    {"read_held", (PyCFunction)rw_read_held, METH_NOARGS, "held for read by this object?"},
+    {"readers", (PyCFunction)rw_readers, METH_NOARGS, "readers inside (the shared count)"},
+    {"__enter__", (PyCFunction)(void (*)(void))rw_lock, METH_FASTCALL, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))rw_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+
+static PyTypeObject RwLockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ipc._prims.RwLock",
+    .tp_basicsize = sizeof(LockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "RwLock(mem, lock_index, stats_index=-1, tag=1, spins=1000, busted=False, name=None): "
+              "reader-writer spinlock (rwlock_t); `with lk:` = write lock",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)rw_init,
+    .tp_dealloc = (destructor)lock_dealloc,
+    .tp_methods = rw_methods,
 };
 
 /* ------------------------------------------------------------------ RCU reader */
@@ -1552,12 +1868,12 @@ PyMODINIT_FUNC PyInit__prims(void) {
     after_fork_child();
     static int atfork_done;
     if (!atfork_done && pthread_atfork(NULL, NULL, after_fork_child) == 0) atfork_done = 1;
-    PyTypeObject *types[] = {&MemType, &SpinLockType, &MutexType, &ReaderType, &HistType};
+    PyTypeObject *types[] = {&MemType, &SpinLockType, &MutexType, &RwLockType, &ReaderType, &HistType};
     for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++)
         if (PyType_Ready(types[i]) < 0) return NULL;
     PyObject *m = PyModule_Create(&prims_module);
     if (!m) return NULL;
-    const char *names[] = {"Mem", "SpinLock", "Mutex", "RcuReader", "Histogram"};
+    const char *names[] = {"Mem", "SpinLock", "Mutex", "RwLock", "RcuReader", "Histogram"};
     for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
         Py_INCREF(types[i]);
         if (PyModule_AddObject(m, names[i], (PyObject *)types[i]) < 0) return NULL;
@@ -1596,13 +1912,14 @@ PyMODINIT_FUNC PyInit__prims(void) {
  *     [2] a, [3] b  arguments
  * Event sequence s lives at slot s % nevents; the oldest is overwritten.
  *
- * Traced lock / RCU reader types (TracedSpinLock, TracedMutex, TracedRcuReader) are subtypes of
+ * Traced lock / RCU reader types (TracedSpinLock, TracedMutex, TracedRwLock, TracedRcuReader) are subtypes of
  * the plain ones: ipc/locks.py and ipc/rcu.py choose them at object creation when tracing is on,
  * so the plain types' paths stay untouched when it is off (their slow paths test one flag).  Their
  * events: lock wait begin (stamped with the slow path's own t0) / wait end, hold begin (acquired,
  * a = waited, 2 = recover()ed from a dead holder) / hold end (by the holder only, before the
  * release store, so a waiter's acquisition is always later); RCU read section begin / end at
- * the outermost lock / unlock only.  ``trace_id`` names the object (a name id); it defaults to its word index. */
+ * the outermost lock / unlock only; TracedRwLock's read side: the same wait and hold events with
+ * argument b = 1 (outermost read section only).  ``trace_id`` names the object (a name id); it defaults to its word index. */
 
 #include "structmember.h"
 
@@ -1722,8 +2039,8 @@ static PyObject *ttrylock_common(TLockObject *self, trylock_fn tryl) {
 }
 
 /* a takeover from a dead holder starts a hold (argument a = 2: recovered) */
-static PyObject *tlock_recover(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *r = lock_recover((LockObject *)self, args, nargs);
+static PyObject *tlock_recover(TLockObject *self, PyObject *const *args, Py_ssize_t nargs, lock_fn recf) {
+    PyObject *r = recf((LockObject *)self, args, nargs);
     if (r == Py_True) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, self->trace_id), 2, 0);
     return r;
 }
@@ -1738,8 +2055,11 @@ static PyObject *tlock_unlock(TLockObject *self, trylock_fn is_held, trylock_fn 
     return unlockf((LockObject *)self, NULL);
 }
 
-/* TracedSpinLock and TracedMutex: the same wrappers around spin_* and mutex_* */
-#define TRACED_LOCK(P, NAME)                                                                      \
+/* TracedSpinLock, TracedMutex and TracedRwLock: the same wrappers around spin_*, mutex_* and rw_*
+ * (EXTRA: more entries of the method table) */
+#define spin_recover lock_recover
+#define mutex_recover lock_recover
+#define TRACED_LOCK(P, NAME, EXTRA)                                                               \
     static int t##P##_init(TLockObject *self, PyObject *args, PyObject *kw) {                     \
         if (P##_init((LockObject *)self, args, kw) < 0) return -1;                                \
         self->base.traced = 1;                                                                    \
@@ -1758,11 +2078,15 @@ static PyObject *tlock_unlock(TLockObject *self, trylock_fn is_held, trylock_fn 
     static PyObject *t##P##_exit(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {    \
         return t##P##_unlock(self, NULL);                                                         \
     }                                                                                             \
+    static PyObject *t##P##_recover(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) { \
+        return tlock_recover(self, args, nargs, P##_recover);                                     \
+    }                                                                                             \
     static PyMethodDef t##P##_methods[] = {                                                       \
         {"lock", (PyCFunction)(void (*)(void))t##P##_lock, METH_FASTCALL, "lock(timeout_ns=-1) -> bool (traced)"}, \
         {"trylock", (PyCFunction)t##P##_trylock, METH_NOARGS, "trylock() -> bool (traced)"},     \
         {"unlock", (PyCFunction)t##P##_unlock, METH_NOARGS, "unlock() (traced)"},                \
-        {"recover", (PyCFunction)(void (*)(void))tlock_recover, METH_FASTCALL, "recover(pid, start) -> bool (traced)"}, \
+        {"recover", (PyCFunction)(void (*)(void))t##P##_recover, METH_FASTCALL, "recover(pid, start) -> bool (traced)"}, \
+        EXTRA                                                                                     \
         {"__enter__", (PyCFunction)(void (*)(void))t##P##_lock, METH_FASTCALL, NULL},            \
         {"__exit__", (PyCFunction)(void (*)(void))t##P##_exit, METH_FASTCALL, NULL},             \
         {NULL}};                                                                                  \
@@ -1772,8 +2096,40 @@ static PyObject *tlock_unlock(TLockObject *self, trylock_fn is_held, trylock_fn 
         .tp_doc = NAME ": its waits and holds are events in this process' trace ring",           \
         .tp_init = (initproc)t##P##_init, .tp_methods = t##P##_methods, .tp_members = tlock_members};
 
-TRACED_LOCK(spin, "TracedSpinLock")
-TRACED_LOCK(mutex, "TracedMutex")
+TRACED_LOCK(spin, "TracedSpinLock", )
+TRACED_LOCK(mutex, "TracedMutex", )
+
+/* TracedRwLock's read side: the outermost read section is a hold (argument b = 1: read) and a
+ * waiting read_lock a wait (b = 1), on the lock's name like its write holds */
+static PyObject *trw_read_lock(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t id = self->trace_id;
+    int outer = self->base.rd_nest == 0;
+    self->base.tr_waited = 0;
+    PyObject *r = rw_read_lock((LockObject *)self, args, nargs);
+    int waited = self->base.tr_waited;
+    if (waited) tr_put(TR_CODE(TR_CAT_WAIT, TR_PH_E, id), r == Py_True, 1);
+    if (r == Py_True && outer) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, id), waited, 1);
+    return r;
+}
+
+static PyObject *trw_read_trylock(TLockObject *self, PyObject *u) {
+    int outer = self->base.rd_nest == 0;
+    PyObject *r = rw_read_trylock((LockObject *)self, NULL);
+    if (r == Py_True && outer) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, self->trace_id), 0, 1);
+    return r;
+}
+
+static PyObject *trw_read_unlock(TLockObject *self, PyObject *u) {
+    if (self->base.mem && self->base.mem->has_view && self->base.rd_nest == 1)
+        tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_E, self->trace_id), 0, 1);
+    return rw_read_unlock((LockObject *)self, NULL);
+}
+
+#define TRW_READ_METHODS                                                                          \
+    {"read_lock", (PyCFunction)(void (*)(void))trw_read_lock, METH_FASTCALL, "read_lock(timeout_ns=-1) -> bool (traced)"}, \
+    {"read_trylock", (PyCFunction)trw_read_trylock, METH_NOARGS, "read_trylock() -> bool (traced)"}, \
+    {"read_unlock", (PyCFunction)trw_read_unlock, METH_NOARGS, "read_unlock() (traced)"},
+TRACED_LOCK(rw, "TracedRwLock", TRW_READ_METHODS)
 
 /* ---- traced RCU reader: the outermost read-side section is a slice */
 
@@ -1828,10 +2184,11 @@ static PyMethodDef trace_functions[] = {
 static int trace_module_init(PyObject *m) {
     tspin_type.tp_base = &SpinLockType;
     tmutex_type.tp_base = &MutexType;
+    trw_type.tp_base = &RwLockType;
     TracedRcuReaderType.tp_base = &ReaderType;
-    PyTypeObject *types[] = {&tspin_type, &tmutex_type, &TracedRcuReaderType};
-    const char *names[] = {"TracedSpinLock", "TracedMutex", "TracedRcuReader"};
-    for (size_t i = 0; i < 3; i++) {
+    PyTypeObject *types[] = {&tspin_type, &tmutex_type, &trw_type, &TracedRcuReaderType};
+    const char *names[] = {"TracedSpinLock", "TracedMutex", "TracedRwLock", "TracedRcuReader"};
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
         if (PyType_Ready(types[i]) < 0) return -1;
         Py_INCREF(types[i]);
         if (PyModule_AddObject(m, names[i], (PyObject *)types[i]) < 0) return -1;

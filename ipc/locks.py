@@ -1,11 +1,26 @@
-"""Spinlock and futex mutex on shm, lock_stat accounting per lock class, lockdep-style asserts,
-dead-holder detection.
+"""Spinlock, reader-writer spinlock and futex mutex on shm, lock_stat accounting per lock class,
+lockdep-style asserts, dead-holder detection.
 
 Word layouts (mirrors of ipc/_prims.c):
 - lock block: ``LOCK_WORDS`` (8) int64 words, one cache line: [0] state: 0 = free, high 32 bits the
   holder's pid, low 32 bits the owner tag (spinlock) or the futex word (mutex); [1] acquire ns
   (CLOCK_MONOTONIC), [2] owner tag (mutex), [3] acquire time in stats-clock units (cycle counter,
-  ``_prims.clock_source()``), [4] the holder's start time (/proc/<pid>/stat field 22), rest reserved.
+  ``_prims.clock_source()``), [4] the holder's start time (/proc/<pid>/stat field 22), [5] readers
+  inside (rw lock only), rest reserved.
+- Reader-writer spinlock (``new_lock("rw", ...)``, ``RwLock``; the kernel's rwlock_t, what x86-64
+  KVM's ``mmu_lock`` is): any number of readers or one writer. The write side is the SpinLock's
+  interface and words ([0] state = the writer's pid | tag, [1], [3], [4]: ``owner()``, ``holder()``,
+  ``recover()``, dead-holder checks, ``with lk:`` = write lock); the read side is ``read_lock()``
+  (``timeout_ns`` like ``lock()``), ``read_unlock()``, ``read_trylock()``, ``read_held()`` (this
+  object holds it for read; a per-object count: nested read_locks of one object only count up and
+  never wait) and ``readers()`` (word [5], anonymous). Writer-preferring like qrwlock: a writer
+  claims word [0] first, so new readers wait, then waits for the readers inside to leave; no queue
+  (writers race like SpinLock's; readers can starve under a steady stream of writers). Waiters on
+  either side spin with pause and ``sched_yield`` after ``spins`` polls, and check the *writer*
+  field for a dead holder; readers are anonymous, so a reader that died inside is not detected (a
+  writer waits for it until its timeout). Read acquisitions are counted in the same lock_stat
+  block as write ones (no separate read class): an outermost read_lock is an acquisition (and a
+  contention with its wait if it waited), its read_unlock a hold.
 - Holder identity: the C call that takes a lock records the holder (pid in the same atomic
   instruction, start time before it returns) and ``unlock()`` clears it in the call that releases:
   no signal handler can run in between. ``holder()`` reads it: ``(pid, start)``, ``(0, 0)`` free.
@@ -37,6 +52,7 @@ from ipc import _prims, sched, trace
 
 SpinLock = _prims.SpinLock
 Mutex = _prims.Mutex
+RwLock = _prims.RwLock
 #: ``lock()`` found the lock's recorded holder dead (a RuntimeError; attributes ``holder_pid``,
 #: ``holder_start``, ``owner_tag``, ``lock_word``, ``lock_name``, ``pid_reused``)
 LockHolderDied = _prims.LockHolderDied
@@ -49,8 +65,9 @@ STAT_FIELDS = (
     "hold_total", "hold_max", "hold_min", "holds",
 )
 _I64_MAX = np.iinfo(np.int64).max
-KINDS = {"spin": SpinLock, "mutex": Mutex}
-TRACED = {"spin": _prims.TracedSpinLock, "mutex": _prims.TracedMutex}  # with ipc.trace on
+KINDS = {"spin": SpinLock, "mutex": Mutex, "rw": RwLock}
+TRACED = {"spin": _prims.TracedSpinLock, "mutex": _prims.TracedMutex,  # with ipc.trace on
+          "rw": _prims.TracedRwLock}
 
 
 class LockdepError(AssertionError):
@@ -59,7 +76,7 @@ class LockdepError(AssertionError):
 
 def new_lock(kind: str, mem, lock_word: int, stats_word: int = -1, tag: int = 1,
              busted: bool = False, spins: int = 1000, name: str | None = None):
-    """A ``SpinLock`` ('spin') or ``Mutex`` ('mutex') on ``mem`` at ``lock_word``;
+    """A ``SpinLock`` ('spin'), ``Mutex`` ('mutex') or ``RwLock`` ('rw') on ``mem`` at ``lock_word``;
     ``stats_word`` < 0 turns accounting off; ``tag`` (1 .. 2**32-1) identifies the holder process;
     ``busted`` = a lock that does not lock (fault injection for torture self-tests); ``name`` is
     what a :class:`LockHolderDied` calls the lock. With tracing on (``ipc.trace.ACTIVE`` when the
@@ -68,7 +85,7 @@ def new_lock(kind: str, mem, lock_word: int, stats_word: int = -1, tag: int = 1,
     try:
         cls = (TRACED if tr else KINDS)[kind]
     except KeyError:
-        raise ValueError(f"unknown lock kind {kind!r} (spin, mutex)") from None
+        raise ValueError(f"unknown lock kind {kind!r} ({', '.join(KINDS)})") from None
     lk = cls(mem, lock_word, stats_word, tag, spins, busted, name)
     if tr:
         tr.name_object(lk, name or f"lock@{lock_word}")
@@ -81,6 +98,16 @@ def lockdep_assert_held(lock, name: str = "lock") -> None:
     """Cheap check (one C call) that this process holds ``lock``."""
     if not lock.is_held():
         raise LockdepError(f"lockdep: {name} not held by this process (owner tag {lock.owner()})")
+
+
+def lockdep_assert_held_read(lock, name: str = "lock") -> None:
+    """Cheap check that this process holds the rw ``lock`` for read (this object's read hold) or
+    for write (``lockdep_assert_held(lock)`` would pass): "at least read access". Weaker than the
+    kernel's ``lockdep_assert_held_read``, which wants a read hold; a write hold excludes every
+    writer as well, which is what a read-side caller relies on."""
+    if not (lock.read_held() or lock.is_held()):
+        raise LockdepError(f"lockdep: {name} not held for read or write by this process "
+                           f"(writer tag {lock.owner()})")
 
 
 def init_lockstat(arr: np.ndarray) -> None:

@@ -2,7 +2,7 @@
 and ONE scheduler decides who runs next.
 
 Every participating process (a "client", index 0..n-1) stops at each scheduling point — every shm
-lock acquire / release, RCU / SRCU read lock / unlock, grace-period wait, and the named preemption
+lock acquire / release (rw locks: read acquire / release too), RCU / SRCU read lock / unlock, grace-period wait, and the named preemption
 points of ``ipc/fuzz.py`` (the client takes the role of ``fuzz.ACTIVE``) — hands the turn to the
 scheduler process through a turnstile in shared memory (futex wait / wake) and sleeps until it is
 chosen again. An interleaving is thus the sequence of (client, point) choices of the scheduler: a
@@ -170,6 +170,35 @@ class SchedLock:
         self.unlock()
 
 
+class SchedRwLock(SchedLock):
+    """An ``ipc.locks`` RwLock under the scheduler: the write side is :class:`SchedLock`'s, and
+    ``read_lock`` / ``read_unlock`` are scheduling points the same way (``<name>: read_lock``,
+    ``<name>: read_unlock``); a reader that cannot get in blocks (read try-lock, then yield the turn,
+    ``<name>: read wait``, naming the writer's pid). As for writes, an acquisition whose first
+    read try-lock fails counts one contention in the lock's lock_stat block. Under control the lock
+    is not writer-preferring: a blocked writer's try-lock gives its claim back between turns."""
+
+    def __init__(self, inner, client: Client, name: str, mem=None, stats_word: int = -1):
+        super().__init__(inner, client, name, mem, stats_word)
+        for attr in ("read_trylock", "read_held", "readers"):
+            setattr(self, attr, getattr(inner, attr))
+
+    def read_lock(self, *a) -> None:
+        self.c.hit(f"{self.name}: read_lock")
+        if self.inner.read_trylock():
+            return
+        if self.stats_word >= 0:  # lock_stat's contentions, as SchedLock.lock
+            w = self.stats_word + 1
+            self.mem.store(w, self.mem.load(w) + 1)
+        self.c.block(f"{self.name}: read wait", self.inner.holder()[0])
+        while not self.inner.read_trylock():
+            self.c.block(f"{self.name}: read wait", self.inner.holder()[0])
+
+    def read_unlock(self) -> None:
+        self.c.hit(f"{self.name}: read_unlock")
+        self.inner.read_unlock()
+
+
 class AtomicPoints:
     """A shared-memory word accessor (``_prims.Mem``) whose read-modify-writes (fetch_add, xchg,
     cmpxchg) are scheduling points ``<what>: <op>`` before they happen; loads and stores are the
@@ -239,9 +268,13 @@ def install(client: Client) -> None:
 
 
 def wrap_lock(lock, name: str | None, mem=None, stats_word: int = -1):
-    """Used by ``ipc.locks.new_lock`` / ``ipc.rcu``: the lock itself, or its scheduled wrapper."""
+    """Used by ``ipc.locks.new_lock`` / ``ipc.rcu``: the lock itself, or its scheduled wrapper
+    (:class:`SchedRwLock` for a lock with a read side)."""
     c = ACTIVE
-    return lock if c is None else SchedLock(lock, c, name or f"lock@{id(lock):x}", mem, stats_word)
+    if c is None:
+        return lock
+    cls = SchedRwLock if hasattr(lock, "read_lock") else SchedLock
+    return cls(lock, c, name or f"lock@{id(lock):x}", mem, stats_word)
 
 
 # -- scheduler side --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import random
 
 from ipc import _prims, fuzz, trace
 from vm import layout as L
-from vm import notifier
+from vm import mmu, notifier
 from vm.mirror import MIRROR_KIND
 from vm.nested import untracked_range
 from vm.page_track import (
@@ -32,7 +32,8 @@ from vm.page_track import (
 
 MMIO_BASE = 0xFEE00000  # the local APIC page: outside every memslot
 LOOP_COUNTERS = ("vmrun", "vmexit", "l2_switch", "write_tracked", "write_mmio", "write_untracked",
-                 "iterations")
+                 "iterations", "kick_reentry")
+KICK_POLL_NS = 5_000  # an L2 run looks for a reload request's kick this often (the IPI's latency)
 
 
 def vcpu_seed(seed: int, vcpu: int) -> int:
@@ -49,6 +50,7 @@ class Vcpu:
         self.rng = random.Random(vcpu_seed(cfg.seed, vcpu))
         self.l2 = vcpu % cfg.l2s
         self.in_l2 = False
+        self.l2_entered = False  # its nested NPT shadow pages exist (kvm_mmu_account_nested)
         self.loaded = False
         self.n = dict.fromkeys(LOOP_COUNTERS, 0)
         self.lane = (vcpu % 512) * 8
@@ -57,6 +59,12 @@ class Vcpu:
         # write-protected: fault, emulate, returns the notifier calls; else a plain store, -1),
         # bound to this process' VM (vm/page_track.py)
         self.emulate, _, self.l1_store = write_path(kvm)
+
+    def first_l2_entry(self) -> None:
+        """The vCPU's first nested VMRUN builds its nested NPT: indirect shadow pages (vm/mmu.py)."""
+        if not self.l2_entered:
+            self.l2_entered = True
+            mmu.kvm_mmu_account_nested(self.kvm)
 
     def load(self) -> None:
         if not self.loaded:
@@ -101,12 +109,17 @@ class Vcpu:
         (R_B, R_E), (G_B, G_E), (X_B, X_E) = ((tr.pair("nested_vmrun"), tr.pair("L2"), tr.pair("nested_vmexit"))
                                               if tr else ((0, 0),) * 3)
         PF = tr.instant("page_fault") if tr else 0
-        n_unt = n_tr = n_mmio = n_run = n_sw = iters = 0
+        n_unt = n_tr = n_mmio = n_run = n_sw = iters = n_kick = 0
+        kicked = getattr(d, "reload_pending", None)  # nested AVIC: reload requests kick L2
         l2 = self.l2
         next_tick = now() + tick_ns
         self.load()
+        self.first_l2_entry()
+        dead_w = kvm.flags_w + L.F_VM_BUGGED
         try:
             while True:
+                if load(dead_w):  # KVM_BUG_ON: the VM is dead, no vCPU enters the guest again
+                    break
                 # 1. L1 runs: guest stores
                 gm_lock()
                 for _ in range(writes):
@@ -163,7 +176,18 @@ class Vcpu:
                     emit(G_B, l2)
                 n_run += 1
                 if guest_ns:
-                    spin(guest_ns)
+                    if kicked is None:
+                        spin(guest_ns)
+                    else:  # L2 runs; a reload request's kick (an IPI) makes it exit, and KVM serves
+                        end = now() + guest_ns  # the request and re-enters (nested_vmrun again)
+                        while True:
+                            if kicked(vid) and d.kick_exit(vid):
+                                d.nested_vmrun(vid, l2)
+                                n_kick += 1
+                            left = end - now()
+                            if left <= 0:
+                                break
+                            spin(left if left < KICK_POLL_NS else KICK_POLL_NS)
                 if emit:
                     emit(G_E)
                 if policy == "round-robin":
@@ -192,7 +216,7 @@ class Vcpu:
                 if t >= next_tick or t >= deadline_ns or load(state_w) == L.RUN_STOP:
                     n["write_untracked"], n["write_tracked"], n["write_mmio"] = n_unt, n_tr, n_mmio
                     n["vmrun"] = n["vmexit"] = n_run
-                    n["l2_switch"], n["iterations"] = n_sw, iters
+                    n["l2_switch"], n["iterations"], n["kick_reentry"] = n_sw, iters, n_kick
                     if h_vmrun is not None:
                         h_vmrun.settle(v_left)  # the VMRUNs since the last sample: counted
                     self.flush()
@@ -227,6 +251,17 @@ class Vcpu:
             c[L.C[name]] = self.n[name]
         self.kvm.flush_counts()
 
+    def serve_kick(self) -> bool:
+        """Scripted mode, idle between commands while in L2: take a reload request's kick (exit,
+        serve the request, re-enter the same L2), as the hardware would while L2 runs."""
+        d = self.design
+        kicked = getattr(d, "reload_pending", None)
+        if not self.in_l2 or kicked is None or not kicked(self.id) or not d.kick_exit(self.id):
+            return False
+        d.nested_vmrun(self.id, self.l2)
+        self.n["kick_reentry"] += 1
+        return True
+
     def ops(self) -> int:
         n = self.n
         return n["vmrun"] + n["write_untracked"] + n["write_tracked"] + n["write_mmio"]
@@ -238,6 +273,9 @@ class Vcpu:
         if op == "vmrun":
             l2 = _int(args, "l2", 0, self.cfg.l2s - 1)
             self.load()
+            if kvm.mem.load(kvm.flags_w + L.F_VM_BUGGED):
+                return {"l2": l2, "vm_dead": True}  # KVM_BUG_ON fired: the ioctl fails (-EIO)
+            self.first_l2_entry()
             d.nested_vmrun(self.id, l2)
             self.l2, self.in_l2 = l2, True
             if trace.ACTIVE:  # L2 time spans the commands until the VMEXIT

@@ -137,8 +137,11 @@ class Worker:
         self.stop = False
         # wait for the start barrier (or scripted batches)
         while not self.stop:
-            msg = self.ch.recv(200)
+            # while in L2 between scripted commands, a reload request's kick is taken within ~5 ms
+            msg = self.ch.recv(5 if self.v.in_l2 else 200)
             if msg is None:
+                if self.v.serve_kick():
+                    self.drain_warns()
                 self.check_coordinator()
                 continue
             if isinstance(msg, M.Start) and self.mode == "free":

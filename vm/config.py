@@ -24,6 +24,9 @@ RedundantRegistration = Literal["warn", "mainline"]
 OnOff = Literal["on", "off"]
 Policy = Literal["sticky", "round-robin", "random"]
 FuzzLevel = Literal["off", "light", "heavy"]
+VmrunLock = Literal["change", "every"]
+IndirectShadowPages = Literal["auto", "0"]
+EntryUpdate = Literal["reread", "gentry"]
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -67,6 +70,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     page_track: PageTrack = "v6.0"
     redundant_registration: RedundantRegistration = "warn"
     split_warn: OnOff = "on"
+    # nested AVIC / MMU fidelity (issue 18, docs/fidelity.md): mutex-hash's nested VMRUN takes
+    # tables_lock only on a table change or sync (RFC v3) or on every VMRUN; KVM's own write handler
+    # takes mmu_lock for write on every emulated RAM write once L2 has run (indirect shadow pages,
+    # nested NPT) or never ("0": a VM without them); a table entry update re-reads guest memory or
+    # builds on the cached gentry + the written bytes (RFC v3: see docs/fidelity.md for the race)
+    avic_vmrun_lock: VmrunLock = "change"
+    indirect_shadow_pages: IndirectShadowPages = "auto"
+    entry_update: EntryUpdate = "reread"
     trace_events: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 4096  # per-process trace ring; 0 = off
     # L1 writes to its physical APIC ID tables per nested VMRUN (the seed's "how often is the code
     # executed"); set, it decides tracked_fraction = table_writes_per_vmrun / writes_per_exit
@@ -196,7 +207,7 @@ CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switc
             "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
             "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms", "fuzz",
             "mmio_walk", "page_track", "redundant_registration", "split_warn", "trace_events",
-            "table_writes_per_vmrun", "dilate")
+            "table_writes_per_vmrun", "dilate", "avic_vmrun_lock", "indirect_shadow_pages", "entry_update")
 
 # scripted commands a vCPU understands (vcpu/vcpu.py executes them)
 SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "write_entry", "read", "register", "reregister", "unregister",

@@ -206,6 +206,16 @@ class Kvm:
         if self.on_warn is not None:
             self.on_warn(*ev)
 
+    def bug_on(self, message: str, **data) -> None:
+        """``KVM_BUG_ON`` fired: ``kvm_vm_bugged`` (a WARN) and ``kvm_vm_dead`` (``F_VM_BUGGED``:
+        every vCPU gets KVM_REQ_VM_DEAD and enters no guest again; the VM's ioctls fail with -EIO)."""
+        self.mem.store(self.flags_w + L.F_VM_BUGGED, 1)
+        self.warn("kvm_bug_on", f"KVM_BUG_ON: {message}: the VM is dead", **data)
+
+    @property
+    def vm_dead(self) -> bool:
+        return self.mem.load(self.flags_w + L.F_VM_BUGGED) != 0
+
     def count(self, name: str, n: int = 1) -> None:
         """Per-process event count, kept in Python (no shm write on the hot path)."""
         self.counts[L.C[name]] += n

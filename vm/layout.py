@@ -22,6 +22,9 @@ F_RUN_STATE = 1        # RUN_* below
 F_WARNS = 2            # WARNs raised by any process
 F_POISON_READS = 3     # reads of a poisoned notifier node / freed object
 F_EPOCH = 4            # bumped by the coordinator at start
+F_INDIRECT_SP = 5      # kvm->arch.indirect_shadow_pages: shadow pages of nested NPT (counted, under
+                       # mmu_lock for write, at each vCPU's first L2 entry; read with READ_ONCE)
+F_VM_BUGGED = 6        # KVM_BUG_ON fired: the VM is dead (kvm_vm_dead: every vCPU stops entering)
 
 RUN_INIT, RUN_RUNNING, RUN_STOP = 0, 1, 2
 
@@ -57,7 +60,7 @@ NODE_FREE, NODE_LIVE, NODE_RETIRING, NODE_POISON, NODE_ALLOCATED = 0, 1, 2, 3, 4
 # -- locks: instance index in vm.locks, class index in vm.lockstat ---------------------------
 LOCKS = ("mmu_lock", "tables_lock", "avic_physid_lock", "avic_tables_spin")
 LOCK_MMU, LOCK_TABLES, LOCK_PHYSID, LOCK_TABLES_SPIN = range(len(LOCKS))
-LOCK_KIND = {"mmu_lock": "spin", "tables_lock": "mutex", "avic_physid_lock": "spin",
+LOCK_KIND = {"mmu_lock": "rw", "tables_lock": "mutex", "avic_physid_lock": "spin",
              "avic_tables_spin": "spin"}
 # classes: the locks above, then the grace-period mutexes of the RCU/SRCU domains
 LOCK_CLASSES = LOCKS + ("track_srcu.gp_lock", "guest_mode.gp_lock", "rcu.gp_lock")
@@ -75,10 +78,13 @@ COUNTERS = (
     # calls found missing or repeated (each one a WARN), and nodes that joined or left the list
     # within a judged interval and got fewer calls than its walks (not decidable per walk)
     "track_checked", "track_violations", "track_indeterminate",
-    # page_track v6.0: calls of KVM's own kvm_mmu_pte_write notifier (vm/mmu.py)
-    "mmu_pte_write",
+    # calls of KVM's own write handler (v6.0 kvm_mmu_pte_write on the list, v6.6 kvm_mmu_track_write
+    # called directly; vm/mmu.py) and how many took mmu_lock for write (indirect shadow pages exist)
+    "mmu_pte_write", "mmu_lock_write",
+    # L2 runs cut short by a reload request's kick and re-entered (vcpu/vcpu.py)
+    "kick_reentry",
 )
-NCOUNTERS = 20
+NCOUNTERS = 22
 C = {name: i for i, name in enumerate(COUNTERS)}
 assert len(COUNTERS) == NCOUNTERS
 

@@ -8,11 +8,27 @@ arch/x86/kvm/mmu/mmu.c, v6.0, ``kvm_mmu_init_vm`` (called from ``kvm_arch_init_v
 
 and ``kvm_mmu_uninit_vm`` unregisters it. So before v6.6 the notifier list is never empty: every
 emulated RAM write walks at least this node, and ``kvm_page_track_write``'s "empty list: return"
-never runs. ``kvm_mmu_pte_write`` begins with ``if (!READ_ONCE(vcpu->kvm->arch.indirect_shadow_pages))
-return;`` — the model has no indirect (shadow) MMU pages, so its handler is that early return: one
-walk step, one Python call, counted (``mmu_pte_write``). Sean's v6.6 cleanup ("KVM: x86/mmu: Don't
-bounce through page-track mechanism for guest PTEs") calls ``kvm_mmu_track_write`` directly from
-``kvm_page_track_write`` instead, so ``--page-track v6.6`` registers nothing here.
+never runs. Sean's v6.6 cleanup ("KVM: x86/mmu: Don't bounce through page-track mechanism for guest
+PTEs") calls ``kvm_mmu_track_write`` directly from ``kvm_page_track_write``, after the external
+notifiers' walk, whether or not the list is empty; so ``--page-track v6.6`` registers nothing here
+and the write path calls the same handler (vm/write_path.py).
+
+The handler (v6.0 ``kvm_mmu_pte_write``, v6.6 ``kvm_mmu_track_write``, arch/x86/kvm/mmu/mmu.c)::
+
+    if (!READ_ONCE(vcpu->kvm->arch.indirect_shadow_pages))
+            return;
+    write_lock(&vcpu->kvm->mmu_lock);
+    ... for_each_gfn_valid_sp_with_gptes(): zap / update the shadow PTEs of guest page tables on gfn
+    write_unlock(&vcpu->kvm->mmu_lock);
+
+Nested AVIC needs nested NPT, and L2 runs on shadow (nested) NPT: once a vCPU has entered L2 its
+shadow pages exist (``account_shadowed`` under mmu_lock for write; here ``kvm_mmu_account_nested``,
+at each vCPU's first L2 entry, ``F_INDIRECT_SP``), and from then on every emulated RAM write takes
+``mmu_lock`` for write — a VM-wide lock on the write path of every design (counted:
+``mmu_pte_write`` calls, ``mmu_lock_write`` of them locked). The model's tracked pages are physid
+tables and mirror pages, never guest page tables, so the locked section finds no shadow page to
+zap: the lock is taken and released, as in KVM for such a gfn. ``--indirect-shadow-pages 0`` models
+a VM without them (the early return on every write).
 """
 
 from __future__ import annotations
@@ -23,12 +39,30 @@ from vm import notifier
 KVM_MMU_KIND = 2  # notifier kind of KVM's own node (kvm->arch.mmu_sp_tracker)
 
 
-def _bind_pte_write(counts: list, c_calls: int):
-    """``kvm_mmu_pte_write``, a closure over its bound state (no attribute loads per call)."""
+def bind_track_write(kvm):
+    """``kvm_mmu_pte_write`` / ``kvm_mmu_track_write`` of ``kvm`` in this process, a closure over
+    its bound state (no attribute loads per call); the signature of a notifier's ``track_write``."""
+    counts, c_calls, c_locked = kvm.counts, L.C["mmu_pte_write"], L.C["mmu_lock_write"]
+    load, isp_w = kvm.mem.load, kvm.flags_w + L.F_INDIRECT_SP
+    lock, unlock = kvm.mmu_lock.lock, kvm.mmu_lock.unlock
+
     def track_write(gpa: int, new: bytes, nbytes: int, node: int) -> None:
-        # kvm_mmu_pte_write: no indirect shadow pages in this model -> return at once
         counts[c_calls] += 1
+        if not load(isp_w):  # READ_ONCE(kvm->arch.indirect_shadow_pages) == 0
+            return
+        lock()  # write_lock(&kvm->mmu_lock)
+        counts[c_locked] += 1  # no shadow page of a guest page table on this gfn: nothing to zap
+        unlock()
     return track_write
+
+
+def kvm_mmu_account_nested(kvm) -> None:
+    """A vCPU's first entry into L2 builds its nested NPT shadow pages (``account_shadowed``:
+    ``indirect_shadow_pages++`` under mmu_lock for write), unless ``--indirect-shadow-pages 0``."""
+    if kvm.cfg.indirect_shadow_pages == "0":
+        return
+    with kvm.mmu_lock:
+        kvm.mem.fetch_add(kvm.flags_w + L.F_INDIRECT_SP, 1)
 
 
 @notifier.notifier_kind(KVM_MMU_KIND)
@@ -37,7 +71,7 @@ class KvmMmuNotifier(notifier.NotifierNode):
 
     def __init__(self, kvm, node: int, owner: int):
         super().__init__(kvm, node, owner)
-        self.track_write = _bind_pte_write(kvm.counts, L.C["mmu_pte_write"])
+        self.track_write = bind_track_write(kvm)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         pass  # kvm_mmu_invalidate_zap_pages_in_memslot: no shadow pages to zap

@@ -5,7 +5,8 @@ bound hot path, one Python frame per write, is vm/write_path.py).
 - ``gfn_write_track``: one ``unsigned short`` per 4K gfn of each memslot (the memslots are
   contiguous here, so the per-slot arrays are slices of one shm array indexed by gfn).
   ``update_gfn_track`` WARNs and refuses on overflow past USHRT_MAX or below 0.
-- add / remove require ``mmu_lock`` (asserted) and WARN if write tracking is not enabled. After
+- add / remove require ``mmu_lock`` (asserted) and WARN if write tracking is not enabled (v6.6:
+  ``KVM_BUG_ON``, the VM is killed: ``Kvm.bug_on``). After
   adding, the caller flushes remote TLBs (``kvm_flush_remote_tlbs``): here that is a grace period
   of the ``guest_mode`` domain, which vCPUs hold while running guest code, so once it returns no
   vCPU can still be writing the gfn through a stale writable mapping.
@@ -71,7 +72,10 @@ def update_gfn_track(kvm, gfn: int, delta: int) -> bool:
 def _track_change(kvm, gfn: int, delta: int, what: str) -> bool:
     lockdep_assert_held(kvm.mmu_lock, "mmu_lock")
     if not kvm_page_track_write_tracking_enabled(kvm):
-        kvm.warn("tracking_disabled", f"{what}({gfn:#x}) while write tracking is not enabled", gfn=gfn)
+        if kvm.cfg.page_track == "v6.6":  # __kvm_write_track_{add,remove}_gfn: KVM_BUG_ON(!enabled)
+            kvm.bug_on(f"write tracking not enabled ({what}({gfn:#x}), v6.6)", gfn=gfn)
+        else:  # v6.0 kvm_slot_page_track_add_page: WARN_ON(!enabled), return
+            kvm.warn("tracking_disabled", f"{what}({gfn:#x}) while write tracking is not enabled", gfn=gfn)
         return False
     if gfn_to_memslot(kvm, gfn) < 0:
         kvm.warn("no_memslot", f"{what}({gfn:#x}): gfn is in no memslot", gfn=gfn)

@@ -35,7 +35,7 @@ from typing import Any
 
 from ipc import _prims, fuzz, trace
 from vm import layout as L
-from vm import notifier
+from vm import mmu, notifier
 from vm.faults import notifier_cycle
 from vm.notifier import POISON_NEXT
 
@@ -68,6 +68,7 @@ sample_walk: Callable[[int], int] = _UNBOUND
 acct: Any = _UNBOUND  # the accounting (its checkpoint and period) or _Unaccounted
 node_entry: Callable[[int], tuple | None] = _UNBOUND
 page_track_write: Callable[[int, bytes], int] = _UNBOUND  # the WALK entry point
+mmu_track_write: Callable | None = _UNBOUND  # v6.6: kvm_mmu_track_write after the walk (vm/mmu.py); v6.0: None
 
 
 def _template():
@@ -104,6 +105,8 @@ def _template():
                     return 0
             # kvm_page_track_write
             if not load(head_w):  # empty list: return at once
+                if mmu_track_write:  # v6.6: KVM's own handler is called whatever the list holds
+                    mmu_track_write(gpa, new, 0, -1)
                 if te:
                     e_left = sample_emul(te)
                 return 0
@@ -144,6 +147,8 @@ def _template():
                     n = load(next_w)
             finally:
                 srcu_unlock()
+            if mmu_track_write:
+                mmu_track_write(gpa, new, nbytes, -1)
             if tw:
                 w_left = sample_walk(tw)
             if te:
@@ -216,7 +221,8 @@ def bind(kvm_):
         W_B=w_b, W_E=w_e, T_B=t_b, T_E=t_e,
         sample_emul=h_emul.sample if h_emul is not None else None,
         sample_walk=h_walk.sample if h_walk is not None else None,
-        acct=acct_)
+        acct=acct_,
+        mmu_track_write=mmu.bind_track_write(kvm_) if kvm_.cfg.page_track == "v6.6" else None)
     cells = {"left": types.CellType(acct_.period),
              "e_left": types.CellType(h_emul.start() if h_emul is not None else 0),
              "w_left": types.CellType(h_walk.start() if h_walk is not None else 0)}

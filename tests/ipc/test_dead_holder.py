@@ -16,7 +16,7 @@ from ipc.locks import LOCK_WORDS, STAT_WORDS, init_lockstat, merge_lockstat, new
 from ipc.proc import proc_starttime
 from ipc.shm import Layout, Region
 
-KINDS = ["spin", "mutex"]
+KINDS = ["spin", "mutex", "rw"]  # rw: its write side (read side: tests/ipc/test_rwlock.py)
 C_HOLD, C_RELEASE, C_PID, C_DIE = 0, 1, 2, 3
 BOUND_S = 10.0  # a dead holder is reported within this (generous: shared 2-core machine)
 

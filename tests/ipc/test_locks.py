@@ -1,5 +1,6 @@
-"""SpinLock / Mutex across processes: mutual exclusion, lock_stat accounting, lockdep asserts,
-ownership errors, timeouts, futex wake-ups."""
+"""SpinLock / Mutex / RwLock (its write side) across processes: mutual exclusion, lock_stat
+accounting, lockdep asserts, ownership errors, timeouts, futex wake-ups. The rw lock's read side:
+tests/ipc/test_rwlock.py."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ C_COUNTER, C_GO, C_READY, C_HOLD, C_RELEASE, C_RESULT = 0, 1, 2, 3, 4, 5
 
 def layout() -> Layout:
     return Layout("locks", [
-        ("locks", "i8", (2, LOCK_WORDS)),
+        ("locks", "i8", (3, LOCK_WORDS)),
         ("lockstat", "i8", (NPROCS + 1, 2, STAT_WORDS)),
         ("ctl", "i8", (8, 8)),
         ("res", "i8", (NPROCS + 1, 8)),
@@ -146,7 +147,7 @@ def _run_counter(ctx, procs, region, run_id, kind, n, gap_ns, busted=False, npro
 
 
 # -- mutual exclusion ------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["spin", "mutex"])
+@pytest.mark.parametrize("kind", ["spin", "mutex", "rw"])
 def test_counter_exact_and_lock_stat(ctx, procs, region_factory, run_id, kind):
     region = _make(region_factory)
     n, gap = 1500, 2000
@@ -172,7 +173,7 @@ def test_counter_exact_and_lock_stat(ctx, procs, region_factory, run_id, kind):
     assert region.mem.load(region.word("locks", 0)) == 0
 
 
-@pytest.mark.parametrize("case", ["no-lock", "busted-spin", "busted-mutex"])
+@pytest.mark.parametrize("case", ["no-lock", "busted-spin", "busted-mutex", "busted-rw"])
 def test_counter_detects_lost_updates(ctx, procs, region_factory, run_id, case):
     """Control: the same test without mutual exclusion must see lost updates (it can fail)."""
     region = _make(region_factory)
@@ -186,7 +187,7 @@ def test_counter_detects_lost_updates(ctx, procs, region_factory, run_id, case):
 
 
 # -- lockdep, ownership, recursion -----------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["spin", "mutex"])
+@pytest.mark.parametrize("kind", ["spin", "mutex", "rw"])
 def test_lockdep_and_ownership(region_factory, kind):
     region = _make(region_factory)
     mem, w = region.mem, region.word
@@ -237,7 +238,7 @@ def test_busted_lock_and_bad_args(region_factory):
         new_lock("mutex", mem, mem.nwords - 4)
 
 
-@pytest.mark.parametrize("kind", ["spin", "mutex"])
+@pytest.mark.parametrize("kind", ["spin", "mutex", "rw"])
 def test_timeout_when_held_by_another_process(ctx, procs, region_factory, run_id, kind):
     region = _make(region_factory)
     mem, w = region.mem, region.word
@@ -350,12 +351,16 @@ def test_lock_after_region_close_raises(run_id):
     try:
         lk = new_lock("spin", r.mem, r.word("locks", 0), -1, tag=1)
         mx = new_lock("mutex", r.mem, r.word("locks", 1), -1, tag=1)
+        rw = new_lock("rw", r.mem, r.word("locks", 2), -1, tag=1)
     finally:
         r.close()
-    for obj in (lk, mx):
+    for obj in (lk, mx, rw):
         for meth in ("lock", "unlock", "is_held", "trylock"):
             with pytest.raises(ValueError, match="released"):
                 getattr(obj, meth)()
+    for meth in ("read_lock", "read_unlock", "read_held", "read_trylock", "readers"):
+        with pytest.raises(ValueError, match="released"):
+            getattr(rw, meth)()
     with pytest.raises(ValueError, match="released"):
         lockdep_assert_held(lk)
 
@@ -377,7 +382,7 @@ _CLOSE_WHILE_WAITING = textwrap.dedent("""
     from ipc.locks import new_lock
     from ipc.shm import Layout, Region
 
-    for kind in ("mutex", "spin"):
+    for kind in ("mutex", "spin", "rw"):
         r = Region.create({run_id!r} + kind[0], Layout("cw", [("locks", "i8", (1, 8))]))
         a = new_lock(kind, r.mem, r.word("locks", 0), -1, tag=1, spins=10)
         b = new_lock(kind, r.mem, r.word("locks", 0), -1, tag=2, spins=10)
@@ -412,7 +417,7 @@ def test_region_closed_under_a_blocked_waiter(tmp_path, run_id):
     assert res.stdout.strip() == "ok"
 
 
-@pytest.mark.parametrize("kind", ["spin", "mutex"])
+@pytest.mark.parametrize("kind", ["spin", "mutex", "rw"])
 def test_hold_avg_counts_completed_holds_only(region_factory, kind):
     """A hold that never ends (its holder died) is an acquisition but not a hold: it must not pull
     the hold average below the minimum hold (issue 12, defect 5)."""

@@ -62,6 +62,7 @@ def test_plain_lock_types_when_tracing_is_off(region_factory):
     r = region_factory(Layout("lk", [("locks", "i8", (1, LOCK_WORDS))]))
     assert type(new_lock("spin", r.mem, r.word("locks", 0))) is _prims.SpinLock
     assert type(new_lock("mutex", r.mem, r.word("locks", 0))) is _prims.Mutex
+    assert type(new_lock("rw", r.mem, r.word("locks", 0))) is _prims.RwLock
 
 
 def _two_tags(tracer_at, kind):
@@ -71,10 +72,10 @@ def _two_tags(tracer_at, kind):
     return r, new_lock(kind, r.mem, w, tag=1, name="demo_lock"), new_lock(kind, r.mem, w, tag=2, name="demo_lock")
 
 
-@pytest.mark.parametrize("kind", ["spin", "mutex"])
+@pytest.mark.parametrize("kind", ["spin", "mutex", "rw"])
 def test_traced_lock_records_wait_and_hold(tracer_at, kind):
     r, holder, me = _two_tags(tracer_at, kind)
-    assert isinstance(me, _prims.TracedSpinLock if kind == "spin" else _prims.TracedMutex)
+    assert isinstance(me, {"spin": _prims.TracedSpinLock, "mutex": _prims.TracedMutex, "rw": _prims.TracedRwLock}[kind])
     assert holder.lock()
     assert me.lock(1_000_000) is False  # contended: a wait that times out, no hold
     holder.unlock()
@@ -83,6 +84,23 @@ def test_traced_lock_records_wait_and_hold(tracer_at, kind):
     evs = [(e.cat, e.phase, e.a) for e in trace.snapshot(r).procs[0][1] if e.name == "demo_lock"]
     H, W, B, E = trace.CAT_HOLD, trace.CAT_WAIT, trace.PH_B, trace.PH_E
     assert evs == [(H, B, 0), (W, B, 0), (W, E, 0), (H, E, 0), (H, B, 0), (H, E, 0)]
+
+
+def test_traced_rwlock_read_side_is_a_hold_of_the_outermost_section(tracer_at):
+    """Read sections: hold events with b = 1 (outermost only); a read waiting on a writer: a wait."""
+    r, writer, me = _two_tags(tracer_at, "rw")
+    assert me.read_lock() and me.read_lock()
+    me.read_unlock()
+    me.read_unlock()
+    assert me.read_trylock()
+    me.read_unlock()
+    assert writer.lock()
+    assert me.read_lock(1_000_000) is False  # a writer holds it: the wait times out, no hold
+    writer.unlock()
+    evs = [(e.cat, e.phase, e.a, e.b) for e in trace.snapshot(r).procs[0][1] if e.name == "demo_lock"]
+    H, W, B, E = trace.CAT_HOLD, trace.CAT_WAIT, trace.PH_B, trace.PH_E
+    assert evs == [(H, B, 0, 1), (H, E, 0, 1), (H, B, 0, 1), (H, E, 0, 1),
+                   (H, B, 0, 0), (W, B, 0, 0), (W, E, 0, 1), (H, E, 0, 0)]
 
 
 def test_traced_rcu_reader_marks_the_outermost_section_only(tracer_at):
@@ -104,7 +122,7 @@ def test_traced_rcu_reader_marks_the_outermost_section_only(tracer_at):
                    (trace.PH_E, "grace period demo_rcu"), (trace.PH_E, "synchronize demo_rcu")]
 
 
-@pytest.mark.parametrize("kind", ["spin", "mutex"])
+@pytest.mark.parametrize("kind", ["spin", "mutex", "rw"])
 def test_recover_from_a_killed_holder_begins_the_hold(tracer_at, kind):
     """A takeover from a SIGKILLed holder is a hold that starts at recover(), not at the ring's start."""
     import json
@@ -136,7 +154,7 @@ def test_recover_from_a_killed_holder_begins_the_hold(tracer_at, kind):
     assert hold["ts"] > before["ts"] and "truncated" not in hold.get("args", {}), json.dumps(hold)
 
 
-@pytest.mark.parametrize("kind", ["spin", "mutex"])
+@pytest.mark.parametrize("kind", ["spin", "mutex", "rw"])
 def test_unlock_by_a_non_holder_ends_no_hold(tracer_at, kind):
     r, holder, other = _two_tags(tracer_at, kind)
     assert holder.lock()

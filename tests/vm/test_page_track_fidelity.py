@@ -58,11 +58,42 @@ def test_v60_registers_kvm_mmu_pte_write_at_vm_creation(make_kvm):
     assert kvm.counts[L.C["mmu_pte_write"]] == 1, "kvm_mmu_pte_write is called and counted"
 
 
-def test_v66_has_no_kvm_node_and_an_empty_list_returns_at_once(make_kvm):
+def test_v66_has_no_kvm_node_and_calls_kvm_mmu_track_write_directly(make_kvm):
     kvm = make_kvm(page_track="v6.6")
     assert mmu.mmu_node(kvm) == -1 and notifier.live_nodes(kvm) == []
-    assert page_track.emulator_write_phys(kvm, 4096, b"\1" * 8) == 0
-    assert kvm.counts[L.C["mmu_pte_write"]] == 0
+    assert page_track.emulator_write_phys(kvm, 4096, b"\1" * 8) == 0, "no notifier on the list"
+    assert kvm.counts[L.C["mmu_pte_write"]] == 1, "kvm_mmu_track_write runs even on an empty list"
+    m = _mirror(kvm)
+    mirror_track(kvm, 1)
+    with page_track.record_walks(kvm) as visited:
+        assert page_track.emulator_write_phys(kvm, 4096, b"\2" * 8) == 1
+    assert visited == [m] and kvm.counts[L.C["mmu_pte_write"]] == 2
+
+
+def _mmu_lock_acquisitions(kvm) -> int:
+    return int(kvm.vm.v["lockstat"][:, L.CLASS["mmu_lock"], 0].sum())
+
+
+@pytest.mark.parametrize("page_track_version", ["v6.0", "v6.6"])
+@pytest.mark.parametrize("isp", ["auto", "0"])
+def test_kvm_write_handler_takes_mmu_lock_for_write_once_l2_has_run(make_kvm, page_track_version, isp):
+    """v6.0 kvm_mmu_pte_write / v6.6 kvm_mmu_track_write: an early return while
+    indirect_shadow_pages == 0, else write_lock(&kvm->mmu_lock) on every emulated RAM write. Nested
+    AVIC runs L2 on nested (shadow) NPT: after a vCPU's first L2 entry every emulated write locks."""
+    kvm = make_kvm(page_track=page_track_version, indirect_shadow_pages=isp)
+    assert kvm.mmu_lock.__class__.__name__.endswith("RwLock"), "x86's mmu_lock is an rwlock_t"
+    for _ in range(3):
+        page_track.emulator_write_phys(kvm, 4096, b"\1" * 8)
+    assert kvm.counts[L.C["mmu_pte_write"]] == 3 and kvm.counts[L.C["mmu_lock_write"]] == 0
+    mmu.kvm_mmu_account_nested(kvm)  # a vCPU entered L2: its nested NPT shadow pages exist
+    a0 = _mmu_lock_acquisitions(kvm)
+    for _ in range(5):
+        page_track.emulator_write_phys(kvm, 4096, b"\1" * 8)
+    locked = 5 if isp == "auto" else 0
+    assert kvm.counts[L.C["mmu_pte_write"]] == 8 and kvm.counts[L.C["mmu_lock_write"]] == locked
+    assert _mmu_lock_acquisitions(kvm) - a0 == locked
+    page_track.emulator_write_phys(kvm, MMIO, b"\1" * 4)  # MMIO: no walk, no handler
+    assert kvm.counts[L.C["mmu_pte_write"]] == 8
 
 
 # -- item 1: MMIO ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from ipc import sched, trace
-from ipc.locks import init_lockstat, merge_lockstat, new_lock
+from ipc.locks import init_lockstat, lockdep_assert_held, merge_lockstat, new_lock
 from ipc.proc import proc_starttime
 from ipc.shm import Region
 from vm import notifier
@@ -38,6 +38,7 @@ from vm.avic.table import (
     H_NODE,
     H_REGVAR,
     LOCK_NOTIFIER,
+    LOCK_TABLE,
     MYLOCKS,
     POISON,
     READER_DELAY_NS,
@@ -75,6 +76,9 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
 
     name = "avic"
     shared_node = True
+    #: a spinlock per table guards its entries (rcu-list: Sean's "no 'real' locks" in the notifier);
+    #: False: the VM-wide ``avic_physid_lock`` does (RFC v3's ``table_entries_lock``)
+    per_table_lock = False
 
     def __init__(self, kvm, cfg):
         super().__init__(kvm, cfg)
@@ -93,6 +97,7 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
         self.hooks = kvm.hooks
         self.reader_delay = cfg.dilated_ns(READER_DELAY_NS) if "avic-reader-delay" in kvm.hooks else 0
         self.flood_race_ns = cfg.dilated_ns(FLOOD_RACE_DELAY_NS)
+        self.entry_gentry = cfg.entry_update == "gentry"  # RFC v3: cached gentry + the written bytes
         self.vmruns_checked = 0  # nested VMRUNs (of this process) since the last all-entries check
         self.entered_epoch: dict[int, int] = {}  # per vCPU in L2: its table's epoch at VMRUN (I1)
         pid = os.getpid()  # T_TRACKER: who is write-protecting a table
@@ -130,6 +135,13 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
             "mutex", region.mem, region.word("locks", LOCK_NOTIFIER),
             region.word("lockstat", self.kvm.proc, LOCK_NOTIFIER) if stats else -1, self.tag,
             busted="busted-lock" in self.hooks, name="avic_notifier_lock")
+        self.tcs0 = region.word("tcs")
+        self.if0 = region.word("inflight")
+        if self.per_table_lock:
+            tstat = region.word("lockstat", self.kvm.proc, LOCK_TABLE) if stats else -1
+            self.tlocks = [new_lock("spin", region.mem, region.word("tlocks", t), tstat, self.tag,
+                                    busted="busted-lock" in self.hooks, name=f"avic_table_lock[{t}]")
+                           for t in range(self.nt)]
         # scheduled (ipc/sched.py): RMWs of the shared AVIC state are scheduling points; this
         # process' own stats counters and the mutual-exclusion checker's words are not (_smem)
         self._smem, self.amem = region.mem, sched.atomic_points(region.mem, "avic")
@@ -180,6 +192,30 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
         self._cs_out(CS_PHYSID)
         self.physid_lock.unlock()
 
+    # the lock of table t's entries: its own spinlock (per_table_lock) or the VM-wide one
+    def _tlock(self, t: int) -> None:
+        if not self.per_table_lock:
+            self._physid_lock()
+            return
+        self.tlocks[t].lock()
+        w = self.tcs0 + t * 8
+        if self._smem.xchg(w + CS_HOLDER, self.tag):
+            self._smem.fetch_add(w + CS_FAILS, 1)
+
+    def _tunlock(self, t: int) -> None:
+        if not self.per_table_lock:
+            self._physid_unlock()
+            return
+        self._smem.cmpxchg(self.tcs0 + t * 8 + CS_HOLDER, self.tag, 0)
+        self.tlocks[t].unlock()
+
+    def _tlock_held(self, t: int) -> None:
+        """lockdep: the caller holds table ``t``'s entries lock."""
+        if self.per_table_lock:
+            lockdep_assert_held(self.tlocks[t], f"avic_table_lock[{t}]")
+        else:
+            lockdep_assert_held(self.physid_lock, "avic_physid_lock")
+
     def setup(self) -> None:
         kvm, cfg = self.kvm, self.cfg
         region = Region.create(kvm.run_id, avic_layout(cfg))
@@ -222,10 +258,10 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
     def _put(self, v: int, t: int) -> None:
         raise NotImplementedError
 
-    def track_write(self, gpa: int, nbytes: int, node: int) -> None:
+    def track_write(self, gpa: int, nbytes: int, node: int, new: bytes | None = None) -> None:
         raise NotImplementedError
 
-    def table_track_write(self, t: int, gpa: int, nbytes: int, node: int) -> None:
+    def table_track_write(self, t: int, gpa: int, nbytes: int, node: int, new: bytes | None = None) -> None:
         raise NotImplementedError
 
     def sample(self) -> None:
@@ -250,6 +286,7 @@ class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
         out["max_live_tables"] = self._h(H_MAXLIVE)
         out["lock_stat"] = merge_lockstat(np.array(v["lockstat"]), list(MYLOCKS))
         out["lock_fails"] = {name: int(v["cs"][i, CS_FAILS]) for i, name in enumerate(CS)}
+        out["lock_fails"]["avic_table_lock"] = int(v["tcs"][:, CS_FAILS].sum())
         del v, st
         return out
 

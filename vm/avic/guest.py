@@ -13,7 +13,6 @@ from vm.avic.table import (
     AVIC_IS_RUNNING,
     AVIC_VALID,
     DROPPED,
-    H_SEQ,
     INVALID,
     STATE_NAMES,
     T_FLOOD,
@@ -27,15 +26,17 @@ from vm.avic.table import (
     V_CUR,
     V_INGUEST,
     V_INL2,
-    V_L1SEQ,
     V_L2SEQ,
     V_LOADED,
+    V_PROC,
     V_RELOAD,
     VALID,
     VW,
     s64,
 )
 from vm.nested import table_gfn
+
+RELOAD_WAIT_NS = 10_000_000_000  # KVM_REQUEST_WAIT: a vCPU still in L2 after this is WARNed about
 
 
 class GuestEntry:
@@ -91,10 +92,13 @@ class GuestEntry:
                 if m.cmpxchg(b + T_STATE, st, TRACKING) == st:
                     m.store(b + T_TRACKER, self.identity)
                     try:
-                        self._track(t)
+                        ok = self._track(t)
                     except BaseException:  # e.g. the TLB flush met a dead vCPU: let others retry
                         m.cmpxchg(b + T_STATE, TRACKING, st)
                         raise
+                    if not ok and self.kvm.vm_dead:  # KVM_BUG_ON (v6.6): nothing enters the guest
+                        m.store(b + T_STATE, st)
+                        return False
                     m.store(b + T_STATE, INVALID)
             elif st == TRACKING:
                 _prims.sched_yield()  # another user is write-protecting it
@@ -102,13 +106,13 @@ class GuestEntry:
                 if not waits % 1024:
                     self._check_tracker(t, b)
             elif st == INVALID:
-                self._physid_lock()
+                self._tlock(t)
                 try:
                     if m.load(b + T_STATE) == INVALID:
                         self._stat("sync" if m.load(b + T_SYNCS) == 0 else "resync")
                         self._sync(t)
                 finally:
-                    self._physid_unlock()
+                    self._tunlock(t)
             else:
                 self.kvm.poisoned(f"avic_physid_table slot {t} (state {STATE_NAMES[st] if 0 <= st < 9 else st})"
                                   f" at nested VMRUN of vCPU {v}", table=t, vcpu=v)
@@ -123,22 +127,89 @@ class GuestEntry:
                                f"(table left in state tracking)")
 
     def nested_vmrun(self, vcpu: int, l2: int) -> None:
+        """Nested VMRUN: get the L2's table and make it ready, then enter L2 the way
+        ``vcpu_enter_guest`` does: mark the vCPU in L2 (a full barrier), then look at its requests;
+        a reload request that came meanwhile cancels the entry, and it starts again (a requester
+        either saw the vCPU in L2 and waits for it to leave, or the vCPU sees the request)."""
         if self.region is None:
             self._attach()
         m = self.amem
         vw = self.vw0 + vcpu * VW
-        if m.load(vw + V_L1SEQ) & 1:  # this vCPU's L1 stores to table pages have all completed
-            m.fetch_add(vw + V_L1SEQ, 1)
+        self._store_end(vcpu)  # this vCPU's L1 stores to table pages have all completed
+        m.store(vw + V_PROC, self.tag)
         gfn = table_gfn(self.cfg, l2)
-        self._reload_check(vcpu)
-        if self.registration == "split":
-            self._activate(vcpu)  # write tracking enabled by its own path (vm/avic/registration.py)
-        t = self._vmrun_get(vcpu, gfn, l2)
-        if t >= 0:  # -1: the table turned out to be freed memory (reported)
+        while True:
+            self._reload_check(vcpu)
+            if self.registration == "split":
+                self._activate(vcpu)  # write tracking enabled by its own path (vm/avic/registration.py)
+            t = self._vmrun_get(vcpu, gfn, l2)
+            if t < 0:  # the table turned out to be freed memory (reported)
+                return
             if m.load(vw + V_INL2) == 0:  # (scripted mode may VMRUN again without a VMEXIT)
-                m.fetch_add(vw + V_L2SEQ, 1)  # odd: in L2
+                m.fetch_add(vw + V_L2SEQ, 1)  # odd: in L2 (full barrier before the request check)
             m.store(vw + V_INL2, t + 1)  # from here the hardware uses the table's entries
-            oracle.check_vmrun(self, vcpu, t, l2, gfn)
+            if not m.load(vw + V_RELOAD):
+                break
+            m.fetch_add(vw + V_L2SEQ, 1)  # a request came: cancel the entry, serve it, try again
+            m.store(vw + V_INL2, 0)
+        oracle.check_vmrun(self, vcpu, t, l2, gfn)
+
+    def kick_exit(self, vcpu: int) -> bool:
+        """The vCPU takes the kick of a reload request (an IPI: a VM exit from L2 to L0); its caller
+        then serves the request and re-enters (``nested_vmrun`` of the same L2). False if the vCPU
+        was not in L2."""
+        m = self.amem
+        vw = self.vw0 + vcpu * VW
+        t = m.load(vw + V_INL2) - 1
+        if t < 0:
+            return False
+        oracle.check_vmexit(self, vcpu, t)
+        m.fetch_add(vw + V_L2SEQ, 1)
+        m.store(vw + V_INL2, 0)
+        self._stat("kick_exit")
+        return True
+
+    def reload_pending(self, vcpu: int) -> bool:
+        """A reload request waits for this vCPU (what the L2 loop polls: the kick)."""
+        return self._smem.load(self.vw0 + vcpu * VW + V_RELOAD) != 0
+
+    def _request_reload_all(self, t: int) -> list[tuple[int, int]]:
+        """``kvm_make_all_cpus_request(kvm, KVM_REQ_APIC_PAGE_RELOAD)``, its first half: the request
+        for every vCPU, a full barrier, then the vCPUs in L2 now, each as (vCPU, its L2 seqcount):
+        they are kicked, and ``_reload_wait`` waits for each to leave that L2 run."""
+        m = self.amem
+        for v in range(self.nvcpus):
+            m.store(self.vw0 + v * VW + V_RELOAD, 1)
+        _prims.smp_mb()  # pairs with the barrier between a vCPU's entry into L2 and its request check
+        targets = []
+        for v in range(self.nvcpus):
+            s = m.load(self.vw0 + v * VW + V_L2SEQ)
+            if s & 1:
+                targets.append((v, s))
+        self._stat("reload_all")
+        if targets:
+            self._stat("reload_request", len(targets))  # kicked
+        return targets
+
+    def _reload_wait(self, t: int, targets: list[tuple[int, int]]) -> None:
+        """``KVM_REQUEST_WAIT``: wait until every kicked vCPU has left the L2 run it was in (the
+        caller holds no spinlock). A vCPU run by this very process (one process, several vCPUs) takes
+        its kick here. Bounded: a vCPU that does not leave in ``RELOAD_WAIT_NS`` is WARNed about."""
+        m = self.amem
+        controlled = getattr(fuzz.ACTIVE, "controlled", False)
+        end = 0 if controlled else _prims.now_ns() + RELOAD_WAIT_NS
+        for v, s in targets:
+            w = self.vw0 + v * VW + V_L2SEQ
+            if m.load(w) == s and m.load(self.vw0 + v * VW + V_PROC) == self.tag:
+                self.kick_exit(v)
+            while m.load(w) == s:
+                if end and _prims.now_ns() > end:
+                    self.kvm.warn("reload_wait_timeout",
+                                  f"kvm_make_all_cpus_request(KVM_REQ_APIC_PAGE_RELOAD): vCPU {v} did not "
+                                  f"leave L2 in {RELOAD_WAIT_NS // 1_000_000_000} s", vcpu=v)
+                    break
+                _prims.sched_yield()
+        oracle.check_reloaded(self, t, targets)
 
     def nested_vmexit(self, vcpu: int, l2: int, leaving: bool) -> None:
         if self.region is None:
@@ -164,30 +235,44 @@ class GuestEntry:
         self._set_running(vcpu, False)
 
     def _set_running(self, v: int, running: bool) -> None:
-        """Flip IsRunning in every shadow entry that maps L1 vCPU ``v`` (per-VM spinlock)."""
+        """Flip IsRunning in every shadow entry that maps L1 vCPU ``v``: under the VM-wide
+        ``avic_physid_lock`` (RFC v3's ``table_entries_lock``), or table by table under each table's
+        own lock (``per_table_lock``)."""
         if self.region is None:
             self._attach()
         m = self.amem
-        seq_w = self.hdr0 + H_SEQ
-        self._physid_lock()
+        per_table = self.per_table_lock
+        flips = 0
+        if not per_table:
+            self._physid_lock()
         try:
-            m.fetch_add(seq_w, 1)
+            self._seq_begin()
             m.store(self.vw0 + v * VW + V_LOADED, 1 if running else 0)
-            flips = 0
             for t in range(self.nt):
-                if m.load(self.tw0 + t * TW + T_STATE) != VALID:
+                # per-table locks: the state is read under the table's lock, or a sync running now
+                # (which read V_LOADED before the store above) could end VALID after a skip here
+                if not per_table and m.load(self.tw0 + t * TW + T_STATE) != VALID:
                     continue
-                cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
-                for e in range(self.ne):
-                    c = m.load(cb + e) & 0xFFFFFFFFFFFFFFFF
-                    if c & AVIC_VALID and c & AVIC_IS_RUNNING and (c & AVIC_APIC_ID_MASK) == v:
-                        s = m.load(sb + e) & 0xFFFFFFFFFFFFFFFF
-                        ns = s | AVIC_IS_RUNNING if running else s & ~AVIC_IS_RUNNING
-                        if ns != s:
-                            m.store(sb + e, s64(ns))
-                            flips += 1
-            m.fetch_add(seq_w, 1)
+                if per_table:
+                    self._tlock(t)
+                try:
+                    if per_table and m.load(self.tw0 + t * TW + T_STATE) != VALID:
+                        continue
+                    cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
+                    for e in range(self.ne):
+                        c = m.load(cb + e) & 0xFFFFFFFFFFFFFFFF
+                        if c & AVIC_VALID and c & AVIC_IS_RUNNING and (c & AVIC_APIC_ID_MASK) == v:
+                            sh = m.load(sb + e) & 0xFFFFFFFFFFFFFFFF
+                            ns = sh | AVIC_IS_RUNNING if running else sh & ~AVIC_IS_RUNNING
+                            if ns != sh:
+                                m.store(sb + e, s64(ns))
+                                flips += 1
+                finally:
+                    if per_table:
+                        self._tunlock(t)
+            self._seq_end()
         finally:
-            self._physid_unlock()
+            if not per_table:
+                self._physid_unlock()
         if flips:
             self._stat("isrunning_flip", flips)

@@ -127,6 +127,7 @@ def why(verdict: str, msgs: list[str]) -> str:
         ("notifier list cycle at node", "notifier list cycle (soft lockup)"),
         ("redundant registration of live", "redundant-registration WARN"),
         ("oracle: lost write", "lost write (oracle)"),
+        ("KVM_BUG_ON: write tracking not enabled", "KVM_BUG_ON: write tracking not enabled, VM killed"),
         ("registered while write tracking is disabled", "untracked-notifier WARN")) if needle in text]
     return "FAILURE: " + " + ".join(found) if found else "FAILURE"
 

@@ -15,8 +15,10 @@ from vm.avic.table import (
     AVIC_IS_RUNNING,
     AVIC_UPDATABLE,
     AVIC_VALID,
-    V_L1GPA,
-    V_L1SEQ,
+    CROSS_ENTRY_RATE,
+    IF_COUNT,
+    IF_STARTS,
+    V_L1STORE,
     VW,
     make_entry,
     nentries,
@@ -46,23 +48,25 @@ class L1Writes:
         return gpa, new.to_bytes(8, "little")
 
     def tracked_write(self, vcpu: int, rng: random.Random) -> tuple[int, bytes]:
-        """L1 vCPU ``vcpu`` rewrites its own entry (``vcpu % nentries``) of a random L2's table:
-        mostly apic-id / IsRunning updates (8-byte, 1-byte apic id, 4-byte high dword), sometimes a
-        backing-page change or a Valid flip (those invalidate the table)."""
+        """L1 vCPU ``vcpu`` rewrites an entry of a random L2's table: its own (``vcpu % nentries``)
+        or, at ``CROSS_ENTRY_RATE``, another vCPU's (apic id / IsRunning only: an L2 vCPU this L1 vCPU
+        now runs); mostly apic-id / IsRunning updates (8-byte, 1-byte apic id, 4-byte high dword),
+        sometimes a backing-page change or a Valid flip (those invalidate the table)."""
         if self.region is None:
             self._attach()
         cfg = self.cfg
-        gfn = table_gfn(cfg, int(rng.random() * cfg.l2s))
+        l2 = int(rng.random() * cfg.l2s)
+        gfn = table_gfn(cfg, l2)
         e = vcpu % self.ne
+        cross = self.ne > 1 and rng.random() < CROSS_ENTRY_RATE
+        if cross:
+            e = (e + 1 + int(rng.random() * (self.ne - 1))) % self.ne
         gpa = (gfn << PAGE_SHIFT) + e * 8
-        # the store the caller makes next is in flight until this vCPU's next nested VMRUN (I2):
-        # publish its gpa, then make the seqcount odd (or bump an odd one by 2: a new store)
-        m, vw = self.amem, self.vw0 + vcpu * VW
-        m.store(vw + V_L1GPA, gpa)
-        m.fetch_add(vw + V_L1SEQ, 2 if m.load(vw + V_L1SEQ) & 1 else 1)
+        # the store the caller makes next is in flight until this vCPU's next store or nested VMRUN (I2)
+        self._store_begin(vcpu, l2, e)
         g = self.gmem.load((gfn << 9) + e) & 0xFFFFFFFFFFFFFFFF
-        r = rng.random()
-        if not g & AVIC_VALID:
+        r = 0.0 if cross else rng.random()
+        if not g & AVIC_VALID and not cross:
             new = make_entry(self._backing(rng), int(rng.random() * self.nvcpus), rng.random() < 0.5)
         elif r < 0.80:
             apic = int(rng.random() * self.nvcpus)
@@ -77,6 +81,25 @@ class L1Writes:
         else:
             new = g & ~AVIC_VALID
         return gpa, new.to_bytes(8, "little")
+
+    def _store_begin(self, vcpu: int, l2: int, e: int) -> None:
+        """This vCPU's previous store has completed; one to entry ``e`` of ``l2``'s table begins."""
+        m, w = self.amem, self.vw0 + vcpu * VW + V_L1STORE
+        prev = m.load(w)
+        if prev:
+            m.fetch_add(self.if0 + (prev - 1) * 2 + IF_COUNT, -1)
+        i = l2 * self.ne + e
+        m.fetch_add(self.if0 + i * 2 + IF_STARTS, 1)
+        m.fetch_add(self.if0 + i * 2 + IF_COUNT, 1)
+        m.store(w, i + 1)
+
+    def _store_end(self, vcpu: int) -> None:
+        """At nested VMRUN: this vCPU's L1 stores have all completed."""
+        m, w = self.amem, self.vw0 + vcpu * VW + V_L1STORE
+        prev = m.load(w)
+        if prev:
+            m.store(w, 0)
+            m.fetch_add(self.if0 + (prev - 1) * 2 + IF_COUNT, -1)
 
     def _backing(self, rng: random.Random) -> int:
         if rng.random() < 0.1:  # a bad address: the shadow entry points at the dummy page

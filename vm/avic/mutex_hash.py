@@ -1,7 +1,10 @@
 """``mutex-hash`` (Maxim, RFC v3): a VM-wide ``tables_lock`` futex mutex, a 256-bucket gfn hash and
-ONE shared page-track notifier node. Every nested VMRUN does get(gfn) under the mutex (lookup,
-create + write-protect + sync if missing); put() under the mutex; ``track_write`` takes the mutex
-and looks the gfn up in the hash, for every emulated write that walks the notifiers.
+ONE shared page-track notifier node. A nested VMRUN takes the mutex only when the vCPU has no table
+yet, its L2's physid gfn changed, or its table needs a sync (RFC v3 13/19
+``nested_vmcb02_prepare_avic``): get(gfn) under the mutex (lookup, create + write-protect + sync if
+missing); otherwise it only does ``atomic_inc(&t->usecount)`` (``--avic-vmrun-lock every``: the
+mutex on every VMRUN, this model before issue 18). put() under the mutex; ``track_write`` takes the
+mutex and looks the gfn up in the hash, for every emulated write that walks the notifiers.
 ``MutexTables`` (get/put under the mutex, the hash) is shared with per-table-notifier."""
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from vm.avic.table import (
     T_REF,
     T_STATE,
     TW,
+    VALID,
 )
 from vm.nested import design
 from vm.page_track import (
@@ -29,6 +33,10 @@ from vm.page_track import (
 
 class MutexTables(AvicDesign):
     """get/put under the VM-wide ``tables_lock`` mutex, tables found by a 256-bucket gfn hash."""
+
+    def __init__(self, kvm, cfg):
+        super().__init__(kvm, cfg)
+        self.vmrun_lock_on_change = cfg.avic_vmrun_lock == "change"
 
     @staticmethod
     def _bucket(gfn: int) -> int:
@@ -80,6 +88,14 @@ class MutexTables(AvicDesign):
         if cur >= 0 and m.load(self.tw0 + cur * TW + T_GFN) != gfn:
             self._put(v, cur)  # switching L2 drops the old reference
             cur = -1
+        if cur >= 0 and self.vmrun_lock_on_change:
+            # RFC v3 nested_vmcb02_prepare_avic: same gfn, table held: atomic_inc(&t->usecount); a
+            # sync (t->nentries < physid_nentries: new, or erased) is the only reason for the mutex
+            self._enter_guest(v, cur)
+            if m.load(self.tw0 + cur * TW + T_STATE) == VALID:
+                self._stat("get_fast")
+                self._stat("vmrun_nolock")
+                return cur
         lk = self.tables_lock
         spare_user = False
         lk.lock()
@@ -144,11 +160,11 @@ class MutexTables(AvicDesign):
                 self.kvm.warn("avic_refcount_underflow", f"avic_physid_table slot {t}: refcount underflow")
             elif r == 0:
                 self._hash_del(t)
-                self._physid_lock()
+                self._tlock(t)
                 try:
                     m.store(b + T_STATE, RETIRING)
                 finally:
-                    self._physid_unlock()
+                    self._tunlock(t)
                 self._on_free(t)
                 self._untrack(t)
                 self._poison_table(t)  # every reader holds tables_lock or avic_physid_lock
@@ -164,14 +180,14 @@ class MutexTables(AvicDesign):
 class MutexHashDesign(MutexTables):
     """Maxim v3: VM mutex + gfn hash + one shared notifier node."""
 
-    def track_write(self, gpa: int, nbytes: int, node: int) -> None:
+    def track_write(self, gpa: int, nbytes: int, node: int, new: bytes | None = None) -> None:
         lk = self.tables_lock
         lk.lock()
         self._cs_in(CS_TABLES)
         try:
             t = self._hash_lookup(gpa >> PAGE_SHIFT)
             if t >= 0:
-                self._table_write(t, gpa, nbytes, -1)
+                self._table_write(t, gpa, nbytes, -1, new)
             else:
                 self._stat("track_write_miss")
         finally:

@@ -72,9 +72,9 @@ class AvicSharedNotifier(_AvicNotifier):
 
     def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
         if self.in_guest_mode():
-            _outside_guest_mode(self.kvm, self.design, gpa, self.design.track_write, gpa, nbytes, node)
+            _outside_guest_mode(self.kvm, self.design, gpa, self.design.track_write, gpa, nbytes, node, new)
             return
-        self.design.track_write(gpa, nbytes, node)
+        self.design.track_write(gpa, nbytes, node, new)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         self.design.remove_region(gfn, nr_pages, -1)
@@ -87,9 +87,9 @@ class AvicTableNotifier(_AvicNotifier):
     def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
         if self.in_guest_mode():
             _outside_guest_mode(self.kvm, self.design, gpa, self.design.table_track_write, self.owner,
-                                gpa, nbytes, node)
+                                gpa, nbytes, node, new)
             return
-        self.design.table_track_write(self.owner, gpa, nbytes, node)
+        self.design.table_track_write(self.owner, gpa, nbytes, node, new)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         self.design.remove_region(gfn, nr_pages, self.owner)

@@ -37,12 +37,16 @@ from vm.avic.table import (
     ALLOC,
     CS,
     CS_FAILS,
+    H_BUSY,
     H_I1,
     H_I2,
     H_NODE,
+    H_RELOAD_BAD,
     H_SEQ,
     H_UNTRACKED_REG,
     H_USERS,
+    IF_COUNT,
+    IF_STARTS,
     LIVE,
     MASK64,
     RETIRING,
@@ -61,8 +65,6 @@ from vm.avic.table import (
     V_CUR,
     V_INGUEST,
     V_INL2,
-    V_L1GPA,
-    V_L1SEQ,
     V_L2SEQ,
     V_RELOAD,
     VALID,
@@ -172,6 +174,10 @@ def final(d) -> list[str]:
     stale = int(counters[:, L.C["stale_entries"]].sum())
     if stale:
         bad.append(f"{stale} nested VMRUN(s) ran on a stale shadow physid entry")
+    rb = d._h(H_RELOAD_BAD)
+    if rb:
+        bad.append(f"{rb} time(s) a vCPU was still in L2 on an erased shadow table after the reload "
+                   f"request returned (KVM_REQUEST_WAIT not honoured)")
     i1 = d._h(H_I1)
     if i1:
         bad.append(f"(I1) {i1} time(s) a vCPU was in L2 on a shadow table that was no longer shadowed, "
@@ -183,6 +189,9 @@ def final(d) -> list[str]:
         fails = m.load(d.cs0 + i * 8 + CS_FAILS)
         if fails:
             bad.append(f"lock {lname}: mutual exclusion violated {fails} times")
+    tfails = sum(m.load(d.tcs0 + t * 8 + CS_FAILS) for t in range(d.nt))
+    if tfails:
+        bad.append(f"lock avic_table_lock: mutual exclusion violated {tfails} times")
     for lname in ("tables_lock", "avic_physid_lock", "avic_tables_spin", "mmu_lock"):
         owner = kvm.locks[lname].owner()
         if owner:
@@ -207,26 +216,27 @@ def _table_snapshot(d, v: int, t: int, gfn: int, entries=()) -> tuple | None:
     load = m.load
     b = d.tw0 + t * TW
     seq_w = d.hdr0 + H_SEQ
+    busy_w = d.hdr0 + H_BUSY
     for _ in range(16):
         s1 = load(seq_w)
-        if s1 & 1:
+        if s1 & 1 or load(busy_w):
             _prims.sched_yield()
             continue
         st, tracked, epoch = load(b + T_STATE), load(b + T_TRACKED), load(b + T_EPOCH)
         reload = load(d.vw0 + v * VW + V_RELOAD)
         seen = []
         if st == VALID:  # tracked or not (split: VALID before write tracking was enabled)
+            row = d.if0 + load(b + T_L2) * d.ne * 2
             for e in entries:
-                w = e if e < d.nvcpus and e != v else -1  # the one vCPU that writes entry e
-                if w >= 0:
-                    ws = load(d.vw0 + w * VW + V_L1SEQ)
-                    if ws & 1 and load(d.vw0 + w * VW + V_L1GPA) >> PAGE_SHIFT == gfn:
-                        continue  # its store to this page has not completed yet
+                iw = row + e * 2  # L1 stores to entry e: begun, and still in flight
+                starts = load(iw + IF_STARTS)
+                if load(iw + IF_COUNT):
+                    continue  # a store to it has not completed yet
                 sh = load(d.shadow0 + t * d.ne + e) & MASK64
                 g = d.gmem.load((gfn << 9) + e) & MASK64
                 exp = d._translate(g)
-                if w >= 0 and load(d.vw0 + w * VW + V_L1SEQ) != ws:
-                    continue
+                if load(iw + IF_STARTS) != starts or load(iw + IF_COUNT):
+                    continue  # one began meanwhile
                 seen.append((e, sh, g, exp))
         if load(seq_w) == s1:
             return st, tracked, reload, epoch, seen
@@ -250,6 +260,12 @@ def check_vmrun(d, v: int, t: int, l2: int, gfn: int) -> None:
     guest entry, unless that entry's store is still in flight (the vCPU's own entry at every VMRUN,
     all entries at one VMRUN in ``ALL_ENTRIES_EVERY``)."""
     d.vmruns_checked += 1
+    tg = d.amem.load(d.tw0 + t * TW + T_GFN)
+    if tg != gfn:
+        d.kvm.count("stale_entries")
+        d.kvm.warn("wrong_table", f"vCPU {v} nested VMRUN into L2 {l2} (physid table gfn {gfn:#x}) on shadow "
+                                  f"table slot {t} of gfn {tg:#x}", vcpu=v, l2=l2, table=t)
+        return
     every = d.vmruns_checked >= ALL_ENTRIES_EVERY
     if every:
         d.vmruns_checked = 0
@@ -258,7 +274,7 @@ def check_vmrun(d, v: int, t: int, l2: int, gfn: int) -> None:
         load, seq_w, b = m.load, d.hdr0 + H_SEQ, d.tw0 + t * TW
         e = v % d.ne
         s1 = load(seq_w)
-        if not s1 & 1 and load(b + T_STATE) == VALID and load(b + T_TRACKED):
+        if not s1 & 1 and not load(d.hdr0 + H_BUSY) and load(b + T_STATE) == VALID and load(b + T_TRACKED):
             epoch = load(b + T_EPOCH)
             sh = load(d.shadow0 + t * d.ne + e) & MASK64
             if sh == d._translate(d.gmem.load((gfn << 9) + e) & MASK64) and load(seq_w) == s1:
@@ -305,7 +321,7 @@ def check_vmexit(d, v: int, t: int) -> None:
     entered = d.entered_epoch.pop(v, None)
     seq_w, b = d.hdr0 + H_SEQ, d.tw0 + t * TW
     s1 = m.load(seq_w)
-    if (not s1 & 1 and m.load(b + T_STATE) == VALID and m.load(b + T_TRACKED)
+    if (not s1 & 1 and not m.load(d.hdr0 + H_BUSY) and m.load(b + T_STATE) == VALID and m.load(b + T_TRACKED)
             and (entered is None or m.load(b + T_EPOCH) == entered) and m.load(seq_w) == s1):
         return  # the common case, in five loads
     snap = _table_snapshot(d, v, t, -1)
@@ -338,6 +354,22 @@ def sample(d) -> None:
         st, tracked, reload, _, _ = snap
         if (st != VALID or not tracked) and not reload:
             _unshadowed(d, v, t, st, tracked, "is (sampling checker)")
+
+
+def check_reloaded(d, t: int, targets: list[tuple[int, int]]) -> None:
+    """After ``kvm_make_all_cpus_request(KVM_REQ_APIC_PAGE_RELOAD)`` with ``KVM_REQUEST_WAIT``
+    returned for erased table ``t``: no vCPU that was in L2 when the request was made is still in
+    that same L2 run on ``t`` (its entries zeroed, its pages about to be unpinned)."""
+    m = d.amem
+    for v, s in targets:
+        vw = d.vw0 + v * VW
+        if m.load(vw + V_L2SEQ) == s and m.load(vw + V_INL2) == t + 1:
+            m.fetch_add(d.hdr0 + H_RELOAD_BAD, 1)
+            gfn = m.load(d.tw0 + t * TW + T_GFN)
+            d.kvm.warn("l2_on_erased_table",
+                       f"vCPU {v} still in L2 on erased shadow physid table slot {t} (gfn {gfn:#x}) after "
+                       f"kvm_make_all_cpus_request(KVM_REQ_APIC_PAGE_RELOAD) returned: the request did not "
+                       f"wait for it to leave, its pages are unpinned under the hardware", vcpu=v, table=t)
 
 
 def check_chain(d, bad: list[str], what: str, head_w: int, seen: dict[int, str]) -> None:

@@ -73,7 +73,7 @@ class PerTableNotifierDesign(MutexTables):
             self._unregister(node)
         notifier.free_node(self.kvm, node)
 
-    def table_track_write(self, t: int, gpa: int, nbytes: int, node: int) -> None:
+    def table_track_write(self, t: int, gpa: int, nbytes: int, node: int, new: bytes | None = None) -> None:
         m = self.amem
         b = self.tw0 + t * TW
         st = m.load(b + T_STATE)
@@ -83,4 +83,4 @@ class PerTableNotifierDesign(MutexTables):
             return
         if m.load(b + T_GFN) != gpa >> PAGE_SHIFT or m.load(b + T_NODE) != node + 1:
             return  # not this node's page: the linear walk asks every node
-        self._table_write(t, gpa, nbytes, -1)
+        self._table_write(t, gpa, nbytes, -1, new)

@@ -6,7 +6,6 @@ their gfn, sync / update / invalidate / drop their entries, and the chain walks 
 from __future__ import annotations
 
 from ipc import _prims, fuzz
-from ipc.locks import lockdep_assert_held
 from vm.avic.table import (
     ALLOC,
     AVIC_APIC_ID_MASK,
@@ -18,6 +17,7 @@ from vm.avic.table import (
     DUMMY_HPA,
     FLOOD_EARLY_SCALE,
     FREE,
+    H_BUSY,
     H_GEN,
     H_LIVE,
     H_MAXLIVE,
@@ -49,10 +49,8 @@ from vm.avic.table import (
     UNINIT_NEXT,
     UNTRACKED,
     V_CUR,
-    V_INGUEST,
     V_INL2,
     V_LOADED,
-    V_RELOAD,
     VALID,
     VW,
     s64,
@@ -181,7 +179,7 @@ class TablePool:
         self.kvm.count("table_free")
         self._stat("table_free")
 
-    def _track(self, t: int) -> None:
+    def _track(self, t: int) -> bool:
         """Write-protect the table's gfn (kvm_write_track_add_gfn under mmu_lock, then flush)."""
         kvm = self.kvm
         b = self.tw0 + t * TW
@@ -195,6 +193,7 @@ class TablePool:
                 fuzz.point("page_track.protect_to_flush")  # stores in flight may still land
             kvm_flush_remote_tlbs(kvm)
         self._stat("track_gfn")
+        return ok
 
     def _untrack(self, t: int) -> None:
         kvm = self.kvm
@@ -207,7 +206,7 @@ class TablePool:
 
     def _sync(self, t: int) -> None:
         """Read every guest entry, cache it, write its translation (atomic 64-bit stores)."""
-        lockdep_assert_held(self.physid_lock, "avic_physid_lock")
+        self._tlock_held(t)
         m, gl = self.amem, self.gmem.load
         b = self.tw0 + t * TW
         gbase = m.load(b + T_GFN) << 9
@@ -223,35 +222,55 @@ class TablePool:
                 bits[e >> 6] |= 1 << (e & 63)
         for i in range(4):
             m.store(self.valid0 + t * 4 + i, s64(bits[i]))
+        m.store(b + T_NENTRIES, self.ne)
         m.store(b + T_FLOOD, 0)
         m.fetch_add(b + T_SYNCS, 1)
         m.store(b + T_STATE, VALID)
         if self._emit:
             self._emit(self._tp["table_sync"][1])
 
-    def _invalidate(self, t: int) -> None:
-        """The table no longer matches its guest table: vCPUs running on it must reload."""
-        lockdep_assert_held(self.physid_lock, "avic_physid_lock")
+    def _seq_begin(self) -> None:
+        """A shadow change the checks must not see half-done begins (oracle ``seq_stable``)."""
+        self.amem.fetch_add(self.hdr0 + H_BUSY, 1)
+        self.amem.fetch_add(self.hdr0 + H_SEQ, 1)
+
+    def _seq_end(self) -> None:
+        self.amem.fetch_add(self.hdr0 + H_SEQ, 1)
+        self.amem.fetch_add(self.hdr0 + H_BUSY, -1)
+
+    def _invalidate(self, t: int, why: str = "invalidate") -> list | None:
+        """``avic_physid_shadow_table_erase`` (RFC v3 11/19, 15/19): stop write-protecting the gfn,
+        zero (and unpin) the entries, ``nentries = 0``, then
+        ``kvm_make_all_cpus_request(KVM_REQ_APIC_PAGE_RELOAD)``: every vCPU gets the request; each
+        one in L2 is kicked, and the caller waits (``KVM_REQUEST_WAIT``) for those to leave L2 —
+        that wait is ``_reload_wait``, which the caller runs once it has dropped the table lock, with
+        the list this returns (None: nobody to wait for). The table is re-shadowed (write-protected
+        again, then synced) by its next user. Hook ``flood-drop-race``: a flood's erase requests
+        nothing (the unfixed race)."""
+        self._tlock_held(t)
         m = self.amem
         b = self.tw0 + t * TW
-        m.fetch_add(self.hdr0 + H_SEQ, 1)  # odd: the checks wait for the kick below
-        if m.load(b + T_STATE) == VALID:
-            m.store(b + T_STATE, INVALID)
+        if self._emit:
+            self._emit(self._tp["table_drop"][0], t, m.load(b + T_GFN))
+        self._seq_begin()
+        # untrack before DROPPED is visible: a user that sees DROPPED write-protects the page again,
+        # and must not do it while this untrack is still to come (it would drop that user's count)
+        self._untrack(t)
+        cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
+        for e in range(self.ne):
+            m.store(sb + e, 0)
+            m.store(cb + e, 0)
+        for i in range(4):
+            m.store(self.valid0 + t * 4 + i, 0)
+        m.store(b + T_NENTRIES, 0)
+        m.store(b + T_STATE, DROPPED)
         m.fetch_add(b + T_EPOCH, 1)
-        self._kick(t)
-        m.fetch_add(self.hdr0 + H_SEQ, 1)
-        self._stat("invalidate")
-
-    def _kick(self, t: int) -> None:
-        """KVM_REQ_APIC_PAGE_RELOAD + kick for every vCPU in guest mode on table ``t``: it must not use
-        the table's entries again before it reloads (the caller has just changed the table's state;
-        the barrier pairs with the one between a vCPU's in-guest store and its state read)."""
-        m = self.amem
-        _prims.smp_mb()
-        for v in range(self.nvcpus):
-            if m.load(self.vw0 + v * VW + V_INGUEST) == t + 1:
-                m.store(self.vw0 + v * VW + V_RELOAD, 1)
-                self._stat("reload_request")
+        targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(t)
+        self._seq_end()
+        self._stat(why)
+        if self._emit:
+            self._emit(self._tp["table_drop"][1])
+        return targets
 
     def _steer_flood_drop(self, t: int) -> None:
         """Widening (hooks ``avic-flood-often``, ``flood-drop-race``): having seen usecount 0, wait up to
@@ -270,55 +289,46 @@ class TablePool:
                 return
             _prims.spin_ns(2_000)
 
-    def _drop(self, t: int) -> None:
-        """Flood rule: stop shadowing (untrack) until the table is used again. A vCPU that entered
-        L2 on it after the caller saw usecount 0 is kicked to reload (KVM would), else it would run
-        on a table whose page is no longer write-protected (hook ``flood-drop-race``: not kicked)."""
-        lockdep_assert_held(self.physid_lock, "avic_physid_lock")
-        m = self.amem
-        if self._emit:
-            self._emit(self._tp["table_drop"][0], t, m.load(self.tw0 + t * TW + T_GFN))
-        m.fetch_add(self.hdr0 + H_SEQ, 1)
-        # untrack before DROPPED is visible: a user that sees DROPPED write-protects the page again,
-        # and must not do it while this untrack is still to come (it would drop that user's count)
-        self._untrack(t)
-        m.store(self.tw0 + t * TW + T_STATE, DROPPED)
-        m.fetch_add(self.tw0 + t * TW + T_EPOCH, 1)
-        if not self.flood_race:
-            self._kick(t)
-        m.fetch_add(self.hdr0 + H_SEQ, 1)
-        self._stat("flood_drop")
-        if self._emit:
-            self._emit(self._tp["table_drop"][1])
-
-    def _entry_write(self, t: int, gpa: int, nbytes: int) -> None:
-        lockdep_assert_held(self.physid_lock, "avic_physid_lock")
+    def _entry_write(self, t: int, gpa: int, nbytes: int, new: bytes | None = None) -> list | None:
+        """A write to one entry of a VALID table: update it if only apic id / IsRunning changed, else
+        erase the table (returns the erase's reload targets). The new guest entry is re-read from
+        guest memory (default), or, with ``--entry-update gentry`` (RFC v3), made of the cached entry
+        and the written bytes: two L1 vCPUs writing one entry then leave the value of whichever
+        handler ran last under the lock, not of the store that landed last (a lost write)."""
+        self._tlock_held(t)
         m = self.amem
         b = self.tw0 + t * TW
         gfn = m.load(b + T_GFN)
         off = gpa - (gfn << PAGE_SHIFT)
         first = off >> 3
         if first >= self.ne or off < 0:
-            return  # past the table's entries
+            return None  # past the table's entries
         if (off + nbytes - 1) >> 3 != first:
-            self._invalidate(t)  # multi-entry / whole-page write
-            return
-        g = self.gmem.load((gfn << 9) + first) & 0xFFFFFFFFFFFFFFFF  # re-read, never trust the order
+            return self._invalidate(t)  # multi-entry / whole-page write
         cw = self.cache0 + t * self.ne + first
         c = m.load(cw) & 0xFFFFFFFFFFFFFFFF
+        if self.entry_gentry and new is not None:  # memcpy(&gentry + offset, new, bytes)
+            sh = (off & 7) * 8
+            mask = ((1 << (8 * nbytes)) - 1) << sh
+            g = (c & ~mask) | (int.from_bytes(new, "little") << sh & mask)
+        else:
+            g = self.gmem.load((gfn << 9) + first) & 0xFFFFFFFFFFFFFFFF  # re-read, never trust the order
         if not (g & c & AVIC_VALID) or (g ^ c) & ~AVIC_UPDATABLE:
-            self._invalidate(t)  # other bits changed, or an invalid entry
-            return
+            return self._invalidate(t)  # other bits changed, or an invalid entry
         m.store(cw, s64(g))
         m.store(self.shadow0 + t * self.ne + first, s64(self._translate(g)))
         self._stat("entry_update")
+        return None
 
-    def _table_write(self, t: int, gpa: int, nbytes: int, gen: int) -> bool:
+    def _table_write(self, t: int, gpa: int, nbytes: int, gen: int, new: bytes | None = None) -> bool:
         """A tracked write reached table ``t`` (found by the design's lookup with generation
-        ``gen``, or -1 = no check). False if the table turned out to be freed memory."""
+        ``gen``, or -1 = no check). False if the table turned out to be freed memory.
+        Flood rule (RFC v3): a write while no vCPU uses the table (usecount 0) counts; one while it
+        is in use resets the count; past ``nentries * 1000`` the table is erased (``_invalidate``)."""
         m = self.amem
         b = self.tw0 + t * TW
-        self._physid_lock()
+        targets = None
+        self._tlock(t)
         try:
             if gen >= 0 and m.load(b + T_GEN) != gen:
                 self.kvm.poisoned(f"avic_physid_table slot {t}: freed and reused under a track_write "
@@ -334,34 +344,58 @@ class TablePool:
             m.fetch_add(b + T_WRITES, 1)
             self.kvm.count("notifier_calls")
             self._stat("track_write")
+            if st not in (VALID, INVALID):
+                return True  # not shadowed (dropped / being write-protected): synced at its next use
             if m.load(b + T_USE) == 0:
                 flooded = m.fetch_add(b + T_FLOOD, 1) + 1 > self.flood_limit
-                # widening: a drop is always allowed (the table is simply re-shadowed on its next
-                # use), so the fuzzer sometimes takes the flood decision early, and steers that drop
-                # onto a vCPU entering L2 on the table, the interleaving the kick exists for
+                # widening: an erase is always allowed (the table is simply re-shadowed on its next
+                # use), so the fuzzer sometimes takes the flood decision early, and steers that erase
+                # onto a vCPU entering L2 on the table, the interleaving the reload request exists for
                 early = not flooded and fuzz.ACTIVE is not None and fuzz.ACTIVE.chance("avic.flood_drop_early",
                                                                                       FLOOD_EARLY_SCALE)
-                if (flooded or early) and st in (VALID, INVALID):
+                if flooded or early:
                     if self.flood_steer or early:
                         self._steer_flood_drop(t)
                     elif fuzz.ACTIVE:
                         fuzz.point("avic.flood_check_to_drop")
-                    self._drop(t)
+                    targets = self._invalidate(t, "flood_drop")
                     return True
+            elif m.load(b + T_FLOOD):
+                m.store(b + T_FLOOD, 0)  # a write while the table is in use: not a flood
             if st == VALID:
-                self._entry_write(t, gpa, nbytes)
+                targets = self._entry_write(t, gpa, nbytes, new)
             return True
         finally:
-            self._physid_unlock()
+            self._tunlock(t)
+            if targets:
+                self._reload_wait(t, targets)
 
     def remove_region(self, gfn: int, nr_pages: int, only: int) -> None:
-        """track_remove_region: a memslot goes away; tables inside it stop being shadowed."""
+        """track_remove_region: a memslot goes away. Every shadowed table whose own page or any of
+        whose entries' backing pages lies in it is erased (RFC v3
+        ``avic_physid_shadow_table_flush_memslot``): its pinned pages would be gone."""
         m = self.amem
-        self._physid_lock()
-        try:
-            for t in range(self.nt) if only < 0 else (only,):
-                b = self.tw0 + t * TW
-                if m.load(b + T_STATE) in (VALID, INVALID) and gfn <= m.load(b + T_GFN) < gfn + nr_pages:
-                    self._drop(t)
-        finally:
-            self._physid_unlock()
+        for t in range(self.nt) if only < 0 else (only,):
+            b = self.tw0 + t * TW
+            if m.load(b + T_STATE) not in (VALID, INVALID):
+                continue
+            targets = None
+            self._tlock(t)
+            try:
+                if m.load(b + T_STATE) in (VALID, INVALID) and (
+                        gfn <= m.load(b + T_GFN) < gfn + nr_pages or self._backing_in(t, gfn, nr_pages)):
+                    targets = self._invalidate(t)
+            finally:
+                self._tunlock(t)
+                if targets:
+                    self._reload_wait(t, targets)
+
+    def _backing_in(self, t: int, gfn: int, nr_pages: int) -> bool:
+        """A valid cached entry of table ``t`` has its backing page in gfns [gfn, gfn + nr_pages)."""
+        m, cb = self.amem, self.cache0 + t * self.ne
+        lo, hi = gfn << PAGE_SHIFT, (gfn + nr_pages) << PAGE_SHIFT
+        for e in range(self.ne):
+            c = m.load(cb + e) & 0xFFFFFFFFFFFFFFFF
+            if c & AVIC_VALID and lo <= c & AVIC_BACKING_MASK < hi:
+                return True
+        return False

@@ -2,7 +2,8 @@
 that already holds a reference on its L2's table takes no lock at all on VMRUN; a new reference is
 taken with an ``inc_not_zero`` under ``rcu_read_lock``; only the first user of a table (create) and
 the last (free) take the ``avic_tables_spin`` spinlock and wait ``synchronize_rcu``.
-``track_write`` walks the list under ``rcu_read_lock`` and takes no sleeping lock."""
+``track_write`` walks the list under ``rcu_read_lock`` and takes no VM-wide lock: the entries of a
+table are guarded by that table's own spinlock (``avic_table_lock``)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,11 @@ from vm.page_track import (
 @design("rcu-list")
 class RcuListDesign(AvicDesign):
     """Sean: RCU-protected list; lock-free VMRUN for a vCPU that keeps its table; spinlock +
-    synchronize_rcu only for the first user (add) and the last (remove)."""
+    synchronize_rcu only for the first user (add) and the last (remove). A table's entries have a
+    spinlock of their own: a tracked write takes no VM-wide lock ("would avoid having to take any
+    'real' locks in the page track notifier")."""
+
+    per_table_lock = True
 
     def _lookup(self, gfn: int) -> int:
         """RCU read side (or avic_tables_spin held): the live table of ``gfn``, or -1."""
@@ -165,11 +170,11 @@ class RcuListDesign(AvicDesign):
                     self.kvm.warn("avic_refcount_underflow", f"avic_physid_table slot {t}: refcount underflow")
                 return
             self._list_del(t)
-            self._physid_lock()
+            self._tlock(t)
             try:
                 m.store(b + T_STATE, RETIRING)
             finally:
-                self._physid_unlock()
+                self._tunlock(t)
         finally:
             self._cs_out(CS_SPIN)
             spin.unlock()
@@ -180,7 +185,7 @@ class RcuListDesign(AvicDesign):
             self._stat("synchronize_rcu_del")
         self._poison_table(t)
 
-    def track_write(self, gpa: int, nbytes: int, node: int) -> None:
+    def track_write(self, gpa: int, nbytes: int, node: int, new: bytes | None = None) -> None:
         m = self.amem
         rcu = self.kvm.rcu
         rcu.read_lock()
@@ -195,7 +200,7 @@ class RcuListDesign(AvicDesign):
                 _prims.spin_ns(self.reader_delay)
             if fuzz.ACTIVE:
                 fuzz.point("avic.rcu.track_write_lookup_to_write")
-            if self._table_write(t, gpa, nbytes, gen) and m.load(b + T_GEN) != gen:
+            if self._table_write(t, gpa, nbytes, gen, new) and m.load(b + T_GEN) != gen:
                 self.kvm.poisoned(f"avic_physid_table slot {t} freed under an RCU reader (track_write gpa "
                                   f"{gpa:#x})", table=t, gpa=gpa)
         finally:

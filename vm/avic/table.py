@@ -22,8 +22,13 @@ attached by vCPU processes; registered in ``kvm.regions`` so ``Kvm.close`` unmap
 - ``valid``   (ntables, 4) bitmap of valid entries
 - ``cache``   (ntables, nentries) cached guest entries
 - ``shadow``  (ntables, nentries) the shadow physid page (entries the "hardware" uses)
-- ``locks`` / ``lockstat``  this module's own lock (``avic_notifier_lock``) and its lock_stat blocks
+- ``locks`` / ``lockstat``  this module's own lock (``avic_notifier_lock``) and the lock_stat blocks
+  of its classes (``avic_notifier_lock``, ``avic_table_lock``)
+- ``tlocks``  (ntables, LOCK_WORDS) one spinlock per table (rcu-list: the table's entries)
 - ``cs``      (len(CS), 8) locktorture-style held flags of the locks the AVIC code takes
+- ``tcs``     (ntables, 8) the same for the per-table locks
+- ``inflight`` (l2s * nentries, 2) per guest entry (l2 * nentries + entry): [IF_STARTS] L1 stores
+  begun to it, [IF_COUNT] of them still in flight (the I2 check leaves such an entry out)
 - ``stats``   (nprocs, NSTATS) per-process AVIC counters
 """
 
@@ -74,6 +79,9 @@ H_MAXLIVE = 10       # high-water mark of live tables
 H_LIVE = 11          # live tables now
 H_I1 = 12            # (I1) violations: a vCPU in L2 on a table no longer shadowed, no reload pending
 H_I2 = 13            # (I2) violations: a completed L1 write missing from a shadow entry at VMRUN
+H_BUSY = 14          # shadow changes in progress (erase, IsRunning flips): with per-table locks two
+                     # run at once, so H_SEQ's parity alone cannot say "none half-done" (``seq_stable``)
+H_RELOAD_BAD = 15    # vCPUs found still in L2 on an erased table after kvm_make_all_cpus_request(WAIT)
 HDR_WORDS = 16
 
 # -- per-vCPU words (avic.vcpu[v]) -----------------------------------------------------------
@@ -83,9 +91,10 @@ V_RELOAD = 2         # KVM_REQ_APIC_PAGE_RELOAD pending
 V_LOADED = 3         # the L1 vCPU is loaded (scheduled in): shadow IsRunning may be set
 V_INL2 = 4           # table whose entries the hardware uses for this vCPU now (index + 1): set once
                      # nested VMRUN made it ready, cleared at VMEXIT (what the I1 checks look at)
-V_L1SEQ = 5          # seqcount of this vCPU's L1 stores to table pages: odd from the store's start
-                     # until the vCPU's next nested VMRUN (a store in flight is not yet "completed")
-V_L1GPA = 6          # gpa of that store
+V_L1STORE = 6        # this vCPU's L1 store to a table entry still in flight (``inflight`` index + 1,
+                     # 0 = none): from the store's start to the vCPU's next store or nested VMRUN
+V_PROC = 7           # tag of the process running this vCPU (set at nested VMRUN): a reload request's
+                     # wait services a vCPU of its own process inline (one process, several vCPUs)
 V_L2SEQ = 8          # seqcount of L2 runs: odd from nested VMRUN (table ready) to VMEXIT
 VW = 16
 
@@ -104,17 +113,18 @@ T_REGISTERED = 10    # per-table "bool registered" flag
 T_TRACKED = 11       # this table holds a gfn_write_track count on its gfn
 T_WRITES = 12        # track_write calls that reached the table
 T_SYNCS = 13         # full syncs of the table
-T_EPOCH = 14         # drops + invalidations (under avic_physid_lock): what a vCPU in L2 must be told of
+T_EPOCH = 14         # erasures (invalidate, flood, memslot; under the table lock): what a vCPU in L2 must be told of
 T_TRACKER = 15       # pid << 32 | start time (low 32 bits) of the process write-protecting it (TRACKING)
 TW = 16
 
 # -- this module's own locks, lock classes ---------------------------------------------------
-MYLOCKS = ("avic_notifier_lock",)
-LOCK_NOTIFIER = 0
+MYLOCKS = ("avic_notifier_lock", "avic_table_lock")
+LOCK_NOTIFIER, LOCK_TABLE = 0, 1  # lock_stat classes; avic_table_lock: every per-table lock (rcu-list)
 
 # -- mutual-exclusion checks: held flag per lock (cs[i] = [holder tag, fails, entries, ...]) --
 CS = ("tables_lock", "avic_physid_lock", "avic_tables_spin", "avic_notifier_lock")
 CS_TABLES, CS_PHYSID, CS_SPIN, CS_NOTIFIER = range(len(CS))
+# per-table locks (rcu-list) have their held flags in ``tcs`` (ntables, 8), same word layout
 CS_HOLDER, CS_FAILS, CS_ENTRIES = 0, 1, 2
 
 # -- per-process AVIC counters (avic.stats[proc]) --------------------------------------------
@@ -123,7 +133,8 @@ STATS = (
     "reload_request", "stale_check", "stale_check_skipped", "get_fast", "get_slow",
     "synchronize_rcu_add", "synchronize_rcu_del", "isrunning_flip", "track_gfn", "untrack_gfn",
     "track_write", "track_write_miss", "register", "unregister", "rcu_retry", "invariant_check",
-    "invariant_skipped", "entries_checked", "flood_steered",
+    "invariant_skipped", "entries_checked", "flood_steered", "reload_all", "kick_exit",
+    "vmrun_nolock",
 )
 NSTATS = 32
 S = {name: i for i, name in enumerate(STATS)}
@@ -137,6 +148,9 @@ READER_DELAY_NS = 100_000  # avic-reader-delay hook: time inside rcu-list read-s
 FLOOD_RACE_DELAY_NS = 500_000  # flood hooks: longest wait, after usecount 0, for a vCPU to enter
 FLOOD_EARLY_SCALE = 0.1  # --fuzz: share of the level's probability with which a drop is taken early
 FLOOD_RACE_LIMIT = 2  # flood-drop-race hook: writes while unused before a drop (else nentries * 1000)
+IF_STARTS, IF_COUNT = 0, 1  # words of an ``inflight`` row
+CROSS_ENTRY_RATE = 0.1  # share of L1's table writes to another vCPU's entry (an L2 vCPU moved to this
+                        # L1 vCPU: its IsRunning / apic id set by the vCPU that runs it now)
 ALL_ENTRIES_EVERY = 8  # (I2): every entry of the table is checked at one nested VMRUN in this many
 
 
@@ -149,8 +163,8 @@ def s64(x: int) -> int:
 
 
 def nentries(cfg) -> int:
-    """Entries per physid table: one per L2 vCPU; the L2s have as many vCPUs as L1 (at least 2),
-    so each L1 vCPU owns one entry (``vcpu % nentries``) and no two vCPUs write the same entry."""
+    """Entries per physid table: one per L2 vCPU; the L2s have as many vCPUs as L1 (at least 2).
+    L1 vCPU v mostly writes entry ``v % nentries``, and other entries at ``CROSS_ENTRY_RATE``."""
     return min(max(cfg.vcpus, 2), MAX_NENTRIES)
 
 
@@ -176,8 +190,11 @@ def avic_layout(cfg) -> Layout:
         ("cache", "i8", (nt, ne)),
         ("shadow", "i8", (nt, ne)),
         ("locks", "i8", (len(MYLOCKS), LOCK_WORDS)),
+        ("tlocks", "i8", (nt, LOCK_WORDS)),
         ("lockstat", "i8", (n, len(MYLOCKS), STAT_WORDS)),
+        ("inflight", "i8", (cfg.l2s * ne, 2)),
         ("cs", "i8", (len(CS), 8)),
+        ("tcs", "i8", (nt, 8)),
         ("stats", "i8", (n, NSTATS)),
     ])
 

@@ -17,7 +17,7 @@ import sys
 import pytest
 from test_avic import avm, entry_gpa, guest, stat, tables  # noqa: F401  (avm: fixture)
 
-from vm.avic.table import ALL_ENTRIES_EVERY, H_I1, T_TRACKED, V_RELOAD, VW, make_entry, s64
+from vm.avic.table import ALL_ENTRIES_EVERY, H_I1, T_TRACKED, V_INL2, V_RELOAD, VW, make_entry, s64
 from vm.nested import table_gfn, untracked_range
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
@@ -30,11 +30,13 @@ def _warns(kvm, kind):
 
 def _drop_under(d, t):
     """What a track_write that saw usecount 0 just before another vCPU entered L2 does next."""
-    d._physid_lock()
+    d._tlock(t)
     try:
-        d._drop(t)
+        targets = d._invalidate(t, "flood_drop")
     finally:
-        d._physid_unlock()
+        d._tunlock(t)
+    if targets:
+        d._reload_wait(t, targets)
 
 
 @LOCK_FREE
@@ -44,6 +46,7 @@ def test_flood_drop_under_a_vcpu_in_l2_kicks_it(avm, design):
     t = tables(d)[table_gfn(d.cfg, 0)]
     _drop_under(d, t)
     assert d.amem.load(d.vw0 + 1 * VW + V_RELOAD) == 1  # told to reload
+    assert d.amem.load(d.vw0 + 1 * VW + V_INL2) == 0  # and kicked out of L2 (KVM_REQUEST_WAIT)
     d.sample()
     d.nested_vmexit(1, 0, False)
     assert not _warns(kvm, "l2_on_unshadowed_table") and d._h(H_I1) == 0
