@@ -139,12 +139,7 @@ class TablePool:
                        (T_WRITES, 0), (T_SYNCS, 0)):
             m.store(b + w, val)
         m.store(b + T_GEN, m.fetch_add(self.hdr0 + H_GEN, 1) + 1)
-        cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
-        for e in range(self.ne):
-            m.store(cb + e, 0)
-            m.store(sb + e, 0)
-        for i in range(4):
-            m.store(self.valid0 + t * 4 + i, 0)
+        self._zero_entries(t)
         live = m.fetch_add(self.hdr0 + H_LIVE, 1) + 1
         mx = m.load(self.hdr0 + H_MAXLIVE)
         while live > mx:
@@ -158,6 +153,16 @@ class TablePool:
         if self._emit:
             self._emit(self._tp["table_create"][1], t, gfn)
         return t
+
+    def _zero_entries(self, t: int) -> None:
+        """Table ``t``'s shadow and cached entries and its valid bitmap: all 0 (invalid)."""
+        m = self.amem
+        cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
+        for e in range(self.ne):
+            m.store(sb + e, 0)
+            m.store(cb + e, 0)
+        for i in range(4):
+            m.store(self.valid0 + t * 4 + i, 0)
 
     def _poison_table(self, t: int) -> None:
         """Free a table: nobody may still read it (the design's grace period has elapsed)."""
@@ -256,12 +261,7 @@ class TablePool:
         # untrack before DROPPED is visible: a user that sees DROPPED write-protects the page again,
         # and must not do it while this untrack is still to come (it would drop that user's count)
         self._untrack(t)
-        cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
-        for e in range(self.ne):
-            m.store(sb + e, 0)
-            m.store(cb + e, 0)
-        for i in range(4):
-            m.store(self.valid0 + t * 4 + i, 0)
+        self._zero_entries(t)
         m.store(b + T_NENTRIES, 0)
         m.store(b + T_STATE, DROPPED)
         m.fetch_add(b + T_EPOCH, 1)
