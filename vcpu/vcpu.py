@@ -33,6 +33,7 @@ from vm.page_track import (
 MMIO_BASE = 0xFEE00000  # the local APIC page: outside every memslot
 LOOP_COUNTERS = ("vmrun", "vmexit", "l2_switch", "write_tracked", "write_mmio", "write_untracked",
                  "iterations", "kick_reentry")
+L2_OPS = ("vmrun", "vmexit", "sleep", "read", "counters")  # scripted ops that leave L2 running
 KICK_POLL_NS = 5_000  # an L2 run looks for a reload request's kick this often (the IPI's latency)
 
 
@@ -270,6 +271,8 @@ class Vcpu:
     def execute(self, op: str, args: dict):
         """One scripted command; returns a msgpack-able value. Raises ValueError on bad args."""
         kvm, d = self.kvm, self.design
+        if op not in L2_OPS and self.in_l2 and hasattr(d, "leave_l2"):
+            d.leave_l2(self.id)  # L1 / host work: the vCPU is not in guest mode while it runs it
         if op == "vmrun":
             l2 = _int(args, "l2", 0, self.cfg.l2s - 1)
             self.load()

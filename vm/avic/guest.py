@@ -72,8 +72,9 @@ class GuestEntry:
 
     def _reload_check(self, v: int) -> None:
         w = self.vw0 + v * VW + V_RELOAD
-        if self.amem.load(w):
-            self.amem.store(w, 0)
+        # consumed with an atomic exchange (kvm_check_request: clear_bit + smp_mb__after_atomic): a
+        # plain store of 0 could drain after a new request's store and wipe it (review F2)
+        if self.amem.load(w) and self.amem.xchg(w, 0):
             self.kvm.count("reloads")
 
     def _make_ready(self, v: int, t: int) -> bool:
@@ -137,6 +138,8 @@ class GuestEntry:
         vw = self.vw0 + vcpu * VW
         self._store_end(vcpu)  # this vCPU's L1 stores to table pages have all completed
         m.store(vw + V_PROC, self.tag)
+        if m.load(vw + V_INL2):  # (scripted: VMRUN again without a VMEXIT) the L2 run ends first: a
+            self.leave_l2(vcpu)  # VMRUN is emulated outside guest mode, and may wait for locks
         gfn = table_gfn(self.cfg, l2)
         while True:
             self._reload_check(vcpu)
@@ -145,8 +148,7 @@ class GuestEntry:
             t = self._vmrun_get(vcpu, gfn, l2)
             if t < 0:  # the table turned out to be freed memory (reported)
                 return
-            if m.load(vw + V_INL2) == 0:  # (scripted mode may VMRUN again without a VMEXIT)
-                m.fetch_add(vw + V_L2SEQ, 1)  # odd: in L2 (full barrier before the request check)
+            m.fetch_add(vw + V_L2SEQ, 1)  # odd: in L2 (full barrier before the request check)
             m.store(vw + V_INL2, t + 1)  # from here the hardware uses the table's entries
             if not m.load(vw + V_RELOAD):
                 break
@@ -158,6 +160,14 @@ class GuestEntry:
         """The vCPU takes the kick of a reload request (an IPI: a VM exit from L2 to L0); its caller
         then serves the request and re-enters (``nested_vmrun`` of the same L2). False if the vCPU
         was not in L2."""
+        if not self.leave_l2(vcpu):
+            return False
+        self._stat("kick_exit")
+        return True
+
+    def leave_l2(self, vcpu: int) -> bool:
+        """The hardware stops running L2 for this vCPU (a VM exit to L0: kick, emulation, scripted
+        L1 work); its table reference and guest-mode count stay. False if it was not in L2."""
         m = self.amem
         vw = self.vw0 + vcpu * VW
         t = m.load(vw + V_INL2) - 1
@@ -166,7 +176,6 @@ class GuestEntry:
         oracle.check_vmexit(self, vcpu, t)
         m.fetch_add(vw + V_L2SEQ, 1)
         m.store(vw + V_INL2, 0)
-        self._stat("kick_exit")
         return True
 
     def reload_pending(self, vcpu: int) -> bool:

@@ -50,6 +50,8 @@ def kaboom_steps(registration: str, design_name: str = "mutex-hash") -> list[tup
 def apply_step(d: AvicDesign, step: tuple[int, str, dict]) -> str:
     """Run one scripted step on design ``d``; returns a one-line log entry."""
     v, op, a = step
+    if op not in ("vmrun", "vmexit"):
+        d.leave_l2(v)  # L1 work: the vCPU is not in guest mode while it runs it
     if op == "vmrun":
         d.nested_vmrun(v, a["l2"])
         return f"vCPU {v}: nested VMRUN L2 {a['l2']}"
