@@ -46,7 +46,9 @@ def test_add_remove_require_mmu_lock_and_enabled(kvm):
     kvm.mem.store(kvm.flags_w, 0)  # tracking disabled
     with kvm.mmu_lock:
         assert not page_track.kvm_write_track_add_gfn(kvm, 3)
-    assert kvm.events[-1][0] == "tracking_disabled"
+    # v6.0 WARN_ON + refuse; v6.6 KVM_BUG_ON (the VM is killed)
+    assert kvm.events[-1][0] == ("kvm_bug_on" if kvm.cfg.page_track == "v6.6" else "tracking_disabled")
+    assert kvm.vm_dead == (kvm.cfg.page_track == "v6.6")
     page_track.kvm_page_track_write_tracking_enable(kvm)
     with kvm.mmu_lock:
         assert page_track.kvm_write_track_add_gfn(kvm, 3)

@@ -16,6 +16,7 @@ from ipc.proc import proc_starttime
 from ipc.shm import Region
 from vm import notifier
 from vm.avic import oracle
+from vm.avic.erase import TableErase
 from vm.avic.guest import GuestEntry
 from vm.avic.l1 import L1Writes
 from vm.avic.notifiers import AVIC_SHARED_KIND, BY_KVM
@@ -67,7 +68,7 @@ from vm.page_track import (
 from vm.tracepoints import TABLE_EVENTS
 
 
-class AvicDesign(TablePool, GuestEntry, L1Writes, Registration, NestedDesign):
+class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, NestedDesign):
     """What the three designs share: the ``avic`` region, locks with held flags, setup, stats and
     teardown; the table pool (``TablePool``), guest-mode entry (``GuestEntry``), L1's table writes
     (``L1Writes``) and registration variants (``Registration``) come from their own modules, the

@@ -5,7 +5,7 @@ their gfn, sync / update / invalidate / drop their entries, and the chain walks 
 
 from __future__ import annotations
 
-from ipc import _prims, fuzz
+from ipc import fuzz
 from vm.avic.table import (
     ALLOC,
     AVIC_APIC_ID_MASK,
@@ -13,15 +13,12 @@ from vm.avic.table import (
     AVIC_IS_RUNNING,
     AVIC_UPDATABLE,
     AVIC_VALID,
-    DROPPED,
     DUMMY_HPA,
     FLOOD_EARLY_SCALE,
     FREE,
-    H_BUSY,
     H_GEN,
     H_LIVE,
     H_MAXLIVE,
-    H_SEQ,
     HPA_BASE,
     INVALID,
     LIVE,
@@ -30,7 +27,6 @@ from vm.avic.table import (
     POISON_ENTRY,
     POISON_NEXT,
     POISON_REF,
-    T_EPOCH,
     T_FLOOD,
     T_GEN,
     T_GFN,
@@ -48,8 +44,6 @@ from vm.avic.table import (
     TW,
     UNINIT_NEXT,
     UNTRACKED,
-    V_CUR,
-    V_INL2,
     V_LOADED,
     VALID,
     VW,
@@ -234,61 +228,6 @@ class TablePool:
         if self._emit:
             self._emit(self._tp["table_sync"][1])
 
-    def _seq_begin(self) -> None:
-        """A shadow change the checks must not see half-done begins (oracle ``seq_stable``)."""
-        self.amem.fetch_add(self.hdr0 + H_BUSY, 1)
-        self.amem.fetch_add(self.hdr0 + H_SEQ, 1)
-
-    def _seq_end(self) -> None:
-        self.amem.fetch_add(self.hdr0 + H_SEQ, 1)
-        self.amem.fetch_add(self.hdr0 + H_BUSY, -1)
-
-    def _invalidate(self, t: int, why: str = "invalidate") -> list | None:
-        """``avic_physid_shadow_table_erase`` (RFC v3 11/19, 15/19): stop write-protecting the gfn,
-        zero (and unpin) the entries, ``nentries = 0``, then
-        ``kvm_make_all_cpus_request(KVM_REQ_APIC_PAGE_RELOAD)``: every vCPU gets the request; each
-        one in L2 is kicked, and the caller waits (``KVM_REQUEST_WAIT``) for those to leave L2 —
-        that wait is ``_reload_wait``, which the caller runs once it has dropped the table lock, with
-        the list this returns (None: nobody to wait for). The table is re-shadowed (write-protected
-        again, then synced) by its next user. Hook ``flood-drop-race``: a flood's erase requests
-        nothing (the unfixed race)."""
-        self._tlock_held(t)
-        m = self.amem
-        b = self.tw0 + t * TW
-        if self._emit:
-            self._emit(self._tp["table_drop"][0], t, m.load(b + T_GFN))
-        self._seq_begin()
-        # untrack before DROPPED is visible: a user that sees DROPPED write-protects the page again,
-        # and must not do it while this untrack is still to come (it would drop that user's count)
-        self._untrack(t)
-        self._zero_entries(t)
-        m.store(b + T_NENTRIES, 0)
-        m.store(b + T_STATE, DROPPED)
-        m.fetch_add(b + T_EPOCH, 1)
-        targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(t)
-        self._seq_end()
-        self._stat(why)
-        if self._emit:
-            self._emit(self._tp["table_drop"][1])
-        return targets
-
-    def _steer_flood_drop(self, t: int) -> None:
-        """Widening (hooks ``avic-flood-often``, ``flood-drop-race``): having seen usecount 0, wait up to
-        ``FLOOD_RACE_DELAY_NS`` (dilated) for a vCPU to enter L2 on the table: the worst interleaving."""
-        if getattr(fuzz.ACTIVE, "controlled", False):  # ipc/sched.py: no timed wait, the scheduler
-            fuzz.point("avic.flood_steer")  # decides who enters L2 before the drop
-            return
-        m, end = self.amem, _prims.now_ns() + self.flood_race_ns
-        me = self.kvm.proc - 1  # this vCPU (the coordinator: -1) cannot enter while it waits here
-        if not any(m.load(self.vw0 + v * VW + V_CUR) == t + 1 for v in range(self.nvcpus) if v != me):
-            return  # nobody else holds the table: nobody can enter it
-        words = [self.vw0 + v * VW + V_INL2 for v in range(self.nvcpus)]
-        while _prims.now_ns() < end:
-            if any(m.load(w) == t + 1 for w in words):
-                self._stat("flood_steered")
-                return
-            _prims.spin_ns(2_000)
-
     def _entry_write(self, t: int, gpa: int, nbytes: int, new: bytes | None = None) -> list | None:
         """A write to one entry of a VALID table: update it if only apic id / IsRunning changed, else
         erase the table (returns the erase's reload targets). The new guest entry is re-read from
@@ -369,33 +308,3 @@ class TablePool:
             self._tunlock(t)
             if targets:
                 self._reload_wait(t, targets)
-
-    def remove_region(self, gfn: int, nr_pages: int, only: int) -> None:
-        """track_remove_region: a memslot goes away. Every shadowed table whose own page or any of
-        whose entries' backing pages lies in it is erased (RFC v3
-        ``avic_physid_shadow_table_flush_memslot``): its pinned pages would be gone."""
-        m = self.amem
-        for t in range(self.nt) if only < 0 else (only,):
-            b = self.tw0 + t * TW
-            if m.load(b + T_STATE) not in (VALID, INVALID):
-                continue
-            targets = None
-            self._tlock(t)
-            try:
-                if m.load(b + T_STATE) in (VALID, INVALID) and (
-                        gfn <= m.load(b + T_GFN) < gfn + nr_pages or self._backing_in(t, gfn, nr_pages)):
-                    targets = self._invalidate(t)
-            finally:
-                self._tunlock(t)
-                if targets:
-                    self._reload_wait(t, targets)
-
-    def _backing_in(self, t: int, gfn: int, nr_pages: int) -> bool:
-        """A valid cached entry of table ``t`` has its backing page in gfns [gfn, gfn + nr_pages)."""
-        m, cb = self.amem, self.cache0 + t * self.ne
-        lo, hi = gfn << PAGE_SHIFT, (gfn + nr_pages) << PAGE_SHIFT
-        for e in range(self.ne):
-            c = m.load(cb + e) & 0xFFFFFFFFFFFFFFFF
-            if c & AVIC_VALID and lo <= c & AVIC_BACKING_MASK < hi:
-                return True
-        return False
