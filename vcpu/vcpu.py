@@ -252,17 +252,6 @@ class Vcpu:
             c[L.C[name]] = self.n[name]
         self.kvm.flush_counts()
 
-    def serve_kick(self) -> bool:
-        """Scripted mode, idle between commands while in L2: take a reload request's kick (exit,
-        serve the request, re-enter the same L2), as the hardware would while L2 runs."""
-        d = self.design
-        kicked = getattr(d, "reload_pending", None)
-        if not self.in_l2 or kicked is None or not kicked(self.id) or not d.kick_exit(self.id):
-            return False
-        d.nested_vmrun(self.id, self.l2)
-        self.n["kick_reentry"] += 1
-        return True
-
     def ops(self) -> int:
         n = self.n
         return n["vmrun"] + n["write_untracked"] + n["write_tracked"] + n["write_mmio"]
@@ -350,6 +339,18 @@ class Vcpu:
             self.flush()
             return {name: int(v) for name, v in zip(L.COUNTERS, kvm.counters, strict=True)}
         raise ValueError(f"unknown command {op!r}")
+
+
+def serve_kick(v: Vcpu) -> bool:
+    """Scripted mode, idle between commands while in L2: take a reload request's kick (exit, serve
+    the request, re-enter the same L2), as the hardware would while L2 runs."""
+    d = v.design
+    kicked = getattr(d, "reload_pending", None)
+    if not v.in_l2 or kicked is None or not kicked(v.id) or not d.kick_exit(v.id):
+        return False
+    d.nested_vmrun(v.id, v.l2)
+    v.n["kick_reentry"] += 1
+    return True
 
 
 def op_stream(cfg, vcpu: int, iterations: int) -> list[tuple[str, dict]]:

@@ -14,7 +14,7 @@ from ipc import _prims, trace
 from ipc import messages as M
 from ipc.proc import die_with_parent, pid_alive, sigterm_to_exit
 from ipc.worker_channel import WorkerChannel
-from vcpu.vcpu import Vcpu
+from vcpu.vcpu import Vcpu, serve_kick
 from vm.config import SCRIPT_OPS, from_dict
 from vm.faults import POINT_ACTION
 from vm.kvm import Kvm
@@ -140,7 +140,7 @@ class Worker:
             # while in L2 between scripted commands, a reload request's kick is taken within ~5 ms
             msg = self.ch.recv(5 if self.v.in_l2 else 200)
             if msg is None:
-                if self.v.serve_kick():
+                if serve_kick(self.v):
                     self.drain_warns()
                 self.check_coordinator()
                 continue

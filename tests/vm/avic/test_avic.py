@@ -16,7 +16,6 @@ from vm import layout as L
 from vm import notifier
 from vm.avic import AVIC_DESIGNS, guest_write
 from vm.avic.table import (
-    AVIC_BACKING_MASK,
     AVIC_IS_RUNNING,
     AVIC_UPDATABLE,
     AVIC_VALID,
@@ -448,39 +447,6 @@ def test_mutex_hash_serializes_every_write(avm, mmio_walk):
     assert _acq(kvm, "tables_lock") == m0 + 5 + mmio_walk
 
 
-@pytest.mark.parametrize("design", ["mutex-hash", "per-table-notifier"])
-@pytest.mark.parametrize("vmrun_lock", ["change", "every"])
-def test_mutex_nested_vmrun_takes_tables_lock_only_on_a_change(avm, design, vmrun_lock):
-    """RFC v3 13/19 nested_vmcb02_prepare_avic: same physid gfn, table held -> atomic_inc(usecount),
-    no tables_lock (``--avic-vmrun-lock every``: the mutex on every VMRUN, as this model had it)."""
-    kvm, d = avm(design, avic_vmrun_lock=vmrun_lock)
-    d.nested_vmrun(0, 0)
-    d.nested_vmexit(0, 0, False)
-    m0 = _acq(kvm, "tables_lock")
-    for _ in range(100):
-        d.nested_vmrun(0, 0)
-        d.nested_vmexit(0, 0, False)
-    if vmrun_lock == "change":
-        assert _acq(kvm, "tables_lock") - m0 <= 1, "<= 1 % of 100 nested VMRUNs take tables_lock"
-        assert stat(d, "vmrun_nolock") == 100
-    else:
-        assert _acq(kvm, "tables_lock") == m0 + 100
-    d.nested_vmrun(0, 1)  # a table change (switching L2): the slow path, under the mutex
-    assert _acq(kvm, "tables_lock") > m0 + (100 if vmrun_lock == "every" else 0)
-    # an erased table needs a sync: the next VMRUN takes the mutex and re-shadows it
-    t = tables(d)[table_gfn(d.cfg, 1)]
-    gfn = table_gfn(d.cfg, 1)
-    lo, _ = untracked_range(d.cfg)
-    d.nested_vmexit(0, 1, False)
-    assert write_entry(kvm, gfn, 0, make_entry((lo + 7) * PAGE, 0, False))
-    assert state(d, t) == DROPPED
-    m1 = _acq(kvm, "tables_lock")
-    d.nested_vmrun(0, 1)
-    assert state(d, t) == VALID and _acq(kvm, "tables_lock") == m1 + 1
-    d.nested_vmexit(0, 1, False)
-    assert d.oracle() == []
-
-
 def test_per_table_notifier_walk_is_linear(avm):
     kvm, d = avm("per-table-notifier")
     g0, g1 = table_gfn(d.cfg, 0), table_gfn(d.cfg, 1)
@@ -562,24 +528,6 @@ def test_memslot_removal_drops_tables(avm, design):
 
 
 @designs
-def test_memslot_removal_erases_tables_with_a_backing_page_in_it(avm, design):
-    """RFC v3 avic_physid_shadow_table_flush_memslot: not only the table whose own page is in the slot,
-    every table any of whose entries' backing pages is (its pinned pages would be gone)."""
-    kvm, d = avm(design)
-    gfn = table_gfn(d.cfg, 0)
-    d.nested_vmrun(0, 0)
-    d.nested_vmexit(0, 0, False)
-    t = tables(d)[gfn]
-    ms = kvm.vm.v["memslots"]
-    base0, n0 = int(ms[0, 0]), int(ms[0, 1])
-    assert not base0 <= gfn < base0 + n0, "the table's own page is not in slot 0"
-    assert any(base0 <= (guest(kvm, gfn, e) & AVIC_BACKING_MASK) >> 12 < base0 + n0 for e in range(d.ne))
-    del ms
-    kvm_page_track_delete_slot(kvm, 0)
-    assert state(d, t) == DROPPED and kvm.gfn_track[gfn] == 0 and stat(d, "invalidate") == 1
-
-
-@designs
 def test_tracked_write_rewrites_mostly_the_vcpus_own_entry(avm, design):
     kvm, d = avm(design, vcpus=3)
     gfns = {table_gfn(d.cfg, k) for k in range(d.cfg.l2s)}
@@ -602,31 +550,6 @@ def test_tracked_write_rewrites_mostly_the_vcpus_own_entry(avm, design):
     assert 0.05 * 900 < cross < 0.2 * 900, f"{cross} of 900 writes to another vCPU's entry (CROSS_ENTRY_RATE)"
 
 
-@pytest.mark.parametrize("entry_update", ["reread", "gentry"])
-def test_two_writers_of_one_entry_gentry_keeps_the_older_store(avm, entry_update):
-    """Two L1 vCPUs store to one entry, A then B, and their emulated writes reach the notifier in the
-    other order (B's handler, then A's). Re-reading guest memory (default) ends with B's value; RFC v3's
-    cached gentry + memcpy of the written bytes ends with A's: a lost write the oracle reports."""
-    from vm.page_track import kvm_page_track_write
-    kvm, d = avm("mutex-hash", entry_update=entry_update)
-    gfn = table_gfn(d.cfg, 0)
-    d.nested_vmrun(0, 0)
-    d.nested_vmexit(0, 0, False)
-    g = guest(kvm, gfn, 1)
-    a = ((g & ~AVIC_UPDATABLE) | 0).to_bytes(8, "little")
-    b = ((g & ~AVIC_UPDATABLE) | 1 | AVIC_IS_RUNNING).to_bytes(8, "little")
-    gpa = entry_gpa(gfn, 1)
-    kvm.guest_mem.store(gpa >> 3, s64(int.from_bytes(a, "little")))  # A's store lands
-    kvm.guest_mem.store(gpa >> 3, s64(int.from_bytes(b, "little")))  # B's store lands
-    kvm_page_track_write(kvm, gpa, b)  # B's handler runs first under tables_lock
-    kvm_page_track_write(kvm, gpa, a)  # then A's
-    bad = [f for f in d.oracle() if "lost write" in f]
-    if entry_update == "reread":
-        assert bad == [] and shadow(d, tables(d)[gfn], 1) == d._translate(int.from_bytes(b, "little"))
-    else:
-        assert bad and "entry 1" in bad[0], bad
-
-
 @pytest.mark.parametrize("design", ["mutex-hash", "per-table-notifier"])
 def test_split_registers_before_tracking_is_enabled(avm, design):
     """split: registration (VM creation, or table creation for per-table nodes) and activation (vCPU
@@ -643,21 +566,6 @@ def test_split_registers_before_tracking_is_enabled(avm, design):
     d.nested_vmexit(0, 0, False)
     d.nested_vmexit(1, 1, False)
     assert any("while write tracking was disabled" in f for f in d.oracle())
-
-
-@pytest.mark.parametrize("design", ["mutex-hash", "per-table-notifier"])
-def test_split_under_v66_is_a_kvm_bug_not_a_lost_write(avm, design):
-    """v6.6 __kvm_write_track_add_gfn: KVM_BUG_ON(!kvm_page_track_write_tracking_enabled(kvm)): the
-    VM is killed; no vCPU enters L2 on the unprotected table, so no write can be lost on it."""
-    kvm, d = avm(design, registration="split", page_track="v6.6")
-    d.nested_vmrun(1, 1)
-    assert kvm.vm_dead
-    bugs = [m for k, m, _ in kvm.events if k == "kvm_bug_on"]
-    assert len(bugs) == 1 and "KVM_BUG_ON: write tracking not enabled" in bugs[0]
-    assert not any(k == "tracking_disabled" for k, _, _ in kvm.events)
-    assert d.amem.load(d.vw0 + 1 * VW + V_INL2) == 0, "vCPU 1 did not enter L2"
-    assert all(st != VALID for st in (state(d, t) for t in tables(d).values()))
-    assert not any("lost write" in f for f in d.oracle())
 
 
 @designs
