@@ -162,8 +162,9 @@ CATALOGUE: tuple[Mutant, ...] = (
            RUN_PER_TABLE, "a table write (per-table-notifier: its only lock) without avic_physid_lock",
            lines=2, multi="lock and unlock are a pair"),
     Mutant("isrunning-flip-skips-unlocked", "write-path lock", "vm/avic/guest.py",
-           (Edit("                if not per_table and m.load(self.tw0 + t * TW + T_STATE) != VALID:\n",
-                 "                if m.load(self.tw0 + t * TW + T_STATE) != VALID:\n"),),
+           (Edit("                self._tlock(t)\n                try:\n                    flips += self._flip_running(",
+                 "                if m.load(self.tw0 + t * TW + T_STATE) != VALID: continue  # noqa: E701\n"
+                 "                self._tlock(t)\n                try:\n                    flips += self._flip_running("),),
            RUN_RCU_LIST + (("run", "--design", "rcu-list", "--vcpus", "4", "--preempt-rate", "0.3"),),
            "rcu-list's vcpu_load / put reads a table's state before taking the table's lock: a "
                          "sync that read the old IsRunning ends VALID after the skip"),

@@ -111,7 +111,7 @@ class Vcpu:
                                               if tr else ((0, 0),) * 3)
         PF = tr.instant("page_fault") if tr else 0
         n_unt = n_tr = n_mmio = n_run = n_sw = iters = n_kick = 0
-        kicked = getattr(d, "reload_pending", None)  # nested AVIC: reload requests kick L2
+        take_kick = getattr(d, "take_kick", None)  # nested AVIC: reload requests kick L2
         l2 = self.l2
         next_tick = now() + tick_ns
         self.load()
@@ -177,13 +177,12 @@ class Vcpu:
                     emit(G_B, l2)
                 n_run += 1
                 if guest_ns:
-                    if kicked is None:
+                    if take_kick is None:
                         spin(guest_ns)
                     else:  # L2 runs; a reload request's kick (an IPI) makes it exit, and KVM serves
-                        end = now() + guest_ns  # the request and re-enters (nested_vmrun again)
+                        end = now() + guest_ns  # the request and re-enters
                         while True:
-                            if kicked(vid) and d.kick_exit(vid):
-                                d.nested_vmrun(vid, l2)
+                            if take_kick(vid, l2):
                                 n_kick += 1
                             left = end - now()
                             if left <= 0:
@@ -265,7 +264,7 @@ class Vcpu:
         if op == "vmrun":
             l2 = _int(args, "l2", 0, self.cfg.l2s - 1)
             self.load()
-            if kvm.mem.load(kvm.flags_w + L.F_VM_BUGGED):
+            if kvm.vm_dead:
                 return {"l2": l2, "vm_dead": True}  # KVM_BUG_ON fired: the ioctl fails (-EIO)
             self.first_l2_entry()
             d.nested_vmrun(self.id, l2)
@@ -344,11 +343,9 @@ class Vcpu:
 def serve_kick(v: Vcpu) -> bool:
     """Scripted mode, idle between commands while in L2: take a reload request's kick (exit, serve
     the request, re-enter the same L2), as the hardware would while L2 runs."""
-    d = v.design
-    kicked = getattr(d, "reload_pending", None)
-    if not v.in_l2 or kicked is None or not kicked(v.id) or not d.kick_exit(v.id):
+    take_kick = getattr(v.design, "take_kick", None)
+    if not v.in_l2 or take_kick is None or not take_kick(v.id, v.l2):
         return False
-    d.nested_vmrun(v.id, v.l2)
     v.n["kick_reentry"] += 1
     return True
 

@@ -178,9 +178,14 @@ class GuestEntry:
         m.store(vw + V_INL2, 0)
         return True
 
-    def reload_pending(self, vcpu: int) -> bool:
-        """A reload request waits for this vCPU (what the L2 loop polls: the kick)."""
-        return self._smem.load(self.vw0 + vcpu * VW + V_RELOAD) != 0
+    def take_kick(self, vcpu: int, l2: int) -> bool:
+        """What a vCPU in L2 does when a reload request's kick reaches it (polled by the L2 loop, or
+        by a scripted vCPU idle between commands): exit, serve the request, re-enter ``l2``. False if
+        no request is pending or the vCPU was not in L2."""
+        if not self._smem.load(self.vw0 + vcpu * VW + V_RELOAD) or not self.kick_exit(vcpu):
+            return False
+        self.nested_vmrun(vcpu, l2)
+        return True
 
     def _request_reload_all(self, t: int) -> list[tuple[int, int]]:
         """``kvm_make_all_cpus_request(kvm, KVM_REQ_APIC_PAGE_RELOAD)``, its first half: the request
@@ -223,13 +228,7 @@ class GuestEntry:
     def nested_vmexit(self, vcpu: int, l2: int, leaving: bool) -> None:
         if self.region is None:
             self._attach()
-        m = self.amem
-        vw = self.vw0 + vcpu * VW
-        inl2 = m.load(vw + V_INL2) - 1
-        if inl2 >= 0:
-            oracle.check_vmexit(self, vcpu, inl2)  # before the reload request is consumed
-            m.fetch_add(vw + V_L2SEQ, 1)
-            m.store(vw + V_INL2, 0)
+        self.leave_l2(vcpu)  # (its I1 check comes before the reload request is consumed)
         t = self._cur(vcpu)
         if t >= 0:
             self._leave_guest(vcpu, t)
@@ -250,38 +249,46 @@ class GuestEntry:
         if self.region is None:
             self._attach()
         m = self.amem
-        per_table = self.per_table_lock
         flips = 0
-        if not per_table:
-            self._physid_lock()
-        try:
+        if self.per_table_lock:
             self._seq_begin()
             m.store(self.vw0 + v * VW + V_LOADED, 1 if running else 0)
             for t in range(self.nt):
-                # per-table locks: the state is read under the table's lock, or a sync running now
-                # (which read V_LOADED before the store above) could end VALID after a skip here
-                if not per_table and m.load(self.tw0 + t * TW + T_STATE) != VALID:
-                    continue
-                if per_table:
-                    self._tlock(t)
+                # the state is read under the table's lock, or a sync running now (which read
+                # V_LOADED before the store above) could end VALID after a skip here
+                self._tlock(t)
                 try:
-                    if per_table and m.load(self.tw0 + t * TW + T_STATE) != VALID:
-                        continue
-                    cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
-                    for e in range(self.ne):
-                        c = m.load(cb + e) & 0xFFFFFFFFFFFFFFFF
-                        if c & AVIC_VALID and c & AVIC_IS_RUNNING and (c & AVIC_APIC_ID_MASK) == v:
-                            sh = m.load(sb + e) & 0xFFFFFFFFFFFFFFFF
-                            ns = sh | AVIC_IS_RUNNING if running else sh & ~AVIC_IS_RUNNING
-                            if ns != sh:
-                                m.store(sb + e, s64(ns))
-                                flips += 1
+                    flips += self._flip_running(t, v, running)
                 finally:
-                    if per_table:
-                        self._tunlock(t)
+                    self._tunlock(t)
             self._seq_end()
-        finally:
-            if not per_table:
+        else:
+            self._physid_lock()
+            try:
+                self._seq_begin()
+                m.store(self.vw0 + v * VW + V_LOADED, 1 if running else 0)
+                for t in range(self.nt):
+                    flips += self._flip_running(t, v, running)
+                self._seq_end()
+            finally:
                 self._physid_unlock()
         if flips:
             self._stat("isrunning_flip", flips)
+
+    def _flip_running(self, t: int, v: int, running: bool) -> int:
+        """IsRunning of L1 vCPU ``v`` in table ``t``'s shadow entries, if it is VALID (its entries
+        lock held); returns how many entries changed."""
+        m = self.amem
+        if m.load(self.tw0 + t * TW + T_STATE) != VALID:
+            return 0
+        flips = 0
+        cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
+        for e in range(self.ne):
+            c = m.load(cb + e) & 0xFFFFFFFFFFFFFFFF
+            if c & AVIC_VALID and c & AVIC_IS_RUNNING and (c & AVIC_APIC_ID_MASK) == v:
+                sh = m.load(sb + e) & 0xFFFFFFFFFFFFFFFF
+                ns = sh | AVIC_IS_RUNNING if running else sh & ~AVIC_IS_RUNNING
+                if ns != sh:
+                    m.store(sb + e, s64(ns))
+                    flips += 1
+        return flips
