@@ -228,7 +228,9 @@ def test_two_processes_hold_it_for_read_at_once(ctx, procs, region, run_id):
     me.read_unlock()
     mem.store(w("ctl", C_RELEASE), 1)
     assert wr.lock(10_000_000_000) is True
-    assert mem.load(w("ctl", C_HOLD)) == 2 and wr.readers() == 0
+    assert wr.readers() == 0, "the writer got in with a reader inside"
+    # (the reader says it left, C_HOLD = 2, only after its read_unlock: the writer may be first)
+    wait_until(lambda: mem.load(w("ctl", C_HOLD)) == 2, 30, what="reader gone")
     lockdep_assert_held(wr)
     lockdep_assert_held_read(wr)  # a write hold is at least a read hold
     assert me.read_lock(1_000_000) is False and me.read_trylock() is False  # the writer holds it
@@ -251,7 +253,9 @@ def test_a_waiting_writer_keeps_new_readers_out(ctx, procs, region, run_id):
     assert me.read_lock(100_000_000) is False  # a reader arriving now waits behind the writer
     mem.store(w("ctl", C_RELEASE), 1)  # the old reader leaves: the writer gets it
     wait_until(lambda: mem.load(w("ctl", C_WHOLD)) == 1, 30, what="writer")
-    assert mem.load(w("ctl", C_HOLD)) == 2
+    assert me.readers() == 0, "the writer got in with a reader inside"
+    # (the reader says it left, C_HOLD = 2, only after its read_unlock: the writer may be first)
+    wait_until(lambda: mem.load(w("ctl", C_HOLD)) == 2, 30, what="reader gone")
     mem.store(w("ctl", C_WRELEASE), 1)
     assert me.read_lock(10_000_000_000) is True
     assert mem.load(w("ctl", C_WHOLD)) == 2
