@@ -39,20 +39,32 @@ from vm import notifier
 KVM_MMU_KIND = 2  # notifier kind of KVM's own node (kvm->arch.mmu_sp_tracker)
 
 
-def bind_track_write(kvm):
-    """``kvm_mmu_pte_write`` / ``kvm_mmu_track_write`` of ``kvm`` in this process, a closure over
-    its bound state (no attribute loads per call); the signature of a notifier's ``track_write``."""
-    counts, c_calls, c_locked = kvm.counts, L.C["mmu_pte_write"], L.C["mmu_lock_write"]
-    load, isp_w = kvm.mem.load, kvm.flags_w + L.F_INDIRECT_SP
+def bind_locked(kvm):
+    """The handler's part past the early return, bound to ``kvm`` in this process:
+    ``write_lock(&kvm->mmu_lock)``, no shadow page of a guest page table on the gfn to zap,
+    ``write_unlock``; counted (``mmu_lock_write``)."""
+    counts, c_locked = kvm.counts, L.C["mmu_lock_write"]
     lock, unlock = kvm.mmu_lock.lock, kvm.mmu_lock.unlock
+
+    def locked() -> None:
+        lock()
+        counts[c_locked] += 1
+        unlock()
+    return locked
+
+
+def bind_track_write(kvm):
+    """``kvm_mmu_pte_write`` (v6.0, KVM's node on the list) of ``kvm`` in this process, a closure
+    over its bound state (no attribute loads per call). v6.6's ``kvm_mmu_track_write`` is the same
+    handler, inlined in the write path (vm/write_path.py): its early return there, this ``locked``."""
+    counts, c_calls = kvm.counts, L.C["mmu_pte_write"]
+    load, isp_w = kvm.mem.load, kvm.flags_w + L.F_INDIRECT_SP
+    locked = bind_locked(kvm)
 
     def track_write(gpa: int, new: bytes, nbytes: int, node: int) -> None:
         counts[c_calls] += 1
-        if not load(isp_w):  # READ_ONCE(kvm->arch.indirect_shadow_pages) == 0
-            return
-        lock()  # write_lock(&kvm->mmu_lock)
-        counts[c_locked] += 1  # no shadow page of a guest page table on this gfn: nothing to zap
-        unlock()
+        if load(isp_w):  # READ_ONCE(kvm->arch.indirect_shadow_pages) != 0
+            locked()
     return track_write
 
 

@@ -68,7 +68,13 @@ sample_walk: Callable[[int], int] = _UNBOUND
 acct: Any = _UNBOUND  # the accounting (its checkpoint and period) or _Unaccounted
 node_entry: Callable[[int], tuple | None] = _UNBOUND
 page_track_write: Callable[[int, bytes], int] = _UNBOUND  # the WALK entry point
-mmu_track_write: Callable | None = _UNBOUND  # v6.6: kvm_mmu_track_write after the walk (vm/mmu.py); v6.0: None
+# v6.6: kvm_mmu_track_write after the walk (vm/mmu.py), inlined up to its early return: the word of
+# indirect_shadow_pages (never word 0), else 0 (v6.0: the handler is a node on the list); its count
+# (counts[C_MMU], ``mmu_pte_write``) and the locked part
+isp_w: int = _UNBOUND
+counts: list = _UNBOUND
+C_MMU: int = _UNBOUND
+mmu_locked: Callable[[], None] = _UNBOUND
 
 
 def _template():
@@ -105,8 +111,10 @@ def _template():
                     return 0
             # kvm_page_track_write
             if not load(head_w):  # empty list: return at once
-                if mmu_track_write:  # v6.6: KVM's own handler is called whatever the list holds
-                    mmu_track_write(gpa, new, 0, -1)
+                if isp_w:  # v6.6: KVM's own handler is called whatever the list holds
+                    counts[C_MMU] += 1
+                    if load(isp_w):
+                        mmu_locked()
                 if te:
                     e_left = sample_emul(te)
                 return 0
@@ -147,8 +155,10 @@ def _template():
                     n = load(next_w)
             finally:
                 srcu_unlock()
-            if mmu_track_write:
-                mmu_track_write(gpa, new, nbytes, -1)
+            if isp_w:  # v6.6: kvm_mmu_track_write
+                counts[C_MMU] += 1
+                if load(isp_w):
+                    mmu_locked()
             if tw:
                 w_left = sample_walk(tw)
             if te:
@@ -222,7 +232,8 @@ def bind(kvm_):
         sample_emul=h_emul.sample if h_emul is not None else None,
         sample_walk=h_walk.sample if h_walk is not None else None,
         acct=acct_,
-        mmu_track_write=mmu.bind_track_write(kvm_) if kvm_.cfg.page_track == "v6.6" else None)
+        isp_w=kvm_.flags_w + L.F_INDIRECT_SP if kvm_.cfg.page_track == "v6.6" else 0,
+        counts=kvm_.counts, C_MMU=L.C["mmu_pte_write"], mmu_locked=mmu.bind_locked(kvm_))
     cells = {"left": types.CellType(acct_.period),
              "e_left": types.CellType(h_emul.start() if h_emul is not None else 0),
              "w_left": types.CellType(h_walk.start() if h_walk is not None else 0)}
