@@ -161,6 +161,20 @@ CATALOGUE: tuple[Mutant, ...] = (
             _blank("            return True\n        finally:\n", "            self._tunlock(t)\n")),
            RUN_PER_TABLE, "a table write (per-table-notifier: its only lock) without avic_physid_lock",
            lines=2, multi="lock and unlock are a pair"),
+    Mutant("vref-counted-after-translate", "write-path lock", "vm/avic/pool.py",
+           (Edit("            ref(t, g, 1)  # (a full barrier) before _translate reads V_LOADED: see _vref\n", ""),
+            Edit("            m.store(sb + e, s64(self._translate(g)))\n            ref(t, old, -1)\n",
+                 "            m.store(sb + e, s64(self._translate(g)))\n            ref(t, g, 1)\n"
+                 "            ref(t, old, -1)\n")),
+           RUN_RCU_LIST + (("run", "--design", "rcu-list", "--vcpus", "4", "--preempt-rate", "0.3"),),
+           "a sync counts an entry's reference to an L1 vCPU after it translated the entry: a vcpu_put "
+           "that stored V_LOADED in between reads no reference and skips the table (rcu-list: per-table locks)",
+           lines=2, multi="moving a statement is a deletion plus an insertion"),
+    Mutant("entry-update-keeps-old-reference", "refcount", "vm/avic/pool.py",
+           (Edit("        self._vref(t, c, -1)\n        self._stat(\"entry_update\")\n",
+                 "        self._stat(\"entry_update\")\n"),),
+           RUN_AVIC, "an entry update counts the new L1 vCPU's reference but never drops the old one "
+                     "(physid_ref_entries leaks: vcpu_load / put visit tables for nothing)"),
     Mutant("isrunning-flip-skips-unlocked", "write-path lock", "vm/avic/guest.py",
            (Edit("                self._tlock(t)\n                try:\n                    flips += self._flip_running(",
                  "                if m.load(self.tw0 + t * TW + T_STATE) != VALID: continue  # noqa: E701\n"

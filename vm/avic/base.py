@@ -138,6 +138,7 @@ class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, Nest
             busted="busted-lock" in self.hooks, name="avic_notifier_lock")
         self.tcs0 = region.word("tcs")
         self.if0 = region.word("inflight")
+        self.vref0 = region.word("vref")
         if self.per_table_lock:
             tstat = region.word("lockstat", self.kvm.proc, LOCK_TABLE) if stats else -1
             self.tlocks = [new_lock("spin", region.mem, region.word("tlocks", t), tstat, self.tag,

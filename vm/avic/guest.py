@@ -243,19 +243,23 @@ class GuestEntry:
         self._set_running(vcpu, False)
 
     def _set_running(self, v: int, running: bool) -> None:
-        """Flip IsRunning in every shadow entry that maps L1 vCPU ``v``: under the VM-wide
-        ``avic_physid_lock`` (RFC v3's ``table_entries_lock``), or table by table under each table's
-        own lock (``per_table_lock``)."""
+        """Flip IsRunning in every shadow entry that maps L1 vCPU ``v``, visiting only the tables
+        whose entries name it (``vref``): under the VM-wide ``avic_physid_lock`` (RFC v3's
+        ``table_entries_lock``), or table by table under each table's own lock (``per_table_lock``;
+        the state is read under that lock, or a sync that read the old V_LOADED could end VALID
+        after a skip here)."""
         if self.region is None:
             self._attach()
         m = self.amem
         flips = 0
+        row = self.vref0 + v * self.nt  # the tables whose entries name v (RFC v3 physid_ref_entries)
         if self.per_table_lock:
             self._seq_begin()
             m.store(self.vw0 + v * VW + V_LOADED, 1 if running else 0)
+            _prims.smp_mb()  # V_LOADED before the counts: pairs with _vref's barrier (vm/avic/pool.py)
             for t in range(self.nt):
-                # the state is read under the table's lock, or a sync running now (which read
-                # V_LOADED before the store above) could end VALID after a skip here
+                if m.load(row + t) <= 0:
+                    continue
                 self._tlock(t)
                 try:
                     flips += self._flip_running(t, v, running)
@@ -268,7 +272,8 @@ class GuestEntry:
                 self._seq_begin()
                 m.store(self.vw0 + v * VW + V_LOADED, 1 if running else 0)
                 for t in range(self.nt):
-                    flips += self._flip_running(t, v, running)
+                    if m.load(row + t) > 0:
+                        flips += self._flip_running(t, v, running)
                 self._seq_end()
             finally:
                 self._physid_unlock()

@@ -35,6 +35,8 @@ from vm import notifier
 from vm.avic.table import (
     ALL_ENTRIES_EVERY,
     ALLOC,
+    AVIC_APIC_ID_MASK,
+    AVIC_VALID,
     CS,
     CS_FAILS,
     H_BUSY,
@@ -49,6 +51,7 @@ from vm.avic.table import (
     IF_STARTS,
     LIVE,
     MASK64,
+    POISON,
     RETIRING,
     STATE_NAMES,
     T_EPOCH,
@@ -139,6 +142,7 @@ def final(d) -> list[str]:
                 if vb != (c >> 63):
                     bad.append(f"{name} entry {e}: valid bitmap {vb} != cached Valid {c >> 63}")
     d._check_structure(bad)
+    _check_vref(d, bad)
     for gfn, ts in live_by_gfn.items():
         if len(ts) > 1:
             bad.append(f"gfn {gfn:#x} has {len(ts)} live shadow tables (slots {ts})")
@@ -197,6 +201,25 @@ def final(d) -> list[str]:
         if owner:
             bad.append(f"lock {lname} still held (owner tag {owner}) after the run")
     return bad
+
+
+def _check_vref(d, bad: list[str]) -> None:
+    """(F-vref) each L1 vCPU's count of references in each table (``vref``) = the valid cached
+    entries of that table that name it (a count off by one skips or re-visits a table at
+    vcpu_load / put: a missed IsRunning flip)."""
+    m = d.amem
+    for t in range(d.nt):
+        want = [0] * d.nvcpus
+        if m.load(d.tw0 + t * TW + T_STATE) != POISON:
+            for e in range(d.ne):
+                c = u64(m.load(d.cache0 + t * d.ne + e))
+                if c & AVIC_VALID and (c & AVIC_APIC_ID_MASK) < d.nvcpus:
+                    want[c & AVIC_APIC_ID_MASK] += 1
+        for v in range(d.nvcpus):
+            have = m.load(d.vref0 + v * d.nt + t)
+            if have != want[v]:
+                bad.append(f"avic_physid_table slot {t}: vCPU {v}'s reference count {have} != {want[v]} "
+                           f"cached entries naming it (physid_ref_entries)")
 
 
 def _node_refs(kvm, bad: list[str], node: int, want: int, what: str) -> None:

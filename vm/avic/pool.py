@@ -148,13 +148,23 @@ class TablePool:
             self._emit(self._tp["table_create"][1], t, gfn)
         return t
 
+    def _vref(self, t: int, c: int, n: int) -> None:
+        """Cached entry ``c`` of table ``t`` comes (``n`` = 1) or goes (-1): if it names an L1 vCPU,
+        that vCPU's count of references in ``t`` (``vref``, RFC v3 ``physid_ref_entries``) follows.
+        A writer counts a new reference before it translates the entry (which reads V_LOADED), and
+        ``_set_running`` stores V_LOADED before it reads the counts: one of them sees the other."""
+        if c & AVIC_VALID and (c & AVIC_APIC_ID_MASK) < self.nvcpus:
+            self.amem.fetch_add(self.vref0 + (c & AVIC_APIC_ID_MASK) * self.nt + t, n)
+
     def _zero_entries(self, t: int) -> None:
         """Table ``t``'s shadow and cached entries and its valid bitmap: all 0 (invalid)."""
         m = self.amem
         cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
         for e in range(self.ne):
             m.store(sb + e, 0)
+            old = m.load(cb + e)
             m.store(cb + e, 0)
+            self._vref(t, old, -1)
         for i in range(4):
             m.store(self.valid0 + t * 4 + i, 0)
 
@@ -171,8 +181,10 @@ class TablePool:
         m.store(b + T_NODE, 0)
         cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
         for e in range(self.ne):
+            old = m.load(cb + e)
             m.store(cb + e, POISON_ENTRY)
             m.store(sb + e, POISON_ENTRY)
+            self._vref(t, old, -1)
         m.store(b + T_STATE, POISON)  # release
         m.fetch_add(self.hdr0 + H_LIVE, -1)
         self.kvm.count("table_free")
@@ -213,10 +225,14 @@ class TablePool:
             self._emit(self._tp["table_sync"][0], t, gbase >> 9)
         cb, sb = self.cache0 + t * self.ne, self.shadow0 + t * self.ne
         bits = [0, 0, 0, 0]
+        ref = self._vref
         for e in range(self.ne):
             g = gl(gbase + e) & 0xFFFFFFFFFFFFFFFF
+            old = m.load(cb + e)
+            ref(t, g, 1)  # (a full barrier) before _translate reads V_LOADED: see _vref
             m.store(cb + e, s64(g))
             m.store(sb + e, s64(self._translate(g)))
+            ref(t, old, -1)
             if g & AVIC_VALID:
                 bits[e >> 6] |= 1 << (e & 63)
         for i in range(4):
@@ -254,8 +270,10 @@ class TablePool:
             g = self.gmem.load((gfn << 9) + first) & 0xFFFFFFFFFFFFFFFF  # re-read, never trust the order
         if not (g & c & AVIC_VALID) or (g ^ c) & ~AVIC_UPDATABLE:
             return self._invalidate(t)  # other bits changed, or an invalid entry
+        self._vref(t, g, 1)  # before the translation reads V_LOADED (_vref)
         m.store(cw, s64(g))
         m.store(self.shadow0 + t * self.ne + first, s64(self._translate(g)))
+        self._vref(t, c, -1)
         self._stat("entry_update")
         return None
 

@@ -27,6 +27,8 @@ attached by vCPU processes; registered in ``kvm.regions`` so ``Kvm.close`` unmap
 - ``tlocks``  (ntables, LOCK_WORDS) one spinlock per table (rcu-list: the table's entries)
 - ``cs``      (len(CS), 8) locktorture-style held flags of the locks the AVIC code takes
 - ``tcs``     (ntables, 8) the same for the per-table locks
+- ``vref``    (vcpus, ntables) per L1 vCPU, how many valid cached entries of each table name it
+  (RFC v3's ``physid_ref_entries``, as counts: vcpu_load / put visit only those tables)
 - ``inflight`` (l2s * nentries, 2) per guest entry (l2 * nentries + entry): [IF_STARTS] L1 stores
   begun to it, [IF_COUNT] of them still in flight (the I2 check leaves such an entry out)
 - ``stats``   (nprocs, NSTATS) per-process AVIC counters
@@ -193,6 +195,7 @@ def avic_layout(cfg) -> Layout:
         ("tlocks", "i8", (nt, LOCK_WORDS)),
         ("lockstat", "i8", (n, len(MYLOCKS), STAT_WORDS)),
         ("inflight", "i8", (cfg.l2s * ne, 2)),
+        ("vref", "i8", (cfg.vcpus, nt)),
         ("cs", "i8", (len(CS), 8)),
         ("tcs", "i8", (nt, 8)),
         ("stats", "i8", (n, NSTATS)),

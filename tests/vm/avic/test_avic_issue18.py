@@ -123,3 +123,41 @@ def test_mutex_nested_vmrun_takes_tables_lock_only_on_a_change(avm, design, vmru
     assert state(d, t) == VALID and _acq(kvm, "tables_lock") == m1 + 1
     d.nested_vmexit(0, 1, False)
     assert d.oracle() == []
+
+
+@designs
+def test_isrunning_flips_visit_only_the_tables_that_name_the_vcpu(avm, design):
+    """RFC v3 physid_ref_entries: vcpu_load / put reach the entries that name the vCPU without
+    scanning every table; here per-vCPU reference counts per table (``vref``), kept by sync, entry
+    update and erase, checked by the final oracle."""
+    kvm, d = avm(design, vcpus=3)
+    g0, g1 = table_gfn(d.cfg, 0), table_gfn(d.cfg, 1)
+    d.nested_vmrun(0, 0)
+    d.nested_vmrun(1, 1)
+    t0, t1 = tables(d)[g0], tables(d)[g1]
+
+    def refs(v, t):
+        return d.amem.load(d.vref0 + v * d.nt + t)
+
+    assert refs(2, t0) == 1 and refs(2, t1) == 1  # setup: entry e names vCPU e % vcpus
+    # L1 moves entry 2 of L2 0's table to vCPU 0, running: vCPU 2 is no longer named there
+    g = guest(kvm, g0, 2)
+    assert write_entry(kvm, g0, 2, (g & ~AVIC_UPDATABLE) | 0 | AVIC_IS_RUNNING)
+    assert refs(2, t0) == 0 and refs(0, t0) == 2 and d.oracle() == []
+    visited = []
+    flip = d._flip_running
+    d._flip_running = lambda t, v, running: visited.append(t) or flip(t, v, running)
+    d.vcpu_put(2)
+    assert visited == [t1], "only the table that still names vCPU 2"
+    visited.clear()
+    d.vcpu_put(0)
+    assert sorted(visited) == sorted({t0, t1}) and not shadow(d, t0, 2) & AVIC_IS_RUNNING
+    d.vcpu_load(0)
+    assert shadow(d, t0, 2) & AVIC_IS_RUNNING, "IsRunning back in the moved entry"
+    # an erase drops the table's references
+    lo, _ = untracked_range(d.cfg)
+    d.nested_vmexit(0, 0, False)
+    assert write_entry(kvm, g0, 1, make_entry((lo + 3) * PAGE, 1, False))
+    assert state(d, t0) == DROPPED and all(refs(v, t0) == 0 for v in range(3))
+    d.nested_vmexit(1, 1, False)
+    assert d.oracle() == []
