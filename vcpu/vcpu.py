@@ -301,7 +301,7 @@ class Vcpu:
             if not hasattr(d, "entry_write"):
                 raise ValueError(f"write_entry: design {self.cfg.design} has no physid tables")
             gpa, data = d.entry_write(_int(args, "l2", 0, self.cfg.l2s - 1), _int(args, "entry", 0, 511),
-                                      _int(args, "apic", 0, 255), bool(args.get("running", False)))
+                                      _int(args, "apic", 0, 255), bool(args.get("running", False)), self.id)
             calls = self.l1_store(gpa, data)
             return {"gpa": gpa, "emulated": calls >= 0, "calls": max(calls, 0)}
         if op == "read":

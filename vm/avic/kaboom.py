@@ -61,7 +61,7 @@ def apply_step(d: AvicDesign, step: tuple[int, str, dict]) -> str:
     if op == "write_entry":
         kvm, cfg = d.kvm, d.cfg
         gfn = table_gfn(cfg, a["l2"])
-        gpa, data = d.entry_write(a["l2"], a["entry"], a["apic"], bool(a.get("running")))
+        gpa, data = d.entry_write(a["l2"], a["entry"], a["apic"], bool(a.get("running")), v)
         new = int.from_bytes(data, "little")
         emulated = guest_write(kvm, gpa, data)
         return (f"vCPU {v} (L1): write gpa {gpa:#x} (table gfn {gfn:#x} entry {a['entry']}) = {new:#018x}"

@@ -37,11 +37,14 @@ MMIO_APIC_GPA = 0xFEE00000
 class L1Writes:
     """The design's ``tracked_write`` / ``entry_write``: which store L1 makes to a table page."""
 
-    def entry_write(self, l2: int, entry: int, apic: int, running: bool) -> tuple[int, bytes]:
+    def entry_write(self, l2: int, entry: int, apic: int, running: bool, vcpu: int = -1) -> tuple[int, bytes]:
         """L1 rewrites the apic-id / IsRunning part of ``entry`` of ``l2``'s physid table:
-        the (gpa, 8 bytes) of that guest store (the caller performs it)."""
+        the (gpa, 8 bytes) of that guest store (the caller performs it). Made by L1 vCPU ``vcpu``
+        (>= 0), the store is in flight from now to that vCPU's next store or nested VMRUN (I2)."""
         if not 0 <= l2 < self.cfg.l2s or not 0 <= entry < nentries(self.cfg) or not 0 <= apic <= 0xFF:
             raise ValueError(f"write_entry: l2 {l2} / entry {entry} / apic {apic} out of range")
+        if vcpu >= 0:
+            self._store_begin(vcpu, l2, entry)
         gpa = (table_gfn(self.cfg, l2) << PAGE_SHIFT) + entry * 8
         g = u64(self.kvm.guest_mem.load(gpa >> 3))
         new = (g & ~AVIC_UPDATABLE) | apic | (AVIC_IS_RUNNING if running else 0)
