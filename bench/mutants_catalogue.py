@@ -267,13 +267,13 @@ CATALOGUE: tuple[Mutant, ...] = (
            "a table's own notifier node is freed while still registered"),
     # -- reload requests (kicks) -------------------------------------------------------------------------
     Mutant("invalidate-without-reload-request", "reload request", "vm/avic/erase.py",
-           (Edit('        targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(t)\n',
+           (Edit('        targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(seq)\n',
                  "        targets = None\n"),),
            RUN_AVIC, "an erased table requests no reload (kvm_make_all_cpus_request dropped): vCPUs in L2 "
                      "on it keep running on zeroed, unpinned entries", fast=True),
     Mutant("flood-drop-without-kick", "reload request", "vm/avic/erase.py",
-           (Edit('        targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(t)\n',
-                 '        targets = None if why == "flood_drop" else self._request_reload_all(t)\n'),),
+           (Edit('        targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(seq)\n',
+                 '        targets = None if why == "flood_drop" else self._request_reload_all(seq)\n'),),
            RUN_RCU_LIST + RUN_PER_TABLE + RUN_MUTEX_HASH,
            "a flood's erase (write protection removed) requests no reload (mutex-hash is no longer immune: "
            "its VMRUN takes tables_lock only on a table change)"),

@@ -10,11 +10,13 @@ from vm.avic.table import (
     AVIC_VALID,
     DROPPED,
     H_BUSY,
+    H_REQSEQ,
     H_SEQ,
     INVALID,
     T_EPOCH,
     T_GFN,
     T_NENTRIES,
+    T_REQSEQ,
     T_STATE,
     TW,
     V_CUR,
@@ -59,7 +61,9 @@ class TableErase:
         m.store(b + T_NENTRIES, 0)
         m.store(b + T_STATE, DROPPED)
         m.fetch_add(b + T_EPOCH, 1)
-        targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(t)
+        seq = m.fetch_add(self.hdr0 + H_REQSEQ, 1) + 1  # the request this erase owes its table's users
+        m.store(b + T_REQSEQ, seq)
+        targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(seq)
         self._seq_end()
         self._stat(why)
         if self._emit:

@@ -187,13 +187,20 @@ class GuestEntry:
         self.nested_vmrun(vcpu, l2)
         return True
 
-    def _request_reload_all(self, t: int) -> list[tuple[int, int]]:
-        """``kvm_make_all_cpus_request(kvm, KVM_REQ_APIC_PAGE_RELOAD)``, its first half: the request
-        for every vCPU, a full barrier, then the vCPUs in L2 now, each as (vCPU, its L2 seqcount):
-        they are kicked, and ``_reload_wait`` waits for each to leave that L2 run."""
+    def _request_reload_all(self, seq: int) -> list[tuple[int, int]]:
+        """``kvm_make_all_cpus_request(kvm, KVM_REQ_APIC_PAGE_RELOAD)``, its first half: request
+        number ``seq`` for every vCPU (a pending one keeps the newest number), a full barrier, then
+        the vCPUs in L2 now, each as (vCPU, its L2 seqcount): they are kicked, and ``_reload_wait``
+        waits for each to leave that L2 run."""
         m = self.amem
         for v in range(self.nvcpus):
-            m.store(self.vw0 + v * VW + V_RELOAD, 1)
+            w = self.vw0 + v * VW + V_RELOAD
+            cur = m.load(w)
+            while cur < seq:  # atomic max: two erases at once (per-table locks) store in any order
+                found = m.cmpxchg(w, cur, seq)
+                if found == cur:
+                    break
+                cur = found
         _prims.smp_mb()  # pairs with the barrier between a vCPU's entry into L2 and its request check
         targets = []
         for v in range(self.nvcpus):

@@ -60,6 +60,7 @@ from vm.avic.table import (
     T_NEXT,
     T_NODE,
     T_REF,
+    T_REQSEQ,
     T_STATE,
     T_TRACKED,
     T_USE,
@@ -246,7 +247,7 @@ def _table_snapshot(d, v: int, t: int, gfn: int, entries=()) -> tuple | None:
             _prims.sched_yield()
             continue
         st, tracked, epoch = load(b + T_STATE), load(b + T_TRACKED), load(b + T_EPOCH)
-        reload = load(d.vw0 + v * VW + V_RELOAD)
+        reload = _excused(d, v, t)
         seen = []
         if st == VALID:  # tracked or not (split: VALID before write tracking was enabled)
             row = d.if0 + load(b + T_L2) * d.ne * 2
@@ -264,6 +265,13 @@ def _table_snapshot(d, v: int, t: int, gfn: int, entries=()) -> tuple | None:
         if load(seq_w) == s1:
             return st, tracked, reload, epoch, seen
     return None
+
+
+def _excused(d, v: int, t: int) -> bool:
+    """A reload request is pending for vCPU ``v`` that is at least as new as table ``t``'s latest
+    erase (an older one, for another table, does not tell it about this one)."""
+    r = d.amem.load(d.vw0 + v * VW + V_RELOAD)
+    return r != 0 and r >= d.amem.load(d.tw0 + t * TW + T_REQSEQ)
 
 
 def _unshadowed(d, v: int, t: int, st: int, tracked: int, where: str) -> None:
@@ -339,8 +347,8 @@ def check_vmexit(d, v: int, t: int) -> None:
     is the one seen at VMRUN: a drop undone by another vCPU's re-sync is caught too), or the vCPU was
     told to reload."""
     m = d.amem
-    if m.load(d.vw0 + v * VW + V_RELOAD):
-        return  # told to reload: whatever the table's state, I1 holds
+    if _excused(d, v, t):
+        return  # told to reload since the table's latest erase: whatever its state, I1 holds
     entered = d.entered_epoch.pop(v, None)
     seq_w, b = d.hdr0 + H_SEQ, d.tw0 + t * TW
     s1 = m.load(seq_w)

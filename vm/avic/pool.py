@@ -36,6 +36,7 @@ from vm.avic.table import (
     T_NODE,
     T_REF,
     T_REGISTERED,
+    T_REQSEQ,
     T_STATE,
     T_SYNCS,
     T_TRACKED,
@@ -130,7 +131,7 @@ class TablePool:
             self._emit(self._tp["table_create"][0], t, gfn)
         for w, val in ((T_GFN, gfn), (T_L2, l2), (T_NENTRIES, self.ne), (T_REF, 1), (T_USE, 0),
                        (T_FLOOD, 0), (T_NEXT, UNINIT_NEXT), (T_NODE, 0), (T_REGISTERED, 0), (T_TRACKED, 0),
-                       (T_WRITES, 0), (T_SYNCS, 0)):
+                       (T_WRITES, 0), (T_SYNCS, 0), (T_REQSEQ, 0)):
             m.store(b + w, val)
         m.store(b + T_GEN, m.fetch_add(self.hdr0 + H_GEN, 1) + 1)
         self._zero_entries(t)

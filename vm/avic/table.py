@@ -84,12 +84,13 @@ H_I2 = 13            # (I2) violations: a completed L1 write missing from a shad
 H_BUSY = 14          # shadow changes in progress (erase, IsRunning flips): with per-table locks two
                      # run at once, so H_SEQ's parity alone cannot say "none half-done" (``seq_stable``)
 H_RELOAD_BAD = 15    # vCPUs found still in L2 on an erased table after kvm_make_all_cpus_request(WAIT)
-HDR_WORDS = 16
+H_REQSEQ = 16        # reload requests made (kvm_make_all_cpus_request): each erase takes the next number
+HDR_WORDS = 24
 
 # -- per-vCPU words (avic.vcpu[v]) -----------------------------------------------------------
 V_CUR = 0            # table the vCPU holds a reference on (index + 1)
 V_INGUEST = 1        # table the vCPU runs L2 on right now (index + 1), for reload requests
-V_RELOAD = 2         # KVM_REQ_APIC_PAGE_RELOAD pending
+V_RELOAD = 2         # KVM_REQ_APIC_PAGE_RELOAD pending: the number (H_REQSEQ) of the latest request, 0 = none
 V_LOADED = 3         # the L1 vCPU is loaded (scheduled in): shadow IsRunning may be set
 V_INL2 = 4           # table whose entries the hardware uses for this vCPU now (index + 1): set once
                      # nested VMRUN made it ready, cleared at VMEXIT (what the I1 checks look at)
@@ -117,7 +118,9 @@ T_WRITES = 12        # track_write calls that reached the table
 T_SYNCS = 13         # full syncs of the table
 T_EPOCH = 14         # erasures (invalidate, flood, memslot; under the table lock): what a vCPU in L2 must be told of
 T_TRACKER = 15       # pid << 32 | start time (low 32 bits) of the process write-protecting it (TRACKING)
-TW = 16
+T_REQSEQ = 16        # number (H_REQSEQ) of the reload request of the table's latest erase: a vCPU in L2 on
+                     # it is excused (I1) only by a request at least that new
+TW = 24
 
 # -- this module's own locks, lock classes ---------------------------------------------------
 MYLOCKS = ("avic_notifier_lock", "avic_table_lock")

@@ -264,7 +264,7 @@ def test_entry_update_versus_invalidation(avm, design):
     assert write_entry(kvm, gfn, 1, make_entry((lo + 99) * PAGE, 1, False))
     assert state(d, t) == DROPPED and stat(d, "invalidate") == 1
     assert kvm.gfn_track[gfn] == 0 and all(shadow(d, t, e) == 0 for e in range(d.ne))
-    assert all(d.amem.load(d.vw0 + v * VW + V_RELOAD) == 1 for v in range(3)), "every vCPU"
+    assert all(d.amem.load(d.vw0 + v * VW + V_RELOAD) >= 1 for v in range(3)), "every vCPU"
     assert d.amem.load(d.vw0 + 0 * VW + V_INL2) == 0 and stat(d, "kick_exit") == 1, "kicked out of L2"
     d.nested_vmexit(0, 0, False)
     assert count(kvm, "reloads") == 1
