@@ -150,6 +150,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="L1 guest writes between VMRUNs (default 8)")
     p.add_argument("--tracked-fraction", dest="tracked_fraction", type=float_range(0, 1, "--tracked-fraction"))
     p.add_argument("--mmio-fraction", dest="mmio_fraction", type=float_range(0, 1, "--mmio-fraction"))
+    p.add_argument("--table-invalidate-fraction", dest="table_invalidate_fraction",
+                   type=float_range(0, 1, "--table-invalidate-fraction"),
+                   help="share of L1's physid table writes that change a backing page or Valid bit and "
+                        "erase the table (default 0.001; vm/workloads.py)")
     p.add_argument("--tracked-pages", dest="tracked_pages", type=int_range(0, 4096, "--tracked-pages"))
     p.add_argument("--notifiers", type=int_range(0, 64, "--notifiers"), help="mirror notifiers (default 1)")
     p.add_argument("--memory-mib", dest="memory_mib", type=int_range(1, 1024, "--memory-mib"))

@@ -75,6 +75,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # takes mmu_lock for write on every emulated RAM write once L2 has run (indirect shadow pages,
     # nested NPT) or never ("0": a VM without them); a table entry update re-reads guest memory or
     # builds on the cached gentry + the written bytes (RFC v3: see docs/fidelity.md for the race)
+    # share of L1's physid table writes that change an entry's backing page or Valid bit (and so erase
+    # the table); the rest rewrite IsRunning / the host APIC id (vm/workloads.py: where it comes from)
+    table_invalidate_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.001
     avic_vmrun_lock: VmrunLock = "change"
     indirect_shadow_pages: IndirectShadowPages = "auto"
     entry_update: EntryUpdate = "reread"
@@ -207,7 +210,7 @@ CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switc
             "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
             "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms", "fuzz",
             "mmio_walk", "page_track", "redundant_registration", "split_warn", "trace_events",
-            "table_writes_per_vmrun", "dilate", "avic_vmrun_lock", "indirect_shadow_pages", "entry_update")
+            "table_writes_per_vmrun", "dilate", "table_invalidate_fraction", "avic_vmrun_lock", "indirect_shadow_pages", "entry_update")
 
 # scripted commands a vCPU understands (vcpu/vcpu.py executes them)
 SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "write_entry", "read", "register", "reregister", "unregister",

@@ -53,8 +53,8 @@ class L1Writes:
     def tracked_write(self, vcpu: int, rng: random.Random) -> tuple[int, bytes]:
         """L1 vCPU ``vcpu`` rewrites an entry of a random L2's table: its own (``vcpu % nentries``)
         or, at ``CROSS_ENTRY_RATE``, another vCPU's (apic id / IsRunning only: an L2 vCPU this L1 vCPU
-        now runs); mostly apic-id / IsRunning updates (8-byte, 1-byte apic id, 4-byte high dword),
-        sometimes a backing-page change or a Valid flip (those invalidate the table)."""
+        now runs): apic-id / IsRunning updates (8-byte, 1-byte apic id, 4-byte high dword), and at
+        ``cfg.table_invalidate_fraction`` a backing-page change or a Valid flip (those erase the table)."""
         if self.region is None:
             self._attach()
         cfg = self.cfg
@@ -68,10 +68,11 @@ class L1Writes:
         # the store the caller makes next is in flight until this vCPU's next store or nested VMRUN (I2)
         self._store_begin(vcpu, l2, e)
         g = self.gmem.load((gfn << 9) + e) & 0xFFFFFFFFFFFFFFFF
-        r = 0.0 if cross else rng.random()
-        if not g & AVIC_VALID and not cross:
+        inv = cfg.table_invalidate_fraction
+        r = 1.0 if cross else rng.random()
+        if not g & AVIC_VALID and not cross:  # (an entry made invalid before: valid again)
             new = make_entry(self._backing(rng), int(rng.random() * self.nvcpus), rng.random() < 0.5)
-        elif r < 0.80:
+        elif r >= inv:  # avic_vcpu_load / put / blocking: IsRunning and the host APIC id
             apic = int(rng.random() * self.nvcpus)
             new = (g & ~AVIC_UPDATABLE) | apic | (AVIC_IS_RUNNING if rng.random() < 0.5 else 0)
             r2 = rng.random()
@@ -79,9 +80,9 @@ class L1Writes:
                 return gpa, bytes((apic,))  # the apic id byte alone
             if r2 < 0.30:
                 return gpa + 4, ((new >> 32) & 0xFFFFFFFF).to_bytes(4, "little")  # IsRunning dword
-        elif r < 0.95:
+        elif r < inv * 0.75:  # a new backing page (vCPU re-created)
             new = make_entry(self._backing(rng), g & AVIC_APIC_ID_MASK, bool(g & AVIC_IS_RUNNING))
-        else:
+        else:  # the vCPU goes away
             new = g & ~AVIC_VALID
         return gpa, new.to_bytes(8, "little")
 
