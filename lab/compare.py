@@ -23,6 +23,7 @@ from pathlib import Path
 from ipc.errors import UsageError
 from lab import report
 from vm.config import from_dict
+from vm.results import fidelity_line
 
 DESIGNS = ("mutex-hash", "rcu-list", "per-table-notifier")
 SLOWER = 0.8      # a design "loses" when it reaches less than this share of the best VMRUN rate
@@ -106,7 +107,8 @@ def assess(results: list[dict], cpus: int | None = None) -> str:
              f", then L1 does {c0['writes_per_exit']} guest writes, {twv:.3g} of them (per VMRUN) to physid "
              f"tables (tracked, emulated) and {c0['mmio_fraction']:.0%} to MMIO. The seed's \"the code isn't executed "
              "often\" is a statement about this rate: with longer guest runs and fewer table writes every "
-             "design spends less time in the code measured here.", ""]
+             "design spends less time in the code measured here.", "",
+             f"Model fidelity options (docs/fidelity.md in the project): {fidelity_line(c0)}.", ""]
     if failed:
         lines += [f"**{len(failed)} run(s) ended in FAILURE** ({', '.join(failed[:6])}); their rates are "
                   "still shown but a design that fails its oracle is not fine at any speed.", ""]

@@ -30,6 +30,23 @@ COUNT_OPS = {"untracked_write": "write_untracked", "tracked_write": "write_track
 REQUIRED_OPS = ("nested_vmrun", "emulated_write", "notifier_walk", "synchronize_srcu")
 
 
+def fidelity_line(cfg: dict) -> str:
+    """The fidelity options a run had (docs/fidelity.md), in one line: what its numbers assume."""
+    if "page_track" not in cfg:  # written before the page-track options existed: not recorded
+        return "page track: unknown (older results)"
+    line = (f"page track: {cfg['page_track']}, MMIO writes "
+            f"{'walk the notifiers (--mmio-walk)' if cfg.get('mmio_walk') else 'do not walk (as x86.c)'}, "
+            f"redundant registration {cfg.get('redundant_registration', 'warn')}")
+    if "avic_vmrun_lock" not in cfg:  # before issue 18
+        return line
+    return (line + f"; nested VMRUN takes tables_lock "
+            f"{'on a table change (RFC v3)' if cfg['avic_vmrun_lock'] == 'change' else 'on every VMRUN'}, "
+            f"KVM's write handler takes mmu_lock "
+            f"{'once L2 has run' if cfg['indirect_shadow_pages'] == 'auto' else 'never (no indirect shadow pages)'}, "
+            f"entry update {'re-reads guest memory' if cfg['entry_update'] == 'reread' else 'from the cached gentry (RFC v3)'}, "
+            f"{cfg['table_invalidate_fraction']:.2%} of table writes erase")
+
+
 def versions() -> dict[str, str]:
     import msgspec
     import zmq
@@ -160,12 +177,7 @@ def render(result: dict, console=None) -> None:
     con.print(f"[bold]pagetrack-sim run[/]: design={cfg['design']} registration={cfg['registration']} "
               f"vcpus={cfg['vcpus']} l2s={cfg['l2s']} switch_rate={cfg['switch_rate']} seed={result['seed']} "
               f"duration={result['elapsed_s']:.2f}s")
-    if "page_track" in cfg:
-        con.print(f"page track: {cfg['page_track']}, MMIO writes "
-                  f"{'walk the notifiers (--mmio-walk)' if cfg.get('mmio_walk') else 'do not walk (as x86.c)'}, "
-                  f"redundant registration {cfg.get('redundant_registration', 'warn')}")
-    else:  # written before the page-track options existed: which behaviour it had is not recorded
-        con.print("page track: unknown (older results)")
+    con.print(fidelity_line(cfg))
     t = Table(title="operations", show_edge=False)
     for col in ("op", "count", "per s", "p50", "p99", "p99.9", "max"):
         t.add_column(col, justify="right" if col != "op" else "left")

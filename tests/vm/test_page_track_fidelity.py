@@ -295,3 +295,20 @@ def test_summary_of_an_older_results_file_says_unknown():
     text = con.export_text()
     assert "page track: unknown (older results)" in text, text
     assert "v6.0" not in text and "do not walk" not in text
+
+
+def test_the_summary_names_every_fidelity_option():
+    """A run's summary and compare's report say what the numbers assume (docs/fidelity.md)."""
+    import msgspec
+
+    from vm.results import fidelity_line
+
+    base = msgspec.to_builtins(from_dict({}))
+    assert fidelity_line(base) == (
+        "page track: v6.0, MMIO writes do not walk (as x86.c), redundant registration warn; nested VMRUN takes "
+        "tables_lock on a table change (RFC v3), KVM's write handler takes mmu_lock once L2 has run, entry "
+        "update re-reads guest memory, 0.10% of table writes erase")
+    other = fidelity_line({**base, "avic_vmrun_lock": "every", "indirect_shadow_pages": "0",
+                           "entry_update": "gentry", "table_invalidate_fraction": 0.2})
+    assert ("on every VMRUN" in other and "never (no indirect shadow pages)" in other
+            and "cached gentry" in other and "20.00% of table writes erase" in other), other
