@@ -277,6 +277,11 @@ CATALOGUE: tuple[Mutant, ...] = (
            RUN_RCU_LIST + RUN_PER_TABLE + RUN_MUTEX_HASH,
            "a flood's erase (write protection removed) requests no reload (mutex-hash is no longer immune: "
            "its VMRUN takes tables_lock only on a table change)"),
+    Mutant("vmrun-fast-path-without-gfn-check", "refcount", "vm/avic/mutex_hash.py",
+           (Edit("        if cur >= 0 and m.load(self.tw0 + cur * TW + T_GFN) != gfn:\n",
+                 "        if cur >= 0 and m.load(self.tw0 + cur * TW + T_GFN) < 0:\n"),),
+           RUN_MUTEX_HASH, "nested VMRUN keeps the table it holds (atomic_inc usecount, no tables_lock) without "
+                           "checking that it is the new L2's physid table"),
     Mutant("reload-request-without-wait", "reload request", "vm/avic/guest.py",
            (Edit("            while m.load(w) == s:\n", "            while False:\n"),),
            RUN_AVIC, "kvm_make_all_cpus_request without KVM_REQUEST_WAIT: the eraser goes on (unpins) while "

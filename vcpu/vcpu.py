@@ -198,7 +198,9 @@ class Vcpu:
                     nxt = l2
                 if emit:
                     emit(X_B, l2, nxt != l2)
-                d.nested_vmexit(vid, l2, nxt != l2)
+                # the table stays referenced: the next nested VMRUN sees the new L2's physid gfn and
+                # switches there (RFC v3 13/19 nested_vmcb02_prepare_avic: put, then get)
+                d.nested_vmexit(vid, l2, False)
                 if emit:
                     emit(X_E)
                 if nxt != l2:
