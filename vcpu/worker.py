@@ -96,12 +96,17 @@ class Worker:
         self.check_coordinator()
 
     def check_coordinator(self) -> None:
-        """Non-blocking look at the inbox (Stop, Fault, heartbeats); detect a dead coordinator."""
+        """Free-running: a non-blocking look at the inbox (Stop, Fault, heartbeats); detect a dead
+        coordinator."""
         while True:
             msg = self.ch.recv(0)
             if msg is None:
                 break
             self.handle(msg)
+        self.check_alive()
+
+    def check_alive(self) -> None:
+        """Raise CoordinatorGone if the coordinator died."""
         # under forkserver our parent is the fork server, which outlives the coordinator (every
         # child holds its "alive" pipe): watch the coordinator's pid itself
         if not pid_alive(_COORDINATOR_PID) or os.getppid() == 1:
@@ -142,7 +147,7 @@ class Worker:
             if msg is None:
                 if serve_kick(self.v):
                     self.drain_warns()
-                self.check_coordinator()
+                self.check_alive()  # (not check_coordinator: its inbox drain would drop a Batch)
                 continue
             if isinstance(msg, M.Start) and self.mode == "free":
                 self.run_free()
