@@ -258,7 +258,9 @@ def test_a_waiting_writer_keeps_new_readers_out(ctx, procs, region, run_id):
     wait_until(lambda: mem.load(w("ctl", C_HOLD)) == 2, 30, what="reader gone")
     mem.store(w("ctl", C_WRELEASE), 1)
     assert me.read_lock(10_000_000_000) is True
-    assert mem.load(w("ctl", C_WHOLD)) == 2
+    assert me.owner() == 0, "a reader got in while the writer held the lock"
+    # (the writer says it left, C_WHOLD = 2, only after its unlock: the reader may be first)
+    wait_until(lambda: mem.load(w("ctl", C_WHOLD)) == 2, 30, what="writer gone")
     me.read_unlock()
     pw.join(10)
     assert pw.exitcode == 0
