@@ -111,45 +111,37 @@ def mixed_worker(run_id: str, me: int, writer: bool, n: int, gap_ns: int, busted
         region.close()
 
 
-def reader_holder(run_id: str, tag: int, die: bool = False):
-    """Take lock 0 for read, say so (C_HOLD = 1), then die holding it or hold it until C_RELEASE
-    (released 20 ms after, so a waiter started right after C_RELEASE really waits)."""
+def _hold(run_id: str, tag: int, die: bool, write: bool):
+    """Take lock 0 for write or read, say so (C_WHOLD / C_HOLD = 1), then die holding it or hold it
+    until C_WRELEASE / C_RELEASE (released 20 ms after, so a waiter started right after the release
+    word really waits); the word is 2 once it is released."""
     region = Region.attach(run_id, layout())
     mem, w = region.mem, region.word
+    held_w, release_w = (w("ctl", C_WHOLD), w("ctl", C_WRELEASE)) if write else (w("ctl", C_HOLD),
+                                                                                  w("ctl", C_RELEASE))
+    if write:
+        mem.store(w("ctl", C_WPID), os.getpid())
     lk = new_lock("rw", mem, w("locks", 0), -1, tag=tag)
-    lk.read_lock()
-    mem.store(w("ctl", C_HOLD), 1)
+    (lk.lock if write else lk.read_lock)()  # (a writer waits for the readers as long as needed)
+    mem.store(held_w, 1)
     if die:
         os.kill(os.getpid(), signal.SIGKILL)
     try:
-        while not mem.load(w("ctl", C_RELEASE)):
+        while not mem.load(release_w):
             time.sleep(0.001)
         time.sleep(0.02)
-        lk.read_unlock()
-        mem.store(w("ctl", C_HOLD), 2)
+        (lk.unlock if write else lk.read_unlock)()
+        mem.store(held_w, 2)
     finally:
         region.close()
+
+
+def reader_holder(run_id: str, tag: int, die: bool = False):
+    _hold(run_id, tag, die, write=False)
 
 
 def writer_holder(run_id: str, tag: int, die: bool = False):
-    """Take lock 0 for write (waiting for readers as long as needed), say so (C_WHOLD = 1), then
-    die holding it or hold it until C_WRELEASE (released 20 ms after)."""
-    region = Region.attach(run_id, layout())
-    mem, w = region.mem, region.word
-    mem.store(w("ctl", C_WPID), os.getpid())
-    lk = new_lock("rw", mem, w("locks", 0), -1, tag=tag)
-    lk.lock()
-    mem.store(w("ctl", C_WHOLD), 1)
-    if die:
-        os.kill(os.getpid(), signal.SIGKILL)
-    try:
-        while not mem.load(w("ctl", C_WRELEASE)):
-            time.sleep(0.001)
-        time.sleep(0.02)
-        lk.unlock()
-        mem.store(w("ctl", C_WHOLD), 2)
-    finally:
-        region.close()
+    _hold(run_id, tag, die, write=True)
 
 
 def _start(ctx, procs, target, *args):
