@@ -85,7 +85,7 @@ HOOKS = {
     "no-tlb-flush": "write-protecting a page does not flush remote TLBs (no wait for vCPUs in guest mode)",
 }
 SEED = int_range(0, 2**63 - 1, "--seed")
-DURATION = float_range(0.05, MAX_DURATION_S, "--duration")
+DURATION = float_range(0.001, MAX_DURATION_S, "--duration")  # real clock: >= 0.05 (vm/config.py)
 
 
 def dilate_arg(s: str) -> str | float:
@@ -171,6 +171,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "(default: realistic when --design is not given, else the Config defaults = heavy)")
     p.add_argument("--dilate", type=dilate_arg, metavar="auto|off|N",
                    help="time dilation: guest time and modelled delays x N; auto measures N (lab/dilation.py)")
+    _add_clock_args(p)
     p.add_argument("--no-stats", dest="stats", action="store_const", const=False, default=None,
                    help="turn lock_stat and latency histograms off")
     p.add_argument("--inject", action="append", default=[], metavar="FAULT",
@@ -183,6 +184,30 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-events", dest="trace_events", type=int_range(0, 1 << 20, "--trace-events"),
                    help="events kept per process in its trace ring (default 4096, at least 2; 0 = no ring, no trace)")
     _add_trace_arg(p)
+
+
+def _add_clock_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--clock", choices=["real", "virtual"], default=default,
+                   help="real: host time (finds races); virtual: one vCPU process runs at a time on "
+                        "simulated ns, the same numbers on any host; --duration is then virtual seconds "
+                        f"(default {default or 'real'}; docs/virtual-time.md)")
+    p.add_argument("--prices", metavar="FILE.toml", default=None,
+                   help="virtual time: override the price table ([prices] name = ns; ipc/vtime.py)")
+
+
+def clock_values(args: argparse.Namespace) -> dict:
+    """``--clock`` / ``--prices`` as Config values (the prices file read and checked here)."""
+    from ipc import vtime
+
+    out: dict = {}
+    if getattr(args, "clock", None) is not None:
+        out["clock"] = args.clock
+    if getattr(args, "prices", None):
+        try:
+            out["prices"] = vtime.load_prices(args.prices)
+        except ValueError as e:
+            raise UsageError(f"--prices: {e}") from None
+    return out
 
 
 def _add_trace_arg(p: argparse.ArgumentParser) -> None:
@@ -391,9 +416,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     base, newcomer = run_base(args, file_cfg)
     cli = {k: getattr(args, k) for k in config.CLI_KEYS + ("stats",)}
     cli["dilate"] = None
+    cli.update(clock_values(args))
     cfg = config.build(base, cli)  # validated before any measuring
     _check_json_path(args.json)
     _check_trace(args, cfg)
+    if cfg.clock == "virtual":
+        if args.dilate not in (None, "off"):
+            raise UsageError("--dilate: under --clock virtual the code is priced at kernel C costs already "
+                             "(docs/virtual-time.md); dilation is for --clock real")
+        if steps:
+            raise UsageError("--clock virtual: free-running runs only (the scenario has [[step]]s)")
+        if args.inject:
+            raise UsageError("--inject: fault injection needs --clock real")
     from lab import dilation
 
     factor, dil_doc = dilation.resolve(args.dilate, cfg.to_dict(), (cfg.design,))

@@ -122,6 +122,61 @@ static inline int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* ------------------------------------------------------------------ virtual time (ipc/vtime.py)
+ * Under `--clock virtual` a vCPU process attaches its clock word (vt_attach): from then on every
+ * priced call into this module adds its price (ns) to that word, the stats clock and now_ns()
+ * read it, and a touch of a 64-byte line whose last writer was another process adds the line
+ * transfer price.  Only one process runs at a time then (ipc/vtime.py hands the turn over), so
+ * the shared line table is read and written with plain accesses.  Detached: one branch per call. */
+enum { VP_LOAD, VP_STORE, VP_WRITE, VP_RMW, VP_FENCE, VP_FUTEX_WAIT, VP_FUTEX_WAKE, VP_CLOCK,
+       VP_LOCK, VP_UNLOCK, VP_RCU_READ, VP_HIST, VP_RELAX, VP_GP_SCAN, VP_LINE, VP_CALL, VP_N };
+static int64_t *vt_clk;          /* this process' clock word; NULL = real time */
+static int vt_on;                /* charging (vt_enable): off while telemetry runs */
+static int64_t vt_price[VP_N];
+static int64_t *vt_lines;        /* shared line table: (tag, writer | version << 16 | shared << 15) pairs */
+static int64_t vt_line_mask;     /* entries - 1 (a power of two) */
+static int64_t vt_me;            /* this process' index (< 32768) */
+static PyObject *vt_owner;       /* the Mem holding vt_clk / vt_lines (a reference) */
+static int64_t vt_transfers;     /* line transfers this process paid (for the results) */
+static uint64_t vt_hist_seed;    /* nonzero: histograms made from now on take their phase from it */
+#define VT_SEEN 4096
+static int64_t vt_seen_tag[VT_SEEN], vt_seen_ver[VT_SEEN];  /* lines this process holds a copy of */
+#define VT(p) do { if (__builtin_expect(vt_on, 0)) *vt_clk += vt_price[p] + vt_price[VP_CALL]; } while (0)
+#define VT_ADD(ns) do { if (__builtin_expect(vt_on, 0)) *vt_clk += (ns); } while (0)
+
+/* a touch of line `line` of the segment with key `key`: the transfer price if another process
+ * wrote it last and this one holds no copy of that version (reads), or holds no exclusive copy
+ * (writes: another process wrote or read it since this one's last write) */
+static void vt_line(int64_t key, int64_t line, int write) {
+    uint64_t k = ((uint64_t)key * 0x9E3779B97F4A7C15ULL) ^ ((uint64_t)line * 0xBF58476D1CE4E5B9ULL);
+    k ^= k >> 29;
+    int64_t tag = (int64_t)(k | 1);
+    int64_t *e = &vt_lines[2 * (int64_t)(k & (uint64_t)vt_line_mask)];
+    int64_t v = e[1];
+    if (e[0] != tag) { e[0] = tag; v = 0; }    /* a new line (or a collision): nobody holds it */
+    int64_t writer = (v & 0x7fff) - 1, ver = v >> 16, shared = (v >> 15) & 1;
+    int s = (int)(k >> 40) & (VT_SEEN - 1);
+    if (write) {
+        if ((writer >= 0 && writer != vt_me) || shared) {
+            *vt_clk += vt_price[VP_LINE];
+            vt_transfers++;
+        }
+        if (writer != vt_me || shared) ver++;
+        e[1] = (ver << 16) | (vt_me + 1);
+        vt_seen_tag[s] = tag;
+        vt_seen_ver[s] = ver;
+    } else if (writer >= 0 && writer != vt_me && !(vt_seen_tag[s] == tag && vt_seen_ver[s] == ver)) {
+        *vt_clk += vt_price[VP_LINE];
+        vt_transfers++;
+        e[1] = v | (1 << 15);
+        vt_seen_tag[s] = tag;
+        vt_seen_ver[s] = ver;
+    }
+}
+
+/* a duration clock: virtual ns when attached, else CLOCK_MONOTONIC */
+static inline int64_t clock_ns(void) { return vt_clk ? *vt_clk : now_ns(); }
+
 #define LD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define LDR(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 #define ST(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
@@ -160,6 +215,7 @@ static inline int64_t read_cycles(void) {
 #endif
 
 static inline int64_t cyc(void) {
+    if (__builtin_expect(vt_clk != NULL, 0)) return *vt_clk;
 #ifdef HAVE_CYCLES
     if (__builtin_expect(clk_kind == CLK_CYC, 1)) return read_cycles();
 #endif
@@ -169,7 +225,7 @@ static inline int64_t cyc(void) {
 /* non-negative delta of the stats clock -> ns (negative deltas clamp to 0) */
 static inline int64_t cyc_ns(int64_t d) {
     if (d <= 0) return 0;
-    if (clk_kind != CLK_CYC) return d;
+    if (clk_kind != CLK_CYC || vt_clk) return d;
     return (int64_t)(((unsigned __int128)(uint64_t)d * clk_mult) >> 32);
 }
 
@@ -209,7 +265,7 @@ static int64_t cyc_abs_slow(int64_t c) { return c; }
 #endif
 
 static inline int64_t cyc_abs_ns(int64_t c) {
-    if (clk_kind != CLK_CYC) return c;
+    if (clk_kind != CLK_CYC || vt_clk) return c;
     int64_t d = c - clk_anchor_cyc, v;
     if (__builtin_expect(d >= 0 && d < clk_reanchor_cyc, 1))
         v = clk_anchor_ns + cyc_ns(d);
@@ -306,7 +362,15 @@ typedef struct {
     int holds_view;   /* `view` is held: keeps the buffer (the mapping) alive */
     int busy;         /* calls blocked with the GIL released, holding raw pointers */
     int inited;       /* a Mem is bound to one buffer for life (others keep raw pointers into it) */
+    int64_t vkey;     /* virtual time: > 0 its lines are tracked under this key, 0 priced only,
+                         -1 exempt (the turnstile's own words) */
 } MemObject;
+
+static void vt_mem(MemObject *m, int p, int64_t *w, int write) {
+    *vt_clk += vt_price[p] + vt_price[VP_CALL];
+    if (m->vkey > 0) vt_line(m->vkey, (w - m->base) >> 3, write);
+}
+#define VT_MEM(m, p, w, wr) do { if (__builtin_expect(vt_on, 0) && (m)->vkey >= 0) vt_mem((m), (p), (w), (wr)); } while (0)
 
 /* Around every blocking section that drops the GIL while holding raw pointers into the buffer:
  * release() from another thread then only marks the Mem unusable, and the buffer export (which
@@ -389,6 +453,7 @@ static int get_i64(PyObject *o, int64_t *out) {
 static PyObject *mem_load(MemObject *self, PyObject *idx) {
     int64_t *w = mem_word(self, idx);
     if (!w) return NULL;
+    VT_MEM(self, VP_LOAD, w, 0);
     return PyLong_FromLongLong(LD(w));
 }
 
@@ -397,6 +462,7 @@ static PyObject *mem_store(MemObject *self, PyObject *const *args, Py_ssize_t na
     int64_t *w = mem_word(self, args[0]);
     int64_t v;
     if (!w || get_i64(args[1], &v) < 0) return NULL;
+    VT_MEM(self, VP_STORE, w, 1);
     ST(w, v);
     Py_RETURN_NONE;
 }
@@ -406,6 +472,7 @@ static PyObject *mem_fetch_add(MemObject *self, PyObject *const *args, Py_ssize_
     int64_t *w = mem_word(self, args[0]);
     int64_t v;
     if (!w || get_i64(args[1], &v) < 0) return NULL;
+    VT_MEM(self, VP_RMW, w, 1);
     return PyLong_FromLongLong(__atomic_fetch_add(w, v, __ATOMIC_SEQ_CST));
 }
 
@@ -414,6 +481,7 @@ static PyObject *mem_xchg(MemObject *self, PyObject *const *args, Py_ssize_t nar
     int64_t *w = mem_word(self, args[0]);
     int64_t v;
     if (!w || get_i64(args[1], &v) < 0) return NULL;
+    VT_MEM(self, VP_RMW, w, 1);
     return PyLong_FromLongLong(__atomic_exchange_n(w, v, __ATOMIC_SEQ_CST));
 }
 
@@ -423,6 +491,7 @@ static PyObject *mem_cmpxchg(MemObject *self, PyObject *const *args, Py_ssize_t 
     int64_t *w = mem_word(self, args[0]);
     int64_t old, nv;
     if (!w || get_i64(args[1], &old) < 0 || get_i64(args[2], &nv) < 0) return NULL;
+    VT_MEM(self, VP_RMW, w, 1);
     __atomic_compare_exchange_n(w, &old, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     return PyLong_FromLongLong(old);
 }
@@ -457,6 +526,14 @@ static PyObject *mem_write(MemObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     char *dst = (char *)self->base + off;
+    if (__builtin_expect(vt_on, 0) && self->vkey >= 0 && n > 0) {  /* one store per line it covers */
+        int64_t *w0 = self->base + off / 8, *w1 = self->base + (off + n - 1) / 8;
+        vt_mem(self, VP_WRITE, w0, 1);
+        for (int64_t *w = w0 + 8 - ((w0 - self->base) & 7); w <= w1; w += 8) {
+            *vt_clk += vt_price[VP_STORE];
+            if (self->vkey > 0) vt_line(self->vkey, (w - self->base) >> 3, 1);
+        }
+    }
     if (n == 8 && !(off & 7)) {
         int64_t v;
         memcpy(&v, src, 8);
@@ -475,6 +552,7 @@ static PyObject *mem_futex_wait(MemObject *self, PyObject *const *args, Py_ssize
     int64_t exp, to = -1;
     if (!w || get_i64(args[1], &exp) < 0) return NULL;
     if (nargs == 3 && get_i64(args[2], &to) < 0) return NULL;
+    VT_MEM(self, VP_FUTEX_WAIT, w, 0);
     long r;
     int err;
     mem_block_begin(self);
@@ -494,6 +572,7 @@ static PyObject *mem_futex_wake(MemObject *self, PyObject *const *args, Py_ssize
     int64_t n = INT_MAX;
     if (!w) return NULL;
     if (nargs == 2 && get_i64(args[1], &n) < 0) return NULL;
+    VT_MEM(self, VP_FUTEX_WAKE, w, 0);
     return PyLong_FromLong(futex_wake32((int32_t *)w, (int)n));
 }
 
@@ -509,6 +588,15 @@ static PyObject *mem_release(MemObject *self, PyObject *unused) {
 }
 
 static PyObject *mem_get_nwords(MemObject *self, void *c) { return PyLong_FromSsize_t(self->nwords); }
+static PyObject *mem_get_vkey(MemObject *self, void *c) { return PyLong_FromLongLong(self->vkey); }
+static int mem_set_vkey(MemObject *self, PyObject *v, void *c) {
+    if (!v) { PyErr_SetString(PyExc_TypeError, "vkey cannot be deleted"); return -1; }
+    int64_t k;
+    if (get_i64(v, &k) < 0) return -1;
+    if (k < -1) { PyErr_SetString(PyExc_ValueError, "vkey: -1 (exempt), 0 (priced) or a positive key"); return -1; }
+    self->vkey = k;
+    return 0;
+}
 
 static PyMethodDef mem_methods[] = {
     {"load", (PyCFunction)mem_load, METH_O, "load(i) -> int: acquire load of word i"},
@@ -528,6 +616,8 @@ static PyMethodDef mem_methods[] = {
 
 static PyGetSetDef mem_getset[] = {
     {"nwords", (getter)mem_get_nwords, NULL, "number of 64-bit words", NULL},
+    {"vkey", (getter)mem_get_vkey, (setter)mem_set_vkey,
+     "virtual time: > 0 key of its cache lines (transfers priced), 0 priced only, -1 exempt", NULL},
     {NULL}
 };
 
@@ -645,6 +735,12 @@ typedef struct {
 } LockObject;
 
 static void tr_wait_begin(LockObject *self, int64_t t0); /* trace section at the end of this file */
+
+#define VT_LOCK(self, p) VT_MEM((self)->mem, (p), (self)->lk, 1)
+/* under virtual time a lock is taken with trylock and the wait is the turnstile's (ipc/vtime.py):
+ * a C slow path would spin on a holder that cannot run */
+#define VT_NO_WAIT(what) \
+    if (vt_clk) { PyErr_SetString(PyExc_RuntimeError, what ": would wait in C under virtual time (use the vtime wrapper)"); return NULL; }
 
 static int lock_common_init(LockObject *self, PyObject *args, PyObject *kw, const char *name) {
     static char *kwlist[] = {"mem", "lock_index", "stats_index", "tag", "spins", "busted", "name", NULL};
@@ -860,6 +956,7 @@ static int spin_init(LockObject *self, PyObject *args, PyObject *kw) {
  * if the holder is found dead (checked every HOLDER_CHECK_NS of waiting). */
 static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_LOCK);
     int64_t *state = &self->lk[LK_STATE];
     int64_t expected = 0;
     if (self->busted) Py_RETURN_TRUE;
@@ -874,6 +971,7 @@ static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_RuntimeError, "SpinLock: recursive lock (deadlock) by its holder");
         return NULL;
     }
+    VT_NO_WAIT("SpinLock.lock")
     int64_t deadline;
     if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
     int64_t t0 = cyc();
@@ -915,6 +1013,7 @@ static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t n
 
 static PyObject *spin_trylock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_LOCK);
     int64_t expected = 0;
     if (self->busted) Py_RETURN_TRUE;
     int64_t start = my_start();
@@ -936,6 +1035,7 @@ static PyObject *not_holder_error(LockObject *self, int64_t state, int64_t owner
 
 static PyObject *spin_unlock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_UNLOCK);
     int64_t *state = &self->lk[LK_STATE];
     if (self->busted) Py_RETURN_NONE;
     int64_t v = LDR(state);
@@ -1012,6 +1112,7 @@ static inline int32_t mutex_take_or_mark(int64_t *w, int64_t me) {
 
 static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_LOCK);
     int64_t *w = &self->lk[LK_STATE];
     int32_t *f = (int32_t *)w;
     if (self->busted) Py_RETURN_TRUE;
@@ -1023,6 +1124,7 @@ static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t 
             PyErr_SetString(PyExc_RuntimeError, "Mutex: recursive lock (deadlock) by its holder");
             return NULL;
         }
+        VT_NO_WAIT("Mutex.lock")
         int64_t deadline;
         if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
         t0 = cyc();
@@ -1088,6 +1190,7 @@ static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t 
 
 static PyObject *mutex_trylock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_LOCK);
     if (self->busted) Py_RETURN_TRUE;
     int64_t c = 0, start = my_start();
     if (!__atomic_compare_exchange_n(&self->lk[LK_STATE], &c, g_pid_hi | 1, 0, __ATOMIC_ACQUIRE,
@@ -1101,6 +1204,7 @@ static PyObject *mutex_trylock(LockObject *self, PyObject *unused) {
 
 static PyObject *mutex_unlock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_UNLOCK);
     int64_t *w = &self->lk[LK_STATE];
     if (self->busted) Py_RETURN_NONE;
     int64_t v = LDR(w), owner = LDR(&self->lk[LK_OWNER]);
@@ -1253,6 +1357,7 @@ static PyObject *rw_upgrade_error(void) {
 /* lock(timeout_ns=-1) -> True, or False on timeout: the write lock. */
 static PyObject *rw_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_LOCK);
     int64_t *state = &self->lk[LK_STATE];
     if (self->busted) Py_RETURN_TRUE;
     if (__builtin_expect(self->rd_nest > 0, 0)) return rw_upgrade_error();
@@ -1269,6 +1374,10 @@ static PyObject *rw_lock(LockObject *self, PyObject *const *args, Py_ssize_t nar
     } else if (expected == me) {
         PyErr_SetString(PyExc_RuntimeError, "RwLock: recursive lock (deadlock) by its holder");
         return NULL;
+    }
+    if (vt_clk) {
+        if (claimed) rw_drop_claim(self);
+        VT_NO_WAIT("RwLock.lock")
     }
     int64_t deadline;
     if (parse_timeout(args, nargs, &deadline) < 0) {
@@ -1304,6 +1413,7 @@ static PyObject *rw_lock(LockObject *self, PyObject *const *args, Py_ssize_t nar
 
 static PyObject *rw_trylock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_LOCK);
     if (self->busted) Py_RETURN_TRUE;
     if (self->rd_nest > 0) Py_RETURN_FALSE;  /* its own read hold is inside */
     int64_t expected = 0, start = my_start();
@@ -1366,6 +1476,7 @@ static inline int rw_read_enter(int64_t *lk) {
 /* read_lock(timeout_ns=-1) -> True, or False on timeout. */
 static PyObject *rw_read_lock(LockObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_LOCK);
     if (self->rd_nest > 0) { self->rd_nest++; Py_RETURN_TRUE; }  /* recursive read */
     if (self->busted) { self->rd_nest = 1; Py_RETURN_TRUE; }
     int64_t *state = &self->lk[LK_STATE];
@@ -1377,6 +1488,7 @@ static PyObject *rw_read_lock(LockObject *self, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_RuntimeError, "RwLock: read_lock by its write holder (deadlock)");
         return NULL;
     }
+    VT_NO_WAIT("RwLock.read_lock")
     int64_t deadline;
     if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
     int64_t t0 = cyc();
@@ -1397,6 +1509,7 @@ static PyObject *rw_read_lock(LockObject *self, PyObject *const *args, Py_ssize_
 
 static PyObject *rw_read_trylock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_LOCK);
     if (self->rd_nest > 0) { self->rd_nest++; Py_RETURN_TRUE; }
     if (self->busted) { self->rd_nest = 1; Py_RETURN_TRUE; }
     if (!rw_read_enter(self->lk)) Py_RETURN_FALSE;
@@ -1406,6 +1519,7 @@ static PyObject *rw_read_trylock(LockObject *self, PyObject *unused) {
 
 static PyObject *rw_read_unlock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_LOCK(self, VP_UNLOCK);
     if (self->rd_nest <= 0) {
         if (self->busted) Py_RETURN_NONE;
         PyErr_Format(PyExc_RuntimeError, "RwLock: read_unlock by tag %lld (pid %lld) without read_lock",
@@ -1498,6 +1612,7 @@ static void reader_dealloc(ReaderObject *self) {
 
 static PyObject *reader_lock(ReaderObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_MEM(self->mem, VP_RCU_READ, self->slot, 1);
     int64_t *ctr = &self->slot[0];
     int64_t tmp = LDR(ctr);
     if (!(tmp & GP_CTR_NEST_MASK)) {
@@ -1511,6 +1626,7 @@ static PyObject *reader_lock(ReaderObject *self, PyObject *unused) {
 
 static PyObject *reader_unlock(ReaderObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
+    VT_MEM(self->mem, VP_RCU_READ, self->slot, 1);
     int64_t *ctr = &self->slot[0];
     int64_t tmp = LDR(ctr);
     int64_t nest = tmp & GP_CTR_NEST_MASK;
@@ -1587,6 +1703,7 @@ static PyObject *rcu_wait_readers(PyObject *mod, PyObject *const *args, Py_ssize
     int64_t *slots = mem_word_at(m, s0, ns * 8, "rcu slots");
     if (!hdr || !slots) return NULL;
     int32_t *gpf = (int32_t *)&hdr[2];
+    VT(VP_GP_SCAN);
     int64_t start = now_ns();
     int64_t blocker = -1;
     int attempts = 0;
@@ -1600,7 +1717,7 @@ static PyObject *rcu_wait_readers(PyObject *mod, PyObject *const *args, Py_ssize
         for (int64_t i = 0; i < ns; i++)
             if (slot_blocks(&slots[i * 8], gp)) { blocker = i; break; }
         if (blocker < 0) break;
-        if (to >= 0 && now_ns() - start >= to) break;
+        if (vt_clk || (to >= 0 && now_ns() - start >= to)) break;  /* virtual time: one scan, the turnstile waits */
         if (++attempts < 100) { cpu_relax(); continue; }
         /* sleep: announce, recheck, wait (bounded so a missed wake costs at most 1 ms) */
         __atomic_store_n(gpf, -1, __ATOMIC_RELAXED);
@@ -1662,7 +1779,9 @@ static int hist_init(HistObject *self, PyObject *args, PyObject *kw) {
     self->h = h;
     self->every = every;
     self->cur = 0;
-    self->rng = ((uint64_t)now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)h) | 1;
+    /* virtual time (vt_seed): the sampling phase follows the run's seed and the word, not the host */
+    self->rng = (vt_hist_seed ? vt_hist_seed * 0x9E3779B97F4A7C15ULL ^ (uint64_t)hi * 0xBF58476D1CE4E5B9ULL
+                              : (uint64_t)now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)h) | 1;
     return 0;
 }
 
@@ -1699,6 +1818,7 @@ static PyObject *hist_record(HistObject *self, PyObject *arg) {
     int64_t v;
     if (!MEM_LIVE(self->mem)) return NULL;
     if (get_i64(arg, &v) < 0) return NULL;
+    VT(VP_HIST);
     hist_put(self->h, v);
     Py_RETURN_NONE;
 }
@@ -1708,7 +1828,8 @@ static PyObject *hist_record_since(HistObject *self, PyObject *arg) {
     int64_t t0;
     if (!MEM_LIVE(self->mem)) return NULL;
     if (get_i64(arg, &t0) < 0) return NULL;
-    int64_t t = now_ns();
+    VT(VP_HIST);
+    int64_t t = clock_ns();
     hist_put(self->h, t - t0);
     return PyLong_FromLongLong(t);
 }
@@ -1725,6 +1846,7 @@ static PyObject *hist_start(HistObject *self, PyObject *unused) {
  * the count), hands out the next interval. */
 static PyObject *hist_sample(HistObject *self, PyObject *arg) {
     int64_t c0;
+    VT(VP_HIST);
     int64_t c = cyc();
     if (!MEM_LIVE(self->mem)) return NULL;
     if (get_i64(arg, &c0) < 0) return NULL;
@@ -1782,10 +1904,87 @@ static PyTypeObject HistType = {
 
 /* ------------------------------------------------------------------ module functions */
 
-static PyObject *m_now_ns(PyObject *mod, PyObject *unused) { return PyLong_FromLongLong(now_ns()); }
-static PyObject *m_cpu_relax(PyObject *mod, PyObject *unused) { cpu_relax(); Py_RETURN_NONE; }
+static PyObject *m_now_ns(PyObject *mod, PyObject *unused) { VT(VP_CLOCK); return PyLong_FromLongLong(clock_ns()); }
+static PyObject *m_cpu_relax(PyObject *mod, PyObject *unused) { VT(VP_RELAX); cpu_relax(); Py_RETURN_NONE; }
 static PyObject *m_nop(PyObject *mod, PyObject *unused) { Py_RETURN_NONE; }
-static PyObject *m_smp_mb(PyObject *mod, PyObject *unused) { MB(); Py_RETURN_NONE; }
+static PyObject *m_smp_mb(PyObject *mod, PyObject *unused) { VT(VP_FENCE); MB(); Py_RETURN_NONE; }
+
+/* vt_attach(mem, clock_index, lines_index, nlines, me, prices): price this process' calls from now
+ * on (prices: VP_N ints, ns, in the order of ipc/vtime.PRICES); nlines a power of two */
+static PyObject *m_vt_attach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(6, "vt_attach");
+    if (!PyObject_TypeCheck(args[0], &MemType)) { PyErr_SetString(PyExc_TypeError, "vt_attach: need Mem"); return NULL; }
+    MemObject *m = (MemObject *)args[0];
+    int64_t ci, li, nl, me;
+    if (get_i64(args[1], &ci) < 0 || get_i64(args[2], &li) < 0 || get_i64(args[3], &nl) < 0 ||
+        get_i64(args[4], &me) < 0)
+        return NULL;
+    if (nl <= 0 || (nl & (nl - 1))) { PyErr_SetString(PyExc_ValueError, "vt_attach: nlines must be a power of two"); return NULL; }
+    if (me < 0 || me >= 0x7fff) { PyErr_SetString(PyExc_ValueError, "vt_attach: process index out of range"); return NULL; }
+    PyObject *pr = PySequence_Fast(args[5], "vt_attach: prices must be a sequence");
+    if (!pr) return NULL;
+    if (PySequence_Fast_GET_SIZE(pr) != VP_N) {
+        Py_DECREF(pr);
+        PyErr_Format(PyExc_ValueError, "vt_attach: %d prices expected", VP_N);
+        return NULL;
+    }
+    int64_t prices[VP_N];
+    for (int i = 0; i < VP_N; i++)
+        if (get_i64(PySequence_Fast_GET_ITEM(pr, i), &prices[i]) < 0 || prices[i] < 0) {
+            Py_DECREF(pr);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "vt_attach: prices must be >= 0");
+            return NULL;
+        }
+    Py_DECREF(pr);
+    int64_t *c = mem_word_at(m, ci, 1, "vt_attach clock");
+    int64_t *l = c ? mem_word_at(m, li, 2 * nl, "vt_attach lines") : NULL;
+    if (!l) return NULL;
+    memcpy(vt_price, prices, sizeof prices);
+    Py_INCREF(m);
+    Py_XSETREF(vt_owner, (PyObject *)m);
+    vt_clk = c;
+    vt_lines = l;
+    vt_line_mask = nl - 1;
+    vt_me = me;
+    vt_transfers = 0;
+    memset(vt_seen_tag, 0, sizeof vt_seen_tag);
+    vt_on = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_vt_detach(PyObject *mod, PyObject *unused) {
+    vt_on = 0;
+    vt_clk = NULL;
+    vt_lines = NULL;
+    Py_CLEAR(vt_owner);
+    Py_RETURN_NONE;
+}
+
+/* vt_enable(on) -> was on: pause / resume charging (telemetry between ticks is not the model's) */
+static PyObject *m_vt_enable(PyObject *mod, PyObject *arg) {
+    int was = vt_on, on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    vt_on = on && vt_clk != NULL;
+    return PyBool_FromLong(was);
+}
+
+/* vt_advance(ns) -> the clock after adding ns (guest time, modelled waits); no charge */
+static PyObject *m_vt_advance(PyObject *mod, PyObject *arg) {
+    int64_t ns;
+    if (get_i64(arg, &ns) < 0) return NULL;
+    if (!vt_clk) { PyErr_SetString(PyExc_RuntimeError, "vt_advance: no virtual clock attached"); return NULL; }
+    if (ns > 0) *vt_clk += ns;
+    return PyLong_FromLongLong(*vt_clk);
+}
+
+static PyObject *m_vt_transfers(PyObject *mod, PyObject *unused) { return PyLong_FromLongLong(vt_transfers); }
+
+static PyObject *m_vt_seed(PyObject *mod, PyObject *arg) {
+    int64_t v;
+    if (get_i64(arg, &v) < 0) return NULL;
+    vt_hist_seed = (uint64_t)v;
+    Py_RETURN_NONE;
+}
 
 static PyObject *m_sched_yield(PyObject *mod, PyObject *unused) {
     Py_BEGIN_ALLOW_THREADS
@@ -1818,7 +2017,7 @@ static PyObject *m_hist_bucket(PyObject *mod, PyObject *arg) {
 }
 
 static PyObject *m_clock_source(PyObject *mod, PyObject *unused) { return PyUnicode_FromString(clk_name()); }
-static PyObject *m_stats_clock(PyObject *mod, PyObject *unused) { return PyLong_FromLongLong(cyc()); }
+static PyObject *m_stats_clock(PyObject *mod, PyObject *unused) { VT(VP_CLOCK); return PyLong_FromLongLong(cyc()); }
 
 static PyObject *m_stats_clock_ns(PyObject *mod, PyObject *arg) {
     int64_t d;
@@ -1851,6 +2050,13 @@ static PyMethodDef module_methods[] = {
     {"smp_mb", m_smp_mb, METH_NOARGS, "full memory barrier"},
     {"nop", m_nop, METH_NOARGS, "no-op (benchmark floor)"},
     {"spin_ns", m_spin_ns, METH_O, "busy-wait for ns"},
+    {"vt_attach", (PyCFunction)(void (*)(void))m_vt_attach, METH_FASTCALL,
+     "vt_attach(mem, clock_index, lines_index, nlines, me, prices): virtual time for this process"},
+    {"vt_detach", m_vt_detach, METH_NOARGS, "back to real time"},
+    {"vt_enable", m_vt_enable, METH_O, "vt_enable(on) -> was on: pause / resume the pricing"},
+    {"vt_advance", m_vt_advance, METH_O, "vt_advance(ns) -> clock: add ns (guest time) without a price"},
+    {"vt_transfers", m_vt_transfers, METH_NOARGS, "cache-line transfers this process paid"},
+    {"vt_seed", m_vt_seed, METH_O, "vt_seed(s): histograms made from now on sample with a phase from s (0: the host's)"},
     {"hist_bucket", m_hist_bucket, METH_O, "bucket index of a value"},
     {"rcu_wait_readers", (PyCFunction)(void (*)(void))rcu_wait_readers, METH_FASTCALL,
      "rcu_wait_readers(mem, header_index, slot0_index, nslots, timeout_ns) -> -1 or blocking slot"},

@@ -90,7 +90,7 @@ class Client:
 
     point = hit
 
-    def block(self, name: str, holder: int = 0) -> None:
+    def block(self, name: str, holder: int = 0, key: str | None = None) -> None:
         """Cannot go on until another client makes progress (a lock is held, readers are inside).
         The step that ends here counts as progress unless it was itself a blocked retry (it may
         have released a lock: SchedLock.unlock releases after its point); a real deadlock is still
@@ -105,6 +105,10 @@ class Client:
         """Timed / random widening is off under control: the scheduler makes the interleavings."""
         self.counts[name] = self.counts.get(name, 0) + 1
         return False
+
+    def released(self, key: str, sleeper: bool = False) -> None:
+        """``key`` (a lock, a domain's readers) was released: here every blocked client retries
+        after any progress anyway (ipc/vtime.py wakes only the waiters of ``key``)."""
 
     def _yield(self, name: str, state: int) -> None:
         m, s = self.mem, self.slot
@@ -144,6 +148,7 @@ class SchedLock:
         self.c = client
         self.name = name
         self.mem, self.stats_word = mem, stats_word
+        self.sleeper = "Mutex" in type(inner).__name__  # its waiters sleep (a wake-up), others spin
         for attr in ("trylock", "is_held", "owner", "holder", "recover"):
             setattr(self, attr, getattr(inner, attr))
 
@@ -151,16 +156,31 @@ class SchedLock:
         self.c.hit(f"{self.name}: lock")
         if self.inner.trylock():
             return
-        if self.stats_word >= 0:  # lock_stat's contentions (only one process runs: a plain add)
-            w = self.stats_word + 1
-            self.mem.store(w, self.mem.load(w) + 1)
-        self.c.block(f"{self.name}: wait", self.inner.holder()[0])
-        while not self.inner.trylock():
-            self.c.block(f"{self.name}: wait", self.inner.holder()[0])
+        self._wait(self.inner.trylock, f"{self.name}: wait")
+
+    def _wait(self, trylock, point: str) -> None:
+        """The contended acquisition: block until the holder releases, retry; lock_stat's
+        contention (and, on a clock that the scheduler keeps, the wait) in the lock's stats block."""
+        now = getattr(self.c, "now", None)  # ipc/vtime.py: the virtual clock
+        t0 = now() if now is not None else 0
+        self.c.block(point, self.inner.holder()[0], key=self.name)
+        while not trylock():
+            self.c.block(point, self.inner.holder()[0], key=self.name)
+        if self.stats_word >= 0:  # only one process runs: plain adds (not priced: lock_stat's own)
+            was = _prims.vt_enable(False)
+            m, w = self.mem, self.stats_word
+            m.store(w + 1, m.load(w + 1) + 1)  # ST_CON
+            if now is not None:
+                d = now() - t0
+                m.store(w + 2, m.load(w + 2) + d)  # ST_WTOT
+                m.store(w + 3, max(m.load(w + 3), d))  # ST_WMAX
+                m.store(w + 4, min(m.load(w + 4), d))  # ST_WMIN
+            _prims.vt_enable(was)
 
     def unlock(self) -> None:
         self.c.hit(f"{self.name}: unlock")
         self.inner.unlock()
+        self.c.released(self.name, self.sleeper)
 
     def __enter__(self):
         self.lock()
@@ -187,16 +207,12 @@ class SchedRwLock(SchedLock):
         self.c.hit(f"{self.name}: read_lock")
         if self.inner.read_trylock():
             return
-        if self.stats_word >= 0:  # lock_stat's contentions, as SchedLock.lock
-            w = self.stats_word + 1
-            self.mem.store(w, self.mem.load(w) + 1)
-        self.c.block(f"{self.name}: read wait", self.inner.holder()[0])
-        while not self.inner.read_trylock():
-            self.c.block(f"{self.name}: read wait", self.inner.holder()[0])
+        self._wait(self.inner.read_trylock, f"{self.name}: read wait")
 
     def read_unlock(self) -> None:
         self.c.hit(f"{self.name}: read_unlock")
         self.inner.read_unlock()
+        self.c.released(self.name)
 
 
 class AtomicPoints:
@@ -234,6 +250,7 @@ def wrap_domain(domain, client: Client) -> None:
     """RCU / SRCU domain (``ipc.rcu``): read lock / unlock are points; the gp lock is a SchedLock;
     a grace-period wait blocks while readers of the old phase are inside."""
     name = domain.name
+    gp_key = f"{name}: grace period"
     if domain.reader is not None:
         lock, unlock = domain.reader.lock, domain.reader.unlock
 
@@ -244,6 +261,7 @@ def wrap_domain(domain, client: Client) -> None:
         def read_unlock() -> None:
             client.hit(f"{name}: read_unlock")
             unlock()
+            client.released(gp_key)
 
         domain.read_lock, domain.read_unlock = read_lock, read_unlock
     if not isinstance(domain.gp_lock, SchedLock):  # ipc.locks.new_lock wraps it already
@@ -252,7 +270,10 @@ def wrap_domain(domain, client: Client) -> None:
     def wait_readers(t0: int, warned: set[int]) -> None:
         _prims.smp_mb()
         while domain.blocking_readers():
-            client.block(f"{name}: grace period waits for readers")
+            client.block(f"{name}: grace period waits for readers", key=gp_key)
+        waited = getattr(client, "grace_period_waited", None)
+        if waited is not None:
+            waited()
 
     domain._wait_readers = wait_readers
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any
@@ -87,6 +88,12 @@ class Layout:
         }
 
 
+def line_key(region: str) -> int:
+    """The key under which virtual time's line table knows a region's cache lines: from its layout
+    name only, so that two runs (different run ids) hash the same lines to the same entries."""
+    return (zlib.crc32(region.encode()) & 0x7FFFFFFF) + 1
+
+
 def check_run_id(run_id: str) -> str:
     if not _RUN_ID_RE.match(run_id):
         raise ShmError(f"bad run id {run_id!r}: 1-24 letters/digits")
@@ -109,6 +116,7 @@ class Region:
         self._buf = memoryview(mm)
         self._unlink = unlink
         self.mem = _prims.Mem(self._buf)
+        self.mem.vkey = line_key(layout.name)  # virtual time prices its lines' transfers (ipc/vtime.py)
         self.v = layout.views(self._buf)
         self.closed = False
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from ipc import _prims, fuzz, trace
+from ipc import _prims, fuzz, trace, vtime
 from vm import layout as L
 from vm import mmu, notifier
 from vm.mirror import MIRROR_KIND
@@ -112,6 +112,9 @@ class Vcpu:
         PF = tr.instant("page_fault") if tr else 0
         n_unt = n_tr = n_mmio = n_run = n_sw = iters = n_kick = 0
         take_kick = getattr(d, "take_kick", None)  # nested AVIC: reload requests kick L2
+        # real time polls for the kick; virtual time runs the whole L2 time at once: a kick (its IPI)
+        # ends it early (ipc/vtime.py VClock.kick)
+        kick_poll = KICK_POLL_NS if vtime.ACTIVE is None else guest_ns
         l2 = self.l2
         next_tick = now() + tick_ns
         self.load()
@@ -187,7 +190,7 @@ class Vcpu:
                             left = end - now()
                             if left <= 0:
                                 break
-                            spin(left if left < KICK_POLL_NS else KICK_POLL_NS)
+                            spin(left if left < kick_poll else kick_poll)
                 if emit:
                     emit(G_E)
                 if policy == "round-robin":

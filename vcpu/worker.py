@@ -10,11 +10,12 @@ import signal
 import traceback
 
 import vm.avic  # noqa: F401  (registers the nested AVIC designs in vm.nested.DESIGNS)
-from ipc import _prims, trace
+from ipc import _prims, trace, vtime
 from ipc import messages as M
 from ipc.proc import die_with_parent, pid_alive, sigterm_to_exit
+from ipc.shm import Region
 from ipc.worker_channel import WorkerChannel
-from vcpu.vcpu import Vcpu, serve_kick
+from vcpu.vcpu import Vcpu, serve_kick, vcpu_seed
 from vm.config import SCRIPT_OPS, from_dict
 from vm.faults import POINT_ACTION
 from vm.kvm import Kvm
@@ -39,12 +40,15 @@ def vcpu_main(run_id: str, vcpu: int, endpoint: str, token: str, cfg_dict: dict,
     try:
         ch.hello()
         cfg = from_dict(cfg_dict)
+        if cfg.clock == "virtual" and mode == "free":  # before the VM: its locks are made wrapped
+            _prims.vt_seed((vcpu_seed(cfg.seed, vcpu) >> 1) | 1)
+            vtime.install(Region.attach(run_id, vtime.layout(cfg.vcpus)), vcpu, cfg.price_table())
         kvm = Kvm.attach(cfg, run_id, vcpu + 1, frozenset(hooks))
         design = make_design(kvm, cfg)
         design.vcpu_init(vcpu)
         v = Vcpu(kvm, design, vcpu)
         Worker(ch, kvm, v, mode).serve()
-    except CoordinatorGone:
+    except (CoordinatorGone, vtime.VirtualTimeAborted):
         pass
     except SystemExit:
         raise
@@ -62,6 +66,7 @@ def vcpu_main(run_id: str, vcpu: int, endpoint: str, token: str, cfg_dict: dict,
 
 
 WARN_SEND_PER_KIND = 50
+VT_TICK_NS = 1_000_000  # virtual time: counters flushed and telemetry sent every virtual ms
 
 
 class Worker:
@@ -161,6 +166,10 @@ class Worker:
 
     def run_free(self) -> None:
         cfg = self.kvm.cfg
+        vc = vtime.ACTIVE
+        if vc is not None:
+            self.run_virtual(vc)
+            return
         deadline = _prims.now_ns() + int(cfg.duration * 1e9) + 5_000_000_000  # coordinator stops us
         try:
             self.v.run(deadline, self.heartbeat, cfg.heartbeat_ms * 1_000_000)
@@ -168,10 +177,38 @@ class Worker:
             self.drain_warns()
         self.finish(ok=True)
 
-    def finish(self, ok: bool) -> None:
+    def run_virtual(self, vc) -> None:
+        """clock = virtual: run until this vCPU's clock reaches ``duration``; telemetry every
+        VT_TICK_NS of virtual time, unpriced (it is not the model's)."""
+        cfg = self.kvm.cfg
+
+        def tick() -> None:
+            was = _prims.vt_enable(False)
+            try:
+                self.heartbeat()
+            finally:
+                _prims.vt_enable(was)
+
+        ok, data = True, {}
+        try:
+            self.kvm.reset_stats()
+            vc.join()
+            self.v.run(int(cfg.duration * 1e9), tick, VT_TICK_NS)
+        except vtime.VirtualDeadlock as e:
+            ok, data = False, {"error": str(e)}
+            self.kvm.warn("virtual_deadlock", str(e), vcpu=self.v.id)
+        except vtime.VirtualTimeAborted as e:
+            ok, data = False, {"error": f"aborted: {e}"}
+        finally:
+            data["line_transfers"] = _prims.vt_transfers()
+            vc.done()
+            self.drain_warns()
+        self.finish(ok=ok, extra=data)
+
+    def finish(self, ok: bool, extra: dict | None = None) -> None:
         self.v.flush()
         self.drain_warns()
-        self.ch.send(M.Result(vcpu=self.v.id, ok=ok, data={"ops": self.v.ops(), **self.v.n}))
+        self.ch.send(M.Result(vcpu=self.v.id, ok=ok, data={"ops": self.v.ops(), **self.v.n, **(extra or {})}))
 
     def batch(self, b) -> M.BatchAck:
         results = []

@@ -27,13 +27,14 @@ FuzzLevel = Literal["off", "light", "heavy"]
 VmrunLock = Literal["change", "every"]
 IndirectShadowPages = Literal["auto", "0"]
 EntryUpdate = Literal["reread", "gentry"]
+Clock = Literal["real", "virtual"]
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A run. Durations in seconds, times in microseconds, fractions in [0, 1]."""
 
     vcpus: Annotated[int, msgspec.Meta(ge=1, le=MAX_VCPUS)] = 2
-    duration: Annotated[float, msgspec.Meta(ge=0.05, le=86400)] = 2.0
+    duration: Annotated[float, msgspec.Meta(ge=0.001, le=86400)] = 2.0  # virtual seconds under clock "virtual"
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 1
     memory_mib: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     memslots: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
@@ -88,6 +89,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # time dilation (lab/dilation.py): guest time and the modelled real-time delays are this many
     # times longer, so that (time in the code under study) / (guest time) is the kernel's
     dilate: Annotated[float, msgspec.Meta(ge=1, le=10000)] = 1.0
+    # the clock contention is measured on (ipc/vtime.py, docs/virtual-time.md): "real" (host time; what
+    # finds races) or "virtual" (one vCPU process runs at a time, clocks advanced by the prices of what
+    # each one does; the same numbers on any host); prices: overrides of ipc.vtime.PRICES, ns
+    clock: Clock = "real"
+    prices: dict[str, Annotated[int, msgspec.Meta(ge=0, le=10**10)]] | None = None
 
     def __post_init__(self) -> None:
         if self.table_writes_per_vmrun is not None:
@@ -109,6 +115,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                              f"need {need} notifier nodes")
         if self.trace_events == 1:
             raise UsageError("trace_events = 1: a ring keeps at least 2 events (0 = off)")
+        if self.clock == "virtual" and self.dilate != 1.0:
+            raise UsageError("dilate: under clock = virtual the code is priced at kernel C costs already "
+                             "(docs/virtual-time.md); dilation is for clock = real")
+        if self.prices:
+            from ipc.vtime import PRICES
+
+            bad = sorted(set(self.prices) - set(PRICES))
+            if bad:
+                raise UsageError(f"prices: unknown price {bad[0]!r} (known: {', '.join(PRICES)})")
+        if self.duration < 0.05 and self.clock == "real":
+            raise UsageError(f"duration = {self.duration:g}: at least 0.05 s on the real clock")
 
     def _resolve_table_writes(self) -> None:
         twv, w = self.table_writes_per_vmrun, self.writes_per_exit
@@ -140,6 +157,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if need > SHM_BUDGET_BYTES:
             raise UsageError(f"vcpus / memory_mib: the run needs {need >> 20} MiB of shared memory, "
                              f"over the {SHM_BUDGET_BYTES >> 20} MiB budget")
+
+    def price_table(self) -> dict[str, int]:
+        """ipc.vtime.PRICES with this run's overrides."""
+        from ipc.vtime import PRICES
+
+        return {**PRICES, **(self.prices or {})}
 
     @property
     def memory_pages(self) -> int:
@@ -210,7 +233,8 @@ CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switc
             "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
             "notifiers", "memory_mib", "memslots", "preempt_rate", "stall_ms", "fuzz",
             "mmio_walk", "page_track", "redundant_registration", "split_warn", "trace_events",
-            "table_writes_per_vmrun", "dilate", "table_invalidate_fraction", "avic_vmrun_lock", "indirect_shadow_pages", "entry_update")
+            "table_writes_per_vmrun", "dilate", "table_invalidate_fraction", "avic_vmrun_lock", "indirect_shadow_pages", "entry_update",
+            "clock")
 
 # scripted commands a vCPU understands (vcpu/vcpu.py executes them)
 SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "write_entry", "read", "register", "reregister", "unregister",

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipc import messages as M
+from ipc import vtime
 from ipc.channel import CoordinatorChannel, PeerUnreachable
 from ipc.proc import forkserver_context, pid_alive, reap
 from ipc.procstat import forkserver_alive
@@ -31,6 +32,7 @@ HELLO_TIMEOUT_S = 30.0
 RESULT_TIMEOUT_S = 10.0
 
 SAMPLE_MS = 20  # the design's sampling checker runs at least this often
+VT_HANG_S = 60.0  # virtual time: no clock moved for this long (wall) = a hang
 
 
 class RunError(RuntimeError):
@@ -68,12 +70,15 @@ class Coordinator:
         self.stall_thread = None
         self.results_path = results_path  # a FAILURE's trace dump goes beside it (vm/tracepoints.py)
         self.trace_snapshot = None  # every process' trace ring at the end of the run (ipc.trace)
+        self.vt = None  # the virtual-time turnstile (ipc/vtime.py), under clock = virtual
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> Coordinator:
         cfg = self.cfg
         try:
             self.kvm = Kvm.create(cfg, self.run_id, frozenset(self.hooks))
+            if cfg.clock == "virtual":
+                self.vt = vtime.create(self.run_id, cfg.vcpus, cfg.seed)
             self.kvm.on_warn = self._local_warn
             self.design = make_design(self.kvm, cfg)
             self.design.setup()
@@ -120,6 +125,9 @@ class Coordinator:
             self.run_dir = None
         if self.kvm is not None:
             self.kvm.close()
+        if self.vt is not None:
+            self.vt.close()
+            self.vt = None
 
     def _kill_lost(self) -> None:
         """vCPUs whose fork server died cannot be joined: stop them by pid (they were told to stop
@@ -225,6 +233,8 @@ class Coordinator:
     # -- free-running ---------------------------------------------------------------------------
     def run_free(self, progress: Callable[[float, dict], None] | None = None) -> dict[str, Any]:
         cfg, kvm = self.cfg, self.kvm
+        if self.vt is not None:
+            return self._run_virtual(progress)
         self.spawn("free")
         t_start = time.monotonic()
         kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_RUNNING)
@@ -252,6 +262,50 @@ class Coordinator:
         elapsed = time.monotonic() - t_start
         self.stop_vcpus()
         return self.finish(elapsed)
+
+    def _run_virtual(self, progress) -> dict[str, Any]:
+        """clock = virtual: the vCPUs run until their clocks reach ``duration`` (virtual s); this
+        process waits for their results, showing virtual progress, and calls a hang when no clock
+        has moved for VT_HANG_S of wall time."""
+        cfg, kvm = self.cfg, self.kvm
+        self.spawn("free")
+        kvm.reset_stats()  # its set-up ran on the host's clock
+        t_start = time.monotonic()
+        kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_RUNNING)
+        self.ch.broadcast(M.Start(t0_ns=time.monotonic_ns()))
+        slots = self.vt.v["slots"]
+        next_prog = t_start + 0.5
+        last, moved = -1, t_start
+        while len(self.worker_results) < len(self.procs):
+            self.pump(SAMPLE_MS)
+            if self.check_dead() or any(not r["ok"] for r in self.worker_results.values()):
+                vtime.abort(self.vt)  # the others may wait for its turn (or its join) forever
+                break
+            self.design.sample()
+            now = time.monotonic()
+            total = int(slots[:, vtime.S_CLOCK].sum())
+            if total != last:
+                last, moved = total, now
+            elif now - moved > VT_HANG_S:
+                self.reasons.append(f"virtual time: no vCPU clock moved for {VT_HANG_S:g} s of wall time (hang)")
+                vtime.abort(self.vt)
+                break
+            if progress is not None and now >= next_prog:
+                progress(self.virtual_s(), self.totals())
+                next_prog += 0.5
+        wall = time.monotonic() - t_start
+        self.stop_vcpus()
+        res = self.finish(self.virtual_s())
+        res["wall_s"] = round(wall, 3)
+        return res
+
+    def virtual_s(self) -> float:
+        """The run's virtual time so far: the lowest clock of the vCPUs still running (the highest
+        once all are done), seconds."""
+        s = self.vt.v["slots"]
+        live = s[:, vtime.S_STATE] != vtime.DONE
+        c = s[live, vtime.S_CLOCK] if live.any() else s[:, vtime.S_CLOCK]
+        return float(c.min() if live.any() else c.max()) / 1e9
 
     def totals(self) -> dict[str, int]:
         c = self.kvm.vm.v["counters"].sum(axis=0)
@@ -290,6 +344,11 @@ class Coordinator:
         self.kvm.flush_counts()
         stats = self.design.stats()
         res = R.collect(self.kvm, self.cfg, elapsed, self.warnings, oracle, self.reasons, stats)
+        if self.vt is not None:
+            res["virtual_s"] = round(elapsed, 9)  # elapsed_s is virtual too: rates are per virtual second
+            res["vtime"] = {**vtime.stats(self.vt),
+                            "line_transfers": sum(int(r.get("line_transfers", 0)) for r in self.worker_results.values()),
+                            "prices": self.cfg.price_table()}
         res["launch_s"] = round(self.launch_s, 3)
         res["channel"] = dict(self.ch.counters) if hasattr(self.ch, "counters") else {}
         res["run_id"] = self.run_id

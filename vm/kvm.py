@@ -195,6 +195,13 @@ class Kvm:
 
         return report
 
+    def reset_stats(self) -> None:
+        """Zero this process' lock_stat and latency-histogram rows: a virtual-time run measures from
+        the moment its clocks start (set-up before it ran on the host's clock)."""
+        v = self.vm.v
+        init_lockstat(v["lockstat"][self.proc])
+        hist.init(v["hist"][self.proc])
+
     def warn(self, kind: str, message: str, **data) -> None:
         """WARN(): counted in shm, kept for the telemetry channel, never fatal by itself."""
         self.mem.fetch_add(self.flags_w + L.F_WARNS, 1)

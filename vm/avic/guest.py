@@ -5,7 +5,7 @@ A mixin of :class:`vm.avic.base.AvicDesign`."""
 
 from __future__ import annotations
 
-from ipc import _prims, fuzz
+from ipc import _prims, fuzz, vtime
 from ipc.proc import pid_alive, proc_starttime
 from vm.avic import oracle
 from vm.avic.table import (
@@ -210,6 +210,9 @@ class GuestEntry:
         self._stat("reload_all")
         if targets:
             self._stat("reload_request", len(targets))  # kicked
+            if vtime.ACTIVE is not None:  # the IPI ends their guest time (ipc/vtime.py)
+                for v, _ in targets:
+                    vtime.ACTIVE.kick(v)
         return targets
 
     def _reload_wait(self, t: int, targets: list[tuple[int, int]]) -> None:

@@ -1,0 +1,385 @@
+"""Virtual time (``--clock virtual``): each vCPU process keeps a clock in ns in shared memory, and
+the process with the lowest clock is the one that runs.
+
+What advances a process' clock (docs/virtual-time.md has the argument and the sources):
+- every call it makes into the C primitives (``ipc/_prims.c``), at the price of that primitive in
+  :data:`PRICES` (one table: ``lab/dilation.py``'s C estimate uses the same prices), plus the
+  ``call`` price (the interpreted code between two primitives: 0 by default, see the docs);
+- a **cache-line transfer** (``line``) when it touches a 64-byte line of shared memory whose last
+  writer was another process and of which it holds no copy (MESI, simplified: a read takes a shared
+  copy, a write takes the line exclusive, invalidating the copies) — what makes a contended lock or
+  counter expensive on real hardware;
+- guest time (L2 run time, modelled delays: ``_prims.spin_ns``) added directly, without sleeping;
+- waiting: a process that finds a lock held (or a grace period that must wait for readers) blocks;
+  the release sets its clock to max(own, release time) + the hand-off price (``wake_spin`` for a
+  spinlock or rwlock waiter, which polled the line; ``wake_sleep`` for a mutex waiter, woken by
+  futex). A spin-wait loop (``sched_yield`` in the code under test) costs ``spin_poll`` per poll.
+
+Scheduling (one process runs at a time): the running process goes on while its (clock, seeded
+priority) is the lowest of every runnable process; at a scheduling point (every lock operation, RCU
+read section boundary, grace-period wait, atomic RMW of the code under test, named fuzz point, guest
+time) where that stops being true it hands the turn to the lowest one over a futex in this segment.
+Nothing depends on the host's timing: the same config and seed give the same results.
+
+Layout (``layout(n, nlines)``, segment ``pts_<run>_vtime``; the coordinator creates it):
+- ``hdr`` 8 words: [0] joined, [1] blocked (processes in BLOCKED), [2] abort (1 = every process
+  raises :class:`VirtualTimeAborted` at its next turn), [3] n, [4] hand-offs, [5] deadlock (1 + the
+  process index that found it), rest reserved
+- ``slots`` (n, 8): [0] clock (ns), [1] state, [2] go (futex word: 1 = your turn), [3] key of what
+  it is blocked on, [4] sleep_from (clock where its guest time began), [5] priority (seeded tie
+  break), [6] pid, [7] hand-offs it made
+- ``lines`` (nlines, 2): the line table of the transfer price (tag, writer / version), C-owned
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tomllib
+import zlib
+
+import numpy as np
+
+from ipc import _prims, fuzz, sched
+from ipc.shm import Layout, Region
+
+NOTYET, READY, RUN, BLOCKED, SLEEP, DONE = 0, 1, 2, 3, 4, 5
+H_JOINED, H_BLOCKED, H_ABORT, H_N, H_HANDOFFS, H_DEADLOCK = 0, 1, 2, 3, 4, 5
+S_CLOCK, S_STATE, S_GO, S_KEY, S_FROM, S_PRIO, S_PID, S_HANDOFFS = range(8)
+NLINES = 1 << 16
+_WAIT_NS = 200_000_000  # a parked process looks up this often (abort, coordinator gone?)
+
+# ns per operation. The first block is the C extension's table, in its enum order (VP_*); the
+# second is the turnstile's own. Sources (docs/virtual-time.md): uncontended x86 costs of the
+# same operation inlined in kernel C (Agner Fog's instruction tables, Intel's optimization
+# manual: a LOCK-prefixed RMW ~20 cycles, MFENCE ~30), futex syscalls ~0.5 µs, the line transfer
+# is a core-to-core (LLC-to-core) cache-line move on one socket, 40-100 ns on current x86 parts.
+C_PRICES = {
+    "load": 1, "store": 1, "write": 2, "rmw": 6, "fence": 10, "futex_wait": 500, "futex_wake": 500,
+    "clock": 20, "lock": 8, "unlock": 2, "rcu_read": 2, "hist": 5, "relax": 5, "gp_scan": 30,
+    "line": 80, "call": 0,
+}
+SCHED_PRICES = {
+    "wake_spin": 80,  # a spinning waiter sees the release: one line transfer
+    "wake_sleep": 3000,  # a mutex waiter asleep on its futex: wake-up and context switch
+    "spin_poll": 100,  # one poll of a spin-wait loop (cpu_relax, reload the line)
+    "ipi": 1500,  # a kick (reload request) reaches a vCPU in L2: IPI, VM exit
+    "grace_period": 0,  # extra latency of a grace period beyond its readers (see the docs)
+}
+PRICES = {**C_PRICES, **SCHED_PRICES}
+
+# lab/dilation.py names the primitives as Python sees them: the same prices
+PRIM_PRICE = {
+    "Mem.load": "load", "Mem.store": "store", "Mem.write": "write", "Mem.fetch_add": "rmw",
+    "Mem.xchg": "rmw", "Mem.cmpxchg": "rmw", "Mem.futex_wait": "futex_wait", "Mem.futex_wake": "futex_wake",
+    "now_ns": "clock", "stats_clock": "clock", "smp_mb": "fence", "cpu_relax": "relax",
+    "rcu_wait_readers": "gp_scan", "Histogram.record": "hist", "Histogram.record_since": "hist",
+    "Histogram.sample": "hist", "RcuReader.lock": "rcu_read", "RcuReader.unlock": "rcu_read",
+    "RcuReader.__enter__": "rcu_read", "RcuReader.__exit__": "rcu_read",
+    "sched_yield": "spin_poll",
+}
+for _k in ("SpinLock", "Mutex", "RwLock"):
+    PRIM_PRICE.update({f"{_k}.lock": "lock", f"{_k}.trylock": "lock", f"{_k}.__enter__": "lock",
+                       f"{_k}.unlock": "unlock", f"{_k}.__exit__": "unlock", f"{_k}.read_lock": "lock",
+                       f"{_k}.read_trylock": "lock", f"{_k}.read_unlock": "unlock"})
+
+ACTIVE: VClock | None = None
+
+
+class VirtualTimeAborted(BaseException):  # noqa: N818  (not an error of the code under test)
+    """The virtual-time run ended under this process (a deadlock found by another, a stop)."""
+
+
+class VirtualDeadlock(RuntimeError):
+    """Every unfinished process is blocked: nobody can release what they wait for."""
+
+
+def load_prices(path: str) -> dict[str, int]:
+    """The overrides of :data:`PRICES` in the ``[prices]`` table (or the top level) of the TOML file
+    ``path``. Raises ValueError (one line) on an unknown name or a negative / non-number price."""
+    out: dict[str, int] = {}
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"prices file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"prices file {path}: {e}") from None
+    table = doc.get("prices", doc)
+    if not isinstance(table, dict):
+        raise ValueError(f"prices file {path}: [prices] must be a table")
+    for k, v in table.items():
+        if k not in PRICES:
+            raise ValueError(f"prices file {path}: unknown price {k!r} (known: {', '.join(PRICES)})")
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ValueError(f"prices file {path}: {k} must be a number of ns >= 0, got {v!r}")
+        out[k] = int(round(v))
+    return out
+
+
+def prim_ns(name: str, prices: dict[str, int] | None = None) -> float:
+    """The price of a primitive called ``name`` the way lab/dilation.py counts calls (a load when
+    the primitive is not in the table: is_held, owner, nesting...)."""
+    p = prices or PRICES
+    return float(p[PRIM_PRICE.get(name, "load")] + p["call"])
+
+
+def layout(n: int, nlines: int = NLINES) -> Layout:
+    return Layout("vtime", [("hdr", "i8", (8,)), ("slots", "i8", (n, 8)), ("lines", "i8", (nlines, 2))])
+
+
+def create(run_id: str, n: int, seed: int) -> Region:
+    """The coordinator's segment for ``n`` processes: clocks 0, a priority permutation from ``seed``."""
+    r = Region.create(run_id, layout(n))
+    r.v["hdr"][:] = 0
+    r.v["hdr"][H_N] = n
+    s = r.v["slots"]
+    s[:] = 0
+    prio = list(range(n))
+    random.Random(seed).shuffle(prio)
+    s[:, S_PRIO] = prio
+    r.v["lines"][:] = 0
+    return r
+
+
+def key_of(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+class VClock:
+    """This process' side: installed as ``sched.ACTIVE`` / ``fuzz.ACTIVE`` (so that locks, RCU
+    domains and atomics made afterwards are wrapped, as under ``explore``), and ``_prims.spin_ns`` /
+    ``_prims.sched_yield`` become guest time / a priced poll. Clocks run from :meth:`join`."""
+
+    controlled = True  # no timed widening, no timeouts in the code under test
+
+    def __init__(self, region: Region, index: int, prices: dict[str, int]):
+        self.region = region
+        self.mem = region.mem
+        self.mem.vkey = -1  # the turnstile's own words are not the model's
+        self.hdr = region.v["hdr"]
+        self.slots = region.v["slots"]
+        self.n = int(self.hdr[H_N])
+        self.me = index
+        self.prio = int(self.slots[index, S_PRIO])
+        self.prices = prices
+        self.go_w = region.word("slots", index) + S_GO
+        self.joined = False
+        self.hkey = 0  # (clock * n + priority) of the best other runnable process
+        self.parent = os.getppid()
+        self.counts: dict[str, int] = {}
+        self.handoffs = 0
+        self.slots[index, S_PID] = os.getpid()
+
+    # -- the sched.Client interface (used by SchedLock, wrap_domain, AtomicPoints, fuzz) ------
+    def hit(self, name: str) -> None:
+        if self.joined and int(self.slots[self.me, S_CLOCK]) * self.n + self.prio > self.hkey:
+            self._handoff(READY)
+
+    point = hit
+
+    def chance(self, name: str, scale: float = 1.0) -> bool:
+        return False
+
+    def block(self, name: str, holder: int = 0, key: str | None = None) -> None:
+        """Cannot go on until ``key`` (a lock's or domain's name) is released by another process."""
+        if not self.joined:  # before the run (vcpu_init...): real waiting
+            os.sched_yield()
+            return
+        self.counts[name] = self.counts.get(name, 0) + 1
+        s = self.slots
+        s[self.me, S_KEY] = key_of(key or name)
+        self.hdr[H_BLOCKED] += 1
+        self._handoff(BLOCKED, name)
+
+    def released(self, key: str, sleeper: bool = False) -> None:
+        """``key`` was released: its waiters become runnable at max(own, now + wake price)."""
+        if not self.joined or not self.hdr[H_BLOCKED]:
+            return
+        s = self.slots
+        k = key_of(key)
+        w = np.flatnonzero((s[:, S_STATE] == BLOCKED) & (s[:, S_KEY] == k))
+        if not len(w):
+            return
+        t = int(s[self.me, S_CLOCK]) + self.prices["wake_sleep" if sleeper else "wake_spin"]
+        s[w, S_CLOCK] = np.maximum(s[w, S_CLOCK], t)
+        s[w, S_STATE] = READY
+        self.hdr[H_BLOCKED] -= len(w)
+        self._horizon()
+
+    # -- guest time, spin waits, kicks -----------------------------------------------------------
+    def guest(self, ns: int) -> None:
+        """``_prims.spin_ns``: ``ns`` of guest time (or a modelled delay), without sleeping; a kick
+        (:meth:`kick`) may end it early."""
+        if not self.joined:
+            _real_spin(ns)
+            return
+        if ns <= 0:
+            return
+        s = self.slots
+        s[self.me, S_FROM] = s[self.me, S_CLOCK]
+        _prims.vt_advance(int(ns))
+        if int(s[self.me, S_CLOCK]) * self.n + self.prio > self.hkey:
+            self._handoff(SLEEP)
+
+    def spin_wait(self) -> None:
+        """``_prims.sched_yield`` in a spin-wait loop of the code under test: one priced poll."""
+        if not self.joined:
+            os.sched_yield()
+            return
+        _prims.vt_advance(self.prices["spin_poll"])
+        self.hit("spin wait")
+
+    def kick(self, vcpu: int) -> None:
+        """A kick (IPI) to process ``vcpu``: if it is in guest time, that time ends at the kick's
+        arrival (now + ``ipi``), not before its guest time began."""
+        if not self.joined or not 0 <= vcpu < self.n or vcpu == self.me:
+            return
+        s = self.slots
+        if s[vcpu, S_STATE] != SLEEP:
+            return
+        t = max(int(s[vcpu, S_FROM]), int(s[self.me, S_CLOCK]) + self.prices["ipi"])
+        if t < s[vcpu, S_CLOCK]:
+            s[vcpu, S_CLOCK] = t
+            self._horizon()
+
+    def grace_period_waited(self) -> None:
+        """A grace period's wait for its readers ended: its own latency beyond them."""
+        if self.joined and self.prices["grace_period"]:
+            _prims.vt_advance(self.prices["grace_period"])
+
+    # -- the turnstile -------------------------------------------------------------------------
+    def now(self) -> int:
+        return int(self.slots[self.me, S_CLOCK])
+
+    def join(self) -> None:
+        """Start this process' clock and wait for every process to join; the last one starts the
+        lowest."""
+        _prims.vt_attach(self.region.mem, self.region.word("slots", self.me) + S_CLOCK,
+                         self.region.word("lines"), self.region.layout["lines"].shape[0], self.me,
+                         [self.prices[k] for k in C_PRICES])
+        self.joined = True
+        s = self.slots
+        s[self.me, S_STATE] = READY
+        if self.mem.fetch_add(self.region.word("hdr") + H_JOINED, 1) + 1 == self.n:
+            nxt = self._best(include_self=True)
+            if nxt != self.me:
+                self._go(nxt)
+                self._wait_turn()
+            else:
+                s[self.me, S_STATE] = RUN
+                self._horizon()
+        else:
+            self._wait_turn()
+
+    def done(self) -> None:
+        """This process has finished: hand the turn on for good; detach."""
+        if not self.joined:
+            return
+        self.joined = False
+        s = self.slots
+        s[self.me, S_STATE] = DONE
+        nxt = self._best()
+        _prims.vt_detach()
+        if nxt >= 0:
+            self._go(nxt)
+        elif self.hdr[H_BLOCKED]:
+            self._deadlock("every other unfinished process is blocked and this one has finished")
+
+    def abort(self) -> None:
+        """End the run for every process (each raises VirtualTimeAborted at its next turn)."""
+        abort(self.region)
+
+    def _best(self, include_self: bool = False) -> int:
+        s = self.slots
+        st = s[:, S_STATE]
+        ok = (st == READY) | (st == SLEEP)
+        if not include_self:
+            ok[self.me] = False
+        idx = np.flatnonzero(ok)
+        if not len(idx):
+            return -1
+        k = s[idx, S_CLOCK] * self.n + s[idx, S_PRIO]
+        return int(idx[int(np.argmin(k))])
+
+    def _horizon(self) -> None:
+        j = self._best()
+        self.hkey = (1 << 62) if j < 0 else int(self.slots[j, S_CLOCK]) * self.n + int(self.slots[j, S_PRIO])
+
+    def _handoff(self, state: int, name: str = "") -> None:
+        s = self.slots
+        j = self._best()
+        if j < 0 or (state != BLOCKED and int(s[j, S_CLOCK]) * self.n + int(s[j, S_PRIO])
+                     > int(s[self.me, S_CLOCK]) * self.n + self.prio):
+            if state == BLOCKED:
+                self.hdr[H_BLOCKED] -= 1
+                self._deadlock(f"process {self.me} waits for {name or 'a release'} and every other "
+                               "unfinished process is blocked too")
+            self._horizon()
+            return
+        s[self.me, S_STATE] = state
+        self.handoffs += 1
+        s[self.me, S_HANDOFFS] = self.handoffs
+        self.hdr[H_HANDOFFS] += 1
+        self._go(j)
+        self._wait_turn()
+
+    def _go(self, j: int) -> None:
+        s = self.slots
+        s[j, S_STATE] = RUN
+        s[j, S_GO] = 1
+        self.mem.futex_wake(self.region.word("slots", j) + S_GO)
+
+    def _wait_turn(self) -> None:
+        s, m, w = self.slots, self.mem, self.go_w
+        while not s[self.me, S_GO]:
+            if m.futex_wait(w, 0, _WAIT_NS) and os.getppid() != self.parent:
+                raise VirtualTimeAborted("the coordinator is gone")
+            if self.hdr[H_ABORT]:
+                break
+        s[self.me, S_GO] = 0
+        if self.hdr[H_ABORT]:
+            self.joined = False
+            _prims.vt_detach()
+            d = int(self.hdr[H_DEADLOCK])
+            raise VirtualTimeAborted("virtual-time run ended" + (f" (deadlock found by process {d - 1})" if d else ""))
+        s[self.me, S_STATE] = RUN
+        self._horizon()
+
+    def _deadlock(self, why: str) -> None:
+        self.hdr[H_DEADLOCK] = self.me + 1
+        self.joined = False
+        _prims.vt_detach()
+        abort(self.region)
+        raise VirtualDeadlock(f"virtual time: deadlock: {why}")
+
+
+def abort(region: Region) -> None:
+    """Every parked process wakes and raises :class:`VirtualTimeAborted`."""
+    region.v["hdr"][H_ABORT] = 1
+    for i in range(int(region.v["hdr"][H_N])):
+        region.v["slots"][i, S_GO] = 1
+        region.mem.futex_wake(region.word("slots", i) + S_GO)
+
+
+_real_spin = _prims.spin_ns
+_real_yield = _prims.sched_yield
+
+
+def install(region: Region, index: int, prices: dict[str, int]) -> VClock:
+    """Make this (dedicated vCPU) process run on virtual time; call before its VM is attached, so
+    that its locks and RCU domains are made wrapped. :meth:`VClock.join` starts the clock."""
+    global ACTIVE
+    vc = VClock(region, index, prices)
+    ACTIVE = vc
+    sched.ACTIVE = vc
+    fuzz.ACTIVE = vc
+    _prims.spin_ns = vc.guest
+    _prims.sched_yield = vc.spin_wait
+    return vc
+
+
+def stats(region: Region) -> dict:
+    """What the results record about the turnstile: hand-offs, clocks (virtual ns) per process."""
+    s = region.v["slots"]
+    return {"handoffs": int(region.v["hdr"][H_HANDOFFS]), "clocks_ns": [int(c) for c in s[:, S_CLOCK]]}
