@@ -129,7 +129,8 @@ static inline int64_t now_ns(void) {
  * transfer price.  Only one process runs at a time then (ipc/vtime.py hands the turn over), so
  * the shared line table is read and written with plain accesses.  Detached: one branch per call. */
 enum { VP_LOAD, VP_STORE, VP_WRITE, VP_RMW, VP_FENCE, VP_FUTEX_WAIT, VP_FUTEX_WAKE, VP_CLOCK,
-       VP_LOCK, VP_UNLOCK, VP_RCU_READ, VP_HIST, VP_RELAX, VP_GP_SCAN, VP_LINE, VP_CALL, VP_N };
+       VP_LOCK, VP_UNLOCK, VP_RCU_READ, VP_HIST, VP_RELAX, VP_GP_SCAN, VP_LINE, VP_CALL,
+       VP_QUANTUM /* not a price: the turnstile's lookahead (vt_quantum) */, VP_N };
 static int64_t *vt_clk;          /* this process' clock word; NULL = real time */
 static int vt_on;                /* charging (vt_enable): off while telemetry runs */
 static int64_t vt_price[VP_N];
@@ -1909,19 +1910,165 @@ static PyObject *m_cpu_relax(PyObject *mod, PyObject *unused) { VT(VP_RELAX); cp
 static PyObject *m_nop(PyObject *mod, PyObject *unused) { Py_RETURN_NONE; }
 static PyObject *m_smp_mb(PyObject *mod, PyObject *unused) { VT(VP_FENCE); MB(); Py_RETURN_NONE; }
 
-/* vt_attach(mem, clock_index, lines_index, nlines, me, prices): price this process' calls from now
- * on (prices: VP_N ints, ns, in the order of ipc/vtime.PRICES); nlines a power of two */
+/* ---- the turnstile (ipc/vtime.py has the layout and the rules) ---- */
+enum { VS_NOTYET, VS_READY, VS_RUN, VS_BLOCKED, VS_SLEEP, VS_DONE };
+enum { VH_JOINED, VH_BLOCKED, VH_ABORT, VH_N, VH_HANDOFFS, VH_DEADLOCK };
+enum { VS_CLOCK, VS_STATE, VS_GO, VS_KEY, VS_FROM, VS_PRIO, VS_PID, VS_HANDOFFS, VS_PARKED, VS_WORDS = 16 };
+#define VT_SPIN_NS 50000LL  /* a process that gave up the turn polls for it this long before it sleeps */
+enum { VT_OK = 0, VT_DEADLOCK = 1, VT_ABORTED = 2, VT_ORPHAN = 3 };
+static int64_t *vt_hdr, *vt_slots, vt_n, vt_prio, vt_hkey;
+static pid_t vt_parent;
+static int vt_spin;          /* poll before sleeping: only when every process can have a CPU of its own */
+static int64_t vt_quantum;  /* (ns * n) a scheduling point hands over only past the lowest other clock + this */
+#define VSLOT(i) (&vt_slots[(i) * VS_WORDS])
+#define VKEY(i) (VSLOT(i)[VS_CLOCK] * vt_n + VSLOT(i)[VS_PRIO])
+
+/* the runnable process with the lowest (clock, priority), -1 if none; `self` counts if asked */
+static int64_t vt_best(int self) {
+    int64_t best = -1, bk = INT64_MAX;
+    for (int64_t i = 0; i < vt_n; i++) {
+        int64_t st = VSLOT(i)[VS_STATE];
+        if ((st != VS_READY && st != VS_SLEEP) || (i == vt_me && !self)) continue;
+        int64_t k = VKEY(i);
+        if (k < bk) { bk = k; best = i; }
+    }
+    return best;
+}
+
+static void vt_horizon(void) {
+    int64_t j = vt_best(0);
+    vt_hkey = j < 0 ? INT64_MAX : VKEY(j);
+}
+
+/* the turn to j: its go word, and a futex wake only if it went to sleep (a polling process sees the
+ * word; the seq_cst pair go-store / parked-load here, parked-store / go-load there, lets one miss
+ * the other, never both) */
+static void vt_go(int64_t j) {
+    int64_t *s = VSLOT(j);
+    s[VS_STATE] = VS_RUN;
+    __atomic_store_n(&s[VS_GO], 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&s[VS_PARKED], __ATOMIC_SEQ_CST)) futex_wake32((int32_t *)&s[VS_GO], 1);
+}
+
+/* park until this process is given the turn; VT_*.  It polls the go word for VT_SPIN_NS first if
+ * `spin` (every process has a CPU, or it is next in line), and again after each futex wake that
+ * did not give it the turn (the runner woke it to poll: it is next in line now) */
+static int vt_wait_turn(int spin) {
+    int64_t *s = VSLOT(vt_me);
+    for (;;) {
+        if (spin) {
+            int64_t end = now_ns() + VT_SPIN_NS;
+            int n = 0;
+            while (!__atomic_load_n(&s[VS_GO], __ATOMIC_ACQUIRE)) {
+                cpu_relax();
+                if (!(++n & 63) && (now_ns() > end || __atomic_load_n(&vt_hdr[VH_ABORT], __ATOMIC_RELAXED))) break;
+            }
+        }
+        __atomic_store_n(&s[VS_PARKED], 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&s[VS_GO], __ATOMIC_SEQ_CST) || __atomic_load_n(&vt_hdr[VH_ABORT], __ATOMIC_SEQ_CST)) {
+            __atomic_store_n(&s[VS_PARKED], 0, __ATOMIC_RELAXED);
+            break;
+        }
+        long r;
+        Py_BEGIN_ALLOW_THREADS
+        r = futex_wait32((int32_t *)&s[VS_GO], 0, 200000000LL);
+        Py_END_ALLOW_THREADS
+        __atomic_store_n(&s[VS_PARKED], 0, __ATOMIC_RELAXED);
+        if (r == -1 && errno == ETIMEDOUT && getppid() != vt_parent) return VT_ORPHAN;
+        if (__atomic_load_n(&s[VS_GO], __ATOMIC_SEQ_CST) || __atomic_load_n(&vt_hdr[VH_ABORT], __ATOMIC_SEQ_CST)) break;
+        spin = r == 0;  /* woken without the turn: next in line */
+    }
+    s[VS_GO] = 0;
+    if (__atomic_load_n(&vt_hdr[VH_ABORT], __ATOMIC_SEQ_CST)) return VT_ABORTED;
+    s[VS_STATE] = VS_RUN;
+    vt_horizon();
+    return VT_OK;
+}
+
+/* give up the turn in `state` unless this process is still the lowest (never, when BLOCKED).  The
+ * process next in line after the new runner polls for the turn meanwhile (this one, or another
+ * woken to do so), so that most hand-offs find their taker awake */
+static int vt_yield(int64_t state) {
+    int64_t j = vt_best(0);
+    if (j < 0 || (state != VS_BLOCKED && VKEY(j) > VKEY(vt_me))) {
+        if (state == VS_BLOCKED) {
+            vt_hdr[VH_BLOCKED]--;
+            return VT_DEADLOCK;
+        }
+        vt_hkey = j < 0 ? INT64_MAX : VKEY(j);
+        return VT_OK;
+    }
+    int64_t *s = VSLOT(vt_me);
+    s[VS_STATE] = state;
+    s[VS_HANDOFFS]++;
+    vt_hdr[VH_HANDOFFS]++;
+    int spin = vt_spin;
+    if (!spin) {
+        VSLOT(j)[VS_STATE] = VS_RUN;  /* (vt_go sets it too) out of the next-in-line search */
+        int64_t k = vt_best(1);
+        if (k == vt_me) spin = 1;
+    }
+    vt_go(j);
+    return vt_wait_turn(spin);
+}
+
+#define VT_ATTACHED() if (!vt_clk) { PyErr_SetString(PyExc_RuntimeError, "no virtual clock attached"); return NULL; }
+
+static PyObject *vt_exc_aborted, *vt_exc_deadlock;  /* ipc/vtime.py's classes (vt_exceptions) */
+
+static void vt_abort_all(int64_t *h, int64_t *sl) {
+    __atomic_store_n(&h[VH_ABORT], 1, __ATOMIC_SEQ_CST);
+    for (int64_t i = 0; i < h[VH_N]; i++) {
+        __atomic_store_n(&sl[i * VS_WORDS + VS_GO], 1, __ATOMIC_SEQ_CST);
+        futex_wake32((int32_t *)&sl[i * VS_WORDS + VS_GO], INT_MAX);
+    }
+}
+
+/* a VT_* code as the caller sees it: None, or the exception (detached then) */
+static PyObject *vt_result(int code, const char *what) {
+    if (code == VT_OK) Py_RETURN_NONE;
+    int64_t *h = vt_hdr, *sl = vt_slots, me = vt_me;
+    vt_on = 0;
+    vt_clk = NULL;
+    PyObject *exc = code == VT_DEADLOCK ? vt_exc_deadlock : vt_exc_aborted;
+    if (!exc) exc = PyExc_RuntimeError;
+    if (code == VT_DEADLOCK) {
+        h[VH_DEADLOCK] = me + 1;
+        vt_abort_all(h, sl);
+        PyErr_Format(exc, "virtual time: deadlock: vCPU %lld %s and every other unfinished vCPU is blocked",
+                     (long long)me, what);
+    } else if (code == VT_ORPHAN) {
+        PyErr_SetString(exc, "the coordinator is gone");
+    } else if (h[VH_DEADLOCK]) {
+        PyErr_Format(exc, "virtual-time run ended (deadlock found by vCPU %lld)", (long long)(h[VH_DEADLOCK] - 1));
+    } else {
+        PyErr_SetString(exc, "virtual-time run ended");
+    }
+    return NULL;
+}
+
+static PyObject *m_vt_exceptions(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(2, "vt_exceptions");
+    Py_INCREF(args[0]);
+    Py_XSETREF(vt_exc_aborted, args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(vt_exc_deadlock, args[1]);
+    Py_RETURN_NONE;
+}
+
+/* vt_attach(mem, hdr_index, slots_index, nlines_index, nlines, me, prices): this process' clock is
+ * slot `me` of the turnstile at hdr_index / slots_index (n = hdr[3] slots); prices: VP_N ints
+ * (ns, in the order of ipc/vtime.C_PRICES); nlines a power of two.  Charging starts now. */
 static PyObject *m_vt_attach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_NARGS(6, "vt_attach");
+    CHECK_NARGS(7, "vt_attach");
     if (!PyObject_TypeCheck(args[0], &MemType)) { PyErr_SetString(PyExc_TypeError, "vt_attach: need Mem"); return NULL; }
     MemObject *m = (MemObject *)args[0];
-    int64_t ci, li, nl, me;
-    if (get_i64(args[1], &ci) < 0 || get_i64(args[2], &li) < 0 || get_i64(args[3], &nl) < 0 ||
-        get_i64(args[4], &me) < 0)
+    int64_t hi, si, li, nl, me;
+    if (get_i64(args[1], &hi) < 0 || get_i64(args[2], &si) < 0 || get_i64(args[3], &li) < 0 ||
+        get_i64(args[4], &nl) < 0 || get_i64(args[5], &me) < 0)
         return NULL;
     if (nl <= 0 || (nl & (nl - 1))) { PyErr_SetString(PyExc_ValueError, "vt_attach: nlines must be a power of two"); return NULL; }
-    if (me < 0 || me >= 0x7fff) { PyErr_SetString(PyExc_ValueError, "vt_attach: process index out of range"); return NULL; }
-    PyObject *pr = PySequence_Fast(args[5], "vt_attach: prices must be a sequence");
+    PyObject *pr = PySequence_Fast(args[6], "vt_attach: prices must be a sequence");
     if (!pr) return NULL;
     if (PySequence_Fast_GET_SIZE(pr) != VP_N) {
         Py_DECREF(pr);
@@ -1936,25 +2083,150 @@ static PyObject *m_vt_attach(PyObject *mod, PyObject *const *args, Py_ssize_t na
             return NULL;
         }
     Py_DECREF(pr);
-    int64_t *c = mem_word_at(m, ci, 1, "vt_attach clock");
-    int64_t *l = c ? mem_word_at(m, li, 2 * nl, "vt_attach lines") : NULL;
+    int64_t *h = mem_word_at(m, hi, 8, "vt_attach header");
+    if (!h) return NULL;
+    int64_t n = h[VH_N];
+    if (n < 1 || n >= 0x7fff || me < 0 || me >= n) { PyErr_SetString(PyExc_ValueError, "vt_attach: bad process count or index"); return NULL; }
+    int64_t *sl = mem_word_at(m, si, VS_WORDS * n, "vt_attach slots");
+    int64_t *l = sl ? mem_word_at(m, li, 2 * nl, "vt_attach lines") : NULL;
     if (!l) return NULL;
     memcpy(vt_price, prices, sizeof prices);
     Py_INCREF(m);
     Py_XSETREF(vt_owner, (PyObject *)m);
-    vt_clk = c;
+    vt_hdr = h;
+    vt_slots = sl;
+    vt_n = n;
+    vt_me = me;
+    vt_prio = sl[me * VS_WORDS + VS_PRIO];
+    vt_hkey = INT64_MAX;
+    vt_parent = getppid();
+    vt_spin = n <= sysconf(_SC_NPROCESSORS_ONLN);
+    vt_quantum = vt_price[VP_QUANTUM] * n;
+    vt_clk = &sl[me * VS_WORDS + VS_CLOCK];
     vt_lines = l;
     vt_line_mask = nl - 1;
-    vt_me = me;
     vt_transfers = 0;
     memset(vt_seen_tag, 0, sizeof vt_seen_tag);
     vt_on = 1;
     Py_RETURN_NONE;
 }
 
+/* vt_join(): ready at clock 0; the last to join starts the lowest */
+static PyObject *m_vt_join(PyObject *mod, PyObject *unused) {
+    VT_ATTACHED();
+    VSLOT(vt_me)[VS_STATE] = VS_READY;
+    if (__atomic_add_fetch(&vt_hdr[VH_JOINED], 1, __ATOMIC_SEQ_CST) == vt_n) {
+        int64_t j = vt_best(1);
+        if (j != vt_me) {
+            vt_go(j);
+            return vt_result(vt_wait_turn(vt_spin), "joined");
+        }
+        VSLOT(vt_me)[VS_STATE] = VS_RUN;
+        vt_horizon();
+        Py_RETURN_NONE;
+    }
+    return vt_result(vt_wait_turn(vt_spin), "joined");
+}
+
+/* vt_hit(name): a scheduling point (name: what it is, unused): hand the turn over if another
+ * runnable clock is lower; a no-op when no clock is attached */
+static PyObject *m_vt_hit(PyObject *mod, PyObject *unused) {
+    if (!vt_clk || *vt_clk * vt_n + vt_prio <= vt_hkey + vt_quantum) Py_RETURN_NONE;
+    return vt_result(vt_yield(VS_READY), "yielded");
+}
+
+/* vt_block(key) -> VT_*: wait until vt_released(key) by another process */
+static PyObject *m_vt_block(PyObject *mod, PyObject *arg) {
+    VT_ATTACHED();
+    int64_t key;
+    if (get_i64(arg, &key) < 0) return NULL;
+    VSLOT(vt_me)[VS_KEY] = key;
+    vt_hdr[VH_BLOCKED]++;
+    return vt_result(vt_yield(VS_BLOCKED), "waits for a release");
+}
+
+/* vt_released(key, price): the waiters on key run again at max(own clock, this clock + price) */
+static PyObject *m_vt_released(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(2, "vt_released");
+    int64_t key, price;
+    if (get_i64(args[0], &key) < 0 || get_i64(args[1], &price) < 0) return NULL;
+    if (!vt_clk || !vt_hdr[VH_BLOCKED]) Py_RETURN_NONE;
+    int64_t t = *vt_clk + price, woke = 0;
+    for (int64_t i = 0; i < vt_n; i++) {
+        int64_t *s = VSLOT(i);
+        if (s[VS_STATE] != VS_BLOCKED || s[VS_KEY] != key) continue;
+        if (s[VS_CLOCK] < t) s[VS_CLOCK] = t;
+        s[VS_STATE] = VS_READY;
+        woke++;
+    }
+    if (woke) {
+        vt_hdr[VH_BLOCKED] -= woke;
+        vt_horizon();
+    }
+    Py_RETURN_NONE;
+}
+
+/* vt_sleep(ns) -> VT_*: ns of guest time (a kick may end it early: vt_kick) */
+static PyObject *m_vt_sleep(PyObject *mod, PyObject *arg) {
+    VT_ATTACHED();
+    int64_t ns;
+    if (get_i64(arg, &ns) < 0) return NULL;
+    if (ns <= 0) Py_RETURN_NONE;
+    int64_t *s = VSLOT(vt_me);
+    s[VS_FROM] = *vt_clk;
+    *vt_clk += ns;
+    if (*vt_clk * vt_n + vt_prio <= vt_hkey) Py_RETURN_NONE;
+    return vt_result(vt_yield(VS_SLEEP), "slept");
+}
+
+/* vt_kick(target, price): target's guest time ends at max(its start, this clock + price) */
+static PyObject *m_vt_kick(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(2, "vt_kick");
+    int64_t t, price;
+    if (get_i64(args[0], &t) < 0 || get_i64(args[1], &price) < 0) return NULL;
+    if (!vt_clk || t < 0 || t >= vt_n || t == vt_me) Py_RETURN_FALSE;
+    int64_t *s = VSLOT(t);
+    if (s[VS_STATE] != VS_SLEEP) Py_RETURN_FALSE;
+    int64_t c = *vt_clk + price;
+    if (c < s[VS_FROM]) c = s[VS_FROM];
+    if (c >= s[VS_CLOCK]) Py_RETURN_FALSE;
+    s[VS_CLOCK] = c;
+    vt_horizon();
+    Py_RETURN_TRUE;
+}
+
+/* vt_done() -> VT_*: this process has finished: the turn goes on for good; detached */
+static PyObject *m_vt_done(PyObject *mod, PyObject *unused) {
+    VT_ATTACHED();
+    VSLOT(vt_me)[VS_STATE] = VS_DONE;
+    int64_t j = vt_best(0), blocked = vt_hdr[VH_BLOCKED];
+    if (j >= 0) vt_go(j);
+    if (j < 0 && blocked) return vt_result(VT_DEADLOCK, "finished");
+    vt_on = 0;
+    vt_clk = NULL;
+    Py_RETURN_NONE;
+}
+
+/* vt_abort(mem, hdr_index, slots_index): every parked process wakes and sees the abort */
+static PyObject *m_vt_abort(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(3, "vt_abort");
+    if (!PyObject_TypeCheck(args[0], &MemType)) { PyErr_SetString(PyExc_TypeError, "vt_abort: need Mem"); return NULL; }
+    MemObject *m = (MemObject *)args[0];
+    int64_t hi, si;
+    if (get_i64(args[1], &hi) < 0 || get_i64(args[2], &si) < 0) return NULL;
+    int64_t *h = mem_word_at(m, hi, 8, "vt_abort header");
+    if (!h) return NULL;
+    int64_t n = h[VH_N];
+    int64_t *sl = mem_word_at(m, si, VS_WORDS * (n > 0 ? n : 1), "vt_abort slots");
+    if (!sl) return NULL;
+    vt_abort_all(h, sl);
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_vt_detach(PyObject *mod, PyObject *unused) {
     vt_on = 0;
     vt_clk = NULL;
+    vt_hdr = vt_slots = NULL;
     vt_lines = NULL;
     Py_CLEAR(vt_owner);
     Py_RETURN_NONE;
@@ -1974,6 +2246,12 @@ static PyObject *m_vt_advance(PyObject *mod, PyObject *arg) {
     if (get_i64(arg, &ns) < 0) return NULL;
     if (!vt_clk) { PyErr_SetString(PyExc_RuntimeError, "vt_advance: no virtual clock attached"); return NULL; }
     if (ns > 0) *vt_clk += ns;
+    return PyLong_FromLongLong(*vt_clk);
+}
+
+/* vt_now() -> this process' virtual clock, or None when none is attached (no price) */
+static PyObject *m_vt_now(PyObject *mod, PyObject *unused) {
+    if (!vt_clk) Py_RETURN_NONE;
     return PyLong_FromLongLong(*vt_clk);
 }
 
@@ -2051,10 +2329,24 @@ static PyMethodDef module_methods[] = {
     {"nop", m_nop, METH_NOARGS, "no-op (benchmark floor)"},
     {"spin_ns", m_spin_ns, METH_O, "busy-wait for ns"},
     {"vt_attach", (PyCFunction)(void (*)(void))m_vt_attach, METH_FASTCALL,
-     "vt_attach(mem, clock_index, lines_index, nlines, me, prices): virtual time for this process"},
+     "vt_attach(mem, hdr_index, slots_index, lines_index, nlines, me, prices): virtual time for this process"},
+    {"vt_join", m_vt_join, METH_NOARGS, "vt_join(): start this clock, wait for the others (ipc/vtime.py)"},
+    {"vt_hit", m_vt_hit, METH_O, "vt_hit(name): scheduling point (hand over if another clock is lower)"},
+    {"vt_exceptions", (PyCFunction)(void (*)(void))m_vt_exceptions, METH_FASTCALL,
+     "vt_exceptions(aborted, deadlock): the classes the vt_* calls raise"},
+    {"vt_block", m_vt_block, METH_O, "vt_block(key): wait for vt_released(key)"},
+    {"vt_released", (PyCFunction)(void (*)(void))m_vt_released, METH_FASTCALL,
+     "vt_released(key, price): wake the waiters on key at this clock + price"},
+    {"vt_sleep", m_vt_sleep, METH_O, "vt_sleep(ns): guest time"},
+    {"vt_kick", (PyCFunction)(void (*)(void))m_vt_kick, METH_FASTCALL,
+     "vt_kick(target, price) -> bool: end target's guest time at this clock + price"},
+    {"vt_done", m_vt_done, METH_NOARGS, "vt_done(): finished; hand the turn on, detach"},
+    {"vt_abort", (PyCFunction)(void (*)(void))m_vt_abort, METH_FASTCALL,
+     "vt_abort(mem, hdr_index, slots_index): end a virtual-time run for every process"},
     {"vt_detach", m_vt_detach, METH_NOARGS, "back to real time"},
     {"vt_enable", m_vt_enable, METH_O, "vt_enable(on) -> was on: pause / resume the pricing"},
     {"vt_advance", m_vt_advance, METH_O, "vt_advance(ns) -> clock: add ns (guest time) without a price"},
+    {"vt_now", m_vt_now, METH_NOARGS, "vt_now() -> this process' virtual clock (ns), None if not attached"},
     {"vt_transfers", m_vt_transfers, METH_NOARGS, "cache-line transfers this process paid"},
     {"vt_seed", m_vt_seed, METH_O, "vt_seed(s): histograms made from now on sample with a phase from s (0: the host's)"},
     {"hist_bucket", m_hist_bucket, METH_O, "bucket index of a value"},

@@ -25,9 +25,10 @@ Layout (``layout(n, nlines)``, segment ``pts_<run>_vtime``; the coordinator crea
 - ``hdr`` 8 words: [0] joined, [1] blocked (processes in BLOCKED), [2] abort (1 = every process
   raises :class:`VirtualTimeAborted` at its next turn), [3] n, [4] hand-offs, [5] deadlock (1 + the
   process index that found it), rest reserved
-- ``slots`` (n, 8): [0] clock (ns), [1] state, [2] go (futex word: 1 = your turn), [3] key of what
+- ``slots`` (n, 16): [0] clock (ns), [1] state, [2] go (futex word: 1 = your turn), [3] key of what
   it is blocked on, [4] sleep_from (clock where its guest time began), [5] priority (seeded tie
-  break), [6] pid, [7] hand-offs it made
+  break), [6] pid, [7] hand-offs it made, [8] parked (asleep on go: the turn needs a futex wake;
+  a process polls go for ~50 µs first), rest reserved
 - ``lines`` (nlines, 2): the line table of the transfer price (tag, writer / version), C-owned
 """
 
@@ -38,14 +39,13 @@ import random
 import tomllib
 import zlib
 
-import numpy as np
-
 from ipc import _prims, fuzz, sched
 from ipc.shm import Layout, Region
 
 NOTYET, READY, RUN, BLOCKED, SLEEP, DONE = 0, 1, 2, 3, 4, 5
 H_JOINED, H_BLOCKED, H_ABORT, H_N, H_HANDOFFS, H_DEADLOCK = 0, 1, 2, 3, 4, 5
-S_CLOCK, S_STATE, S_GO, S_KEY, S_FROM, S_PRIO, S_PID, S_HANDOFFS = range(8)
+S_CLOCK, S_STATE, S_GO, S_KEY, S_FROM, S_PRIO, S_PID, S_HANDOFFS, S_PARKED = range(9)
+SLOT_WORDS = 16
 NLINES = 1 << 16
 _WAIT_NS = 200_000_000  # a parked process looks up this often (abort, coordinator gone?)
 
@@ -58,6 +58,10 @@ C_PRICES = {
     "load": 1, "store": 1, "write": 2, "rmw": 6, "fence": 10, "futex_wait": 500, "futex_wake": 500,
     "clock": 20, "lock": 8, "unlock": 2, "rcu_read": 2, "hist": 5, "relax": 5, "gp_scan": 30,
     "line": 80, "call": 0,
+    # not a price: a scheduling point hands the turn over only once this process' clock is past the
+    # lowest other runnable clock + quantum (0: the exact order; > 0 reorders events closer than
+    # quantum ns, for speed at many vCPUs)
+    "quantum": 0,
 }
 SCHED_PRICES = {
     "wake_spin": 80,  # a spinning waiter sees the release: one line transfer
@@ -125,7 +129,7 @@ def prim_ns(name: str, prices: dict[str, int] | None = None) -> float:
 
 
 def layout(n: int, nlines: int = NLINES) -> Layout:
-    return Layout("vtime", [("hdr", "i8", (8,)), ("slots", "i8", (n, 8)), ("lines", "i8", (nlines, 2))])
+    return Layout("vtime", [("hdr", "i8", (8,)), ("slots", "i8", (n, SLOT_WORDS)), ("lines", "i8", (nlines, 2))])
 
 
 def create(run_id: str, n: int, seed: int) -> Region:
@@ -149,7 +153,9 @@ def key_of(name: str) -> int:
 class VClock:
     """This process' side: installed as ``sched.ACTIVE`` / ``fuzz.ACTIVE`` (so that locks, RCU
     domains and atomics made afterwards are wrapped, as under ``explore``), and ``_prims.spin_ns`` /
-    ``_prims.sched_yield`` become guest time / a priced poll. Clocks run from :meth:`join`."""
+    ``_prims.sched_yield`` become guest time / a priced poll. The turnstile itself is C
+    (``_prims.vt_*``, one call per scheduling point; they raise :class:`VirtualDeadlock` /
+    :class:`VirtualTimeAborted`); the clock runs from :meth:`join` to :meth:`done`."""
 
     controlled = True  # no timed widening, no timeouts in the code under test
 
@@ -161,51 +167,40 @@ class VClock:
         self.slots = region.v["slots"]
         self.n = int(self.hdr[H_N])
         self.me = index
-        self.prio = int(self.slots[index, S_PRIO])
         self.prices = prices
-        self.go_w = region.word("slots", index) + S_GO
-        self.joined = False
-        self.hkey = 0  # (clock * n + priority) of the best other runnable process
-        self.parent = os.getppid()
-        self.counts: dict[str, int] = {}
-        self.handoffs = 0
+        self._keys: dict[str, int] = {}
+        self._wake = (prices["wake_spin"], prices["wake_sleep"])
         self.slots[index, S_PID] = os.getpid()
+        # a scheduling point is one C call (a no-op until join): SchedLock, AtomicPoints and fuzz
+        # points bind it when their objects are made
+        self.hit = self.point = _prims.vt_hit
 
-    # -- the sched.Client interface (used by SchedLock, wrap_domain, AtomicPoints, fuzz) ------
-    def hit(self, name: str) -> None:
-        if self.joined and int(self.slots[self.me, S_CLOCK]) * self.n + self.prio > self.hkey:
-            self._handoff(READY)
+    @property
+    def joined(self) -> bool:
+        """Is this process' clock running (joined, not done, not aborted)?"""
+        return _prims.vt_now() is not None
 
-    point = hit
+    def _key(self, name: str) -> int:
+        k = self._keys.get(name)
+        if k is None:
+            k = self._keys[name] = key_of(name)
+        return k
 
+    # -- the rest of the sched.Client interface (SchedLock, wrap_domain, fuzz) -------------------
     def chance(self, name: str, scale: float = 1.0) -> bool:
         return False
 
     def block(self, name: str, holder: int = 0, key: str | None = None) -> None:
         """Cannot go on until ``key`` (a lock's or domain's name) is released by another process."""
-        if not self.joined:  # before the run (vcpu_init...): real waiting
+        if not self.joined:  # before the run (vcpu_init...) or after it: real waiting
             os.sched_yield()
             return
-        self.counts[name] = self.counts.get(name, 0) + 1
-        s = self.slots
-        s[self.me, S_KEY] = key_of(key or name)
-        self.hdr[H_BLOCKED] += 1
-        self._handoff(BLOCKED, name)
+        _prims.vt_block(self._key(key or name))
 
     def released(self, key: str, sleeper: bool = False) -> None:
         """``key`` was released: its waiters become runnable at max(own, now + wake price)."""
-        if not self.joined or not self.hdr[H_BLOCKED]:
-            return
-        s = self.slots
-        k = key_of(key)
-        w = np.flatnonzero((s[:, S_STATE] == BLOCKED) & (s[:, S_KEY] == k))
-        if not len(w):
-            return
-        t = int(s[self.me, S_CLOCK]) + self.prices["wake_sleep" if sleeper else "wake_spin"]
-        s[w, S_CLOCK] = np.maximum(s[w, S_CLOCK], t)
-        s[w, S_STATE] = READY
-        self.hdr[H_BLOCKED] -= len(w)
-        self._horizon()
+        if self.joined:
+            _prims.vt_released(self._key(key), self._wake[sleeper])
 
     # -- guest time, spin waits, kicks -----------------------------------------------------------
     def guest(self, ns: int) -> None:
@@ -214,13 +209,7 @@ class VClock:
         if not self.joined:
             _real_spin(ns)
             return
-        if ns <= 0:
-            return
-        s = self.slots
-        s[self.me, S_FROM] = s[self.me, S_CLOCK]
-        _prims.vt_advance(int(ns))
-        if int(s[self.me, S_CLOCK]) * self.n + self.prio > self.hkey:
-            self._handoff(SLEEP)
+        _prims.vt_sleep(int(ns))
 
     def spin_wait(self) -> None:
         """``_prims.sched_yield`` in a spin-wait loop of the code under test: one priced poll."""
@@ -228,20 +217,13 @@ class VClock:
             os.sched_yield()
             return
         _prims.vt_advance(self.prices["spin_poll"])
-        self.hit("spin wait")
+        _prims.vt_hit("spin wait")
 
     def kick(self, vcpu: int) -> None:
         """A kick (IPI) to process ``vcpu``: if it is in guest time, that time ends at the kick's
         arrival (now + ``ipi``), not before its guest time began."""
-        if not self.joined or not 0 <= vcpu < self.n or vcpu == self.me:
-            return
-        s = self.slots
-        if s[vcpu, S_STATE] != SLEEP:
-            return
-        t = max(int(s[vcpu, S_FROM]), int(s[self.me, S_CLOCK]) + self.prices["ipi"])
-        if t < s[vcpu, S_CLOCK]:
-            s[vcpu, S_CLOCK] = t
-            self._horizon()
+        if self.joined:
+            _prims.vt_kick(vcpu, self.prices["ipi"])
 
     def grace_period_waited(self) -> None:
         """A grace period's wait for its readers ended: its own latency beyond them."""
@@ -250,116 +232,26 @@ class VClock:
 
     # -- the turnstile -------------------------------------------------------------------------
     def now(self) -> int:
-        return int(self.slots[self.me, S_CLOCK])
+        return _prims.vt_now() or 0
 
     def join(self) -> None:
         """Start this process' clock and wait for every process to join; the last one starts the
         lowest."""
-        _prims.vt_attach(self.region.mem, self.region.word("slots", self.me) + S_CLOCK,
-                         self.region.word("lines"), self.region.layout["lines"].shape[0], self.me,
-                         [self.prices[k] for k in C_PRICES])
-        self.joined = True
-        s = self.slots
-        s[self.me, S_STATE] = READY
-        if self.mem.fetch_add(self.region.word("hdr") + H_JOINED, 1) + 1 == self.n:
-            nxt = self._best(include_self=True)
-            if nxt != self.me:
-                self._go(nxt)
-                self._wait_turn()
-            else:
-                s[self.me, S_STATE] = RUN
-                self._horizon()
-        else:
-            self._wait_turn()
+        r = self.region
+        _prims.vt_exceptions(VirtualTimeAborted, VirtualDeadlock)
+        _prims.vt_attach(r.mem, r.word("hdr"), r.word("slots"), r.word("lines"), r.layout["lines"].shape[0],
+                         self.me, [self.prices[k] for k in C_PRICES])
+        _prims.vt_join()
 
     def done(self) -> None:
         """This process has finished: hand the turn on for good; detach."""
-        if not self.joined:
-            return
-        self.joined = False
-        s = self.slots
-        s[self.me, S_STATE] = DONE
-        nxt = self._best()
-        _prims.vt_detach()
-        if nxt >= 0:
-            self._go(nxt)
-        elif self.hdr[H_BLOCKED]:
-            self._deadlock("every other unfinished process is blocked and this one has finished")
-
-    def abort(self) -> None:
-        """End the run for every process (each raises VirtualTimeAborted at its next turn)."""
-        abort(self.region)
-
-    def _best(self, include_self: bool = False) -> int:
-        s = self.slots
-        st = s[:, S_STATE]
-        ok = (st == READY) | (st == SLEEP)
-        if not include_self:
-            ok[self.me] = False
-        idx = np.flatnonzero(ok)
-        if not len(idx):
-            return -1
-        k = s[idx, S_CLOCK] * self.n + s[idx, S_PRIO]
-        return int(idx[int(np.argmin(k))])
-
-    def _horizon(self) -> None:
-        j = self._best()
-        self.hkey = (1 << 62) if j < 0 else int(self.slots[j, S_CLOCK]) * self.n + int(self.slots[j, S_PRIO])
-
-    def _handoff(self, state: int, name: str = "") -> None:
-        s = self.slots
-        j = self._best()
-        if j < 0 or (state != BLOCKED and int(s[j, S_CLOCK]) * self.n + int(s[j, S_PRIO])
-                     > int(s[self.me, S_CLOCK]) * self.n + self.prio):
-            if state == BLOCKED:
-                self.hdr[H_BLOCKED] -= 1
-                self._deadlock(f"process {self.me} waits for {name or 'a release'} and every other "
-                               "unfinished process is blocked too")
-            self._horizon()
-            return
-        s[self.me, S_STATE] = state
-        self.handoffs += 1
-        s[self.me, S_HANDOFFS] = self.handoffs
-        self.hdr[H_HANDOFFS] += 1
-        self._go(j)
-        self._wait_turn()
-
-    def _go(self, j: int) -> None:
-        s = self.slots
-        s[j, S_STATE] = RUN
-        s[j, S_GO] = 1
-        self.mem.futex_wake(self.region.word("slots", j) + S_GO)
-
-    def _wait_turn(self) -> None:
-        s, m, w = self.slots, self.mem, self.go_w
-        while not s[self.me, S_GO]:
-            if m.futex_wait(w, 0, _WAIT_NS) and os.getppid() != self.parent:
-                raise VirtualTimeAborted("the coordinator is gone")
-            if self.hdr[H_ABORT]:
-                break
-        s[self.me, S_GO] = 0
-        if self.hdr[H_ABORT]:
-            self.joined = False
-            _prims.vt_detach()
-            d = int(self.hdr[H_DEADLOCK])
-            raise VirtualTimeAborted("virtual-time run ended" + (f" (deadlock found by process {d - 1})" if d else ""))
-        s[self.me, S_STATE] = RUN
-        self._horizon()
-
-    def _deadlock(self, why: str) -> None:
-        self.hdr[H_DEADLOCK] = self.me + 1
-        self.joined = False
-        _prims.vt_detach()
-        abort(self.region)
-        raise VirtualDeadlock(f"virtual time: deadlock: {why}")
+        if self.joined:
+            _prims.vt_done()
 
 
 def abort(region: Region) -> None:
     """Every parked process wakes and raises :class:`VirtualTimeAborted`."""
-    region.v["hdr"][H_ABORT] = 1
-    for i in range(int(region.v["hdr"][H_N])):
-        region.v["slots"][i, S_GO] = 1
-        region.mem.futex_wake(region.word("slots", i) + S_GO)
+    _prims.vt_abort(region.mem, region.word("hdr"), region.word("slots"))
 
 
 _real_spin = _prims.spin_ns

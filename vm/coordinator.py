@@ -267,7 +267,7 @@ class Coordinator:
         """clock = virtual: the vCPUs run until their clocks reach ``duration`` (virtual s); this
         process waits for their results, showing virtual progress, and calls a hang when no clock
         has moved for VT_HANG_S of wall time."""
-        cfg, kvm = self.cfg, self.kvm
+        kvm = self.kvm
         self.spawn("free")
         kvm.reset_stats()  # its set-up ran on the host's clock
         t_start = time.monotonic()
