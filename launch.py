@@ -186,28 +186,20 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_trace_arg(p)
 
 
-def _add_clock_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--clock", choices=["real", "virtual"], default=default,
+def _add_clock_args(p: argparse.ArgumentParser, default_text: str = "real") -> None:
+    p.add_argument("--clock", choices=["real", "virtual"], default=None,
                    help="real: host time (finds races); virtual: one vCPU process runs at a time on "
                         "simulated ns, the same numbers on any host; --duration is then virtual seconds "
-                        f"(default {default or 'real'}; docs/virtual-time.md)")
+                        f"(default {default_text}; docs/virtual-time.md)")
     p.add_argument("--prices", metavar="FILE.toml", default=None,
                    help="virtual time: override the price table ([prices] name = ns; ipc/vtime.py)")
 
 
 def clock_values(args: argparse.Namespace) -> dict:
     """``--clock`` / ``--prices`` as Config values (the prices file read and checked here)."""
-    from ipc import vtime
+    from vm.config import clock_values as cv
 
-    out: dict = {}
-    if getattr(args, "clock", None) is not None:
-        out["clock"] = args.clock
-    if getattr(args, "prices", None):
-        try:
-            out["prices"] = vtime.load_prices(args.prices)
-        except ValueError as e:
-            raise UsageError(f"--prices: {e}") from None
-    return out
+    return cv(getattr(args, "clock", None), getattr(args, "prices", None))
 
 
 def _add_trace_arg(p: argparse.ArgumentParser) -> None:
@@ -248,15 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", metavar="DIR", required=True)
     cp.add_argument("--workload", choices=list(WORKLOAD_NAMES), default="realistic",
                     help="the workload point (vm/workloads.py; default realistic, heavy = the old default)")
-    cp.add_argument("--dilate", type=dilate_arg, default="auto", metavar="auto|off|N",
-                    help="also run every point dilated by N (auto: measured; default auto; off: undilated only)")
+    cp.add_argument("--dilate", type=dilate_arg, default=None, metavar="auto|off|N",
+                    help="--clock real: also run every point dilated by N (auto: measured; default auto; off: "
+                         "undilated only)")
+    _add_clock_args(cp, "real; --map: virtual")
     cp.add_argument("--map", action="store_true",
                     help="the map: table writes per VMRUN x switch rate at each vCPU count, on Dask "
                          "(map.json, map.png, map.md; resumable)")
     cp.add_argument("--table-writes", dest="table_writes", type=float_list(0, 10000, "--table-writes"),
                     default=None, help="--map: table writes per nested VMRUN (default 0.002,0.02,0.2,2)")
-    cp.add_argument("--repeats", type=int_range(1, 100, "--repeats"), default=1,
-                    help="--map: seeds per cell (the median; their spread is reported) (default 1)")
+    cp.add_argument("--repeats", type=int_range(1, 100, "--repeats"), default=None,
+                    help="seeds per point / map cell (the median; their spread is reported) "
+                         "(default 3 under --clock virtual, else 1)")
     cp.add_argument("--designs", type=str, default=None,
                     help="comma-separated designs (default: all three; the map needs mutex-hash and rcu-list)")
     cp.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,
@@ -326,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an existing Dask scheduler (default: a LocalCluster on this machine)")
     sw.add_argument("--workers", type=int_range(1, 64, "--workers"), default=1,
                     help="LocalCluster workers (default 1: runs are multiprocess already)")
+    _add_clock_args(sw)
     return p
 
 

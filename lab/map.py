@@ -34,7 +34,8 @@ from lab.compare import FINE, SLOWER, designs_arg
 TABLE_WRITES = [0.002, 0.02, 0.2, 2.0]
 SWITCH_RATES = [0.0, 0.01, 0.1, 0.5]
 VCPUS = [2, 4]
-DURATION = 1.0
+DURATION = 1.0  # real clock
+DURATION_VIRTUAL = 0.05  # virtual seconds: ~2,500 nested VMRUNs per vCPU per run
 HURTS = SLOWER  # mutex-hash / rcu-list <= this: the mutex costs >= 20 %
 
 
@@ -64,11 +65,15 @@ def _median(xs: list[float]) -> float:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def build(results: list[dict], designs, vcpus, rates, writes, dilations) -> dict:
+def label_of(x: float, clock: str = "real") -> str:
+    return "virtual" if clock == "virtual" else "undilated" if x == 1.0 else "dilated"
+
+
+def build(results: list[dict], designs, vcpus, rates, writes, dilations, clock: str = "real") -> dict:
     """``{label: {str(vcpus): {"ratio": [[sw][tw]], "rates": {design: [[...]]}, "fine": [[bool]],
     "spread": [[...]]}}}``; with several seeds per cell a rate is their median, the ratio the median of
     the per-seed ratios and ``spread`` their (max - min) / median; missing cells are None. label:
-    "undilated" or "dilated"."""
+    "undilated" or "dilated" (clock real), "virtual"."""
     idx: dict = {}
     for r in results:
         c = r["config"]
@@ -77,7 +82,7 @@ def build(results: list[dict], designs, vcpus, rates, writes, dilations) -> dict
         idx.setdefault(key, {})[c.get("seed")] = r
     maps: dict = {}
     for x in dilations:
-        label = "undilated" if x == 1.0 else "dilated"
+        label = label_of(x, clock)
         per_v = maps.setdefault(label, {"factor": float(x)})
         for v in vcpus:
             rates_d = {d: [[None] * len(writes) for _ in rates] for d in designs}
@@ -162,12 +167,16 @@ def verdict_md(maps: dict, rates, writes, vcpus, point: dict, dil_doc: dict | No
              "design's rate. Axes: table writes per nested VMRUN × switch rate (L1 switching L2 at a VMEXIT).",
              f"The workload's own point: {point['table_writes_per_vmrun']:g} table writes per VMRUN, switch rate "
              f"{point['switch_rate']:g} (vm/workloads.py says where these rates come from).", ""]
-    labels = [x for x in ("dilated", "undilated") if x in maps]
-    if "load" in point:
+    labels = [x for x in ("virtual", "dilated", "undilated") if x in maps]
+    if "load" in point and "virtual" not in maps:
         lines += [f"Machine: {point['load']['cpus']} CPUs, load average {point['load']['start']:.1f} when the map "
                   f"started and {point['load']['end']:.1f} when it ended (all work on the host, not only the map's).",
                   ""]
-    if "dilated" in maps:
+    if "virtual" in maps:
+        lines += ["**The verdict rests on virtual-time numbers** (--clock virtual, docs/virtual-time.md): every vCPU "
+                  "has its own CPU and clock and the code is priced at kernel C costs, so a cell's numbers depend "
+                  "on its seed only, not on the host or its load; the spread below is the seeds'.", ""]
+    elif "dilated" in maps:
         f = maps["dilated"]["factor"]
         how = (f"measured, range {dil_doc['low']:g}-{dil_doc['high']:g}; {dil_doc['method']}"
                if dil_doc and "low" in dil_doc else "given with --dilate")
@@ -202,9 +211,13 @@ def verdict_md(maps: dict, rates, writes, vcpus, point: dict, dil_doc: dict | No
             if m["failed"]:
                 lines.append(f"- **{len(m['failed'])} point(s) ended in FAILURE**: {', '.join(map(str, m['failed'][:4]))}.")
             lines.append("")
-    lines += ["A cell is one run per design and seed (``--repeats`` seeds: the median). The ratio of two runs "
-              "moves with the machine's load (other work on a shared host steals the vCPUs' CPUs at random "
-              "moments), so a single cell near 0.8 is not a finding — a region is; read the spread above.", ""]
+    if "virtual" in maps:
+        lines += ["A cell is one run per design and seed (``--repeats`` seeds: the median of the per-seed ratios).", ""]
+    else:
+        lines += ["A cell is one run per design and seed (``--repeats`` seeds: the median). The ratio of two runs "
+                  "moves with the machine's load (other work on a shared host steals the vCPUs' CPUs at random "
+                  "moments), so a single cell near 0.8 is not a finding — a region is; read the spread above. "
+                  "`--clock virtual` (the map's default) takes the host out of the numbers.", ""]
     return "\n".join(lines), out
 
 
@@ -225,7 +238,7 @@ def plot(maps: dict, rates, writes, vcpus, point: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = [x for x in ("undilated", "dilated") if x in maps]
+    labels = [x for x in ("virtual", "undilated", "dilated") if x in maps]
     fig, axes = plt.subplots(len(labels), len(vcpus), figsize=(4.2 * len(vcpus), 3.6 * len(labels)),
                              squeeze=False, constrained_layout=True)
     im = None
@@ -264,13 +277,13 @@ def plot(maps: dict, rates, writes, vcpus, point: dict, path: Path) -> Path:
 
 
 def write_outputs(out: Path, results: list[dict], *, designs, vcpus, rates, writes, dilations, point: dict,
-                  dil_doc: dict | None, extra: dict | None = None) -> tuple[dict, str]:
+                  dil_doc: dict | None, extra: dict | None = None, clock: str = "real") -> tuple[dict, str]:
     """map.json, map.png, map.md from sweep results; returns (map document, verdict markdown)."""
-    maps = build(results, designs, vcpus, rates, writes, dilations)
+    maps = build(results, designs, vcpus, rates, writes, dilations, clock)
     text, verdict = verdict_md(maps, rates, writes, vcpus, point, dil_doc)
     doc = {"axes": {"table_writes_per_vmrun": list(writes), "switch_rate": list(rates)}, "vcpus": list(vcpus),
            "designs": list(designs), "point": point, "hurts_below": HURTS, "fine_at": FINE,
-           "dilation": dil_doc or {"factor": 1.0}, "maps": maps, "verdict": verdict, "verdict_md": text,
+           "dilation": dil_doc or {"factor": 1.0}, "clock": clock, "maps": maps, "verdict": verdict, "verdict_md": text,
            **(extra or {})}
     sweep._write_json(out / "map.json", doc)
     plot(maps, rates, writes, vcpus, point, out / "map.png")
@@ -282,21 +295,29 @@ def main(args) -> int:
     from rich.console import Console
 
     from lab import dilation
+    from vm.config import clock_values
     from vm.workloads import workload
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out: {args.out} exists and is not a directory")
     designs = designs_arg(args.designs)
     base = workload(args.workload)
+    cv = clock_values(args.clock or "virtual", args.prices)  # the map measures on virtual time by default
+    base.update(cv)
+    clock = cv["clock"]
+    if clock == "virtual" and args.dilate not in (None, "off"):
+        raise UsageError("--dilate: under --clock virtual the code is priced at kernel C costs already "
+                         "(docs/virtual-time.md); dilation is for --clock real")
+    dilate = args.dilate if args.dilate is not None else ("off" if clock == "virtual" else "auto")
 
     if not {"mutex-hash", "rcu-list"} <= set(designs):
         raise UsageError("--map: the map is mutex-hash ÷ rcu-list; --designs must include both")
     vcpus = args.vcpus or VCPUS
     rates = args.switch_rates or SWITCH_RATES
     writes = sorted(args.table_writes or TABLE_WRITES)
-    duration = args.duration or DURATION
+    duration = args.duration or (DURATION_VIRTUAL if clock == "virtual" else DURATION)
     scheduler = sweep.check_scheduler(args.scheduler) if args.scheduler else None
-    repeats = int(getattr(args, "repeats", 1) or 1)
+    repeats = args.repeats if args.repeats is not None else (3 if clock == "virtual" else 1)
     probe = grid_doc(designs, vcpus, rates, writes, duration, args.seed, base, [1.0], repeats)
     sweep.parse_grid(probe, "compare --map")  # every point valid before anything runs or is measured
     out = sweep._out_dir(args.out)
@@ -304,7 +325,7 @@ def main(args) -> int:
     try:
         t0 = time.monotonic()
         load0 = os.getloadavg()[0]
-        factor, dil_doc = _dilation(out, args.dilate, base, designs, dilation)
+        factor, dil_doc = _dilation(out, dilate, base, designs, dilation)
         dilations = [1.0, factor] if factor != 1.0 else [1.0]
         points = sweep.parse_grid(grid_doc(designs, vcpus, rates, writes, duration, args.seed, base, dilations,
                                            repeats), "compare --map")
@@ -318,7 +339,8 @@ def main(args) -> int:
         _, text = write_outputs(out, results, designs=designs, vcpus=vcpus, rates=rates, writes=writes,
                                 dilations=dilations, point=point, dil_doc=dil_doc,
                                 extra={"wall_s": round(time.monotonic() - t0, 1), "points": len(points),
-                                       "workload": args.workload, "duration": duration, "repeats": repeats})
+                                       "workload": args.workload, "duration": duration, "repeats": repeats},
+                                clock=clock)
     finally:
         lock.release()
     print(text)

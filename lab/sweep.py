@@ -159,7 +159,20 @@ def parse_grid(doc: dict, where: str = "grid") -> list[Point]:
     return points
 
 
-def load_grid(path: str) -> list[Point]:
+def with_clock(doc: dict, clock: str | None, prices: dict | None = None) -> dict:
+    """``--clock`` / ``--prices`` of ``sweep``: every point's value, unless the grid varies it."""
+    if clock is None and not prices:
+        return doc
+    grid = doc.get("grid", {}) if isinstance(doc.get("grid", {}), dict) else {}
+    fixed = dict(doc.get("fixed", {})) if isinstance(doc.get("fixed", {}), dict) else {}
+    if clock is not None and "clock" not in grid:
+        fixed["clock"] = clock
+    if prices and "prices" not in grid:
+        fixed["prices"] = {**fixed.get("prices", {}), **prices}
+    return {**doc, "fixed": fixed}
+
+
+def load_grid(path: str, clock: str | None = None, prices: dict | None = None) -> list[Point]:
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -171,7 +184,7 @@ def load_grid(path: str) -> list[Point]:
         raise UsageError(f"grid file {path}: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"grid file {path}: invalid TOML: {e}") from None
-    return parse_grid(doc, path)
+    return parse_grid(with_clock(doc, clock, prices), path)
 
 
 # -- one point --------------------------------------------------------------------------------------
@@ -186,6 +199,8 @@ def launch_py() -> Path:
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, dict):  # an inline table (prices)
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
@@ -279,6 +294,8 @@ def run_point(cmd: list[str], json_path: str, timeout_s: float) -> dict[str, Any
 
 
 def point_timeout(p: Point) -> float:
+    if p.config.get("clock") == "virtual":  # duration is virtual: ~5-60 wall s per virtual s and vCPU
+        return 120.0 + 100.0 * float(p.config["duration"]) * int(p.config["vcpus"])
     return 120.0 + 3.0 * float(p.config["duration"]) + 2.0 * int(p.config["vcpus"])
 
 
@@ -454,7 +471,10 @@ def _collect(fut, p: Point, points_dir: Path, console) -> tuple[dict, dict | Non
 
 
 def main(args) -> int:
-    points = load_grid(args.grid)  # everything validated before anything starts
+    from vm.config import clock_values
+
+    cv = clock_values(getattr(args, "clock", None), getattr(args, "prices", None))
+    points = load_grid(args.grid, cv.get("clock"), cv.get("prices"))  # everything validated before anything starts
     scheduler = check_scheduler(args.scheduler) if args.scheduler else None
     workers = int(args.workers or 1)
     out = _out_dir(args.out)

@@ -188,6 +188,21 @@ def _field_error(e: msgspec.ValidationError) -> UsageError:
     return UsageError(msg)
 
 
+def clock_values(clock: str | None, prices_path: str | None) -> dict[str, Any]:
+    """``--clock`` / ``--prices FILE`` as Config values (the file read and checked: UsageError)."""
+    out: dict[str, Any] = {}
+    if clock is not None:
+        out["clock"] = clock
+    if prices_path:
+        from ipc import vtime
+
+        try:
+            out["prices"] = vtime.load_prices(prices_path)
+        except ValueError as e:
+            raise UsageError(f"--prices: {e}") from None
+    return out
+
+
 def from_dict(d: dict[str, Any]) -> Config:
     try:
         cfg = msgspec.convert(d, Config, strict=True)
