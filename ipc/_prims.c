@@ -1205,7 +1205,7 @@ static PyObject *mutex_trylock(LockObject *self, PyObject *unused) {
 
 static PyObject *mutex_unlock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
-    VT_LOCK(self, VP_UNLOCK);
+    VT_LOCK(self, VP_LOCK);  /* an xchg, as the kernel's mutex_unlock fast path (a cmpxchg) */
     int64_t *w = &self->lk[LK_STATE];
     if (self->busted) Py_RETURN_NONE;
     int64_t v = LDR(w), owner = LDR(&self->lk[LK_OWNER]);
@@ -1520,7 +1520,7 @@ static PyObject *rw_read_trylock(LockObject *self, PyObject *unused) {
 
 static PyObject *rw_read_unlock(LockObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->mem)) return NULL;
-    VT_LOCK(self, VP_UNLOCK);
+    VT_LOCK(self, VP_LOCK);  /* an atomic decrement */
     if (self->rd_nest <= 0) {
         if (self->busted) Py_RETURN_NONE;
         PyErr_Format(PyExc_RuntimeError, "RwLock: read_unlock by tag %lld (pid %lld) without read_lock",
@@ -1830,6 +1830,7 @@ static PyObject *hist_record_since(HistObject *self, PyObject *arg) {
     if (!MEM_LIVE(self->mem)) return NULL;
     if (get_i64(arg, &t0) < 0) return NULL;
     VT(VP_HIST);
+    VT_ADD(vt_price[VP_CLOCK]);
     int64_t t = clock_ns();
     hist_put(self->h, t - t0);
     return PyLong_FromLongLong(t);

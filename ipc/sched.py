@@ -268,8 +268,10 @@ def wrap_domain(domain, client: Client) -> None:
         domain.gp_lock = SchedLock(domain.gp_lock, client, f"{name}.gp_lock")
 
     def wait_readers(t0: int, warned: set[int]) -> None:
-        _prims.smp_mb()
-        while domain.blocking_readers():
+        # one scan of the reader slots per try (it begins with a full barrier); blocked until a
+        # reader leaves (the wrapped read_unlock releases gp_key)
+        scan = (domain.mem, domain.hdr_w, domain.slot0_w, domain.nslots, 0)
+        while _prims.rcu_wait_readers(*scan) >= 0:
             client.block(f"{name}: grace period waits for readers", key=gp_key)
         waited = getattr(client, "grace_period_waited", None)
         if waited is not None:

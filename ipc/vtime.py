@@ -72,20 +72,24 @@ SCHED_PRICES = {
 }
 PRICES = {**C_PRICES, **SCHED_PRICES}
 
-# lab/dilation.py names the primitives as Python sees them: the same prices
-PRIM_PRICE = {
-    "Mem.load": "load", "Mem.store": "store", "Mem.write": "write", "Mem.fetch_add": "rmw",
-    "Mem.xchg": "rmw", "Mem.cmpxchg": "rmw", "Mem.futex_wait": "futex_wait", "Mem.futex_wake": "futex_wake",
-    "now_ns": "clock", "stats_clock": "clock", "smp_mb": "fence", "cpu_relax": "relax",
-    "rcu_wait_readers": "gp_scan", "Histogram.record": "hist", "Histogram.record_since": "hist",
-    "Histogram.sample": "hist", "RcuReader.lock": "rcu_read", "RcuReader.unlock": "rcu_read",
-    "RcuReader.__enter__": "rcu_read", "RcuReader.__exit__": "rcu_read",
-    "sched_yield": "spin_poll",
+# lab/dilation.py names the primitives as Python sees them: the same prices (one or several entries)
+PRIM_PRICE: dict[str, tuple[str, ...]] = {
+    "Mem.load": ("load",), "Mem.store": ("store",), "Mem.write": ("write",), "Mem.fetch_add": ("rmw",),
+    "Mem.xchg": ("rmw",), "Mem.cmpxchg": ("rmw",), "Mem.futex_wait": ("futex_wait",),
+    "Mem.futex_wake": ("futex_wake",), "now_ns": ("clock",), "stats_clock": ("clock",), "smp_mb": ("fence",),
+    "cpu_relax": ("relax",), "rcu_wait_readers": ("gp_scan",), "Histogram.record": ("hist",),
+    "Histogram.record_since": ("clock", "hist"), "Histogram.sample": ("hist",),
+    "RcuReader.lock": ("rcu_read",), "RcuReader.unlock": ("rcu_read",), "RcuReader.__enter__": ("rcu_read",),
+    "RcuReader.__exit__": ("rcu_read",), "sched_yield": ("spin_poll",),
 }
 for _k in ("SpinLock", "Mutex", "RwLock"):
-    PRIM_PRICE.update({f"{_k}.lock": "lock", f"{_k}.trylock": "lock", f"{_k}.__enter__": "lock",
-                       f"{_k}.unlock": "unlock", f"{_k}.__exit__": "unlock", f"{_k}.read_lock": "lock",
-                       f"{_k}.read_trylock": "lock", f"{_k}.read_unlock": "unlock"})
+    _unlock = ("lock",) if _k == "Mutex" else ("unlock",)  # mutex_unlock: an xchg; spin_unlock: a store
+    PRIM_PRICE.update({f"{_k}.lock": ("lock",), f"{_k}.trylock": ("lock",), f"{_k}.__enter__": ("lock",),
+                       f"{_k}.unlock": _unlock, f"{_k}.__exit__": _unlock, f"{_k}.read_lock": ("lock",),
+                       f"{_k}.read_trylock": ("lock",), f"{_k}.read_unlock": ("lock",)})
+for _k in list(PRIM_PRICE):  # the traced types (trace ring on) cost the same
+    if "." in _k and not _k.startswith(("Mem.", "Histogram.")):
+        PRIM_PRICE["Traced" + _k] = PRIM_PRICE[_k]
 
 ACTIVE: VClock | None = None
 
@@ -123,9 +127,9 @@ def load_prices(path: str) -> dict[str, int]:
 
 def prim_ns(name: str, prices: dict[str, int] | None = None) -> float:
     """The price of a primitive called ``name`` the way lab/dilation.py counts calls (a load when
-    the primitive is not in the table: is_held, owner, nesting...)."""
+    the primitive is not in the table: is_held, owner, nesting...), without line transfers."""
     p = prices or PRICES
-    return float(p[PRIM_PRICE.get(name, "load")] + p["call"])
+    return float(sum(p[k] for k in PRIM_PRICE.get(name, ("load",))) + p["call"])
 
 
 def layout(n: int, nlines: int = NLINES) -> Layout:

@@ -250,3 +250,17 @@ def test_a_virtual_run_gives_the_same_results_idle_and_under_a_cpu_hog(tmp_path)
     assert da["config"]["clock"] == "virtual" and da["vtime"]["handoffs"] > 0
     assert da["ops"]["nested_vmrun"]["count"] > 0
     assert json.dumps(da, sort_keys=True) == json.dumps(db, sort_keys=True)
+
+
+@pytest.mark.timeout(180)
+def test_at_one_vcpu_each_paths_virtual_cost_is_the_c_estimate_of_its_primitives():
+    """One price table: the virtual ns a path advances the clock by equals what lab/dilation.py's
+    C estimate (``--dilate auto``) charges for the primitives it counts on the same path."""
+    code = ("import json; from bench import vtime as b; "
+            "print(json.dumps(b.paths_1vcpu()))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert p.returncode == 0, p.stderr[-2000:]
+    paths = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(paths) == {"vmrun_get_put", "vmrun_switch", "track_write", "register_unregister"}
+    for name, r in paths.items():
+        assert r["virtual_ns"] > 0 and r["virtual_ns"] == round(r["c_prims_ns"]), (name, r)
