@@ -476,7 +476,9 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
                          results_path=json_path) as co:
             if not quiet:
                 print(f"run {co.run_id}: {cfg.vcpus} vCPU(s), design {cfg.design}, "
-                      f"{'scripted' if script else f'{cfg.duration:g}s'}", file=sys.stderr, flush=True)
+                      f"{'scripted' if script else f'{cfg.duration:g}s'}"
+                      + (" of virtual time" if cfg.clock == "virtual" and not script else ""),
+                      file=sys.stderr, flush=True)
             if script:
                 res = co.run_script(script)
             elif quiet:

@@ -58,7 +58,7 @@ def run_compare(vcpus: list[int], rates: list[float], duration: float, seed: int
 
 def _rates(results: list[dict], design: str, vcpus: int, rate: float) -> dict[int, float]:
     """nested VMRUN/s of ``design`` at (vcpus, rate), per seed."""
-    return {int(r["config"]["seed"]): float(r["ops"]["nested_vmrun"]["per_s"]) for r in results
+    return {int(r["config"].get("seed", 0)): float(r["ops"]["nested_vmrun"]["per_s"]) for r in results
             if r["config"]["design"] == design and r["config"]["vcpus"] == vcpus
             and float(r["config"]["switch_rate"]) == rate}
 
@@ -88,7 +88,7 @@ def verdict(s: dict, holds_if_below: float | None = None, holds_if_at_least: flo
 
 
 def _fmt(s: dict) -> str:
-    return f"{s['median']:.2f}" + (f" [{s['lo']:.2f}–{s['hi']:.2f}, n={s['n']}]" if s["n"] > 1 else " (one seed)")
+    return f"{s['median']:.2f}×" + (f" [{s['lo']:.2f}–{s['hi']:.2f}, n={s['n']}]" if s["n"] > 1 else " (one seed)")
 
 
 def _wait_share(results: list[dict], design: str, vcpus: int, rate: float, lock: str) -> float:
@@ -152,7 +152,7 @@ def assess(results: list[dict], cpus: int | None = None, verdicts: dict | None =
         return "\n".join(lines + ["Not enough designs measured to judge the claims.", ""])
     others = [d for d in designs if d != "mutex-hash"]
     hi, lo, vmax = rates[-1], rates[0], vcpus[-1]
-    seeds = sorted({int(r["config"]["seed"]) for r in results})
+    seeds = sorted({int(r["config"].get("seed", 0)) for r in results})
     # claim 1: per seed, mutex-hash / the best other design at the highest switch rate and vCPU count
     ms, bests, pairs = _rates(results, "mutex-hash", vmax, hi), {}, []
     for d in others:
@@ -172,7 +172,7 @@ def assess(results: list[dict], cpus: int | None = None, verdicts: dict | None =
     v1 = verdict(s1, holds_if_below=SLOWER)
     lines += ["### 1. \"The VM-wide mutex serializes nested VMRUN under frequent switching\"", "",
               f"At switch rate {hi:g} with {vmax} vCPU(s), mutex-hash reaches {m:,.0f} nested VMRUN/s, "
-              f"{_fmt(s1)}× the best other design ({best_other[1]}: {best_other[0]:,.0f}/s; median over seeds, "
+              f"{_fmt(s1)} the best other design ({best_other[1]}: {best_other[0]:,.0f}/s; median over seeds, "
               f"[min–max]); vCPUs spend {100 * share:.2f}% of their time waiting for tables_lock."]
     if scal:
         lines[-1] += " Scaling from {} to {} vCPU(s) at that rate: {}.".format(
@@ -196,7 +196,7 @@ def assess(results: list[dict], cpus: int | None = None, verdicts: dict | None =
     s2 = spread(per_seed)
     v2 = verdict(s2, holds_if_at_least=FINE)
     lines += [f"### 2. \"At low switching any design is fine\" (switch rate {lo:g})", "",
-              f"The slowest design reaches at worst {_fmt(s2)}× the best one's nested VMRUN rate "
+              f"The slowest design reaches at worst {_fmt(s2)} the best one's nested VMRUN rate "
               f"(worst seed: {w[2]} at {w[1]} vCPU(s)).", "",
               f"**{v2.capitalize()} on these numbers** (threshold: every design within {FINE:.0%} of the best "
               "at every vCPU count" + (", every seed" if s2["n"] > 1 else "") + ").", ""]

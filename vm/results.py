@@ -174,11 +174,19 @@ def render(result: dict, console=None) -> None:
 
     con = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 150)
     cfg = result["config"]
+    virtual = cfg.get("clock") == "virtual"
+    dur = (f"virtual {result['elapsed_s'] * 1e3:.3g} ms ({result.get('wall_s', 0):.1f} s wall)" if virtual
+           else f"{result['elapsed_s']:.2f}s")
     con.print(f"[bold]pagetrack-sim run[/]: design={cfg['design']} registration={cfg['registration']} "
               f"vcpus={cfg['vcpus']} l2s={cfg['l2s']} switch_rate={cfg['switch_rate']} seed={result['seed']} "
-              f"duration={result['elapsed_s']:.2f}s")
+              f"duration={dur}")
     con.print(fidelity_line(cfg))
-    t = Table(title="operations", show_edge=False)
+    vt = " (virtual ns: --clock virtual)" if virtual else ""
+    if virtual and "vtime" in result:
+        v = result["vtime"]
+        con.print(f"virtual time: rates per virtual second, latencies and lock times in virtual ns (ipc/vtime.py "
+                  f"prices); {v['handoffs']:,} hand-offs, {v['line_transfers']:,} cache-line transfers")
+    t = Table(title="operations" + vt, show_edge=False)
     for col in ("op", "count", "per s", "p50", "p99", "p99.9", "max"):
         t.add_column(col, justify="right" if col != "op" else "left")
     for name, o in result["ops"].items():
@@ -190,8 +198,8 @@ def render(result: dict, console=None) -> None:
     con.print(t)
     if result["locks"]:
         # two narrow tables (fit an 80-column terminal): contention and wait, then hold times
-        wt = Table(title="lock_stat: acquisitions and waits", show_edge=False)
-        ht = Table(title="lock_stat: hold times", show_edge=False)
+        wt = Table(title="lock_stat: acquisitions and waits" + vt, show_edge=False)
+        ht = Table(title="lock_stat: hold times" + vt, show_edge=False)
         for col in ("class", "acq", "contended", "wait min", "wait avg", "wait max", "wait total"):
             wt.add_column(col, justify="right" if col != "class" else "left")
         for col in ("class", "hold min", "hold avg", "hold max", "hold total"):
@@ -204,7 +212,7 @@ def render(result: dict, console=None) -> None:
         con.print(ht)
     gp = ", ".join(f"{k}={v}" for k, v in result["gp"].items())
     con.print(f"grace periods: {gp}")
-    note = host_note(cfg["vcpus"], result.get("host", {}).get("cpus", procstat.cpus()))
+    note = None if virtual else host_note(cfg["vcpus"], result.get("host", {}).get("cpus", procstat.cpus()))
     if note:
         con.print(f"[yellow]{note}[/]", highlight=False)
     if result["warnings"]:

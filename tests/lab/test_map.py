@@ -144,7 +144,7 @@ def test_bad_map_input_is_one_line_exit_2(tmp_path, args, needle):
 def test_tiny_real_map_writes_its_files_and_resumes(tmp_path):
     out = tmp_path / "m"
     args = ["--map", "--vcpus", "2", "--switch-rates", "0", "--table-writes", "0.02,2", "--designs",
-            "mutex-hash,rcu-list", "--duration", "0.3", "--dilate", "2", "--out", str(out)]
+            "mutex-hash,rcu-list", "--duration", "0.3", "--dilate", "2", "--clock", "real", "--out", str(out)]
     p = _compare(args)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     doc = json.loads((out / "map.json").read_text())
@@ -155,3 +155,15 @@ def test_tiny_real_map_writes_its_files_and_resumes(tmp_path):
     assert (out / "map.png").read_bytes()[:4] == b"\x89PNG" and "mutex" in (out / "map.md").read_text()
     q = _compare(args)  # resumable: nothing runs again
     assert q.returncode == 0 and "8 already done (skipped), 0 to run" in q.stderr, q.stderr[-2000:]
+
+
+def test_the_maps_default_clock_is_virtual_and_its_seeds_spread_is_reported(tmp_path):
+    out = tmp_path / "v"
+    p = _compare(["--map", "--vcpus", "2", "--switch-rates", "0.5", "--table-writes", "0.02,2", "--designs",
+                  "mutex-hash,rcu-list", "--duration", "0.004", "--repeats", "2", "--out", str(out)])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    doc = json.loads((out / "map.json").read_text())
+    assert doc["clock"] == "virtual" and doc["points"] == 8 and list(doc["maps"]) == ["virtual"]
+    m = doc["maps"]["virtual"]["2"]
+    assert all(r is not None and r > 0 for r in m["ratio"][0]) and all(s is not None for s in m["spread"][0])
+    assert "virtual-time numbers" in (out / "map.md").read_text()
