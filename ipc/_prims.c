@@ -154,7 +154,12 @@ static void vt_line(int64_t key, int64_t line, int write) {
     int64_t tag = (int64_t)(k | 1);
     int64_t *e = &vt_lines[2 * (int64_t)(k & (uint64_t)vt_line_mask)];
     int64_t v = e[1];
-    if (e[0] != tag) { e[0] = tag; v = 0; }    /* a new line (or a collision): nobody holds it */
+    if (e[0] != tag) {  /* a new line (or a collision): nobody holds it; the version goes on growing,
+                         * so that no copy of the evicted line's passes for one of this one */
+        e[0] = tag;
+        v = ((v >> 16) + 1) << 16;
+        e[1] = v;
+    }
     int64_t writer = (v & 0x7fff) - 1, ver = v >> 16, shared = (v >> 15) & 1;
     int s = (int)(k >> 40) & (VT_SEEN - 1);
     if (write) {
@@ -1916,11 +1921,12 @@ enum { VS_NOTYET, VS_READY, VS_RUN, VS_BLOCKED, VS_SLEEP, VS_DONE };
 enum { VH_JOINED, VH_BLOCKED, VH_ABORT, VH_N, VH_HANDOFFS, VH_DEADLOCK };
 enum { VS_CLOCK, VS_STATE, VS_GO, VS_KEY, VS_FROM, VS_PRIO, VS_PID, VS_HANDOFFS, VS_PARKED, VS_WORDS = 16 };
 #define VT_SPIN_NS 50000LL  /* a process that gave up the turn polls for it this long before it sleeps */
-enum { VT_OK = 0, VT_DEADLOCK = 1, VT_ABORTED = 2, VT_ORPHAN = 3 };
+enum { VT_OK = 0, VT_DEADLOCK = 1, VT_ABORTED = 2, VT_ORPHAN = 3, VT_SIGNAL = 4 /* exception set */ };
 static int64_t *vt_hdr, *vt_slots, vt_n, vt_prio, vt_hkey;
 static pid_t vt_parent;
 static int vt_spin;          /* poll before sleeping: only when every process can have a CPU of its own */
 static int64_t vt_quantum;  /* (ns * n) a scheduling point hands over only past the lowest other clock + this */
+static int64_t vt_hlimit;   /* vt_hkey + vt_quantum, saturated */
 #define VSLOT(i) (&vt_slots[(i) * VS_WORDS])
 #define VKEY(i) (VSLOT(i)[VS_CLOCK] * vt_n + VSLOT(i)[VS_PRIO])
 
@@ -1936,9 +1942,14 @@ static int64_t vt_best(int self) {
     return best;
 }
 
+static void vt_set_hkey(int64_t k) {
+    vt_hkey = k;
+    vt_hlimit = k > INT64_MAX - vt_quantum ? INT64_MAX : k + vt_quantum;
+}
+
 static void vt_horizon(void) {
     int64_t j = vt_best(0);
-    vt_hkey = j < 0 ? INT64_MAX : VKEY(j);
+    vt_set_hkey(j < 0 ? INT64_MAX : VKEY(j));
 }
 
 /* the turn to j: its go word, and a futex wake only if it went to sleep (a polling process sees the
@@ -1971,11 +1982,14 @@ static int vt_wait_turn(int spin) {
             break;
         }
         long r;
+        int err;
         Py_BEGIN_ALLOW_THREADS
         r = futex_wait32((int32_t *)&s[VS_GO], 0, 200000000LL);
+        err = errno;
         Py_END_ALLOW_THREADS
         __atomic_store_n(&s[VS_PARKED], 0, __ATOMIC_RELAXED);
-        if (r == -1 && errno == ETIMEDOUT && getppid() != vt_parent) return VT_ORPHAN;
+        if (r == -1 && err == ETIMEDOUT && getppid() != vt_parent) return VT_ORPHAN;
+        if (r == -1 && err == EINTR && PyErr_CheckSignals() < 0) return VT_SIGNAL;  /* SIGTERM, ^C */
         if (__atomic_load_n(&s[VS_GO], __ATOMIC_SEQ_CST) || __atomic_load_n(&vt_hdr[VH_ABORT], __ATOMIC_SEQ_CST)) break;
         spin = r == 0;  /* woken without the turn: next in line */
     }
@@ -1996,7 +2010,7 @@ static int vt_yield(int64_t state) {
             vt_hdr[VH_BLOCKED]--;
             return VT_DEADLOCK;
         }
-        vt_hkey = j < 0 ? INT64_MAX : VKEY(j);
+        vt_set_hkey(j < 0 ? INT64_MAX : VKEY(j));
         return VT_OK;
     }
     int64_t *s = VSLOT(vt_me);
@@ -2017,9 +2031,9 @@ static int vt_yield(int64_t state) {
 
 static PyObject *vt_exc_aborted, *vt_exc_deadlock;  /* ipc/vtime.py's classes (vt_exceptions) */
 
-static void vt_abort_all(int64_t *h, int64_t *sl) {
+static void vt_abort_all(int64_t *h, int64_t *sl, int64_t n) {
     __atomic_store_n(&h[VH_ABORT], 1, __ATOMIC_SEQ_CST);
-    for (int64_t i = 0; i < h[VH_N]; i++) {
+    for (int64_t i = 0; i < n; i++) {
         __atomic_store_n(&sl[i * VS_WORDS + VS_GO], 1, __ATOMIC_SEQ_CST);
         futex_wake32((int32_t *)&sl[i * VS_WORDS + VS_GO], INT_MAX);
     }
@@ -2031,11 +2045,15 @@ static PyObject *vt_result(int code, const char *what) {
     int64_t *h = vt_hdr, *sl = vt_slots, me = vt_me;
     vt_on = 0;
     vt_clk = NULL;
+    if (code == VT_SIGNAL) {  /* leaving on a signal while parked: the others must not wait for it */
+        vt_abort_all(h, sl, vt_n);
+        return NULL;
+    }
     PyObject *exc = code == VT_DEADLOCK ? vt_exc_deadlock : vt_exc_aborted;
     if (!exc) exc = PyExc_RuntimeError;
     if (code == VT_DEADLOCK) {
         h[VH_DEADLOCK] = me + 1;
-        vt_abort_all(h, sl);
+        vt_abort_all(h, sl, vt_n);
         PyErr_Format(exc, "virtual time: deadlock: vCPU %lld %s and every other unfinished vCPU is blocked",
                      (long long)me, what);
     } else if (code == VT_ORPHAN) {
@@ -2068,7 +2086,10 @@ static PyObject *m_vt_attach(PyObject *mod, PyObject *const *args, Py_ssize_t na
     if (get_i64(args[1], &hi) < 0 || get_i64(args[2], &si) < 0 || get_i64(args[3], &li) < 0 ||
         get_i64(args[4], &nl) < 0 || get_i64(args[5], &me) < 0)
         return NULL;
-    if (nl <= 0 || (nl & (nl - 1))) { PyErr_SetString(PyExc_ValueError, "vt_attach: nlines must be a power of two"); return NULL; }
+    if (nl <= 0 || nl > (1LL << 30) || (nl & (nl - 1))) {
+        PyErr_SetString(PyExc_ValueError, "vt_attach: nlines must be a power of two <= 2**30");
+        return NULL;
+    }
     PyObject *pr = PySequence_Fast(args[6], "vt_attach: prices must be a sequence");
     if (!pr) return NULL;
     if (PySequence_Fast_GET_SIZE(pr) != VP_N) {
@@ -2099,10 +2120,10 @@ static PyObject *m_vt_attach(PyObject *mod, PyObject *const *args, Py_ssize_t na
     vt_n = n;
     vt_me = me;
     vt_prio = sl[me * VS_WORDS + VS_PRIO];
-    vt_hkey = INT64_MAX;
     vt_parent = getppid();
     vt_spin = n <= sysconf(_SC_NPROCESSORS_ONLN);
     vt_quantum = vt_price[VP_QUANTUM] * n;
+    vt_set_hkey(INT64_MAX);
     vt_clk = &sl[me * VS_WORDS + VS_CLOCK];
     vt_lines = l;
     vt_line_mask = nl - 1;
@@ -2132,8 +2153,23 @@ static PyObject *m_vt_join(PyObject *mod, PyObject *unused) {
 /* vt_hit(name): a scheduling point (name: what it is, unused): hand the turn over if another
  * runnable clock is lower; a no-op when no clock is attached */
 static PyObject *m_vt_hit(PyObject *mod, PyObject *unused) {
-    if (!vt_clk || *vt_clk * vt_n + vt_prio <= vt_hkey + vt_quantum) Py_RETURN_NONE;
+    if (!vt_clk) Py_RETURN_NONE;
+    if (__builtin_expect(__atomic_load_n(&vt_hdr[VH_ABORT], __ATOMIC_RELAXED), 0)) return vt_result(VT_ABORTED, "");
+    if (*vt_clk * vt_n + vt_prio <= vt_hlimit) Py_RETURN_NONE;
     return vt_result(vt_yield(VS_READY), "yielded");
+}
+
+/* vt_spin(price): one poll of a spin-wait loop: price ns, then a scheduling point; a poll with no
+ * other runnable process waits for what nobody can change any more: a deadlock */
+static PyObject *m_vt_spin(PyObject *mod, PyObject *arg) {
+    int64_t ns;
+    if (get_i64(arg, &ns) < 0) return NULL;
+    VT_ATTACHED();
+    if (__atomic_load_n(&vt_hdr[VH_ABORT], __ATOMIC_RELAXED)) return vt_result(VT_ABORTED, "");
+    if (ns > 0) *vt_clk += ns;
+    if (vt_best(0) < 0) return vt_result(VT_DEADLOCK, "spins on what no runnable vCPU can change");
+    if (*vt_clk * vt_n + vt_prio <= vt_hlimit) Py_RETURN_NONE;
+    return vt_result(vt_yield(VS_READY), "spun");
 }
 
 /* vt_block(key) -> VT_*: wait until vt_released(key) by another process */
@@ -2167,16 +2203,18 @@ static PyObject *m_vt_released(PyObject *mod, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
-/* vt_sleep(ns) -> VT_*: ns of guest time (a kick may end it early: vt_kick) */
-static PyObject *m_vt_sleep(PyObject *mod, PyObject *arg) {
+/* vt_sleep(ns, kickable): ns of guest time (or a modelled delay); a kick may end it early when
+ * kickable (L2 run time: vt_kick) */
+static PyObject *m_vt_sleep(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS(2, "vt_sleep");
     VT_ATTACHED();
-    int64_t ns;
-    if (get_i64(arg, &ns) < 0) return NULL;
+    int64_t ns, kick;
+    if (get_i64(args[0], &ns) < 0 || get_i64(args[1], &kick) < 0) return NULL;
     if (ns <= 0) Py_RETURN_NONE;
     int64_t *s = VSLOT(vt_me);
-    s[VS_FROM] = *vt_clk;
+    s[VS_FROM] = kick ? *vt_clk : -1;
     *vt_clk += ns;
-    if (*vt_clk * vt_n + vt_prio <= vt_hkey) Py_RETURN_NONE;
+    if (*vt_clk * vt_n + vt_prio <= vt_hlimit) Py_RETURN_NONE;
     return vt_result(vt_yield(VS_SLEEP), "slept");
 }
 
@@ -2187,7 +2225,7 @@ static PyObject *m_vt_kick(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     if (get_i64(args[0], &t) < 0 || get_i64(args[1], &price) < 0) return NULL;
     if (!vt_clk || t < 0 || t >= vt_n || t == vt_me) Py_RETURN_FALSE;
     int64_t *s = VSLOT(t);
-    if (s[VS_STATE] != VS_SLEEP) Py_RETURN_FALSE;
+    if (s[VS_STATE] != VS_SLEEP || s[VS_FROM] < 0) Py_RETURN_FALSE;  /* not in a kickable sleep */
     int64_t c = *vt_clk + price;
     if (c < s[VS_FROM]) c = s[VS_FROM];
     if (c >= s[VS_CLOCK]) Py_RETURN_FALSE;
@@ -2218,9 +2256,10 @@ static PyObject *m_vt_abort(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     int64_t *h = mem_word_at(m, hi, 8, "vt_abort header");
     if (!h) return NULL;
     int64_t n = h[VH_N];
-    int64_t *sl = mem_word_at(m, si, VS_WORDS * (n > 0 ? n : 1), "vt_abort slots");
+    if (n < 1 || n >= 0x7fff) { PyErr_SetString(PyExc_ValueError, "vt_abort: bad process count"); return NULL; }
+    int64_t *sl = mem_word_at(m, si, VS_WORDS * n, "vt_abort slots");
     if (!sl) return NULL;
-    vt_abort_all(h, sl);
+    vt_abort_all(h, sl, n);
     Py_RETURN_NONE;
 }
 
@@ -2338,7 +2377,9 @@ static PyMethodDef module_methods[] = {
     {"vt_block", m_vt_block, METH_O, "vt_block(key): wait for vt_released(key)"},
     {"vt_released", (PyCFunction)(void (*)(void))m_vt_released, METH_FASTCALL,
      "vt_released(key, price): wake the waiters on key at this clock + price"},
-    {"vt_sleep", m_vt_sleep, METH_O, "vt_sleep(ns): guest time"},
+    {"vt_sleep", (PyCFunction)(void (*)(void))m_vt_sleep, METH_FASTCALL,
+     "vt_sleep(ns, kickable): guest time (kickable: a vt_kick may end it)"},
+    {"vt_spin", m_vt_spin, METH_O, "vt_spin(ns): one priced poll of a spin-wait loop (a deadlock if nobody else can run)"},
     {"vt_kick", (PyCFunction)(void (*)(void))m_vt_kick, METH_FASTCALL,
      "vt_kick(target, price) -> bool: end target's guest time at this clock + price"},
     {"vt_done", m_vt_done, METH_NOARGS, "vt_done(): finished; hand the turn on, detach"},

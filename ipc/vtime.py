@@ -208,20 +208,25 @@ class VClock:
 
     # -- guest time, spin waits, kicks -----------------------------------------------------------
     def guest(self, ns: int) -> None:
-        """``_prims.spin_ns``: ``ns`` of guest time (or a modelled delay), without sleeping; a kick
-        (:meth:`kick`) may end it early."""
+        """``_prims.spin_ns``: ``ns`` of a modelled delay (reader delay, widening), without sleeping."""
         if not self.joined:
             _real_spin(ns)
             return
-        _prims.vt_sleep(int(ns))
+        _prims.vt_sleep(int(ns), 0)
+
+    def l2_time(self, ns: int) -> None:
+        """``ns`` of L2 run time: a kick (:meth:`kick`, a reload request's IPI) may end it early."""
+        if not self.joined:
+            _real_spin(ns)
+            return
+        _prims.vt_sleep(int(ns), 1)
 
     def spin_wait(self) -> None:
         """``_prims.sched_yield`` in a spin-wait loop of the code under test: one priced poll."""
         if not self.joined:
             os.sched_yield()
             return
-        _prims.vt_advance(self.prices["spin_poll"])
-        _prims.vt_hit("spin wait")
+        _prims.vt_spin(self.prices["spin_poll"])
 
     def kick(self, vcpu: int) -> None:
         """A kick (IPI) to process ``vcpu``: if it is in guest time, that time ends at the kick's
@@ -230,9 +235,10 @@ class VClock:
             _prims.vt_kick(vcpu, self.prices["ipi"])
 
     def grace_period_waited(self) -> None:
-        """A grace period's wait for its readers ended: its own latency beyond them."""
+        """A grace period's wait for its readers ended (twice per grace period: before and after
+        the phase flip): half its own latency beyond them each time."""
         if self.joined and self.prices["grace_period"]:
-            _prims.vt_advance(self.prices["grace_period"])
+            _prims.vt_advance(self.prices["grace_period"] // 2)
 
     # -- the turnstile -------------------------------------------------------------------------
     def now(self) -> int:

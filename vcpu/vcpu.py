@@ -112,9 +112,8 @@ class Vcpu:
         PF = tr.instant("page_fault") if tr else 0
         n_unt = n_tr = n_mmio = n_run = n_sw = iters = n_kick = 0
         take_kick = getattr(d, "take_kick", None)  # nested AVIC: reload requests kick L2
-        # real time polls for the kick; virtual time runs the whole L2 time at once: a kick (its IPI)
-        # ends it early (ipc/vtime.py VClock.kick)
-        kick_poll = KICK_POLL_NS if vtime.ACTIVE is None else guest_ns
+        # real time polls for the kick; virtual time runs L2 at once, a kick (IPI) ends it (ipc/vtime.py)
+        kick_poll, l2_run = (KICK_POLL_NS, spin) if vtime.ACTIVE is None else (guest_ns, vtime.ACTIVE.l2_time)
         l2 = self.l2
         next_tick = now() + tick_ns
         self.load()
@@ -190,7 +189,7 @@ class Vcpu:
                             left = end - now()
                             if left <= 0:
                                 break
-                            spin(left if left < kick_poll else kick_poll)
+                            l2_run(left if left < kick_poll else kick_poll)
                 if emit:
                     emit(G_E)
                 if policy == "round-robin":

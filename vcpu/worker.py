@@ -201,7 +201,11 @@ class Worker:
             ok, data = False, {"error": f"aborted: {e}"}
         finally:
             data["line_transfers"] = _prims.vt_transfers()
-            vc.done()
+            try:
+                vc.done()
+            except (vtime.VirtualDeadlock, vtime.VirtualTimeAborted) as e:  # every other vCPU is blocked
+                ok, data["error"] = False, str(e)
+                self.kvm.warn("virtual_deadlock", str(e), vcpu=self.v.id)
             self.drain_warns()
         self.finish(ok=ok, extra=data)
 

@@ -57,10 +57,7 @@ class Coordinator:
         self.warnings: list[dict] = []
         self.reasons: list[str] = []
         self.worker_results: dict[int, dict] = {}
-        self.kvm = None
-        self.design = None
-        self.ch = None
-        self.run_dir = None
+        self.kvm = self.design = self.ch = self.run_dir = None
         self.procs: list = []
         self.launch_s = 0.0
         self.faults = list(faults)
@@ -77,8 +74,6 @@ class Coordinator:
         cfg = self.cfg
         try:
             self.kvm = Kvm.create(cfg, self.run_id, frozenset(self.hooks))
-            if cfg.clock == "virtual":
-                self.vt = vtime.create(self.run_id, cfg.vcpus, cfg.seed)
             self.kvm.on_warn = self._local_warn
             self.design = make_design(self.kvm, cfg)
             self.design.setup()
@@ -123,11 +118,9 @@ class Coordinator:
         if self.run_dir is not None:
             remove_run_dir(self.run_dir)
             self.run_dir = None
-        if self.kvm is not None:
-            self.kvm.close()
-        if self.vt is not None:
-            self.vt.close()
-            self.vt = None
+        for r in (self.kvm, self.vt):
+            if r is not None:
+                r.close()
 
     def _kill_lost(self) -> None:
         """vCPUs whose fork server died cannot be joined: stop them by pid (they were told to stop
@@ -233,8 +226,8 @@ class Coordinator:
     # -- free-running ---------------------------------------------------------------------------
     def run_free(self, progress: Callable[[float, dict], None] | None = None) -> dict[str, Any]:
         cfg, kvm = self.cfg, self.kvm
-        if self.vt is not None:
-            return self._run_virtual(progress)
+        if cfg.clock == "virtual":
+            return run_virtual(self, progress)
         self.spawn("free")
         t_start = time.monotonic()
         kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_RUNNING)
@@ -262,50 +255,6 @@ class Coordinator:
         elapsed = time.monotonic() - t_start
         self.stop_vcpus()
         return self.finish(elapsed)
-
-    def _run_virtual(self, progress) -> dict[str, Any]:
-        """clock = virtual: the vCPUs run until their clocks reach ``duration`` (virtual s); this
-        process waits for their results, showing virtual progress, and calls a hang when no clock
-        has moved for VT_HANG_S of wall time."""
-        kvm = self.kvm
-        self.spawn("free")
-        kvm.reset_stats()  # its set-up ran on the host's clock
-        t_start = time.monotonic()
-        kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_RUNNING)
-        self.ch.broadcast(M.Start(t0_ns=time.monotonic_ns()))
-        slots = self.vt.v["slots"]
-        next_prog = t_start + 0.5
-        last, moved = -1, t_start
-        while len(self.worker_results) < len(self.procs):
-            self.pump(SAMPLE_MS)
-            if self.check_dead() or any(not r["ok"] for r in self.worker_results.values()):
-                vtime.abort(self.vt)  # the others may wait for its turn (or its join) forever
-                break
-            self.design.sample()
-            now = time.monotonic()
-            total = int(slots[:, vtime.S_CLOCK].sum())
-            if total != last:
-                last, moved = total, now
-            elif now - moved > VT_HANG_S:
-                self.reasons.append(f"virtual time: no vCPU clock moved for {VT_HANG_S:g} s of wall time (hang)")
-                vtime.abort(self.vt)
-                break
-            if progress is not None and now >= next_prog:
-                progress(self.virtual_s(), self.totals())
-                next_prog += 0.5
-        wall = time.monotonic() - t_start
-        self.stop_vcpus()
-        res = self.finish(self.virtual_s())
-        res["wall_s"] = round(wall, 3)
-        return res
-
-    def virtual_s(self) -> float:
-        """The run's virtual time so far: the lowest clock of the vCPUs still running (the highest
-        once all are done), seconds."""
-        s = self.vt.v["slots"]
-        live = s[:, vtime.S_STATE] != vtime.DONE
-        c = s[live, vtime.S_CLOCK] if live.any() else s[:, vtime.S_CLOCK]
-        return float(c.min() if live.any() else c.max()) / 1e9
 
     def totals(self) -> dict[str, int]:
         c = self.kvm.vm.v["counters"].sum(axis=0)
@@ -344,11 +293,6 @@ class Coordinator:
         self.kvm.flush_counts()
         stats = self.design.stats()
         res = R.collect(self.kvm, self.cfg, elapsed, self.warnings, oracle, self.reasons, stats)
-        if self.vt is not None:
-            res["virtual_s"] = round(elapsed, 9)  # elapsed_s is virtual too: rates are per virtual second
-            res["vtime"] = {**vtime.stats(self.vt),
-                            "line_transfers": sum(int(r.get("line_transfers", 0)) for r in self.worker_results.values()),
-                            "prices": self.cfg.price_table()}
         res["launch_s"] = round(self.launch_s, 3)
         res["channel"] = dict(self.ch.counters) if hasattr(self.ch, "counters") else {}
         res["run_id"] = self.run_id
@@ -398,6 +342,58 @@ class Coordinator:
         res = self.finish(elapsed)
         res["steps"] = log
         return res
+
+
+def run_virtual(co: Coordinator, progress) -> dict[str, Any]:
+    """clock = virtual: the vCPUs run until their clocks reach ``duration`` (virtual s); the
+    coordinator waits for their results, showing virtual progress, and calls a hang when the lowest
+    clock of the running vCPUs has not moved for VT_HANG_S of wall time."""
+    kvm = co.kvm
+    co.vt = vtime.create(co.run_id, co.cfg.vcpus, co.cfg.seed)  # before the vCPUs: they attach it
+    co.spawn("free")
+    kvm.reset_stats()  # its set-up ran on the host's clock
+    t_start = time.monotonic()
+    kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_RUNNING)
+    co.ch.broadcast(M.Start(t0_ns=time.monotonic_ns()))
+    slots = co.vt.v["slots"]
+    next_prog = t_start + 0.5
+    last, moved = -1, t_start
+    while len(co.worker_results) < len(co.procs):
+        co.pump(SAMPLE_MS)
+        if co.check_dead() or any(not r["ok"] for r in co.worker_results.values()):
+            vtime.abort(co.vt)  # the others may wait for its turn (or its join) forever
+            break
+        co.design.sample()
+        now = time.monotonic()
+        live = slots[:, vtime.S_STATE] != vtime.DONE
+        low = int(slots[live, vtime.S_CLOCK].min()) if live.any() else -1
+        if low != last:
+            last, moved = low, now
+        elif now - moved > VT_HANG_S:
+            co.reasons.append(f"virtual time: the lowest clock of the running vCPUs did not move for "
+                              f"{VT_HANG_S:g} s of wall time (hang)")
+            vtime.abort(co.vt)
+            break
+        if progress is not None and now >= next_prog:
+            progress(virtual_s(co.vt), co.totals())
+            next_prog += 0.5
+    wall = time.monotonic() - t_start
+    co.stop_vcpus()
+    vs = virtual_s(co.vt)
+    res = co.finish(vs)  # elapsed_s is virtual: rates are per virtual second
+    res.update(virtual_s=round(vs, 9), wall_s=round(wall, 3),
+               vtime={**vtime.stats(co.vt), "prices": co.cfg.price_table(),
+                      "line_transfers": sum(int(r.get("line_transfers", 0)) for r in co.worker_results.values())})
+    return res
+
+
+def virtual_s(vt) -> float:
+    """A virtual-time run's time so far: the lowest clock of the vCPUs still running (the highest
+    once all are done), seconds."""
+    s = vt.v["slots"]
+    live = s[:, vtime.S_STATE] != vtime.DONE
+    c = s[live, vtime.S_CLOCK] if live.any() else s[:, vtime.S_CLOCK]
+    return float(c.min() if live.any() else c.max()) / 1e9
 
 
 def _ops(totals: dict) -> int:

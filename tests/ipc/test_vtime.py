@@ -157,7 +157,7 @@ def test_an_abba_deadlock_is_found_and_every_process_leaves(run_id):
 
 def _kick_body(i: int, vc, d) -> dict:
     if i == 0:
-        vc.guest(1_000_000)  # a long L2 run
+        vc.l2_time(1_000_000)  # a long L2 run (kickable, unlike a modelled delay)
         return {"woke": vc.now()}
     vc.guest(5_000)
     t = vc.now()
@@ -264,3 +264,16 @@ def test_at_one_vcpu_each_paths_virtual_cost_is_the_c_estimate_of_its_primitives
     assert set(paths) == {"vmrun_get_put", "vmrun_switch", "track_write", "register_unregister"}
     for name, r in paths.items():
         assert r["virtual_ns"] > 0 and r["virtual_ns"] == round(r["c_prims_ns"]), (name, r)
+
+
+def _spinner(i: int, vc, d) -> dict:
+    if i == 0:
+        vc.guest(1_000)
+        while not d.mem.load(40):  # waits for a word nobody will ever write
+            _prims.sched_yield()
+    return {}
+
+
+def test_a_spin_wait_nobody_can_end_is_a_deadlock_not_a_hang(run_id):
+    res = _run(run_id, 2, _spinner)
+    assert res[0].get("kind") == "VirtualDeadlock" and "spins" in res[0]["error"], res

@@ -76,7 +76,7 @@ def test_fixed_only_is_one_point():
     ({"grid": {"design": ["mirror", "nope"]}}, "grid.design: invalid enum value 'nope'"),
     ({"grid": {"vcpus": [1]}, "fixed": {"vcpus": 2}}, "fixed.vcpus: also in [grid]"),
     ({"fixed": {"seed": [1, 2]}}, "fixed.seed: expected a single value"),
-    ({"fixed": {"duration": -1.0}}, "fixed.duration: expected `float` >= 0.05"),
+    ({"fixed": {"duration": -1.0}}, "fixed.duration: expected `float` >= 0.001"),
     ({"fixed": {"nope": 1}}, "fixed.nope: unknown key"),
     ({"grid": {"tracked_fraction": [0.9]}, "fixed": {"mmio_fraction": 0.5}}, "tracked_fraction + mmio_fraction"),
     ({"grid": {"vcpus": [1]}, "extra": {}}, "unknown table 'extra'"),
