@@ -50,9 +50,21 @@ def test_spinning_reader_is_preempted_and_names_the_ratio(child):
     assert "CPU time advancing" in why and "128 vCPU processes per CPU" in why and "oversubscribed" in why
 
 
+def _wait_asleep(p):
+    """Until the process sleeps and its CPU time has stopped moving (start-up over, even on a loaded
+    host where start-up takes long)."""
+    last = None
+    for _ in range(500):
+        s = procstat.sample(p.pid)
+        if s is not None and s.state == "S" and last is not None and s.cpu_ticks == last:
+            return
+        last = s.cpu_ticks if s is not None else None
+        time.sleep(0.02)
+
+
 def test_sleeping_reader_is_stuck(child):
     p = child("import time; time.sleep(60)")
-    _wait_started(p)
+    _wait_asleep(p)
     kind, why = procstat.classify_stall(p.pid, per_cpu=0.5, interval_s=0.2)
     assert kind == "stuck" and "not runnable" in why, why
 
