@@ -59,6 +59,13 @@
  *
  * Memory ordering: acquire/release for lock words, full barriers (smp_mb) on the RCU read side and
  * at every grace-period step, relaxed stores for single-writer statistics.
+ *
+ * Virtual time (ipc/vtime.py, section "virtual time" and "the turnstile" below): once a process
+ * attaches its clock (vt_attach), every priced call adds its price to it, the stats clock and
+ * now_ns() read it, and the vt_* functions hand the one running turn between processes in the
+ * order of their clocks (the `vtime` segment: header, 16-word slots, the line table).  The C lock
+ * slow paths refuse to wait then (the turnstile's vt_block does): under virtual time a lock is
+ * taken by trylock through ipc/sched.py's SchedLock.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
