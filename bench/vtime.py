@@ -48,7 +48,7 @@ def speed(tmp: str, quick: bool) -> dict:
     for n, dur in ((2, 0.1), (4, 0.1), (16, 0.02)):
         if quick:
             dur /= 10
-        res, wall = _run(["--clock", "virtual", "--design", "mutex-hash", "--vcpus", str(n),
+        res, wall = _run(["--clock", "virtual", "--design", "mutex-hash", "--workload", "realistic", "--vcpus", str(n),
                           "--duration", f"{dur:g}"], tmp)
         rates[str(n)] = round(res["virtual_s"] / res["wall_s"], 4)
         hand[str(n)] = round(res["vtime"]["handoffs"] / max(res["ops"]["nested_vmrun"]["count"], 1), 3)
@@ -133,7 +133,8 @@ def contention(tmp: str, quick: bool) -> list[dict]:
         for v in (1, 4):
             for sw in (0.0, 0.5):
                 d = dur / 5 if quick else dur
-                args = ["--clock", clock, "--design", "mutex-hash", "--vcpus", str(v), "--switch-rate", f"{sw:g}",
+                args = ["--clock", clock, "--design", "mutex-hash", "--workload", "realistic", "--vcpus", str(v),
+                        "--switch-rate", f"{sw:g}",
                         "--duration", f"{d:g}", "--fuzz", "off", "--trace-events", "0"]
                 res, _ = _run(args, tmp)
                 w = res.get("locks", {}).get("tables_lock", {}).get("wait_ns_total", 0)

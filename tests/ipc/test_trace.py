@@ -216,3 +216,13 @@ def test_worker_interns_only_known_script_ops(tracer_at):
     ack = w.batch(NS(seq=1, commands=[NS(op=op, args={}) for op in ops]))
     assert [x.ok for x in ack.results] == [False] * (trace.NNAMES + 1) + [True]
     assert trace.snapshot(r).names == ["cmd read"]
+
+
+def test_a_full_name_table_shares_its_last_entry_instead_of_failing(tracer_at):
+    """Hundreds of per-table locks (rcu-list at 256 vCPUs) once filled the table and crashed the vCPU."""
+    r, t = tracer_at()
+    ids = [t.intern(f"avic_table_lock[{i}]") for i in range(trace.NNAMES + 20)]
+    assert ids[: trace.NNAMES - 1] == list(range(trace.NNAMES - 1))
+    assert set(ids[trace.NNAMES - 1:]) == {trace.NNAMES - 1}
+    assert trace.snapshot(r).names[trace.NNAMES - 1] == trace.OVERFLOW_NAME
+    assert t.intern("avic_table_lock[3]") == 3
