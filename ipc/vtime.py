@@ -259,6 +259,47 @@ class VClock:
             _prims.vt_done()
 
 
+class VFuzz:
+    """``--fuzz light|heavy`` on virtual time (``fuzz.ACTIVE``): at a named preemption point, with the
+    level's probability, a seeded delay of virtual time (what a preemption there would cost: a spin of
+    up to 50 µs, now and then up to 1 ms), then the point itself; ``chance`` widens heuristics as
+    ``ipc.fuzz.Fuzz`` does. Seeded per vCPU from the run's seed and started when the clock starts, so
+    a run stays deterministic; ``--fuzz off`` (what compare and the map use) leaves plain points."""
+
+    controlled = True
+
+    def __init__(self, vc: VClock, level: str, seed: int, proc: int):
+        self.vc = vc
+        self.p, self.spin_max, self.p_sleep = fuzz._PARAMS[level]
+        self.seed = (seed * 0x9E3779B97F4A7C15 + proc * 0x632BE59BD9B4E019 + 7) % (1 << 64)
+        self.rng: random.Random | None = None
+        self.counts: dict[str, int] = {}
+        self.delays = 0
+
+    def _rng(self) -> random.Random | None:
+        if self.rng is None and self.vc.joined:  # not before: set-up ran on the host's clock
+            self.rng = random.Random(self.seed)
+        return self.rng
+
+    def hit(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+        rng = self._rng()
+        if rng is not None:
+            r = rng.random()
+            if r < self.p:
+                self.delays += 1
+                long = r / self.p < self.p_sleep
+                _prims.vt_sleep(int(rng.random() * (fuzz.SLEEP_MAX_S * 1e9 if long else self.spin_max)), 0)
+        _prims.vt_hit(name)
+
+    point = hit
+
+    def chance(self, name: str, scale: float = 1.0) -> bool:
+        self.counts[name] = self.counts.get(name, 0) + 1
+        rng = self._rng()
+        return rng is not None and rng.random() < self.p * scale
+
+
 def abort(region: Region) -> None:
     """Every parked process wakes and raises :class:`VirtualTimeAborted`."""
     _prims.vt_abort(region.mem, region.word("hdr"), region.word("slots"))
@@ -268,14 +309,15 @@ _real_spin = _prims.spin_ns
 _real_yield = _prims.sched_yield
 
 
-def install(region: Region, index: int, prices: dict[str, int]) -> VClock:
+def install(region: Region, index: int, prices: dict[str, int], fuzz_level: str = "off",
+            seed: int = 0) -> VClock:
     """Make this (dedicated vCPU) process run on virtual time; call before its VM is attached, so
     that its locks and RCU domains are made wrapped. :meth:`VClock.join` starts the clock."""
     global ACTIVE
     vc = VClock(region, index, prices)
     ACTIVE = vc
     sched.ACTIVE = vc
-    fuzz.ACTIVE = vc
+    fuzz.ACTIVE = vc if fuzz_level == "off" else VFuzz(vc, fuzz_level, seed, index + 1)
     _prims.spin_ns = vc.guest
     _prims.sched_yield = vc.spin_wait
     return vc

@@ -42,7 +42,7 @@ def vcpu_main(run_id: str, vcpu: int, endpoint: str, token: str, cfg_dict: dict,
         cfg = from_dict(cfg_dict)
         if cfg.clock == "virtual" and mode == "free":  # before the VM: its locks are made wrapped
             _prims.vt_seed((vcpu_seed(cfg.seed, vcpu) >> 1) | 1)
-            vtime.install(Region.attach(run_id, vtime.layout(cfg.vcpus)), vcpu, cfg.price_table())
+            vtime.install(Region.attach(run_id, vtime.layout(cfg.vcpus)), vcpu, cfg.price_table(), cfg.fuzz, cfg.seed)
         kvm = Kvm.attach(cfg, run_id, vcpu + 1, frozenset(hooks))
         design = make_design(kvm, cfg)
         design.vcpu_init(vcpu)
