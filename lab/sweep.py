@@ -122,7 +122,7 @@ def parse_grid(doc: dict, where: str = "grid") -> list[Point]:
         if len({json.dumps(v) for v in vals}) != len(vals):
             raise UsageError(f"{where}: grid.{k}: duplicate values in {vals!r}")
     for k, v in fixed.items():
-        if isinstance(v, list | dict):
+        if isinstance(v, list) or (isinstance(v, dict) and k != "prices"):  # prices: a table (ns per name)
             raise UsageError(f"{where}: fixed.{k}: expected a single value, got {v!r} (lists go under [grid])")
         if k in grid:
             raise UsageError(f"{where}: fixed.{k}: also in [grid]")

@@ -247,3 +247,13 @@ def test_sweep_points_measure_without_the_trace_ring(tmp_path):
     assert cmd[cmd.index("--trace-events") + 1] == "0"
     (q,) = sweep.parse_grid({"grid": {"vcpus": [1]}, "fixed": {"trace_events": 64}})
     assert q.config["trace_events"] == 64  # a grid may still ask for it
+
+
+def test_clock_and_prices_reach_every_point_and_its_command():
+    doc = sweep.with_clock({"grid": {"vcpus": [1, 2]}}, "virtual", {"line": 40})
+    pts = sweep.parse_grid(doc)
+    assert [p.config["vcpus"] for p in pts] == [1, 2]
+    assert all(p.config["clock"] == "virtual" and p.config["prices"] == {"line": 40} for p in pts)
+    cmd, text = sweep.point_command(pts[0], Path("/tmp"), Path("launch.py"))
+    assert cmd[cmd.index("--clock") + 1] == "virtual" and "prices = {line = 40}" in text
+    assert sweep.point_timeout(pts[1]) > sweep.point_timeout(sweep.parse_grid({"grid": {"vcpus": [2]}})[0])
