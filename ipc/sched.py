@@ -275,7 +275,7 @@ def wrap_domain(domain, client: Client) -> None:
             client.block(f"{name}: grace period waits for readers", key=gp_key)
         waited = getattr(client, "grace_period_waited", None)
         if waited is not None:
-            waited()
+            waited(name)
 
     domain._wait_readers = wait_readers
 

@@ -234,10 +234,12 @@ class VClock:
         if self.joined:
             _prims.vt_kick(vcpu, self.prices["ipi"])
 
-    def grace_period_waited(self) -> None:
+    def grace_period_waited(self, domain: str) -> None:
         """A grace period's wait for its readers ended (twice per grace period: before and after
-        the phase flip): half its own latency beyond them each time."""
-        if self.joined and self.prices["grace_period"]:
+        the phase flip): half its own latency beyond them each time. Not for ``guest_mode``: its
+        "grace period" is a remote TLB flush waiting for vCPUs to leave guest mode (IPIs), which
+        the waits model already, not an RCU grace period."""
+        if self.joined and self.prices["grace_period"] and domain != "guest_mode":
             _prims.vt_advance(self.prices["grace_period"] // 2)
 
     # -- the turnstile -------------------------------------------------------------------------

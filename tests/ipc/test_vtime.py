@@ -277,3 +277,24 @@ def _spinner(i: int, vc, d) -> dict:
 def test_a_spin_wait_nobody_can_end_is_a_deadlock_not_a_hang(run_id):
     res = _run(run_id, 2, _spinner)
     assert res[0].get("kind") == "VirtualDeadlock" and "spins" in res[0]["error"], res
+
+
+@pytest.mark.timeout(180)
+def test_the_grace_period_price_slows_rcu_lists_switching_and_spares_tlb_flushes(tmp_path):
+    """``grace_period`` is the kernel's RCU grace-period length: rcu-list's synchronize_rcu on a
+    table's first / last user pays it; mutex-hash (no RCU grace period, only TLB-flush waits on
+    guest_mode, which are IPIs, not grace periods) does not."""
+    prices = tmp_path / "p.toml"
+    prices.write_text("[prices]\ngrace_period = 1000000\n")
+
+    def rate(design: str, *extra: str) -> float:
+        out = tmp_path / f"{design}{len(extra)}.json"
+        p = subprocess.run([sys.executable, "launch.py", "run", "--clock", "virtual", "--design", design,
+                            "--workload", "realistic", "--switch-rate", "0.5", "--vcpus", "2", "--duration", "0.01",
+                            "--fuzz", "off", "--quiet", "--json", str(out), *extra],
+                           cwd=ROOT, capture_output=True, text=True, timeout=170)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return json.loads(out.read_text())["ops"]["nested_vmrun"]["per_s"]
+
+    assert rate("rcu-list", "--prices", str(prices)) < 0.5 * rate("rcu-list")
+    assert rate("mutex-hash", "--prices", str(prices)) == rate("mutex-hash")
