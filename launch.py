@@ -418,8 +418,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_trace(args, cfg)
     if cfg.clock == "virtual":
         if args.dilate not in (None, "off"):
-            raise UsageError("--dilate: under --clock virtual the code is priced at kernel C costs already "
-                             "(docs/virtual-time.md); dilation is for --clock real")
+            raise UsageError(config.DILATE_VIRTUAL)
         if steps:
             raise UsageError("--clock virtual: free-running runs only (the scenario has [[step]]s)")
         if args.inject:

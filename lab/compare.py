@@ -218,7 +218,7 @@ def designs_arg(text: str | None) -> tuple[str, ...]:
 
 def main(args, run_one: Callable[[dict], dict]) -> int:
     from lab import dilation
-    from vm.config import clock_values
+    from vm.config import DILATE_VIRTUAL, clock_values
     from vm.workloads import workload
 
     out = Path(args.out)
@@ -230,8 +230,7 @@ def main(args, run_one: Callable[[dict], dict]) -> int:
     base.update(cv)
     virtual = cv["clock"] == "virtual"
     if virtual and args.dilate not in (None, "off"):
-        raise UsageError("--dilate: under --clock virtual the code is priced at kernel C costs already "
-                         "(docs/virtual-time.md); dilation is for --clock real")
+        raise UsageError(DILATE_VIRTUAL)
     dilate = args.dilate if args.dilate is not None else ("off" if virtual else "auto")
     repeats = args.repeats if args.repeats is not None else (3 if virtual else 1)
     vcpus, rates = args.vcpus or [1, 2, 4, 8], args.switch_rates or [0, 0.01, 0.1, 0.5]

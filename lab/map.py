@@ -295,7 +295,7 @@ def main(args) -> int:
     from rich.console import Console
 
     from lab import dilation
-    from vm.config import clock_values
+    from vm.config import DILATE_VIRTUAL, clock_values
     from vm.workloads import workload
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -306,8 +306,7 @@ def main(args) -> int:
     base.update(cv)
     clock = cv["clock"]
     if clock == "virtual" and args.dilate not in (None, "off"):
-        raise UsageError("--dilate: under --clock virtual the code is priced at kernel C costs already "
-                         "(docs/virtual-time.md); dilation is for --clock real")
+        raise UsageError(DILATE_VIRTUAL)
     dilate = args.dilate if args.dilate is not None else ("off" if clock == "virtual" else "auto")
 
     if not {"mutex-hash", "rcu-list"} <= set(designs):

@@ -243,6 +243,10 @@ def build(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Config:
     return from_dict(merged)
 
 
+# --dilate with --clock virtual (launch.py run, compare, compare --map)
+DILATE_VIRTUAL = ("--dilate: under --clock virtual the code is priced at kernel C costs already "
+                  "(docs/virtual-time.md); dilation is for --clock real")
+
 # Config keys that `launch.py run` takes as flags (--key-with-dashes); the others only from TOML
 CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switch_rate", "policy",
             "guest_time_us", "writes_per_exit", "tracked_fraction", "mmio_fraction", "tracked_pages",
