@@ -113,11 +113,12 @@ def test_holder_identity_recorded_with_the_lock(ctx, procs, region, run_id, kind
         assert mem.load(w("locks", 1)) >> 32 == me[0]  # the pid is part of the lock word itself
         lk.unlock()
         assert lk.holder() == (0, 0) and mem.load(w("locks", 1)) == 0
-    p = _start_holder(ctx, procs, region, run_id, kind)
+    p = _start_holder(ctx, procs, region, run_id, kind, die_after_s=-1)  # alive until told (C_DIE)
     start = proc_starttime(p.pid)
     holder = new_lock(kind, mem, w("locks", 0), -1, tag=3).holder()
+    mem.store(w("ctl", C_DIE), 1)
     p.join(10)
-    assert holder == (p.pid, start) and holder != me
+    assert start is not None and holder == (p.pid, start) and holder != me
 
 
 @pytest.mark.parametrize("kind", KINDS)
