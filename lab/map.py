@@ -89,7 +89,7 @@ def build(results: list[dict], designs, vcpus, rates, writes, dilations, clock: 
             ratio = [[None] * len(writes) for _ in rates]
             fine = [[None] * len(writes) for _ in rates]
             spread = [[None] * len(writes) for _ in rates]
-            failed = []
+            failed, cells = [], []
             for i, sw in enumerate(rates):
                 for j, tw in enumerate(writes):
                     cell, runs = {}, {}
@@ -105,9 +105,14 @@ def build(results: list[dict], designs, vcpus, rates, writes, dilations, clock: 
                         ratio[i][j] = _median(pairs)
                         if len(pairs) > 1 and ratio[i][j] > 0:
                             spread[i][j] = (max(pairs) - min(pairs)) / ratio[i][j]
+                        cells.append({"vcpus": v, "dilate": float(x), "clock": clock, "switch_rate": float(sw),
+                                      "table_writes": float(tw),
+                                      "ratio": {"median": round(ratio[i][j], 4), "lo": round(min(pairs), 4),
+                                                "hi": round(max(pairs), 4), "n": len(pairs)}})
                     if len(cell) == len(designs) and max(cell.values()) > 0:
                         fine[i][j] = min(cell.values()) / max(cell.values()) >= FINE
-            per_v[str(v)] = {"ratio": ratio, "rates": rates_d, "fine": fine, "spread": spread, "failed": failed}
+            per_v[str(v)] = {"ratio": ratio, "rates": rates_d, "fine": fine, "spread": spread, "failed": failed,
+                             "cells": cells}
     return maps
 
 
@@ -270,7 +275,7 @@ def plot(maps: dict, rates, writes, vcpus, point: dict, path: Path) -> Path:
     fig.suptitle("mutex-hash ÷ rcu-list nested VMRUN/s\n(black: 0.8 contour; star: the workload's point)",
                  fontsize=10)
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.8)
+        fig.colorbar(im, ax=axes, shrink=0.8, label="mutex-hash ÷ rcu-list")
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -283,7 +288,8 @@ def write_outputs(out: Path, results: list[dict], *, designs, vcpus, rates, writ
     text, verdict = verdict_md(maps, rates, writes, vcpus, point, dil_doc)
     doc = {"axes": {"table_writes_per_vmrun": list(writes), "switch_rate": list(rates)}, "vcpus": list(vcpus),
            "designs": list(designs), "point": point, "hurts_below": HURTS, "fine_at": FINE,
-           "dilation": dil_doc or {"factor": 1.0}, "clock": clock, "maps": maps, "verdict": verdict, "verdict_md": text,
+           "dilation": dil_doc or {"factor": 1.0}, "clock": clock, "maps": maps,
+           "cells": [c for m in maps.values() for k, per in m.items() if k != "factor" for c in per["cells"]], "verdict": verdict, "verdict_md": text,
            **(extra or {})}
     sweep._write_json(out / "map.json", doc)
     plot(maps, rates, writes, vcpus, point, out / "map.png")

@@ -110,6 +110,8 @@ def test_repeats_take_the_median_ratio_and_report_the_spread():
     m = maps["undilated"]["2"]
     assert m["ratio"] == [[0.8]] and m["rates"]["mutex-hash"] == [[8000.0]]  # the 0.4 outlier does not decide
     assert abs(m["spread"][0][0] - (0.9 - 0.4) / 0.8) < 1e-9
+    assert m["cells"] == [{"vcpus": 2, "dilate": 1.0, "clock": "real", "switch_rate": 0.0, "table_writes": 0.2,
+                           "ratio": {"median": 0.8, "lo": 0.4, "hi": 0.9, "n": 3}}]
     text, _ = cmap.verdict_md(maps, [0.0], [0.2], [2], POINT, None)
     assert "repeatability" in text and "0.62" in text
     g = cmap.grid_doc(DESIGNS, [2], RATES, WRITES, 0.5, 7, {}, [1.0], repeats=3)
@@ -164,6 +166,8 @@ def test_the_maps_default_clock_is_virtual_and_its_seeds_spread_is_reported(tmp_
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     doc = json.loads((out / "map.json").read_text())
     assert doc["clock"] == "virtual" and doc["points"] == 8 and list(doc["maps"]) == ["virtual"]
+    assert [(c["clock"], c["table_writes"], c["ratio"]["n"]) for c in doc["cells"]] == [("virtual", 0.02, 2),
+                                                                                       ("virtual", 2.0, 2)]
     m = doc["maps"]["virtual"]["2"]
     assert all(r is not None and r > 0 for r in m["ratio"][0]) and all(s is not None for s in m["spread"][0])
     assert "virtual-time numbers" in (out / "map.md").read_text()
