@@ -289,6 +289,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _virtual(results: list[dict]) -> bool:
+    """Every run on the virtual clock: rates are per virtual second, times virtual (ipc/vtime.py)."""
+    return bool(results) and all(r.get("config", {}).get("clock") == "virtual" for r in results)
+
+
 def plot_vmrun_rate(results: list[dict], path: str | Path) -> list[Path]:
     """Nested VMRUN/s vs vCPUs, one line per series (design + any other varying config key; repeats
     such as seeds are averaged, min..max shown as error bars), one figure per switch rate, written
@@ -317,7 +322,7 @@ def plot_vmrun_rate(results: list[dict], path: str | Path) -> list[Path]:
                         label=label)
         ax.set_xticks(sorted(all_x))
         ax.set_xlabel("vCPUs")
-        ax.set_ylabel("nested VMRUN / s")
+        ax.set_ylabel("nested VMRUN / virtual s" if _virtual(results) else "nested VMRUN / s")
         ax.set_ylim(bottom=0)
         ax.set_title(f"nested VMRUN rate vs vCPUs (switch_rate={rate:g})")
         ax.grid(True, alpha=0.3)
@@ -357,7 +362,7 @@ def plot_lock_wait(results: list[dict], path: str | Path, labels: list[str] | No
                   for c in classes]
             ax.bar([i - 0.4 + width * (j + 0.5) for i in range(len(classes))], ys, width, label=label)
         ax.set_xticks(range(len(classes)), classes, rotation=20, ha="right")
-        ax.set_ylabel("total lock wait (ms)")
+        ax.set_ylabel("total lock wait (virtual ms)" if _virtual(results) else "total lock wait (ms)")
         ax.set_ylim(bottom=0, top=None if ax.get_ylim()[1] > 0 else 1.0)
         ax.legend(fontsize="small", ncols=1 if n <= 6 else 2)
         ax.grid(True, axis="y", alpha=0.3)
@@ -383,7 +388,9 @@ def write_report(results: list[dict], out_dir: str | Path, labels: list[str] | N
         md += [f"{len(results)} run(s) from: " + ", ".join(f"`{s}`" for s in sources), ""]
     n_ok = sum(r["verdict"] == "SUCCESS" for r in rows)
     md += [f"{len(rows)} run(s): {n_ok} SUCCESS, {len(rows) - n_ok} FAILURE.", "",
-           "Lock wait share = total lock wait / (elapsed × vCPUs); GPs/s counts every RCU/SRCU domain.", "",
+           "Lock wait share = total lock wait / (elapsed × vCPUs); GPs/s counts every RCU/SRCU domain."
+           + (" Every run is on the virtual clock: rates are per virtual second, latencies and waits in "
+              "virtual time (docs/virtual-time.md)." if _virtual(results) else ""), "",
            markdown_table(rows), "## Plots", ""]
     md += [f"![{p.stem}]({p.name})" for p in pngs] + [""]
     failed = [(row["run"], r) for row, r in zip(rows, results, strict=True) if r["verdict"] != "SUCCESS"]
