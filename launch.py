@@ -195,13 +195,6 @@ def _add_clock_args(p: argparse.ArgumentParser, default_text: str = "real") -> N
                    help="virtual time: override the price table ([prices] name = ns; ipc/vtime.py)")
 
 
-def clock_values(args: argparse.Namespace) -> dict:
-    """``--clock`` / ``--prices`` as Config values (the prices file read and checked here)."""
-    from vm.config import clock_values as cv
-
-    return cv(getattr(args, "clock", None), getattr(args, "prices", None))
-
-
 def _add_trace_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", metavar="PATH", default=None,
                    help="write the run's trace (Chrome trace event JSON: Perfetto UI, chrome://tracing)")
@@ -412,7 +405,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     base, newcomer = run_base(args, file_cfg)
     cli = {k: getattr(args, k) for k in config.CLI_KEYS + ("stats",)}
     cli["dilate"] = None
-    cli.update(clock_values(args))
+    cli.update(config.clock_values(args.clock, args.prices))
     cfg = config.build(base, cli)  # validated before any measuring
     _check_json_path(args.json)
     _check_trace(args, cfg)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ipc.errors import UsageError
 from lab import sweep
-from lab.compare import FINE, SLOWER, designs_arg
+from lab.compare import FINE, SLOWER, designs_arg, median
 
 TABLE_WRITES = [0.002, 0.02, 0.2, 2.0]
 SWITCH_RATES = [0.0, 0.01, 0.1, 0.5]
@@ -57,12 +57,6 @@ def grid_doc(designs, vcpus, rates, writes, duration, seed, base: dict, dilation
 
 def _rate(r: dict) -> float:
     return float(r["ops"]["nested_vmrun"]["per_s"])
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def label_of(x: float, clock: str = "real") -> str:
@@ -98,11 +92,11 @@ def build(results: list[dict], designs, vcpus, rates, writes, dilations, clock: 
                         runs[d] = {s: _rate(r) for s, r in by_seed.items()}
                         failed += [r.get("point_id") for r in by_seed.values() if r.get("verdict") != "SUCCESS"]
                         if runs[d]:
-                            cell[d] = rates_d[d][i][j] = _median(list(runs[d].values()))
+                            cell[d] = rates_d[d][i][j] = median(list(runs[d].values()))
                     pairs = [m / runs["rcu-list"][s] for s, m in runs.get("mutex-hash", {}).items()
                              if runs.get("rcu-list", {}).get(s)]
                     if pairs:
-                        ratio[i][j] = _median(pairs)
+                        ratio[i][j] = median(pairs)
                         if len(pairs) > 1 and ratio[i][j] > 0:
                             spread[i][j] = (max(pairs) - min(pairs)) / ratio[i][j]
                         cells.append({"vcpus": v, "dilate": float(x), "clock": clock, "switch_rate": float(sw),
@@ -212,7 +206,7 @@ def verdict_md(maps: dict, rates, writes, vcpus, point: dict, dil_doc: dict | No
             sp = [s for row in m.get("spread", []) for s in row if s is not None]
             if sp:
                 lines.append(f"- repeatability: the ratio's spread over seeds, (max - min) / median, is "
-                             f"{_median(sp):.2f} for the median cell and {max(sp):.2f} at most.")
+                             f"{median(sp):.2f} for the median cell and {max(sp):.2f} at most.")
             if m["failed"]:
                 lines.append(f"- **{len(m['failed'])} point(s) ended in FAILURE**: {', '.join(map(str, m['failed'][:4]))}.")
             lines.append("")
