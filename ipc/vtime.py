@@ -308,7 +308,6 @@ def abort(region: Region) -> None:
 
 
 _real_spin = _prims.spin_ns
-_real_yield = _prims.sched_yield
 
 
 def install(region: Region, index: int, prices: dict[str, int], fuzz_level: str = "off",
