@@ -76,13 +76,15 @@ def float_list(lo: float, hi: float, what: str):
 
 
 HOOKS = {
-    "no-synchronize-srcu": "unregister frees notifier nodes without waiting for SRCU readers",
-    "no-synchronize-rcu": "rcu-list frees tables without waiting for RCU readers",
-    "busted-lock": "every lock of the VM does not lock",
-    "avic-reader-delay": "AVIC RCU readers stay 100 µs in their read-side section",
-    "avic-flood-often": "AVIC tables are flood-dropped after 2 unused writes, each drop steered onto a vCPU entering L2 (widening)",
-    "flood-drop-race": "avic-flood-often, and the drop does not kick the vCPUs in L2 on the table (the unfixed race)",
-    "no-tlb-flush": "write-protecting a page does not flush remote TLBs (no wait for vCPUs in guest mode)",
+    "no-synchronize-srcu": "bug: unregister frees notifier nodes without waiting for SRCU readers",
+    "no-synchronize-rcu": "bug: rcu-list frees tables without waiting for RCU readers",
+    "busted-lock": "bug: every lock of the VM does not lock",
+    "avic-reader-delay": "widening, not a bug (a correct design still ends in SUCCESS): AVIC RCU readers "
+                         "stay 100 µs in their read-side section",
+    "avic-flood-often": "widening, not a bug (a correct design still ends in SUCCESS): AVIC tables are "
+                        "flood-dropped after 2 unused writes, each drop steered onto a vCPU entering L2",
+    "flood-drop-race": "bug: avic-flood-often, and the drop does not kick the vCPUs in L2 on the table (the unfixed race)",
+    "no-tlb-flush": "bug: write-protecting a page does not flush remote TLBs (no wait for vCPUs in guest mode)",
 }
 SEED = int_range(0, 2**63 - 1, "--seed")
 DURATION = float_range(0.001, MAX_DURATION_S, "--duration")  # real clock: >= 0.05 (vm/config.py)

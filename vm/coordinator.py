@@ -284,7 +284,7 @@ class Coordinator:
             self.reasons.append(f"vCPU {bad[0][0]} exited with code {bad[0][1]}")
             self.vcpu_died = True  # killed (by reap, or crashed late): it may have left locks held
 
-    def finish(self, elapsed: float) -> dict[str, Any]:
+    def finish(self, elapsed: float, scripted: bool = False) -> dict[str, Any]:
         if self.vcpu_died:  # its locks may still be held: the oracle could block or lie
             oracle = []
             self.reasons.append("oracle skipped: a vCPU died mid-run")
@@ -292,7 +292,7 @@ class Coordinator:
             oracle = self.design.oracle()
         self.kvm.flush_counts()
         stats = self.design.stats()
-        res = R.collect(self.kvm, self.cfg, elapsed, self.warnings, oracle, self.reasons, stats)
+        res = R.collect(self.kvm, self.cfg, elapsed, self.warnings, oracle, self.reasons, stats, scripted=scripted)
         res["launch_s"] = round(self.launch_s, 3)
         res["channel"] = dict(self.ch.counters) if hasattr(self.ch, "counters") else {}
         res["run_id"] = self.run_id
@@ -337,9 +337,9 @@ class Coordinator:
             i = j
             if self.check_dead():
                 break
-        elapsed = time.monotonic() - t0
+        elapsed = time.monotonic() - t0  # wall time of the script: no rates from it (R.collect)
         self.stop_vcpus()
-        res = self.finish(elapsed)
+        res = self.finish(elapsed, scripted=True)
         res["steps"] = log
         return res
 

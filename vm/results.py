@@ -57,22 +57,34 @@ def versions() -> dict[str, str]:
 
 
 def collect(kvm, cfg, elapsed_s: float, warnings: list[dict], oracle: list[str],
-            extra_reasons: list[str] | None = None, design_stats: dict | None = None) -> dict[str, Any]:
+            extra_reasons: list[str] | None = None, design_stats: dict | None = None,
+            scripted: bool = False) -> dict[str, Any]:
+    """The results document. An op that has a counter (``hist_counters``) takes its count from the
+    counter: the histogram may hold fewer (no stats; a scripted ``vmrun`` is not timed), and its
+    percentiles are then from the operations it did time (None if it timed none). ``scripted``: the
+    elapsed time of a script (commands sent one batch at a time) is not a rate-bearing duration, so
+    no rate is computed: ``per_s`` is 0.0 and ``rate_meaningful`` false (render shows "–")."""
     v = kvm.vm.v
     elapsed = max(elapsed_s, 1e-9)
+
+    def rate(n: int) -> float:
+        return 0.0 if scripted else round(n / elapsed, 1)
+
     counters = {name: int(x) for name, x in zip(L.COUNTERS, v["counters"].sum(axis=0), strict=True)}
+    # histogram ops that also have a counter (counted on every path, the scripted one too)
+    hist_counters = {"nested_vmrun": "vmrun", "tlb_flush": "tlb_flush"}
     ops: dict[str, dict] = {}
     for i, name in enumerate(HIST_OPS):
-        s = hist.summary(hist.merge(v["hist"][:, i, :]))
-        if s["count"] == 0 and name not in REQUIRED_OPS:
+        h = hist.merge(v["hist"][:, i, :])
+        s = hist.summary(h)
+        count = counters[hist_counters[name]] if name in hist_counters else s["count"]
+        if count == 0 and name not in REQUIRED_OPS:
             continue
-        ops[name] = {"count": s["count"], "per_s": round(s["count"] / elapsed, 1), "p50_ns": s["p50_ns"],
-                     "p99_ns": s["p99_ns"], "p999_ns": s["p999_ns"], "max_ns": s["max_ns"],
-                     "mean_ns": s["mean_ns"]}
+        timed = int(h[hist.HIST_HDR:hist.HIST_HDR + hist.HIST_BUCKETS].sum()) > 0  # samples to report
+        ops[name] = {"count": count, "per_s": rate(count),
+                     **{k: (s[k] if timed else None) for k in ("p50_ns", "p99_ns", "p999_ns", "max_ns", "mean_ns")}}
     for name, cname in COUNT_OPS.items():
-        ops[name] = {"count": counters[cname], "per_s": round(counters[cname] / elapsed, 1)}
-    if not cfg.stats:  # no histograms: counts from the counters
-        ops["nested_vmrun"].update(count=counters["vmrun"], per_s=round(counters["vmrun"] / elapsed, 1))
+        ops[name] = {"count": counters[cname], "per_s": rate(counters[cname])}
     locks = merge_lockstat(v["lockstat"], list(L.LOCK_CLASSES))
     gp = {prefix: int(v[f"{prefix}_hdr"][1]) for prefix, _ in L.DOMAINS}
     reasons = list(extra_reasons or [])
@@ -92,6 +104,7 @@ def collect(kvm, cfg, elapsed_s: float, warnings: list[dict], oracle: list[str],
         "versions": versions(),
         "host": {"cpus": ncpu, "vcpus_per_cpu": round(cfg.vcpus / ncpu, 3)},
         "elapsed_s": round(elapsed_s, 4),
+        "rate_meaningful": not scripted,
         "ops": ops,
         "latency_sampling": latency_sampling(cfg),
         "counters": counters,
@@ -175,7 +188,10 @@ def render(result: dict, console=None) -> None:
     con = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 150)
     cfg = result["config"]
     virtual = cfg.get("clock") == "virtual"
-    dur = (f"virtual {result['elapsed_s'] * 1e3:.3g} ms ({result.get('wall_s', 0):.1f} s wall)" if virtual
+    rated = result.get("rate_meaningful", True)  # False: a scripted run (R.collect), no rates
+    dur = (f"scripted, {len(result.get('steps', []))} step(s) in {result['elapsed_s'] * 1e3:.3g} ms wall"
+           if not rated else
+           f"virtual {result['elapsed_s'] * 1e3:.3g} ms ({result.get('wall_s', 0):.1f} s wall)" if virtual
            else f"{result['elapsed_s']:.2f}s")
     con.print(f"[bold]pagetrack-sim run[/]: design={cfg['design']} registration={cfg['registration']} "
               f"vcpus={cfg['vcpus']} l2s={cfg['l2s']} switch_rate={cfg['switch_rate']} seed={result['seed']} "
@@ -190,12 +206,19 @@ def render(result: dict, console=None) -> None:
     for col in ("op", "count", "per s", "p50", "p99", "p99.9", "max"):
         t.add_column(col, justify="right" if col != "op" else "left")
     for name, o in result["ops"].items():
+        per_s = f"{o['per_s']:,.0f}" if rated else "–"
         if "p50_ns" in o:
-            t.add_row(name, f"{o['count']:,}", f"{o['per_s']:,.0f}", fmt_ns(o["p50_ns"]), fmt_ns(o["p99_ns"]),
+            t.add_row(name, f"{o['count']:,}", per_s, fmt_ns(o["p50_ns"]), fmt_ns(o["p99_ns"]),
                       fmt_ns(o["p999_ns"]), fmt_ns(o["max_ns"]))
         else:
-            t.add_row(name, f"{o['count']:,}", f"{o['per_s']:,.0f}", "", "", "", "")
+            t.add_row(name, f"{o['count']:,}", per_s, "", "", "", "")
     con.print(t)
+    if not rated:
+        con.print("per s: – (a scripted run: its elapsed time is the commands' round trips, not a "
+                  "duration to rate over); counts are exact", highlight=False)
+    if any(o["count"] and "p50_ns" in o and o["p50_ns"] is None for o in result["ops"].values()):
+        con.print("latency –: counted, none timed (a sampled op times about 1 in "
+                  f"{cfg.get('latency_sample', 1)}, a scripted VMRUN none, --no-stats none)", highlight=False)
     if result["locks"]:
         # two narrow tables (fit an 80-column terminal): contention and wait, then hold times
         wt = Table(title="lock_stat: acquisitions and waits" + vt, show_edge=False)

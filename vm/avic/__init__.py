@@ -40,10 +40,14 @@ emulated writes must happen outside the guest-mode section (a VM exit); a notifi
 arrives inside it is WARNed (``emulation_in_guest_mode``) and run outside. ``synchronize_rcu``
 is never waited with a lock held.
 
-Test hooks (``kvm.hooks``): ``no-synchronize-rcu`` (rcu-list frees without a grace period),
-``avic-reader-delay`` (100 us inside rcu-list read-side sections: widens race windows);
-vm/notifier.py's ``no-synchronize-srcu`` makes per-table-notifier free a table under a walker;
-``busted-lock`` (vm/kvm.py: locks that do not lock) trips the held-flag checks.
+Test hooks (``kvm.hooks``; launch.py ``HOOKS``). Bugs (a run with one should end in FAILURE):
+``no-synchronize-rcu`` (rcu-list frees without a grace period); vm/notifier.py's
+``no-synchronize-srcu`` makes per-table-notifier free a table under a walker; ``busted-lock``
+(vm/kvm.py: locks that do not lock) trips the held-flag checks; ``flood-drop-race`` (erase.py: a
+flood drop that does not kick the vCPUs in L2 on the table); vm/page_track.py's ``no-tlb-flush``
+(write-protect without waiting for vCPUs in guest mode). Widenings, not bugs (a correct design still
+ends in SUCCESS under them): ``avic-reader-delay`` (100 us inside rcu-list read-side sections) and
+``avic-flood-often`` (flood drops after 2 unused writes, steered onto a vCPU entering L2).
 """
 
 from vm.avic.base import AvicDesign
