@@ -2,9 +2,17 @@
 real runs on purpose and check that every one of them ends well.
 
 Each case is one ``launch.py run`` with a seeded random design, registration, vCPU count (1-8) and
-duration, and one fault at a random time: SIGKILL, SIGTERM, or SIGSTOP for 0.1-3 s then SIGCONT,
-sent to a random vCPU process, the coordinator, the fork server or the resource tracker (found by
-walking the run's process tree with psutil). For each case it checks:
+duration, and one fault at a random time inside the run (after start-up -- every vCPU process is up
+-- and ``FAULT_MARGIN_S`` before the run's planned end): SIGKILL, SIGTERM, or SIGSTOP for 0.1-3 s
+then SIGCONT, sent to a random vCPU process, the coordinator, the fork server or the resource
+tracker (found by walking the run's process tree with psutil).
+
+A fault is **delivered** when the signal was sent to a live target while the run was still running
+(its vCPU processes up). A case whose fault was not delivered (the run ended or failed before
+start-up, the target was gone, the vCPUs had stopped) tested nothing: it is run again with another
+fault time, up to ``ATTEMPTS`` times, then counted as ``not_tested`` -- never as a pass.
+
+For each case it checks:
 - **bounded end**: the run ended within the fault's end + ``END_BOUND_S`` (else it is a hang: the
   whole process group is killed);
 - **diagnosis**: the exit code and the words fit the fault: a dead vCPU or fork server must be named
@@ -15,12 +23,14 @@ walking the run's process tree with psutil). For each case it checks:
   process of the run remains (orphans are killed after being counted);
 - **JSON**: the results document, when written, parses.
 
-Figures (printed as a table, written to ``--json``): ``{"runs", "faults": {kind: n}, "ended_in_bound",
-"diagnosis_named", "named_needed", "hangs", "leaked_segments", "orphans", "bad_json", "slowest_end_s",
-"failing": [case ...]}``. Every case's config, seed and outcome go to ``DIR/chaos.json`` (default DIR:
+Figures (printed as a table, written to ``--json``): ``{"runs", "tested", "not_tested", "attempts",
+"faults": {kind: n}, "ended_in_bound", "diagnosis_named", "named_needed", "hangs", "leaked_segments",
+"orphans", "bad_json", "slowest_end_s", "failing": [case ...]}``. Every case's config, seed and outcome go to ``DIR/chaos.json`` (default DIR:
 ``chaos-out``), with the stdout/stderr of each run in ``DIR/cases/``; a failing case can be rerun by
 hand from its ``command``. Cases run one after another here, or on Dask workers with ``--scheduler``.
-Exit code: 0 when every case passed its checks, 1 otherwise, 2 for bad input.
+Each case's record has ``delivered`` and ``attempts``. Exit code: 0 when every case passed its checks
+and at least one case tested something (a run in which no fault was delivered checked nothing: 1),
+1 otherwise, 2 for bad input.
 """
 
 from __future__ import annotations
@@ -45,6 +55,9 @@ REGISTRATIONS = ("refcount", "bool", "naive", "split")
 SIGNALS = ("SIGKILL", "SIGTERM", "SIGSTOP")
 TARGETS = ("vcpu", "coordinator", "forkserver", "resource_tracker")
 END_BOUND_S = 10.0
+FAULT_MARGIN_S = 0.1  # a fault lands at least this long after start-up and before the planned end
+ATTEMPTS = 3  # runs of a case until its fault is delivered; then it is not_tested
+STARTUP_S = 30.0  # a run whose vCPUs are not all up by then gets no fault
 FAMILY_EXIT_S = 5.0  # processes of a finished run get this long to go away by themselves
 POLL_S = 0.05
 # a dead vCPU (or its lost exit status, after the fork server died) named by the diagnosis
@@ -63,7 +76,7 @@ class Case(msgspec.Struct, frozen=True):
     registration: str
     vcpus: int
     duration: float
-    fault_at: float      # seconds after the run started
+    fault_at: float      # seconds after start-up (every vCPU process up): inside the run's duration
     sig: str
     target: str
     stop_s: float        # SIGSTOP only: how long before SIGCONT
@@ -80,9 +93,22 @@ def make_cases(runs: int, seed: int) -> list[Case]:
             index=i, seed=rng.randrange(1, 2**31), design=design,
             registration=rng.choice(REGISTRATIONS) if design != "mirror" else "refcount",
             vcpus=rng.randint(1, 8), duration=duration,
-            fault_at=round(rng.uniform(0.3, 0.5 + duration), 2), sig=rng.choice(SIGNALS),
+            fault_at=_draw_fault_at(rng, duration), sig=rng.choice(SIGNALS),
             target=rng.choice(TARGETS), stop_s=round(rng.uniform(0.1, 3.0), 2), pick=rng.random()))
     return out
+
+
+def _draw_fault_at(rng: random.Random, duration: float) -> float:
+    """A fault time inside the run: after start-up, FAULT_MARGIN_S clear of both ends."""
+    return round(rng.uniform(FAULT_MARGIN_S, duration - FAULT_MARGIN_S), 2)
+
+
+def retry_case(case: Case, attempt: int) -> Case:
+    """The case with attempt ``attempt``'s fault time (attempt 0: the case itself), drawn inside the run."""
+    if attempt == 0:
+        return case
+    return msgspec.structs.replace(case, fault_at=_draw_fault_at(random.Random(f"chaos {case.seed} {attempt}"),
+                                                                 case.duration))
 
 
 def command(case: Case, json_path: str, launch: str) -> list[str]:
@@ -204,21 +230,37 @@ def run_case(case: Case, out_dir: str, launch: str) -> dict[str, Any]:
         p.unlink(missing_ok=True)
     cmd = command(case, str(json_path), launch)
     known: dict[int, tuple[float, str]] = {}
-    rec: dict[str, Any] = {"case": msgspec.to_builtins(case), "command": cmd, "fault": "none"}
+    rec: dict[str, Any] = {"case": msgspec.to_builtins(case), "command": cmd, "fault": "none", "delivered": False}
     with open(out_path, "w") as fo, open(err_path, "w") as fe:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True)
         coordinator = psutil.Process(proc.pid)
         known[proc.pid] = (coordinator.create_time(), "coordinator")
-        fault_end = None
+        fault_end = startup = None
         mapped = None  # learned from the coordinator's mappings, in case it dies before saying it
-        while proc.poll() is None and time.monotonic() - t0 < case.fault_at:
+        # start-up: until every vCPU process is up (the fault time counts from there)
+        while proc.poll() is None and time.monotonic() - t0 < STARTUP_S:
             _family(coordinator, known)
             mapped = mapped or _mapped_run_id(proc.pid)
+            if len(_live(known, "vcpu")) >= case.vcpus:
+                startup = time.monotonic()
+                break
             time.sleep(POLL_S)
-        if proc.poll() is None:
-            _family(coordinator, known)
-            fault_end = _fire(case, known, rec)
+        rec["startup_s"] = round(startup - t0, 3) if startup is not None else None
+        if startup is None:
+            rec["fault"] = ("missed: the run ended before start-up completed" if proc.poll() is not None else
+                            f"missed: start-up not complete after {STARTUP_S:g}s")
+        else:
+            while proc.poll() is None and time.monotonic() - startup < case.fault_at:
+                _family(coordinator, known)
+                mapped = mapped or _mapped_run_id(proc.pid)
+                time.sleep(POLL_S)
+            if proc.poll() is None:
+                _family(coordinator, known)
+                rec["fault_after_startup_s"] = round(time.monotonic() - startup, 3)
+                fault_end = _fire(case, known, rec)
+            else:
+                rec["fault"] = f"missed: the run ended before {case.fault_at:g}s after start-up"
         bound = (fault_end if fault_end is not None else t0 + case.duration + 30.0) + END_BOUND_S
         while proc.poll() is None and time.monotonic() < bound:
             _family(coordinator, known)
@@ -282,6 +324,26 @@ def run_case(case: Case, out_dir: str, launch: str) -> dict[str, Any]:
     return rec
 
 
+def run_tested(case: Case, out_dir: str, launch: str, attempts: int = ATTEMPTS, run=None) -> dict[str, Any]:
+    """Run a case until its fault is delivered, at most ``attempts`` times (each with another fault
+    time inside the run); an attempt that failed its checks is kept as it is (that is a finding).
+    The record says ``delivered``, ``attempts`` and ``tested`` (= delivered: a case whose fault never
+    arrived tested nothing)."""
+    run = run or run_case
+    earlier = []
+    for a in range(attempts):
+        c = retry_case(case, a)
+        rec = run(c, out_dir, launch)
+        if rec["delivered"] or not rec["ok"] or a == attempts - 1:
+            break
+        earlier.append({"fault_at": c.fault_at, "fault": rec["fault"], "rc": rec["rc"],
+                        **({"late": rec["late"]} if rec.get("late") else {})})
+    rec["attempts"] = a + 1
+    rec["earlier_attempts"] = earlier
+    rec["tested"] = bool(rec["delivered"])
+    return rec
+
+
 def _read(p: Path) -> str:
     try:
         return p.read_text(errors="replace")
@@ -296,18 +358,30 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
+def _live(known: dict, role: str) -> list[int]:
+    return [pid for pid, (created, r) in sorted(known.items()) if r == role and _alive(pid, created)]
+
+
 def _fire(case: Case, known: dict, rec: dict) -> float | None:
-    """Send the case's fault; returns when the fault ended (monotonic), or None if it missed."""
-    live = [(pid, role) for pid, (created, role) in sorted(known.items()) if role == case.target
-            and _alive(pid, created)]
+    """Send the case's fault; returns when the fault ended (monotonic), or None if it missed.
+    ``rec["delivered"]``: the signal reached a live target while the run's vCPUs were still up."""
+    live = _live(known, case.target)
     if not live:
-        rec["fault"] = f"missed: no live {case.target} at {case.fault_at:g}s"
+        rec["fault"] = f"missed: no live {case.target} at {case.fault_at:g}s after start-up"
         return None
-    pid, _ = live[min(len(live) - 1, int(case.pick * len(live)))]
+    running = case.target == "vcpu" or bool(_live(known, "vcpu"))  # the run had not stopped its vCPUs
+    pid = live[min(len(live) - 1, int(case.pick * len(live)))]
     sig = getattr(signal, case.sig)
+    try:
+        os.kill(pid, sig)
+    except OSError as e:  # gone since it was seen alive
+        rec["fault"] = f"missed: {case.target} pid {pid} gone ({e.strerror})"
+        return None
     rec["fault"] = f"{case.sig} {case.target} pid {pid}"
     rec["target_pid"] = pid
-    _kill(pid, sig)
+    rec["delivered"] = running
+    if not running:
+        rec["late"] = "sent after the run's vCPUs had stopped"
     if sig == signal.SIGSTOP:
         time.sleep(case.stop_s)
         _kill(pid, signal.SIGCONT)
@@ -320,7 +394,7 @@ def judge(rec: dict, text: str) -> tuple[bool, bool, str]:
     if rec["hang"]:
         return True, False, "hang: killed after the bound"
     if not fault.startswith(("SIGKILL", "SIGTERM", "SIGSTOP")):  # missed: the run must just be good
-        return False, rc in (0, 1), f"no fault delivered; exit {rc}"
+        return False, rc in (0, 1), f"no fault delivered ({fault}); exit {rc}"
     sig, target = case["sig"], case["target"]
     failed_with_reason = rc == 1 and bool(re.search(r"FAILURE\S*:? \S", text))
     if target == "forkserver" and not _VCPU_LOST.search(text):
@@ -345,12 +419,17 @@ def judge(rec: dict, text: str) -> tuple[bool, bool, str]:
 
 def figures(recs: list[dict]) -> dict[str, Any]:
     faults: dict[str, int] = {}
-    for r in recs:
-        k = r["fault"].split(" pid")[0] if not r["fault"].startswith("missed") else "missed"
+    for r in recs:  # the faults delivered, by kind; "not delivered" (missed, or sent after the run)
+        k = r["fault"].split(" pid")[0] if r["delivered"] else "not delivered"
         faults[k] = faults.get(k, 0) + 1
+    tested = sum(bool(r["delivered"]) for r in recs)
     ends = [r["end_after_fault_s"] for r in recs if r.get("end_after_fault_s") is not None]
     return {
         "runs": len(recs),
+        # cases whose fault was delivered (the others were retried, then tested nothing)
+        "tested": tested,
+        "not_tested": len(recs) - tested,
+        "attempts": sum(r.get("attempts", 1) for r in recs),
         "faults": dict(sorted(faults.items())),
         "ended_in_bound": sum(r["ended_in_bound"] for r in recs),
         "named_needed": sum(r["named_needed"] for r in recs),
@@ -377,7 +456,7 @@ def run_cases(cases: list[Case], out: Path, scheduler: str | None, progress) -> 
     if scheduler is None:
         recs = []
         for c in cases:
-            recs.append(run_case(c, str(out), launch))
+            recs.append(run_tested(c, str(out), launch))
             progress(recs[-1])
         return recs
     import tempfile
@@ -390,7 +469,7 @@ def run_cases(cases: list[Case], out: Path, scheduler: str | None, progress) -> 
     with dask.config.set({"temporary-directory": scratch}):
         client, cluster, _ = _client(scheduler, 1, scratch, by_value=sys.modules[__name__])
         try:
-            futs = [client.submit(run_case, c, str(out), launch, key=f"chaos-{c.index}", pure=False)
+            futs = [client.submit(run_tested, c, str(out), launch, key=f"chaos-{c.index}", pure=False)
                     for c in cases]
             recs = []
             for f in futs:
@@ -420,12 +499,14 @@ def main(args) -> int:
     cases = make_cases(args.runs, args.seed)
 
     def progress(r: dict) -> None:
-        mark = "ok  " if r["ok"] else "FAIL"
+        mark = "FAIL" if not r["ok"] else "ok  " if r["delivered"] else "n/t "
         end = f"{r['end_after_fault_s']:.2f}s" if r.get("end_after_fault_s") is not None else "-"
         c = r["case"]
+        note = (r["why"] if not r["ok"] else "" if r["delivered"] else
+                f"not tested: fault never delivered in {r['attempts']} attempt(s)")
+        tries = f" (attempt {r['attempts']})" if r["attempts"] > 1 and (r["delivered"] or not r["ok"]) else ""
         print(f"  {mark} case {c['index']:>3}  {c['design']:<18} {c['vcpus']} vCPU  {r['fault']:<36} "
-              f"exit {r['rc']!s:>4}  end {end:>6}  {r['why'] if not r['ok'] else ''}", file=sys.stderr,
-              flush=True)
+              f"exit {r['rc']!s:>4}  end {end:>6}  {note}{tries}", file=sys.stderr, flush=True)
 
     recs = run_cases(cases, out, scheduler, progress)
     fig = figures(recs)
@@ -433,7 +514,7 @@ def main(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=1) + "\n")
     print_figures(fig)
-    return 0 if not fig["failing"] else 1
+    return 0 if not fig["failing"] and fig["tested"] > 0 else 1
 
 
 def print_figures(fig: dict) -> None:
@@ -444,14 +525,26 @@ def print_figures(fig: dict) -> None:
     t = Table(title="chaos", show_edge=False)
     t.add_column("figure")
     t.add_column("value", justify="right")
-    for k in ("runs", "ended_in_bound", "named_needed", "diagnosis_named", "hangs", "leaked_segments",
-              "left_for_clean", "orphans", "bad_json", "slowest_end_s"):
+    for k in ("runs", "tested", "not_tested", "attempts", "ended_in_bound", "named_needed", "diagnosis_named",
+              "hangs", "leaked_segments", "left_for_clean", "orphans", "bad_json", "slowest_end_s"):
         t.add_row(k, str(fig[k]))
     t.add_row("faults", ", ".join(f"{k}: {n}" for k, n in fig["faults"].items()))
     con.print(t)
+    con.print(summary_line(fig), highlight=False)
     if fig["failing"]:
         con.print(f"[bold red]FAILURE[/]: {len(fig['failing'])} case(s) did not end well: "
                   + "; ".join(f"case {f['case']['index']} ({f['fault']}): {f['why']}" for f in fig["failing"][:5]),
                   highlight=False)
+    elif not fig["tested"]:
+        con.print(f"[bold red]FAILURE[/]: nothing was tested: no case's fault was delivered in {ATTEMPTS} "
+                  "attempts (exit 1: a run that checked nothing is not a pass)", highlight=False)
     else:
-        con.print("[bold green]SUCCESS[/]: every case ended in bound, named its fault, left nothing behind")
+        nt = fig["not_tested"]
+        con.print("[bold green]SUCCESS[/]: every tested case ended in bound, named its fault, left nothing behind"
+                  + (f" (the {nt} not tested ended well without a fault; they checked no fault handling)"
+                     if nt else ""), highlight=False)
+
+
+def summary_line(fig: dict) -> str:
+    return (f"{fig['tested']} of {fig['runs']} cases tested something; {fig['not_tested']} not tested "
+            "(fault never delivered)")

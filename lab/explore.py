@@ -14,6 +14,7 @@ vCPUs run short seeded op streams of the workload generator (``--seed`` seeds th
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -34,6 +35,9 @@ TRACE_JSON, TRACE_TEXT = "failing-schedule.trace.json", "failing-schedule.trace.
 BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "free")
 FREE = {"vcpus": 2, "l2s": 2, "switch_rate": 0.5, "writes_per_exit": 2, "tracked_fraction": 0.5}
 FREE_ITERATIONS = 3
+PROGRESS_S = 5.0  # the plain progress line's interval on stderr when it is not a terminal
+PROGRESS_ENV = "PAGETRACK_PROGRESS_S"  # overrides PROGRESS_S (seconds)
+DISTINCT_CAP = 1_000_000  # distinct interleavings counted up to this many (a hash each)
 
 
 # -- scenarios ---------------------------------------------------------------------------------
@@ -180,13 +184,15 @@ def _check_cfg(sc: Scenario) -> None:
 
 def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, schedules: int = DEFAULT_SCHEDULES,
             seed: int = 1, out: str | None = None, max_steps: int = MAX_STEPS, quiet: bool = False,
-            trace: str | None = None) -> dict:
+            trace: str | None = None, progress=None) -> dict:
     """Run up to ``schedules`` schedules; stop at the first FAILURE. Returns a summary dict. The
-    failing schedule's trace goes beside ``failing-schedule.toml`` (JSON + text) and to ``trace``."""
+    failing schedule's trace goes beside ``failing-schedule.toml`` (JSON + text) and to ``trace``.
+    ``progress(done, total, steps, elapsed_s)`` is called after every schedule."""
     _check_cfg(sc)
     t0 = time.monotonic()
-    steps = k_max = k_used = 0
+    steps = k_max = k_used = covered = 0
     k_est = 50  # PCT places its change points among this many steps: the longest schedule so far
+    seen: set[int] | None = set()  # hashes of the interleavings (None: past DISTINCT_CAP)
     res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks)}
     with Runner(sc) as runner:
         for i in range(schedules):
@@ -195,7 +201,15 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
             o = runner.run(_strategy(strategy, sseed, sc.n, depth, k_est), max_steps)
             steps += len(o.log)
             k_max = max(k_max, len(o.log))
+            # PCT's bound holds for a schedule whose change points could land on any of its steps
+            covered += len(o.log) <= max(k_est, depth)
             k_est = max(k_est, k_max)
+            if seen is not None:
+                seen.add(hash(tuple((v, n) for v, n, _ in o.log)))
+                if len(seen) >= DISTINCT_CAP:
+                    seen = None
+            if progress is not None:
+                progress(i + 1, schedules, steps, time.monotonic() - t0)
             if o.verdict != "SUCCESS":
                 res.update(verdict="FAILURE", schedules=i + 1, schedules_to_failure=i + 1, reasons=o.reasons,
                            log=o.log, schedule_seed=sseed, failing_steps=len(o.log), sched_outcome=o.sched_outcome)
@@ -215,10 +229,100 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
         else:
             res.update(verdict="SUCCESS", schedules=schedules, reasons=[])
     el = time.monotonic() - t0
+    # k for the bound: the most steps any change points were drawn over or any schedule took (the
+    # smaller of the per-schedule bounds; a schedule longer than its draw is not counted in p_miss_all)
+    k = max(k_used, k_max)
+    bound = pct_bound(sc.n, k, depth, covered) if strategy == "pct" else None
     res.update(steps=steps, seconds=round(el, 3), steps_per_s=round(steps / max(el, 1e-9), 1),
-               n=sc.n, k=k_used, k_longest=k_max,
-               guarantee=sched.guarantee(sc.n, k_used, depth) if strategy == "pct" else None)
+               distinct_schedules=len(seen) if seen is not None else None,
+               n=sc.n, k=k, k_longest=k_max, pct_bound=bound,
+               guarantee=bound["p_per_schedule"] if bound else None)
     return res
+
+
+def pct_bound(n: int, k: int, depth: int, schedules: int) -> dict:
+    """PCT's guarantee: one schedule finds a given bug of depth ``depth`` with probability
+    p >= 1/(n*k^(d-1)) (n threads, k steps); ``schedules`` independent schedules all miss it with
+    probability <= (1-p)^N."""
+    p = sched.guarantee(n, k, depth)
+    log_miss = schedules * math.log1p(-p) if p < 1 else -math.inf
+    return {"depth": depth, "k_max": k, "n": n, "p_per_schedule": p, "schedules": schedules,
+            "p_miss_all": math.exp(log_miss), "p_find_any": -math.expm1(log_miss)}
+
+
+def _fmt_p(x: float, one_minus: float | None = None) -> str:
+    """A probability, never rounded to 0 or 1 (``one_minus`` = 1 - x, computed without cancellation)."""
+    if x < 0.9995:
+        return f"{x:.3g}"
+    return f"1 - {one_minus if one_minus is not None else 1 - x:.2g}"
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def progress_interval() -> float:
+    """Seconds between two plain progress lines: $PAGETRACK_PROGRESS_S, else PROGRESS_S."""
+    try:
+        v = float(os.environ.get(PROGRESS_ENV, ""))
+        return v if math.isfinite(v) and v >= 0 else PROGRESS_S
+    except ValueError:
+        return PROGRESS_S
+
+
+class Progress:
+    """Explore's progress on stderr (stdout stays the result): a rich bar on a terminal (schedules
+    done / total, steps/s, elapsed, ETA), else a plain line every ``interval`` seconds."""
+
+    def __init__(self, label: str, total: int, interval: float | None = None, stream=None,
+                 tty: bool | None = None):
+        self.label, self.total = label, total
+        self.interval = progress_interval() if interval is None else interval
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.next = self.interval
+        self.bar = None
+
+    def __enter__(self) -> Progress:
+        if self.tty:
+            import rich.progress as rp
+            from rich.console import Console
+
+            # "kaboom ━━━━━━━━━━ 15/200 schedules 2,694 steps/s 0:00:03 elapsed, ETA 0:00:05": the bar
+            # gets what the text leaves of the terminal's width (none if under 5 columns)
+            con = Console(file=self.stream)
+            text = len(self.label) + 2 * len(str(self.total)) + 1 + len(" schedules 99,999 steps/s") + \
+                len(" 0:00:00 elapsed, ETA 0:00:00") + 2
+            width = min(20, con.width - 1 - text - 1)
+            self.bar = rp.Progress(rp.TextColumn("[bold]{task.description}"),
+                                   *([rp.BarColumn(bar_width=width)] if width >= 5 else []),
+                                   rp.MofNCompleteColumn(), rp.TextColumn("schedules {task.fields[rate]}"),
+                                   rp.TimeElapsedColumn(), rp.TextColumn("elapsed, ETA"), rp.TimeRemainingColumn(),
+                                   console=con, transient=True)
+            self.task = self.bar.add_task(self.label, total=self.total, rate="")
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, done: int, total: int, steps: int, elapsed: float) -> None:
+        rate = f"{steps / max(elapsed, 1e-9):,.0f} steps/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, rate=rate)
+            return
+        if elapsed < self.next or done >= total:
+            return
+        self.next = elapsed + self.interval
+        eta = _hms(elapsed / done * (total - done)) if done else "?"
+        print(f"explore {self.label}: {done:,}/{total:,} schedules, {rate}, elapsed {_hms(elapsed)}, ETA {eta}",
+              file=self.stream, flush=True)
 
 
 def _title(sc: Scenario) -> str:
@@ -245,12 +349,38 @@ def replay(path: str, trace: str | None = None) -> dict:
 
 
 def _print_summary(res: dict) -> None:
-    p = res.get("guarantee")
-    g = (f"; PCT guarantee per schedule >= 1/(n*k^(d-1)) = {p:.3g} (n={res['n']}, d={res['depth']}, k={res['k']}: "
-         f"the steps the change points were drawn over, an estimate of the schedule length; longest schedule "
-         f"{res['k_longest']} steps)") if p is not None else ""
-    print(f"{res['scenario']}: {res['schedules']} schedule(s) tried, {res['steps']} scheduling steps in "
+    b = res.get("pct_bound")
+    g = ""
+    if b is not None:
+        over = (f"all N = {b['schedules']:,} schedules" if b["schedules"] == res["schedules"] else
+                f"the N = {b['schedules']:,} of {res['schedules']:,} schedules whose change points were drawn over "
+                "their whole length (the others were longer than every schedule before them)")
+        g = (f"; PCT bound per schedule p ≥ 1/(n·k^(d-1)) = {b['p_per_schedule']:.3g} (n={b['n']} vCPUs, "
+             f"d={b['depth']}, k={b['k_max']}: the most steps a schedule took or its change points were drawn "
+             "over)")
+        if res["verdict"] == "SUCCESS":
+            g += (f"; {over} miss a depth-{b['depth']} bug with probability ≤ (1-p)^N = "
+                  f"{_fmt_p(b['p_miss_all'], b['p_find_any'])}")
+    print(f"{res['scenario']}: {res['schedules']:,} schedule(s) tried, {res['steps']:,} scheduling steps in "
           f"{res['seconds']:.1f} s ({res['steps_per_s']:,.0f} steps/s){g}")
+
+
+def success_line(res: dict) -> str:
+    """What a SUCCESS covered: the schedules, how many distinct, and PCT's probability bound."""
+    n = res["schedules"]
+    d = res.get("distinct_schedules")
+    distinct = f", {d:,} distinct" if d is not None else ""
+    b = res.get("pct_bound")
+    if b is None:
+        what = f"{res['strategy']} walk: no probability bound"
+    else:
+        dd = b["depth"]
+        over = (f"all {n:,}" if b["schedules"] == n else
+                f"the {b['schedules']:,} whose change points spanned their whole length all")
+        what = (f"PCT depth {dd}: each schedule finds a depth-{dd} bug with probability ≥ "
+                f"{b['p_per_schedule']:.3g}; {over} miss it with probability ≤ "
+                f"{_fmt_p(b['p_miss_all'], b['p_find_any'])}")
+    return f"SUCCESS: no failure in {n:,} schedule{'s' if n != 1 else ''}{distinct} ({what})"
 
 
 def main(args) -> int:
@@ -261,8 +391,9 @@ def main(args) -> int:
         sc = free(args.registration, args.design, hooks, args.seed)
     else:
         sc = builtin(args.scenario, args.registration, args.design, hooks)
-    res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps,
-                  trace=args.trace)
+    with Progress(sc.name, args.schedules) as progress:
+        res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps,
+                      trace=args.trace, progress=progress)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: v for k, v in res.items() if k != "log"}, f, indent=1)
@@ -279,8 +410,7 @@ def main(args) -> int:
         if res.get("trace_files"):
             print(f"trace of the failing schedule (1 us = 1 step): {', '.join(res['trace_files'])}")
     else:
-        print(f"SUCCESS: no failure in {res['schedules']} schedule(s)"
-              + (" (no failing schedule: no trace written)" if args.trace else ""))
+        print(success_line(res) + (" (no failing schedule: no trace written)" if args.trace else ""))
     _print_summary(res)
     return 0 if res["verdict"] == "SUCCESS" else 1
 
@@ -304,4 +434,5 @@ def main_replay(args) -> int:
     return 0
 
 
-__all__ = ["builtin", "free", "from_toml", "explore", "replay", "format_log", "describe", "main", "main_replay"]
+__all__ = ["builtin", "free", "from_toml", "explore", "replay", "format_log", "describe", "main", "main_replay",
+           "pct_bound", "success_line", "Progress"]

@@ -6,7 +6,9 @@ Seeds are fixed; the search budget is the issue's 1,000 schedules (bench/explore
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -248,5 +250,71 @@ def test_the_pct_guarantee_is_stated_with_the_k_of_the_change_points(monkeypatch
     monkeypatch.setattr(ex, "_strategy", spy)
     res = explore(builtin("kaboom", "refcount", None, ()), "pct", 3, 3, 1, None)
     assert res["verdict"] == "SUCCESS" and len(ks) == 3
-    assert res["k"] == max(ks) and res["guarantee"] == sched.guarantee(res["n"], max(ks), 3)
-    assert res["k_longest"] > 0
+    # k: the most steps any change points were drawn over or any schedule took (not the first schedule's)
+    assert res["k"] == max(*ks, res["k_longest"]) and res["guarantee"] == sched.guarantee(res["n"], res["k"], 3)
+    assert res["k_longest"] > ks[0] == 50  # the first schedule was drawn over the initial estimate only
+    b = res["pct_bound"]
+    assert b["k_max"] == res["k"] and b["p_per_schedule"] == res["guarantee"]
+    assert b["schedules"] <= 2  # the first schedule was longer than its draw: not counted in p_miss_all
+
+
+def test_pct_bound_is_per_schedule_and_over_n_schedules():
+    from ipc import sched
+    from lab.explore import pct_bound
+
+    b = pct_bound(2, 176, 3, 1000)
+    p = sched.guarantee(2, 176, 3)
+    assert b == pytest.approx({"depth": 3, "k_max": 176, "n": 2, "p_per_schedule": p, "schedules": 1000,
+                               "p_miss_all": (1 - p) ** 1000, "p_find_any": 1 - (1 - p) ** 1000})
+
+
+def test_success_line_says_what_was_covered():
+    from lab.explore import pct_bound, success_line
+
+    res = {"schedules": 1000, "distinct_schedules": 998, "strategy": "pct", "pct_bound": pct_bound(2, 176, 3, 1000)}
+    line = success_line(res)
+    assert line == ("SUCCESS: no failure in 1,000 schedules, 998 distinct (PCT depth 3: each schedule finds a "
+                    "depth-3 bug with probability ≥ 1.61e-05; all 1,000 miss it with probability ≤ 0.984)"), line
+    # a schedule longer than its draw is not counted; a probability near 1 is never printed as 1
+    res["pct_bound"] = pct_bound(2, 5000, 3, 990)
+    line = success_line(res)
+    assert "the 990 whose change points spanned their whole length all miss it with probability ≤ 1 - 2e-05" \
+        in line, line
+    assert success_line({"schedules": 1, "distinct_schedules": 1, "strategy": "random", "pct_bound": None}) == \
+        "SUCCESS: no failure in 1 schedule, 1 distinct (random walk: no probability bound)"
+
+
+def test_progress_plain_lines_every_interval():
+    import io
+
+    from lab.explore import Progress
+
+    f = io.StringIO()
+    with Progress("kaboom", 100, interval=1.0, stream=f, tty=False) as p:
+        for done, t in ((1, 0.5), (2, 1.0), (3, 1.5), (4, 2.1), (100, 60.0)):
+            p(done, 100, done * 150, t)
+    lines = f.getvalue().splitlines()
+    assert lines == ["explore kaboom: 2/100 schedules, 300 steps/s, elapsed 1 s, ETA 49 s",
+                     "explore kaboom: 4/100 schedules, 286 steps/s, elapsed 2 s, ETA 50 s"], lines
+
+
+def test_cli_explore_progress_on_stderr_and_the_covered_success_line(tmp_path):
+    env = {**os.environ, "PAGETRACK_PROGRESS_S": "0.2"}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "explore", "kaboom", "--schedules", "40",
+                        "--json", str(tmp_path / "s.json")], capture_output=True, text=True, cwd=str(tmp_path),
+                       timeout=120, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    prog = [ln for ln in p.stderr.splitlines() if ln.startswith("explore kaboom: ")]
+    assert prog and all(re.fullmatch(r"explore kaboom: \d+/40 schedules, [\d,]+ steps/s, elapsed \d+ s, ETA \d+ s", ln)
+                        for ln in prog), p.stderr
+    assert "explore kaboom:" not in p.stdout  # progress stays off stdout
+    out = p.stdout.splitlines()
+    assert re.fullmatch(r"SUCCESS: no failure in 40 schedules, \d+ distinct \(PCT depth 3: each schedule finds a "
+                        r"depth-3 bug with probability ≥ [\d.e-]+; .* miss it with probability ≤ [\d.]+\)", out[0]), out
+    assert "40 schedule(s) tried" in out[1] and "steps/s" in out[1] and "(1-p)^N" in out[1]
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["schedules"] == 40 and 1 <= doc["distinct_schedules"] <= 40
+    b = doc["pct_bound"]
+    assert set(b) >= {"depth", "k_max", "n", "p_per_schedule", "p_miss_all"} and b["depth"] == 3 and b["n"] == 2
+    assert b["k_max"] == doc["k"] >= doc["k_longest"] and b["p_miss_all"] == pytest.approx(
+        (1 - b["p_per_schedule"]) ** b["schedules"])
