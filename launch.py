@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""pagetrack-sim command line: run, scenario, torture, compare, sweep, report, clean.
+"""pagetrack-sim command line: torture, run, compare, scenario, explore, replay, clean, report, chaos, sweep.
 
 Thin composition root: parses and validates arguments, then calls vm/ (and ipc/ for torture).
-Bad input ends with a one-line error and exit code 2; SUCCESS exits 0, FAILURE 1.
+Bad input ends with a one-line error and exit code 2; SUCCESS exits 0, FAILURE 1. Every output
+location (--json, --trace, --out) is input too: checked before anything starts (ipc/outputs.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -18,6 +20,21 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 WORKLOAD_NAMES = ("realistic", "heavy")  # vm/workloads.py (kept here: --help needs no vm import)
 MAX_PROCS = 256
 MAX_DURATION_S = 24 * 3600.0
+
+
+def version() -> str:
+    """This checkout's version (pyproject.toml beside launch.py), else the installed package's."""
+    import tomllib
+    from importlib import metadata
+
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml"), "rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    except (OSError, ValueError, KeyError):
+        try:
+            return metadata.version("pagetrack-sim")
+        except metadata.PackageNotFoundError:
+            return "unknown"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -203,7 +220,10 @@ def _add_trace_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="launch.py", description=__doc__.split("\n\n")[0])
+    # the console script (pyproject [project.scripts]) is pagetrack-sim; else launch.py
+    p = _Parser(prog="pagetrack-sim" if os.path.basename(sys.argv[0] or "") == "pagetrack-sim" else "launch.py",
+                description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"pagetrack-sim {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("torture", help="rcutorture / locktorture on the shm primitives")
@@ -253,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--map: an existing Dask scheduler (default: a LocalCluster on this machine)")
     cp.add_argument("--workers", type=int_range(1, 64, "--workers"), default=1,
                     help="--map: LocalCluster workers (default 1: runs are multiprocess already)")
+    _add_connect_timeout(cp)
 
     sc = sub.add_parser("scenario", help="a scripted scenario from the seed, over ZeroMQ, deterministic")
     sc.add_argument("name", choices=["kaboom"],
@@ -308,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--json", metavar="PATH", default=None, help="write the figures here")
     ch.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,
                     help="run the cases on this Dask scheduler's workers (default: one after another here)")
+    _add_connect_timeout(ch)
 
     sw = sub.add_parser("sweep", help="run every point of a parameter grid on Dask distributed")
     sw.add_argument("grid", metavar="GRID.toml")
@@ -316,11 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an existing Dask scheduler (default: a LocalCluster on this machine)")
     sw.add_argument("--workers", type=int_range(1, 64, "--workers"), default=1,
                     help="LocalCluster workers (default 1: runs are multiprocess already)")
+    _add_connect_timeout(sw)
     _add_clock_args(sw)
     return p
 
 
+def _add_connect_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connect-timeout", dest="connect_timeout", type=float_range(0.1, 600, "--connect-timeout"),
+                   default=None, metavar="S", help="seconds to reach --scheduler before giving up (default 5)")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    from lab.outputs import check_command_outputs
+
+    check_command_outputs(args)  # --json, --trace, --out: before anything starts, nothing created
+    if getattr(args, "scheduler", None) and (args.command == "chaos" or getattr(args, "map", False)):
+        from lab.scheduler import CONNECT_TIMEOUT_S, probe_scheduler  # (sweep probes once its grid is valid)
+
+        probe_scheduler(args.scheduler, args.connect_timeout or CONNECT_TIMEOUT_S)
     if args.command == "torture":
         from ipc import torture
 
@@ -363,15 +398,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _check_json_path(path: str | None, flag: str = "--json") -> None:
-    import os
+    from ipc.outputs import check_out_file
 
-    if path is None:
-        return
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise UsageError(f"{flag}: directory {d} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{flag}: {path} is a directory")
+    if path is not None:
+        check_out_file(path, flag)  # its directory exists, is writable and has room; not a directory
 
 
 def _check_trace(args: argparse.Namespace, cfg) -> None:
@@ -495,6 +525,8 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
         except Exception as e:  # noqa: BLE001 (the results JSON below must still be written)
             res["trace_error"] = f"--trace {trace_path}: {type(e).__name__}: {e}"
             print(f"trace: not written: {res['trace_error']}", file=sys.stderr)
+            if os.path.exists(f"{trace_path}.tmp"):  # chrome_trace.export's half-written temporary file
+                os.unlink(f"{trace_path}.tmp")
     if res.get("failure_trace"):
         print(f"last events of every process: {', '.join(res['failure_trace'])}", file=sys.stderr)
     if footer:

@@ -218,12 +218,12 @@ def designs_arg(text: str | None) -> tuple[str, ...]:
 
 def main(args, run_one: Callable[[dict], dict]) -> int:
     from lab import dilation
+    from lab.outputs import check_out_dir, write_atomic
     from vm.config import DILATE_VIRTUAL, clock_values
     from vm.workloads import workload
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out: {out} exists and is not a directory")
+    check_out_dir(out, "--out", create=False)  # a directory (or creatable), writable, with room; nothing made yet
     designs = designs_arg(args.designs)
     base = workload(args.workload)
     cv = clock_values(args.clock or "real", args.prices)
@@ -240,7 +240,7 @@ def main(args, run_one: Callable[[dict], dict]) -> int:
             for d in designs:
                 from_dict({**base, "design": d, "vcpus": v, "switch_rate": r, "duration": duration,
                            "seed": args.seed})
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, "--out")  # created now, checked again
     factor, dil_doc = dilation.resolve(dilate, base, designs)
 
     def progress(i, n, res):
@@ -255,12 +255,12 @@ def main(args, run_one: Callable[[dict], dict]) -> int:
             f"spread over {repeats} seed(s) shown as [min–max]." if virtual else rests_on(factor, dil_doc))
     text = "\n".join([head, ""] + [assess(parts[x], verdicts=verdicts.setdefault(
         "virtual" if virtual else "dilated" if x != 1 else "undilated", {})) for x in sorted(parts, reverse=True)])
-    tmp = out / "compare.json.tmp"
-    tmp.write_text(json.dumps({"points": results, "assessment": text, "workload": args.workload,
-                               "clock": cv["clock"], "repeats": repeats, "verdicts": verdicts,
-                               "dilation": dil_doc or {"factor": factor},
-                               "trace_events": 0}, indent=1, default=str))
-    tmp.replace(out / "compare.json")
+    write_atomic(out / "compare.json",  # a failed write: nothing half-written, the document rescued and named
+                 json.dumps({"points": results, "assessment": text, "workload": args.workload,
+                             "clock": cv["clock"], "repeats": repeats, "verdicts": verdicts,
+                             "dilation": dil_doc or {"factor": factor},
+                             "trace_events": 0}, indent=1, default=str),
+                 what=f"the results of {len(results)} compare run(s)", flag="--out")
     report.write_report(results, out, title="pagetrack-sim compare: nested AVIC designs", extra_md=text)
     rows = report.summarize(results)
     from rich.console import Console

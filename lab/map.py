@@ -295,11 +295,11 @@ def main(args) -> int:
     from rich.console import Console
 
     from lab import dilation
+    from lab.outputs import check_out_dir
     from vm.config import DILATE_VIRTUAL, clock_values
     from vm.workloads import workload
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out: {args.out} exists and is not a directory")
+    check_out_dir(args.out, "--out", create=False)  # a directory (or creatable), writable, with room; nothing made yet
     designs = designs_arg(args.designs)
     base = workload(args.workload)
     cv = clock_values(args.clock or "virtual", args.prices)  # the map measures on virtual time by default

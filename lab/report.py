@@ -409,14 +409,9 @@ def write_report(results: list[dict], out_dir: str | Path, labels: list[str] | N
 
 
 def _out_dir(out: str) -> Path:
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"--out: {out} exists and is not a directory")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out: cannot create {out}: {e.strerror}") from None
-    return p
+    from lab.outputs import check_out_dir
+
+    return check_out_dir(out, "--out")  # a writable directory with room (created if missing), else UsageError
 
 
 def main(args) -> int:

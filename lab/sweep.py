@@ -45,7 +45,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -59,7 +58,8 @@ from typing import Any
 import msgspec
 
 from ipc.errors import UsageError
-from lab import report
+from lab import outputs, report
+from lab.scheduler import CONNECT_TIMEOUT_S, check_scheduler, connect_error, probe_scheduler
 from vm.config import CLI_KEYS, Config, from_dict
 
 EXIT_OK, EXIT_FAILURE = 0, 1
@@ -68,7 +68,6 @@ MAX_POINTS = 10_000
 FLAG_KEYS = CLI_KEYS
 CONFIG_KEYS = tuple(f.name for f in msgspec.structs.fields(Config))
 STDERR_TAIL = 2000  # characters of a crashed point's stderr kept
-_SCHED_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$")
 
 
 # -- grid -------------------------------------------------------------------------------------------
@@ -331,19 +330,10 @@ def _result_from(outcome: dict, p: Point) -> tuple[dict | None, str | None]:
 # -- the sweep --------------------------------------------------------------------------------------
 
 
-def check_scheduler(addr: str) -> str:
-    m = _SCHED_RE.match(addr)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise UsageError(f"--scheduler: expected tcp://HOST:PORT, got {addr!r}")
-    return addr
-
-
 def _out_dir(out: str) -> Path:
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"--out: {out} exists and is not a directory")
+    p = outputs.check_out_dir(out, "--out")  # a directory, writable, with room; created if missing
     try:
-        (p / "points").mkdir(parents=True, exist_ok=True)
+        (p / "points").mkdir(exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out: cannot create {out}/points: {e.strerror}") from None
     return p
@@ -365,15 +355,11 @@ class _Lock:
         os.close(self.fd)
 
 
-def _write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_json(path: Path, doc: Any, what: str | None = None) -> None:  # a failed write: rescued, named
+    outputs.write_atomic(path, json.dumps(doc, indent=2) + "\n", what=what or f"the {path.name} document")
 
 
-def _client(scheduler: str | None, workers: int, scratch: str, by_value=None):
+def _client(scheduler: str | None, workers: int, scratch: str, by_value=None, connect_timeout=CONNECT_TIMEOUT_S):
     """(client, cluster or None, start seconds). ``by_value``: the module whose functions the tasks
     run, pickled by value for a remote scheduler (default: this one)."""
     from distributed import Client, LocalCluster
@@ -384,9 +370,9 @@ def _client(scheduler: str | None, workers: int, scratch: str, by_value=None):
 
         cloudpickle.register_pickle_by_value(by_value or sys.modules[__name__])  # workers need not import vm
         try:
-            client = Client(scheduler, timeout="15s")
-        except (OSError, TimeoutError) as e:
-            raise UsageError(f"--scheduler: cannot connect to {scheduler}: {e}") from None
+            client = Client(scheduler, timeout=f"{connect_timeout:g}s")
+        except Exception as e:  # noqa: BLE001 (refused, timed out, or not a Dask scheduler: garbage frames)
+            raise connect_error(scheduler, e) from None
         return client, None, time.monotonic() - t0
     # no dashboard; the HTTP server a scheduler always starts gets no routes (dask config set by the
     # caller) and a random loopback port
@@ -403,7 +389,7 @@ def _client(scheduler: str | None, workers: int, scratch: str, by_value=None):
 
 
 def run_points(todo: list[Point], out: Path, *, scheduler: str | None, workers: int,
-               console) -> tuple[dict[str, dict], dict[str, dict], float]:
+               console, connect_timeout: float = CONNECT_TIMEOUT_S) -> tuple[dict[str, dict], dict[str, dict], float]:
     """Run ``todo`` on Dask; returns (outcomes by point id, results by point id, cluster start s)."""
     from distributed import as_completed
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -425,7 +411,7 @@ def run_points(todo: list[Point], out: Path, *, scheduler: str | None, workers: 
     try:
         with dask.config.set({"temporary-directory": scratch, "distributed.scheduler.http.routes": [],
                               "distributed.worker.http.routes": []}):
-            client, cluster, start_s = _client(scheduler, workers, scratch)
+            client, cluster, start_s = _client(scheduler, workers, scratch, connect_timeout=connect_timeout)
             try:
                 futs = {}
                 for p in todo:
@@ -462,7 +448,10 @@ def _collect(fut, p: Point, points_dir: Path, console) -> tuple[dict, dict | Non
     path = points_dir / f"{p.point_id}.json"
     if doc is not None:
         if not path.is_file():  # the worker wrote it on another file system
-            _write_json(path, doc)
+            try:
+                _write_json(path, doc, f"the result of point {p.point_id}")
+            except outputs.OutputError as e:  # kept in memory: merged into sweep.json all the same
+                console.print(str(e), markup=False, highlight=False)
         style = "green" if doc["verdict"] == "SUCCESS" else "bold red"
         console.print(f"{p.point_id} {p.desc}: [{style}]{doc['verdict']}[/] ({oc['wall_s']:.1f}s)", highlight=False)
     else:
@@ -476,7 +465,10 @@ def main(args) -> int:
     cv = clock_values(getattr(args, "clock", None), getattr(args, "prices", None))
     points = load_grid(args.grid, cv.get("clock"), cv.get("prices"))  # everything validated before anything starts
     scheduler = check_scheduler(args.scheduler) if args.scheduler else None
+    connect_timeout = float(getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT_S)
     workers = int(args.workers or 1)
+    if scheduler:
+        probe_scheduler(scheduler, connect_timeout)  # an unreachable scheduler: before --out gets a file
     out = _out_dir(args.out)
     from rich.console import Console
 
@@ -484,7 +476,7 @@ def main(args) -> int:
     lock = _Lock(out)
     old = _sigterm_interrupts()
     try:
-        return _sweep(points, out, scheduler, workers, console, args.grid)
+        return _sweep(points, out, scheduler, workers, console, args.grid, connect_timeout=connect_timeout)
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
@@ -502,7 +494,8 @@ def _sigterm_interrupts():
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _sweep(points: list[Point], out: Path, scheduler: str | None, workers: int, console, grid_path: str) -> int:
+def _sweep(points: list[Point], out: Path, scheduler: str | None, workers: int, console, grid_path: str,
+           connect_timeout: float = CONNECT_TIMEOUT_S) -> int:
     t0 = time.monotonic()
     points_dir = out / "points"
     done = {p.point_id: d for p in points if (d := existing_result(p, points_dir)) is not None}
@@ -515,7 +508,8 @@ def _sweep(points: list[Point], out: Path, scheduler: str | None, workers: int, 
     outcomes: dict[str, dict] = {}
     start_s = 0.0
     if todo:
-        outcomes, ran, start_s = run_points(todo, out, scheduler=scheduler, workers=workers, console=console)
+        outcomes, ran, start_s = run_points(todo, out, scheduler=scheduler, workers=workers, console=console,
+                                            connect_timeout=connect_timeout)
         done.update(ran)
     results, crashed, failed = [], [], []
     for p in points:
@@ -540,8 +534,15 @@ def _sweep(points: list[Point], out: Path, scheduler: str | None, workers: int, 
         "mean_point_overhead_s": round(overhead, 3) if overhead is not None else None,
         "point_ids": [p.point_id for p in points],
     }
-    _write_json(out / "sweep.json", results)
-    _write_json(out / "status.json", status)
+    lost = []
+    for name, doc, what in (("sweep.json", results, f"the merged results of {len(results)} point(s)"),
+                            ("status.json", status, "the sweep status (counts, crashed points, timings)")):
+        try:
+            _write_json(out / name, doc, what)
+        except outputs.OutputError as e:  # a full disk: still try the other one, then stop
+            lost.append(str(e))
+    if lost:
+        raise outputs.OutputError("; ".join(lost) + "; report.md not written")
     extra = [f"Sweep of `{grid_path}`: {len(points)} point(s), {status['skipped']} resumed from earlier "
              f"results, {status['ran']} run now; {len(crashed)} crashed."]
     if overhead is not None:

@@ -143,13 +143,15 @@ def _json_default(o):
     return repr(o)
 
 
-def write_json(path: str, result: dict) -> None:
-    """Atomic write (tmp + rename) so a crash never leaves half a document."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=False, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_json(path: str, result: dict, flag: str | None = "--json") -> None:
+    """Atomic write (ipc.outputs.write_atomic: tmp + fsync + rename) so a crash never leaves half a
+    document; a failed write (disk full) keeps the document in the rescue directory and raises an
+    ``OutputError`` (a UsageError: one line, exit 2) naming both paths."""
+    from ipc.outputs import write_atomic
+
+    text = json.dumps(result, indent=2, sort_keys=False, default=_json_default) + "\n"
+    what = f"the results document of run {result.get('run_id', '?')} (verdict {result.get('verdict', '?')})"
+    write_atomic(path, text, what=what, flag=flag)
 
 
 def fmt_ns(x: float | None) -> str:
