@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--table-writes", dest="table_writes", type=float_list(0, 10000, "--table-writes"),
                     default=None, help="--map: table writes per nested VMRUN (default 0.002,0.02,0.2,2)")
     cp.add_argument("--repeats", type=int_range(1, 100, "--repeats"), default=None,
-                    help="seeds per point / map cell (the median; their spread is reported) "
-                         "(default 3 under --clock virtual, else 1)")
+                    help="seeds per point / map cell (the median; their spread [min-max] is reported; "
+                         "default 3: three times the runs of one seed)")
     cp.add_argument("--designs", type=str, default=None,
                     help="comma-separated designs (default: all three; the map needs mutex-hash and rcu-list)")
     cp.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,
@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--strategy", choices=["pct", "random"], default="pct")
     ex.add_argument("--depth", type=int_range(1, 10, "--depth"), default=3, help="PCT bug depth d (default 3)")
     ex.add_argument("--schedules", type=int_range(1, 10_000_000, "--schedules"), default=1000,
-                    help="schedules to try before SUCCESS (default 1000)")
+                    help="schedules to try before SUCCESS (default 1000); progress on stderr (every "
+                         "$PAGETRACK_PROGRESS_S s, default 5, when not a terminal)")
     ex.add_argument("--seed", type=SEED, default=1)
     ex.add_argument("--out", metavar="DIR", default="explore-out", help="where failing-schedule.toml goes")
     ex.add_argument("--registration", choices=["refcount", "bool", "naive", "split"], default=None)
@@ -338,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an existing Dask scheduler (default: a LocalCluster on this machine)")
     sw.add_argument("--workers", type=int_range(1, 64, "--workers"), default=1,
                     help="LocalCluster workers (default 1: runs are multiprocess already)")
+    sw.add_argument("--repeats", type=int_range(1, 100, "--repeats"), default=None,
+                    help="seeds per point (seed, seed+1, ...; the grid must not list seed): each point's "
+                         "median and [min-max] are reported (default 1, or the grid's own seed list)")
     _add_connect_timeout(sw)
     _add_clock_args(sw)
     return p
@@ -377,9 +381,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return cleanup.main(args)
     if args.command == "report":
-        from lab import report
+        from lab import rerender
 
-        return report.main(args)
+        return rerender.main(args)
     if args.command == "sweep":
         from lab import sweep
 

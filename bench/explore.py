@@ -9,7 +9,7 @@ finds each built-in race.
   verdict (goal SUCCESS), seconds, scheduling steps per second (goal >= 2000: every step is two
   futex hand-offs between real processes plus the sampling checker; the count includes VM
   creation and teardown per schedule)
-- ``pct_guarantee_<scenario>``: PCT's per-schedule bound 1/(n*k^(d-1)) for the n and the k its change points were drawn over
+- ``pct_guarantee_<scenario>``: PCT's per-schedule bound 1/(n*k^(d-1)) for the n and the largest k seen (steps taken or drawn over)
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ipc.errors import UsageError
 from lab import report
+from lab.uncertainty import REPEATS, interference, interference_md, median, spread, verdict
 from vm.config import from_dict
 from vm.results import fidelity_line
 
@@ -67,24 +68,6 @@ def _rate(results: list[dict], design: str, vcpus: int, rate: float) -> float | 
     """The median over seeds."""
     xs = list(_rates(results, design, vcpus, rate).values())
     return median(xs) if xs else None
-
-
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
-def spread(xs: list[float]) -> dict:
-    """``{median, lo, hi, n}`` of per-seed values (lo / hi: min / max over the seeds)."""
-    return {"median": round(median(xs), 4), "lo": round(min(xs), 4), "hi": round(max(xs), 4), "n": len(xs)}
-
-
-def verdict(s: dict, holds_if_below: float | None = None, holds_if_at_least: float | None = None) -> str:
-    """"holds", "does not hold" or "not resolved" (the seeds' range straddles the threshold)."""
-    if holds_if_below is not None:
-        return "holds" if s["hi"] < holds_if_below else "does not hold" if s["lo"] >= holds_if_below else "not resolved"
-    return "holds" if s["lo"] >= holds_if_at_least else "does not hold" if s["hi"] < holds_if_at_least else "not resolved"
 
 
 def _fmt(s: dict) -> str:
@@ -170,6 +153,9 @@ def assess(results: list[dict], cpus: int | None = None, verdicts: dict | None =
             scal[d] = (b / a) if a else 0.0
     s1 = spread(pairs or [1.0])
     v1 = verdict(s1, holds_if_below=SLOWER)
+    t1 = ["| seed | mutex-hash VMRUN/s | best other design | its VMRUN/s | ratio |", "|---:|---:|:---|---:|---:|"]
+    t1 += [f"| {sd} | {ms[sd]:,.0f} | {bests[sd][1]} | {bests[sd][0]:,.0f} | {ms[sd] / bests[sd][0]:.3f} |"
+           for sd in seeds if sd in ms and bests.get(sd, (0,))[0]]
     lines += ["### 1. \"The VM-wide mutex serializes nested VMRUN under frequent switching\"", "",
               f"At switch rate {hi:g} with {vmax} vCPU(s), mutex-hash reaches {m:,.0f} nested VMRUN/s, "
               f"{_fmt(s1)} the best other design ({best_other[1]}: {best_other[0]:,.0f}/s; median over seeds, "
@@ -180,18 +166,24 @@ def assess(results: list[dict], cpus: int | None = None, verdicts: dict | None =
     lines += ["", f"**{v1.capitalize()} on these numbers** (threshold: below {SLOWER:.0%} of the best design"
               + (", every seed" if s1["n"] > 1 else "") + ")." + (
                   " The seeds disagree: run more (--repeats) or longer." if v1 == "not resolved" else
-                  " The mutex is not the bottleneck at this scale." if v1 == "does not hold" and not virtual else ""), ""]
+                  " The mutex is not the bottleneck at this scale." if v1 == "does not hold" and not virtual else ""),
+              "", f"The numbers it rests on ({vmax} vCPU(s), switch rate {hi:g}; ratio = mutex-hash ÷ best other):",
+              "", *t1, ""]
     # claim 2: per seed, the worst (slowest / best design) over the vCPU counts at the lowest rate
     per_seed = []
     worst = []
+    t2 = ["| seed | vCPUs | slowest design | its VMRUN/s | best design | its VMRUN/s | ratio |",
+          "|---:|---:|:---|---:|:---|---:|---:|"]
     for sd in seeds:
         ws = []
         for v in vcpus:
             rs = {d: _rates(results, d, v, lo).get(sd, 0.0) for d in designs}
             best = max(rs.values()) or 1.0
-            ws.append((min(rs.values()) / best, v, min(rs, key=rs.get)))
-        per_seed.append(min(ws)[0])
-        worst.append(min(ws))
+            ws.append((min(rs.values()) / best, v, min(rs, key=rs.get), max(rs, key=rs.get), rs))
+        r, v, slow, fast, rs = min(ws, key=lambda t: t[:2])
+        per_seed.append(r)
+        worst.append((r, v, slow))
+        t2.append(f"| {sd} | {v} | {slow} | {rs[slow]:,.0f} | {fast} | {rs[fast]:,.0f} | {r:.3f} |")
     w = min(worst)
     s2 = spread(per_seed)
     v2 = verdict(s2, holds_if_at_least=FINE)
@@ -199,11 +191,36 @@ def assess(results: list[dict], cpus: int | None = None, verdicts: dict | None =
               f"The slowest design reaches at worst {_fmt(s2)} the best one's nested VMRUN rate "
               f"(worst seed: {w[2]} at {w[1]} vCPU(s)).", "",
               f"**{v2.capitalize()} on these numbers** (threshold: every design within {FINE:.0%} of the best "
-              "at every vCPU count" + (", every seed" if s2["n"] > 1 else "") + ").", ""]
+              "at every vCPU count" + (", every seed" if s2["n"] > 1 else "") + ").", "",
+              f"The numbers it rests on (switch rate {lo:g}; per seed, the vCPU count where the slowest design is "
+              "furthest behind):", "", *t2, ""]
     if verdicts is not None:
         verdicts["claim1"] = {"ratio": s1, "verdict": v1, "vcpus": vmax, "switch_rate": hi}
         verdicts["claim2"] = {"ratio": s2, "verdict": v2, "switch_rate": lo}
     return "\n".join(lines)
+
+
+def point_ratios(results: list[dict]) -> list[dict]:
+    """Per (dilation, vCPUs, switch rate): every design's nested VMRUN/s, its share of the best design's
+    and mutex-hash ÷ rcu-list, each ``{median, lo, hi, n}`` over the seeds (ratios paired per seed)."""
+    out = []
+    for x, part in sorted(split_by_dilation(results).items()):
+        designs = sorted({r["config"]["design"] for r in part})
+        for v in sorted({r["config"]["vcpus"] for r in part}):
+            for sw in sorted({float(r["config"]["switch_rate"]) for r in part}):
+                per = {d: _rates(part, d, v, sw) for d in designs}
+                seeds = sorted(set.intersection(*(set(p) for p in per.values()))) if per else []
+                best = {sd: max(per[d][sd] for d in designs) for sd in seeds}
+                row = {"dilate": x, "clock": part[0]["config"].get("clock", "real"), "vcpus": v, "switch_rate": sw,
+                       "rates": {d: spread(list(per[d].values())) for d in designs if per[d]},
+                       "share_of_best": {d: spread([per[d][sd] / best[sd] for sd in seeds if best[sd]])
+                                         for d in designs if any(best.values())}}
+                pairs = [per["mutex-hash"][sd] / per["rcu-list"][sd] for sd in seeds
+                         if "mutex-hash" in per and per.get("rcu-list", {}).get(sd)]
+                if pairs:
+                    row["mutex_over_rcu"] = spread(pairs)
+                out.append(row)
+    return out
 
 
 def designs_arg(text: str | None) -> tuple[str, ...]:
@@ -232,7 +249,7 @@ def main(args, run_one: Callable[[dict], dict]) -> int:
     if virtual and args.dilate not in (None, "off"):
         raise UsageError(DILATE_VIRTUAL)
     dilate = args.dilate if args.dilate is not None else ("off" if virtual else "auto")
-    repeats = args.repeats if args.repeats is not None else (3 if virtual else 1)
+    repeats = args.repeats if args.repeats is not None else REPEATS
     vcpus, rates = args.vcpus or [1, 2, 4, 8], args.switch_rates or [0, 0.01, 0.1, 0.5]
     duration = args.duration or (0.1 if virtual else 1.5)
     for v in vcpus:  # validate every point before running anything
@@ -242,6 +259,11 @@ def main(args, run_one: Callable[[dict], dict]) -> int:
                            "seed": args.seed})
     check_out_dir(out, "--out")  # created now, checked again
     factor, dil_doc = dilation.resolve(dilate, base, designs)
+
+    n_runs = len(designs) * len(vcpus) * len(rates) * repeats * (1 if factor == 1.0 else 2)
+    print(f"compare: {n_runs} runs ({len(designs)} designs × {len(vcpus)} vCPU counts × {len(rates)} switch rates × "
+          f"{repeats} seeds" + ("" if factor == 1.0 else " × 2 dilations") + f"), {duration:g} "
+          + ("virtual " if virtual else "") + "s each", file=sys.stderr, flush=True)
 
     def progress(i, n, res):
         print(f"  [{i}/{n}] {res['point_id']}: {res['ops']['nested_vmrun']['per_s']:,.0f} VMRUN/s "
@@ -255,9 +277,12 @@ def main(args, run_one: Callable[[dict], dict]) -> int:
             f"spread over {repeats} seed(s) shown as [min–max]." if virtual else rests_on(factor, dil_doc))
     text = "\n".join([head, ""] + [assess(parts[x], verdicts=verdicts.setdefault(
         "virtual" if virtual else "dilated" if x != 1 else "undilated", {})) for x in sorted(parts, reverse=True)])
+    flags = interference(results)
+    text += ("\n" + interference_md(flags)) if flags else ""
     write_atomic(out / "compare.json",  # a failed write: nothing half-written, the document rescued and named
                  json.dumps({"points": results, "assessment": text, "workload": args.workload,
                              "clock": cv["clock"], "repeats": repeats, "verdicts": verdicts,
+                             "ratios": point_ratios(results), "interference": flags,
                              "dilation": dil_doc or {"factor": factor},
                              "trace_events": 0}, indent=1, default=str),
                  what=f"the results of {len(results)} compare run(s)", flag="--out")

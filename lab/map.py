@@ -31,7 +31,8 @@ from pathlib import Path
 
 from ipc.errors import UsageError
 from lab import sweep
-from lab.compare import FINE, REPEATS, SLOWER, designs_arg, spread, verdict
+from lab.compare import FINE, SLOWER, designs_arg
+from lab.uncertainty import REPEATS, spread, verdict
 
 TABLE_WRITES = [0.002, 0.02, 0.2, 2.0]
 SWITCH_RATES = [0.0, 0.01, 0.1, 0.5]

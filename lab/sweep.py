@@ -58,7 +58,7 @@ from typing import Any
 import msgspec
 
 from ipc.errors import UsageError
-from lab import outputs, report
+from lab import outputs, report, uncertainty
 from lab.scheduler import CONNECT_TIMEOUT_S, check_scheduler, connect_error, probe_scheduler
 from vm.config import CLI_KEYS, Config, from_dict
 
@@ -171,7 +171,21 @@ def with_clock(doc: dict, clock: str | None, prices: dict | None = None) -> dict
     return {**doc, "fixed": fixed}
 
 
-def load_grid(path: str, clock: str | None = None, prices: dict | None = None) -> list[Point]:
+def with_repeats(doc: dict, repeats: int | None, where: str) -> dict:
+    """``--repeats N``: every point at seeds seed .. seed+N-1 (seed: the grid's fixed one, else 1)."""
+    if not repeats or repeats == 1:
+        return doc
+    grid = doc.get("grid", {}) if isinstance(doc.get("grid", {}), dict) else {}
+    if "seed" in grid:
+        raise UsageError(f"{where}: --repeats {repeats}: the grid already lists its seeds (grid.seed); drop one")
+    fixed = dict(doc.get("fixed", {})) if isinstance(doc.get("fixed", {}), dict) else {}
+    seed = fixed.pop("seed", 1)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UsageError(f"{where}: fixed.seed: expected an integer, got {seed!r}")
+    return {**doc, "grid": {**grid, "seed": [seed + k for k in range(repeats)]}, "fixed": fixed}
+
+
+def load_grid(path: str, clock: str | None = None, prices: dict | None = None, repeats: int | None = None) -> list[Point]:
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -183,7 +197,7 @@ def load_grid(path: str, clock: str | None = None, prices: dict | None = None) -
         raise UsageError(f"grid file {path}: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"grid file {path}: invalid TOML: {e}") from None
-    return parse_grid(with_clock(doc, clock, prices), path)
+    return parse_grid(with_repeats(with_clock(doc, clock, prices), repeats, path), path)
 
 
 # -- one point --------------------------------------------------------------------------------------
@@ -463,7 +477,8 @@ def main(args) -> int:
     from vm.config import clock_values
 
     cv = clock_values(getattr(args, "clock", None), getattr(args, "prices", None))
-    points = load_grid(args.grid, cv.get("clock"), cv.get("prices"))  # everything validated before anything starts
+    points = load_grid(args.grid, cv.get("clock"), cv.get("prices"),  # everything validated before anything starts
+                       getattr(args, "repeats", None))
     scheduler = check_scheduler(args.scheduler) if args.scheduler else None
     connect_timeout = float(getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT_S)
     workers = int(args.workers or 1)
@@ -533,6 +548,7 @@ def _sweep(points: list[Point], out: Path, scheduler: str | None, workers: int, 
         "mean_point_wall_s": round(sum(w for w, _ in walls) / len(walls), 3) if walls else None,
         "mean_point_overhead_s": round(overhead, 3) if overhead is not None else None,
         "point_ids": [p.point_id for p in points],
+        "interference": (flags := uncertainty.interference(results)),
     }
     lost = []
     for name, doc, what in (("sweep.json", results, f"the merged results of {len(results)} point(s)"),
@@ -548,16 +564,24 @@ def _sweep(points: list[Point], out: Path, scheduler: str | None, workers: int, 
     if overhead is not None:
         extra.append(f"Mean wall time per point {status['mean_point_wall_s']:.2f}s, of which "
                      f"{overhead:.2f}s overhead (process start, setup, teardown, Dask).")
+    over_seeds = uncertainty.seed_table(results)
+    if over_seeds:
+        extra += ["", over_seeds]
+    if flags:
+        extra += ["", uncertainty.interference_md(flags)]
     if crashed:
         extra += ["", "## Crashed points (no result)", ""]
         extra += [f"- `{c['point_id']}` {c['point']}: {c['error']}" for c in crashed]
-    report.write_report(results, out, [r["point_id"] for r in results], title="pagetrack-sim sweep",
+    report.write_report(results, out, title="pagetrack-sim sweep",
                         extra_md="\n".join(extra))
     summary = (f"sweep: {len(results)}/{len(points)} point(s) with results ({status['success']} SUCCESS, "
                f"{len(failed)} FAILURE), {len(crashed)} crashed; {status['skipped']} skipped")
     if overhead is not None:
         summary += (f"; per point {status['mean_point_wall_s']:.2f}s wall, {overhead:.2f}s overhead; "
                     f"cluster start {start_s:.2f}s")
+    if flags:
+        summary += (f"; [yellow]host interference flagged on {len(flags)} run(s)/point(s)[/] (status.json "
+                    "'interference', report.md)")
     console.print(summary, highlight=False)
     for c in crashed:
         console.print(f"[red]crashed[/] {c['point_id']} {c['point']}: {c['error']}", highlight=False)

@@ -296,6 +296,7 @@ class Coordinator:
         res["launch_s"] = round(self.launch_s, 3)
         res["channel"] = dict(self.ch.counters) if hasattr(self.ch, "counters") else {}
         res["run_id"] = self.run_id
+        res["interference"] = R.interference(res)
         self.trace_snapshot = tracepoints.snapshot(self.kvm, res)
         if res["verdict"] == "FAILURE":  # the last events of every process, beside the results
             tracepoints.save_failure(self.trace_snapshot, res, self.results_path)

@@ -240,6 +240,9 @@ def render(result: dict, console=None) -> None:
     note = None if virtual else host_note(cfg["vcpus"], result.get("host", {}).get("cpus", procstat.cpus()))
     if note:
         con.print(f"[yellow]{note}[/]", highlight=False)
+    for why in result.get("interference", []):
+        con.print(f"[yellow]host interference:[/] {why} — the rates above were disturbed by the host; do not "
+                  "average them with undisturbed runs (--clock virtual takes the host out)", highlight=False)
     if result["warnings"]:
         con.print(f"[yellow]WARNs ({result['warn_count']}):[/]")
         seen: dict[str, int] = {}
@@ -256,3 +259,23 @@ def render(result: dict, console=None) -> None:
         con.print("[bold green]SUCCESS[/]: oracle clean, no WARN, no poisoned read")
     else:
         con.print("[bold red]FAILURE[/]: " + "; ".join(result["reasons"]), highlight=False)
+
+
+INTERFERENCE_WAIT_NS = 50_000_000  # one lock wait this long: ~10 scheduler slices, the host's doing
+
+
+def interference(result: dict) -> list[str]:
+    """What the run's own numbers say about the host disturbing it (real clock only; a virtual-time
+    run cannot be disturbed): a single lock wait of ``INTERFERENCE_WAIT_NS`` or more — the model's
+    critical sections last microseconds, so such a wait means the holder (or the queue ahead) was off
+    its CPU for many time slices. Empty: nothing seen. The run's verdict is unchanged; its rates are
+    not to be averaged with other runs' as if undisturbed."""
+    if result.get("config", {}).get("clock") == "virtual":
+        return []
+    out = []
+    for name, s in result.get("locks", {}).items():
+        w = int(s.get("wait_ns_max", 0))
+        if w >= INTERFERENCE_WAIT_NS:
+            out.append(f"{name}: one wait of {fmt_ns(w)} (longest hold {fmt_ns(int(s.get('hold_ns_max', 0)))}): "
+                       "the lock's holder or the waiters ahead were off their CPUs")
+    return out

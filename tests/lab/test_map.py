@@ -61,6 +61,8 @@ def test_verdict_names_where_the_mutex_hurts_and_where_any_design_is_fine():
     assert j["crossover"]["0"]["kind"] == "within" and 0.02 < j["crossover"]["0"]["at"] < 0.2
     text, verdict = cmap.verdict_md(maps, RATES, WRITES, VCPUS, POINT, None)
     assert "rests on undilated numbers" in text and "switch 0: table writes 0.2, 2" in text
+    assert "one run per design** (--repeats 1)" in text and "| 0 | 1.00 | 0.98 | **0.76** | **0.10** |" in text
+    assert "mutex costs ≥ 20 % (one seed: indicative only)" in text
     assert verdict["undilated"]["2"]["hurts"] and "at the workload's point: ratio" in text
 
 
@@ -71,7 +73,7 @@ def test_verdict_says_nowhere_when_the_designs_are_equal():
         j = verdict["undilated"][v]
         assert j["hurts"] == [] and len(j["fine"]) == len(RATES) * len(WRITES)
         assert all(c["kind"] == "above" for c in j["crossover"].values())
-    assert "mutex costs ≥ 20 %: nowhere on this grid" in text
+    assert "mutex costs ≥ 20 % (one seed: indicative only): nowhere on this grid" in text
 
 
 def test_a_slow_design_other_than_the_mutex_breaks_any_design_is_fine():
@@ -108,12 +110,15 @@ def test_repeats_take_the_median_ratio_and_report_the_spread():
                          "ops": {"nested_vmrun": {"per_s": rate}}, "verdict": "SUCCESS", "point_id": f"{d}/{seed}"})
     maps = cmap.build(runs, ("mutex-hash", "rcu-list"), [2], [0.0], [0.2], [1.0])
     m = maps["undilated"]["2"]
-    assert m["ratio"] == [[0.8]] and m["rates"]["mutex-hash"] == [[8000.0]]  # the 0.4 outlier does not decide
-    assert abs(m["spread"][0][0] - (0.9 - 0.4) / 0.8) < 1e-9
+    # every ratio an object over the seeds; the 0.4 outlier does not decide the median
+    assert m["ratio"] == [[{"median": 0.8, "lo": 0.4, "hi": 0.9, "n": 3}]]
+    assert m["rates"]["mutex-hash"] == [[{"median": 8000.0, "lo": 4000.0, "hi": 9000.0, "n": 3}]]
     assert m["cells"] == [{"vcpus": 2, "dilate": 1.0, "clock": "real", "switch_rate": 0.0, "table_writes": 0.2,
                            "ratio": {"median": 0.8, "lo": 0.4, "hi": 0.9, "n": 3}}]
-    text, _ = cmap.verdict_md(maps, [0.0], [0.2], [2], POINT, None)
-    assert "repeatability" in text and "0.62" in text
+    text, verdict = cmap.verdict_md(maps, [0.0], [0.2], [2], POINT, None)
+    # 0.8 [0.4–0.9] straddles 0.8: not a finding either way, and the table shows the interval
+    assert verdict["undilated"]["2"]["hurts"] == [] and verdict["undilated"]["2"]["hurts_unresolved"] == [[0.2, 0.0]]
+    assert "| 0 | *0.80 [0.40–0.90]* |" in text and "not resolved (the seeds straddle the threshold)" in text
     g = cmap.grid_doc(DESIGNS, [2], RATES, WRITES, 0.5, 7, {}, [1.0], repeats=3)
     assert g["grid"]["seed"] == [7, 8, 9] and "seed" not in g["fixed"] and list(g["grid"])[-1] == "design"
 
@@ -146,14 +151,14 @@ def test_bad_map_input_is_one_line_exit_2(tmp_path, args, needle):
 def test_tiny_real_map_writes_its_files_and_resumes(tmp_path):
     out = tmp_path / "m"
     args = ["--map", "--vcpus", "2", "--switch-rates", "0", "--table-writes", "0.02,2", "--designs",
-            "mutex-hash,rcu-list", "--duration", "0.3", "--dilate", "2", "--clock", "real", "--out", str(out)]
+            "mutex-hash,rcu-list", "--duration", "0.3", "--dilate", "2", "--clock", "real", "--repeats", "1", "--out", str(out)]
     p = _compare(args)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     doc = json.loads((out / "map.json").read_text())
     assert doc["points"] == 8 and doc["dilation"]["factor"] == 2.0
     for label in ("undilated", "dilated"):
         ratio = doc["maps"][label]["2"]["ratio"]
-        assert len(ratio) == 1 and len(ratio[0]) == 2 and all(r is not None and r > 0 for r in ratio[0])
+        assert len(ratio) == 1 and len(ratio[0]) == 2 and all(r is not None and r["median"] > 0 for r in ratio[0])
     assert (out / "map.png").read_bytes()[:4] == b"\x89PNG" and "mutex" in (out / "map.md").read_text()
     q = _compare(args)  # resumable: nothing runs again
     assert q.returncode == 0 and "8 already done (skipped), 0 to run" in q.stderr, q.stderr[-2000:]
@@ -169,5 +174,12 @@ def test_the_maps_default_clock_is_virtual_and_its_seeds_spread_is_reported(tmp_
     assert [(c["clock"], c["table_writes"], c["ratio"]["n"]) for c in doc["cells"]] == [("virtual", 0.02, 2),
                                                                                        ("virtual", 2.0, 2)]
     m = doc["maps"]["virtual"]["2"]
-    assert all(r is not None and r > 0 for r in m["ratio"][0]) and all(s is not None for s in m["spread"][0])
-    assert "virtual-time numbers" in (out / "map.md").read_text()
+    assert all(r is not None and r["median"] > 0 and r["n"] == 2 and r["lo"] <= r["median"] <= r["hi"]
+               for r in m["ratio"][0])
+    md = (out / "map.md").read_text()
+    assert "virtual-time numbers" in md and "| 0.5 | " in md and "the median over 2 seeds" in md
+    # report re-renders a map.json: the same verdict, map.md and map.png rewritten
+    q = subprocess.run([sys.executable, "launch.py", "report", str(out / "map.json"), "--out", str(tmp_path / "re")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert q.returncode == 0, q.stderr
+    assert (tmp_path / "re" / "map.md").read_text() == md and (tmp_path / "re" / "map.png").stat().st_size > 2000

@@ -13,7 +13,7 @@ import pytest
 from matplotlib.colors import to_hex
 
 from lab import map as cmap
-from lab import palette, report
+from lab import palette, plots, report
 
 DESIGNS = ("mutex-hash", "rcu-list", "per-table-notifier")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -66,7 +66,7 @@ def test_vmrun_rate_colour_is_the_design_in_every_panel_and_file(runs, tmp_path)
     other_rate = [fake_result(d, v, x, reg, s, switch_rate=0.0) for d, v, x, reg, s in
                   itertools.product(DESIGNS, (1, 2), (1.0, 3.0), ("refcount", "bool"), (1, 2, 3))]
     figs: list = []
-    pngs = report.plot_vmrun_rate(runs + other_rate, tmp_path / "vmrun_rate.png", figures=figs)
+    pngs = plots.plot_vmrun_rate(runs + other_rate, tmp_path / "vmrun_rate.png", figures=figs)
     assert sorted(p.name for p in pngs) == ["vmrun_rate_sw0.5.png", "vmrun_rate_sw0.png"]
     assert all(_png(p) for p in pngs) and len(figs) == 2
     for fig in figs:
@@ -93,7 +93,7 @@ def test_vmrun_rate_legend_stays_bounded_on_a_big_sweep(runs, tmp_path):
     big = [dict(r, config={**r["config"], "table_writes_per_vmrun": tw, "clock": clk})
            for r in runs for tw in (0.02, 0.2) for clk in ("virtual", "real")]
     figs: list = []
-    (png,) = report.plot_vmrun_rate(big, tmp_path / "big.png", figures=figs)
+    (png,) = plots.plot_vmrun_rate(big, tmp_path / "big.png", figures=figs)
     assert _png(png) and _legend_entries(figs[0]) <= 8
     panels = [ax for ax in figs[0].axes if ax.lines]
     assert len(panels) == 8 and all("=" in ax.get_title() or "dilated" in ax.get_title() for ax in panels)
@@ -101,7 +101,7 @@ def test_vmrun_rate_legend_stays_bounded_on_a_big_sweep(runs, tmp_path):
 
 def test_one_vcpu_count_writes_no_line_plot_and_the_report_says_why(runs, tmp_path):
     one = [r for r in runs if r["config"]["vcpus"] == 2]
-    assert report.plot_vmrun_rate(one, tmp_path / "vmrun_rate.png") == []
+    assert plots.plot_vmrun_rate(one, tmp_path / "vmrun_rate.png") == []
     assert not list(tmp_path.glob("vmrun_rate*.png"))
     written = report.write_report(one, tmp_path / "out")
     names = [p.name for p in written]
@@ -112,7 +112,7 @@ def test_one_vcpu_count_writes_no_line_plot_and_the_report_says_why(runs, tmp_pa
 
 def test_lock_wait_one_panel_per_design_in_its_colour(runs, tmp_path):
     figs: list = []
-    png = report.plot_lock_wait(runs, tmp_path / "lock_wait.png", figures=figs)
+    png = plots.plot_lock_wait(runs, tmp_path / "lock_wait.png", figures=figs)
     assert png.name == "lock_wait.png" and _png(png)
     (fig,) = figs
     panels = [ax for ax in fig.axes if ax.patches]
@@ -130,7 +130,7 @@ def test_lock_wait_one_panel_per_design_in_its_colour(runs, tmp_path):
     assert w <= 14 and h <= 14
     # one run per design: plain totals, and the same colours in another file
     figs2: list = []
-    report.plot_lock_wait([r for r in runs if r["config"]["seed"] == 1 and r["config"]["vcpus"] == 1
+    plots.plot_lock_wait([r for r in runs if r["config"]["seed"] == 1 and r["config"]["vcpus"] == 1
                            and r["config"]["dilate"] == 1.0 and r["config"]["registration"] == "bool"],
                           tmp_path / "few.png", figures=figs2)
     panels2 = [ax for ax in figs2[0].axes if ax.patches]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ipc.errors import UsageError
-from lab import report
+from lab import plots, report
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,7 +76,7 @@ def test_summarize_numbers(real):
                 gp={"rcu": 0}, p99=None, verdict="FAILURE", run_id="rb")
     rows = report.summarize([a, b])
     assert rows[0] == {
-        "run": "ra", "design": "mirror", "registration": base["config"]["registration"], "vcpus": 4,
+        "run": "–", "design": "mirror", "registration": base["config"]["registration"], "vcpus": 4,
         "switch_rate": 0.1, "seed": 1, "vmrun_per_s": 12345.6, "writes_per_s": 54321.0, "vmrun_p99_ns": 2500,
         "lock_wait_share": pytest.approx(4e9 / (2e9 * 4)), "gp_per_s": pytest.approx(20.0), "verdict": "SUCCESS",
     }
@@ -87,7 +87,7 @@ def test_summarize_numbers(real):
     md = report.markdown_table(rows).splitlines()
     assert len(md) == 4 and md[0].startswith("| run | design |") and set(md[1]) <= set("|-:")
     cells = [c.strip() for c in md[2].strip("|").split("|")]
-    assert cells == ["ra", "mirror", base["config"]["registration"], "4", "0.1", "12,346", "54,321", "2.5µs",
+    assert cells == ["–", "mirror", base["config"]["registration"], "4", "0.1", "12,346", "54,321", "2.5µs",
                      "50.0%", "20.0", "SUCCESS"]
     cells = [c.strip() for c in md[3].strip("|").split("|")]
     assert cells[7] == "–" and cells[8] == "0.500%" and cells[-1] == "FAILURE"
@@ -116,9 +116,9 @@ def test_series_label_names_other_varying_keys(real):
     _, base = real
     a, b = variant(base), variant(base)
     b["config"]["registration"] = "bool"
-    varying = report._varying([a, b])
+    varying = plots._varying([a, b])
     assert varying == ["registration"]
-    assert report.series_label(b, varying) == "mirror, registration=bool"
+    assert plots.series_label(b, varying) == "mirror, registration=bool"
 
 
 def test_cli_single_file_renders_the_run(real):
@@ -138,9 +138,9 @@ def test_main_several_files_with_out(real, tmp_path, capsys):
     out = tmp_path / "out" / "nested"
     assert report.main(Namespace(results=[str(path), str(other), str(sweep)], out=str(out))) == 0
     printed = capsys.readouterr().out
-    assert "3 runs" in printed and "abc123" in printed and "FAILURE" in printed
+    assert "3 runs" in printed and "abc123" not in printed and "FAILURE" in printed  # a run is never named by a hash
     md = (out / "report.md").read_text()
-    assert "| real | mirror |" in md and "| other | mirror |" in md and "| abc123 |" in md
+    assert "| real | mirror |" in md and "| other | mirror |" in md and "| sweep | mirror |" in md
     assert "## FAILURE reasons" in md and "lost write" in md
     assert "![vmrun_rate_sw0.1](vmrun_rate_sw0.1.png)" in md and "![lock_wait](lock_wait.png)" in md
     assert _is_png(out / "vmrun_rate_sw0.1.png") and _is_png(out / "lock_wait.png")
@@ -205,3 +205,44 @@ def test_out_must_be_a_directory(real, tmp_path):
     f.write_text("x")
     with pytest.raises(UsageError, match="--out"):
         report.main(Namespace(results=[str(path)], out=str(f)))
+
+
+def test_runs_are_named_by_what_tells_them_apart(real):
+    _, base = real
+    runs = [variant(base, design=d, vcpus=4, seed=sd, run_id=f"pts_{sd}{d}") for sd in (1, 2)
+            for d in ("per-table-notifier", "rcu-list")]
+    for r, x in zip(runs, (1.0, 1.0, 3.2, 3.2), strict=True):
+        r["config"]["dilate"] = x
+    assert report.run_labels(runs) == ["per-table-notifier, ×1, seed 1", "rcu-list, ×1, seed 1",
+                                       "per-table-notifier, ×3.2, seed 2", "rcu-list, ×3.2, seed 2"]
+    # the table's run column: only what the design / registration / vCPUs / switch rate columns do not show
+    assert [r["run"] for r in report.summarize(runs)] == ["×1, seed 1", "×1, seed 1", "×3.2, seed 2", "×3.2, seed 2"]
+    # a long name is folded, never cut short, in a narrow terminal
+    from io import StringIO
+
+    from rich.console import Console
+
+    buf = StringIO()
+    Console(file=buf, width=100).print(report.rich_table(report.summarize(runs)))
+    text = buf.getvalue()
+    assert "per-table-notifier" in text and "per-table-noti…" not in text
+    assert "×1, seed 1" in text and "×3.2, seed 2" in text
+
+
+def test_report_rerenders_compare_json(real, tmp_path):
+    _, base = real
+    runs = [variant(base, design=d, vcpus=2, seed=sd) for sd in (1, 2) for d in ("mutex-hash", "rcu-list")]
+    doc = {"points": runs, "assessment": "## Verdict on the seed's claims\n\n**Holds on these numbers**",
+           "verdicts": {}, "ratios": []}
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(doc))
+    p = subprocess.run([sys.executable, "launch.py", "report", str(path), "--out", str(tmp_path / "re")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "compare: 4 runs" in p.stdout and "Holds on these numbers" in p.stdout
+    md = (tmp_path / "re" / "report.md").read_text()
+    assert "Verdict on the seed's claims" in md and "| seed 2 | rcu-list |" in md
+    # a compare.json is rendered alone
+    p = subprocess.run([sys.executable, "launch.py", "report", str(path), str(path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "alone" in p.stderr

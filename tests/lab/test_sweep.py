@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ipc.errors import UsageError
-from lab import report, sweep
+from lab import report, sweep, uncertainty
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"
@@ -257,3 +257,21 @@ def test_clock_and_prices_reach_every_point_and_its_command():
     cmd, text = sweep.point_command(pts[0], Path("/tmp"), Path("launch.py"))
     assert cmd[cmd.index("--clock") + 1] == "virtual" and "prices = {line = 40}" in text
     assert sweep.point_timeout(pts[1]) > sweep.point_timeout(sweep.parse_grid({"grid": {"vcpus": [2]}})[0])
+
+
+def test_repeats_run_every_point_at_consecutive_seeds_and_report_their_spread():
+    doc = {"grid": {"design": ["mirror"], "vcpus": [1, 2]}, "fixed": {"seed": 5, "duration": 0.1}}
+    pts = sweep.parse_grid(sweep.with_repeats(doc, 3, "g"), "g")
+    assert sorted((p.config["vcpus"], p.config["seed"]) for p in pts) == [(v, s) for v in (1, 2) for s in (5, 6, 7)]
+    assert sweep.with_repeats(doc, 1, "g") is doc
+    with pytest.raises(UsageError, match="already lists its seeds"):
+        sweep.with_repeats({"grid": {"seed": [1, 2]}}, 2, "g")
+
+    def res(v, seed, rate):
+        return {"config": {"design": "mirror", "vcpus": v, "seed": seed, "switch_rate": 0.1},
+                "ops": {"nested_vmrun": {"per_s": rate}}}
+
+    runs = [res(1, 5, 100.0), res(1, 6, 120.0), res(1, 7, 110.0), res(2, 5, 200.0), res(2, 6, 500.0), res(2, 7, 210.0)]
+    table = uncertainty.seed_table(runs)
+    assert "| 1 vCPUs | 110 | [100–120] | 3 | 1.20 |" in table and "| 2 vCPUs | 210 | [200–500] | 3 | 2.50 |" in table
+    assert uncertainty.seed_table(runs[::3]) == ""  # one seed per point: nothing to add

@@ -63,6 +63,8 @@ def test_scripted_kaboom_ops_agree_with_counters_and_show_no_rate(registration, 
     assert all(o["per_s"] == 0.0 and isinstance(o["per_s"], float) for o in res["ops"].values())
     assert res["ops"]["nested_vmrun"]["p99_ns"] is None  # counted, never timed: no latency to show
     report.check(res, "scripted")  # still a valid results document for `launch.py report`
+    (row,) = report.summarize([res])  # ... whose table shows no rate either
+    assert row["vmrun_per_s"] is None and report.format_row(row)[5:7] == ["–", "–"]
     rows = _ops_rows(res)
     assert all(cells[2] == "–" for cells in rows.values()), rows
     assert rows["nested_vmrun"][1] == "3"
