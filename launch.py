@@ -103,6 +103,10 @@ HOOKS = {
     "flood-drop-race": "bug: avic-flood-often, and the drop does not kick the vCPUs in L2 on the table (the unfixed race)",
     "no-tlb-flush": "bug: write-protecting a page does not flush remote TLBs (no wait for vCPUs in guest mode)",
 }
+HOOK_HELP = ("bugs break the kernel code on purpose (the run is meant to end in FAILURE), widenings widen a race "
+             "window (a correct design still ends in SUCCESS): " + ", ".join(
+                 f"{k} ({'widening' if v.startswith('widening') else 'bug'})" for k, v in sorted(HOOKS.items()))
+             + " (repeatable; README lists what each does and how often it fails in 1 s)")
 SEED = int_range(0, 2**63 - 1, "--seed")
 DURATION = float_range(0.001, MAX_DURATION_S, "--duration")  # real clock: >= 0.05 (vm/config.py)
 
@@ -197,7 +201,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="kill-vcpu:K@{rcu-read,srcu-read,mmu-lock,tables-lock,random}, stall-vcpu:K:MS, "
                         "kill-coordinator (repeatable)")
     p.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK",
-                   help="break the kernel code on purpose: " + ", ".join(sorted(HOOKS)) + " (repeatable)")
+                   help=HOOK_HELP)
     p.add_argument("--json", metavar="PATH", default=None, help="write the results document here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--trace-events", dest="trace_events", type=int_range(0, 1 << 20, "--trace-events"),
@@ -288,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--fuzz", choices=["off", "light", "heavy"], default="light",
                     help="race widening at named preemption points (default light)")
     sc.add_argument("--inject", action="append", default=[], metavar="FAULT")
-    sc.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK")
+    sc.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK", help=HOOK_HELP)
     sc.add_argument("--json", metavar="PATH", default=None)
     sc.add_argument("--quiet", action="store_true")
     _add_trace_arg(sc)
@@ -306,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", metavar="DIR", default="explore-out", help="where failing-schedule.toml goes")
     ex.add_argument("--registration", choices=["refcount", "bool", "naive", "split"], default=None)
     ex.add_argument("--design", choices=["mutex-hash", "rcu-list", "per-table-notifier"], default=None)
-    ex.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK")
+    ex.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK", help=HOOK_HELP)
     ex.add_argument("--max-steps", dest="max_steps", type=int_range(10, 10_000_000, "--max-steps"), default=5000,
                     help="step bound per schedule (default 5000)")
     ex.add_argument("--json", metavar="PATH", default=None, help="write the summary as JSON")
@@ -527,10 +531,8 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
             tracepoints.export(co.trace_snapshot, trace_path, co.run_id)
             print(f"trace: {trace_path} ({co.trace_snapshot.events():,} events)", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 (the results JSON below must still be written)
-            res["trace_error"] = f"--trace {trace_path}: {type(e).__name__}: {e}"
+            res["trace_error"] = f"--trace {trace_path}: {type(e).__name__}: {e}"  # write_atomic: no .tmp left
             print(f"trace: not written: {res['trace_error']}", file=sys.stderr)
-            if os.path.exists(f"{trace_path}.tmp"):  # chrome_trace.export's half-written temporary file
-                os.unlink(f"{trace_path}.tmp")
     if res.get("failure_trace"):
         print(f"last events of every process: {', '.join(res['failure_trace'])}", file=sys.stderr)
     if footer:

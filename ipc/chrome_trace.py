@@ -33,6 +33,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ipc.outputs import write_atomic
 from ipc.trace import CAT_HOLD, CAT_OP, CAT_RCU, CAT_WAIT, PH_B, PH_E, PH_I, Snapshot
 
 GROUPS = ("ops", "locks", "rcu")
@@ -219,11 +220,7 @@ def to_text(snap: Snapshot, *, proc_name: Callable[[int], str] = _default_name, 
 def export(snap: Snapshot, path: str, **fmt) -> str:
     """Write the Chrome trace JSON to ``path`` (atomically); returns ``path``."""
     doc = to_chrome(snap, **fmt)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, separators=(",", ":"))
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, separators=(",", ":")) + "\n", what="the trace (Chrome JSON)")
     return path
 
 
@@ -232,8 +229,7 @@ def dump_dir(snap: Snapshot, directory: str, stem: str = "trace", **fmt) -> tupl
     os.makedirs(directory, exist_ok=True)
     jp = export(snap, os.path.join(directory, f"{stem}.json"), **fmt)
     tp = os.path.join(directory, f"{stem}.txt")
-    with open(tp, "w") as f:
-        f.write(to_text(snap, **fmt))
+    write_atomic(tp, to_text(snap, **fmt), what="the trace (text)")
     return jp, tp
 
 

@@ -49,6 +49,7 @@ from typing import Any
 import msgspec
 
 from ipc.errors import UsageError
+from ipc.outputs import write_atomic
 
 DESIGNS = ("mirror", "mutex-hash", "rcu-list", "per-table-notifier")
 REGISTRATIONS = ("refcount", "bool", "naive", "split")
@@ -510,9 +511,10 @@ def main(args) -> int:
 
     recs = run_cases(cases, out, scheduler, progress)
     fig = figures(recs)
-    (out / "chaos.json").write_text(json.dumps({"seed": args.seed, "figures": fig, "cases": recs}, indent=1))
+    write_atomic(out / "chaos.json", json.dumps({"seed": args.seed, "figures": fig, "cases": recs}, indent=1),
+                 what="every chaos case and its command")
     if args.json:
-        Path(args.json).write_text(json.dumps(fig, indent=1) + "\n")
+        write_atomic(args.json, json.dumps(fig, indent=1) + "\n", what="the chaos figures", flag="--json")
     print_figures(fig)
     return 0 if not fig["failing"] and fig["tested"] > 0 else 1
 

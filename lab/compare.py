@@ -286,7 +286,7 @@ def main(args, run_one: Callable[[dict], dict]) -> int:
                              "dilation": dil_doc or {"factor": factor},
                              "trace_events": 0}, indent=1, default=str),
                  what=f"the results of {len(results)} compare run(s)", flag="--out")
-    report.write_report(results, out, title="pagetrack-sim compare: nested AVIC designs", extra_md=text)
+    report.write_report(results, out, title="pagetrack-sim compare: nested AVIC designs", verdict_md=text)
     rows = report.summarize(results)
     from rich.console import Console
 

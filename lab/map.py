@@ -32,6 +32,8 @@ from pathlib import Path
 from ipc.errors import UsageError
 from lab import sweep
 from lab.compare import FINE, SLOWER, designs_arg
+from lab.outputs import write_atomic
+from lab.plots import save_png
 from lab.uncertainty import REPEATS, spread, verdict
 
 TABLE_WRITES = [0.002, 0.02, 0.2, 2.0]
@@ -393,7 +395,7 @@ def plot(maps: dict, rates, writes, vcpus, point: dict, path: Path, *, figures: 
         cb.ax.axhline(HURTS, color="black", linewidth=2.0)
     if figures is not None:
         figures.append(fig)
-    fig.savefig(path, format="png")
+    save_png(fig, path)
     return path
 
 
@@ -410,7 +412,7 @@ def write_outputs(out: Path, results: list[dict], *, designs, vcpus, rates, writ
            **(extra or {})}
     sweep._write_json(out / "map.json", doc)
     plot(maps, rates, writes, vcpus, point, out / "map.png")
-    (out / "map.md").write_text(text)
+    write_atomic(out / "map.md", text, what="the map's verdict (map.md)")
     return doc, text
 
 
@@ -428,9 +430,7 @@ def rerender(doc: dict, source: str, out: Path | None) -> int:
         raise UsageError(f"{source}: not a map.json this version can read ({type(e).__name__}: {e})") from None
     print(text)
     if out is not None:
-        from lab.outputs import write_atomic
-
-        write_atomic(out / "map.md", text)
+        write_atomic(out / "map.md", text, what="the map's verdict (map.md)")
         plot(maps, rates, writes, vcpus, point, out / "map.png")
         print(f"wrote {out / 'map.md'}, {out / 'map.png'}", file=sys.stderr)
     return 0

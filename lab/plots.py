@@ -40,9 +40,20 @@ def _figure(width: float = 7.0, height: float = 4.5):
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    """The figure as PNG to ``path``, atomically (a full disk leaves no half-written image)."""
+    save_png(fig, path)
     return path
+
+
+def save_png(fig, path: Path) -> None:
+    import io
+
+    from lab.outputs import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_atomic(path, buf.getvalue(), what=f"the plot {path.name}")
 
 
 def is_virtual(results: list[dict]) -> bool:

@@ -32,6 +32,7 @@ import msgspec
 
 from ipc.errors import UsageError
 from lab.labels import run_labels, run_name, unique_labels
+from lab.outputs import write_atomic
 from lab.plots import is_virtual, plot_lock_wait, plot_vmrun_rate, vmrun_plot_note
 from vm.results import fmt_ns
 
@@ -289,15 +290,18 @@ def rich_table(rows: list[dict], title: str = "runs"):
 
 def write_report(results: list[dict], out_dir: str | Path, labels: list[str] | None = None, *,
                  title: str = "pagetrack-sim report", sources: list[str] | None = None,
-                 extra_md: str = "") -> list[Path]:
-    """``report.md`` (table, plots, FAILURE reasons, ``extra_md``) and the PNG plots into
-    ``out_dir`` (created). Returns the written paths, report.md first."""
+                 extra_md: str = "", verdict_md: str = "") -> list[Path]:
+    """``report.md`` (``verdict_md`` first — the answer before the evidence —, then the table, plots,
+    FAILURE reasons, ``extra_md``) and the PNG plots into ``out_dir`` (created). Returns the written
+    paths, report.md first."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results, labels)
     vmrun_pngs = plot_vmrun_rate(results, out / "vmrun_rate.png")
     pngs = [*vmrun_pngs, plot_lock_wait(results, out / "lock_wait.png", [r["run"] for r in rows])]
     md = [f"# {title}", ""]
+    if verdict_md:
+        md += [verdict_md.rstrip("\n"), "", "## The runs", ""]
     if sources:
         md += [f"{len(results)} run(s) from: " + ", ".join(f"`{s}`" for s in sources), ""]
     n_ok = sum(r["verdict"] == "SUCCESS" for r in rows)
@@ -317,9 +321,7 @@ def write_report(results: list[dict], out_dir: str | Path, labels: list[str] | N
     if extra_md:
         md += [extra_md.rstrip("\n"), ""]
     report = out / "report.md"
-    tmp = out / "report.md.tmp"
-    tmp.write_text("\n".join(md))
-    tmp.replace(report)
+    write_atomic(report, "\n".join(md), what="the report (tables, verdicts, FAILURE reasons)")
     return [report, *pngs]
 
 
@@ -356,7 +358,7 @@ def main(args) -> int:
         assessment = str(read_json(Path(special[0])).get("assessment", ""))
         con.print(assessment, markup=False, highlight=False)
         if out is not None:
-            written = write_report(results, out, labels, sources=paths, extra_md=assessment,
+            written = write_report(results, out, labels, sources=paths, verdict_md=assessment,
                                    title="pagetrack-sim compare: nested AVIC designs")
             print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
         return EXIT_OK

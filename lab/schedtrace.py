@@ -25,6 +25,7 @@ import json
 import os
 
 from ipc import chrome_trace
+from ipc.outputs import write_atomic
 from ipc.trace import CAT_HOLD, CAT_OP, CAT_RCU, CAT_WAIT, PH_B, PH_E, PH_I, Event, Snapshot
 from vm import tracepoints
 
@@ -149,12 +150,9 @@ def write(snap: Snapshot, path: str, title: str, text_path: str | None = None) -
     """The Chrome JSON to ``path`` (and the ftrace-style text to ``text_path``); the paths written."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(to_chrome(snap, title), f, separators=(",", ":"))
-        f.write("\n")
+    write_atomic(path, json.dumps(to_chrome(snap, title), separators=(",", ":")) + "\n", what="the schedule's trace")
     out = [path]
     if text_path:
-        with open(text_path, "w") as f:
-            f.write(to_text(snap, title))
+        write_atomic(text_path, to_text(snap, title), what="the schedule's trace (text)")
         out.append(text_path)
     return out

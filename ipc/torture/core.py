@@ -32,6 +32,7 @@ import numpy as np
 
 from ipc import _prims
 from ipc.errors import UsageError
+from ipc.outputs import write_atomic
 from ipc.proc import die_with_parent, forkserver_context, reap, sigterm_to_exit
 from ipc.shm import Layout, Region, ShmError
 from ipc.torture.base import CTL_GO, CTL_READY, CTL_START, CTL_STOP
@@ -143,11 +144,7 @@ def _params_str(cfg: dict) -> str:
 
 
 def _write_json(path: str, doc: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, indent=2, sort_keys=False) + "\n", what="the torture results", flag="--json")
 
 
 def run_torture(kind: str, procs: int, duration: float, seed: int = 1, inject: str | None = None,

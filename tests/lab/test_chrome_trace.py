@@ -75,7 +75,7 @@ def test_success_writes_no_failure_trace(tmp_path):
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--trace", "/nonexistent-dir/t.json"], "--trace: directory"),
+    (["--trace", "/nonexistent-dir/t.json"], "does not exist"),
     (["--trace", "t.json", "--trace-events", "0"], "trace ring is off"),
     (["--trace-events", "1"], "at least 2"),  # a 1-event ring keeps nothing readable
 ])

@@ -275,8 +275,10 @@ def test_run_on_a_full_disk_rescues_its_results_and_names_them(full_disk_run):
     assert "Traceback" not in p.stderr
     assert "SUCCESS" in p.stdout  # the summary was printed
     err = p.stderr.strip().splitlines()
-    assert any(ln.startswith(f"trace: not written: --trace {out / 't.json'}: OSError: [Errno 28]") for ln in err), err
-    (saved,) = rescue.iterdir()
+    trace_line = [ln for ln in err if ln.startswith(f"trace: not written: --trace {out / 't.json'}: ")]
+    assert trace_line and "No space left on device" in trace_line[0], err
+    (saved,) = rescue.glob("r-*.json")  # the results; the trace was rescued beside them (t-*.json)
+    assert "saved to" in trace_line[0] and len(list(rescue.glob("t-*.json"))) == 1
     assert err[-1] == (f"error: --json {out / 'r.json'}: not written (No space left on device); the results "
                        f"document of run {json.loads(saved.read_text())['run_id']} (verdict SUCCESS) saved to "
                        f"{saved} instead")
@@ -287,7 +289,7 @@ def test_run_on_a_full_disk_rescues_its_results_and_names_them(full_disk_run):
 
 def _real_doc(full_disk_run) -> dict:
     _, _, rescue = full_disk_run
-    (saved,) = rescue.iterdir()
+    (saved,) = rescue.glob("r-*.json")
     return json.loads(saved.read_text())
 
 
