@@ -13,13 +13,19 @@ or wait for a grace period while readers are inside, calls ``block()``: it is no
 some other client has made progress (ended a step that was not itself a blocked retry); when every
 unfinished client is blocked that way the scheduler reports a deadlock.
 
+A client whose program has ended but which others may still wait on (a vCPU left running L2: a
+reload request's kick must make it exit, as the IPI does) calls ``idle()`` instead of ending: it is
+chosen again only when the scheduler's ``wake(i)`` says something is pending for it (the kick), or
+once every client has ended or idles too (then it ends). It never makes a deadlock by itself, and
+it adds no steps while nothing is pending for it.
+
 Layout of the turnstile region (``layout(n)``, one segment ``pts_<run>_sched``):
 - ``hdr``   8 words: [0] wake (futex word of the scheduler: 1 = a client yielded), [1] progress
   (productive steps so far), [2] abort (1 = every client raises :class:`ScheduleAborted` when it
   resumes), [3] job (futex word: a pool's clients start schedule number ``job``; ipc/schedpool.py),
   [4] quit (the pool's clients exit), rest reserved
 - ``slots`` (n, 8) words, one cache line per client: [0] go (futex word: 1 = your turn), [1] state
-  (RUN, POINT, BLOCKED, DONE), [2] point id (crc32 of the point's name), [3] progress value seen
+  (RUN, POINT, BLOCKED, DONE, IDLE), [2] point id (crc32 of the point's name), [3] progress value seen
   when it blocked, [4] pid of the holder of the lock it blocked on (0: not a lock), [5] its pid,
   rest reserved
 """
@@ -36,7 +42,7 @@ from ipc.shm import Layout, Region
 HDR_WORDS = SLOT_WORDS = 8
 H_WAKE, H_PROGRESS, H_ABORT, H_JOB, H_QUIT = 0, 1, 2, 3, 4
 S_GO, S_STATE, S_POINT, S_SINCE, S_HOLDER, S_PID = 0, 1, 2, 3, 4, 5
-RUN, POINT, BLOCKED, DONE = 0, 1, 2, 3
+RUN, POINT, BLOCKED, DONE, IDLE = 0, 1, 2, 3, 4
 STRATEGIES = ("pct", "random")
 _WAIT_NS = 200_000_000  # futex waits look up this often (parent or children gone?)
 
@@ -100,6 +106,21 @@ class Client:
             self.mem.fetch_add(self.hdr + H_PROGRESS, 1)
         self.mem.store(self.slot + S_HOLDER, holder)  # named in a deadlock report
         self._yield(name, BLOCKED)
+
+    def idle(self, name: str) -> None:
+        """This client's program has ended, but it still runs (a vCPU in L2) and another client
+        may wait for it to react (a reload request's kick). Chosen again only when the scheduler's
+        ``wake(index)`` is true, or when every client has ended or idles (:meth:`finishing`: then
+        end). The step that ends here counts as progress."""
+        self.counts[name] = self.counts.get(name, 0) + 1
+        self.mem.fetch_add(self.hdr + H_PROGRESS, 1)
+        self._yield(name, IDLE)
+
+    def finishing(self) -> bool:
+        """Every other client has ended or idles: nothing can be pending for an idle one any more."""
+        m, slot0 = self.mem, self.slot - self.index * SLOT_WORDS
+        return all(m.load(slot0 + j * SLOT_WORDS + S_STATE) in (DONE, IDLE)
+                   for j in range(self.region.v["slots"].shape[0]) if j != self.index)
 
     def chance(self, name: str, scale: float = 1.0) -> bool:
         """Timed / random widening is off under control: the scheduler makes the interleavings."""
@@ -352,10 +373,12 @@ def guarantee(n: int, k: int, depth: int) -> float:
 class Scheduler:
     """Drives one schedule: waits until no client runs, picks the next, hands it the turn.
     ``log`` holds (client, point id, blocked-retry?) per step; ``outcome`` is "done", "deadlock",
-    "step-bound", "mismatch", "crash" or "hang"."""
+    "step-bound", "mismatch", "crash" or "hang". ``wake(i)`` (called while nobody runs) tells whether
+    something is pending for client ``i`` while it idles (:meth:`Client.idle`); without it an idle
+    client runs again only when every client has ended or idles."""
 
     def __init__(self, region: Region, n: int, strategy, max_steps: int, alive=None,
-                 hang_s: float = 10.0, check=None):
+                 hang_s: float = 10.0, check=None, wake=None):
         self.mem = region.mem
         self.hdr = region.word("hdr")
         self.slot0 = region.word("slots")
@@ -365,6 +388,7 @@ class Scheduler:
         self.alive = alive  # callable(i) -> bool: is client i's process still there?
         self.hang_ns = int(hang_s * 1e9)
         self.check = check  # called between every two steps, while nobody runs (a sampling checker)
+        self.wake = wake  # callable(i) -> bool: is something pending for idle client i (a kick)?
         self.log: list[tuple[int, int, bool]] = []
         self.outcome = ""
         self.detail = ""
@@ -404,14 +428,18 @@ class Scheduler:
                 self.outcome = "done"
                 return self.outcome
             prog = m.load(progress_w)
+            ending = all(s in (DONE, IDLE) for s in states)  # idle clients end: nothing can wake them
             enabled = [i for i, s in enumerate(states)
-                       if s == POINT or (s == BLOCKED and self._s(i, S_SINCE) != prog)]
+                       if s == POINT or (s == BLOCKED and self._s(i, S_SINCE) != prog)
+                       or (s == IDLE and (ending or (self.wake is not None and self.wake(i))))]
             step = len(self.log)
             if not enabled:
                 self.outcome = "deadlock"
                 self.detail = "every unfinished process is blocked: " + ", ".join(
                     f"process {i} at @{self._s(i, S_POINT)}{self._held_by(i, states)}"
-                    for i, s in enumerate(states) if s == BLOCKED)
+                    for i, s in enumerate(states) if s == BLOCKED) + "".join(
+                    f", process {i} idle at @{self._s(i, S_POINT)} (nothing pending for it)"
+                    for i, s in enumerate(states) if s == IDLE)
                 return self._abort()
             if step >= self.max_steps:
                 self.outcome, self.detail = "step-bound", f"{self.max_steps} steps without the end"

@@ -3,7 +3,7 @@ schedule (a fork costs several ms here; a schedule of a small scenario costs abo
 
 ``Pool(run_id, n, body)`` forks ``n`` clients that each wait for a job number (``H_JOB`` of the
 turnstile, futex) and run ``body(index, client, job) -> bytes`` under the turnstile; ``pool.run(
-strategy, max_steps, check)`` starts the next job, acts as its scheduler and returns the scheduler
+strategy, max_steps, check, wake)`` starts the next job, acts as its scheduler and returns the scheduler
 (``outcome``, ``log``) and each client's bytes (a length-prefixed frame on the client's pipe).
 A client that dies or does not come back is killed and the pool is marked ``broken`` (make a new
 one); ``close()`` tells the clients to quit, reaps them and unlinks the turnstile.
@@ -90,7 +90,7 @@ class Pool:
             self.close()
             raise
 
-    def run(self, strategy, max_steps: int, check=None) -> tuple[Scheduler, list[bytes | None]]:
+    def run(self, strategy, max_steps: int, check=None, wake=None) -> tuple[Scheduler, list[bytes | None]]:
         if self.broken:
             raise RuntimeError("schedule pool is broken (a client died or hung): make a new one")
         m, v = self.mem, self.region.v
@@ -103,7 +103,7 @@ class Pool:
         m.store(self.hdr + H_JOB, self.job)
         m.futex_wake(self.hdr + H_JOB)
         s = Scheduler(self.region, self.n, strategy, max_steps, alive=lambda i: pid_alive(self.pids[i]),
-                      hang_s=self.hang_s, check=check)
+                      hang_s=self.hang_s, check=check, wake=wake)
         s.run()
         deadline = _prims.now_ns() + int(self.hang_s * 1e9)
         out: list[bytes | None] = []
@@ -157,12 +157,12 @@ class Pool:
 
 
 def run_forked(run_id: str, n: int, body, strategy, max_steps: int, check=None,
-               hang_s: float = 10.0) -> tuple[Scheduler, list[bytes], list[int]]:
+               hang_s: float = 10.0, wake=None) -> tuple[Scheduler, list[bytes], list[int]]:
     """One schedule on fresh clients running ``body(index, client) -> bytes``; returns the
     scheduler, each client's bytes (b"" if none) and exit status."""
     pool = Pool(run_id, n, lambda i, c, job: body(i, c), hang_s)
     try:
-        s, out = pool.run(strategy, max_steps, check)
+        s, out = pool.run(strategy, max_steps, check, wake)
     finally:
         codes = pool.close()
     return s, [b or b"" for b in out], codes

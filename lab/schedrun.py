@@ -82,12 +82,15 @@ def _vcpu_body(sc: Scenario, cfg, base: str):
             kvm = Kvm.attach(cfg, f"{base}j{job}", v + 1, frozenset(sc.hooks))
             d = make_design(kvm, cfg)
             d.vcpu_init(v)
-            run = _executor(sc.executor, kvm, d, v)
+            run, l2_of = _executor(sc.executor, kvm, d, v)
             client.hit("op vcpu_load")
             d.vcpu_load(v)
             for op, args in sc.programs[v]:
                 client.hit(f"op {describe(op, args)}")
                 report["log"].append(run(op, args))
+                seen()
+            if _runs_l2(d, v):
+                report["log"] += _l2_runs_on(client, d, v, l2_of())
                 seen()
             client.hit("op vcpu_put")
             d.vcpu_put(v)
@@ -111,14 +114,52 @@ def _vcpu_body(sc: Scenario, cfg, base: str):
 
 
 def _executor(kind: str, kvm, d, v: int):
+    """(run(op, args) -> log line, l2() -> the L2 the vCPU last entered, or -1)."""
     if kind == "avic":
         from vm.avic.kaboom import apply_step
 
-        return lambda op, args: apply_step(d, (v, op, args))
+        last = [-1]
+
+        def run(op: str, args: dict) -> str:
+            if op == "vmrun":
+                last[0] = args["l2"]
+            return apply_step(d, (v, op, args))
+
+        return run, lambda: last[0]
     from vcpu.vcpu import Vcpu
 
     vc = Vcpu(kvm, d, v)
-    return lambda op, args: f"vCPU {v}: {describe(op, args)} -> {vc.execute(op, dict(args))}"
+    return (lambda op, args: f"vCPU {v}: {describe(op, args)} -> {vc.execute(op, dict(args))}"), lambda: vc.l2
+
+
+IDLE_POINT = "L2 runs on (program ended)"
+
+
+def _runs_l2(d, v: int) -> bool:
+    in_l2 = getattr(d, "in_l2", None)
+    return in_l2 is not None and in_l2(v)
+
+
+def _l2_runs_on(client, d, v: int, l2: int) -> list[str]:
+    """A vCPU whose program ended while it runs L2: L2 goes on running until a reload request's
+    kick (the IPI of ``kvm_make_all_cpus_request``) makes it exit; KVM serves the request and
+    re-enters L2, and a requester waiting for it to leave (KVM_REQUEST_WAIT) goes on. Under the
+    scheduler it idles (ipc.sched ``Client.idle``): chosen again when a kick is pending for it
+    (``kick_pending``, the scheduler's ``wake``), and when every vCPU has ended or idles it exits L2
+    (vcpu_put comes after a VM exit: KVM_RUN returns to user space only from the host). Without
+    this a requester waits forever for a vCPU that is not run any more (a deadlock of the
+    harness, not of KVM)."""
+    log = []
+    while True:
+        client.idle(IDLE_POINT)
+        if d.take_kick(v, l2):
+            log.append(f"vCPU {v}: kicked out of L2 {l2} (reload request), re-entered it")
+            continue
+        if client.finishing() or not d.in_l2(v):
+            break
+    if d.leave_l2(v):
+        log.append(f"vCPU {v}: VM exit from L2 {l2} (its program ended)")
+    return log
 
 
 class Runner:
@@ -161,7 +202,8 @@ class Runner:
                 seen_msgs.update(m for _, m, _ in kvm.events[n0:])  # it repeats itself: the first time only
                 calls[0] += 1
 
-            s, raw = pool.run(strategy, max_steps, check=check)
+            kick = getattr(d, "kick_pending", None)  # a vCPU left in L2 is run again when kicked
+            s, raw = pool.run(strategy, max_steps, check=check, wake=kick)
             reports = []
             for v, b in enumerate(raw):
                 try:

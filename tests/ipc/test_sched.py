@@ -244,3 +244,52 @@ def test_a_lock_left_held_by_a_finished_process_names_its_holder(run_id, data):
         assert s.outcome == "deadlock"
         assert any(f"process {b} at @{sched.point_id('L: wait')} (lock held by process {1 - b}, which has finished)"
                    in s.detail for b in (0, 1)), s.detail
+
+
+def _idle_kick_body(run_id: str):
+    """Process 0 ends its program "in L2" and idles; process 1 posts a request (word 4) and
+    spin-waits for its acknowledgement (word 5), which only process 0 can give: as a reload
+    request's kick and KVM_REQUEST_WAIT (flood-drop's deadlock of the harness, issue 20)."""
+
+    def body(i: int, c) -> bytes:
+        from ipc import _prims
+
+        r = Region.attach(run_id, DATA)
+        if i == 0:
+            fuzz.point("enter L2")
+            while True:
+                c.idle("L2 runs on")
+                if r.mem.load(4):
+                    r.mem.store(4, 0)
+                    r.mem.store(5, r.mem.load(5) + 1)
+                    continue
+                if c.finishing():
+                    break
+        else:
+            fuzz.point("request")
+            r.mem.store(4, 1)
+            while not r.mem.load(5):
+                _prims.sched_yield()
+        return b"ok"
+
+    return body
+
+
+def test_an_idle_client_is_run_only_when_woken_or_at_the_end(run_id, data):
+    idle = sched.point_id("L2 runs on")
+    for seed in range(12):
+        data.v["w"][:] = 0
+        s, out, _ = schedpool.run_forked(run_id, 2, _idle_kick_body(run_id), sched.RandomWalk(seed), 200,
+                                         wake=lambda i: i == 0 and bool(data.v["w"][4]))
+        assert s.outcome == "done" and out == [b"ok", b"ok"], s.detail
+        assert int(data.v["w"][5]) == 1
+        # resumed twice: for the request, then to end (no step while nothing is pending for it)
+        assert sum(p == idle for _, p, _ in s.log) == 2, s.log
+
+
+def test_an_idle_client_nobody_wakes_is_named_in_the_deadlock(run_id, data):
+    data.v["w"][:] = 0
+    s, _, _ = schedpool.run_forked(run_id, 2, _idle_kick_body(run_id), sched.RandomWalk(1), 200)
+    assert s.outcome == "deadlock"
+    assert f"process 0 idle at @{sched.point_id('L2 runs on')} (nothing pending for it)" in s.detail, s.detail
+    assert f"process 1 at @{sched.point_id('sched_yield (spin wait)')}" in s.detail, s.detail

@@ -318,3 +318,53 @@ def test_cli_explore_progress_on_stderr_and_the_covered_success_line(tmp_path):
     assert set(b) >= {"depth", "k_max", "n", "p_per_schedule", "p_miss_all"} and b["depth"] == 3 and b["n"] == 2
     assert b["k_max"] == doc["k"] >= doc["k_longest"] and b["p_miss_all"] == pytest.approx(
         (1 - b["p_per_schedule"]) ** b["schedules"])
+
+
+# flood-drop, correct code, `explore flood-drop --schedules 200 --seed 1`, schedule 113 (issue 20): vCPU
+# 0's program [vmrun] ended in L2 just after vCPU 1's flood drop requested a reload; vCPU 1 then waited
+# (KVM_REQUEST_WAIT) for vCPU 0 to leave L2, but vCPU 0 had put itself and finished: "deadlock: every
+# unfinished process is blocked: process 1 at 'sched_yield (spin wait)'". The saved schedule's first
+# 146 steps (vCPU choices, run-length): up to vCPU 0's last spin in its VMRUN, the drop's kick pending.
+FLOOD_DROP_113 = [(0, 18), (1, 11), (0, 1), (1, 1), (0, 1), (1, 88), (0, 10)] + [(1, 1), (0, 1)] * 8
+
+
+class _PrefixThen:
+    """The recorded vCPU choices, then the highest-numbered runnable vCPU (vCPU 1 first: the
+    requester reaches its wait before vCPU 0 may react, as in the saved schedule)."""
+
+    name = "prefix"
+
+    def __init__(self, runs):
+        self.choices = [v for v, k in runs for _ in range(k)]
+        self.off: list[int] = []
+
+    def pick(self, enabled, step, last):
+        if step < len(self.choices):
+            if self.choices[step] in enabled:
+                return self.choices[step]
+            self.off.append(step)
+        return max(enabled)
+
+
+def test_flood_drop_vcpu_left_in_l2_takes_the_kick_of_the_drop_it_is_waited_for():
+    from lab.schedrun import IDLE_POINT, Runner
+
+    sc = builtin("flood-drop", None, None, ())
+    strat = _PrefixThen(FLOOD_DROP_113)
+    with Runner(sc) as r:
+        o = r.run(strat, 5000)
+    assert strat.off == [], strat.off  # the saved prefix replays as it was
+    names = [n for _, n, _ in o.log]
+    assert names[115] == "avic.flood_steer" and names[128] == "avic.ready_to_run"
+    assert names[131:146:2] == ["sched_yield (spin wait)"] * 8
+    assert o.verdict == "SUCCESS" and o.sched_outcome == "done", o.reasons[:3]
+    # vCPU 1 ends the drop and waits for vCPU 0 to leave L2 (blocked at its spin); vCPU 0, idle in L2,
+    # is woken by the pending kick, exits, re-enters; vCPU 1's wait then ends
+    assert o.log[146:149] == [(1, "avic_table_lock[0]: unlock", False), (0, IDLE_POINT, False),
+                              (1, "sched_yield (spin wait)", True)], o.log[146:149]
+    assert any("kicked out of L2 0" in line for line in o.steps_log[0]), o.steps_log[0]
+
+
+def test_flood_drop_correct_code_300_schedules_no_deadlock():
+    res = explore(builtin("flood-drop", None, None, ()), "pct", 3, 300, 1, None)
+    assert res["verdict"] == "SUCCESS", res.get("reasons", [])[:3]

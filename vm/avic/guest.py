@@ -178,6 +178,17 @@ class GuestEntry:
         m.store(vw + V_INL2, 0)
         return True
 
+    def in_l2(self, vcpu: int) -> bool:
+        """The hardware runs L2 for this vCPU now (between its entry and the next VM exit)."""
+        return self._smem.load(self.vw0 + vcpu * VW + V_INL2) != 0
+
+    def kick_pending(self, vcpu: int) -> bool:
+        """A reload request is pending for this vCPU while it runs L2: its kick (an IPI) is on the way
+        and :meth:`take_kick` would serve it. Plain loads (no scheduling point): the controlled
+        scheduler asks it, between two steps, of a vCPU whose program ended in L2."""
+        w = self.vw0 + vcpu * VW
+        return self._smem.load(w + V_RELOAD) != 0 and self._smem.load(w + V_INL2) != 0
+
     def take_kick(self, vcpu: int, l2: int) -> bool:
         """What a vCPU in L2 does when a reload request's kick reaches it (polled by the L2 loop, or
         by a scripted vCPU idle between commands): exit, serve the request, re-enter ``l2``. False if
