@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from typing import Any
 
 
@@ -32,17 +31,29 @@ _LABEL_KEYS: dict[str, Any] = {
 _NOT_LABELS = {"progress", "run_id"}
 
 
+def differing_keys(results: list[dict], skip: tuple[str, ...] = ()) -> list[str]:
+    """The config keys whose value differs between ``results`` (``skip`` left out), in label order
+    (design, registration, clock, dilation, vCPUs, switch rate, table writes, seed, then by name); a
+    key that only follows another one (``tracked_fraction`` set by ``table_writes_per_vmrun``: the same
+    partition of the runs) is left out, the first of the two kept."""
+    names = list(dict.fromkeys(k for r in results for k in r["config"]))
+    vals = {k: [json.dumps(r["config"].get(k), sort_keys=True) for r in results] for k in names}
+    differ = [k for k in names if len(set(vals[k])) > 1 and k not in skip]
+    ordered = [k for k in _LABEL_KEYS if k in differ] + sorted(k for k in differ if k not in _LABEL_KEYS)
+    kept: list[str] = []
+    for k in ordered:
+        if not any(len(set(vals[k])) == len(set(vals[j])) == len(set(zip(vals[k], vals[j], strict=True)))
+                   for j in kept):
+            kept.append(k)
+    return kept
+
+
 def run_labels(results: list[dict], skip: tuple[str, ...] = (), number: bool = True) -> list[str]:
     """A name per run made of what tells it apart from the others (design, clock, dilation, vCPUs,
     switch rate, table writes, seed, then any other config key that differs), never a hash:
     ``"rcu-list, ×3.2, 4 vCPUs, seed 2"``. Keys in ``skip`` are left out; with ``number``, runs alike
     in everything else are numbered (``#2``); nothing left to say -> "–"."""
-    vals: dict[str, set] = defaultdict(set)
-    for r in results:
-        for k, v in r["config"].items():
-            vals[k].add(json.dumps(v, sort_keys=True))
-    differ = [k for k in vals if len(vals[k]) > 1 and k not in _NOT_LABELS and k not in skip]
-    keys = [k for k in _LABEL_KEYS if k in differ] + sorted(k for k in differ if k not in _LABEL_KEYS)
+    keys = differing_keys(results, skip=tuple(skip) + tuple(_NOT_LABELS))
     out = []
     for r in results:
         c = r["config"]

@@ -14,18 +14,15 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from lab.labels import run_name, unique_labels
+from lab.labels import differing_keys, run_name, unique_labels
 
 _SERIES_EXCLUDE = {"vcpus", "switch_rate", "seed", "design", "progress", "duration"}
 
 
 def _varying(results: list[dict]) -> list[str]:
-    """Config keys (other than the plot axes, seed, duration) whose value differs between runs."""
-    keys: dict[str, set] = defaultdict(set)
-    for r in results:
-        for k, v in r["config"].items():
-            keys[k].add(json.dumps(v, sort_keys=True))
-    return sorted(k for k, vals in keys.items() if len(vals) > 1 and k not in _SERIES_EXCLUDE)
+    """Config keys (other than the plot axes, seed, duration) whose value differs between runs, one of
+    any pair that vary together (lab/labels.py), sorted by name."""
+    return sorted(differing_keys(results, skip=tuple(_SERIES_EXCLUDE)))
 
 
 def series_label(r: dict, varying: list[str]) -> str:

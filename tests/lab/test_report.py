@@ -211,12 +211,12 @@ def test_runs_are_named_by_what_tells_them_apart(real):
     _, base = real
     runs = [variant(base, design=d, vcpus=4, seed=sd, run_id=f"pts_{sd}{d}") for sd in (1, 2)
             for d in ("per-table-notifier", "rcu-list")]
-    for r, x in zip(runs, (1.0, 1.0, 3.2, 3.2), strict=True):
+    for r, x in zip(runs, (1.0, 3.2, 3.2, 1.0), strict=True):
         r["config"]["dilate"] = x
-    assert report.run_labels(runs) == ["per-table-notifier, ×1, seed 1", "rcu-list, ×1, seed 1",
-                                       "per-table-notifier, ×3.2, seed 2", "rcu-list, ×3.2, seed 2"]
+    assert report.run_labels(runs) == ["per-table-notifier, ×1, seed 1", "rcu-list, ×3.2, seed 1",
+                                       "per-table-notifier, ×3.2, seed 2", "rcu-list, ×1, seed 2"]
     # the table's run column: only what the design / registration / vCPUs / switch rate columns do not show
-    assert [r["run"] for r in report.summarize(runs)] == ["×1, seed 1", "×1, seed 1", "×3.2, seed 2", "×3.2, seed 2"]
+    assert [r["run"] for r in report.summarize(runs)] == ["×1, seed 1", "×3.2, seed 1", "×3.2, seed 2", "×1, seed 2"]
     # a long name is folded, never cut short, in a narrow terminal
     from io import StringIO
 
@@ -226,7 +226,7 @@ def test_runs_are_named_by_what_tells_them_apart(real):
     Console(file=buf, width=100).print(report.rich_table(report.summarize(runs)))
     text = buf.getvalue()
     assert "per-table-notifier" in text and "per-table-noti…" not in text
-    assert "×1, seed 1" in text and "×3.2, seed 2" in text
+    assert "×1, seed 1" in text and "×3.2, seed 2" in text and "×3.2, seed 1" in text
 
 
 def test_report_rerenders_compare_json(real, tmp_path):
@@ -246,3 +246,15 @@ def test_report_rerenders_compare_json(real, tmp_path):
     p = subprocess.run([sys.executable, "launch.py", "report", str(path), str(path)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "alone" in p.stderr
+
+
+def test_a_key_that_only_follows_another_is_not_named_twice(real):
+    _, base = real
+    runs = [variant(base, design=d) for d in ("mutex-hash", "rcu-list") for _ in range(2)]
+    for r, (tw, tf) in zip(runs, [(0.02, 0.0025), (2.0, 0.25)] * 2, strict=True):
+        r["config"].update(table_writes_per_vmrun=tw, tracked_fraction=tf)
+    from lab.labels import differing_keys
+
+    assert differing_keys(runs) == ["design", "table_writes_per_vmrun"]  # tracked_fraction follows it
+    assert report.run_labels(runs)[1] == "mutex-hash, 2 table writes"
+    assert plots._varying(runs) == ["table_writes_per_vmrun"]
