@@ -23,6 +23,7 @@ import tomllib
 from ipc import sched
 from ipc.errors import UsageError
 from lab import schedtrace
+from lab.outputs import write_atomic
 from lab.schedrun import Runner, Scenario, describe, name_points, run_schedule
 from vm.results import versions
 
@@ -141,8 +142,7 @@ def save(path: str, sc: Scenario, meta: dict, log: list[tuple[int, str, bool]], 
              "", "[result]", f"diagnosis = {_toml_value(reasons[:20])}",
              "", "[schedule]  # one [vCPU, point] per scheduling step, in order",
              "steps = [", *[f"  [{v}, {_toml_value(n)}]," for v, n, _ in log], "]", ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_atomic(path, "\n".join(lines), what="the failing schedule")
 
 
 def load(path: str) -> tuple[Scenario, list[tuple[int, str]], dict]:
@@ -395,8 +395,8 @@ def main(args) -> int:
         res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps,
                       trace=args.trace, progress=progress)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: v for k, v in res.items() if k != "log"}, f, indent=1)
+        write_atomic(args.json, json.dumps({k: v for k, v in res.items() if k != "log"}, indent=1),
+                     what="explore's results", flag="--json")
     if res["verdict"] == "FAILURE":
         print(f"FAILURE after {res['schedules_to_failure']} schedule(s) ({res['strategy']}, depth {res['depth']},"
               f" seed {res['seed']}): {res['reasons'][0] if res['reasons'] else '?'}")
