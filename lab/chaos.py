@@ -460,13 +460,12 @@ def run_cases(cases: list[Case], out: Path, scheduler: str | None, progress) -> 
             recs.append(run_tested(c, str(out), launch))
             progress(recs[-1])
         return recs
-    import tempfile
-
     import dask
 
+    from ipc import safe_delete
     from lab.sweep import _client
 
-    scratch = tempfile.mkdtemp(prefix="pagetrack-chaos-dask-")
+    scratch = safe_delete.make_owned_dir("pagetrack-chaos-dask-")  # its marker: clean knows a killed run's
     with dask.config.set({"temporary-directory": scratch}):
         client, cluster, _ = _client(scheduler, 1, scratch, by_value=sys.modules[__name__])
         try:
@@ -481,6 +480,7 @@ def run_cases(cases: list[Case], out: Path, scheduler: str | None, progress) -> 
             client.close()
             if cluster is not None:
                 cluster.close()
+            safe_delete.remove_quietly(scratch, marker=True, shared_root=True)  # never through a link
 
 
 def main(args) -> int:

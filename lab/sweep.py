@@ -45,10 +45,8 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -421,7 +419,9 @@ def run_points(todo: list[Point], out: Path, *, scheduler: str | None, workers: 
     results: dict[str, dict] = {}
     import dask
 
-    scratch = tempfile.mkdtemp(prefix="pagetrack-sweep-dask-")
+    from ipc import safe_delete
+
+    scratch = safe_delete.make_owned_dir("pagetrack-sweep-dask-")  # its marker: clean knows a killed sweep's
     try:
         with dask.config.set({"temporary-directory": scratch, "distributed.scheduler.http.routes": [],
                               "distributed.worker.http.routes": []}):
@@ -446,7 +446,7 @@ def run_points(todo: list[Point], out: Path, *, scheduler: str | None, workers: 
                 if cluster is not None:
                     cluster.close()
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        safe_delete.remove_quietly(scratch, marker=True, shared_root=True)  # never through a link (issue 21)
     return outcomes, results, start_s
 
 

@@ -36,6 +36,8 @@ HEX_ARGS = ("gpa", "gfn")
 FLOWS = (("emulated_write", "track_write"),)
 TABLE_EVENTS = ("table_create", "table_sync", "table_drop")
 FAILURE_DIR_ENV = "PTS_FAILURE_DIR"
+#: a dump dir of ``failures_root()`` holds only ``<FAILURE_STEM>.json`` / ``.txt`` (how ``clean`` knows it)
+FAILURE_STEM = "failure-trace"
 
 
 def proc_name(proc: int) -> str:
@@ -89,7 +91,7 @@ def failure_dir(json_path: str | None, run_id: str) -> tuple[str, str]:
         d = os.path.dirname(os.path.abspath(json_path))
         stem = os.path.basename(json_path).removesuffix(".json")
         return d, f"{stem}.failure-trace"
-    return os.path.join(failures_root(), run_id), "failure-trace"
+    return os.path.join(failures_root(), run_id), FAILURE_STEM
 
 
 def failures_root() -> str:
