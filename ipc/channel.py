@@ -15,9 +15,12 @@ the token, checked by a ZAP handler thread: a peer without it can deliver no mes
 matters because libzmq buffers a whole multipart message before the first frame can be read and
 ZMQ_MAXMSGSIZE bounds only one frame). A worker is then known by its vCPU index after a valid
 :class:`~ipc.messages.Hello` carrying the token; the DEALER's routing id is ``vcpu-<n>-<random>``
-and must match the Hello's vcpu. Everything else from a peer that never said a valid Hello is
-counted (``unknown_peer``) and dropped. Messages are received frame by frame with a cap on their
-frames and total bytes (``max_message``); a bigger one is drained, counted and dropped.
+and must match the Hello's vcpu; once the owner said what it spawned (``bind``), also a spawned
+index, that process's pid (on ipc://, the kernel's) and the index's first connection: the rule is
+:mod:`ipc.peers` (a refusal counts in ``rejected_peers``). Everything else from a peer that never
+said a valid Hello is counted (``unknown_peer``) and dropped. Messages are received frame by frame
+with a cap on their frames and total bytes (``max_message``); a bigger one is drained, counted and
+dropped.
 
 Every receive has a timeout; sends never block (a full queue or a vanished peer is counted and
 reported by the return value), so a dead worker or coordinator can never hang the other side.
@@ -29,8 +32,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import itertools
+import logging
 import os
-import re
 import secrets
 import stat
 import threading
@@ -54,7 +57,9 @@ from ipc.messages import (
     Msg,
     decode,
     encode,
+    printable,
 )
+from ipc.peers import hello_refusal
 from ipc.rundir import (  # re-exported: the channel's endpoint lives in a run dir
     OWNER_FILE,
     RUN_PREFIX,
@@ -110,11 +115,19 @@ __all__ = [
 #: ZAP (RFC 27): a context's handler binds this.
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
-_IDENT_RE = re.compile(rb"^vcpu-(\d{1,9})-[0-9a-f]{8}$")
 _COUNTERS = (
     "received", "sent", "bad_frames", "rejected_peers", "unknown_peer", "vcpu_mismatch",
     "unroutable", "send_full", "replaced_peers", "stale_acks", "auth_denied",
 )
+_log = logging.getLogger("pagetrack.channel")
+
+
+def _log_once(seen: set[str], what: str, reason: str, detail: str) -> None:
+    """One stderr line for the first ``reason`` (a peer's text escaped); later ones are only counted."""
+    if reason not in seen:
+        seen.add(reason)
+        _log.warning("control channel: %s (%s); further ones are counted in the run's channel counters",
+                     what, printable(f"{reason}: {detail}" if detail else reason)[:300])
 
 
 class PeerUnreachable(ConnectionError):
@@ -304,6 +317,9 @@ class CoordinatorChannel:
         self._timed = TimedReceiver(self._sock, 2, self.max_message)
         self._by_ident: dict[bytes, int] = {}
         self._by_vcpu: dict[int, bytes] = {}
+        self._spawned: dict[int, int] | None = None  # {vCPU index: pid} once bind() was called
+        self.rejected_reasons: dict[str, int] = {}
+        self._logged: set[str] = set()
         self.last_seen: dict[int, float] = {}
         self._pending: deque[tuple[int, Message]] = deque()
         self._counters = dict.fromkeys(_COUNTERS, 0)
@@ -315,9 +331,9 @@ class CoordinatorChannel:
     # -- bookkeeping --------------------------------------------------------------------------
     @property
     def counters(self) -> dict[str, int]:
-        """Copy of the channel counters: received, sent, bad_frames, rejected_peers, unknown_peer,
-        vcpu_mismatch, unroutable, send_full, replaced_peers, stale_acks, auth_denied (connections
-        refused by the ZAP gate: wrong token)."""
+        """Copy of the channel counters: received, sent, bad_frames, rejected_peers (refused Hellos,
+        see rejected_reasons), unknown_peer, vcpu_mismatch, unroutable, send_full, replaced_peers,
+        stale_acks, auth_denied (connections refused by the ZAP gate: wrong token)."""
         return {**self._counters, "auth_denied": self._gate.denied}
 
     @property
@@ -325,16 +341,23 @@ class CoordinatorChannel:
         """vCPUs that said a valid Hello (sorted)."""
         return sorted(self._by_vcpu)
 
+    def bind(self, vcpu: int, pid: int) -> None:
+        """Process ``pid`` was spawned as ``vcpu`` (before any receive: Hellos wait in the socket).
+        From the first call on, only a spawned index, with its pid, on its first connection, registers."""
+        self._spawned = {**(self._spawned or {}), int(vcpu): int(pid)}
+
     def forget(self, vcpu: int) -> None:
         """Drop a peer (e.g. after its process was reaped); its later messages count as unknown."""
         ident = self._by_vcpu.pop(vcpu, None)
         if ident is not None:
             self._by_ident.pop(ident, None)
         self.last_seen.pop(vcpu, None)
+        (self._spawned or {}).pop(vcpu, None)
 
-    def _bad(self, reason: str) -> None:
+    def _bad(self, reason: str, detail: str = "") -> None:
         self._counters["bad_frames"] += 1
         self.bad_frame_reasons[reason] = self.bad_frame_reasons.get(reason, 0) + 1
+        _log_once(self._logged, "dropped a bad frame", reason, detail)
 
     # -- receive ------------------------------------------------------------------------------
     def _accept(self, parts: list[zmq.Frame]) -> tuple[int, Message] | None:
@@ -351,16 +374,14 @@ class CoordinatorChannel:
         try:
             msg = decode(frame.buffer, self.max_frame)
         except BadFrame as e:
-            self._bad(e.reason)
+            self._bad(e.reason, e.detail)
             return None
         if type(msg) is Hello:
-            m = _IDENT_RE.match(ident)
-            if (
-                m is None
-                or int(m.group(1)) != msg.vcpu
-                or not hmac.compare_digest(msg.token.encode("utf-8", "replace"), self._token)
-            ):
+            why = hello_refusal(ident, msg, frame, self._token, self._spawned, self._by_vcpu, self.endpoint)
+            if why is not None:
                 c["rejected_peers"] += 1
+                self.rejected_reasons[why] = self.rejected_reasons.get(why, 0) + 1
+                _log_once(self._logged, f"refused a Hello as vCPU {msg.vcpu}", why, "")
                 return None
             old = self._by_vcpu.get(msg.vcpu)
             if old is not None and old != ident:

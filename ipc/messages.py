@@ -6,14 +6,25 @@ msgpack map ``{"type": <tag>, ..., "version": VERSION}``. Never pickle. The chan
 snapshots, WARN events, heartbeats, results); the hot path never goes through it.
 
 This module knows nothing about KVM: a :class:`Command` is a name plus arguments, a :class:`Config`
-or :class:`Fault` a free-form dict; the vm/ layer gives them meaning.
+or :class:`Fault` a dict of named values; the vm/ layer gives them meaning.
 
 :func:`decode` never raises anything but :class:`BadFrame` on wire input, whatever the bytes are.
+
+Every field has a strict type (issue 21): what decodes is what the coordinator can keep, print and
+write as JSON. Names (dict keys, WARN and fault kinds) are short printable ASCII (:data:`Name`);
+floats are finite (JSON has no NaN or infinity); a Warn's ``data`` and a Fault's ``args`` hold flat
+scalars; the free-form values (Config payload, Result data, command arguments and results) may
+nest a few levels of lists and named dicts of scalars (and bytes), checked by ``__post_init__``.
+A peer's text that is shown (WARN kind / message, a result's strings, a command's error) has its
+control characters escaped on arrival (:func:`printable`): no escape sequence reaches a terminal.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+import math
+import re
+import sys
+from typing import Annotated, Any, Union
 
 import msgspec
 
@@ -39,6 +50,10 @@ __all__ = [
     "BatchAck",
     "Message",
     "MESSAGE_TYPES",
+    "Name",
+    "FiniteFloat",
+    "Scalar",
+    "printable",
     "encode",
     "decode",
 ]
@@ -53,6 +68,67 @@ MAX_FRAME = 1 << 20  # 1 MiB
 _ARG_SCALARS = (bool, int, float, str, bytes, type(None))
 _ARG_SCALAR_SET = frozenset(_ARG_SCALARS)
 _MAX_ARG_DEPTH = 4
+#: Nesting allowed in the free-form values (Config payload, Result data, CommandResult value).
+_MAX_VALUE_DEPTH = 6
+
+#: A name: dict keys of every message, WARN and fault kinds (printable ASCII, no space, 1..64).
+NAME_PATTERN = r"^[A-Za-z0-9_.:/+-]{1,64}\Z"
+_NAME_RE = re.compile(NAME_PATTERN)
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+#: A float JSON can hold: NaN and +-inf are refused on decode.
+FiniteFloat = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+#: A value of a Warn's data or a Fault's args.
+Scalar = Union[bool, int, FiniteFloat, str]  # noqa: UP007
+
+
+def _escape_char(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def printable(s: str, multiline: bool = False) -> str:
+    """``s`` with every character that is not printable (C0 and C1 controls such as ESC and CSI,
+    DEL, bidi and other format characters, line and paragraph separators, unassigned code points)
+    written as a ``\\xNN`` / ``\\uNNNN`` escape, so that a peer's text can be shown on a terminal or
+    in a report as text and nothing else. ``multiline``: newlines and tabs are kept (a traceback).
+    Idempotent; printable text (ASCII, accented letters, ``µs``) is returned unchanged."""
+    if s.isprintable():
+        return s
+    keep = "\n\t" if multiline else ""
+    return "".join(c if c.isprintable() or c in keep else _escape_char(c) for c in s)
+
+
+def _check_value(v: Any, depth: int, where: str) -> None:
+    """A free-form value: None, bool, int, finite float, str, bytes, or lists / dicts (keys: names)
+    of those, nested at most ``_MAX_VALUE_DEPTH`` deep. Raises TypeError / ValueError (a decode
+    turns either into a ValidationError, i.e. a BadFrame)."""
+    t = type(v)
+    if t is str or t is int or t is bool or t is bytes or v is None:
+        return
+    if t is float:
+        if not math.isfinite(v):
+            raise ValueError(f"{where}: {v!r} is not a finite number")
+        return
+    if t is not list and t is not dict:
+        raise TypeError(f"{where}: unsupported type {t.__name__}")
+    if depth >= _MAX_VALUE_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {_MAX_VALUE_DEPTH}")
+    if t is list:
+        for i, x in enumerate(v):
+            _check_value(x, depth + 1, f"{where}[{i}]")
+        return
+    for k, x in v.items():
+        if type(k) is not str or _NAME_RE.match(k) is None:
+            raise ValueError(f"{where}: key {k!r:.40} is not a name")
+        _check_value(x, depth + 1, f"{where}.{k}")
+
+
+def _shown(d: dict) -> dict:
+    """``d``, or a copy whose str values have their control characters escaped (they may be shown;
+    newlines are kept)."""
+    if all(type(v) is not str or v.isprintable() for v in d.values()):
+        return d
+    return {k: printable(v, multiline=True) if type(v) is str else v for k, v in d.items()}
 
 
 class BadFrame(UsageError):
@@ -82,15 +158,19 @@ class Msg(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=
 class Hello(Msg, tag="hello"):
     """worker -> coordinator: first message of a worker; ``token`` is the per-run secret."""
 
-    vcpu: int
-    pid: int
+    vcpu: Annotated[int, msgspec.Meta(ge=0)]
+    pid: Annotated[int, msgspec.Meta(ge=1)]  # the coordinator compares it with the pid it spawned
     token: str
 
 
 class Config(Msg, tag="config"):
-    """coordinator -> worker: the welcome; ``payload`` schema belongs to the vm/ layer."""
+    """coordinator -> worker: the welcome; ``payload`` schema belongs to the vm/ layer (a free-form
+    value: see :func:`_check_value`)."""
 
-    payload: dict[str, Any] = {}
+    payload: dict[Name, Any] = {}
+
+    def __post_init__(self):
+        _check_value(self.payload, 0, "payload")
 
 
 class Start(Msg, tag="start"):
@@ -120,38 +200,63 @@ class Stats(Msg, tag="stats"):
     """worker -> coordinator: snapshot of counters (``t_ns``: when it was taken, optional)."""
 
     vcpu: int
-    counters: dict[str, int]
+    counters: dict[Name, int]
     t_ns: int = 0
 
 
 class Warn(Msg, tag="warn"):
-    """worker -> coordinator: a WARN event (kind e.g. ``redundant_register``, ``rcu_stall``)."""
+    """worker -> coordinator: a WARN event (kind e.g. ``redundant_register``, ``rcu_stall``);
+    ``data``: named scalars. ``message`` and str data are shown: their control characters are
+    escaped (a data string may keep its newlines, e.g. a traceback)."""
 
     vcpu: int
-    kind: str
+    kind: Name
     message: str = ""
-    data: dict[str, Any] = {}
+    data: dict[Name, Scalar] = {}
+
+    def __post_init__(self):
+        if not self.message.isprintable():
+            self.message = printable(self.message)
+        self.data = _shown(self.data)
+
+
+#: Result data keys the coordinator reads, and their types (``ok`` is the message's own field).
+_RESULT_KEYS = {"error": (str,), "ops": (int,), "line_transfers": (int,)}
 
 
 class Result(Msg, tag="result"):
-    """worker -> coordinator: final report of a worker."""
+    """worker -> coordinator: final report of a worker. ``data`` is free-form (see
+    :func:`_check_value`) except for the keys the coordinator reads: ``error`` (str, shown, so its
+    control characters are escaped), ``ops`` and ``line_transfers`` (int); no ``ok``."""
 
     vcpu: int
     ok: bool
-    data: dict[str, Any] = {}
+    data: dict[Name, Any] = {}
+
+    def __post_init__(self):
+        data = self.data
+        _check_value(data, 0, "data")
+        if "ok" in data:
+            raise ValueError("data: key 'ok' is the result's own field")
+        for k, types in _RESULT_KEYS.items():
+            if k in data and (type(data[k]) not in types):
+                raise ValueError(f"data.{k}: expected {types[0].__name__}, got {type(data[k]).__name__}")
+        self.data = _shown(data)
 
 
 class Fault(Msg, tag="fault"):
     """coordinator -> worker: fault injection command (meaning owned by the vm/ layer)."""
 
-    kind: str
-    args: dict[str, Any] = {}
+    kind: Name
+    args: dict[Name, Scalar] = {}
 
 
 # --- scripted mode ----------------------------------------------------------------------------
 
 
 def _check_arg(value: Any, depth: int) -> bool:
+    if type(value) is float:
+        return math.isfinite(value)
     if isinstance(value, _ARG_SCALARS):
         return True
     if isinstance(value, list) and depth < _MAX_ARG_DEPTH:
@@ -161,14 +266,14 @@ def _check_arg(value: Any, depth: int) -> bool:
 
 class Command(msgspec.Struct, forbid_unknown_fields=True):
     """One scripted command: ``op`` (e.g. ``"vmrun"``) and arguments whose values are
-    int | float | str | bytes | bool | None | list of those."""
+    int | finite float | str | bytes | bool | None | list of those."""
 
-    op: str
-    args: dict[str, Any] = {}
+    op: Name
+    args: dict[Name, Any] = {}
 
     def __post_init__(self):
         for v in self.args.values():
-            if type(v) not in _ARG_SCALAR_SET:
+            if type(v) not in _ARG_SCALAR_SET or type(v) is float:
                 self._check_args()
                 break
 
@@ -179,11 +284,18 @@ class Command(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class CommandResult(msgspec.Struct, forbid_unknown_fields=True):
-    """Outcome of one Command: ``value`` on success, ``error`` (one line) on failure."""
+    """Outcome of one Command: ``value`` on success (free-form: see :func:`_check_value`),
+    ``error`` (one line, shown: its control characters are escaped) on failure."""
 
     ok: bool
     value: Any = None
     error: str = ""
+
+    def __post_init__(self):
+        if type(self.value) is not int and self.value is not None:  # the common cases, quickly
+            _check_value(self.value, 0, "value")
+        if not self.error.isprintable():
+            self.error = printable(self.error)
 
 
 class Batch(Msg, tag="batch"):

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import msgspec
 
 from ipc.errors import UsageError
+from ipc.messages import printable
 from lab.labels import run_labels, run_name, unique_labels
 from lab.outputs import write_atomic
 from lab.plots import is_virtual, plot_lock_wait, plot_vmrun_rate, vmrun_plot_note
@@ -315,7 +316,7 @@ def write_report(results: list[dict], out_dir: str | Path, labels: list[str] | N
     failed = [(row["run"], r) for row, r in zip(rows, results, strict=True) if r["verdict"] != "SUCCESS"]
     if failed:
         md += ["## FAILURE reasons", ""]
-        md += [f"- **{label}**: " + ("; ".join(r.get("reasons", [])) or "(no reason recorded)").replace("\n", " ")
+        md += [f"- **{label}**: " + printable(("; ".join(r.get("reasons", [])) or "(no reason recorded)").replace("\n", " "))
                for label, r in failed]
         md.append("")
     if extra_md:

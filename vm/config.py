@@ -260,34 +260,111 @@ SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "write_entry", "read", "re
               "track", "untrack", "enable_tracking", "load", "put", "sleep", "counters")
 
 
+def _step_fields(cfg: Config) -> dict[str, dict[str, tuple]]:
+    """The fields of each scripted command (vcpu/vcpu.py ``Vcpu.execute``): name -> (kind, lo, hi,
+    required); kind "int" (lo..hi), "bool" or "data" (an int, or a hex string of 1..4096 bytes)."""
+    l2 = ("int", 0, cfg.l2s - 1)
+    node = ("int", 0, cfg.max_nodes - 1, True)
+    gfn = {"gfn": ("int", 0, cfg.memory_pages - 1, True)}
+    return {
+        "vmrun": {"l2": (*l2, True)},
+        "vmexit": {"l2": (*l2, False), "leaving": ("bool", 0, 0, False)},
+        "write": {"gpa": ("int", 0, (1 << 52) - 1, True), "data": ("data", -(1 << 63), (1 << 64) - 1, True)},
+        "l1_write": {},
+        "write_entry": {"l2": (*l2, True), "entry": ("int", 0, 511, True), "apic": ("int", 0, 255, True),
+                        "running": ("bool", 0, 0, False)},
+        "read": {"gpa": ("int", 0, cfg.memory_pages * PAGE_SIZE - 8, True)},
+        "register": {"kind": ("int", 1, 1 << 16, False), "owner": ("int", 0, 1 << 30, False)},
+        "reregister": {"node": node},
+        "unregister": {"node": node, "free": ("bool", 0, 0, False)},
+        "track": gfn,
+        "untrack": gfn,
+        "enable_tracking": {}, "load": {}, "put": {}, "counters": {},
+        "sleep": {"us": ("int", 0, 10_000_000, True)},
+    }
+
+
+def _got(v: Any) -> str:
+    """A step value, described in a few words (one line, bounded)."""
+    if isinstance(v, bool):
+        return f"a boolean ({str(v).lower()})"
+    if isinstance(v, int):
+        if abs(v) < 10**20:
+            return str(v)
+        return f"an integer of {len(str(abs(v)))} digits" if v.bit_length() < 14000 else "a huge integer"
+    if isinstance(v, str):
+        return f"a string ({v!r:.48})"
+    if isinstance(v, list):
+        return f"an array ({len(v)} item(s))"
+    if isinstance(v, dict):
+        return "a table"
+    if hasattr(v, "isoformat"):
+        return f"a date/time ({v.isoformat()})"
+    return f"a {type(v).__name__} ({v!r:.48})"
+
+
+def _step_int(v: Any, lo: int, hi: int, where: str, what: str) -> int:
+    if type(v) is not int or not lo <= v <= hi:  # exactly an int: no bool, float, date, array
+        raise UsageError(f"{where}: expected {what} in {lo}..{hi}, got {_got(v)}")
+    return v
+
+
 def parse_steps(steps: list[dict[str, Any]], cfg: Config) -> list[tuple[int, str, dict[str, Any]]]:
-    """``[[step]]`` tables -> (vcpu, op, args). Each step: ``vcpu = N``, ``op = "..."``, other keys
-    are the command's arguments; ``vcpu`` must name an existing vCPU and ``l2`` an existing L2."""
+    """``[[step]]`` tables -> (vcpu, op, args), every field checked before anything starts (issue
+    21): each step has ``vcpu`` (an existing vCPU) and ``op`` (a command of SCRIPT_OPS); the other
+    keys are that command's fields (``_step_fields``), each of its exact type and in its range (an
+    integer is an integer: not a boolean, float, date or array), required ones present, no other.
+    A bad step is a UsageError of one line naming the step and the field."""
+    table = _step_fields(cfg)
     out = []
     for i, st in enumerate(steps):
         where = f"step[{i}]"
-        v = st.get("vcpu")
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise UsageError(f"{where}.vcpu: expected an integer, got {v!r}")
+        if not isinstance(st, dict):
+            raise UsageError(f"{where}: expected a table ([[step]]), got {_got(st)}")
+        if "vcpu" not in st:
+            raise UsageError(f"{where}.vcpu: missing (the vCPU that runs the step)")
+        v = st["vcpu"]
+        if type(v) is not int:
+            raise UsageError(f"{where}.vcpu: expected an integer, got {_got(v)}")
         if not 0 <= v < cfg.vcpus:
-            raise UsageError(f"{where}.vcpu: no vCPU {v} (vcpus = {cfg.vcpus})")
+            raise UsageError(f"{where}.vcpu: no vCPU {_got(v)} (vcpus = {cfg.vcpus})")
         op = st.get("op")
-        if op not in SCRIPT_OPS:
-            raise UsageError(f"{where}.op: unknown command {op!r} (one of {', '.join(SCRIPT_OPS)})")
+        if type(op) is not str or op not in SCRIPT_OPS:
+            what = ("missing" if "op" not in st else f"unknown command {op!r:.48}" if type(op) is str
+                    else f"expected a command name, got {_got(op)}")
+            raise UsageError(f"{where}.op: {what} (one of {', '.join(SCRIPT_OPS)})")
+        fields = table[op]
         args = {k: val for k, val in st.items() if k not in ("vcpu", "op")}
-        if op == "write_entry" and not {"l2", "entry", "apic"} <= set(args):
-            raise UsageError(f"{where}: write_entry needs l2, entry and apic")
-        if "l2" in args:
-            l2 = args["l2"]
-            if isinstance(l2, bool) or not isinstance(l2, int) or not 0 <= l2 < cfg.l2s:
-                raise UsageError(f"{where}.l2: no L2 {l2!r} (l2s = {cfg.l2s})")
         for k, val in args.items():
-            if isinstance(val, dict):
-                raise UsageError(f"{where}.{k}: tables are not allowed as command arguments")
-            if isinstance(val, str) and k == "data":
+            if k not in fields:
+                known = ", ".join(fields) or "none"
+                name = k if k.isidentifier() else repr(k)[:40]
+                raise UsageError(f"{where}.{name}: unknown field for {op} (its fields: {known})")
+            kind, lo, hi, _ = fields[k]
+            at = f"{where}.{k}"
+            if kind == "bool":
+                if type(val) is not bool:
+                    raise UsageError(f"{at}: expected a boolean (true / false), got {_got(val)}")
+            elif k == "l2" and (type(val) is not int or not lo <= val <= hi):
+                raise UsageError(f"{at}: no L2 {_got(val)} (l2s = {cfg.l2s})")
+            elif kind == "int":
+                _step_int(val, lo, hi, at, "an integer")
+            elif type(val) is str:  # data: hex bytes
                 try:
                     args[k] = bytes.fromhex(val.removeprefix("0x"))
                 except ValueError:
-                    raise UsageError(f"{where}.data: not a hex string") from None
+                    raise UsageError(f"{at}: not a hex string: {_got(val)}") from None
+                if not 1 <= len(args[k]) <= 4096:
+                    raise UsageError(f"{at}: expected 1..4096 bytes, got {len(args[k])}")
+            else:
+                _step_int(val, lo, hi, at, "a hex string or an integer")
+        missing = [k for k, f in fields.items() if f[3] and k not in args]
+        if missing:
+            raise UsageError(f"{where}.{missing[0]}: missing ({op} needs {', '.join(k for k, f in fields.items() if f[3])})")
+        if op == "write":
+            gpa, data = args["gpa"], args["data"]
+            size = 8 if type(data) is int else len(data)
+            if (gpa >> 12) < cfg.memory_pages and (gpa & 0xFFF) + size > PAGE_SIZE:
+                raise UsageError(f"{where}.data: {size} byte(s) at gpa {gpa:#x} cross a page boundary")
         out.append((v, op, args))
     return out

@@ -153,6 +153,7 @@ class Coordinator:
             except (EOFError, OSError) as e:  # the fork server died under us
                 raise RunError(f"could not start vCPU {i}: the fork server died ({e!r})") from None
             self.procs.append(p)
+            self.ch.bind(i, p.pid)  # only this process registers as vCPU i (no receive before the barrier)
         deadline = time.monotonic() + HELLO_TIMEOUT_S + 0.05 * self.cfg.vcpus
         while True:  # in slices, so a vCPU that died before its hello fails the run at once
             try:
@@ -179,16 +180,14 @@ class Coordinator:
         got = self.ch.recv(timeout_ms)
         while got is not None:
             vcpu, msg = got
-            if isinstance(msg, M.Hello):
-                pass
-            elif isinstance(msg, M.Warn):
+            if isinstance(msg, M.Warn):
                 self.warnings.append({"vcpu": msg.vcpu, "kind": msg.kind, "message": msg.message,
                                       "data": msg.data})
             elif isinstance(msg, M.Result):
                 self.worker_results[msg.vcpu] = {"ok": msg.ok, **msg.data}
                 if not msg.ok:
                     self.reasons.append(f"vCPU {msg.vcpu} failed: {msg.data.get('error', '?')}")
-            else:
+            elif not isinstance(msg, M.Hello):  # a repeated Hello of a registered vCPU: nothing to do
                 out.append((vcpu, msg))
             got = self.ch.recv(0)
         return out

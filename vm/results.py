@@ -134,22 +134,75 @@ def latency_sampling(cfg) -> dict[str, Any]:
 
 
 def _json_default(o):
-    if isinstance(o, bytes | bytearray):
-        return o.hex()
-    if hasattr(o, "item"):
-        return o.item()
+    """A value JSON has no type for: bytes as hex, numpy scalars and arrays as Python values, sets
+    and tuples as lists, anything else as its repr (a str)."""
+    if isinstance(o, bytes | bytearray | memoryview):
+        return bytes(o).hex()
+    if hasattr(o, "tolist"):  # numpy scalar (-> int / float / bool) or array (-> list)
+        try:
+            return o.tolist()
+        except Exception:  # noqa: BLE001 - fall back to the repr
+            pass
     if isinstance(o, set | frozenset | tuple):
         return list(o)
     return repr(o)
 
 
+_JSON_DEPTH = 64  # deeper than any results document: a cycle or a runaway nesting becomes a repr
+_INF = float("inf")  # -_INF < x < _INF: x is finite (False for NaN)
+
+
+def _json_key(k) -> str:
+    if type(k) is str:
+        return k
+    if k is None or type(k) is bool or type(k) is int:
+        return json.dumps(k)  # what json.dumps itself makes of these keys
+    v = _jsonable(k, _JSON_DEPTH - 1)
+    return v if type(v) is str else json.dumps(v)
+
+
+def _jsonable(o, depth: int = 0, path: set[int] | None = None):
+    """``o`` as plain JSON data that ``json.dumps(..., allow_nan=False)`` cannot refuse: str / int /
+    bool / None as they are, a NaN or infinite float as None (JSON has neither), dict keys as str
+    (bytes as hex, a tuple as its JSON text), lists for tuples and sets, ``_json_default`` for the
+    rest (a numpy value, bytes, an unknown object's repr); a container inside itself (``path``:
+    the ids of those being converted) or nested ``_JSON_DEPTH`` deep is written as a short repr."""
+    t = type(o)
+    if t is str or t is int or t is bool or o is None:
+        return o
+    if t is float:
+        return o if -_INF < o < _INF else None
+    if isinstance(o, dict | list | tuple | set | frozenset):
+        path = set() if path is None else path
+        if depth >= _JSON_DEPTH or id(o) in path:
+            return f"<{type(o).__name__} nested too deep or inside itself>"
+        path.add(id(o))
+        try:
+            if isinstance(o, dict):
+                return {_json_key(k): _jsonable(v, depth + 1, path) for k, v in o.items()}
+            return [_jsonable(v, depth + 1, path) for v in o]
+        finally:
+            path.discard(id(o))
+    if depth >= _JSON_DEPTH:
+        return repr(o)[:1000]
+    if isinstance(o, int):  # a subclass (IntEnum; numpy.bool_ is not one: _json_default)
+        return int(o)
+    if isinstance(o, float):  # numpy.float64 is one
+        return float(o) if -_INF < o < _INF else None
+    if isinstance(o, str):
+        return str(o)
+    return _jsonable(_json_default(o), depth + 1, path)
+
+
 def write_json(path: str, result: dict, flag: str | None = "--json") -> None:
     """Atomic write (ipc.outputs.write_atomic: tmp + fsync + rename) so a crash never leaves half a
     document; a failed write (disk full) keeps the document in the rescue directory and raises an
-    ``OutputError`` (a UsageError: one line, exit 2) naming both paths."""
+    ``OutputError`` (a UsageError: one line, exit 2) naming both paths. The content cannot make it
+    fail: everything is made plain JSON first (``_jsonable``: a NaN is null, a key is a str), and
+    the text is strict JSON (``allow_nan=False``)."""
     from ipc.outputs import write_atomic
 
-    text = json.dumps(result, indent=2, sort_keys=False, default=_json_default) + "\n"
+    text = json.dumps(_jsonable(result), indent=2, sort_keys=False, allow_nan=False, default=_json_default) + "\n"
     what = f"the results document of run {result.get('run_id', '?')} (verdict {result.get('verdict', '?')})"
     write_atomic(path, text, what=what, flag=flag)
 
@@ -185,7 +238,13 @@ def host_note(vcpus: int, cpus: int) -> str | None:
 
 def render(result: dict, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from ipc.messages import printable
+
+    def shown(s) -> str:  # text from a vCPU (or a results file): no escape sequence, no markup
+        return escape(printable(str(s)))
 
     con = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 150)
     cfg = result["config"]
@@ -249,16 +308,16 @@ def render(result: dict, console=None) -> None:
         for w in result["warnings"]:
             seen[w["kind"]] = seen.get(w["kind"], 0) + 1
             if seen[w["kind"]] <= 3:
-                con.print(f"  {w['message']}", markup=False, highlight=False)
+                con.print(f"  {printable(str(w['message']))}", markup=False, highlight=False)
         for k, n in seen.items():
             if n > 3:
-                con.print(f"  ... {n - 3} more {k}")
+                con.print(f"  ... {n - 3} more {shown(k)}", highlight=False)
     for o in result["oracle"][:5]:
-        con.print(f"[red]oracle:[/] {o}", highlight=False)
+        con.print(f"[red]oracle:[/] {shown(o)}", highlight=False)
     if result["verdict"] == "SUCCESS":
         con.print("[bold green]SUCCESS[/]: oracle clean, no WARN, no poisoned read")
     else:
-        con.print("[bold red]FAILURE[/]: " + "; ".join(result["reasons"]), highlight=False)
+        con.print("[bold red]FAILURE[/]: " + "; ".join(shown(r) for r in result["reasons"]), highlight=False)
 
 
 INTERFERENCE_WAIT_NS = 50_000_000  # one lock wait this long: ~10 scheduler slices, the host's doing

@@ -8,6 +8,7 @@ import signal
 import stat
 import time
 
+import msgspec
 import pytest
 from channel_kit import (  # noqa: F401  (fixtures)
     CTX,
@@ -42,9 +43,12 @@ from ipc.errors import UsageError
 from ipc.messages import (
     Config,
     Heartbeat,
+    Hello,
     Stop,
+    Warn,
+    encode,
 )
-from ipc.worker_channel import WorkerChannel
+from ipc.worker_channel import WorkerChannel, worker_identity
 
 # --------------------------------------------------------------------------------------------
 # run directory
@@ -172,3 +176,93 @@ def test_coordinator_dies_no_hang(run_dir, token, procs):
         w.close()
         ready.close()
         ready.join_thread()
+
+
+# --------------------------------------------------------------------------------------------
+# issue 21: a connection is bound to the vCPU index and pid it was spawned as; a message that
+# fails its strict types is a counted bad frame, the channel goes on
+# --------------------------------------------------------------------------------------------
+
+
+def _hello_raw(endpoint: str, token: str, vcpu: int, pid: int):
+    """A peer holding the token that says Hello as ``vcpu`` with ``pid`` (a worker's identity)."""
+    ctx, s = raw_dealer(endpoint, worker_identity(vcpu), token)
+    s.send(encode(Hello(vcpu, pid, token)))
+    return ctx, s
+
+
+def test_bound_channel_accepts_only_what_was_spawned(coord, token, caplog):
+    me = os.getpid()
+    coord.bind(0, me)  # "spawned": this process as vCPU 0, pid me + 1 as vCPU 1
+    coord.bind(1, me + 1)
+    peers = [_hello_raw(coord.endpoint, token, 100, me)]  # never spawned
+    wait_counter(coord, "rejected_peers", 1)
+    assert coord.rejected_reasons == {"not_spawned": 1}
+    peers.append(_hello_raw(coord.endpoint, token, 1, me))  # spawned index, another pid
+    wait_counter(coord, "rejected_peers", 2)
+    assert coord.rejected_reasons == {"not_spawned": 1, "wrong_pid": 1}
+    # claiming the spawned pid does not help: on ipc:// the channel reads the sender's own (SO_PEERCRED)
+    peers.append(_hello_raw(coord.endpoint, token, 1, me + 1))
+    wait_counter(coord, "rejected_peers", 3)
+    assert coord.rejected_reasons == {"not_spawned": 1, "wrong_pid": 1, "false_pid": 1}
+    w = WorkerChannel(coord.endpoint, 0, token)  # the real vCPU 0: its pid is ours
+    second = WorkerChannel(coord.endpoint, 0, token)  # same process, a second connection
+    try:
+        w.hello()
+        assert coord.wait_for_hellos(1, 10) == [0]
+        second.hello()
+        wait_counter(coord, "rejected_peers", 4)
+        assert coord.rejected_reasons == {"not_spawned": 1, "wrong_pid": 1, "false_pid": 1,
+                                          "already_registered": 1}
+        # the refused peers are nobody: what they send is dropped as unknown
+        peers[0][1].send(encode(Warn(100, "fake", "SUCCESS")))
+        second.send(Warn(0, "fake", "SUCCESS"))
+        wait_counter(coord, "unknown_peer", 2)
+        assert coord.vcpus == [0]
+        assert coord.send(0, Config({}))
+        assert w.recv(5000) == Config({})  # the first connection keeps the index
+        w.send(Warn(0, "real", "hello"))
+        got = coord.recv(5000)
+        assert got is not None and got[1].kind == "real"
+    finally:
+        w.close()
+        second.close()
+        for ctx, s in peers:
+            s.close(0)
+            ctx.term()
+    # one log line per reason, whatever the number of refusals
+    lines = [r.getMessage() for r in caplog.records if r.name == "pagetrack.channel"]
+    assert len(lines) == 4 and any("vCPU 100" in x and "not_spawned" in x for x in lines), lines
+
+
+def test_unbound_channel_keeps_the_old_rules(coord, token):
+    """Without bind() (tests, tools), any index matching its routing id registers, as before."""
+    ctx, s = _hello_raw(coord.endpoint, token, 100, os.getpid())
+    try:
+        assert coord.wait_for_hellos(1, 10) == [100]
+        assert coord.counters["rejected_peers"] == 0
+    finally:
+        s.close(0)
+        ctx.term()
+
+
+def test_bad_warn_is_a_counted_bad_frame_and_the_channel_goes_on(coord, token):
+    w = WorkerChannel(coord.endpoint, 0, token)
+    try:
+        w.hello()
+        assert coord.wait_for_hellos(1, 10) == [0]
+        bad = [{1: 2}, {"a": [1, [2]]}, {"a": {"b": 1}}, {"a": float("nan")}, {"a": {b"k": 1}}]
+        for data in bad:  # sent raw: a peer is not bound to our constructors
+            w._sock.send(msgspec.msgpack.encode({"type": "warn", "version": 1, "vcpu": 0, "kind": "x",
+                                                 "message": "m", "data": data}))
+        w._sock.send(msgspec.msgpack.encode({"type": "warn", "version": 1, "vcpu": 0, "kind": "x",
+                                             "message": "\x1b[2J\x1b[HSUCCESS", "data": {"n": 1}}))
+        got = coord.recv(5000)
+        assert got is not None, coord.counters
+        vcpu, msg = got
+        assert vcpu == 0 and type(msg) is Warn and msg.data == {"n": 1}
+        assert "\x1b" not in msg.message and msg.message == "\\x1b[2J\\x1b[HSUCCESS"
+        assert coord.counters["bad_frames"] == len(bad)
+        assert coord.bad_frame_reasons == {"wrong_type": len(bad)}
+    finally:
+        w.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import msgspec
@@ -30,6 +31,7 @@ from ipc.messages import (
     Warn,
     decode,
     encode,
+    printable,
 )
 
 HSET = settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
@@ -174,30 +176,34 @@ def test_command_args_checked_on_both_sides():
 
 ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 small_ints = st.integers(min_value=-(2**31), max_value=2**31)
-floats = st.floats(allow_nan=False)
+indices = st.integers(min_value=0, max_value=2**31)
+floats = st.floats(allow_nan=False, allow_infinity=False)  # JSON has neither: refused on decode
+names = st.from_regex(M.NAME_PATTERN, fullmatch=True)
 scalars = st.one_of(st.none(), st.booleans(), ints, floats, st.text(max_size=20), st.binary(max_size=20))
+flat = st.one_of(st.booleans(), ints, floats, st.text(max_size=20))  # a Warn's data, a Fault's args
 anys = st.recursive(
     scalars,
-    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=8), kids, max_size=4)),
+    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(names, kids, max_size=4)),
     max_leaves=8,
 )
-any_dicts = st.dictionaries(st.text(max_size=10), anys, max_size=4)
+any_dicts = st.dictionaries(names, anys, max_size=4)
+result_data = any_dicts.filter(lambda d: "ok" not in d and all(k not in d for k in M._RESULT_KEYS))
 arg_values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=3), max_leaves=6).filter(
     lambda v: M._check_arg(v, 0)
 )
-commands = st.builds(Command, st.text(max_size=12), st.dictionaries(st.text(max_size=8), arg_values, max_size=4))
+commands = st.builds(Command, names, st.dictionaries(names, arg_values, max_size=4))
 results = st.builds(CommandResult, st.booleans(), anys, st.text(max_size=30))
 
 messages = st.one_of(
-    st.builds(Hello, small_ints, small_ints, st.text(max_size=40)),
+    st.builds(Hello, indices, st.integers(min_value=1, max_value=2**31), st.text(max_size=40)),
     st.builds(Config, any_dicts),
     st.builds(Start, ints),
     st.builds(Stop, st.text(max_size=30)),
     st.builds(Heartbeat, small_ints, ints, ints),
-    st.builds(Stats, small_ints, st.dictionaries(st.text(max_size=10), ints, max_size=8), ints),
-    st.builds(Warn, small_ints, st.text(max_size=10), st.text(max_size=30), any_dicts),
-    st.builds(Result, small_ints, st.booleans(), any_dicts),
-    st.builds(Fault, st.text(max_size=10), any_dicts),
+    st.builds(Stats, small_ints, st.dictionaries(names, ints, max_size=8), ints),
+    st.builds(Warn, small_ints, names, st.text(max_size=30), st.dictionaries(names, flat, max_size=4)),
+    st.builds(Result, small_ints, st.booleans(), result_data),
+    st.builds(Fault, names, st.dictionaries(names, flat, max_size=4)),
     st.builds(Batch, ints, st.lists(commands, max_size=6)),
     st.builds(BatchAck, ints, small_ints, st.lists(results, max_size=6)),
 )
@@ -291,3 +297,107 @@ def test_structured_garbage_only_badframe(tag, version, fields):
     out = _check_outcome(buf)
     if out is not None:
         assert fields["version"] == VERSION and fields["type"] in M._TAGS
+        _writable_and_printable(out)
+
+
+def _writable_and_printable(msg) -> None:
+    """What decodes can be written as strict JSON, and its shown text holds no control character."""
+    json.dumps(msgspec.to_builtins(msg), allow_nan=False)
+    if type(msg) is Warn:
+        assert msg.message.isprintable() and msg.kind.isprintable()
+        assert all(printable(v, multiline=True) == v for v in msg.data.values() if type(v) is str)
+    if type(msg) is Result and "error" in msg.data:
+        assert msg.data["error"] == printable(msg.data["error"], multiline=True)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 21: strict field types (a bad message is a BadFrame, never a crash later) and printable text
+# --------------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("fields", [
+    dict(type="warn", vcpu=0, kind="k", data={1: 2}),                 # a non-string key
+    dict(type="warn", vcpu=0, kind="k", data={"a": {1: 2}}),          # nested (a table)
+    dict(type="warn", vcpu=0, kind="k", data={"a": [1, [2]]}),        # nested list
+    dict(type="warn", vcpu=0, kind="k", data={"a": {b"k": 1}}),       # bytes key JSON cannot hold
+    dict(type="warn", vcpu=0, kind="k", data={"a": NAN}),             # NaN / inf: not JSON
+    dict(type="warn", vcpu=0, kind="k", data={"a": -INF}),
+    dict(type="warn", vcpu=0, kind="k", data={"a": None}),
+    dict(type="warn", vcpu=0, kind="k", data={"a": b"raw"}),
+    dict(type="warn", vcpu=0, kind="k", data={"a b": 1}),             # a key that is no name
+    dict(type="warn", vcpu=0, kind="k", data={"": 1}),
+    dict(type="warn", vcpu=0, kind="\x1b[2J", message="x"),            # a kind is a name
+    dict(type="warn", vcpu=0, kind="ok\n"),
+    dict(type="result", vcpu=0, ok=True, data={"x": {"y": NAN}}),
+    dict(type="result", vcpu=0, ok=True, data={"x": [[[[[[[1]]]]]]]}),  # deeper than 6
+    dict(type="result", vcpu=0, ok=True, data={"ok": False}),         # would shadow the field
+    dict(type="result", vcpu=0, ok=False, data={"error": ["not", "a", "str"]}),
+    dict(type="result", vcpu=0, ok=True, data={"line_transfers": "many"}),
+    dict(type="result", vcpu=0, ok=True, data={"ops": True}),
+    dict(type="result", vcpu=0, ok=True, data={"x": {(1, 2): 3}}),     # a tuple key (msgpack array)
+    dict(type="batch_ack", vcpu=0, seq=1, results=[{"ok": True, "value": INF}]),
+    dict(type="batch_ack", vcpu=0, seq=1, results=[{"ok": True, "value": {"a b": 1}}]),
+    dict(type="fault", kind="kill-vcpu", args={"point": ["x"]}),
+    dict(type="stats", vcpu=0, counters={"a\x1b": 1}),
+    dict(type="config", payload={"x": NAN}),
+    dict(type="batch", seq=1, commands=[{"op": "write", "args": {"gpa": INF}}]),
+    dict(type="batch", seq=1, commands=[{"op": "bad op", "args": {}}]),
+    dict(type="hello", vcpu=-1, pid=5, token="t"),
+    dict(type="hello", vcpu=1, pid=0, token="t"),
+], ids=lambda f: f"{f['type']}-" + ",".join(f"{k}={v!r:.20}" for k, v in f.items() if k != "type"))
+def test_values_json_cannot_hold_are_bad_frames(fields):
+    buf = msgspec.msgpack.encode({**fields, "version": VERSION})
+    with pytest.raises(BadFrame) as ei:
+        decode(buf)
+    assert ei.value.reason in ("wrong_type", "bad_value"), str(ei.value)
+
+
+def test_every_decoded_value_is_json_writable():
+    ok = [
+        dict(type="warn", vcpu=0, kind="rcu_stall", message="m", data={"ms": 3, "f": 1.5, "s": "x", "b": True}),
+        dict(type="result", vcpu=0, ok=True, data={"ops": 3, "nested": {"a": [1, 2.5, None, b"\x00"]}}),
+        dict(type="batch_ack", vcpu=0, seq=1, results=[{"ok": True, "value": {"nodes": [1, 2]}}]),
+    ]
+    for f in ok:
+        _writable_and_printable(decode(msgspec.msgpack.encode({**f, "version": VERSION})))
+
+
+def test_shown_text_has_its_control_characters_escaped_on_arrival():
+    evil = "\x1b[2J\x1b[H\x9b31mSUCCESS\u202e\x07"
+    raw = msgspec.msgpack.encode({"type": "warn", "version": VERSION, "vcpu": 0, "kind": "k", "message": evil,
+                                  "data": {"traceback": "line 1\n\tline 2\x1b]0;title\x07"}})
+    w = decode(raw)
+    assert "\x1b" not in w.message and "\x9b" not in w.message and "\u202e" not in w.message
+    assert w.message == "\\x1b[2J\\x1b[H\\x9b31mSUCCESS\\u202e\\x07"
+    assert w.data["traceback"] == "line 1\n\tline 2\\x1b]0;title\\x07"  # a traceback keeps its lines
+    r = decode(msgspec.msgpack.encode({"type": "result", "version": VERSION, "vcpu": 0, "ok": False,
+                                       "data": {"error": "boom\x1b[2J"}}))
+    assert r.data["error"] == "boom\\x1b[2J"
+    a = decode(msgspec.msgpack.encode({"type": "batch_ack", "version": VERSION, "vcpu": 0, "seq": 1,
+                                       "results": [{"ok": False, "error": "x\rSUCCESS"}]}))
+    assert a.results[0].error == "x\\x0dSUCCESS"
+
+
+def test_printable():
+    assert printable("WARN vCPU 1: 12.5µs, naïve — ok") == "WARN vCPU 1: 12.5µs, naïve — ok"
+    assert printable("a\nb\tc") == "a\\x0ab\\x09c"
+    assert printable("a\nb\tc\x00", multiline=True) == "a\nb\tc\\x00"
+    assert printable("\x7f\x85\u2028\U000e0001") == "\\x7f\\x85\\u2028\\U000e0001"
+    for s in ("\x1b[2J\x1b[HSUCCESS", "\x9b2J", "plain"):
+        once = printable(s)
+        assert once.isprintable() and printable(once) == once
+
+
+def test_a_sender_cannot_build_what_a_receiver_refuses():
+    """Locally made free-form values are checked at construction, like Command's arguments."""
+    with pytest.raises(ValueError):
+        Result(0, True, {"x": NAN})
+    with pytest.raises(ValueError):
+        Result(0, True, {"ok": 1})
+    with pytest.raises(TypeError):
+        CommandResult(True, {"x": (1, 2)})
+    with pytest.raises(ValueError):
+        Config({"x": {3: 1}})
+    assert not M._check_arg(INF, 0)
