@@ -273,11 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "default 3: three times the runs of one seed)")
     cp.add_argument("--designs", type=str, default=None,
                     help="comma-separated designs (default: all three; the map needs mutex-hash and rcu-list)")
-    cp.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,
-                    help="--map: an existing Dask scheduler (default: a LocalCluster on this machine)")
+    _add_scheduler_args(cp, "--map: an existing Dask scheduler (default: a LocalCluster on this machine)")
     cp.add_argument("--workers", type=int_range(1, 64, "--workers"), default=1,
                     help="--map: LocalCluster workers (default 1: runs are multiprocess already)")
-    _add_connect_timeout(cp)
 
     sc = sub.add_parser("scenario", help="a scripted scenario from the seed, over ZeroMQ, deterministic")
     sc.add_argument("name", choices=["kaboom"],
@@ -332,28 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=SEED, default=1)
     ch.add_argument("--out", metavar="DIR", default="chaos-out", help="cases and chaos.json (default chaos-out)")
     ch.add_argument("--json", metavar="PATH", default=None, help="write the figures here")
-    ch.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,
-                    help="run the cases on this Dask scheduler's workers (default: one after another here)")
-    _add_connect_timeout(ch)
+    _add_scheduler_args(ch, "run the cases on this Dask scheduler's workers (default: one after another here)")
 
     sw = sub.add_parser("sweep", help="run every point of a parameter grid on Dask distributed")
     sw.add_argument("grid", metavar="GRID.toml")
     sw.add_argument("--out", metavar="DIR", required=True, help="results directory (resumable)")
-    sw.add_argument("--scheduler", metavar="tcp://HOST:PORT", default=None,
-                    help="an existing Dask scheduler (default: a LocalCluster on this machine)")
+    _add_scheduler_args(sw, "an existing Dask scheduler (default: a LocalCluster on this machine)")
     sw.add_argument("--workers", type=int_range(1, 64, "--workers"), default=1,
                     help="LocalCluster workers (default 1: runs are multiprocess already)")
     sw.add_argument("--repeats", type=int_range(1, 100, "--repeats"), default=None,
                     help="seeds per point (seed, seed+1, ...; the grid must not list seed): each point's "
                          "median and [min-max] are reported (default 1, or the grid's own seed list)")
-    _add_connect_timeout(sw)
     _add_clock_args(sw)
     return p
 
 
-def _add_connect_timeout(p: argparse.ArgumentParser) -> None:
+def _add_scheduler_args(p: argparse.ArgumentParser, what: str) -> None:  # checked by lab/scheduler.py
+    p.add_argument("--scheduler", metavar="tls://HOST:PORT", default=None,
+                   help=what + "; tls:// with --security, tcp:// (unauthenticated) only with --insecure")
     p.add_argument("--connect-timeout", dest="connect_timeout", type=float_range(0.1, 600, "--connect-timeout"),
                    default=None, metavar="S", help="seconds to reach --scheduler before giving up (default 5)")
+    p.add_argument("--security", metavar="FILE.toml", default=None,
+                   help="TLS for --scheduler tls://: ca_file, cert, key (PEM paths; relative: to FILE's directory)")
+    p.add_argument("--insecure", action="store_true",
+                   help="accept a tcp:// --scheduler: whoever reaches it runs code as you")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -361,9 +361,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     check_command_outputs(args)  # --json, --trace, --out: before anything starts, nothing created
     if getattr(args, "scheduler", None) and (args.command == "chaos" or getattr(args, "map", False)):
-        from lab.scheduler import CONNECT_TIMEOUT_S, probe_scheduler  # (sweep probes once its grid is valid)
+        from lab.scheduler import CONNECT_TIMEOUT_S, probe_scheduler, resolve  # (sweep: after its grid)
 
-        probe_scheduler(args.scheduler, args.connect_timeout or CONNECT_TIMEOUT_S)
+        probe_scheduler(args.scheduler, args.connect_timeout or CONNECT_TIMEOUT_S, resolve(args)[1])
     if args.command == "torture":
         from ipc import torture
 
@@ -456,16 +456,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise UsageError("--clock virtual: free-running runs only (the scenario has [[step]]s)")
         if args.inject:
             raise UsageError("--inject: fault injection needs --clock real")
+    script = config.parse_steps(steps, cfg) if steps else None  # every step checked before any measuring
     from lab import dilation
+    from vm import faults
 
+    injected = [faults.parse(f, cfg.vcpus) for f in args.inject]
     factor, dil_doc = dilation.resolve(args.dilate, cfg.to_dict(), (cfg.design,))
     if factor != 1.0:
         cli["dilate"] = factor
         cfg = config.build(base, cli)
-    script = config.parse_steps(steps, cfg) if steps else None
-    from vm import faults
-
-    injected = [faults.parse(f, cfg.vcpus) for f in args.inject]
     return run_and_report(cfg, script=script, json_path=args.json, quiet=args.quiet, faults=injected,
                           hooks=tuple(args.hook), trace_path=args.trace,
                           extra={"dilation": dil_doc} if dil_doc else None,

@@ -1,4 +1,4 @@
-"""``launch.py chaos --runs N [--seed S] [--out DIR] [--json PATH] [--scheduler tcp://H:P]``: break
+"""``launch.py chaos --runs N [--seed S] [--out DIR] [--json PATH] [--scheduler tls://H:P --security F]``: break
 real runs on purpose and check that every one of them ends well.
 
 Each case is one ``launch.py run`` with a seeded random design, registration, vCPU count (1-8) and
@@ -450,7 +450,10 @@ def figures(recs: list[dict]) -> dict[str, Any]:
     }
 
 
-def run_cases(cases: list[Case], out: Path, scheduler: str | None, progress) -> list[dict]:
+def run_cases(cases: list[Case], out: Path, scheduler: str | None, progress, *, security=None,
+              connect_timeout: float | None = None) -> list[dict]:
+    """Every case, here one after another, or on ``scheduler``'s workers (``security``: its TLS
+    credentials, ``lab.scheduler.resolve``)."""
     from lab.sweep import launch_py
 
     launch = str(launch_py())
@@ -463,11 +466,13 @@ def run_cases(cases: list[Case], out: Path, scheduler: str | None, progress) -> 
     import dask
 
     from ipc import safe_delete
+    from lab.scheduler import CONNECT_TIMEOUT_S
     from lab.sweep import _client
 
     scratch = safe_delete.make_owned_dir("pagetrack-chaos-dask-")  # its marker: clean knows a killed run's
     with dask.config.set({"temporary-directory": scratch}):
-        client, cluster, _ = _client(scheduler, 1, scratch, by_value=sys.modules[__name__])
+        client, cluster, _ = _client(scheduler, 1, scratch, by_value=sys.modules[__name__], security=security,
+                                     connect_timeout=connect_timeout or CONNECT_TIMEOUT_S)
         try:
             futs = [client.submit(run_tested, c, str(out), launch, key=f"chaos-{c.index}", pure=False)
                     for c in cases]
@@ -484,11 +489,11 @@ def run_cases(cases: list[Case], out: Path, scheduler: str | None, progress) -> 
 
 
 def main(args) -> int:
-    from lab.sweep import check_scheduler
+    from lab.scheduler import resolve
 
     if args.runs < 1:
         raise UsageError("--runs must be >= 1")
-    scheduler = check_scheduler(args.scheduler) if args.scheduler else None
+    scheduler, security = resolve(args)  # tcp:// only with --insecure; the --security files checked
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} is not a directory")
@@ -509,7 +514,8 @@ def main(args) -> int:
         print(f"  {mark} case {c['index']:>3}  {c['design']:<18} {c['vcpus']} vCPU  {r['fault']:<36} "
               f"exit {r['rc']!s:>4}  end {end:>6}  {note}{tries}", file=sys.stderr, flush=True)
 
-    recs = run_cases(cases, out, scheduler, progress)
+    remote = {"security": security, "connect_timeout": getattr(args, "connect_timeout", None)} if scheduler else {}
+    recs = run_cases(cases, out, scheduler, progress, **remote)  # (no Dask without --scheduler)
     fig = figures(recs)
     write_atomic(out / "chaos.json", json.dumps({"seed": args.seed, "figures": fig, "cases": recs}, indent=1),
                  what="every chaos case and its command")

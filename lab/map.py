@@ -441,6 +441,7 @@ def main(args) -> int:
 
     from lab import dilation
     from lab.outputs import check_out_dir
+    from lab.scheduler import CONNECT_TIMEOUT_S, resolve
     from vm.config import DILATE_VIRTUAL, clock_values
     from vm.workloads import workload
 
@@ -460,7 +461,7 @@ def main(args) -> int:
     rates = args.switch_rates or SWITCH_RATES
     writes = sorted(args.table_writes or TABLE_WRITES)
     duration = args.duration or (DURATION_VIRTUAL if clock == "virtual" else DURATION)
-    scheduler = sweep.check_scheduler(args.scheduler) if args.scheduler else None
+    scheduler, security = resolve(args)  # tcp:// only with --insecure; the --security files checked
     repeats = args.repeats if args.repeats is not None else REPEATS
     probe = grid_doc(designs, vcpus, rates, writes, duration, args.seed, base, [1.0], repeats)
     sweep.parse_grid(probe, "compare --map")  # every point valid before anything runs or is measured
@@ -474,7 +475,8 @@ def main(args) -> int:
         points = sweep.parse_grid(grid_doc(designs, vcpus, rates, writes, duration, args.seed, base, dilations,
                                            repeats), "compare --map")
         console = Console(stderr=True, soft_wrap=True)
-        rc = sweep._sweep(points, out, scheduler, int(args.workers or 1), console, "compare --map")
+        rc = sweep._sweep(points, out, scheduler, int(args.workers or 1), console, "compare --map",
+                          float(args.connect_timeout or CONNECT_TIMEOUT_S), security)
         results = json.loads((out / "sweep.json").read_text())
         point = {"table_writes_per_vmrun": base.get("table_writes_per_vmrun",
                                                     base.get("writes_per_exit", 8) * base.get("tracked_fraction", 0.25)),

@@ -1,4 +1,4 @@
-"""``launch.py sweep GRID.toml --out DIR [--scheduler tcp://HOST:PORT] [--workers N]``: run every point
+"""``launch.py sweep GRID.toml --out DIR [--scheduler tls://HOST:PORT --security F] [--workers N]``: run every point
 of a parameter grid as a full ``launch.py run`` on Dask distributed, then merge and report.
 
 GRID.toml::
@@ -21,9 +21,9 @@ Each point runs in its own process: ``python <repo>/launch.py run --json DIR/poi
 The process gets SIGINT when the Dask worker running it dies (PR_SET_PDEATHSIG, set by a small
 bootstrap that then execs the command), so closing the cluster never leaves a run behind.
 
-Points go to a ``LocalCluster`` (``--workers`` processes, one thread each, bound to 127.0.0.1, no
-dashboard) or, with ``--scheduler``, to an existing scheduler (its workers must see this checkout
-and DIR at the same paths). A rich progress bar counts completed points.
+Points go to a ``LocalCluster`` (``--workers`` processes, one thread each, bound to 127.0.0.1, mutual TLS
+with credentials made for the run, no dashboard) or, with ``--scheduler`` (lab/scheduler.py), to an existing
+scheduler (its workers must see this checkout and DIR at the same paths). A progress bar counts points.
 
 Resumable: a point whose ``points/<id>.json`` exists, parses and has the point's config is skipped.
 A point that ends in FAILURE (exit 1, JSON written) is recorded; a point that crashes (no JSON) is
@@ -57,7 +57,7 @@ import msgspec
 
 from ipc.errors import UsageError
 from lab import outputs, report, uncertainty
-from lab.scheduler import CONNECT_TIMEOUT_S, check_scheduler, connect_error, probe_scheduler
+from lab.scheduler import CONNECT_TIMEOUT_S, connect_error, local_security, probe_scheduler, resolve
 from vm.config import CLI_KEYS, Config, from_dict
 
 EXIT_OK, EXIT_FAILURE = 0, 1
@@ -371,9 +371,11 @@ def _write_json(path: Path, doc: Any, what: str | None = None) -> None:  # a fai
     outputs.write_atomic(path, json.dumps(doc, indent=2) + "\n", what=what or f"the {path.name} document")
 
 
-def _client(scheduler: str | None, workers: int, scratch: str, by_value=None, connect_timeout=CONNECT_TIMEOUT_S):
+def _client(scheduler: str | None, workers: int, scratch: str, by_value=None, connect_timeout=CONNECT_TIMEOUT_S,
+            security=None):
     """(client, cluster or None, start seconds). ``by_value``: the module whose functions the tasks
-    run, pickled by value for a remote scheduler (default: this one)."""
+    run, pickled by value for a remote scheduler (default: this one); ``security``: that scheduler's
+    (``lab.scheduler.resolve``). The LocalCluster makes its own (``local_security``)."""
     from distributed import Client, LocalCluster
 
     t0 = time.monotonic()
@@ -382,18 +384,19 @@ def _client(scheduler: str | None, workers: int, scratch: str, by_value=None, co
 
         cloudpickle.register_pickle_by_value(by_value or sys.modules[__name__])  # workers need not import vm
         try:
-            client = Client(scheduler, timeout=f"{connect_timeout:g}s")
+            client = Client(scheduler, timeout=f"{connect_timeout:g}s", security=security)
         except Exception as e:  # noqa: BLE001 (refused, timed out, or not a Dask scheduler: garbage frames)
             raise connect_error(scheduler, e) from None
         return client, None, time.monotonic() - t0
-    # no dashboard; the HTTP server a scheduler always starts gets no routes (dask config set by the
-    # caller) and a random loopback port
+    # no dashboard; the HTTP server a scheduler always starts gets no routes (dask config set by the caller)
+    # and a random loopback port; every listener is tls:// wanting this run's client cert (issue 21)
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           protocol="tls", security=(sec := local_security()),
                            dashboard_address=None, worker_dashboard_address=None,
                            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                            silence_logs=logging.ERROR, local_directory=scratch, memory_limit=0)
     try:
-        client = Client(cluster)
+        client = Client(cluster, security=sec)
     except BaseException:
         cluster.close()
         raise
@@ -401,7 +404,8 @@ def _client(scheduler: str | None, workers: int, scratch: str, by_value=None, co
 
 
 def run_points(todo: list[Point], out: Path, *, scheduler: str | None, workers: int,
-               console, connect_timeout: float = CONNECT_TIMEOUT_S) -> tuple[dict[str, dict], dict[str, dict], float]:
+               console, connect_timeout: float = CONNECT_TIMEOUT_S,
+               security=None) -> tuple[dict[str, dict], dict[str, dict], float]:
     """Run ``todo`` on Dask; returns (outcomes by point id, results by point id, cluster start s)."""
     from distributed import as_completed
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -425,7 +429,8 @@ def run_points(todo: list[Point], out: Path, *, scheduler: str | None, workers: 
     try:
         with dask.config.set({"temporary-directory": scratch, "distributed.scheduler.http.routes": [],
                               "distributed.worker.http.routes": []}):
-            client, cluster, start_s = _client(scheduler, workers, scratch, connect_timeout=connect_timeout)
+            client, cluster, start_s = _client(scheduler, workers, scratch, connect_timeout=connect_timeout,
+                                               security=security)
             try:
                 futs = {}
                 for p in todo:
@@ -479,11 +484,11 @@ def main(args) -> int:
     cv = clock_values(getattr(args, "clock", None), getattr(args, "prices", None))
     points = load_grid(args.grid, cv.get("clock"), cv.get("prices"),  # everything validated before anything starts
                        getattr(args, "repeats", None))
-    scheduler = check_scheduler(args.scheduler) if args.scheduler else None
+    scheduler, security = resolve(args)  # tcp:// only with --insecure; the --security files checked
     connect_timeout = float(getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT_S)
     workers = int(args.workers or 1)
     if scheduler:
-        probe_scheduler(scheduler, connect_timeout)  # an unreachable scheduler: before --out gets a file
+        probe_scheduler(scheduler, connect_timeout, security)  # an unreachable scheduler: before --out gets a file
     out = _out_dir(args.out)
     from rich.console import Console
 
@@ -491,7 +496,7 @@ def main(args) -> int:
     lock = _Lock(out)
     old = _sigterm_interrupts()
     try:
-        return _sweep(points, out, scheduler, workers, console, args.grid, connect_timeout=connect_timeout)
+        return _sweep(points, out, scheduler, workers, console, args.grid, connect_timeout, security)
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
@@ -510,7 +515,7 @@ def _sigterm_interrupts():
 
 
 def _sweep(points: list[Point], out: Path, scheduler: str | None, workers: int, console, grid_path: str,
-           connect_timeout: float = CONNECT_TIMEOUT_S) -> int:
+           connect_timeout: float = CONNECT_TIMEOUT_S, security=None) -> int:
     t0 = time.monotonic()
     points_dir = out / "points"
     done = {p.point_id: d for p in points if (d := existing_result(p, points_dir)) is not None}
@@ -524,7 +529,7 @@ def _sweep(points: list[Point], out: Path, scheduler: str | None, workers: int, 
     start_s = 0.0
     if todo:
         outcomes, ran, start_s = run_points(todo, out, scheduler=scheduler, workers=workers, console=console,
-                                            connect_timeout=connect_timeout)
+                                            connect_timeout=connect_timeout, security=security)
         done.update(ran)
     results, crashed, failed = [], [], []
     for p in points:

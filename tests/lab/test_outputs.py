@@ -356,7 +356,7 @@ def test_unreachable_scheduler_fails_fast_and_leaves_out_empty(tmp_path):
     out = tmp_path / "out"
     addr = f"tcp://127.0.0.1:{_refusing_port()}"
     t0 = time.monotonic()
-    p = cli("sweep", str(grid), "--scheduler", addr, "--out", str(out), timeout=60)
+    p = cli("sweep", str(grid), "--scheduler", addr, "--insecure", "--out", str(out), timeout=60)
     assert time.monotonic() - t0 < 15
     assert_one_line_usage_error(p, f"--scheduler: cannot connect to {addr}")
     assert leftovers(out) == []
@@ -372,9 +372,11 @@ def test_a_silent_scheduler_fails_within_connect_timeout(tmp_path):
         srv.listen(4)
         addr = f"tcp://127.0.0.1:{srv.getsockname()[1]}"
         t0 = time.monotonic()
-        p = cli("sweep", str(grid), "--scheduler", addr, "--connect-timeout", "1", "--out", str(out), timeout=60)
+        p = cli("sweep", str(grid), "--scheduler", addr, "--insecure", "--connect-timeout", "1", "--out", str(out),
+                timeout=60)
         took = time.monotonic() - t0
-        q = cli("compare", "--map", "--scheduler", addr, "--connect-timeout", "1", "--out", str(out), timeout=60)
+        q = cli("compare", "--map", "--scheduler", addr, "--insecure", "--connect-timeout", "1", "--out", str(out),
+                timeout=60)
     assert_one_line_usage_error(p, f"--scheduler: cannot connect to {addr}: no answer within 1 s")
     assert_one_line_usage_error(q, f"--scheduler: cannot connect to {addr}: no answer within 1 s")
     assert took < 12 and leftovers(out) == []

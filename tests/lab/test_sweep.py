@@ -117,10 +117,13 @@ def test_cli_bad_grid_exit_2(tmp_path, grid, expect):
 @pytest.mark.parametrize("addr", ["http://127.0.0.1:8786", "127.0.0.1:8786", "tcp://host", "tcp://h:99999",
                                   "tcp://h:1;x"])
 def test_bad_scheduler_address(addr):
+    from lab.scheduler import check_scheduler
+
     with pytest.raises(UsageError, match="--scheduler"):
-        sweep.check_scheduler(addr)
-    assert sweep.check_scheduler("tcp://127.0.0.1:8786") == "tcp://127.0.0.1:8786"
-    assert sweep.check_scheduler("tcp://[::1]:8786") == "tcp://[::1]:8786"
+        check_scheduler(addr)
+    assert check_scheduler("tcp://127.0.0.1:8786") == "tcp://127.0.0.1:8786"
+    assert check_scheduler("tcp://[::1]:8786") == "tcp://[::1]:8786"
+    assert check_scheduler("tls://sched.example:8786") == "tls://sched.example:8786"
 
 
 def test_point_command_flags_and_scenario(tmp_path):
@@ -211,7 +214,7 @@ def test_failure_and_crash_are_recorded_on_an_external_scheduler(tmp_path, monke
             LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                          dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                          memory_limit=0) as cluster:
-        rc = sweep.main(_args(grid, out, scheduler=cluster.scheduler_address))
+        rc = sweep.main(Namespace(**vars(_args(grid, out, scheduler=cluster.scheduler_address)), insecure=True))
     assert rc == 1
     p1, p2 = sweep.load_grid(str(grid))
     status = json.loads((out / "status.json").read_text())
