@@ -443,14 +443,28 @@ static inline int64_t *mem_word(MemObject *m, PyObject *idx_obj) {
     return &m->base[i];
 }
 
+/* words [i, i + span) of the buffer, for objects that keep the pointer (construction / attach time,
+ * not a hot path).  Overflow-safe: i + span is never computed (a huge i or span from a caller must
+ * raise, not wrap around to a pointer outside the buffer). */
 static int64_t *mem_word_at(MemObject *m, Py_ssize_t i, Py_ssize_t span, const char *what) {
     if (!m->has_view) { PyErr_SetString(PyExc_ValueError, "Mem: released"); return NULL; }
-    if (i < 0 || i + span > m->nwords) {
-        PyErr_Format(PyExc_IndexError, "%s: words [%zd, %zd) outside buffer of %zd words",
-                     what, i, i + span, m->nwords);
+    if (i < 0 || span < 0 || span > m->nwords || i > m->nwords - span) {
+        PyErr_Format(PyExc_IndexError, "%s: %zd words at word %zd outside buffer of %zd words",
+                     what, span, i, m->nwords);
         return NULL;
     }
     return &m->base[i];
+}
+
+/* n * per words as a span for mem_word_at; -1 with IndexError set if it does not fit */
+static Py_ssize_t words_span(int64_t n, int64_t per, const char *what) {
+    int64_t span;
+    if (n < 0 || per < 0 || __builtin_mul_overflow(n, per, &span) || span > PY_SSIZE_T_MAX) {
+        PyErr_Format(PyExc_IndexError, "%s: %lld x %lld words do not fit any buffer", what, (long long)n,
+                     (long long)per);
+        return -1;
+    }
+    return (Py_ssize_t)span;
 }
 
 static int get_i64(PyObject *o, int64_t *out) {
@@ -585,6 +599,8 @@ static PyObject *mem_futex_wake(MemObject *self, PyObject *const *args, Py_ssize
     int64_t n = INT_MAX;
     if (!w) return NULL;
     if (nargs == 2 && get_i64(args[1], &n) < 0) return NULL;
+    if (n < 0) { PyErr_SetString(PyExc_ValueError, "futex_wake: n < 0"); return NULL; }
+    if (n > INT_MAX) n = INT_MAX;  /* (int)n would truncate: 2**32 would wake nobody */
     VT_MEM(self, VP_FUTEX_WAKE, w, 0);
     return PyLong_FromLong(futex_wake32((int32_t *)w, (int)n));
 }
@@ -755,12 +771,22 @@ static void tr_wait_begin(LockObject *self, int64_t t0); /* trace section at the
 #define VT_NO_WAIT(what) \
     if (vt_clk) { PyErr_SetString(PyExc_RuntimeError, what ": would wait in C under virtual time (use the vtime wrapper)"); return NULL; }
 
-static int lock_common_init(LockObject *self, PyObject *args, PyObject *kw, const char *name) {
+/* "already initialised": a second __init__ would swap the Mem and the words under a call of another
+ * thread blocked in this object (GIL released, holding its old pointers and the old Mem's busy
+ * count): a use after unmap.  Every type holding pointers into a Mem is bound once for life. */
+static int refuse_reinit(const char *name) {
+    PyErr_Format(PyExc_RuntimeError, "%s: already initialised (its words are bound for life)", name);
+    return -1;
+}
+
+static int lock_common_init(LockObject *self, PyObject *args, PyObject *kw, const char *name, int is_mutex,
+                            int is_rw) {
     static char *kwlist[] = {"mem", "lock_index", "stats_index", "tag", "spins", "busted", "name", NULL};
     PyObject *mem, *lname = Py_None;
     Py_ssize_t li, si = -1;
     long long tag = 1, spins = 1000;
     int busted = 0;
+    if (self->mem) return refuse_reinit(name);
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!n|nLLpO", kwlist, &MemType, &mem, &li, &si, &tag,
                                      &spins, &busted, &lname))
         return -1;
@@ -782,6 +808,9 @@ static int lock_common_init(LockObject *self, PyObject *args, PyObject *kw, cons
     Py_XSETREF(self->mem, m);
     Py_INCREF(lname);
     Py_XSETREF(self->name, lname);
+    self->is_mutex = is_mutex;
+    self->is_rw = is_rw;
+    self->rd_nest = 0;
     self->lk = lk;
     self->st = st;
     self->tag = tag;
@@ -960,8 +989,7 @@ static PyObject *lock_recover(LockObject *self, PyObject *const *args, Py_ssize_
 static PyTypeObject SpinLockType;
 
 static int spin_init(LockObject *self, PyObject *args, PyObject *kw) {
-    self->is_mutex = 0;
-    return lock_common_init(self, args, kw, "SpinLock");
+    return lock_common_init(self, args, kw, "SpinLock", 0, 0);
 }
 
 /* lock(timeout_ns=-1) -> True, or False on timeout.  Test-and-test-and-set with pause,
@@ -1105,8 +1133,7 @@ static PyTypeObject SpinLockType = {
 static PyTypeObject MutexType;
 
 static int mutex_init(LockObject *self, PyObject *args, PyObject *kw) {
-    self->is_mutex = 1;
-    return lock_common_init(self, args, kw, "Mutex");
+    return lock_common_init(self, args, kw, "Mutex", 1, 0);
 }
 
 /* take the mutex if free (as contended: pid|2) or mark it contended; returns the old futex value
@@ -1318,10 +1345,7 @@ static PyTypeObject MutexType = {
 static PyTypeObject RwLockType;
 
 static int rw_init(LockObject *self, PyObject *args, PyObject *kw) {
-    self->is_mutex = 0;
-    self->is_rw = 1;
-    self->rd_nest = 0;
-    return lock_common_init(self, args, kw, "RwLock");
+    return lock_common_init(self, args, kw, "RwLock", 0, 1);
 }
 
 enum { RW_GO_ON = 0, RW_TIMEOUT = 1, RW_ERROR = -1, RW_MEM_GONE = -2 };
@@ -1606,11 +1630,12 @@ static int reader_init(ReaderObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"mem", "header_index", "slot_index", NULL};
     PyObject *mem;
     Py_ssize_t hi, si;
+    if (self->mem) return refuse_reinit("RcuReader");
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!nn", kwlist, &MemType, &mem, &hi, &si)) return -1;
     MemObject *m = (MemObject *)mem;
     int64_t *h = mem_word_at(m, hi, 8, "RcuReader header");
-    int64_t *s = mem_word_at(m, si, 8, "RcuReader slot");
-    if (!h || !s) return -1;
+    int64_t *s = h ? mem_word_at(m, si, 8, "RcuReader slot") : NULL;
+    if (!s) return -1;
     Py_INCREF(mem);
     Py_XSETREF(self->mem, m);
     self->hdr = h;
@@ -1712,9 +1737,11 @@ static PyObject *rcu_wait_readers(PyObject *mod, PyObject *const *args, Py_ssize
         get_i64(args[4], &to) < 0)
         return NULL;
     if (ns < 0) { PyErr_SetString(PyExc_ValueError, "rcu_wait_readers: nslots < 0"); return NULL; }
+    Py_ssize_t span = words_span(ns, 8, "rcu slots");  /* ns * 8 must not wrap */
+    if (span < 0) return NULL;
     int64_t *hdr = mem_word_at(m, hi, 8, "rcu header");
-    int64_t *slots = mem_word_at(m, s0, ns * 8, "rcu slots");
-    if (!hdr || !slots) return NULL;
+    int64_t *slots = hdr ? mem_word_at(m, s0, span, "rcu slots") : NULL;
+    if (!slots) return NULL;
     int32_t *gpf = (int32_t *)&hdr[2];
     VT(VP_GP_SCAN);
     int64_t start = now_ns();
@@ -1780,6 +1807,7 @@ static int hist_init(HistObject *self, PyObject *args, PyObject *kw) {
     PyObject *mem;
     Py_ssize_t hi;
     long long every = 1;
+    if (self->mem) return refuse_reinit("Histogram");
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!n|L", kwlist, &MemType, &mem, &hi, &every)) return -1;
     if (every < 1 || every > (1LL << 30)) {
         PyErr_SetString(PyExc_ValueError, "Histogram: every must be 1..2**30");
@@ -1969,10 +1997,12 @@ static void vt_go(int64_t j) {
     if (__atomic_load_n(&s[VS_PARKED], __ATOMIC_SEQ_CST)) futex_wake32((int32_t *)&s[VS_GO], 1);
 }
 
+static int vt_waiting;  /* vt_wait_turn calls in progress (parked, or a signal handler run from one) */
+
 /* park until this process is given the turn; VT_*.  It polls the go word for VT_SPIN_NS first if
  * `spin` (every process has a CPU, or it is next in line), and again after each futex wake that
  * did not give it the turn (the runner woke it to poll: it is next in line now) */
-static int vt_wait_turn(int spin) {
+static int vt_wait_turn_(int spin) {
     int64_t *s = VSLOT(vt_me);
     for (;;) {
         if (spin) {
@@ -2005,6 +2035,20 @@ static int vt_wait_turn(int spin) {
     s[VS_STATE] = VS_RUN;
     vt_horizon();
     return VT_OK;
+}
+
+/* vt_wait_turn_ with vt_attach / vt_detach refused meanwhile (they would move vt_hdr / vt_slots
+ * under it: a signal handler run from it, or another thread while it is parked with the GIL
+ * released), and the turnstile's Mem kept exported (a release() meanwhile keeps the mapping until
+ * it returns, as around every blocking call on a Mem) */
+static int vt_wait_turn(int spin) {
+    MemObject *m = (MemObject *)vt_owner;
+    vt_waiting++;
+    if (m) mem_block_begin(m);
+    int r = vt_wait_turn_(spin);
+    if (m) mem_block_end(m);
+    vt_waiting--;
+    return r;
 }
 
 /* give up the turn in `state` unless this process is still the lowest (never, when BLOCKED).  The
@@ -2112,6 +2156,10 @@ static PyObject *m_vt_attach(PyObject *mod, PyObject *const *args, Py_ssize_t na
             return NULL;
         }
     Py_DECREF(pr);
+    if (vt_waiting) {
+        PyErr_SetString(PyExc_RuntimeError, "vt_attach: this process waits for its turn (vt_* call in progress)");
+        return NULL;
+    }
     int64_t *h = mem_word_at(m, hi, 8, "vt_attach header");
     if (!h) return NULL;
     int64_t n = h[VH_N];
@@ -2271,6 +2319,10 @@ static PyObject *m_vt_abort(PyObject *mod, PyObject *const *args, Py_ssize_t nar
 }
 
 static PyObject *m_vt_detach(PyObject *mod, PyObject *unused) {
+    if (vt_waiting) {
+        PyErr_SetString(PyExc_RuntimeError, "vt_detach: this process waits for its turn (vt_* call in progress)");
+        return NULL;
+    }
     vt_on = 0;
     vt_clk = NULL;
     vt_hdr = vt_slots = NULL;
@@ -2506,14 +2558,11 @@ static PyObject *m_trace_attach(PyObject *mod, PyObject *const *args, Py_ssize_t
     int64_t hi, ei, n;
     if (get_i64(args[1], &hi) < 0 || get_i64(args[2], &ei) < 0 || get_i64(args[3], &n) < 0) return NULL;
     if (n < 1) { PyErr_SetString(PyExc_ValueError, "trace_attach: nevents < 1"); return NULL; }
-    if (ei >= 0 && ei <= m->nwords && n > (m->nwords - ei) / TR_EV_WORDS) {  /* before n * 4 overflows */
-        PyErr_Format(PyExc_IndexError, "trace events: %lld events at word %lld outside buffer of %zd words",
-                     (long long)n, (long long)ei, m->nwords);
-        return NULL;
-    }
+    Py_ssize_t span = words_span(n, TR_EV_WORDS, "trace events");  /* n * 4 must not wrap */
+    if (span < 0) return NULL;
     int64_t *h = mem_word_at(m, hi, 8, "trace header");
-    int64_t *e = mem_word_at(m, ei, n * TR_EV_WORDS, "trace events");
-    if (!h || !e) return NULL;
+    int64_t *e = h ? mem_word_at(m, ei, span, "trace events") : NULL;
+    if (!e) return NULL;
     Py_INCREF(m);
     Py_XSETREF(tr_mem, m);
     tr_hdr = h;

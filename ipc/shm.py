@@ -11,6 +11,10 @@ unlinks it once the last process of the run is gone (safety net). Attaching proc
 ``/dev/shm/<name>`` directly and never register, so an attaching process exiting can never unlink
 a segment early, and no "leaked shared_memory" warning is produced by attachers.
 
+Memory: the owner reserves every page of a segment when it creates it (``posix_fallocate``), so a
+full ``/dev/shm`` is an ENOSPC at creation (:class:`ShmSpaceError`: one line, exit 2, the segment
+unlinked), never a SIGBUS at the first touch of a page the tmpfs cannot supply.
+
 Mappings: owner and attachers alike map the segment with their own ``mmap`` object, and
 :meth:`Region.close` never unmaps it explicitly: numpy views made from it keep no buffer export
 (an explicit ``mmap.close()`` would succeed and leave them pointing at unmapped memory, a
@@ -20,6 +24,7 @@ segfault on the next access). Close releases the ``Mem`` (the C primitives then 
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -31,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ipc import _prims
+from ipc.errors import UsageError
 
 CACHE_LINE = 64
 SHM_DIR = "/dev/shm"
@@ -40,6 +46,37 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9]{1,24}$")
 
 class ShmError(RuntimeError):
     """A segment could not be created, attached or does not match its layout."""
+
+
+class ShmSpaceError(ShmError, UsageError):
+    """``/dev/shm`` has no room for a segment: found when it is created (its memory is reserved
+    then), so it is a one-line error and exit 2 (a ``UsageError``), never a SIGBUS mid-run."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.ENOMEM)
+
+
+def shm_free_bytes() -> int:
+    """Bytes an unprivileged process may still allocate on the segments' filesystem (-1: unknown)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
+def reserve(fd: int, name: str, size: int) -> None:
+    """Allocate every page of a new segment now (``posix_fallocate``): a tmpfs that is (nearly) full
+    refuses here with ENOSPC. A sparse segment would be created all the same, and the first touch of
+    a page the tmpfs cannot supply would kill that process with SIGBUS (the coordinator at set-up,
+    or a vCPU mid-run). Attachers need nothing: the pages exist once the owner reserved them."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise ShmSpaceError(f"shm: cannot reserve {name}: {size} bytes, {SHM_DIR} has {shm_free_bytes()} "
+                                f"bytes free ({errno.errorcode[e.errno]})") from None
+        raise ShmError(f"shm: cannot reserve {name}: {size} bytes: {e.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -129,9 +166,13 @@ class Region:
         except FileExistsError:
             raise ShmError(f"segment {name} already exists (stale run? try `launch.py clean`)") from None
         except OSError as e:
+            if e.errno in _NO_SPACE:  # no inode left (nr_inodes), or a size the tmpfs cannot hold
+                raise ShmSpaceError(f"shm: cannot create {name}: {layout.nbytes} bytes, {SHM_DIR} has "
+                                    f"{shm_free_bytes()} bytes free ({errno.errorcode[e.errno]})") from None
             raise ShmError(f"cannot create segment {name} ({layout.nbytes} bytes): {e.strerror}") from None
         try:
             os.fchmod(shm._fd, 0o600)  # SharedMemory already uses 0600; make it explicit
+            reserve(shm._fd, name, layout.nbytes)  # a full /dev/shm: ENOSPC now, not SIGBUS later
             mm = mmap.mmap(shm._fd, layout.nbytes)
         except BaseException:
             shm.close()

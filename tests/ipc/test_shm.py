@@ -4,6 +4,8 @@ attachers never unlink, no resource-tracker noise."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -14,12 +16,14 @@ import numpy as np
 import pytest
 from conftest import ROOT, shm_segments
 
+from ipc.errors import UsageError
 from ipc.shm import (
     CACHE_LINE,
     SHM_DIR,
     Layout,
     Region,
     ShmError,
+    ShmSpaceError,
     check_run_id,
     list_segments,
     segment_name,
@@ -243,3 +247,110 @@ def test_list_and_unlink_segment(run_id):
         assert list_segments(run_id) == []
     finally:
         r.close()  # the segment is gone already: close tolerates it
+
+
+# -- a full /dev/shm (issue 21, item 3): ENOSPC at creation, never SIGBUS at the first touch -------
+
+def test_create_reserves_every_page(run_id):
+    """The owner allocates the segment's memory when it creates it: a tmpfs without room says so
+    then (a sparse segment would be created all the same and SIGBUS its first toucher)."""
+    lay = Layout("resv", [("a", "i8", (100_000,)), ("b", "u1", (5000,))])
+    with Region.create(run_id, lay) as r:
+        st = os.stat(os.path.join(SHM_DIR, r.name))
+        assert st.st_size == lay.nbytes
+        assert st.st_blocks * 512 >= lay.nbytes, f"only {st.st_blocks * 512} of {lay.nbytes} bytes reserved"
+
+
+def test_segment_larger_than_shm_is_refused_at_creation(run_id):
+    """A segment larger than the whole /dev/shm: ShmSpaceError (a UsageError: exit 2, one line)
+    naming the segment, its size and the free space; nothing left behind. tmpfs refuses such a size
+    at once (nothing is allocated meanwhile), so the machine's /dev/shm is never filled."""
+    vfs = os.statvfs(SHM_DIR)
+    if vfs.f_blocks == 0:
+        pytest.skip(f"{SHM_DIR} has no size limit")
+    size = vfs.f_blocks * vfs.f_frsize + (1 << 20)
+    lay = Layout("huge", [("a", "u1", (size,))])
+    name = segment_name(run_id, "huge")
+    try:
+        r = Region.create(run_id, lay)
+    except ShmSpaceError as e:
+        err = e
+    else:
+        r.close()
+        pytest.fail(f"a {size}-byte segment was created on a {SHM_DIR} of {vfs.f_blocks * vfs.f_frsize} bytes")
+    assert isinstance(err, ShmError) and isinstance(err, UsageError)
+    msg = str(err)
+    assert re.fullmatch(rf"shm: cannot reserve {name}: {lay.nbytes} bytes, {SHM_DIR} has \d+ bytes free \(ENOSPC\)",
+                        msg), msg
+    assert "\n" not in msg
+    assert not os.path.exists(os.path.join(SHM_DIR, name)) and list_segments(run_id) == []
+
+
+# A private mount namespace whose /dev/shm is a fresh, small tmpfs (the machine's is not touched):
+# what a full /dev/shm does to a real run. After the command, the tmpfs' leftovers on the last line.
+_SMALL_SHM = ('mount -t tmpfs -o size="$SHM_SIZE",mode=1777 pts_small_shm /dev/shm || exit 97\n'
+              '"$@"; rc=$?\n'
+              'echo "LEFT:$(ls -A /dev/shm | tr "\\n" " ")"\n'
+              'exit $rc\n')
+
+
+def _in_small_shm(size: str, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SHM_SIZE": size, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", _SMALL_SHM, "sh", *argv],
+                          capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=env)
+
+
+@pytest.fixture(scope="module")
+def small_shm():
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    p = _in_small_shm("64k", ["true"], timeout=30)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a private tmpfs on /dev/shm here: {p.stderr.strip()[:200]}")
+    return _in_small_shm
+
+
+_NEARLY_FULL = textwrap.dedent("""
+    import os, sys
+    from ipc.shm import Layout, Region, ShmSpaceError, list_segments
+    small = Region.create("fill", Layout("small", [("a", "i8", (1000,))]))  # fits
+    small.v["a"][:] = 7
+    try:
+        Region.create("fill", Layout("big", [("a", "u1", (1 << 20,))]))  # does not
+    except ShmSpaceError as e:
+        print("ERR", e)
+    else:
+        print("CREATED")
+    blocks = os.stat("/dev/shm/" + small.name).st_blocks
+    print("SEGMENTS", " ".join(list_segments("fill")), "BLOCKS", blocks)
+    small.close()
+""")
+
+
+def test_nearly_full_shm_is_enospc_at_creation(small_shm):
+    """A 256 KiB tmpfs: a small segment fits (its pages reserved), a 1 MiB one is refused at
+    creation (before: created sparse, and the first touch of a page past the free space was a
+    SIGBUS) and unlinked; the small one is unlinked by its close."""
+    p = small_shm("256k", [sys.executable, "-c", _NEARLY_FULL])
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.splitlines()
+    assert re.fullmatch(r"ERR shm: cannot reserve pts_fill_big: 1048576 bytes, /dev/shm has \d+ bytes free "
+                        r"\(ENOSPC\)", out[0]), p.stdout
+    assert int(out[0].split(" has ")[1].split()[0]) < 1 << 20
+    assert out[1].startswith("SEGMENTS pts_fill_small BLOCKS") and int(out[1].split()[-1]) * 512 >= 8000, out
+    assert out[-1] == "LEFT:", out
+
+
+def test_run_on_full_shm_exits_2_with_one_line(small_shm):
+    """`launch.py run` on a /dev/shm too small for its segments: exit 2, one line naming the
+    segment, its size and the free space, no traceback, no segment left (before: exit 135, SIGBUS,
+    no output)."""
+    p = small_shm("1m", [sys.executable, "launch.py", "run", "--vcpus", "2", "--duration", "0.5",
+                         "--memory-mib", "4", "--quiet"])
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert re.fullmatch(r"error: shm: cannot (reserve|create) pts_\w+_\w+: \d+ bytes, /dev/shm has \d+ bytes "
+                        r"free \(ENOSPC\)", err[0]), err[0]
+    left = p.stdout.strip().splitlines()[-1]
+    assert left.startswith("LEFT:") and "pts_" not in left, left
