@@ -18,9 +18,9 @@ import re
 import socket
 import ssl
 import threading
-import tomllib
 
 from ipc.errors import UsageError
+from ipc.inputs import read_toml
 
 CONNECT_TIMEOUT_S = 5.0
 _SCHED_RE = re.compile(r"^(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$")
@@ -40,17 +40,7 @@ def load_security(path: str):
     """``--security FILE.toml`` -> a client ``distributed.security.Security`` (TLS required); every file
     checked (exists, readable, loads as a certificate chain) before anything starts."""
     where = f"--security {path}"
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{where}: not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"{where}: is a directory") from None
-    except OSError as e:
-        raise UsageError(f"{where}: {e.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{where}: invalid TOML: {e}".splitlines()[0]) from None
+    doc = read_toml(path, where)
     unknown = sorted(set(doc) - set(SECURITY_KEYS))
     if unknown:
         raise UsageError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(SECURITY_KEYS)})")

@@ -49,13 +49,13 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ipc.errors import UsageError
+from ipc.inputs import read_toml
 from lab import outputs, report, uncertainty
 from lab.scheduler import CONNECT_TIMEOUT_S, connect_error, local_security, probe_scheduler, resolve
 from vm.config import CLI_KEYS, Config, from_dict
@@ -184,17 +184,7 @@ def with_repeats(doc: dict, repeats: int | None, where: str) -> dict:
 
 
 def load_grid(path: str, clock: str | None = None, prices: dict | None = None, repeats: int | None = None) -> list[Point]:
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"grid file {path}: not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"grid file {path}: is a directory") from None
-    except OSError as e:
-        raise UsageError(f"grid file {path}: {e.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"grid file {path}: invalid TOML: {e}") from None
+    doc = read_toml(path, f"grid file {path}")
     return parse_grid(with_repeats(with_clock(doc, clock, prices), repeats, path), path)
 
 

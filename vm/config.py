@@ -6,12 +6,12 @@ field, which the CLI prints as one line and exits 2 — before anything is start
 
 from __future__ import annotations
 
-import tomllib
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from ipc.errors import UsageError
+from ipc.inputs import read_toml
 
 PAGE_SIZE = 4096
 MAX_VCPUS = 256
@@ -215,15 +215,7 @@ def from_dict(d: dict[str, Any]) -> Config:
 def load_toml(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Read a scenario file: ``[config]`` table (Config keys) and optional ``[[step]]`` list
     (scripted commands). Returns (config dict, steps). Unknown top-level keys are errors."""
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"scenario file {path}: not found") from None
-    except OSError as e:
-        raise UsageError(f"scenario file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"scenario file {path}: invalid TOML: {e}") from None
+    doc = read_toml(path, f"scenario file {path}")
     unknown = set(doc) - {"config", "step"}
     if unknown:
         raise UsageError(f"scenario file {path}: unknown key {sorted(unknown)[0]!r} (expected [config], [[step]])")
