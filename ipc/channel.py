@@ -59,7 +59,7 @@ from ipc.messages import (
     encode,
     printable,
 )
-from ipc.peers import hello_refusal
+from ipc.peers import hello_refusal, sender_refusal
 from ipc.rundir import (  # re-exported: the channel's endpoint lives in a run dir
     OWNER_FILE,
     RUN_PREFIX,
@@ -397,6 +397,12 @@ class CoordinatorChannel:
                 return None
             if getattr(msg, "vcpu", vcpu) != vcpu:
                 c["vcpu_mismatch"] += 1
+                return None
+            why = sender_refusal(vcpu, frame, self._spawned, self.endpoint)
+            if why is not None:  # the right routing id from another process (ROUTER_HANDOVER)
+                c["rejected_peers"] += 1
+                self.rejected_reasons[why] = self.rejected_reasons.get(why, 0) + 1
+                _log_once(self._logged, f"refused a message as vCPU {vcpu}", why, "")
                 return None
         c["received"] += 1
         self.last_seen[vcpu] = time.monotonic()

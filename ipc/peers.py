@@ -2,7 +2,7 @@
 applies to every Hello.
 
 A Hello is accepted when its connection's routing id names the Hello's vCPU index
-(``vcpu-<n>-<8 hex>``, made by :func:`ipc.worker_channel.worker_identity`) and it carries the run's
+(``vcpu-<n>-<32 hex>``, made by :func:`ipc.worker_channel.worker_identity`) and it carries the run's
 token. Once the owner has said which processes it spawned (``CoordinatorChannel.bind``: {index:
 pid}), it must also name a spawned index, carry that process's pid, and come from the first
 connection that registered the index (a second connection is refused, not a replacement).
@@ -12,6 +12,11 @@ SO_PEERCRED to the connection's ``Peer-Address`` metadata (``host:uid:gid:pid``)
 claiming another pid is refused. Where there is none (tcp://, a libzmq built without
 SO_PEERCRED) it is the peer's word: a peer holding the token could lie about its own pid, but it
 cannot take an index or a pid that was not spawned, nor an index another connection registered.
+
+After the Hello, on ipc:// every message of a bound channel is checked the same way
+(:func:`sender_refusal`): ZeroMQ's ROUTER_HANDOVER lets a connection that presents a registered
+routing id take its route over, so a message whose kernel pid is not the registered vCPU's process
+is refused (``impostor``) although its routing id is right.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import zmq
 from ipc.messages import Hello
 
 #: Routing id of a worker's DEALER (ipc.worker_channel.worker_identity).
-IDENT_RE = re.compile(rb"^vcpu-(\d{1,9})-[0-9a-f]{8}\Z")
+IDENT_RE = re.compile(rb"^vcpu-(\d{1,9})-[0-9a-f]{32}\Z")
 
 
 def peer_pid(frame: zmq.Frame) -> int | None:
@@ -35,6 +40,15 @@ def peer_pid(frame: zmq.Frame) -> int | None:
     except (zmq.ZMQError, AttributeError, TypeError, ValueError):
         return None
     return int(parts[3]) if len(parts) == 4 and parts[3].isdigit() else None
+
+
+def sender_refusal(vcpu: int, frame: zmq.Frame, spawned: dict[int, int] | None, endpoint: str) -> str | None:
+    """Why a registered vCPU's message (not a Hello) is refused, or None: on ipc:// of a bound
+    channel, a sender whose kernel pid is not the process spawned as ``vcpu`` -> "impostor"."""
+    if spawned is None or not endpoint.startswith("ipc://"):
+        return None
+    pid = peer_pid(frame)
+    return "impostor" if pid is not None and pid != spawned.get(vcpu) else None
 
 
 def hello_refusal(ident: bytes, msg: Hello, frame: zmq.Frame, token: bytes, spawned: dict[int, int] | None,

@@ -42,9 +42,9 @@ PLAIN_USER = b"pagetrack-sim"
 
 
 def worker_identity(vcpu: int) -> bytes:
-    """DEALER routing id of a worker: ``vcpu-<n>-<8 hex>`` (random part: a restarted worker is a
+    """DEALER routing id of a worker: ``vcpu-<n>-<32 hex>`` (random part: a restarted worker is a
     new peer, and nobody can take over a route without knowing it)."""
-    return f"vcpu-{int(vcpu)}-{secrets.token_hex(4)}".encode()
+    return f"vcpu-{int(vcpu)}-{secrets.token_hex(16)}".encode()  # 128 random bits: not guessable
 
 
 def set_common(sock: zmq.Socket, hwm: int) -> None:

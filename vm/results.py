@@ -87,16 +87,8 @@ def collect(kvm, cfg, elapsed_s: float, warnings: list[dict], oracle: list[str],
         ops[name] = {"count": counters[cname], "per_s": rate(counters[cname])}
     locks = merge_lockstat(v["lockstat"], list(L.LOCK_CLASSES))
     gp = {prefix: int(v[f"{prefix}_hdr"][1]) for prefix, _ in L.DOMAINS}
-    reasons = list(extra_reasons or [])
-    if oracle:
-        reasons.append(f"oracle: {len(oracle)} violation(s); first: {oracle[0]}")
-    poison = kvm.poison_reads
-    if poison:
-        reasons.append(f"{poison} read(s) of poisoned memory")
-    if counters["stale_entries"]:
-        reasons.append(f"{counters['stale_entries']} VMRUN(s) used a stale physid entry")
-    if warnings:  # a WARN is a kernel bug report (an RCU stall too, as in rcutorture)
-        reasons.append(f"{len(warnings)} WARN(s); first: {warnings[0]['message']}")
+    reasons = failure_reasons(extra_reasons, oracle, kvm.poison_reads, counters["stale_entries"], warnings,
+                              kvm.warns)
     ncpu = procstat.cpus()
     return {
         "config": cfg.to_dict(),
@@ -119,6 +111,25 @@ def collect(kvm, cfg, elapsed_s: float, warnings: list[dict], oracle: list[str],
     }
 
 
+
+
+def failure_reasons(extra: list[str] | None, oracle: list[str], poison: int, stale: int, warnings: list[dict],
+                    warns_counted: int) -> list[str]:
+    """Why a run is a FAILURE (empty: SUCCESS): the coordinator's own reasons, oracle violations,
+    poisoned reads, stale physid entries, WARNs — received, or only counted in shared memory (a WARN
+    whose message was dropped as a bad frame or lost is still a kernel bug report)."""
+    reasons = list(extra or [])
+    if oracle:
+        reasons.append(f"oracle: {len(oracle)} violation(s); first: {oracle[0]}")
+    if poison:
+        reasons.append(f"{poison} read(s) of poisoned memory")
+    if stale:
+        reasons.append(f"{stale} VMRUN(s) used a stale physid entry")
+    if warnings:  # a WARN is a kernel bug report (an RCU stall too, as in rcutorture)
+        reasons.append(f"{len(warnings)} WARN(s); first: {warnings[0]['message']}")
+    elif warns_counted:
+        reasons.append(f"{warns_counted} WARN(s) counted in shared memory, none received over the channel")
+    return reasons
 
 
 def latency_sampling(cfg) -> dict[str, Any]:

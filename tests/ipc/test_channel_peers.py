@@ -266,3 +266,39 @@ def test_bad_warn_is_a_counted_bad_frame_and_the_channel_goes_on(coord, token):
         assert coord.bad_frame_reasons == {"wrong_type": len(bad)}
     finally:
         w.close()
+
+
+_IMPOSTOR = """
+import sys, time, zmq
+from ipc.channel import set_plain_client
+from ipc.messages import Warn, encode
+endpoint, ident, token = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3]
+ctx = zmq.Context(); s = ctx.socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 500)
+s.setsockopt(zmq.ROUTING_ID, ident); set_plain_client(s, token); s.connect(endpoint)
+time.sleep(0.3)
+s.send(encode(Warn(0, "fake", "impostor says SUCCESS")))
+time.sleep(0.5); s.close(); ctx.term()
+"""
+
+
+def test_a_registered_routing_id_taken_over_by_another_process_is_refused(coord, token):
+    """ROUTER_HANDOVER lets a connection presenting a registered routing id take its route over; on
+    ipc:// every message's kernel pid is checked against the process bound to the vCPU."""
+    import subprocess
+    import sys
+
+    coord.bind(0, os.getpid())
+    w = WorkerChannel(coord.endpoint, 0, token)
+    try:
+        w.hello()
+        assert coord.wait_for_hellos(1, 10) == [0]
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        p = subprocess.run([sys.executable, "-c", _IMPOSTOR, coord.endpoint, w.identity.hex(), token],
+                           cwd=root, capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": root})
+        assert p.returncode == 0, p.stderr
+        wait_counter(coord, "rejected_peers", 1)
+        assert coord.rejected_reasons == {"impostor": 1}
+        got = coord.recv(200)
+        assert got is None or got[1].message != "impostor says SUCCESS", got
+    finally:
+        w.close()

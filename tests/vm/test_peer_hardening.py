@@ -99,3 +99,12 @@ def test_results_writer_cannot_fail_on_content(tmp_path):
     assert back["np"] == {"i": 7, "a": [0, 1, 2], "b": True} and back["set"] == [1]
     assert back["self"].startswith("<dict") and back["obj"].startswith("<object")
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_a_warn_counted_but_never_received_is_still_a_failure():
+    from vm.results import failure_reasons
+
+    assert failure_reasons(None, [], 0, 0, [], 0) == []
+    assert failure_reasons(None, [], 0, 0, [], 2) == ["2 WARN(s) counted in shared memory, none received over the channel"]
+    got = failure_reasons(["x"], [], 0, 0, [{"message": "WARN vCPU 0: boom"}], 5)
+    assert got == ["x", "1 WARN(s); first: WARN vCPU 0: boom"]
