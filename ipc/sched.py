@@ -414,7 +414,15 @@ class Scheduler:
         return True
 
     def run(self) -> str:
+        try:
+            return self._run()
+        except BaseException:  # wake / check / the strategy raised: no client stays parked mid-job
+            self._abort()
+            raise
+
+    def _run(self) -> str:
         m = self.mem
+        idle_turn: dict[int, int] = {}  # progress when an idle client was last given a turn (woken)
         progress_w = self.hdr + H_PROGRESS
         last = -1
         replay = self.strategy if isinstance(self.strategy, Replay) else None
@@ -429,16 +437,22 @@ class Scheduler:
                 return self.outcome
             prog = m.load(progress_w)
             ending = all(s in (DONE, IDLE) for s in states)  # idle clients end: nothing can wake them
+            # an idle client woken by a kick is not run again if its last turn was idle to idle with the
+            # kick still pending and nobody else moved: a kick its turn does not clear is a deadlock,
+            # not a loop of idle turns to the step bound
+            woken = {i for i, s in enumerate(states) if s == IDLE and self.wake is not None and self.wake(i)}
             enabled = [i for i, s in enumerate(states)
                        if s == POINT or (s == BLOCKED and self._s(i, S_SINCE) != prog)
-                       or (s == IDLE and (ending or (self.wake is not None and self.wake(i))))]
+                       or (s == IDLE and (ending or (i in woken and idle_turn.get(i, -2) + 1 != prog)))]
             step = len(self.log)
             if not enabled:
                 self.outcome = "deadlock"
                 self.detail = "every unfinished process is blocked: " + ", ".join(
                     f"process {i} at @{self._s(i, S_POINT)}{self._held_by(i, states)}"
                     for i, s in enumerate(states) if s == BLOCKED) + "".join(
-                    f", process {i} idle at @{self._s(i, S_POINT)} (nothing pending for it)"
+                    f", process {i} idle at @{self._s(i, S_POINT)} "
+                    + ("(woken, but its last turn did not clear what is pending for it)" if i in woken
+                       else "(nothing pending for it)")
                     for i, s in enumerate(states) if s == IDLE)
                 return self._abort()
             if step >= self.max_steps:
@@ -457,6 +471,8 @@ class Scheduler:
                     return self._abort()
             else:
                 i = self.strategy.pick(enabled, step, last)
+            if states[i] == IDLE:  # its turn ends at its next idle (+1): only that = it changed nothing
+                idle_turn[i] = prog
             self.log.append((i, self._s(i, S_POINT), states[i] == BLOCKED))
             last = i
             base = self.slot0 + i * SLOT_WORDS

@@ -246,7 +246,7 @@ def test_a_lock_left_held_by_a_finished_process_names_its_holder(run_id, data):
                    in s.detail for b in (0, 1)), s.detail
 
 
-def _idle_kick_body(run_id: str):
+def _idle_kick_body(run_id: str, serve: bool = True):
     """Process 0 ends its program "in L2" and idles; process 1 posts a request (word 4) and
     spin-waits for its acknowledgement (word 5), which only process 0 can give: as a reload
     request's kick and KVM_REQUEST_WAIT (flood-drop's deadlock of the harness, issue 20)."""
@@ -259,7 +259,7 @@ def _idle_kick_body(run_id: str):
             fuzz.point("enter L2")
             while True:
                 c.idle("L2 runs on")
-                if r.mem.load(4):
+                if r.mem.load(4) and serve:
                     r.mem.store(4, 0)
                     r.mem.store(5, r.mem.load(5) + 1)
                     continue
@@ -293,3 +293,13 @@ def test_an_idle_client_nobody_wakes_is_named_in_the_deadlock(run_id, data):
     assert s.outcome == "deadlock"
     assert f"process 0 idle at @{sched.point_id('L2 runs on')} (nothing pending for it)" in s.detail, s.detail
     assert f"process 1 at @{sched.point_id('sched_yield (spin wait)')}" in s.detail, s.detail
+
+
+def test_an_idle_client_whose_turn_does_not_clear_its_kick_is_a_named_deadlock(run_id, data):
+    """The wake says a kick is pending, but the idle client's turn changes nothing (its take_kick is
+    broken): a deadlock naming it, not a loop of idle turns to the step bound."""
+    data.v["w"][:] = 0
+    s, _, _ = schedpool.run_forked(run_id, 2, _idle_kick_body(run_id, serve=False), sched.RandomWalk(1), 200,
+                                   wake=lambda i: i == 0 and bool(data.v["w"][4]))
+    assert s.outcome == "deadlock", (s.outcome, s.detail)
+    assert "process 0 idle at" in s.detail and "woken, but its last turn did not clear" in s.detail, s.detail
