@@ -70,6 +70,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+
+/* word indices, spans and counts are Py_ssize_t and stored in int64_t words: one and the same */
+_Static_assert(sizeof(Py_ssize_t) == 8, "_prims needs a 64-bit Py_ssize_t (64-bit platform)");
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -145,6 +148,9 @@ static int64_t *vt_lines;        /* shared line table: (tag, writer | version <<
 static int64_t vt_line_mask;     /* entries - 1 (a power of two) */
 static int64_t vt_me;            /* this process' index (< 32768) */
 static PyObject *vt_owner;       /* the Mem holding vt_clk / vt_lines (a reference) */
+static int vt_pinned;            /* vt_owner's busy count holds one for the attached clock (vt_unpin) */
+static int vt_waiting;           /* vt_wait_turn calls in progress (parked, or a signal handler run from one) */
+static unsigned vt_fork_gen;     /* bumped in every fork()ed child: a wait begun before the fork is not ours */
 static int64_t vt_transfers;     /* line transfers this process paid (for the results) */
 static uint64_t vt_hist_seed;    /* nonzero: histograms made from now on take their phase from it */
 #define VT_SEEN 4096
@@ -719,6 +725,11 @@ static void after_fork_child(void) {
     int64_t s = 0;
     g_pid_hi = (int64_t)getpid() << 32;
     g_start = (read_proc_stat(0, &st, &s) == 0 && s > 0) ? s : 0;
+    /* the threads parked in vt_wait_turn are not in this child: their counts go (the Mem's busy
+     * count keeps the clock's pin, so nothing is released here) */
+    if (vt_waiting && vt_owner) ((MemObject *)vt_owner)->busy -= vt_waiting;
+    vt_waiting = 0;
+    vt_fork_gen++;
 }
 
 /* start time to record (0 if it could not be read: holders are then checked by pid alone) */
@@ -790,6 +801,14 @@ static int lock_common_init(LockObject *self, PyObject *args, PyObject *kw, cons
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!n|nLLpO", kwlist, &MemType, &mem, &li, &si, &tag,
                                      &spins, &busted, &lname))
         return -1;
+    /* again: the argument parsing may have run Python code (__index__ of an index, __bool__ of
+     * busted) that initialised this object meanwhile; the early check alone would let this call
+     * swap its words all the same */
+    if (self->mem) return refuse_reinit(name);
+    if (si < -1) {
+        PyErr_Format(PyExc_ValueError, "%s: stats_index must be a word index or -1 (none), got %zd", name, si);
+        return -1;
+    }
     if (tag == 0) { PyErr_Format(PyExc_ValueError, "%s: tag must be nonzero", name); return -1; }
     if (tag < 0 || tag > (long long)UINT32_MAX) {
         PyErr_Format(PyExc_ValueError, "%s: tag must be in 1 .. 2**32-1 (got %lld)", name, tag);
@@ -1636,6 +1655,7 @@ static int reader_init(ReaderObject *self, PyObject *args, PyObject *kw) {
     int64_t *h = mem_word_at(m, hi, 8, "RcuReader header");
     int64_t *s = h ? mem_word_at(m, si, 8, "RcuReader slot") : NULL;
     if (!s) return -1;
+    if (self->mem) return refuse_reinit("RcuReader");  /* initialised by __index__ meanwhile */
     Py_INCREF(mem);
     Py_XSETREF(self->mem, m);
     self->hdr = h;
@@ -1815,6 +1835,7 @@ static int hist_init(HistObject *self, PyObject *args, PyObject *kw) {
     }
     int64_t *h = mem_word_at((MemObject *)mem, hi, HIST_WORDS, "Histogram");
     if (!h) return -1;
+    if (self->mem) return refuse_reinit("Histogram");  /* initialised by __index__ meanwhile */
     Py_INCREF(mem);
     Py_XSETREF(self->mem, (MemObject *)mem);
     self->h = h;
@@ -1997,7 +2018,6 @@ static void vt_go(int64_t j) {
     if (__atomic_load_n(&s[VS_PARKED], __ATOMIC_SEQ_CST)) futex_wake32((int32_t *)&s[VS_GO], 1);
 }
 
-static int vt_waiting;  /* vt_wait_turn calls in progress (parked, or a signal handler run from one) */
 
 /* park until this process is given the turn; VT_*.  It polls the go word for VT_SPIN_NS first if
  * `spin` (every process has a CPU, or it is next in line), and again after each futex wake that
@@ -2043,12 +2063,30 @@ static int vt_wait_turn_(int spin) {
  * it returns, as around every blocking call on a Mem) */
 static int vt_wait_turn(int spin) {
     MemObject *m = (MemObject *)vt_owner;
+    unsigned gen = vt_fork_gen;
     vt_waiting++;
     if (m) mem_block_begin(m);
     int r = vt_wait_turn_(spin);
-    if (m) mem_block_end(m);
-    vt_waiting--;
+    if (gen == vt_fork_gen) {  /* (a child forked from a signal handler meanwhile dropped both counts) */
+        if (m) mem_block_end(m);
+        vt_waiting--;
+    }
     return r;
+}
+
+/* The attached clock's Mem stays exported from vt_attach until the clock is detached (vt_detach,
+ * vt_done, or the detach in vt_result): vt_hdr / vt_slots / vt_clk / vt_lines are written through
+ * after a park and on every priced access, so a Mem.release() meanwhile (Region.close from another
+ * thread, or a signal handler) only marks it unusable and the mapping lives until the clock lets go.
+ * Ends the pin once per attach; the caller touches none of those words afterwards (the release of
+ * the buffer may run Python code: the pending exception, if any, is kept). */
+static void vt_unpin(void) {
+    if (!vt_pinned) return;
+    vt_pinned = 0;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    mem_block_end((MemObject *)vt_owner);
+    PyErr_Restore(et, ev, tb);
 }
 
 /* give up the turn in `state` unless this process is still the lowest (never, when BLOCKED).  The
@@ -2098,6 +2136,7 @@ static PyObject *vt_result(int code, const char *what) {
     vt_clk = NULL;
     if (code == VT_SIGNAL) {  /* leaving on a signal while parked: the others must not wait for it */
         vt_abort_all(h, sl, vt_n);
+        vt_unpin();
         return NULL;
     }
     PyObject *exc = code == VT_DEADLOCK ? vt_exc_deadlock : vt_exc_aborted;
@@ -2114,6 +2153,7 @@ static PyObject *vt_result(int code, const char *what) {
     } else {
         PyErr_SetString(exc, "virtual-time run ended");
     }
+    vt_unpin();  /* detached: h / sl are not touched any more */
     return NULL;
 }
 
@@ -2164,10 +2204,15 @@ static PyObject *m_vt_attach(PyObject *mod, PyObject *const *args, Py_ssize_t na
     if (!h) return NULL;
     int64_t n = h[VH_N];
     if (n < 1 || n >= 0x7fff || me < 0 || me >= n) { PyErr_SetString(PyExc_ValueError, "vt_attach: bad process count or index"); return NULL; }
-    int64_t *sl = mem_word_at(m, si, VS_WORDS * n, "vt_attach slots");
-    int64_t *l = sl ? mem_word_at(m, li, 2 * nl, "vt_attach lines") : NULL;
+    Py_ssize_t sspan = words_span(n, VS_WORDS, "vt_attach slots"), lspan = words_span(nl, 2, "vt_attach lines");
+    if (sspan < 0 || lspan < 0) return NULL;
+    int64_t *sl = mem_word_at(m, si, sspan, "vt_attach slots");
+    int64_t *l = sl ? mem_word_at(m, li, lspan, "vt_attach lines") : NULL;
     if (!l) return NULL;
     memcpy(vt_price, prices, sizeof prices);
+    mem_block_begin(m);  /* pinned while attached (vt_unpin) */
+    vt_unpin();          /* a clock attached before (no vt_detach): its pin ends */
+    vt_pinned = 1;
     Py_INCREF(m);
     Py_XSETREF(vt_owner, (PyObject *)m);
     vt_hdr = h;
@@ -2298,6 +2343,7 @@ static PyObject *m_vt_done(PyObject *mod, PyObject *unused) {
     if (j < 0 && blocked) return vt_result(VT_DEADLOCK, "finished");
     vt_on = 0;
     vt_clk = NULL;
+    vt_unpin();
     Py_RETURN_NONE;
 }
 
@@ -2312,7 +2358,9 @@ static PyObject *m_vt_abort(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     if (!h) return NULL;
     int64_t n = h[VH_N];
     if (n < 1 || n >= 0x7fff) { PyErr_SetString(PyExc_ValueError, "vt_abort: bad process count"); return NULL; }
-    int64_t *sl = mem_word_at(m, si, VS_WORDS * n, "vt_abort slots");
+    Py_ssize_t sspan = words_span(n, VS_WORDS, "vt_abort slots");
+    if (sspan < 0) return NULL;
+    int64_t *sl = mem_word_at(m, si, sspan, "vt_abort slots");
     if (!sl) return NULL;
     vt_abort_all(h, sl, n);
     Py_RETURN_NONE;
@@ -2327,6 +2375,7 @@ static PyObject *m_vt_detach(PyObject *mod, PyObject *unused) {
     vt_clk = NULL;
     vt_hdr = vt_slots = NULL;
     vt_lines = NULL;
+    vt_unpin();
     Py_CLEAR(vt_owner);
     Py_RETURN_NONE;
 }

@@ -5,15 +5,20 @@ Linux). Its layout is declared once as a :class:`Layout` (an ordered list of num
 each starting on its own 64-byte cache line). The owner (the coordinator of a run) creates and
 unlinks every segment; other processes only attach.
 
-Python 3.11 resource tracker: the owner creates through ``multiprocessing.shared_memory``, so the
-segment is registered with the run's resource tracker; if the owner is SIGKILLed, the tracker
-unlinks it once the last process of the run is gone (safety net). Attaching processes map
-``/dev/shm/<name>`` directly and never register, so an attaching process exiting can never unlink
-a segment early, and no "leaked shared_memory" warning is produced by attachers.
+Python 3.11 resource tracker: the owner creates ``/dev/shm/<name>`` itself (``O_CREAT | O_EXCL``,
+0600: sized, reserved and mapped) and registers it with the run's resource tracker (as
+``multiprocessing.shared_memory`` would) only once all of that succeeded; if the owner is SIGKILLed,
+the tracker unlinks it once the last process of the run is gone (safety net). A creation that fails
+unlinks what it made and never registers, so the tracker has nothing to say (``SharedMemory``
+unregisters a name it never registered when its ``ftruncate`` / ``mmap`` fails: KeyError tracebacks
+from the tracker after the one-line error). Attaching processes map ``/dev/shm/<name>`` directly and
+never register, so an attaching process exiting can never unlink a segment early, and no "leaked
+shared_memory" warning is produced by attachers.
 
 Memory: the owner reserves every page of a segment when it creates it (``posix_fallocate``), so a
 full ``/dev/shm`` is an ENOSPC at creation (:class:`ShmSpaceError`: one line, exit 2, the segment
-unlinked), never a SIGBUS at the first touch of a page the tmpfs cannot supply.
+unlinked), never a SIGBUS at the first touch of a page the tmpfs cannot supply. A filesystem that
+cannot reserve (EINVAL / EOPNOTSUPP / ENOSYS) gets one warning line and sparse segments.
 
 Mappings: owner and attachers alike map the segment with their own ``mmap`` object, and
 :meth:`Region.close` never unmaps it explicitly: numpy views made from it keep no buffer export
@@ -28,9 +33,10 @@ import errno
 import mmap
 import os
 import re
+import sys
 import zlib
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker
 from typing import Any
 
 import numpy as np
@@ -54,6 +60,10 @@ class ShmSpaceError(ShmError, UsageError):
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.ENOMEM)
+# posix_fallocate on a filesystem that cannot reserve (glibc emulates it where fallocate(2) is
+# missing, but a filesystem may still refuse): sparse segments, after one warning line
+_NO_FALLOCATE = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
+_fallocate_warned = False
 
 
 def shm_free_bytes() -> int:
@@ -70,9 +80,18 @@ def reserve(fd: int, name: str, size: int) -> None:
     refuses here with ENOSPC. A sparse segment would be created all the same, and the first touch of
     a page the tmpfs cannot supply would kill that process with SIGBUS (the coordinator at set-up,
     or a vCPU mid-run). Attachers need nothing: the pages exist once the owner reserved them."""
+    global _fallocate_warned
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
+        if e.errno in _NO_FALLOCATE:
+            if not _fallocate_warned:
+                _fallocate_warned = True
+                sys.stderr.write(f"warning: shm: {SHM_DIR} cannot reserve segment memory "
+                                 f"({errno.errorcode[e.errno]}): segments are sparse, a full {SHM_DIR} "
+                                 f"may kill a process with SIGBUS\n")
+                sys.stderr.flush()
+            return
         if e.errno in _NO_SPACE:
             raise ShmSpaceError(f"shm: cannot reserve {name}: {size} bytes, {SHM_DIR} has {shm_free_bytes()} "
                                 f"bytes free ({errno.errorcode[e.errno]})") from None
@@ -161,30 +180,49 @@ class Region:
     @classmethod
     def create(cls, run_id: str, layout: Layout) -> Region:
         name = segment_name(run_id, layout.name)
+        path = os.path.join(SHM_DIR, name)
+        size = layout.nbytes
+
+        def failed(e: OSError) -> ShmError:
+            if e.errno in _NO_SPACE:  # no inode left (nr_inodes), or a size the tmpfs cannot hold
+                return ShmSpaceError(f"shm: cannot create {name}: {size} bytes, {SHM_DIR} has "
+                                     f"{shm_free_bytes()} bytes free ({errno.errorcode[e.errno]})")
+            return ShmError(f"cannot create segment {name} ({size} bytes): {e.strerror}")
+
         try:
-            shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except FileExistsError:
             raise ShmError(f"segment {name} already exists (stale run? try `launch.py clean`)") from None
         except OSError as e:
-            if e.errno in _NO_SPACE:  # no inode left (nr_inodes), or a size the tmpfs cannot hold
-                raise ShmSpaceError(f"shm: cannot create {name}: {layout.nbytes} bytes, {SHM_DIR} has "
-                                    f"{shm_free_bytes()} bytes free ({errno.errorcode[e.errno]})") from None
-            raise ShmError(f"cannot create segment {name} ({layout.nbytes} bytes): {e.strerror}") from None
+            raise failed(e) from None
         try:
-            os.fchmod(shm._fd, 0o600)  # SharedMemory already uses 0600; make it explicit
-            reserve(shm._fd, name, layout.nbytes)  # a full /dev/shm: ENOSPC now, not SIGBUS later
-            mm = mmap.mmap(shm._fd, layout.nbytes)
+            try:
+                os.fchmod(fd, 0o600)  # whatever the umask
+                os.ftruncate(fd, size)
+            except OSError as e:
+                raise failed(e) from None
+            reserve(fd, name, size)  # a full /dev/shm: ENOSPC now, not SIGBUS later
+            try:
+                mm = mmap.mmap(fd, size)
+            except OSError as e:
+                raise failed(e) from None
         except BaseException:
-            shm.close()
-            shm.unlink()
+            try:
+                os.unlink(path)  # never registered: the tracker knows nothing of it
+            except FileNotFoundError:
+                pass
             raise
-        shm.close()  # its own mapping (nothing was made from it); the name stays registered
+        finally:
+            os.close(fd)
+        # the name as multiprocessing.shared_memory registers it (the tracker shm_unlinks it)
+        resource_tracker.register("/" + name, "shared_memory")
 
         def unlink() -> None:
             try:
-                shm.unlink()  # also unregisters from the resource tracker
+                os.unlink(path)
             except FileNotFoundError:
                 pass
+            resource_tracker.unregister("/" + name, "shared_memory")
 
         try:
             return cls(name, layout, True, mm, unlink)

@@ -395,3 +395,153 @@ def test_reinit_while_waiting_refused():
         t.join(5)
     assert out == [True] and waiter.is_held()
     waiter.unlock()
+
+
+REINIT_TYPES = [
+    ("SpinLock", ()), ("Mutex", ()), ("RwLock", ()), ("TracedSpinLock", ()), ("TracedMutex", ()),
+    ("TracedRwLock", ()), ("RcuReader", (8,)), ("TracedRcuReader", (8,)), ("Histogram", ()),
+]
+
+
+@pytest.mark.parametrize("tname,extra", REINIT_TYPES, ids=[t for t, _ in REINIT_TYPES])
+def test_reinit_from_argument_parsing_refused(tname, extra):
+    """The refusal is checked again after the arguments are parsed: an ``__index__`` (or a
+    ``__bool__``) run by the parsing may initialise the object meanwhile, and the outer ``__init__``
+    must then not swap its words all the same."""
+    T = getattr(_prims, tname)
+    mm, mm2 = mmap.mmap(-1, 8192), mmap.mmap(-1, 8192)
+    mem, mem2 = _prims.Mem(mm), _prims.Mem(mm2)
+    obj = T.__new__(T)
+
+    class Idx:
+        def __index__(self):
+            obj.__init__(mem, 0, *extra)  # the inner __init__ binds the object first
+            return 0
+
+    with pytest.raises(RuntimeError, match="already initialised"):
+        obj.__init__(mem2, Idx(), *extra)
+    if tname.endswith(("SpinLock", "Mutex", "RwLock")):
+        class Truthy:
+            def __bool__(self):
+                obj.__init__(mem2, 0)
+                return False
+
+        with pytest.raises(RuntimeError, match="already initialised"):  # busted (p) runs __bool__
+            T.__new__(T).__init__(mem2, 0, -1, 1, 1000, Truthy())
+        assert obj.trylock() and mem.load(0) != 0 and mm2[:8] == bytes(8)  # still bound to mem
+        obj.unlock()
+
+
+def test_stats_index_below_minus_one_refused():
+    mem = _prims.Mem(mmap.mmap(-1, 4096))
+    for T in (_prims.SpinLock, _prims.Mutex, _prims.RwLock):
+        with pytest.raises(ValueError, match="stats_index"):
+            T(mem, 0, -2)
+        T(mem, 0, -1)  # -1: no stats block
+
+
+# The attached virtual clock pins its Mem: a release() while attached only marks it unusable, the
+# buffer stays exported (the clock words are still written) until the clock is detached, once,
+# whichever way it is detached; a fork()ed child drops the waits of threads it does not have.
+VT_PIN = r'''
+import os, sys, threading, time
+from ipc import _prims as P
+
+NP = 17  # VP_N
+HDR, SLOTS, LINES, NL = 0, 8, 8 + 16 * 2, 4  # hdr 8 words, 2 slots of 16, line table 2 * NL
+
+
+def setup(n):
+    buf = bytearray(8 * (LINES + 2 * NL))
+    mem = P.Mem(buf)
+    mem.store(3, n)  # VH_N
+    return buf, mem
+
+
+def exported(buf):
+    try:
+        buf.extend(b"12345678")
+    except BufferError:
+        return True
+    del buf[-8:]
+    return False
+
+
+# vt_detach
+buf, mem = setup(2)
+P.vt_attach(mem, HDR, SLOTS, LINES, NL, 0, [1] * NP)
+mem.release()
+assert exported(buf), "attached clock's Mem released: export dropped"
+assert P.vt_advance(5) >= 5  # written through the clock
+P.vt_detach()
+assert not exported(buf), "vt_detach kept the export"
+
+# vt_done (alone: detached), then vt_detach: the pin ends once (a re-attach pins again)
+buf, mem = setup(1)
+P.vt_attach(mem, HDR, SLOTS, LINES, NL, 0, [1] * NP)
+P.vt_done()
+P.vt_detach()
+P.vt_attach(mem, HDR, SLOTS, LINES, NL, 0, [1] * NP)
+P.vt_attach(mem, HDR, SLOTS, LINES, NL, 0, [1] * NP)  # re-attach without a detach
+mem.release()
+assert exported(buf), "pin ended twice"
+P.vt_detach()
+assert not exported(buf), "re-attach kept a pin"
+
+# the detach in vt_result (an aborted run)
+buf, mem = setup(2)
+P.vt_attach(mem, HDR, SLOTS, LINES, NL, 0, [1] * NP)
+mem.release()
+P.vt_abort(P.Mem(buf), HDR, SLOTS)
+try:
+    P.vt_hit("t")
+except RuntimeError as e:
+    assert "ended" in str(e), e
+else:
+    raise AssertionError("vt_hit after abort")
+assert P.vt_now() is None and not exported(buf), "vt_result kept the export"
+P.vt_detach()
+
+# fork while a thread is parked in vt_join: the child can detach, and its export goes
+buf, mem = setup(2)
+P.vt_attach(mem, HDR, SLOTS, LINES, NL, 0, [1] * NP)
+out = []
+def join():
+    try:
+        P.vt_join()
+    except RuntimeError as e:
+        out.append(str(e))
+t = threading.Thread(target=join)
+t.start()
+deadline = time.monotonic() + 10
+while mem.load(SLOTS + 8) == 0:  # VS_PARKED: parked, GIL released
+    assert time.monotonic() < deadline, "never parked"
+    time.sleep(0.001)
+pid = os.fork()
+if pid == 0:
+    code = 0
+    try:
+        P.vt_detach()  # the parked thread is not in the child
+        mem.release()
+        code = 3 if exported(buf) else 0
+    except BaseException as e:
+        print("child:", type(e).__name__, e, flush=True)
+        code = 2
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+P.vt_abort(mem, HDR, SLOTS)
+t.join(10)
+assert out and "ended" in out[0], out
+assert os.waitstatus_to_exitcode(status) == 0, status
+P.vt_detach()
+mem.release()
+assert not exported(buf)
+print("ok")
+'''
+
+
+def test_vt_clock_pins_its_mem():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", VT_PIN], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"

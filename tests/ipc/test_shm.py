@@ -354,3 +354,100 @@ def test_run_on_full_shm_exits_2_with_one_line(small_shm):
                         r"free \(ENOSPC\)", err[0]), err[0]
     left = p.stdout.strip().splitlines()[-1]
     assert left.startswith("LEFT:") and "pts_" not in left, left
+
+
+# -- creation failures are one line: nothing from the resource tracker, nothing left behind ---------
+
+_HUGE = textwrap.dedent("""
+    import sys
+    from ipc.shm import Layout, Region, ShmError
+    run_id = sys.argv[1]
+    for _ in range(3):
+        try:
+            Region.create(run_id, Layout("huge", [("a", "u1", ((1 << 47) + 4096,))]))
+        except ShmError as e:
+            err = e
+        else:
+            sys.exit("created a 128 TiB segment")
+    sys.exit(f"error: {type(err).__name__}: {err}")
+""")
+
+
+def test_failed_creation_is_one_line_without_tracker_noise(run_id):
+    """A segment no tmpfs can hold (2**47 bytes): ShmSpaceError, one line; the resource tracker
+    says nothing (before: SharedMemory's own failure path unregistered a name it never registered,
+    and the tracker printed a KeyError traceback per attempt) and no segment is left."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", _HUGE, run_id], capture_output=True, text=True, timeout=120,
+                       cwd=str(ROOT), env=env)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert len(err) == 1, p.stderr
+    assert "Traceback" not in p.stderr and "KeyError" not in p.stderr and "resource_tracker" not in p.stderr
+    name = segment_name(run_id, "huge")
+    assert re.fullmatch(rf"error: ShmSpaceError: shm: cannot (reserve|create) {name}: {(1 << 47) + 4096} bytes, "
+                        rf"{SHM_DIR} has -?\d+ bytes free \(E[A-Z]+\)", err[0]), err[0]
+    assert list_segments(run_id) == []
+
+
+def test_created_segment_is_registered_with_the_tracker_after_success(run_id, monkeypatch):
+    """Registered once created (the tracker's safety net), unregistered by the owner's close; a
+    failed creation neither registers nor unregisters."""
+    from multiprocessing import resource_tracker
+
+    from ipc import shm
+    calls = []
+    monkeypatch.setattr(resource_tracker, "register", lambda n, t: calls.append(("reg", n, t)))
+    monkeypatch.setattr(resource_tracker, "unregister", lambda n, t: calls.append(("unreg", n, t)))
+    r = Region.create(run_id, small_layout())
+    assert calls == [("reg", "/" + r.name, "shared_memory")]
+    assert stat.S_IMODE(os.stat(os.path.join(SHM_DIR, r.name)).st_mode) == 0o600
+    r.close()
+    assert calls[1:] == [("unreg", "/" + r.name, "shared_memory")]
+    calls.clear()
+
+    def no_room(fd, off, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm.os, "posix_fallocate", no_room)
+    with pytest.raises(ShmSpaceError, match=r"cannot reserve .*\(ENOSPC\)"):
+        Region.create(run_id, small_layout())
+    assert calls == [] and list_segments(run_id) == []
+
+
+@pytest.mark.parametrize("code", ["EINVAL", "EOPNOTSUPP", "ENOSYS"])
+def test_no_fallocate_warns_once_and_goes_sparse(run_id, monkeypatch, capsys, code):
+    """A filesystem that cannot reserve: one warning line (once per process), the segment is
+    created sparse and works."""
+    import errno
+
+    from ipc import shm
+
+    def unsupported(fd, off, size):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(shm.os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(shm, "_fallocate_warned", False)
+    lay = Layout("sparse", [("a", "i8", (100_000,))])
+    for _ in range(2):
+        with Region.create(run_id, lay) as r:
+            r.v["a"][-1] = 5
+            assert r.v["a"][-1] == 5
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: shm: ") and f"({errno.errorcode[getattr(errno, code)]})" in err[0], err
+    assert list_segments(run_id) == []
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "ENOMEM", "EFBIG"])
+def test_fallocate_no_space_stays_an_error(run_id, monkeypatch, code):
+    import errno
+
+    from ipc import shm
+
+    def no_space(fd, off, size):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(shm.os, "posix_fallocate", no_space)
+    with pytest.raises(ShmSpaceError, match=rf"cannot reserve .*\({code}\)$"):
+        Region.create(run_id, small_layout())
+    assert list_segments(run_id) == []
