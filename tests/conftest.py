@@ -55,24 +55,24 @@ if "PTS_FAILURE_DIR" not in os.environ:
 
 
 def _install_shm_create_log() -> None:
-    from multiprocessing import shared_memory
+    """Log every segment this process creates (ipc.shm.Region.create: the one place that makes them)."""
+    from ipc import shm
 
-    cls = shared_memory.SharedMemory
-    if getattr(cls.__init__, "_pts_logged", False):
+    orig = shm.Region.create.__func__
+    if getattr(orig, "_pts_logged", False):
         return
-    orig = cls.__init__
 
-    def __init__(self, name=None, create=False, size=0):
-        orig(self, name, create, size)
-        if create:
-            fd = os.open(SHM_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, f"{self.name.lstrip('/')}\n".encode())
-            finally:
-                os.close(fd)
+    def create(cls, run_id, layout):
+        region = orig(cls, run_id, layout)
+        fd = os.open(SHM_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{shm.segment_name(run_id, layout.name)}\n".encode())
+        finally:
+            os.close(fd)
+        return region
 
-    __init__._pts_logged = True
-    cls.__init__ = __init__
+    create._pts_logged = True
+    shm.Region.create = classmethod(create)
 
 
 _install_shm_create_log()

@@ -33,7 +33,7 @@ IS_ROOT = os.geteuid() == 0
 
 GUARD = r"""
 import errno, json, os, runpy, subprocess, sys
-from multiprocessing import process, shared_memory
+from multiprocessing import process
 
 def _stop(what):
     sys.stderr.write(f"GUARD: {what} before the outputs were checked\n")
@@ -41,12 +41,8 @@ def _stop(what):
     os._exit(99)
 
 if os.environ.get("GUARD_NOTHING_STARTS"):
-    _shm_init = shared_memory.SharedMemory.__init__
-    def _init(self, name=None, create=False, size=0):
-        if create:
-            _stop(f"shared memory {name} created")
-        _shm_init(self, name, create, size)
-    shared_memory.SharedMemory.__init__ = _init
+    from ipc import shm
+    shm.Region.create = classmethod(lambda cls, run_id, layout: _stop(f"shared memory {layout.name} created"))
     process.BaseProcess.start = lambda self: _stop("a process started")
     _popen = subprocess.Popen.__init__
     subprocess.Popen.__init__ = lambda self, *a, **k: _stop(f"subprocess {a[:1]} started")
@@ -86,6 +82,12 @@ def cli(*args: str, nothing_starts: bool = True, env: dict | None = None, timeou
         e["GUARD_NOTHING_STARTS"] = "1"
     return subprocess.run([sys.executable, "-c", GUARD, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=e)
+
+
+def test_the_guard_has_teeth(tmp_path):
+    """A valid run through GUARD stops at its first segment: the "nothing started" checks can fail."""
+    p = cli("run", "--vcpus", "1", "--duration", "0.05", "--quiet", "--json", str(tmp_path / "r.json"))
+    assert p.returncode == 99 and "GUARD: shared memory" in p.stderr, (p.returncode, p.stderr[-500:])
 
 
 def assert_one_line_usage_error(p: subprocess.CompletedProcess, *needles: str) -> str:
