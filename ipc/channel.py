@@ -292,17 +292,9 @@ class CoordinatorChannel:
     is bounded by who may connect: only peers that know the token pass the ZAP gate.
     """
 
-    def __init__(
-        self,
-        run_dir: str | os.PathLike,
-        token: str,
-        *,
-        endpoint: str | None = None,
-        allow_remote: bool = False,
-        max_frame: int = MAX_FRAME,
-        max_message: int | None = None,
-        hwm: int = HWM,
-    ):
+    def __init__(self, run_dir: str | os.PathLike, token: str, *, endpoint: str | None = None,
+                 allow_remote: bool = False, max_frame: int = MAX_FRAME, max_message: int | None = None,
+                 hwm: int = HWM):
         if not isinstance(token, str) or len(token) < 8:
             raise UsageError("token must be a string of at least 8 characters (see new_token())")
         self.run_dir = Path(run_dir)
@@ -379,10 +371,7 @@ class CoordinatorChannel:
         if type(msg) is Hello:
             why = hello_refusal(ident, msg, frame, self._token, self._spawned, self._by_vcpu, self.endpoint)
             if why is not None:
-                c["rejected_peers"] += 1
-                self.rejected_reasons[why] = self.rejected_reasons.get(why, 0) + 1
-                _log_once(self._logged, f"refused a Hello as vCPU {msg.vcpu}", why, "")
-                return None
+                return self._refuse(why, f"a Hello as vCPU {msg.vcpu}")
             old = self._by_vcpu.get(msg.vcpu)
             if old is not None and old != ident:
                 self._by_ident.pop(old, None)
@@ -400,13 +389,15 @@ class CoordinatorChannel:
                 return None
             why = sender_refusal(vcpu, frame, self._spawned, self.endpoint)
             if why is not None:  # the right routing id from another process (ROUTER_HANDOVER)
-                c["rejected_peers"] += 1
-                self.rejected_reasons[why] = self.rejected_reasons.get(why, 0) + 1
-                _log_once(self._logged, f"refused a message as vCPU {vcpu}", why, "")
-                return None
+                return self._refuse(why, f"a message as vCPU {vcpu}")
         c["received"] += 1
         self.last_seen[vcpu] = time.monotonic()
         return vcpu, msg
+
+    def _refuse(self, why: str, what: str) -> None:
+        self._counters["rejected_peers"] += 1
+        self.rejected_reasons[why] = self.rejected_reasons.get(why, 0) + 1
+        _log_once(self._logged, f"refused {what}", why, "")
 
     def _recv_wire(self, timeout_ms: float) -> tuple[int, Message] | None:
         deadline = time.monotonic() + timeout_ms / 1000.0
