@@ -409,6 +409,84 @@ static inline void mem_block_end(MemObject *m) {
     }
 }
 
+/* ------------------------------------------------------------------ preemption points (ipc/fuzz.py)
+ * Named points inside the multi-step sequences below (the RCU read-side entry between loading the
+ * gp counter and storing the slot; the lock slow paths between the failed try and the wait).  Off
+ * (pp_hook == NULL, the default) a point is one load of a global and a not-taken branch.  On
+ * (set_preempt_hook(callable)), the hook is called with the point's name (a str made once) with
+ * the GIL held, while the primitive holds nothing that another process needs to make progress (no
+ * spin lock; a Mutex waiter has at most marked the futex word contended, which every waiter does):
+ * ipc/fuzz.py routes it to the Python points (--fuzz widening, explore's scheduling points, the
+ * torture readers' delays).  An exception from the hook (ScheduleAborted, SystemExit, ...) ends the
+ * C call with NULL; every point states next to it why the primitive is then consistent.
+ *
+ * The hook may release the GIL (sleep, futex wait): the Mem is marked busy around the call, as
+ * around every blocking section, and if it was released meanwhile the call fails without touching
+ * the buffer again (pp_call returns PP_GONE).  Points reached while a hook call is in progress (the
+ * hook's own primitives, or another thread while the hook has dropped the GIL) are skipped: the
+ * hook is never re-entered.  The hook is inherited by fork()ed children, as fuzz.ACTIVE is. */
+enum { PP_RCU_READ_LOCK_AFTER_CTR_LOAD, PP_SPIN_SLOW_AFTER_TRYLOCK, PP_MUTEX_SLOW_AFTER_TRYLOCK,
+       PP_MUTEX_SLOW_BEFORE_SLEEP, PP_RW_READ_SLOW_AFTER_BACKOFF, PP_RW_WRITE_SLOW_AFTER_TRYLOCK,
+       PP_RW_WRITE_SLOW_AFTER_CLAIM, PP_N };
+static const char *const pp_names[PP_N] = {
+    "rcu.read_lock.after_ctr_load", "spin.slow.after_trylock", "mutex.slow.after_trylock",
+    "mutex.slow.before_sleep", "rw.read.slow.after_backoff", "rw.write.slow.after_trylock",
+    "rw.write.slow.after_claim"};
+static PyObject *pp_str[PP_N];  /* the names as str (module init) */
+static PyObject *pp_hook;       /* NULL = points off */
+static int pp_running;          /* a hook call is in progress */
+static MemObject *pp_mem;       /* ... on this Mem (busy) */
+static pthread_t pp_thread;     /* ... in this thread (a fork()ed child keeps only the forking thread) */
+enum { PP_OK = 0, PP_ERROR = -1, PP_GONE = -2 };
+
+/* Call the hook at point `id` of a primitive working on `m`'s words.  PP_OK; PP_ERROR: the hook
+ * raised (exception set; the buffer is still mapped); PP_GONE: the Mem was released while the hook
+ * ran (exception set; the caller must not touch the buffer).  `wake_on_gone`: a futex word to wake
+ * one waiter on before the buffer may go (a Mutex waiter never swallows a wake-up). */
+static __attribute__((noinline, cold)) int pp_call(MemObject *m, int id, int32_t *wake_on_gone) {
+    if (pp_running || !pp_hook) return PP_OK;
+    PyObject *h = pp_hook;
+    Py_INCREF(h);  /* the hook may replace itself (set_preempt_hook(None)) */
+    pp_running = 1;
+    pp_mem = m;
+    pp_thread = pthread_self();
+    mem_block_begin(m);
+    PyObject *r = PyObject_CallOneArg(h, pp_str[id]);
+    pp_running = 0;
+    Py_DECREF(h);
+    if (!m->has_view) {
+        if (r) {
+            Py_DECREF(r);
+            mem_released_meanwhile(m);  /* sets the ValueError */
+        }
+        if (wake_on_gone) futex_wake32(wake_on_gone, 1);
+        mem_block_end(m);
+        return PP_GONE;
+    }
+    mem_block_end(m);
+    if (!r) return PP_ERROR;
+    Py_DECREF(r);
+    return PP_OK;
+}
+#define PREEMPT_POINT(m, id, wake) (__builtin_expect(pp_hook != NULL, 0) ? pp_call((m), (id), (wake)) : PP_OK)
+
+static PyObject *m_set_preempt_hook(PyObject *mod, PyObject *hook) {
+    if (hook != Py_None && !PyCallable_Check(hook)) {
+        PyErr_SetString(PyExc_TypeError, "set_preempt_hook: need a callable(name) or None");
+        return NULL;
+    }
+    PyObject *old = pp_hook;
+    pp_hook = hook == Py_None ? NULL : Py_NewRef(hook);
+    return old ? old : Py_NewRef(Py_None);  /* the reference pp_hook held */
+}
+
+static PyObject *m_preempt_points(PyObject *mod, PyObject *unused) {
+    PyObject *t = PyTuple_New(PP_N);
+    if (!t) return NULL;
+    for (int i = 0; i < PP_N; i++) PyTuple_SET_ITEM(t, i, Py_NewRef(pp_str[i]));
+    return t;
+}
+
 static PyTypeObject MemType;
 
 static int mem_init(MemObject *self, PyObject *args, PyObject *kw) {
@@ -730,6 +808,12 @@ static void after_fork_child(void) {
     if (vt_waiting && vt_owner) ((MemObject *)vt_owner)->busy -= vt_waiting;
     vt_waiting = 0;
     vt_fork_gen++;
+    /* a hook call of another thread is not in this child: its point and its busy count go (a
+     * fork() from inside the hook, in this thread, returns to it and ends the call itself) */
+    if (pp_running && !pthread_equal(pp_thread, pthread_self())) {
+        pp_mem->busy--;
+        pp_running = 0;
+    }
 }
 
 /* start time to record (0 if it could not be read: holders are then checked by pid alone) */
@@ -1034,6 +1118,10 @@ static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t n
     VT_NO_WAIT("SpinLock.lock")
     int64_t deadline;
     if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
+    /* POINT spin.slow.after_trylock: the first CAS failed (held by another), the spinning has not
+     * begun.  Consistency: this call wrote nothing (no state, start, stats or trace event yet):
+     * an exception returns with the lock untouched by it. */
+    if (PREEMPT_POINT(self->mem, PP_SPIN_SLOW_AFTER_TRYLOCK, NULL) != PP_OK) return NULL;
     int64_t t0 = cyc();
     if (self->traced) tr_wait_begin(self, t0);
     int64_t next_check = now_ns() + HOLDER_CHECK_NS;
@@ -1186,6 +1274,10 @@ static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t 
         VT_NO_WAIT("Mutex.lock")
         int64_t deadline;
         if (parse_timeout(args, nargs, &deadline) < 0) return NULL;
+        /* POINT mutex.slow.after_trylock: the uncontended CAS failed, before the adaptive spin.
+         * Consistency: this call wrote nothing (the futex word is not marked by it, no stats or
+         * trace event): an exception returns with the mutex untouched by it. */
+        if (PREEMPT_POINT(self->mem, PP_MUTEX_SLOW_AFTER_TRYLOCK, NULL) != PP_OK) return NULL;
         t0 = cyc();
         if (self->traced) tr_wait_begin(self, t0);
         int64_t next_check = now_ns() + HOLDER_CHECK_NS;
@@ -1216,6 +1308,17 @@ static PyObject *mutex_lock(LockObject *self, PyObject *const *args, Py_ssize_t 
                     if (rem < sleep) sleep = rem;
                 }
                 if (next_check - t < sleep) sleep = next_check - t > 0 ? next_check - t : 1;
+                /* POINT mutex.slow.before_sleep: the futex word is marked contended (2) and held
+                 * by another (mutex_take_or_mark), the futex wait not begun.  Consistency: the
+                 * mark is what any waiter leaves (the holder's unlock wakes one, perhaps
+                 * nobody); this waiter holds nothing, and since it may have consumed an unlock's
+                 * wake-up on an earlier round it passes one on before it leaves, as the signal
+                 * path below does (also when the region was released meanwhile). */
+                int pe = PREEMPT_POINT(self->mem, PP_MUTEX_SLOW_BEFORE_SLEEP, f);
+                if (pe != PP_OK) {
+                    if (pe == PP_ERROR) futex_wake32(f, 1);
+                    return NULL;
+                }
                 mem_block_begin(self->mem);
                 Py_BEGIN_ALLOW_THREADS
                 futex_wait32(f, 2, sleep);
@@ -1440,6 +1543,10 @@ static PyObject *rw_lock(LockObject *self, PyObject *const *args, Py_ssize_t nar
         if (claimed) rw_drop_claim(self);
         return NULL;
     }
+    /* POINT rw.write.slow.after_trylock: the claim CAS failed (another writer holds or claimed the
+     * state word), before the spinning.  Consistency: this call wrote nothing: an exception
+     * returns with the lock untouched by it.  (A claimed call goes on to after_claim below.) */
+    if (!claimed && PREEMPT_POINT(self->mem, PP_RW_WRITE_SLOW_AFTER_TRYLOCK, NULL) != PP_OK) return NULL;
     int64_t t0 = cyc();
     if (self->traced) tr_wait_begin(self, t0);
     int64_t next_check = now_ns() + HOLDER_CHECK_NS, n = 0;
@@ -1453,6 +1560,16 @@ static PyObject *rw_lock(LockObject *self, PyObject *const *args, Py_ssize_t nar
             STR(&self->lk[LK_START], start);
             claimed = 1;
         }
+    }
+    /* POINT rw.write.slow.after_claim: the state word is this writer's (new readers stay out),
+     * the readers inside have not drained.  Consistency: an exception gives the claim back
+     * (rw_drop_claim: start word, then the state word released) exactly as a timeout during the
+     * drain does, unless the region was released meanwhile (nothing may be touched then, as
+     * RW_MEM_GONE).  No stats were counted. */
+    int pe = PREEMPT_POINT(self->mem, PP_RW_WRITE_SLOW_AFTER_CLAIM, NULL);
+    if (pe != PP_OK) {
+        if (pe == PP_ERROR) rw_drop_claim(self);
+        return NULL;
     }
     r = rw_drain(self, deadline, &n, &next_check);
     if (r != RW_GO_ON) {
@@ -1551,6 +1668,12 @@ static PyObject *rw_read_lock(LockObject *self, PyObject *const *args, Py_ssize_
     if (self->traced) tr_wait_begin(self, t0);
     int64_t next_check = now_ns() + HOLDER_CHECK_NS, n = 0;
     for (;;) {
+        /* POINT rw.read.slow.after_backoff: rw_read_enter found a writer and backed off (its
+         * increment of `readers` undone), before the wait; again after each lost retry.
+         * Consistency: `readers` is back to what it was without this reader, rd_nest is 0, no
+         * stats are counted: an exception leaves the lock as if read_lock was never called
+         * (but for a wait-begin trace event, which the traced wrapper closes as not acquired). */
+        if (PREEMPT_POINT(self->mem, PP_RW_READ_SLOW_AFTER_BACKOFF, NULL) != PP_OK) return NULL;
         while (LDR(state) != 0) {
             int r = rw_wait_step(self, &n, deadline, &next_check);
             if (r == RW_TIMEOUT) Py_RETURN_FALSE;
@@ -1674,7 +1797,24 @@ static PyObject *reader_lock(ReaderObject *self, PyObject *unused) {
     int64_t *ctr = &self->slot[0];
     int64_t tmp = LDR(ctr);
     if (!(tmp & GP_CTR_NEST_MASK)) {
-        STR(ctr, LDR(&self->hdr[0]));
+        int64_t snap = LDR(&self->hdr[0]);
+        if (__builtin_expect(pp_hook != NULL, 0)) {
+            /* POINT rcu.read_lock.after_ctr_load: the gp counter (phase | GP_COUNT) is loaded, the
+             * slot not yet stored.  A grace period that flips and scans now does not see this
+             * reader, which then publishes the old phase: the two-wait grace period is built for
+             * exactly this (its wait before the flip), a one-wait one misses the reader.
+             * Consistency: nothing was stored yet, so an exception returns with the slot as it
+             * was (nesting 0, not published).  If the slot is inside a section when the hook
+             * returns (the hook, or a thread while it had dropped the GIL, took this slot's
+             * read lock), this call nests in that section instead of overwriting it. */
+            if (PREEMPT_POINT(self->mem, PP_RCU_READ_LOCK_AFTER_CTR_LOAD, NULL) != PP_OK) return NULL;
+            tmp = LDR(ctr);
+            if (__builtin_expect(tmp & GP_CTR_NEST_MASK, 0)) {
+                STR(ctr, tmp + GP_COUNT);
+                Py_RETURN_NONE;
+            }
+        }
+        STR(ctr, snap);
         MB();
     } else {
         STR(ctr, tmp + GP_COUNT);
@@ -2500,6 +2640,10 @@ static PyMethodDef module_methods[] = {
     {"vt_transfers", m_vt_transfers, METH_NOARGS, "cache-line transfers this process paid"},
     {"vt_seed", m_vt_seed, METH_O, "vt_seed(s): histograms made from now on sample with a phase from s (0: the host's)"},
     {"hist_bucket", m_hist_bucket, METH_O, "bucket index of a value"},
+    {"set_preempt_hook", m_set_preempt_hook, METH_O,
+     "set_preempt_hook(hook or None) -> previous: call hook(name) at the named preemption points "
+     "inside the primitives (ipc/fuzz.py); None = off"},
+    {"preempt_points", m_preempt_points, METH_NOARGS, "names of the preemption points inside the primitives"},
     {"rcu_wait_readers", (PyCFunction)(void (*)(void))rcu_wait_readers, METH_FASTCALL,
      "rcu_wait_readers(mem, header_index, slot0_index, nslots, timeout_ns) -> -1 or blocking slot"},
     {NULL}
@@ -2542,6 +2686,8 @@ PyMODINIT_FUNC PyInit__prims(void) {
     PyModule_AddIntConstant(m, "HIST_WORDS", HIST_WORDS);
     PyModule_AddObject(m, "GP_CTR_PHASE", PyLong_FromLongLong(GP_CTR_PHASE));
     PyModule_AddObject(m, "GP_COUNT", PyLong_FromLongLong(GP_COUNT));
+    for (int i = 0; i < PP_N; i++)
+        if (!pp_str[i] && !(pp_str[i] = PyUnicode_InternFromString(pp_names[i]))) return NULL;
     if (trace_module_init(m) < 0) return NULL;
     return m;
 }
