@@ -443,8 +443,11 @@ enum { PP_OK = 0, PP_ERROR = -1, PP_GONE = -2 };
  * raised (exception set; the buffer is still mapped); PP_GONE: the Mem was released while the hook
  * ran (exception set; the caller must not touch the buffer).  `wake_on_gone`: a futex word to wake
  * one waiter on before the buffer may go (a Mutex waiter never swallows a wake-up). */
+static int64_t g_pid_hi;   /* (int64)getpid() << 32 (set at import and in fork children) */
+
 static __attribute__((noinline, cold)) int pp_call(MemObject *m, int id, int32_t *wake_on_gone) {
-    if (pp_running || !pp_hook) return PP_OK;
+    if (pp_running || !pp_hook || vt_clk) return PP_OK;  /* never under virtual time (ipc/vtime.py) */
+    int64_t pid_before = g_pid_hi;
     PyObject *h = pp_hook;
     Py_INCREF(h);  /* the hook may replace itself (set_preempt_hook(None)) */
     pp_running = 1;
@@ -466,6 +469,12 @@ static __attribute__((noinline, cold)) int pp_call(MemObject *m, int id, int32_t
     mem_block_end(m);
     if (!r) return PP_ERROR;
     Py_DECREF(r);
+    if (g_pid_hi != pid_before) {  /* the hook fork()ed: this child must not carry on the parent's
+                                      primitive (its identity, claim or slot are the parent's) */
+        PyErr_SetString(PyExc_RuntimeError, "fork() inside a preemption point: the child does not go on "
+                        "with the parent's lock / RCU call");
+        return PP_GONE;
+    }
     return PP_OK;
 }
 #define PREEMPT_POINT(m, id, wake) (__builtin_expect(pp_hook != NULL, 0) ? pp_call((m), (id), (wake)) : PP_OK)
@@ -757,7 +766,6 @@ static PyTypeObject MemType = {
  *
  * This process' pid and start time are cached (read once; a fork()ed child refreshes them in a
  * pthread_atfork handler), so the fast path only loads two globals. */
-static int64_t g_pid_hi;   /* (int64)getpid() << 32 */
 static int64_t g_start;    /* this process' start time; 0 = unreadable */
 static void after_fork_child(void);
 
@@ -1122,6 +1130,10 @@ static PyObject *spin_lock(LockObject *self, PyObject *const *args, Py_ssize_t n
      * begun.  Consistency: this call wrote nothing (no state, start, stats or trace event yet):
      * an exception returns with the lock untouched by it. */
     if (PREEMPT_POINT(self->mem, PP_SPIN_SLOW_AFTER_TRYLOCK, NULL) != PP_OK) return NULL;
+    if (__builtin_expect(LDR(state) == me, 0)) {
+        PyErr_SetString(PyExc_RuntimeError, "SpinLock: recursive lock (deadlock) by its holder");
+        return NULL;
+    }
     int64_t t0 = cyc();
     if (self->traced) tr_wait_begin(self, t0);
     int64_t next_check = now_ns() + HOLDER_CHECK_NS;
@@ -1547,6 +1559,7 @@ static PyObject *rw_lock(LockObject *self, PyObject *const *args, Py_ssize_t nar
      * state word), before the spinning.  Consistency: this call wrote nothing: an exception
      * returns with the lock untouched by it.  (A claimed call goes on to after_claim below.) */
     if (!claimed && PREEMPT_POINT(self->mem, PP_RW_WRITE_SLOW_AFTER_TRYLOCK, NULL) != PP_OK) return NULL;
+    if (!claimed && __builtin_expect(self->rd_nest > 0, 0)) return rw_upgrade_error();
     int64_t t0 = cyc();
     if (self->traced) tr_wait_begin(self, t0);
     int64_t next_check = now_ns() + HOLDER_CHECK_NS, n = 0;
@@ -1674,6 +1687,11 @@ static PyObject *rw_read_lock(LockObject *self, PyObject *const *args, Py_ssize_
          * stats are counted: an exception leaves the lock as if read_lock was never called
          * (but for a wait-begin trace event, which the traced wrapper closes as not acquired). */
         if (PREEMPT_POINT(self->mem, PP_RW_READ_SLOW_AFTER_BACKOFF, NULL) != PP_OK) return NULL;
+        if (__builtin_expect(self->rd_nest > 0, 0)) { self->rd_nest++; Py_RETURN_TRUE; }  /* the hook took it */
+        if (__builtin_expect(LDR(state) == (g_pid_hi | self->tag), 0)) {
+            PyErr_SetString(PyExc_RuntimeError, "RwLock: read_lock by its write holder (deadlock)");
+            return NULL;
+        }
         while (LDR(state) != 0) {
             int r = rw_wait_step(self, &n, deadline, &next_check);
             if (r == RW_TIMEOUT) Py_RETURN_FALSE;
@@ -2815,9 +2833,11 @@ typedef PyObject *(*trylock_fn)(LockObject *, PyObject *); /* also is_held, unlo
 
 static PyObject *tlock_common(TLockObject *self, PyObject *const *args, Py_ssize_t nargs, lock_fn lockf) {
     int64_t id = self->trace_id;
+    int saved = self->base.tr_waited;  /* a hook may run lock() on this object meanwhile */
     self->base.tr_waited = 0;
     PyObject *r = lockf((LockObject *)self, args, nargs);
     int waited = self->base.tr_waited;
+    self->base.tr_waited = saved;
     if (waited) tr_put(TR_CODE(TR_CAT_WAIT, TR_PH_E, id), r == Py_True, 0);
     if (r == Py_True) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, id), waited, 0);
     return r;
@@ -2894,10 +2914,12 @@ TRACED_LOCK(mutex, "TracedMutex", )
  * waiting read_lock a wait (b = 1), on the lock's name like its write holds */
 static PyObject *trw_read_lock(TLockObject *self, PyObject *const *args, Py_ssize_t nargs) {
     int64_t id = self->trace_id;
-    int outer = self->base.rd_nest == 0;
+    int saved = self->base.tr_waited;
     self->base.tr_waited = 0;
     PyObject *r = rw_read_lock((LockObject *)self, args, nargs);
     int waited = self->base.tr_waited;
+    self->base.tr_waited = saved;
+    int outer = self->base.rd_nest == 1;
     if (waited) tr_put(TR_CODE(TR_CAT_WAIT, TR_PH_E, id), r == Py_True, 1);
     if (r == Py_True && outer) tr_put(TR_CODE(TR_CAT_HOLD, TR_PH_B, id), waited, 1);
     return r;
@@ -2932,9 +2954,9 @@ static int treader_init(TReaderObject *self, PyObject *args, PyObject *kw) {
 
 static PyObject *treader_lock(TReaderObject *self, PyObject *unused) {
     if (!MEM_LIVE(self->base.mem)) return NULL;
-    int outer = !(LDR(&self->base.slot[0]) & GP_CTR_NEST_MASK);
     PyObject *r = reader_lock((ReaderObject *)self, NULL);
-    if (r && outer) tr_put(TR_CODE(TR_CAT_RCU, TR_PH_B, self->trace_id), 0, 0);
+    /* outermost iff nesting is 1 now (a hook may have entered this slot meanwhile) */
+    if (r && (LDR(&self->base.slot[0]) & GP_CTR_NEST_MASK) == GP_COUNT) tr_put(TR_CODE(TR_CAT_RCU, TR_PH_B, self->trace_id), 0, 0);
     return r;
 }
 

@@ -324,3 +324,65 @@ def test_a_reader_preempted_inside_read_lock_escapes_only_the_one_wait_grace_per
     t.join(5)
     assert not t.is_alive()
     reader.unregister()
+
+
+# -- the hook using the same object (cold review of the points) ------------------------------------
+
+
+def test_a_hook_taking_the_same_rw_read_lock_makes_the_outer_call_nest(mem, hook):
+    w, rd = _locks(mem, "rw")
+    assert w.lock()
+    done = []
+
+    def take(name):
+        if name == "rw.read.slow.after_backoff" and not done:
+            w.unlock()  # the writer goes; the hook takes the read side of the waiting object itself
+            done.append(rd.read_lock(TIMEOUT))
+
+    hook.set(take)
+    assert rd.read_lock(TIMEOUT) and done == [True]
+    assert rd.readers() == 1  # one reader counted, nested twice (no leaked count)
+    rd.read_unlock()
+    rd.read_unlock()
+    assert rd.readers() == 0 and not rd.read_held()
+    assert w.lock(TIMEOUT)  # a writer is not blocked by a leaked reader
+    w.unlock()
+
+
+def test_a_hook_taking_the_same_spin_lock_is_a_recursive_lock_error_not_a_hang(mem, hook):
+    a, b = _locks(mem, "spin")
+    assert a.lock()
+
+    def take(name):
+        a.unlock()
+        assert b.lock(TIMEOUT)  # the waiting object takes the lock inside its own slow path
+
+    hook.set(take)
+    with pytest.raises(RuntimeError, match="recursive"):
+        b.lock(TIMEOUT)
+    assert b.is_held()
+    b.unlock()
+
+
+def test_a_hook_that_forks_does_not_let_the_child_carry_on_the_primitive(mem, hook):
+    import os
+
+    r = _prims.RcuReader(mem, HDR, SLOT)
+
+    def fork_once(name):
+        pid = os.fork()
+        if pid:
+            fork_once.status = os.waitpid(pid, 0)[1]
+        else:
+            fork_once.child = True
+
+    fork_once.child = False
+    hook.set(fork_once)
+    try:
+        r.lock()
+    except RuntimeError as e:  # the child: refused, its slot untouched
+        ok = fork_once.child and "fork() inside a preemption point" in str(e)
+        os._exit(0 if ok else 1)
+    assert not fork_once.child and r.nesting() == 1  # the parent goes on
+    assert os.waitstatus_to_exitcode(fork_once.status) == 0  # the child was refused as it should be
+    r.unlock()
