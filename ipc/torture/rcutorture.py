@@ -20,7 +20,14 @@ read delay (``readdelay``: rcu_read_delay / srcu_read_delay, seeded per reader),
 pipe_count, check mbtest and generation again (freed, or freed and reused, while held), gp_seq,
 read_unlock; they bump a per-reader "Reader Pipe" histogram at min(pipe_count, 10) and a "Reader
 Batch" histogram of the grace periods completed during the read. ``NFAKEWRITERS`` fake writers
-call synchronize at random times (grace-period sharing). FAILURE: any Reader Pipe count at index
+call synchronize at random times (grace-period sharing): after a nap of 0-9 jiffies, as
+rcu_torture_fakewriter's ``torture_hrtimeout_jiffies(torture_random() % 10)``. The writer is paced
+as rcu_torture_writer: before each allocation it sleeps 500 us (RTWS_FIXED_DELAY,
+``torture_hrtimeout_us(500, 1000)``), before each replacement it busy-waits 0-1023 us (RTWS_DELAY,
+``udelay(torture_random() & 0x3ff)``). That pacing is what gives ``gp-share-early`` its window:
+the element stays current ~1 ms, readers that began after the phase flip of a fake writer's running
+grace period take it, and the writer's removal and synchronize come while that grace period still
+waits for older readers (measured: bench/selftests.py, README). FAILURE: any Reader Pipe count at index
 >= 2, any mbtest failure, a worker that died, or no progress.
 
 What differs between flavors is an :class:`RcuTortureOps` (rcutorture's ``rcu_torture_ops``):
@@ -67,6 +74,15 @@ PIPE_LEN = 10  # RCU_TORTURE_PIPE_LEN
 PIPE_SLOTS = PIPE_LEN + 1
 NPOOL = 32
 NFAKEWRITERS = 2
+# rcu_torture_writer's pacing (see the writer): RTWS_FIXED_DELAY torture_hrtimeout_us(500, 1000),
+# RTWS_DELAY udelay(torture_random() & 0x3ff)
+WRITER_FIXED_DELAY_NS = 500_000
+WRITER_FIXED_FUZZ_NS = 1_000
+WRITER_UDELAY_MASK_US = 0x3FF
+# rcu_torture_fakewriter's nap between two synchronize calls: torture_hrtimeout_jiffies(
+# torture_random(&rand) % 10, &rand), HZ = 1000
+FAKEWRITER_NAP_JIFFIES = 10
+NS_PER_JIFFY = 1_000_000
 
 # pool element words (EL_MB: rtort_mbtest, 1 from publication to free)
 EL_PIPE, EL_MB, EL_GEN, EL_STATE = 0, 1, 2, 3
@@ -216,6 +232,14 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
         modes[modes >= MODE_COND] = MODE_SYNC
     modes = modes.tolist()
     naps = rg.integers(0, 200_000, DELAY_TABLE).tolist()  # ns between get_state and cond_sync
+    # the writer's pacing, as rcu_torture_writer(): RTWS_FIXED_DELAY sleeps 500 us (+ up to 1 us of
+    # fuzz: torture_hrtimeout_us(500, 1000, &rand)) before each allocation, RTWS_DELAY busy-waits
+    # udelay(torture_random(&rand) & 0x3ff) before the replacement: the current element stays
+    # current ~1 ms, so readers that began after a running grace period's phase flip hold it when
+    # it is removed and the writer's synchronize is called
+    fixed = (WRITER_FIXED_DELAY_NS + rg.integers(0, WRITER_FIXED_FUZZ_NS, DELAY_TABLE)).tolist()
+    udelays = (rg.integers(0, WRITER_UDELAY_MASK_US + 1, DELAY_TABLE) * 1_000).tolist()
+    spin, sleep = _prims.spin_ns, time.sleep
     mask = len(modes) - 1
     free: deque[int] = deque(range(1, NPOOL))
     retired: list[int] = []  # retired by the synchronous path (advanced after each synchronize)
@@ -263,7 +287,11 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
                 counters[W_GPS] += 1
                 retired = [i for i in retired if not advance(i)]
                 continue
+            sleep(fixed[n & mask] * 1e-9)  # RTWS_FIXED_DELAY
+            if load(stop_w):
+                break
             i = free.popleft()
+            spin(udelays[n & mask])  # RTWS_DELAY: the old element is still the current one
             gen += 1
             e = pool_w + i * EL_WORDS
             store(e + EL_PIPE, 0)
@@ -318,7 +346,7 @@ def rcu_torture_fakewriter(ops: RcuTortureOps, region: Region, cfg: dict, w: int
     counters = [0] * W_WORDS
     dom = _gp_domain(ops, region, cfg, w, counters)
     rg = rng(cfg["seed"], 4, w)
-    naps = np.where(rg.random(DELAY_TABLE) < 0.25, 0, rg.integers(0, 500_000, DELAY_TABLE)).tolist()
+    naps = (rg.integers(0, FAKEWRITER_NAP_JIFFIES, DELAY_TABLE) * NS_PER_JIFFY).tolist()
     mask = len(naps) - 1
     now = _prims.now_ns
 

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from ipc import sched, trace
+from ipc import fuzz, sched, trace
 from ipc.locks import init_lockstat, lockdep_assert_held, merge_lockstat, new_lock
 from ipc.proc import proc_starttime
 from ipc.shm import Region
@@ -18,7 +18,7 @@ from vm import notifier
 from vm.avic import oracle
 from vm.avic.erase import TableErase
 from vm.avic.guest import GuestEntry
-from vm.avic.l1 import L1Writes
+from vm.avic.l1 import L1Writes, StaleStoreSteer
 from vm.avic.notifiers import AVIC_SHARED_KIND, BY_KVM
 from vm.avic.pool import TablePool
 from vm.avic.registration import Registration
@@ -109,6 +109,14 @@ class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, Nest
         self.flood_steer = self.flood_race or "avic-flood-often" in kvm.hooks
         if self.flood_steer:  # frequent drops, each steered onto a vCPU entering L2
             self.flood_limit = FLOOD_RACE_LIMIT
+        if "no-tlb-flush" in kvm.hooks:
+            # widening of the no-tlb-flush bug: frequent flood drops (avic-flood-often's limit, not
+            # steered) un-protect the table pages L1 is writing, the table's holder write-protects
+            # them again at its next nested VMRUN, and an L1 store that found the page writable is
+            # steered to land after that write-protect's sync (l1.StaleStoreSteer)
+            self.flood_limit = FLOOD_RACE_LIMIT
+            if fuzz.ACTIVE is not None and not getattr(fuzz.ACTIVE, "controlled", False):
+                fuzz.ACTIVE = StaleStoreSteer(fuzz.ACTIVE, self)
         self.tag = kvm.tag
         self._host_apic = [host_apic_id(v) for v in range(self.nvcpus)]
         self.region: Region | None = None

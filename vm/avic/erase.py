@@ -8,12 +8,14 @@ from ipc import _prims, fuzz
 from vm.avic.table import (
     AVIC_BACKING_MASK,
     AVIC_VALID,
+    CS_TABLES,
     DROPPED,
     H_BUSY,
     H_REQSEQ,
     H_SEQ,
     INVALID,
     T_EPOCH,
+    T_GEN,
     T_GFN,
     T_NENTRIES,
     T_REQSEQ,
@@ -21,6 +23,7 @@ from vm.avic.table import (
     TW,
     V_CUR,
     V_INL2,
+    V_STEER,
     VALID,
     VW,
 )
@@ -70,22 +73,53 @@ class TableErase:
             self._emit(self._tp["table_drop"][1])
         return targets
 
-    def _steer_flood_drop(self, t: int) -> None:
+    def _steer_flood_drop(self, t: int) -> bool:
         """Widening (hooks ``avic-flood-often``, ``flood-drop-race``): having seen usecount 0, wait up to
-        ``FLOOD_RACE_DELAY_NS`` (dilated) for a vCPU to enter L2 on the table: the worst interleaving."""
+        ``FLOOD_RACE_DELAY_NS`` (dilated) for a vCPU to enter L2 on the table: the worst interleaving.
+        Under those hooks the wait is made with the table's entries lock dropped (and mutex-hash's
+        ``tables_lock``, which its track_write holds): the vCPU's own L1 stores to table pages take
+        them on its way to VMRUN, so holding them let nobody in and the steer almost never met a
+        vCPU. They are taken again (same order) before the drop; False: the table was freed, reused
+        or no longer shadowed meanwhile, and is not dropped. (A fuzz-early drop waits with the
+        locks held, as before.)"""
         if getattr(fuzz.ACTIVE, "controlled", False):  # ipc/sched.py: no timed wait, the scheduler
             fuzz.point("avic.flood_steer")  # decides who enters L2 before the drop
-            return
+            return True
         m, end = self.amem, _prims.now_ns() + self.flood_race_ns
         me = self.kvm.proc - 1  # this vCPU (the coordinator: -1) cannot enter while it waits here
-        if not any(m.load(self.vw0 + v * VW + V_CUR) == t + 1 for v in range(self.nvcpus) if v != me):
-            return  # nobody else holds the table: nobody can enter it
+        # a holder waiting in a steer of its own (two vCPUs flooding each other's tables) cannot
+        # enter L2 either: waiting for it would only make both miss
+        if not any(m.load(self.vw0 + v * VW + V_CUR) == t + 1 and not m.load(self.vw0 + v * VW + V_STEER)
+                   for v in range(self.nvcpus) if v != me):
+            return True  # nobody else holds the table: nobody can enter it
         words = [self.vw0 + v * VW + V_INL2 for v in range(self.nvcpus)]
-        while _prims.now_ns() < end:
-            if any(m.load(w) == t + 1 for w in words):
-                self._stat("flood_steered")
-                return
-            _prims.spin_ns(2_000)
+        release = self.flood_steer
+        b = self.tw0 + t * TW
+        gen = m.load(b + T_GEN)
+        tables = release and self.tables_lock.is_held()
+        steer_w = self.vw0 + me * VW + V_STEER if me >= 0 else -1
+        if release:
+            self._tunlock(t)
+            if tables:
+                self._cs_out(CS_TABLES)
+                self.tables_lock.unlock()
+        if steer_w >= 0:
+            m.store(steer_w, 1)
+        try:
+            while _prims.now_ns() < end:
+                if any(m.load(w) == t + 1 for w in words):
+                    self._stat("flood_steered")
+                    break
+                _prims.spin_ns(2_000)
+        finally:
+            if steer_w >= 0:
+                m.store(steer_w, 0)
+            if release:
+                if tables:
+                    self.tables_lock.lock()
+                    self._cs_in(CS_TABLES)
+                self._tlock(t)
+        return not release or (m.load(b + T_GEN) == gen and m.load(b + T_STATE) in (VALID, INVALID))
 
     def remove_region(self, gfn: int, nr_pages: int, only: int) -> None:
         """track_remove_region: a memslot goes away. Every shadowed table whose own page or any of

@@ -9,15 +9,23 @@ import random
 
 import numpy as np
 
-from ipc import fuzz
+from ipc import _prims, fuzz
 from vm.avic.table import (
     AVIC_APIC_ID_MASK,
     AVIC_IS_RUNNING,
     AVIC_UPDATABLE,
     AVIC_VALID,
     CROSS_ENTRY_RATE,
+    DROPPED,
     IF_COUNT,
     IF_STARTS,
+    T_GFN,
+    T_STATE,
+    T_SYNCS,
+    TRACKING,
+    TW,
+    UNTRACKED,
+    V_CUR,
     V_L1STORE,
     VW,
     make_entry,
@@ -32,6 +40,31 @@ from vm.page_track import (
 )
 
 MMIO_APIC_GPA = 0xFEE00000
+STALE_STORE_POINT = "vcpu.track_check_to_store"  # the run's fuzz point between the check and the store
+
+
+class StaleStoreSteer:
+    """Widening of the ``no-tlb-flush`` bug, at the run's fuzz point between an L1 store's "is the
+    gfn write-tracked?" check and the store (``vcpu.track_check_to_store``): this process' fuzz
+    (``fuzz.ACTIVE``) with one addition. When the store is the table-page store the design's
+    ``tracked_write`` just chose, its page is writable and its table is unshadowed and held by
+    another vCPU (whose next nested VMRUN write-protects and syncs it again), the store waits up to
+    ``FLOOD_RACE_DELAY_NS`` (dilated) for that sync to complete before it lands: the store went
+    through a writable TLB entry nobody flushed, the worst interleaving (with the flush, the
+    write-protect would wait for this vCPU to leave guest mode first). Installed only under the
+    hook (``AvicDesign``), like ``flood-drop-race``'s steered drops."""
+
+    def __init__(self, inner, design):
+        self._inner = inner
+        self._design = design
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def hit(self, name: str) -> None:
+        self._inner.hit(name)
+        if name == STALE_STORE_POINT:
+            self._design._steer_stale_store()
 
 
 class L1Writes:
@@ -46,6 +79,7 @@ class L1Writes:
         if vcpu >= 0:
             self._store_begin(vcpu, l2, entry)
         gpa = (table_gfn(self.cfg, l2) << PAGE_SHIFT) + entry * 8
+        self._stale_gpa = gpa
         g = u64(self.kvm.guest_mem.load(gpa >> 3))
         new = (g & ~AVIC_UPDATABLE) | apic | (AVIC_IS_RUNNING if running else 0)
         return gpa, new.to_bytes(8, "little")
@@ -65,6 +99,7 @@ class L1Writes:
         if cross:
             e = (e + 1 + int(rng.random() * (self.ne - 1))) % self.ne
         gpa = (gfn << PAGE_SHIFT) + e * 8
+        self._stale_gpa = gpa  # the table-page store the caller checks next (no-tlb-flush's steer)
         # the store the caller makes next is in flight until this vCPU's next store or nested VMRUN (I2)
         self._store_begin(vcpu, l2, e)
         g = self.gmem.load((gfn << 9) + e) & 0xFFFFFFFFFFFFFFFF
@@ -85,6 +120,31 @@ class L1Writes:
         else:  # the vCPU goes away
             new = g & ~AVIC_VALID
         return gpa, new.to_bytes(8, "little")
+
+    _stale_gpa = -1
+
+    def _steer_stale_store(self) -> None:
+        """``StaleStoreSteer``: the store the vCPU is about to make through a writable mapping; if it is
+        the table-page store ``tracked_write`` chose (its gfn still not write-tracked: not emulated)
+        and another vCPU holds that table unshadowed, wait (bounded) for its next full sync."""
+        gpa, self._stale_gpa = self._stale_gpa, -1
+        if gpa < 0 or self.region is None:
+            return
+        gfn = gpa >> PAGE_SHIFT
+        if self.kvm.gfn_track_mv[gfn]:
+            return  # write-tracked: that store was emulated, this is another one
+        m, me = self.amem, self.kvm.proc - 1
+        for t in range(self.nt):
+            b = self.tw0 + t * TW
+            if m.load(b + T_GFN) == gfn and m.load(b + T_STATE) in (UNTRACKED, TRACKING, DROPPED):
+                break
+        else:
+            return
+        if not any(m.load(self.vw0 + v * VW + V_CUR) == t + 1 for v in range(self.nvcpus) if v != me):
+            return  # nobody else is about to write-protect it again
+        syncs, end = m.load(b + T_SYNCS), _prims.now_ns() + self.flood_race_ns
+        while _prims.now_ns() < end and m.load(b + T_SYNCS) == syncs:
+            _prims.spin_ns(2_000)
 
     def _store_begin(self, vcpu: int, l2: int, e: int) -> None:
         """This vCPU's previous store has completed; one to entry ``e`` of ``l2``'s table begins."""

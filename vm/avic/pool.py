@@ -313,7 +313,8 @@ class TablePool:
                                                                                       FLOOD_EARLY_SCALE)
                 if flooded or early:
                     if self.flood_steer or early:
-                        self._steer_flood_drop(t)
+                        if not self._steer_flood_drop(t):
+                            return True  # freed / reused / dropped while the steer waited
                     elif fuzz.ACTIVE:
                         fuzz.point("avic.flood_check_to_drop")
                     targets = self._invalidate(t, "flood_drop")

@@ -99,6 +99,7 @@ V_L1STORE = 6        # this vCPU's L1 store to a table entry still in flight (``
 V_PROC = 7           # tag of the process running this vCPU (set at nested VMRUN): a reload request's
                      # wait services a vCPU of its own process inline (one process, several vCPUs)
 V_L2SEQ = 8          # seqcount of L2 runs: odd from nested VMRUN (table ready) to VMEXIT
+V_STEER = 9          # flood hooks: the vCPU waits in a flood-drop steer (1; 0 = not): it cannot enter L2
 VW = 16
 
 # -- table header words (avic.tables[t]) -----------------------------------------------------

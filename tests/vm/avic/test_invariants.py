@@ -147,3 +147,24 @@ def test_free_running_frequent_drops_are_fine_when_fixed(design, tmp_path):
                    "--hook", "avic-flood-often"], tmp_path)
     assert p.returncode == 0, p.stdout[-2000:]
     assert res["design"]["flood_drop"] > 100 and res["design"]["reload_request"] > 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_flood_drop_race_fails_in_one_second(seed, tmp_path):
+    """Issue 23 item 3: the README's 1-second self-test (default --vcpus) fails on every seed: the
+    steered drop waits with the table's locks dropped, so the vCPU it waits for can reach L2."""
+    p, res = _run(["--design", "rcu-list", "--duration", "1", "--seed", str(seed), "--hook", "flood-drop-race"],
+                  tmp_path)
+    assert p.returncode == 1 and res["verdict"] == "FAILURE", p.stdout[-2000:]
+    assert "(I1)" in json.dumps(res["reasons"]) + json.dumps(res["warnings"])
+    assert res["design"]["flood_steered"] > 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_no_tlb_flush_fails_in_one_second(seed, tmp_path):
+    """no-tlb-flush's widening (frequent drops, stores steered past the re-protect's sync) makes the
+    lost write show within 1 s on every seed; the oracle that sees it is unchanged (I2)."""
+    p, res = _run(["--design", "mutex-hash", "--duration", "1", "--seed", str(seed), "--hook", "no-tlb-flush"],
+                  tmp_path)
+    assert p.returncode == 1 and res["verdict"] == "FAILURE", p.stdout[-2000:]
+    assert "stale shadow physid entry" in json.dumps(res["reasons"]) + json.dumps(res["warnings"])
