@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--duration", type=DURATION, default=3.0, help="seconds (default 3)")
     t.add_argument("--seed", type=SEED, default=1)
     t.add_argument("--inject", choices=["broken-gp", "gp-single-flip", "gp-skip-alternate", "gp-share-early",
-                                        "busted-lock"], default=None,
+                                        "gp-no-wait-before-flip", "busted-lock"], default=None,
                    help="break the primitive on purpose: the run must end in FAILURE")
     t.add_argument("--stat-interval", type=float_range(0.1, 3600, "--stat-interval"), default=1.0,
                    help="seconds between stats lines (default 1)")

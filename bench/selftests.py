@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 120.0
 
 TORTURE_INJECTS = [(k, i) for k in ("rcu", "srcu")
-                   for i in ("broken-gp", "gp-single-flip", "gp-skip-alternate", "gp-share-early")]
+                   for i in ("broken-gp", "gp-single-flip", "gp-skip-alternate", "gp-share-early", "gp-no-wait-before-flip")]
 TORTURE_INJECTS += [(k, "busted-lock") for k in ("spinlock", "mutex")]
 # the README's "must FAIL" hooks, each on the design(s) it breaks
 BUG_HOOKS = [

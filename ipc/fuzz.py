@@ -98,9 +98,7 @@ def configure(level: str, seed: int, proc: int, dilate: float = 1.0) -> None:
     if getattr(ACTIVE, "controlled", False):
         # a scheduled process (ipc/sched.py): its points belong to the scheduler, the C ones too
         # (under virtual time, ipc/vtime.py, they stay off)
-        from ipc import sched  # noqa: PLC0415  (ipc.sched imports this module)
-
-        routed = EXPLORE_C_POINTS and isinstance(ACTIVE, sched.Client)
+        routed = EXPLORE_C_POINTS and getattr(ACTIVE, "takes_c_points", False)  # sched.Client, not VClock
         c_points(ACTIVE.hit if routed else None)  # (None: not a hook inherited from a parent)
         return
     ACTIVE = None if level == "off" else Fuzz(level, seed, proc, dilate)

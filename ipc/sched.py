@@ -66,6 +66,7 @@ class Client:
     """This process' side of the turnstile; installed as ``fuzz.ACTIVE`` by :func:`install`."""
 
     controlled = True  # fuzz.configure() leaves a controlled ACTIVE alone; timed widening is off
+    takes_c_points = True  # fuzz.configure(): with EXPLORE_C_POINTS, the C primitives' points are ours
 
     def __init__(self, region: Region, index: int):
         self.region = region

@@ -24,6 +24,12 @@ the old phase) and after it (readers of the phase that was current at the call) 
   that was already running when the caller arrived (``(s + 2) & ~1`` instead of
   ``rcu_seq_snap``'s ``(s + 3) & ~1``): the caller shares it and returns, although that grace
   period may have scanned the readers before the caller's update.
+- ``gp-no-wait-before-flip`` (:class:`GpNoWaitBeforeFlip`) flips and waits after the flip only:
+  liburcu's wait before the flip is for a reader that loaded the phase before a flip and stored
+  it after the scan (preempted inside ``_prims.RcuReader.lock``, at the C preemption point
+  ``rcu.read_lock.after_ctr_load``: torture readers delay there, ``fuzz.torture_points``); such
+  a stale reader escapes the next grace period. Without that window the bug is a few
+  instructions wide.
 
 Only the update side is wrong; readers use the real domain. :func:`gp_bug_domain` builds
 ``<Bug><Domain>`` for a flavor's domain class (RcuDomain, SrcuDomain, ...).
@@ -80,10 +86,22 @@ class GpShareEarly(GpSteps):
         self._synchronize(self._snap())
 
 
+class GpNoWaitBeforeFlip(GpSteps):
+    """``gp-no-wait-before-flip``: no wait for the readers of the old phase before the flip (the
+    flip and the wait after it stay). Only a reader that loaded the phase before a flip and
+    published it after the scan (preempted at ``rcu.read_lock.after_ctr_load`` inside
+    ``_prims.RcuReader.lock``) escapes the next grace period: the window that liburcu's first
+    wait is for."""
+
+    def _wait(self, after_flip: bool) -> bool:
+        return after_flip  # BUG: a reader that published a phase read before the last flip escapes
+
+
 GP_BUGS: dict[str, type[GpSteps]] = {
     "gp-single-flip": GpSingleFlip,
     "gp-skip-alternate": GpSkipAlternate,
     "gp-share-early": GpShareEarly,
+    "gp-no-wait-before-flip": GpNoWaitBeforeFlip,
 }
 
 

@@ -20,21 +20,22 @@ read delay (``readdelay``: rcu_read_delay / srcu_read_delay, seeded per reader),
 pipe_count, check mbtest and generation again (freed, or freed and reused, while held), gp_seq,
 read_unlock; they bump a per-reader "Reader Pipe" histogram at min(pipe_count, 10) and a "Reader
 Batch" histogram of the grace periods completed during the read. ``NFAKEWRITERS`` fake writers
-call synchronize at random times (grace-period sharing): after a nap of 0-9 jiffies, as
-rcu_torture_fakewriter's ``torture_hrtimeout_jiffies(torture_random() % 10)``. The writer is paced
-as rcu_torture_writer: before each allocation it sleeps 500 us (RTWS_FIXED_DELAY,
-``torture_hrtimeout_us(500, 1000)``), before each replacement it busy-waits 0-1023 us (RTWS_DELAY,
-``udelay(torture_random() & 0x3ff)``). That pacing is what gives ``gp-share-early`` its window:
-the element stays current ~1 ms, readers that began after the phase flip of a fake writer's running
-grace period take it, and the writer's removal and synchronize come while that grace period still
-waits for older readers (measured: bench/selftests.py, README). FAILURE: any Reader Pipe count at index
+call synchronize at random times (grace-period sharing), napping 0-500 us (a quarter of the time
+not at all). Neither the writer is paced as rcu_torture_writer (RTWS_FIXED_DELAY / RTWS_DELAY)
+nor the fake writers nap 0-9 jiffies as rcu_torture_fakewriter: tried (issue 23), together they
+widened ``gp-share-early``'s window (18-19/20 seeds at 1 s) but elements were then freed ~10 ms
+after removal and the mbtest checks of ``broken-gp`` saw nothing in 1-3 s (tests/ipc/test_torture.py).
+FAILURE: any Reader Pipe count at index
 >= 2, any mbtest failure, a worker that died, or no progress.
 
 What differs between flavors is an :class:`RcuTortureOps` (rcutorture's ``rcu_torture_ops``):
 ``ipc/torture/rcu.py`` has ``rcu_ops``, ``ipc/torture/srcu.py`` ``srcu_ops``. Injected faults
 (``INJECTS``): ``broken-gp`` makes synchronize return without waiting (rcutorture's
-``rcu_busted_ops``); ``gp-single-flip``, ``gp-skip-alternate``, ``gp-share-early`` give the
-writer and fake writers a grace period with one bug (``gpbugs``).
+``rcu_busted_ops``); ``gp-single-flip``, ``gp-skip-alternate``, ``gp-share-early``,
+``gp-no-wait-before-flip`` give the writer and fake writers a grace period with one bug
+(``gpbugs``). Each reader also installs ``fuzz.torture_points``: a seeded delay at the named
+preemption points inside the C primitives (``rcu.read_lock.after_ctr_load``: between loading the
+grace-period counter and publishing the slot), the window ``gp-no-wait-before-flip`` needs.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ipc import _prims
+from ipc import _prims, fuzz
 from ipc import hist as _hist
 from ipc.locks import STAT_WORDS, init_lockstat, merge_lockstat
 from ipc.torture.base import (
@@ -64,7 +65,7 @@ from ipc.torture.base import (
     wait_for_go,
 )
 from ipc.torture.gpbugs import GP_BUGS, gp_bug_domain
-from ipc.torture.readdelay import D_LONG, D_PREEMPT, D_SHORT, D_SLEEP, ReadDelay
+from ipc.torture.readdelay import D_LONG, D_PREEMPT, D_SHORT, D_SLEEP, SHORTDELAY_US, ReadDelay
 
 if TYPE_CHECKING:
     from ipc.rcu import RcuDomain
@@ -74,15 +75,6 @@ PIPE_LEN = 10  # RCU_TORTURE_PIPE_LEN
 PIPE_SLOTS = PIPE_LEN + 1
 NPOOL = 32
 NFAKEWRITERS = 2
-# rcu_torture_writer's pacing (see the writer): RTWS_FIXED_DELAY torture_hrtimeout_us(500, 1000),
-# RTWS_DELAY udelay(torture_random() & 0x3ff)
-WRITER_FIXED_DELAY_NS = 500_000
-WRITER_FIXED_FUZZ_NS = 1_000
-WRITER_UDELAY_MASK_US = 0x3FF
-# rcu_torture_fakewriter's nap between two synchronize calls: torture_hrtimeout_jiffies(
-# torture_random(&rand) % 10, &rand), HZ = 1000
-FAKEWRITER_NAP_JIFFIES = 10
-NS_PER_JIFFY = 1_000_000
 
 # pool element words (EL_MB: rtort_mbtest, 1 from publication to free)
 EL_PIPE, EL_MB, EL_GEN, EL_STATE = 0, 1, 2, 3
@@ -140,6 +132,11 @@ def rcu_torture_reader(ops: RcuTortureOps, region: Region, cfg: dict, r: int) ->
     gp_w = dom.hdr_w + 1
     st_w, pipe_w, batch_w = region.word("rstat", r), region.word("rpipe", r), region.word("rbatch", r)
     rd = ReadDelay(ops.read_delay(cfg["nreaders"]), cfg["seed"], r)
+    # the read delays reach into the C read-side entry too (rcu.read_lock.after_ctr_load): a reader
+    # delayed there has its critical section delayed as well (udelay(shortdelay_us)), so that a
+    # stale phase it may have published is held while the writer removes and waits
+    pd = fuzz.torture_points(cfg["seed"], r)
+    pd_seen = 0
     delay, nxt = rd.run, rd.next
     dcount = rd.counts
     pipe = [0] * PIPE_SLOTS
@@ -174,6 +171,9 @@ def rcu_torture_reader(ops: RcuTortureOps, region: Region, cfg: dict, r: int) ->
                 mberr += 1  # n_rcu_torture_mberror: freed, yet reached through the current pointer
             if n == nxt:
                 nxt = delay(n)  # cur_ops->read_delay()
+            elif pd.delays != pd_seen:  # this read_lock was delayed inside the primitive
+                pd_seen = pd.delays
+                _prims.spin_ns(SHORTDELAY_US * 1_000)
             pc = load(e)  # pipe_count
             if not load(e + EL_MB):
                 poison += 1  # freed while this reader held it
@@ -232,14 +232,6 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
         modes[modes >= MODE_COND] = MODE_SYNC
     modes = modes.tolist()
     naps = rg.integers(0, 200_000, DELAY_TABLE).tolist()  # ns between get_state and cond_sync
-    # the writer's pacing, as rcu_torture_writer(): RTWS_FIXED_DELAY sleeps 500 us (+ up to 1 us of
-    # fuzz: torture_hrtimeout_us(500, 1000, &rand)) before each allocation, RTWS_DELAY busy-waits
-    # udelay(torture_random(&rand) & 0x3ff) before the replacement: the current element stays
-    # current ~1 ms, so readers that began after a running grace period's phase flip hold it when
-    # it is removed and the writer's synchronize is called
-    fixed = (WRITER_FIXED_DELAY_NS + rg.integers(0, WRITER_FIXED_FUZZ_NS, DELAY_TABLE)).tolist()
-    udelays = (rg.integers(0, WRITER_UDELAY_MASK_US + 1, DELAY_TABLE) * 1_000).tolist()
-    spin, sleep = _prims.spin_ns, time.sleep
     mask = len(modes) - 1
     free: deque[int] = deque(range(1, NPOOL))
     retired: list[int] = []  # retired by the synchronous path (advanced after each synchronize)
@@ -287,11 +279,7 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
                 counters[W_GPS] += 1
                 retired = [i for i in retired if not advance(i)]
                 continue
-            sleep(fixed[n & mask] * 1e-9)  # RTWS_FIXED_DELAY
-            if load(stop_w):
-                break
             i = free.popleft()
-            spin(udelays[n & mask])  # RTWS_DELAY: the old element is still the current one
             gen += 1
             e = pool_w + i * EL_WORDS
             store(e + EL_PIPE, 0)
@@ -346,7 +334,7 @@ def rcu_torture_fakewriter(ops: RcuTortureOps, region: Region, cfg: dict, w: int
     counters = [0] * W_WORDS
     dom = _gp_domain(ops, region, cfg, w, counters)
     rg = rng(cfg["seed"], 4, w)
-    naps = (rg.integers(0, FAKEWRITER_NAP_JIFFIES, DELAY_TABLE) * NS_PER_JIFFY).tolist()
+    naps = np.where(rg.random(DELAY_TABLE) < 0.25, 0, rg.integers(0, 500_000, DELAY_TABLE)).tolist()
     mask = len(naps) - 1
     now = _prims.now_ns
 

@@ -205,12 +205,13 @@ def test_main_takes_the_new_injects():
 
 # ------------------------------------------------------------------------------------ 1-second self-tests
 
+@pytest.mark.parametrize("kind", ["rcu", "srcu"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_share_early_fails_in_one_second_at_default_procs(seed):
-    """Issue 23 item 3: ``torture srcu --inject gp-share-early --duration 1`` (default --procs 4)
-    fails on every seed (it did on 3 of 20 before the writer was paced as rcu_torture_writer and
-    the fake writers napped as rcu_torture_fakewriter; bench/selftests.py measures all 20)."""
+def test_no_wait_before_flip_fails_in_one_second_through_the_c_preemption_point(kind, seed):
+    """Issue 23 items 2-3: the grace period without its wait before the flip is caught only through
+    the reader preempted inside ``RcuReader.lock`` (``rcu.read_lock.after_ctr_load``,
+    ``fuzz.torture_points``): FAILURE in a 1-second run at default --procs on every seed tried."""
     buf = io.StringIO()
-    doc = torture.run_torture("srcu", 4, 1.0, seed=seed, inject="gp-share-early", out=buf)
+    doc = torture.run_torture(kind, 4, 1.0, seed=seed, inject="gp-no-wait-before-flip", out=buf)
     assert doc["verdict"] == "FAILURE", buf.getvalue()
     assert sum(doc["histograms"]["reader_pipe"][2:]) > 0
