@@ -176,13 +176,13 @@ def kind_of(doc: Any) -> str:
     return "runs"
 
 
-def load_many(paths: list[str]) -> tuple[list[dict], list[str]]:
-    """All documents of ``paths`` and a label for each: the file's stem for a one-run file, and for a
-    file of several runs (sweep.json, compare.json) what tells its runs apart (:func:`run_labels`),
-    after the stem when several files are given."""
+def load_many(paths: list[str], parsed: dict[str, Any] | None = None) -> tuple[list[dict], list[str]]:
+    """All documents of ``paths`` (``parsed``: their JSON, already read) and a label for each: the
+    file's stem for a one-run file, and for a file of several runs (sweep.json, compare.json) what
+    tells its runs apart (:func:`run_labels`), after the stem when several files are given."""
     results, labels = [], []
     for path in paths:
-        docs = load(path)
+        docs = _shape(parsed[path], Path(path)) if parsed is not None else load(path)
         stem = Path(path).stem
         results += docs
         if len(docs) == 1:
@@ -332,44 +332,47 @@ def _out_dir(out: str) -> Path:
     return check_out_dir(out, "--out")  # a writable directory with room (created if missing), else UsageError
 
 
-def special_file(paths: list[str]) -> tuple[str, str] | None:
-    """(kind, path) when ``paths`` is one compare.json or map.json, else None; either among other
-    files -> UsageError (each is re-rendered alone)."""
-    kinds = {p: kind_of(read_json(Path(p))) for p in paths}
-    special = [p for p in paths if kinds[p] != "runs"]
+def read_all(paths: list[str]) -> dict[str, Any]:
+    """Every file's parsed JSON, each read once (``UsageError`` naming a file that cannot be)."""
+    return {p: read_json(Path(p)) for p in paths}
+
+
+def special_file(paths: list[str], parsed: dict[str, Any]) -> tuple[str, str] | None:
+    """(kind, path) when ``paths`` (their JSON in ``parsed``) is one compare.json or map.json, else
+    None; either among other files (or twice) -> UsageError (each is re-rendered alone)."""
+    special = [(kind_of(parsed[p]), p) for p in paths if kind_of(parsed[p]) != "runs"]
     if special and len(paths) > 1:
-        raise UsageError(f"{special[0]}: a {Path(special[0]).name} is re-rendered alone (give it as the only file)")
-    return (kinds[special[0]], special[0]) if special else None
+        p = special[0][1]
+        raise UsageError(f"{p}: a {Path(p).name} is re-rendered alone (give it as the only file)")
+    return special[0] if special else None
 
 
-def main(args) -> int:
-    """``launch.py report`` for runs and compare.json (a map.json: lab.map.rerender, launch.py)."""
+def main(args, parsed: dict[str, Any] | None = None) -> int:
+    """``launch.py report`` for runs and compare.json (a map.json: lab.map.rerender, lab/rerender.py);
+    ``parsed``: the files' JSON if already read."""
     paths = list(args.results)
-    kind_path = special_file(paths)
+    parsed = read_all(paths) if parsed is None else parsed
+    kind_path = special_file(paths, parsed)
     if kind_path and kind_path[0] == "map":
         raise UsageError(f"{kind_path[1]}: a map.json is re-rendered by lab.map.rerender (launch.py report)")
-    special = [kind_path[1]] if kind_path else []
-    results, labels = load_many(paths)  # every file checked before anything is printed
+    results, labels = load_many(paths, parsed)  # every file checked before anything is printed
     out = _out_dir(args.out) if args.out else None
     from rich.console import Console
 
     con = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
-    if special:  # compare.json: its runs' table, then the verdicts as they were written
-        con.print(rich_table(summarize(results, labels), title=f"compare: {len(results)} runs"))
-        assessment = str(read_json(Path(special[0])).get("assessment", ""))
-        con.print(assessment, markup=False, highlight=False)
-        if out is not None:
-            written = write_report(results, out, labels, sources=paths, verdict_md=assessment,
-                                   title="pagetrack-sim compare: nested AVIC designs")
-            print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
-        return EXIT_OK
-    if len(results) == 1:
+    # a compare.json: its runs' table, then the verdicts as they were written
+    assessment = str(parsed[kind_path[1]].get("assessment", "")) if kind_path else ""
+    if len(results) == 1 and not kind_path:
         from vm.results import render
 
         render(results[0], console=con)
     else:
-        con.print(rich_table(summarize(results, labels), title=f"{len(results)} runs"))
+        con.print(rich_table(summarize(results, labels), title=("compare: " if kind_path else "")
+                             + f"{len(results)} runs"))
+    if assessment:
+        con.print(assessment, markup=False, highlight=False)
     if out is not None:
-        written = write_report(results, out, labels, sources=list(args.results))
+        written = write_report(results, out, labels, sources=paths, verdict_md=assessment,
+                               **({"title": "pagetrack-sim compare: nested AVIC designs"} if kind_path else {}))
         print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return EXIT_OK

@@ -4,16 +4,16 @@ map.md and map.png again: lab/map.py). A compare.json or map.json is given alone
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from lab import report
 
 
 def main(args) -> int:
-    special = report.special_file(list(args.results))
+    paths = list(args.results)
+    parsed = report.read_all(paths)  # each file read once
+    special = report.special_file(paths, parsed)
     if special and special[0] == "map":
         from lab import map as cmap
 
         out = report._out_dir(args.out) if args.out else None
-        return cmap.rerender(report.read_json(Path(special[1])), special[1], out)
-    return report.main(args)
+        return cmap.rerender(parsed[special[1]], special[1], out)
+    return report.main(args, parsed)
