@@ -22,19 +22,21 @@ MAX_PROCS = 256
 MAX_DURATION_S = 24 * 3600.0
 
 
-def version() -> str:
-    """This checkout's version (pyproject.toml beside launch.py), else the installed package's."""
-    import tomllib
-    from importlib import metadata
+class _Version(argparse.Action):  # --version: read when asked (not at every start-up): this checkout's
+    def __call__(self, parser, namespace, values, option_string=None):  # pyproject.toml, else installed
+        import tomllib
+        from importlib import metadata
 
-    try:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml"), "rb") as f:
-            return str(tomllib.load(f)["project"]["version"])
-    except (OSError, ValueError, KeyError):
         try:
-            return metadata.version("pagetrack-sim")
-        except metadata.PackageNotFoundError:
-            return "unknown"
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml"), "rb") as f:
+                v = str(tomllib.load(f)["project"]["version"])
+        except (OSError, ValueError, KeyError):
+            try:
+                v = metadata.version("pagetrack-sim")
+            except metadata.PackageNotFoundError:
+                v = "unknown"
+        print(f"pagetrack-sim {v}")
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -227,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the console script (pyproject [project.scripts]) is pagetrack-sim; else launch.py
     p = _Parser(prog="pagetrack-sim" if os.path.basename(sys.argv[0] or "") == "pagetrack-sim" else "launch.py",
                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--version", action="version", version=f"pagetrack-sim {version()}")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("torture", help="rcutorture / locktorture on the shm primitives")
