@@ -29,7 +29,7 @@ the C code). :func:`c_points` sets it; it is on
   widening as every Python point; counted in ``hits()``),
 - under ``explore``, when ``EXPLORE_C_POINTS`` is true (off for now: the extra scheduling points
   move PCT's schedule space, and the seeds that tests/lab/test_explore.py found races with must be
-  found again first): ``configure`` in a process scheduled by ipc/sched.py routes it to the
+  found again first): ``configure`` in a process scheduled by ipc/sched routes it to the
   ``Client``'s ``hit`` (a scheduling point inside the primitive: the scheduler may run another
   process, a grace period for instance, between the counter load and the slot store),
 - in torture readers (their read delays reach inside the primitive): :func:`torture_points`
@@ -53,11 +53,11 @@ _PARAMS = {"light": (1 / 50, 50_000, 0.02), "heavy": (1 / 8, 50_000, 0.05)}
 SLEEP_MAX_S = 0.001
 
 ACTIVE: Fuzz | None = None
-EXPLORE_C_POINTS = False  # route the C points of a process scheduled by ipc/sched.py to its Client
+EXPLORE_C_POINTS = False  # route the C points of a process scheduled by ipc/sched to its Client
 
 
 class Fuzz:
-    controlled = False  # ipc/sched.py's Client, which takes this role under control, is True
+    controlled = False  # ipc/sched's Client, which takes this role under control, is True
 
     def __init__(self, level: str, seed: int, proc: int, dilate: float = 1.0):
         self.level = level
@@ -96,7 +96,7 @@ def configure(level: str, seed: int, proc: int, dilate: float = 1.0) -> None:
     if level not in LEVELS:
         raise ValueError(f"fuzz level must be one of {', '.join(LEVELS)}, got {level!r}")
     if getattr(ACTIVE, "controlled", False):
-        # a scheduled process (ipc/sched.py): its points belong to the scheduler, the C ones too
+        # a scheduled process (ipc/sched): its points belong to the scheduler, the C ones too
         # (under virtual time, ipc/vtime.py, they stay off)
         routed = EXPLORE_C_POINTS and getattr(ACTIVE, "takes_c_points", False)  # sched.Client, not VClock
         c_points(ACTIVE.hit if routed else None)  # (None: not a hook inherited from a parent)

@@ -99,7 +99,7 @@ class RcuDomain:
         self.gp_hist = gp_hist
         self.gp_lock = new_lock("mutex", self.mem, region.word(f"{prefix}_gplock"), gp_lock_stats_word, tag,
                                 name=f"{self.name}.gp_lock")
-        tr = trace.ACTIVE  # grace periods and read-side sections are trace events (ipc/trace.py)
+        tr = trace.ACTIVE  # grace periods and read-side sections are trace events (ipc/trace)
         self._emit = tr.emit if tr else None
         self._tr_sync = tr.pair(f"synchronize {self.name}") if tr else (0, 0)
         self._tr_gp = tr.pair(f"grace period {self.name}") if tr else (0, 0)
@@ -119,7 +119,7 @@ class RcuDomain:
             self.read_unlock = self.reader.unlock
         else:
             self.reader = None
-        if sched.ACTIVE is not None:  # controlled scheduling (ipc/sched.py), decided at creation
+        if sched.ACTIVE is not None:  # controlled scheduling (ipc/sched), decided at creation
             sched.wrap_domain(self, sched.ACTIVE)
 
     # -- registration ---------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """``launch.py explore`` and ``launch.py replay``: search the interleavings of a small scenario under
-the controlled scheduler (ipc/sched.py), stop at the first FAILURE, print the failing interleaving,
+the controlled scheduler (ipc/sched), stop at the first FAILURE, print the failing interleaving,
 save it as ``failing-schedule.toml``; re-execute such a file exactly.
 
 A scenario is one program per vCPU (no global order): the built-ins ``kaboom`` (the seed's
@@ -22,6 +22,7 @@ import tomllib
 
 from ipc import sched
 from ipc.errors import UsageError
+from ipc.sched import strategies
 from lab import schedtrace
 from lab.outputs import write_atomic
 from lab.schedrun import Runner, Scenario, describe, name_points, run_schedule
@@ -170,7 +171,7 @@ def load(path: str) -> tuple[Scenario, list[tuple[int, str]], dict]:
 
 # -- the commands ------------------------------------------------------------------------------
 def _strategy(name: str, seed: int, n: int, depth: int, k: int):
-    return sched.Pct(seed, n, depth, k) if name == "pct" else sched.RandomWalk(seed)
+    return strategies.Pct(seed, n, depth, k) if name == "pct" else strategies.RandomWalk(seed)
 
 
 def _check_cfg(sc: Scenario) -> None:
@@ -244,7 +245,7 @@ def pct_bound(n: int, k: int, depth: int, schedules: int) -> dict:
     """PCT's guarantee: one schedule finds a given bug of depth ``depth`` with probability
     p >= 1/(n*k^(d-1)) (n threads, k steps); ``schedules`` independent schedules all miss it with
     probability <= (1-p)^N."""
-    p = sched.guarantee(n, k, depth)
+    p = strategies.guarantee(n, k, depth)
     log_miss = schedules * math.log1p(-p) if p < 1 else -math.inf
     return {"depth": depth, "k_max": k, "n": n, "p_per_schedule": p, "schedules": schedules,
             "p_miss_all": math.exp(log_miss), "p_find_any": -math.expm1(log_miss)}
@@ -340,7 +341,7 @@ def replay(path: str, trace: str | None = None) -> dict:
     bound = ex.get("max_steps", len(schedule) + 1)  # the explore's step bound: a step-bound failure stops there
     if type(bound) is not int or bound < 1:
         raise UsageError(f"replay: {path}: [explore] max_steps must be a positive integer")
-    o = run_schedule(sc, sched.Replay([(v, sched.point_id(n)) for v, n in schedule]), bound)
+    o = run_schedule(sc, strategies.Replay([(v, sched.point_id(n)) for v, n in schedule]), bound)
     if trace is not None and o.verdict != "MISMATCH":
         schedtrace.write(o.trace(sc.n), trace, _title(sc))
     expected = {sched.point_id(n): n for _, n in schedule}

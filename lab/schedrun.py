@@ -1,5 +1,5 @@
 """One controlled schedule of a scenario: a fresh VM, one real process per vCPU (forked from this
-one), each running its own list of steps, and this process as the scheduler (ipc/sched.py) that
+one), each running its own list of steps, and this process as the scheduler (ipc/sched) that
 lets exactly one of them run between two scheduling points. Then the oracle, teardown, unlink.
 
 A vCPU process reports (WARNs, its step log, an error) over a pipe as one msgpack message when it
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import msgspec
 
 import vm.avic  # noqa: F401  (registers the nested AVIC designs)
-from ipc import sched, schedpool
+from ipc import sched
+from ipc.sched import pool
 from vm.config import from_dict
 from vm.coordinator import new_run_id
 from vm.kvm import Kvm
@@ -66,7 +67,7 @@ def describe(op: str, args: dict) -> str:
 
 
 def _vcpu_body(sc: Scenario, cfg, base: str):
-    """What each vCPU process of the pool runs for schedule ``job`` (ipc.schedpool): attach that
+    """What each vCPU process of the pool runs for schedule ``job`` (ipc.sched.pool): attach that
     schedule's VM, run its program under the turnstile, detach, return its report."""
 
     def body(v: int, client, job: int) -> bytes:
@@ -169,16 +170,16 @@ class Runner:
     def __init__(self, sc: Scenario):
         self.sc = sc
         self.cfg = from_dict({**sc.cfg, "fuzz": "off"})
-        self.pool: schedpool.Pool | None = None
+        self.pool: pool.Pool | None = None
         self.base = ""
 
-    def _pool(self) -> schedpool.Pool:
+    def _pool(self) -> pool.Pool:
         if self.pool is not None and self.pool.broken:
             self.pool.close()
             self.pool = None
         if self.pool is None:
             self.base = new_run_id()[:16]
-            self.pool = schedpool.Pool(self.base, self.sc.n, _vcpu_body(self.sc, self.cfg, self.base))
+            self.pool = pool.Pool(self.base, self.sc.n, _vcpu_body(self.sc, self.cfg, self.base))
         return self.pool
 
     def run(self, strategy, max_steps: int) -> Outcome:

@@ -24,9 +24,8 @@ from __future__ import annotations
 import json
 import os
 
-from ipc import chrome_trace
 from ipc.outputs import write_atomic
-from ipc.trace import CAT_HOLD, CAT_OP, CAT_RCU, CAT_WAIT, PH_B, PH_E, PH_I, Event, Snapshot
+from ipc.trace import CAT_HOLD, CAT_OP, CAT_RCU, CAT_WAIT, PH_B, PH_E, PH_I, Event, Snapshot, chrome
 from vm import tracepoints
 
 NS_PER_STEP = 1000  # 1 µs per scheduling step in the Chrome JSON (its unit is µs)
@@ -132,7 +131,7 @@ def _fmt(snap: Snapshot, title: str) -> dict:
 
 
 def to_chrome(snap: Snapshot, title: str) -> dict:
-    doc = chrome_trace.to_chrome(snap, **_fmt(snap, title))
+    doc = chrome.to_chrome(snap, **_fmt(snap, title))
     for e in doc["traceEvents"]:
         if e.get("ph") == "M" and e["name"] == "process_name":
             e["args"]["name"] = e["args"]["name"].rsplit(" (pid", 1)[0]
@@ -143,7 +142,7 @@ def to_chrome(snap: Snapshot, title: str) -> dict:
 
 def to_text(snap: Snapshot, title: str) -> str:
     head = "# time: 1 us = 1 scheduling step (step k at k us)\n"
-    return head + chrome_trace.to_text(snap, **_fmt(snap, title))
+    return head + chrome.to_text(snap, **_fmt(snap, title))
 
 
 def write(snap: Snapshot, path: str, title: str, text_path: str | None = None) -> list[str]:

@@ -84,7 +84,7 @@ class Kvm:
         self.write_acct = None  # vm.mirror.WriteAccounting: per-write track_write accounting (mirror)
         self.cycle_warned = False  # vm.faults.notifier_cycle: the soft-lockup diagnosis, once per process
         self.closed = False
-        # a scheduled process (ipc/sched.py): its read-modify-writes of shared VM state are scheduling
+        # a scheduled process (ipc/sched): its read-modify-writes of shared VM state are scheduling
         # points too, decided here once (free-running: the plain Mem, nothing changes)
         self.mem = sched.atomic_points(vm.mem, "vm")
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ipc import chrome_trace, trace
+from ipc import trace
+from ipc.trace import chrome
 from vm.layout import DOMAINS
 
 ARGS = {
@@ -45,7 +46,7 @@ def proc_name(proc: int) -> str:
 
 
 def fmt(run_id: str = "") -> dict:
-    """The formatting arguments of ``ipc.chrome_trace`` for a VM run."""
+    """The formatting arguments of ``ipc.trace.chrome`` for a VM run."""
     return {"proc_name": proc_name, "arg_names": ARGS, "hex_args": HEX_ARGS, "flows": FLOWS,
             "title": f"pagetrack-sim {run_id}".strip()}
 
@@ -66,11 +67,11 @@ def snapshot(kvm, res: dict | None = None) -> trace.Snapshot | None:
 
 
 def export(snap: trace.Snapshot, path: str, run_id: str = "") -> str:
-    return chrome_trace.export(snap, path, **fmt(run_id))
+    return chrome.export(snap, path, **fmt(run_id))
 
 
 def dump(snap: trace.Snapshot, directory: str, stem: str = "trace", run_id: str = "") -> tuple[str, str]:
-    return chrome_trace.dump_dir(snap, directory, stem, **fmt(run_id))
+    return chrome.dump_dir(snap, directory, stem, **fmt(run_id))
 
 
 def save_failure(snap: trace.Snapshot | None, res: dict, json_path: str | None) -> None:

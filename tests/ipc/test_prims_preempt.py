@@ -4,7 +4,7 @@ The hook set with ``_prims.set_preempt_hook`` is called at each point with the p
 when unset; an exception from it ends the C call with the primitive consistent (a read_lock
 aborted after the counter load publishes nothing; a lock slow path aborted leaves the lock as it
 was, a claimed RwLock write gives the claim back); ``fuzz.configure`` routes the points to the
-fuzzer (and, with ``fuzz.EXPLORE_C_POINTS``, in a process scheduled by ipc/sched.py to its
+fuzzer (and, with ``fuzz.EXPLORE_C_POINTS``, in a process scheduled by ipc/sched to its
 client). And the window is what a grace period with its first wait dropped (liburcu's reason for
 two waits) needs: a grace period run inside ``rcu.read_lock.after_ctr_load`` makes the reader
 publish a stale phase, which the next correct grace period waits for and the buggy one does not.

@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import wait_until
 
-from ipc import _prims, fuzz, sched, schedpool
+from ipc import _prims, fuzz, sched
 from ipc.locks import (
     LOCK_WORDS,
     STAT_WORDS,
@@ -25,6 +25,7 @@ from ipc.locks import (
     merge_lockstat,
     new_lock,
 )
+from ipc.sched import pool, strategies
 from ipc.shm import Layout, Region
 
 NPROCS = 4
@@ -438,7 +439,7 @@ def test_scheduled_rwlock_points_exclusion_and_shared_reads(run_id, region_facto
         r.v["w"][:] = 0
         r.v["locks"][:] = 0
         init_lockstat(r.v["stats"])
-        s, out, codes = schedpool.run_forked(run_id, 3, _sched_body(run_id), sched.RandomWalk(seed), 3000)
+        s, out, codes = pool.run_forked(run_id, 3, _sched_body(run_id), strategies.RandomWalk(seed), 3000)
         assert s.outcome == "done" and out == [b"ok"] * 3 and codes == [0, 0, 0], (s.outcome, s.detail)
         assert int(r.v["w"][2]) == 0, "a reader saw a torn write under the scheduled rw lock"
         assert int(r.v["w"][0]) == int(r.v["w"][1]) == 2

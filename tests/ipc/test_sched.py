@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from ipc import fuzz, sched, schedpool
+from ipc import fuzz, sched
 from ipc.locks import LOCK_WORDS, init_lockstat, new_lock
+from ipc.sched import pool, strategies
 from ipc.shm import Layout, Region
 
 DATA = Layout("data", [("w", "i8", (8,)), ("locks", "i8", (2, LOCK_WORDS)), ("stats", "i8", (16,))])
@@ -38,7 +39,7 @@ def _counter_body(run_id: str, incs: int = 2):
 
 
 def test_clients_run_one_at_a_time_and_the_log_is_the_interleaving(run_id, data):
-    s, out, codes = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(1), 1000)
+    s, out, codes = pool.run_forked(run_id, 2, _counter_body(run_id), strategies.RandomWalk(1), 1000)
     assert s.outcome == "done" and out == [b"ok", b"ok"] and codes == [0, 0]
     assert sorted(i for i, _, _ in s.log).count(0) == sorted(i for i, _, _ in s.log).count(1) == 4
     # every step is a (client, point) choice, point ids are the names' crc32
@@ -50,8 +51,8 @@ def test_a_strategy_finds_the_lost_update_and_replay_repeats_it(run_id, data, st
     found = None
     for seed in range(40):
         data.v["w"][:] = 0
-        strat = sched.RandomWalk(seed) if strategy == "random" else sched.Pct(seed, 2, 2, 8)
-        s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), strat, 1000)
+        strat = strategies.RandomWalk(seed) if strategy == "random" else strategies.Pct(seed, 2, 2, 8)
+        s, _, _ = pool.run_forked(run_id, 2, _counter_body(run_id), strat, 1000)
         assert s.outcome == "done"
         if int(data.v["w"][0]) != 4:
             found = s.log
@@ -60,22 +61,22 @@ def test_a_strategy_finds_the_lost_update_and_replay_repeats_it(run_id, data, st
     lost = int(data.v["w"][0])
     for _ in range(3):
         data.v["w"][:] = 0
-        s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.Replay([(i, p) for i, p, _ in found]),
+        s, _, _ = pool.run_forked(run_id, 2, _counter_body(run_id), strategies.Replay([(i, p) for i, p, _ in found]),
                                    len(found) + 1)
         assert s.outcome == "done" and s.log == found and int(data.v["w"][0]) == lost
 
 
 def test_same_seed_same_interleaving(run_id, data):
-    logs = [schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.Pct(7, 2, 3, 8), 1000)[0].log
+    logs = [pool.run_forked(run_id, 2, _counter_body(run_id), strategies.Pct(7, 2, 3, 8), 1000)[0].log
             for _ in range(2)]
     assert logs[0] == logs[1]
 
 
 def test_replay_of_a_point_that_does_not_exist_is_a_mismatch(run_id, data):
-    s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(3), 1000)
+    s, _, _ = pool.run_forked(run_id, 2, _counter_body(run_id), strategies.RandomWalk(3), 1000)
     bad = [(i, p) for i, p, _ in s.log]
     bad[2] = (bad[2][0], sched.point_id("no such point"))
-    s2, _, codes = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.Replay(bad), len(bad) + 1)
+    s2, _, codes = pool.run_forked(run_id, 2, _counter_body(run_id), strategies.Replay(bad), len(bad) + 1)
     assert s2.outcome == "mismatch" and "step 2" in s2.detail
     assert codes == [1, 1]  # both clients unwound (ScheduleAborted) and exited
 
@@ -105,7 +106,7 @@ def test_blocking_on_a_descheduled_holder_yields_and_mutual_exclusion_holds(run_
     retries = 0
     for seed in range(15):
         data.v["w"][:] = 0
-        s, out, _ = schedpool.run_forked(run_id, 2, _lock_body(run_id, None), sched.RandomWalk(seed), 2000)
+        s, out, _ = pool.run_forked(run_id, 2, _lock_body(run_id, None), strategies.RandomWalk(seed), 2000)
         assert s.outcome == "done" and out == [b"ok", b"ok"]
         assert int(data.v["w"][1]) == 4  # no lost update under the (scheduled) lock
         retries += sum(b for _, _, b in s.log)
@@ -116,7 +117,7 @@ def test_opposite_lock_order_is_reported_as_a_deadlock_not_a_hang(run_id, data):
     outcomes = set()
     for seed in range(30):
         data.v["locks"][:] = 0
-        s, _, _ = schedpool.run_forked(run_id, 2, _lock_body(run_id, (1, 0)), sched.RandomWalk(seed), 2000)
+        s, _, _ = pool.run_forked(run_id, 2, _lock_body(run_id, (1, 0)), strategies.RandomWalk(seed), 2000)
         outcomes.add(s.outcome)
         if s.outcome == "deadlock":
             assert "process 0 at @" in s.detail and "process 1 at @" in s.detail  # both blocked, named
@@ -125,14 +126,14 @@ def test_opposite_lock_order_is_reported_as_a_deadlock_not_a_hang(run_id, data):
 
 
 def test_step_bound(run_id, data):
-    s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id, incs=50), sched.RandomWalk(1), 10)
+    s, _, _ = pool.run_forked(run_id, 2, _counter_body(run_id, incs=50), strategies.RandomWalk(1), 10)
     assert s.outcome == "step-bound" and len(s.log) == 10
 
 
 def test_pct_priorities_and_guarantee():
-    p = sched.Pct(1, 3, 3, 100)
+    p = strategies.Pct(1, 3, 3, 100)
     assert sorted(p.prio) == [3, 4, 5] and len(p.change) == 2 and sorted(p.change.values()) == [1, 2]
-    assert sched.guarantee(2, 10, 3) == pytest.approx(1 / 200)
+    assert strategies.guarantee(2, 10, 3) == pytest.approx(1 / 200)
     # the highest-priority enabled process runs; at a change point the running one drops
     top = max(range(3), key=p.prio.__getitem__)
     assert p.pick([0, 1, 2], 0, -1) == top
@@ -167,7 +168,7 @@ def test_a_block_after_a_release_is_progress_not_a_deadlock(run_id, data):
     for seed in range(40):
         data.v["w"][:] = 0
         data.v["locks"][:] = 0
-        s, out, _ = schedpool.run_forked(run_id, 2, _release_then_spin_body(run_id), sched.RandomWalk(seed), 2000)
+        s, out, _ = pool.run_forked(run_id, 2, _release_then_spin_body(run_id), strategies.RandomWalk(seed), 2000)
         if s.outcome != "done":
             bad.append((seed, s.outcome, len(s.log)))
     assert bad == []
@@ -196,7 +197,7 @@ def test_the_scheduler_clears_its_wake_word_with_a_full_barrier(run_id, data, mo
         self.mem = Spy(self.mem, self.hdr + sched.H_WAKE)
 
     monkeypatch.setattr(sched.Scheduler, "__init__", spy_init)
-    s, _, _ = schedpool.run_forked(run_id, 2, _counter_body(run_id), sched.RandomWalk(1), 1000)
+    s, _, _ = pool.run_forked(run_id, 2, _counter_body(run_id), strategies.RandomWalk(1), 1000)
     assert s.outcome == "done" and len(s.log) == 8 and plain == []
 
 
@@ -225,7 +226,7 @@ def test_a_scheduled_lock_counts_one_contention_per_acquisition_that_waited(run_
     for seed in range(10):
         init_lockstat(data.v["stats"])
         data.v["locks"][:] = 0
-        s, _, _ = schedpool.run_forked(run_id, 2, _stat_lock_body(run_id), sched.RandomWalk(seed), 2000)
+        s, _, _ = pool.run_forked(run_id, 2, _stat_lock_body(run_id), strategies.RandomWalk(seed), 2000)
         assert s.outcome == "done"
         prev: dict[int, int] = {}
         waited = 0
@@ -240,7 +241,7 @@ def test_a_scheduled_lock_counts_one_contention_per_acquisition_that_waited(run_
 def test_a_lock_left_held_by_a_finished_process_names_its_holder(run_id, data):
     for seed in range(10):
         data.v["locks"][:] = 0
-        s, _, _ = schedpool.run_forked(run_id, 2, _stat_lock_body(run_id, True), sched.RandomWalk(seed), 2000)
+        s, _, _ = pool.run_forked(run_id, 2, _stat_lock_body(run_id, True), strategies.RandomWalk(seed), 2000)
         assert s.outcome == "deadlock"
         assert any(f"process {b} at @{sched.point_id('L: wait')} (lock held by process {1 - b}, which has finished)"
                    in s.detail for b in (0, 1)), s.detail
@@ -279,7 +280,7 @@ def test_an_idle_client_is_run_only_when_woken_or_at_the_end(run_id, data):
     idle = sched.point_id("L2 runs on")
     for seed in range(12):
         data.v["w"][:] = 0
-        s, out, _ = schedpool.run_forked(run_id, 2, _idle_kick_body(run_id), sched.RandomWalk(seed), 200,
+        s, out, _ = pool.run_forked(run_id, 2, _idle_kick_body(run_id), strategies.RandomWalk(seed), 200,
                                          wake=lambda i: i == 0 and bool(data.v["w"][4]))
         assert s.outcome == "done" and out == [b"ok", b"ok"], s.detail
         assert int(data.v["w"][5]) == 1
@@ -289,7 +290,7 @@ def test_an_idle_client_is_run_only_when_woken_or_at_the_end(run_id, data):
 
 def test_an_idle_client_nobody_wakes_is_named_in_the_deadlock(run_id, data):
     data.v["w"][:] = 0
-    s, _, _ = schedpool.run_forked(run_id, 2, _idle_kick_body(run_id), sched.RandomWalk(1), 200)
+    s, _, _ = pool.run_forked(run_id, 2, _idle_kick_body(run_id), strategies.RandomWalk(1), 200)
     assert s.outcome == "deadlock"
     assert f"process 0 idle at @{sched.point_id('L2 runs on')} (nothing pending for it)" in s.detail, s.detail
     assert f"process 1 at @{sched.point_id('sched_yield (spin wait)')}" in s.detail, s.detail
@@ -299,7 +300,7 @@ def test_an_idle_client_whose_turn_does_not_clear_its_kick_is_a_named_deadlock(r
     """The wake says a kick is pending, but the idle client's turn changes nothing (its take_kick is
     broken): a deadlock naming it, not a loop of idle turns to the step bound."""
     data.v["w"][:] = 0
-    s, _, _ = schedpool.run_forked(run_id, 2, _idle_kick_body(run_id, serve=False), sched.RandomWalk(1), 200,
+    s, _, _ = pool.run_forked(run_id, 2, _idle_kick_body(run_id, serve=False), strategies.RandomWalk(1), 200,
                                    wake=lambda i: i == 0 and bool(data.v["w"][4]))
     assert s.outcome == "deadlock", (s.outcome, s.detail)
     assert "process 0 idle at" in s.detail and "woken, but its last turn did not clear" in s.detail, s.detail

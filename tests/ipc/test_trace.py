@@ -129,7 +129,7 @@ def test_recover_from_a_killed_holder_begins_the_hold(tracer_at, kind):
     import os
     import signal
 
-    from ipc import chrome_trace
+    from ipc.trace import chrome
 
     r, tr = tracer_at(extra=[("locks", "i8", (1, LOCK_WORDS))])
     w = r.word("locks", 0)
@@ -148,7 +148,7 @@ def test_recover_from_a_killed_holder_begins_the_hold(tracer_at, kind):
     evs = [e for e in trace.snapshot(r).procs[0][1] if e.name == "demo_lock"]
     assert [(e.cat, e.phase, e.a) for e in evs] == [(trace.CAT_HOLD, trace.PH_B, 2), (trace.CAT_HOLD, trace.PH_E, 0)]
     assert evs[0].ts >= t0 - 1_000_000
-    doc = chrome_trace.to_chrome(trace.snapshot(r))
+    doc = chrome.to_chrome(trace.snapshot(r))
     (hold,) = [e for e in doc["traceEvents"] if e.get("name") == "demo_lock"]
     (before,) = [e for e in doc["traceEvents"] if e.get("name") == "before"]
     assert hold["ts"] > before["ts"] and "truncated" not in hold.get("args", {}), json.dumps(hold)

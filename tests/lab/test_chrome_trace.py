@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-from ipc import chrome_trace, trace
-from ipc.trace import CAT_HOLD, CAT_OP, PH_B, PH_E, PH_I, Event, Snapshot
+from ipc import trace
+from ipc.trace import CAT_HOLD, CAT_OP, PH_B, PH_E, PH_I, Event, Snapshot, chrome
 
 
 def _launch(*args, timeout=120):
@@ -31,7 +31,7 @@ def test_free_run_trace_has_the_documented_shape(tmp_path):
                 "--trace", str(out))
     assert p.returncode == 0, p.stderr[-2000:]
     doc = json.loads(out.read_text())
-    assert chrome_trace.problems(doc) == []
+    assert chrome.problems(doc) == []
     evs = doc["traceEvents"]
     procs = sorted(e["args"]["name"].split(" (")[0] for e in evs if e["ph"] == "M" and e["name"] == "process_name")
     assert procs == ["coordinator", "vCPU 0", "vCPU 1"]
@@ -54,7 +54,7 @@ def test_failure_saves_last_events_beside_results(tmp_path):
     doc = json.loads(res.read_text())
     jp, tp = doc["failure_trace"]
     assert jp == str(tmp_path / "kaboom.failure-trace.json") and tp == str(tmp_path / "kaboom.failure-trace.txt")
-    assert chrome_trace.problems(json.loads(open(jp).read())) == []
+    assert chrome.problems(json.loads(open(jp).read())) == []
     text = open(tp).read()
     assert text.startswith("# tracer: pagetrack-sim")
     # the story of the kaboom: X unregisters (a grace period of track_srcu), then Y's write is
@@ -95,11 +95,11 @@ def test_checker_has_teeth():
         {"ph": "s", "name": "g", "id": 2, "pid": 1, "tid": 1, "ts": 1},     # no f
         {"ph": "X", "name": "d", "pid": 9, "tid": 1, "ts": 0, "dur": 1},    # unnamed process
     ]}
-    got = "\n".join(chrome_trace.problems(doc))
+    got = "\n".join(chrome.problems(doc))
     for want in ("'a' and 'b' overlap", "B 'c' without E", "flow 1 s at 1 points at no slice",
                  "flow 2 has only ['s']", "unnamed process 9"):
         assert want in got, want
-    assert chrome_trace.problems({}) == ["no traceEvents list"]
+    assert chrome.problems({}) == ["no traceEvents list"]
 
 
 def test_out_of_order_releases_go_to_a_second_lane():
@@ -107,8 +107,8 @@ def test_out_of_order_releases_go_to_a_second_lane():
     snap = Snapshot(names=[], procs={1: (123, _events(
         (1000, CAT_HOLD, PH_B, "A"), (2000, CAT_HOLD, PH_B, "B"), (3000, CAT_HOLD, PH_E, "A"),
         (4000, CAT_HOLD, PH_E, "B")), 0)})
-    doc = chrome_trace.to_chrome(snap)
-    assert chrome_trace.problems(doc) == []
+    doc = chrome.to_chrome(snap)
+    assert chrome.problems(doc) == []
     lanes = {e["name"]: e["tid"] for e in doc["traceEvents"] if e["ph"] == "X"}
     assert lanes["A"] != lanes["B"]
     threads = {e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"}
@@ -124,14 +124,14 @@ def test_truncated_slices_and_flows():
         (2500, CAT_OP, PH_E, "emulated_write"),
         (2600, CAT_OP, PH_I, "WARN x"),
         (3000, CAT_OP, PH_B, "cut")), 0)})       # never ended: the process stopped inside
-    doc = chrome_trace.to_chrome(snap, flows=[("emulated_write", "track_write")])
-    assert chrome_trace.problems(doc) == []
+    doc = chrome.to_chrome(snap, flows=[("emulated_write", "track_write")])
+    assert chrome.problems(doc) == []
     x = {e["name"]: e for e in doc["traceEvents"] if e["ph"] == "X"}
     assert x["old"]["args"]["truncated"].startswith("begin") and x["old"]["ts"] == 0
     assert x["cut"]["args"]["truncated"].startswith("no end") and x["cut"]["dur"] == 0
     assert sum(e["ph"] == "f" for e in doc["traceEvents"]) == 2
     assert [e["name"] for e in doc["traceEvents"] if e["ph"] == "i"] == ["WARN x"]
-    text = chrome_trace.to_text(snap)
+    text = chrome.to_text(snap)
     assert text.count("\n") == 5 + 9 and "WARN x" in text
 
 
@@ -147,7 +147,7 @@ def test_snapshot_decode_is_what_export_reads(tmp_path, region_factory):
         tr.emit(e)
     finally:
         trace.configure(None)
-    jp, tp = chrome_trace.dump_dir(trace.snapshot(r), str(tmp_path / "d"), arg_names={"x": ("n", "")})
+    jp, tp = chrome.dump_dir(trace.snapshot(r), str(tmp_path / "d"), arg_names={"x": ("n", "")})
     doc = json.loads(open(jp).read())
     (x,) = [e for e in doc["traceEvents"] if e["ph"] == "X"]
     assert x["name"] == "x" and x["args"] == {"n": 5} and "x: begin n=5" in open(tp).read()
@@ -163,7 +163,7 @@ def test_killed_vcpu_last_event_is_the_lock_it_died_holding(tmp_path):
     assert vcpu0[-1].endswith("lock_acquired: mmu_lock")
     assert any("inject kill-vcpu: vcpu=0" in ln for ln in lines)
     doc = json.loads(open(jp).read())
-    assert chrome_trace.problems(doc) == []
+    assert chrome.problems(doc) == []
     held = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["pid"] == 2 and e["name"] == "mmu_lock"]
     assert held[-1]["args"]["truncated"].startswith("no end")
 
@@ -176,7 +176,7 @@ def test_a_broken_exporter_or_decoder_never_costs_the_verdict(monkeypatch):
     def boom(*a, **k):
         raise ValueError("decoder bug")
 
-    monkeypatch.setattr(chrome_trace, "dump_dir", boom)
+    monkeypatch.setattr(chrome, "dump_dir", boom)
     res = {"run_id": "r1", "verdict": "FAILURE"}
     tracepoints.save_failure(Snapshot(["x"]), res, None)
     assert res == {"run_id": "r1", "verdict": "FAILURE", "failure_trace": ["not saved: ValueError: decoder bug"]}

@@ -237,7 +237,7 @@ def test_sigterm_mid_schedule_ends_fast_and_clean():
 
 
 def test_the_pct_guarantee_is_stated_with_the_k_of_the_change_points(monkeypatch):
-    from ipc import sched
+    from ipc.sched import strategies
     from lab import explore as ex
 
     ks = []
@@ -251,7 +251,7 @@ def test_the_pct_guarantee_is_stated_with_the_k_of_the_change_points(monkeypatch
     res = explore(builtin("kaboom", "refcount", None, ()), "pct", 3, 3, 1, None)
     assert res["verdict"] == "SUCCESS" and len(ks) == 3
     # k: the most steps any change points were drawn over or any schedule took (not the first schedule's)
-    assert res["k"] == max(*ks, res["k_longest"]) and res["guarantee"] == sched.guarantee(res["n"], res["k"], 3)
+    assert res["k"] == max(*ks, res["k_longest"]) and res["guarantee"] == strategies.guarantee(res["n"], res["k"], 3)
     assert res["k_longest"] > ks[0] == 50  # the first schedule was drawn over the initial estimate only
     b = res["pct_bound"]
     assert b["k_max"] == res["k"] and b["p_per_schedule"] == res["guarantee"]
@@ -259,11 +259,11 @@ def test_the_pct_guarantee_is_stated_with_the_k_of_the_change_points(monkeypatch
 
 
 def test_pct_bound_is_per_schedule_and_over_n_schedules():
-    from ipc import sched
+    from ipc.sched import strategies
     from lab.explore import pct_bound
 
     b = pct_bound(2, 176, 3, 1000)
-    p = sched.guarantee(2, 176, 3)
+    p = strategies.guarantee(2, 176, 3)
     assert b == pytest.approx({"depth": 3, "k_max": 176, "n": 2, "p_per_schedule": p, "schedules": 1000,
                                "p_miss_all": (1 - p) ** 1000, "p_find_any": 1 - (1 - p) ** 1000})
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from ipc.chrome_trace import problems
+from ipc.trace.chrome import problems
 from lab import schedtrace
 from lab.explore import TRACE_JSON, TRACE_TEXT, builtin, explore, replay
 

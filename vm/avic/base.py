@@ -152,7 +152,7 @@ class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, Nest
             self.tlocks = [new_lock("spin", region.mem, region.word("tlocks", t), tstat, self.tag,
                                     busted="busted-lock" in self.hooks, name=f"avic_table_lock[{t}]")
                            for t in range(self.nt)]
-        # scheduled (ipc/sched.py): RMWs of the shared AVIC state are scheduling points; this
+        # scheduled (ipc/sched): RMWs of the shared AVIC state are scheduling points; this
         # process' own stats counters and the mutual-exclusion checker's words are not (_smem)
         self._smem, self.amem = region.mem, sched.atomic_points(region.mem, "avic")
 

@@ -82,7 +82,7 @@ class TableErase:
         vCPU. They are taken again (same order) before the drop; False: the table was freed, reused
         or no longer shadowed meanwhile, and is not dropped. (A fuzz-early drop waits with the
         locks held, as before.)"""
-        if getattr(fuzz.ACTIVE, "controlled", False):  # ipc/sched.py: no timed wait, the scheduler
+        if getattr(fuzz.ACTIVE, "controlled", False):  # ipc/sched: no timed wait, the scheduler
             fuzz.point("avic.flood_steer")  # decides who enters L2 before the drop
             return True
         m, end = self.amem, _prims.now_ns() + self.flood_race_ns

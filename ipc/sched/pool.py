@@ -1,4 +1,4 @@
-"""Client processes for controlled scheduling (ipc/sched.py): forked once, reused for schedule after
+"""Client processes for controlled scheduling (ipc/sched): forked once, reused for schedule after
 schedule (a fork costs several ms here; a schedule of a small scenario costs about as much).
 
 ``Pool(run_id, n, body)`` forks ``n`` clients that each wait for a job number (``H_JOB`` of the

@@ -24,7 +24,7 @@ for the plain types.
 
 Reading: :func:`snapshot` copies every ring (consistent for stopped writers; for a live writer the
 events that may have been overwritten while copying are left out) and decodes it into a
-:class:`Snapshot`, which ``ipc.chrome_trace`` turns into Chrome trace JSON or an ftrace-style text.
+:class:`Snapshot`, which ``ipc.trace.chrome`` turns into Chrome trace JSON or an ftrace-style text.
 The raw stamps of every ring go through one calibration (``_prims.trace_clock``), so a release and
 the acquisition it allowed keep their order across processes (per-process calibrations could
 differ by more than the gap between them).

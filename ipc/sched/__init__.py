@@ -22,7 +22,7 @@ it adds no steps while nothing is pending for it.
 Layout of the turnstile region (``layout(n)``, one segment ``pts_<run>_sched``):
 - ``hdr``   8 words: [0] wake (futex word of the scheduler: 1 = a client yielded), [1] progress
   (productive steps so far), [2] abort (1 = every client raises :class:`ScheduleAborted` when it
-  resumes), [3] job (futex word: a pool's clients start schedule number ``job``; ipc/schedpool.py),
+  resumes), [3] job (futex word: a pool's clients start schedule number ``job``; ipc/pool.py),
   [4] quit (the pool's clients exit), rest reserved
 - ``slots`` (n, 8) words, one cache line per client: [0] go (futex word: 1 = your turn), [1] state
   (RUN, POINT, BLOCKED, DONE, IDLE), [2] point id (crc32 of the point's name), [3] progress value seen
@@ -33,17 +33,16 @@ Layout of the turnstile region (``layout(n)``, one segment ``pts_<run>_sched``):
 from __future__ import annotations
 
 import os
-import random
 import zlib
 
 from ipc import _prims, fuzz
+from ipc.sched.strategies import Replay
 from ipc.shm import Layout, Region
 
 HDR_WORDS = SLOT_WORDS = 8
 H_WAKE, H_PROGRESS, H_ABORT, H_JOB, H_QUIT = 0, 1, 2, 3, 4
 S_GO, S_STATE, S_POINT, S_SINCE, S_HOLDER, S_PID = 0, 1, 2, 3, 4, 5
 RUN, POINT, BLOCKED, DONE, IDLE = 0, 1, 2, 3, 4
-STRATEGIES = ("pct", "random")
 _WAIT_NS = 200_000_000  # futex waits look up this often (parent or children gone?)
 
 ACTIVE: Client | None = None
@@ -323,54 +322,6 @@ def wrap_lock(lock, name: str | None, mem=None, stats_word: int = -1):
 
 
 # -- scheduler side --------------------------------------------------------------------------
-class RandomWalk:
-    name = "random"
-
-    def __init__(self, seed: int):
-        self.rng = random.Random(seed)
-
-    def pick(self, enabled: list[int], step: int, last: int) -> int:
-        return enabled[int(self.rng.random() * len(enabled))]
-
-
-class Pct:
-    """PCT (Burckhardt et al., ASPLOS 2010): random distinct priorities, d-1 change points among
-    the first ``k`` steps at which the running client's priority drops below every other; always
-    run the highest-priority enabled client."""
-
-    name = "pct"
-
-    def __init__(self, seed: int, n: int, depth: int, k: int):
-        rng = random.Random(seed)
-        prios = list(range(depth, depth + n))
-        rng.shuffle(prios)
-        self.prio = prios
-        self.change = {s: depth - 1 - i for i, s in enumerate(sorted(rng.sample(range(1, max(k, depth) + 1),
-                                                                                depth - 1)))}
-
-    def pick(self, enabled: list[int], step: int, last: int) -> int:
-        low = self.change.get(step)
-        if low is not None and last >= 0:
-            self.prio[last] = low
-        return max(enabled, key=self.prio.__getitem__)
-
-
-class Replay:
-    name = "replay"
-
-    def __init__(self, choices: list[tuple[int, int]]):
-        self.choices = choices
-        self.mismatch: str | None = None
-
-    def pick(self, enabled: list[int], step: int, last: int) -> int:
-        raise AssertionError("Replay is driven by Scheduler.run")
-
-
-def guarantee(n: int, k: int, depth: int) -> float:
-    """PCT's per-run lower bound for finding a bug of depth ``depth``: 1 / (n * k^(d-1))."""
-    return 1.0 / (n * max(k, 1) ** (depth - 1))
-
-
 class Scheduler:
     """Drives one schedule: waits until no client runs, picks the next, hands it the turn.
     ``log`` holds (client, point id, blocked-retry?) per step; ``outcome`` is "done", "deadlock",
