@@ -5,7 +5,10 @@ statement of the package, module level and function level alike (a lazy import i
 - no import circle between modules;
 - nothing imports launch.py; ipc/ imports none of vm/, vcpu/, lab/; vm/ imports neither vcpu/ nor
   lab/; vcpu/ does not import lab/;
-- no .py file over 600 lines, no class over 300 lines (the C extension is exempt).
+- the nested AVIC wing (vm/avic/) is imported by the composition roots only: nothing else in vm/
+  imports it (the wing hands its region's size to the VM through ``region_layouts``);
+- no .py file over 600 lines, no class over 300 lines (the C extension is exempt);
+- every package of the tree is shipped (pyproject.toml ``packages``), so ``pip install .`` has it.
 
 The checkers are plain functions over a {module: {imported modules}} graph, so the self-tests at the
 bottom feed them a broken graph and see them complain.
@@ -128,6 +131,24 @@ def forbidden_edges(graph: dict[str, set[str]]) -> list[str]:
     return bad
 
 
+WING = "vm.avic"
+
+
+def wing_edges(graph: dict[str, set[str]]) -> list[str]:
+    """Modules of vm/ outside the wing that import it (the wing registers itself; vm/ never reaches in)."""
+    inside = lambda m: m == WING or m.startswith(WING + ".")  # noqa: E731
+    return [f"{src} imports {dst} (only the composition roots import the wing)"
+            for src, dsts in sorted(graph.items()) if layer(src) == "vm" and not inside(src)
+            for dst in sorted(dsts) if inside(dst)]
+
+
+def unshipped(root: Path, shipped: list[str]) -> list[str]:
+    """Package directories (with an __init__.py) of PACKAGES that pyproject.toml does not ship."""
+    have = {".".join(d.relative_to(root).parts) for pkg in PACKAGES for d in [root / pkg, *(root / pkg).rglob("*")]
+            if d.is_dir() and (d / "__init__.py").exists()}
+    return sorted(have - set(shipped) - {"bench"})  # bench/ runs from a checkout, never installed
+
+
 def oversized(files: list[Path]) -> list[str]:
     bad = []
     for f in files:
@@ -161,6 +182,20 @@ def test_arrows_point_one_way():
     assert forbidden_edges(import_graph(source_files())) == []
 
 
+def test_nothing_in_vm_reaches_into_the_wing():
+    assert wing_edges(import_graph(source_files())) == []
+
+
+def _shipped() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+
+
+def test_every_package_is_shipped():
+    assert unshipped(ROOT, _shipped()) == []
+
+
 def test_files_and_classes_are_small():
     files = source_files() + sorted((ROOT / "tests").rglob("*.py"))
     assert oversized(files) == []
@@ -178,6 +213,16 @@ def test_layer_checker_finds_backward_arrows():
          "vm.kvm": {"ipc.shm"}}
     bad = forbidden_edges(g)
     assert len(bad) == 4 and not any("vm.kvm" in b for b in bad)
+
+
+def test_wing_checker_finds_vm_reaching_in_and_allows_the_roots():
+    g = {"vm.config": {"vm.avic.table"}, "vm.avic.base": {"vm.avic.table", "vm.nested"},
+         "vcpu.worker": {"vm.avic"}, "lab.schedrun": {"vm.avic"}, "vm.avic": {"vm.avic.base"}}
+    assert wing_edges(g) == ["vm.config imports vm.avic.table (only the composition roots import the wing)"]
+
+
+def test_shipping_checker_finds_a_missing_subpackage():
+    assert unshipped(ROOT, [p for p in _shipped() if p != "ipc.sched"]) == ["ipc.sched"]
 
 
 def test_import_graph_reads_lazy_and_relative_imports(tmp_path, monkeypatch):

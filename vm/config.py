@@ -145,12 +145,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return int(ns * self.dilate)
 
     def shm_bytes(self) -> int:
-        """Bytes of every shm segment this run creates (the VM layouts + the AVIC region)."""
-        from vm.avic.table import avic_layout
+        """Bytes of every shm segment this run creates: the VM layouts + the regions of its design
+        (``NestedDesign.region_layouts``; a design whose wing is not imported yet adds none here,
+        and ``make_design`` checks again once it is)."""
         from vm.layout import guest_layout, mirror_layout, trace_layout, vm_layout
+        from vm.nested import DESIGNS
 
+        cls = DESIGNS.get(self.design)
+        regions = cls.region_layouts(self) if cls is not None else ()
         return sum(lay.nbytes for lay in (vm_layout(self), guest_layout(self), mirror_layout(self),
-                                          avic_layout(self), trace_layout(self)))
+                                          trace_layout(self), *regions))
 
     def check_budget(self) -> None:
         need = self.shm_bytes()

@@ -58,6 +58,13 @@ class NestedDesign:
         self.kvm = kvm
         self.cfg = cfg
 
+    @classmethod
+    def region_layouts(cls, cfg) -> tuple:
+        """The shm regions this design creates beside the VM's own (vm/layout.py), for the run's
+        shared-memory budget (``Config.check_budget``): a wing hands its sizes to the VM here, so
+        that nothing in vm/ outside the wing imports it."""
+        return ()
+
     def setup(self) -> None:
         kvm_page_track_write_tracking_enable(self.kvm)
 
@@ -143,4 +150,5 @@ def make_design(kvm, cfg) -> NestedDesign:
         hint = "" if "mutex-hash" in DESIGNS else " (import vm.avic to register the nested AVIC designs)"
         raise ValueError(f"design {cfg.design!r} is not available (have: {', '.join(sorted(DESIGNS))}){hint}") \
             from None
+    cfg.check_budget()  # now with the design's own regions (the wing may not have been imported at parse)
     return cls(kvm, cfg)

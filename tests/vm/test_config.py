@@ -64,3 +64,19 @@ def test_cli_overrides_file(tmp_path):
     file_cfg, steps = load_toml(str(f))
     cfg = build(file_cfg, {"vcpus": 4, "seed": None})
     assert cfg.vcpus == 4 and cfg.seed == 5 and steps == []
+
+
+def test_the_shm_budget_counts_the_design_s_own_regions_and_make_design_checks_it_again(monkeypatch):
+    import vm.avic  # noqa: F401  (registers the AVIC designs: they hand the avic region's size to the VM)
+    from vm import config as C
+    from vm.avic.table import avic_layout
+    from vm.nested import make_design
+
+    avic = from_dict({"design": "rcu-list", "vcpus": 4})
+    mirror = from_dict({"design": "mirror", "vcpus": 4})
+    assert avic.shm_bytes() - mirror.shm_bytes() == avic_layout(avic).nbytes > 0
+    # a budget the VM's own layouts fit in but not the avic region: refused when the design is made
+    monkeypatch.setattr(C, "SHM_BUDGET_BYTES", mirror.shm_bytes() + avic_layout(avic).nbytes // 2)
+    mirror.check_budget()
+    with pytest.raises(UsageError, match="over the"):
+        make_design(None, avic)

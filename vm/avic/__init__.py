@@ -19,7 +19,8 @@ Where things are:
 
 Designs register themselves in ``vm.nested.DESIGNS`` when this package is imported; the composition
 roots (launch.py, the vCPU worker, tests, benchmarks) import it. Nothing in vm/ outside this package
-imports it (vm/config.py reads the region size from ``table.py`` only).
+imports it (tests/test_architecture.py): the wing hands the ``avic`` region's size to the VM through
+``AvicDesign.region_layouts`` (the run's shm budget, ``Config.check_budget``).
 
 Shadow entries are written only under the per-VM ``avic_physid_lock`` spinlock (which vCPU
 load/put also take to flip IsRunning) with atomic 64-bit stores, so the "hardware" (the vCPU

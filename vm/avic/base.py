@@ -219,6 +219,10 @@ class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, Nest
         self._smem.cmpxchg(self.tcs0 + t * 8 + CS_HOLDER, self.tag, 0)
         self.tlocks[t].unlock()
 
+    @classmethod
+    def region_layouts(cls, cfg) -> tuple:
+        return (avic_layout(cfg),)  # the ``avic`` region (vm/avic/table.py), for the VM's shm budget
+
     def _tlock_held(self, t: int) -> None:
         """lockdep: the caller holds table ``t``'s entries lock."""
         if self.per_table_lock:
