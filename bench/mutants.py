@@ -45,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from bench import mutants_opsrun
 from bench.mutants_catalogue import (
     CANARY_CODE,
     CANARY_COMMAND,
@@ -344,8 +345,12 @@ class Result:
     runs: list[Run] = field(default_factory=list)
 
 
-def schedule(m: Mutant):
-    """(command, seed) pairs: seeds 1, 2, 3, … cycling through the mutant's commands."""
+def schedule(m: Mutant, seed: int | None = None):
+    """(command, seed) pairs: seeds 1, 2, 3, … cycling through the mutant's commands; with ``seed``:
+    each command once, on that seed."""
+    if seed is not None:
+        yield from ((c, seed) for c in m.commands)
+        return
     i = 0
     while True:
         yield m.commands[i % len(m.commands)], i // len(m.commands) + 1
@@ -353,7 +358,7 @@ def schedule(m: Mutant):
 
 
 def run_mutant(m: Mutant, base: Path, limit_s: float = LIMIT_S, control_s: dict | None = None,
-               log=None, logs: Path | None = None) -> Result:
+               log=None, logs: Path | None = None, on_seed: int | None = None) -> Result:
     """Apply ``m`` to a clone of ``base`` and run its schedule until the first FAILURE, a crash or
     ``limit_s``; a command is not started when less than half its control time is left."""
     res = Result(m.name, m.mechanism, m.file, m.lines, m.bug)
@@ -361,7 +366,7 @@ def run_mutant(m: Mutant, base: Path, limit_s: float = LIMIT_S, control_s: dict 
     try:
         apply_mutant(d, m)
         t0 = time.monotonic()
-        for argv, seed in schedule(m):
+        for argv, seed in schedule(m, on_seed):
             left = limit_s - (time.monotonic() - t0)
             if left <= 0.5 * (control_s or {}).get(" ".join(argv), 0.0) or left <= 0:
                 break
@@ -522,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=["real", "virtual"], default="real",
                    help="virtual: each mutant's `run` commands on the virtual clock (--duration "
                         f"{VIRTUAL_DURATION:g} virtual s); mutants without a `run` command are skipped")
+    mutants_opsrun.add_arguments(p)
     args = p.parse_args(argv)
+    if args.operators:
+        return mutants_opsrun.main(args, sys.modules[__name__])
     logs = Path(args.logs) if args.logs else None
 
     def say(line: str) -> None:

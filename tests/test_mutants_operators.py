@@ -1,0 +1,128 @@
+"""bench.mutants --operators: the generated synchronization mutants (bench/mutants_operators.py) apply
+to the tree one site each, keep their ids under unrelated edits, leave instrumentation alone, the
+equivalents list cannot go stale silently, and a deadly operator mutant is killed."""
+
+from __future__ import annotations
+
+import difflib
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench import mutants as M
+from bench import mutants_operators as ops
+from bench import mutants_opsrun as run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def generated():
+    return ops.generate(ROOT)
+
+
+def test_at_least_150_mutants_of_every_operator(generated):
+    assert len(generated) >= 150
+    assert len({m.name for m in generated}) == len(generated)
+    assert {m.mechanism for m in generated} == set(ops.OPERATORS)
+    assert {m.file.split("/")[0] for m in generated} == set(ops.SCAN_DIRS)
+
+
+def test_every_patch_applies_and_changes_one_site(generated):
+    ops.check_patches(generated, ROOT)  # exactly once, compiles, the declared line count
+    for m in generated:
+        (e,) = m.edits
+        text = (ROOT / m.file).read_text()
+        after = M.patch_text(m, text)
+        start = text[:text.index(e.old)].count("\n")
+        span = range(start, start + e.old.count("\n") + 1)
+        sm = difflib.SequenceMatcher(None, text.splitlines(), after.splitlines(), autojunk=False)
+        hunks = [op for op in sm.get_opcodes() if op[0] != "equal"]
+        assert hunks and all(i1 in span and i2 - 1 <= span[-1] for _, i1, i2, _, _ in hunks), m.name
+        assert hunks[-1][2] - hunks[0][1] <= 1 + m.lines + e.old.count("\n"), m.name  # one contiguous site
+
+
+def test_ids_are_stable_under_an_unrelated_edit_above_the_site():
+    rel = "vm/avic/rcu_list.py"
+    text = (ROOT / rel).read_text()
+    before = {m.name: m for m in ops.file_mutants(rel, text)}
+    i = text.index("\n\n@design")  # a new function and statements above every site
+    edited = text[:i] + "\n\n\ndef _unrelated(x):\n    y = x + 1\n    return y\n" + text[i:]
+    after = {m.name: m for m in ops.file_mutants(rel, edited)}
+    assert before.keys() == after.keys() and len(before) >= 10
+    for k in before:
+        assert M.patch_text(after[k], edited) != edited
+
+
+def test_excluded_modules_and_instrumentation_produce_no_mutant(generated):
+    files = {m.file for m in generated}
+    assert not any(ops.excluded(f) for f in files)
+    assert not any(f.startswith(("ipc/torture/", "ipc/trace")) or f == "vm/avic/oracle.py" for f in ops.scan_files(ROOT))
+    # the rule matters: the torture self-tests do hold sites
+    assert ops.file_mutants("ipc/torture/gpbugs.py", (ROOT / "ipc/torture/gpbugs.py").read_text())
+    text = ("def f(self, m, b, lk):\n"
+            "    lk.lock()\n"
+            "    self._stat('track_write')\n"
+            "    m.fetch_add(b + T_WRITES, 1)\n"
+            "    self._cs_out(CS_TABLES)\n"
+            "    lk.unlock()\n"
+            "    if self._emit:\n"
+            "        m.fetch_add(b + T_REF, 1)\n")
+    got = ops.file_mutants("vm/x.py", text)
+    assert [m.mechanism for m in got] == ["drop-lock-pair"]
+
+
+def test_every_operator_on_a_small_function():
+    text = ("def f(self, m, w, lk, rcu, r, seq):\n"
+            "    lk.lock()\n"
+            "    m.store(w, 1)\n"
+            "    m.store(w + T_STATE, 2)  # release\n"
+            "    lk.unlock()\n"
+            "    rcu.read_lock()\n"
+            "    x = m.fetch_add(w, 1)\n"
+            "    rcu.read_unlock()\n"
+            "    _prims.smp_mb()\n"
+            "    self.kvm.rcu.synchronize()\n"
+            "    while r > 0:\n"
+            "        r = m.cmpxchg(w, r, r + 1)\n"
+            "    return x < seq\n")
+    kinds = sorted({m.mechanism for m in ops.file_mutants("vm/y.py", text)})
+    assert kinds == ["drop-barrier", "drop-gp-wait", "drop-lock-pair", "drop-read-lock-pair", "off-by-one",
+                     "split-rmw", "swap-sync", "unlock-earlier", "weaken-inc-not-zero"]
+
+
+def test_a_stale_equivalent_entry_fails_check(tmp_path, monkeypatch, generated, capsys):
+    good = tmp_path / "equivalent.toml"
+    good.write_text(f'[[equivalent]]\nid = "{generated[0].name}"\nwhy = "a test"\n')
+    monkeypatch.setattr(run, "EQUIVALENT_TOML", good)
+    assert M.main(["--operators", "--check"]) == M.EXIT_OK
+    good.write_text(good.read_text() + '\n[[equivalent]]\nid = "drop-barrier@vm/nowhere.py:f:x()"\nwhy = "gone"\n')
+    assert M.main(["--operators", "--check"]) == M.EXIT_BAD
+    assert "stale" in capsys.readouterr().err
+
+
+def test_the_shipped_equivalents_are_not_stale(generated):
+    eq = run.load_equivalents()
+    assert not run.stale_equivalents(generated, eq)
+    assert all(len(why) > 20 for why in eq.values())
+
+
+def test_shard_and_sample_select_a_stable_subset(generated):
+    class A:
+        only, shard, sample = None, "2/4", None
+    assert [m.name for m in run.select(generated, A)] == [m.name for m in generated[1::4]]
+    A.shard, A.sample = None, 10
+    a, b = run.select(generated, A), run.select(generated, A)
+    assert len(a) == 10 and [m.name for m in a] == [m.name for m in b]
+
+
+@pytest.mark.timeout(120)
+def test_a_deadly_operator_mutant_is_killed(tmp_path, generated):
+    """A grace period that does not wait at all: rcutorture sees it within a 1-second run."""
+    m = next(x for x in generated if x.name == "drop-gp-wait@ipc/rcu.py:RcuDomain.synchronize:self._synchronize(None)")
+    base = M.make_copy(ROOT, dest=tmp_path / "copy")
+    res = M.run_mutant(replace(m, commands=(("torture", "rcu", "--duration", "1"),)), base, 60.0, on_seed=1)
+    shutil.rmtree(base)
+    assert res.killed and res.ttf_s < 5, res
