@@ -120,9 +120,10 @@ def test_shard_and_sample_select_a_stable_subset(generated):
 
 @pytest.mark.timeout(120)
 def test_a_deadly_operator_mutant_is_killed(tmp_path, generated):
-    """A grace period that does not wait at all: rcutorture sees it within a 1-second run."""
+    """A grace period that does not wait at all: rcutorture sees it in its first 1-second run (about 2.5 s
+    of wall time on an idle machine; the bound leaves room for a loaded one)."""
     m = next(x for x in generated if x.name == "drop-gp-wait@ipc/rcu.py:RcuDomain.synchronize:self._synchronize(None)")
     base = M.make_copy(ROOT, dest=tmp_path / "copy")
     res = M.run_mutant(replace(m, commands=(("torture", "rcu", "--duration", "1"),)), base, 60.0, on_seed=1)
     shutil.rmtree(base)
-    assert res.killed and res.ttf_s < 5, res
+    assert res.killed and len(res.runs) == 1 and res.ttf_s < 20, res
