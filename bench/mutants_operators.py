@@ -21,6 +21,8 @@ by three declared rules, printed by ``--operators --list``:
    checker (``_cs_in``/``_cs_out``, the checker's own memory ``_smem``) or fuzz point, or that lies
    in a block run only for tracing / fuzzing (``if emit:``, ``if fuzz.ACTIVE:``), is never a site
    and never the partner of a swap; ``EXCLUDED_FUNCTIONS``: diagnostic functions (name pattern);
+   ``EXCLUDED_CLASSES``: oracles that live beside the code they judge (vm/mirror.py's
+   ``WriteAccounting``);
 3. ``STATS_WORDS``: a statement whose shared-memory word is a statistics counter (``T_WRITES``,
    ``H_LIVE``, ``NH_REGISTERED``, ``HDR_GP_SEQ``, ...; the oracle's own words ``H_SEQ``/``H_BUSY``)
    is instrumentation too.
@@ -65,6 +67,7 @@ INSTRUMENTATION_CALLS = frozenset({
 })
 INSTRUMENTATION_RECEIVERS = ("fuzz", "fz", "tr", "trace", "self._smem", "_smem", "self.hist", "kvm.hist")
 INSTRUMENTATION_GUARDS = re.compile(r"^(not )?(emit|self\._emit|fuzz\.ACTIVE|fz|tr|te|tw|self\.reader_delay)\b")
+EXCLUDED_CLASSES = frozenset({"WriteAccounting"})  # vm/mirror.py's call-accounting oracle (a detector)
 EXCLUDED_FUNCTIONS = re.compile(r"^(_?check|_?report|describe|dump|_?stats?$|summary|snapshot|readers_inside|"
                                 r"blocking_readers|live_nodes|__repr__|__str__)")
 STATS_WORDS = frozenset({
@@ -202,6 +205,8 @@ class _Finder(ast.NodeVisitor):
 
     # -- walking ---------------------------------------------------------------------------------------
     def visit_ClassDef(self, node):
+        if node.name in EXCLUDED_CLASSES:
+            return
         self.stack.append(node.name)
         self.generic_visit(node)
         self.stack.pop()

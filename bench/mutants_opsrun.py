@@ -91,6 +91,7 @@ def print_rules(file=None) -> None:
     print(f"  receivers:     {', '.join(ops.INSTRUMENTATION_RECEIVERS)}", file=out)
     print(f"  guarded by:    {ops.INSTRUMENTATION_GUARDS.pattern}", file=out)
     print(f"  functions:     {ops.EXCLUDED_FUNCTIONS.pattern}", file=out)
+    print(f"  classes:       {', '.join(sorted(ops.EXCLUDED_CLASSES))}", file=out)
     print(f"  stats words:   {', '.join(sorted(ops.STATS_WORDS))}", file=out)
     print("operators:", file=out)
     for k, v in ops.OPERATORS.items():
