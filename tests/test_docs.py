@@ -7,7 +7,8 @@
 - every command that ``launch.py -h`` lists has its section (``## COMMAND``) in docs/commands.md and
   a row in the README's command table;
 - the README is at most 150 lines and its first code block is exactly the two set-up commands;
-- every page of docs/ starts with the question it answers (a ``# `` heading with a ``?``).
+- every page of docs/ starts with the question it answers (a ``# `` heading with a ``?``) and is
+  reachable from the README through links.
 
 The checkers are plain functions over text, so the self-tests at the bottom feed them a broken link,
 a bogus flag and a missing command and see them complain.
@@ -240,6 +241,26 @@ def test_each_page_starts_with_its_question(path):
     assert opening_question(path.read_text()), f"{path.relative_to(ROOT)}: first line is not '# ...?'"
 
 
+def unreachable_pages(start: Path, pages: list[Path]) -> list[Path]:
+    """The Markdown ``pages`` no chain of relative links from ``start`` leads to."""
+    seen, todo = {start.resolve()}, [start.resolve()]
+    while todo:
+        page = todo.pop()
+        for target in links(page.read_text()):
+            file_part = target.partition("#")[0]
+            if EXTERNAL.match(target) or not file_part.endswith(".md"):
+                continue
+            dest = (page.parent / file_part).resolve()
+            if dest.exists() and dest not in seen:
+                seen.add(dest)
+                todo.append(dest)
+    return [p for p in pages if p.resolve() not in seen]
+
+
+def test_every_docs_page_is_reachable_from_the_readme():
+    assert [str(p.relative_to(ROOT)) for p in unreachable_pages(README, sorted(DOCS.rglob("*.md")))] == []
+
+
 # --- the checkers catch what they are for -----------------------------------------------------------
 
 def test_link_checker_finds_a_missing_file_and_a_missing_anchor(tmp_path):
@@ -276,6 +297,15 @@ def test_command_coverage_checker_finds_a_missing_section():
     md = "# Commands?\n## run\n## `clean`\n```\n## sweep\n```\n"
     assert undocumented_commands(["run", "clean", "sweep"], md) == ["sweep"]
     assert missing_from_readme_table(["run", "sweep"], "| `python launch.py run` | x |\n") == ["sweep"]
+
+
+def test_reachability_checker_finds_an_orphan_page(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for name, text in {"a.md": "# A?\n[b](b.md)\n", "b.md": "# B?\n", "c.md": "# C?\n[a](a.md)\n"}.items():
+        (tmp_path / "docs" / name).write_text(text)
+    (tmp_path / "README.md").write_text("[a](docs/a.md#x)\n")
+    pages = sorted((tmp_path / "docs").glob("*.md"))
+    assert [p.name for p in unreachable_pages(tmp_path / "README.md", pages)] == ["c.md"]
 
 
 def test_setup_and_question_checkers():
