@@ -15,6 +15,7 @@ import sys
 import threading
 
 from ipc.errors import UsageError
+from vm.hooks import HOOKS  # (no imports of its own: --help stays cheap)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 WORKLOAD_NAMES = ("realistic", "heavy")  # vm/workloads.py (kept here: --help needs no vm import)
@@ -94,17 +95,6 @@ def float_list(lo: float, hi: float, what: str):
     return parse
 
 
-HOOKS = {
-    "no-synchronize-srcu": "bug: unregister frees notifier nodes without waiting for SRCU readers",
-    "no-synchronize-rcu": "bug: rcu-list frees tables without waiting for RCU readers",
-    "busted-lock": "bug: every lock of the VM does not lock",
-    "avic-reader-delay": "widening, not a bug (a correct design still ends in SUCCESS): AVIC RCU readers "
-                         "stay 100 µs in their read-side section",
-    "avic-flood-often": "widening, not a bug (a correct design still ends in SUCCESS): AVIC tables are "
-                        "flood-dropped after 2 unused writes, each drop steered onto a vCPU entering L2",
-    "flood-drop-race": "bug: avic-flood-often, and the drop does not kick the vCPUs in L2 on the table (the unfixed race)",
-    "no-tlb-flush": "bug: write-protecting a page does not flush remote TLBs (no wait for vCPUs in guest mode)",
-}
 HOOK_HELP = ("bugs break the kernel code on purpose (the run is meant to end in FAILURE), widenings widen a race "
              "window (a correct design still ends in SUCCESS): " + ", ".join(
                  f"{k} ({'widening' if v.startswith('widening') else 'bug'})" for k, v in sorted(HOOKS.items()))
@@ -122,6 +112,11 @@ def dilate_arg(s: str) -> str | float:
 
 
 
+REPLAY_EXITS = ("exit codes: 0 SUCCESS (no longer fails); 1 FAILURE (the code's failure); 2 bad input, one line: "
+                "unreadable, edited (its [schedule] hash does not match its body), an unknown hook, vcpus that disagree "
+                "with the programs, steps after the failing one, max_steps below the failing step, or a schedule the "
+                "code no longer follows (the code changed); 3 STEP-BOUND (the replay reached its step bound: no "
+                "verdict on the code); 4 STOPPED (a vCPU process stopped from outside, e.g. SIGSTOP, died or hung)")
 REGISTRATION_CHOICES = ["refcount", "bool", "naive", "split", "node-refcount"]
 
 
@@ -298,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_arg(sc)
 
     ex = sub.add_parser("explore", help="search interleavings of a small scenario under a controlled scheduler")
-    ex.add_argument("scenario", metavar="SCENARIO", help="kaboom, flood-drop, tlb-flush, free (seeded workload op "
-                    "streams), or a FILE.toml whose "
-                    "[[step]]s are per-vCPU programs (no global order)")
+    ex.add_argument("scenario", metavar="SCENARIO", help="kaboom, flood-drop, tlb-flush, invalidate, memslot, gp-share "
+                    "(3 vCPUs), notifier (3 vCPUs), free (seeded workload op streams), or a FILE.toml whose "
+                    "[[step]]s are per-vCPU programs (no global order); each runs as scripted vCPU commands "
+                    "(the executor and L1 write path of `run --scenario`)")
     ex.add_argument("--strategy", choices=["pct", "random"], default="pct")
     ex.add_argument("--depth", type=int_range(1, 10, "--depth"), default=3, help="PCT bug depth d (default 3)")
     ex.add_argument("--schedules", type=int_range(1, 10_000_000, "--schedules"), default=1000,
@@ -308,14 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "$PAGETRACK_PROGRESS_S s, default 5, when not a terminal)")
     ex.add_argument("--seed", type=SEED, default=1)
     ex.add_argument("--out", metavar="DIR", default="explore-out", help="where failing-schedule.toml goes")
-    ex.add_argument("--registration", choices=["refcount", "bool", "naive", "split"], default=None)
+    ex.add_argument("--registration", choices=REGISTRATION_CHOICES, default=None)
     ex.add_argument("--design", choices=["mutex-hash", "rcu-list", "per-table-notifier"], default=None)
+    ex.add_argument("--coverage", action="store_true",
+                    help="report the paths the schedules reached: named AVIC / page-track / grace-period paths and "
+                         "the functions of vm/ and vm/avic/ (sys.settrace call events in every process; slower)")
+    ex.add_argument("--no-shrink", dest="shrink", action="store_false",
+                    help="save a failing schedule as found (default: shrunk first, fewer switches and steps, same "
+                         "diagnosis; the file keeps original_steps / original_switches)")
     ex.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK", help=HOOK_HELP)
     ex.add_argument("--max-steps", dest="max_steps", type=int_range(10, 10_000_000, "--max-steps"), default=5000,
                     help="step bound per schedule (default 5000)")
     ex.add_argument("--json", metavar="PATH", default=None, help="write the summary as JSON")
     _add_trace_arg(ex)
-    rpl = sub.add_parser("replay", help="re-execute a failing-schedule.toml exactly")
+    rpl = sub.add_parser("replay", help="re-execute a failing-schedule.toml exactly", epilog=REPLAY_EXITS)
     rpl.add_argument("file", metavar="FILE")
     _add_trace_arg(rpl)
 

@@ -18,155 +18,25 @@ import math
 import os
 import sys
 import time
-import tomllib
 
-from ipc import sched
-from ipc.errors import UsageError
 from ipc.sched import strategies
 from lab import schedtrace
 from lab.outputs import write_atomic
-from lab.schedrun import Runner, Scenario, describe, name_points, run_schedule
-from vm.results import versions
+from lab.pathcov import Coverage, format_summary
+from lab.scenarios import BUILTINS, builtin, check, free, from_toml, title  # noqa: F401  (re-exported)
+from lab.schedrun import Runner, Scenario, describe
+from lab.schedule_file import format_log, load, main_replay, replay, save, switches  # noqa: F401  (re-exported)
+from lab.shrink import shrink_failure
 
 DEFAULT_DEPTH = 3
 DEFAULT_SCHEDULES = 1000
 MAX_STEPS = 5000
-SHOW_STEPS = 40
+SHOW_STEPS = 40  # (lab/schedule_file.py format_log shows as many)
 FILE = "failing-schedule.toml"
 TRACE_JSON, TRACE_TEXT = "failing-schedule.trace.json", "failing-schedule.trace.txt"
-BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "free")
-FREE = {"vcpus": 2, "l2s": 2, "switch_rate": 0.5, "writes_per_exit": 2, "tracked_fraction": 0.5}
-FREE_ITERATIONS = 3
 PROGRESS_S = 5.0  # the plain progress line's interval on stderr when it is not a terminal
 PROGRESS_ENV = "PAGETRACK_PROGRESS_S"  # overrides PROGRESS_S (seconds)
 DISTINCT_CAP = 1_000_000  # distinct interleavings counted up to this many (a hash each)
-
-
-# -- scenarios ---------------------------------------------------------------------------------
-def builtin(name: str, registration: str | None, design: str | None, hooks: tuple[str, ...]) -> Scenario:
-    from vm.avic.kaboom import kaboom_steps
-
-    hooks = tuple(sorted(set(hooks)))
-    if name == "free":
-        return free(registration, design, hooks)
-    if name == "kaboom":
-        reg, des = registration or "refcount", design or "mutex-hash"
-        progs: list[list[tuple[str, dict]]] = [[], []]
-        for v, op, args in kaboom_steps(reg, des):
-            progs[v].append((op, args))
-        return Scenario(name, {"vcpus": 2, "l2s": 2, "design": des, "registration": reg}, hooks, progs)
-    # flood-drop: the lock-free design (mutex-hash serializes track_write and VMRUN by tables_lock)
-    des = design or ("rcu-list" if name == "flood-drop" else "mutex-hash")
-    cfg = {"vcpus": 2, "l2s": 2, "design": des, "registration": registration or "refcount"}
-    if name == "flood-drop":
-        # vCPU 1 runs L2 0 once and keeps its table; back in L1 it rewrites its own entry while
-        # the table is unused: the third such write floods it (avic-flood-often: a drop after 2
-        # unused writes) -- maybe while vCPU 0 enters L2 0 for good (the sampling checker, run
-        # between every two steps, then sees vCPU 0 in L2 on an unshadowed table unless kicked)
-        owner = [("vmrun", {"l2": 0})]
-        writer = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0})] + [
-            ("write_entry", {"l2": 0, "entry": 1, "apic": 1, "running": r}) for r in (False, True, False)]
-        return Scenario(name, cfg, tuple(sorted({*hooks, "avic-flood-often"})), [owner, writer])
-    if name == "tlb-flush":
-        # vCPU 1 (L1) stores into L2 0's table while vCPU 0 creates and write-protects it
-        owner = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0}), ("vmrun", {"l2": 0}), ("vmexit", {"l2": 0})]
-        writer = [("write_entry", {"l2": 0, "entry": 1, "apic": 1, "running": True})]
-        return Scenario(name, cfg, hooks, [owner, writer])
-    raise UsageError(f"explore: unknown scenario {name!r} (built-ins: {', '.join(BUILTINS)}, or a .toml file)")
-
-
-def free(registration: str | None, design: str | None, hooks: tuple[str, ...], seed: int = 1,
-         iterations: int = FREE_ITERATIONS) -> Scenario:
-    """The small free-running configuration: each vCPU runs a short seeded op stream of the normal
-    workload generator (vcpu.vcpu.op_stream: tracked L1 writes, nested VMRUN / VMEXIT, L2
-    switches) instead of a hand-written program."""
-    from vcpu.vcpu import op_stream
-    from vm import config
-
-    cfg = {**FREE, "seed": seed, "design": design or "mutex-hash", "registration": registration or "refcount"}
-    c = config.from_dict({**cfg, "fuzz": "off"})
-    return Scenario("free", cfg, hooks, [op_stream(c, v, iterations) for v in range(c.vcpus)])
-
-
-def from_toml(path: str, registration: str | None, design: str | None, hooks: tuple[str, ...]) -> Scenario:
-    from vm import config
-
-    file_cfg, steps = config.load_toml(path)
-    cli = {"registration": registration, "design": design}
-    cfg = config.build(file_cfg, cli)
-    if not steps:
-        raise UsageError(f"scenario file {path}: explore needs [[step]] tables (per-vCPU programs)")
-    progs: list[list[tuple[str, dict]]] = [[] for _ in range(cfg.vcpus)]
-    for v, op, args in config.parse_steps(steps, cfg):
-        progs[v].append((op, args))
-    merged = {**file_cfg, **{k: v for k, v in cli.items() if v is not None}}
-    return Scenario(os.path.basename(path), merged, tuple(sorted(set(hooks))), progs, executor="vcpu")
-
-
-# -- printing ----------------------------------------------------------------------------------
-def format_log(log: list[tuple[int, str, bool]], last: int = SHOW_STEPS) -> list[str]:
-    """The interleaving, readably: step number, which vCPU, at which point, inside which op."""
-    cur: dict[int, str] = {}
-    lines = []
-    start = max(0, len(log) - last)
-    for k, (v, name, blocked) in enumerate(log):
-        if name.startswith("op "):
-            cur[v] = name[3:]
-        if k >= start:
-            what = f"{name} (retry after blocking)" if blocked else name
-            lines.append(f"  {k:5d}  vCPU {v}  {what:<52}  [{cur.get(v, 'setup')}]")
-    return lines
-
-
-# -- saving / loading a schedule ---------------------------------------------------------------
-def _toml_value(x) -> str:
-    if isinstance(x, bool):
-        return "true" if x else "false"
-    if isinstance(x, int | float):
-        return repr(x)
-    if isinstance(x, str):
-        return '"' + x.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(x, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in x) + "]"
-    if isinstance(x, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in x.items()) + "}"
-    raise TypeError(f"cannot write {type(x).__name__} to TOML")
-
-
-def save(path: str, sc: Scenario, meta: dict, log: list[tuple[int, str, bool]], reasons: list[str]) -> None:
-    lines = ["# failing schedule of `launch.py explore`; re-run it with `launch.py replay` this file",
-             "[scenario]", f"name = {_toml_value(sc.name)}", f"executor = {_toml_value(sc.executor)}",
-             f"hooks = {_toml_value(list(sc.hooks))}", f"config = {_toml_value(sc.cfg)}",
-             "programs = [", *[f"  {_toml_value([[op, a] for op, a in p])}," for p in sc.programs], "]",
-             "", "[explore]", *[f"{k} = {_toml_value(v)}" for k, v in meta.items()],
-             "", "[versions]", *[f"{k} = {_toml_value(v)}" for k, v in versions().items()],
-             "", "[result]", f"diagnosis = {_toml_value(reasons[:20])}",
-             "", "[schedule]  # one [vCPU, point] per scheduling step, in order",
-             "steps = [", *[f"  [{v}, {_toml_value(n)}]," for v, n, _ in log], "]", ""]
-    write_atomic(path, "\n".join(lines), what="the failing schedule")
-
-
-def load(path: str) -> tuple[Scenario, list[tuple[int, str]], dict]:
-    def bad(why: str):
-        return UsageError(f"replay: {path}: {why}")
-
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise bad("not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise bad(f"unreadable: {e}") from None
-    try:
-        s = doc["scenario"]
-        progs = [[(str(op), dict(a)) for op, a in p] for p in s["programs"]]
-        sc = Scenario(str(s["name"]), dict(s["config"]), tuple(s["hooks"]), progs, str(s["executor"]))
-        schedule = [(int(v), str(n)) for v, n in doc["schedule"]["steps"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise bad(f"not a failing-schedule file ({type(e).__name__}: {e})") from None
-    if sc.executor not in ("avic", "vcpu") or not all(0 <= v < sc.n for v, _ in schedule):
-        raise bad("not a failing-schedule file (executor or vCPU out of range)")
-    return sc, schedule, doc
 
 
 # -- the commands ------------------------------------------------------------------------------
@@ -174,28 +44,21 @@ def _strategy(name: str, seed: int, n: int, depth: int, k: int):
     return strategies.Pct(seed, n, depth, k) if name == "pct" else strategies.RandomWalk(seed)
 
 
-def _check_cfg(sc: Scenario) -> None:
-    from vm import config
-
-    try:
-        config.from_dict({**sc.cfg, "fuzz": "off"})
-    except (UsageError, ValueError) as e:
-        raise UsageError(f"explore: {e}") from None
-
-
 def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, schedules: int = DEFAULT_SCHEDULES,
             seed: int = 1, out: str | None = None, max_steps: int = MAX_STEPS, quiet: bool = False,
-            trace: str | None = None, progress=None) -> dict:
+            trace: str | None = None, progress=None, shrink: bool = True, coverage: bool = False) -> dict:
     """Run up to ``schedules`` schedules; stop at the first FAILURE. Returns a summary dict. The
     failing schedule's trace goes beside ``failing-schedule.toml`` (JSON + text) and to ``trace``.
-    ``progress(done, total, steps, elapsed_s)`` is called after every schedule."""
-    _check_cfg(sc)
+    ``progress(done, total, steps, elapsed_s)`` is called after every schedule. A FAILURE is shrunk
+    before it is saved (``shrink``, lab/shrink.py); ``coverage``: the paths reached (lab/pathcov.py)."""
+    check(sc)
     t0 = time.monotonic()
     steps = k_max = k_used = covered = 0
     k_est = 50  # PCT places its change points among this many steps: the longest schedule so far
     seen: set[int] | None = set()  # hashes of the interleavings (None: past DISTINCT_CAP)
     res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks)}
-    with Runner(sc) as runner:
+    cov = Coverage(functions=True) if coverage else None
+    with Runner(sc, coverage=cov) as runner:
         for i in range(schedules):
             sseed = seed * 1_000_003 + i
             k_used = max(k_used, k_est)  # the guarantee is stated with the k the change points were drawn over
@@ -212,23 +75,26 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
             if progress is not None:
                 progress(i + 1, schedules, steps, time.monotonic() - t0)
             if o.verdict != "SUCCESS":
+                o, shrunk = shrink_failure(runner, o, max_steps) if shrink else (o, {})
                 res.update(verdict="FAILURE", schedules=i + 1, schedules_to_failure=i + 1, reasons=o.reasons,
-                           log=o.log, schedule_seed=sseed, failing_steps=len(o.log), sched_outcome=o.sched_outcome)
+                           log=o.log, schedule_seed=sseed, failing_steps=len(o.log), sched_outcome=o.sched_outcome, **shrunk)
                 if out is not None:
                     os.makedirs(out, exist_ok=True)
                     res["file"] = os.path.join(out, FILE)
                     save(res["file"], sc, {"strategy": strategy, "depth": depth, "seed": seed, "schedule": i,
                                            "schedule_seed": sseed, "steps": len(o.log), "max_steps": max_steps,
                                            # a hang / crash depends on timing: its steps do not repeat it
-                                           "replayable": o.sched_outcome not in ("hang", "crash")},
+                                           "replayable": o.sched_outcome not in ("hang", "crash"), **shrunk},
                          o.log, o.reasons)
                     res["trace_files"] = schedtrace.write(o.trace(sc.n), os.path.join(out, TRACE_JSON),
-                                                          _title(sc), os.path.join(out, TRACE_TEXT))
+                                                          title(sc), os.path.join(out, TRACE_TEXT))
                 if trace is not None:
-                    res.setdefault("trace_files", []).extend(schedtrace.write(o.trace(sc.n), trace, _title(sc)))
+                    res.setdefault("trace_files", []).extend(schedtrace.write(o.trace(sc.n), trace, title(sc)))
                 break
         else:
             res.update(verdict="SUCCESS", schedules=schedules, reasons=[])
+    if cov is not None:
+        res["coverage"] = cov.summary()
     el = time.monotonic() - t0
     # k for the bound: the most steps any change points were drawn over or any schedule took (the
     # smaller of the per-schedule bounds; a schedule longer than its draw is not counted in p_miss_all)
@@ -326,29 +192,6 @@ class Progress:
               file=self.stream, flush=True)
 
 
-def _title(sc: Scenario) -> str:
-    hooks = f" hooks={','.join(sc.hooks)}" if sc.hooks else ""
-    return f"pagetrack-sim schedule of {sc.name} ({sc.cfg.get('design')}, {sc.cfg.get('registration')}{hooks})"
-
-
-def replay(path: str, trace: str | None = None) -> dict:
-    sc, schedule, doc = load(path)
-    _check_cfg(sc)
-    ex = doc.get("explore", {})
-    if ex.get("replayable", True) is not True:
-        raise UsageError(f"replay: {path}: not replayable (the saved failure was a hang or crash, "
-                         "which depends on timing, not on the schedule)")
-    bound = ex.get("max_steps", len(schedule) + 1)  # the explore's step bound: a step-bound failure stops there
-    if type(bound) is not int or bound < 1:
-        raise UsageError(f"replay: {path}: [explore] max_steps must be a positive integer")
-    o = run_schedule(sc, strategies.Replay([(v, sched.point_id(n)) for v, n in schedule]), bound)
-    if trace is not None and o.verdict != "MISMATCH":
-        schedtrace.write(o.trace(sc.n), trace, _title(sc))
-    expected = {sched.point_id(n): n for _, n in schedule}
-    return {"verdict": o.verdict, "reasons": [name_points(r, expected) for r in o.reasons], "log": o.log, "steps": len(o.log),
-            "expected": doc.get("result", {}).get("diagnosis", []), "seconds": round(o.seconds, 3)}
-
-
 def _print_summary(res: dict) -> None:
     b = res.get("pct_bound")
     g = ""
@@ -394,7 +237,8 @@ def main(args) -> int:
         sc = builtin(args.scenario, args.registration, args.design, hooks)
     with Progress(sc.name, args.schedules) as progress:
         res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps,
-                      trace=args.trace, progress=progress)
+                      trace=args.trace, progress=progress, shrink=getattr(args, "shrink", True),
+                      coverage=getattr(args, "coverage", False))
     if args.json:
         write_atomic(args.json, json.dumps({k: v for k, v in res.items() if k != "log"}, indent=1),
                      what="explore's results", flag="--json")
@@ -406,6 +250,9 @@ def main(args) -> int:
         print("\n".join(format_log(res["log"])))
         for r in res["reasons"][1:8]:
             print(f"  also: {r}")
+        if "original_steps" in res:
+            print(f"shrunk from {res['original_steps']} steps / {res['original_switches']} switches to "
+                  f"{len(res['log'])} / {switches(res['log'])} (same diagnosis; {res['shrink_runs']} candidates run)")
         if "file" in res:
             print(f"saved {res['file']}: `python launch.py replay {res['file']}` re-runs it")
         if res.get("trace_files"):
@@ -413,26 +260,9 @@ def main(args) -> int:
     else:
         print(success_line(res) + (" (no failing schedule: no trace written)" if args.trace else ""))
     _print_summary(res)
+    if "coverage" in res:
+        print("\n".join(format_summary(sc.name, res["coverage"])))
     return 0 if res["verdict"] == "SUCCESS" else 1
-
-
-def main_replay(args) -> int:
-    res = replay(args.file, args.trace)
-    if res["verdict"] == "MISMATCH":
-        print(f"error: {args.file} no longer matches the code: {res['reasons'][0]}", file=sys.stderr)
-        return 2
-    print("\n".join(format_log(res["log"])))
-    if res["verdict"] == "FAILURE":
-        same = res["reasons"][:20] == res["expected"]
-        print(f"FAILURE (replayed {res['steps']} steps{', same diagnosis as saved' if same else ''}): "
-              f"{res['reasons'][0]}")
-        for r in res["reasons"][1:8]:
-            print(f"  also: {r}")
-        return 1
-    print(f"SUCCESS: the replayed schedule ({res['steps']} steps) no longer fails")
-    if args.trace:
-        print(f"trace (1 us = 1 step): {args.trace}")
-    return 0
 
 
 __all__ = ["builtin", "free", "from_toml", "explore", "replay", "format_log", "describe", "main", "main_replay",

@@ -29,15 +29,14 @@ MAX_EVENTS = 50
 @dataclass
 class Scenario:
     """What to explore: the VM (``cfg`` dict, ``hooks``) and one program per vCPU, each a list of
-    (op, args) run in order by that vCPU only; ``executor`` "avic" runs the ops as
-    vm/avic/kaboom.apply_step (L1 stores inside the guest-mode section), "vcpu" as the scripted
-    commands of vcpu/vcpu.py."""
+    (op, args) run in order by that vCPU only, as the scripted commands of ``run --scenario``
+    (vcpu/vcpu.py ``Vcpu.execute``; ``executor`` "vcpu", the only one)."""
 
     name: str
     cfg: dict
     hooks: tuple[str, ...]
     programs: list[list[tuple[str, dict]]]
-    executor: str = "avic"
+    executor: str = "vcpu"
 
     @property
     def n(self) -> int:
@@ -66,15 +65,38 @@ def describe(op: str, args: dict) -> str:
     return " ".join([op] + [f"{k}={v}" for k, v in args.items()])
 
 
-def _vcpu_body(sc: Scenario, cfg, base: str):
+def programs(sc: Scenario, cfg) -> list[list[tuple[str, dict]]]:
+    """The programs as ``Vcpu.execute`` takes them: each step checked and its values converted by
+    vm/config.py ``parse_steps``, as ``run --scenario`` does with a file's ``[[step]]``s (a hex
+    ``data`` string becomes bytes)."""
+    from vm.config import parse_steps
+
+    out: list[list[tuple[str, dict]]] = [[] for _ in sc.programs]
+    flat = [{"vcpu": v, "op": op, **args} for v, p in enumerate(sc.programs) for op, args in p]
+    for v, op, args in parse_steps(flat, cfg):
+        out[v].append((op, args))
+    return out
+
+
+def _vcpu_body(sc: Scenario, cfg, base: str, coverage: bool = False):
     """What each vCPU process of the pool runs for schedule ``job`` (ipc.sched.pool): attach that
-    schedule's VM, run its program under the turnstile, detach, return its report."""
+    schedule's VM, run its program under the turnstile as the scripted commands of ``run
+    --scenario`` (``Vcpu``: the same executor and L1 write path), detach, return its report."""
+    from vcpu.vcpu import Vcpu
+
+    progs = programs(sc, cfg)
 
     def body(v: int, client, job: int) -> bytes:
         report: dict = {"vcpu": v, "error": None, "events": [], "log": [], "names": {}, "aborted": False}
         kvm = d = None
         client.turns = 0
         turns: list[int] = []  # per event of kvm.events: the vCPU's turns when it was seen (for the trace)
+        tracer = None
+        if coverage:
+            from lab.pathcov import Tracer
+
+            tracer = Tracer()
+            tracer.start()
 
         def seen() -> None:
             turns.extend([client.turns] * (len(kvm.events) - len(turns)))
@@ -83,26 +105,30 @@ def _vcpu_body(sc: Scenario, cfg, base: str):
             kvm = Kvm.attach(cfg, f"{base}j{job}", v + 1, frozenset(sc.hooks))
             d = make_design(kvm, cfg)
             d.vcpu_init(v)
-            run, l2_of = _executor(sc.executor, kvm, d, v)
+            vc = Vcpu(kvm, d, v)
             client.hit("op vcpu_load")
-            d.vcpu_load(v)
-            for op, args in sc.programs[v]:
-                client.hit(f"op {describe(op, args)}")
-                report["log"].append(run(op, args))
+            vc.load()
+            for op, args in progs[v]:
+                client.hit(f"op {describe(op, sc_args(args))}")
+                report["log"].append(f"vCPU {v}: {describe(op, sc_args(args))} -> {vc.execute(op, dict(args))}")
                 seen()
             if _runs_l2(d, v):
-                report["log"] += _l2_runs_on(client, d, v, l2_of())
+                report["log"] += _l2_runs_on(client, d, v, vc.l2)
                 seen()
             client.hit("op vcpu_put")
-            d.vcpu_put(v)
+            vc.put()
         except sched.ScheduleAborted:
             report["aborted"] = True
         except BaseException as e:
             report["error"] = f"{type(e).__name__}: {e}"
             report["traceback"] = traceback.format_exc()[-3000:]
         finally:
+            if tracer is not None:
+                tracer.stop()
+                report["fns"] = tracer.names()
             if kvm is not None:
                 report["events"] = [m for _, m, _ in kvm.events[:MAX_EVENTS]]
+                report["gp"] = {n: [dom.gps, dom.shared_gps] for n, dom in kvm.domains.items()}
                 seen()
                 report["turns"] = turns[:MAX_EVENTS]
                 if d is not None:
@@ -114,23 +140,9 @@ def _vcpu_body(sc: Scenario, cfg, base: str):
     return body
 
 
-def _executor(kind: str, kvm, d, v: int):
-    """(run(op, args) -> log line, l2() -> the L2 the vCPU last entered, or -1)."""
-    if kind == "avic":
-        from vm.avic.kaboom import apply_step
-
-        last = [-1]
-
-        def run(op: str, args: dict) -> str:
-            if op == "vmrun":
-                last[0] = args["l2"]
-            return apply_step(d, (v, op, args))
-
-        return run, lambda: last[0]
-    from vcpu.vcpu import Vcpu
-
-    vc = Vcpu(kvm, d, v)
-    return (lambda op, args: f"vCPU {v}: {describe(op, args)} -> {vc.execute(op, dict(args))}"), lambda: vc.l2
+def sc_args(args: dict) -> dict:
+    """A step's args as the scenario names them (bytes back to hex), for the point names and log."""
+    return {k: (v.hex() if isinstance(v, bytes | bytearray) else v) for k, v in args.items()}
 
 
 IDLE_POINT = "L2 runs on (program ended)"
@@ -167,11 +179,13 @@ class Runner:
     """Runs schedules of one scenario: vCPU processes forked once (a pool), a fresh VM per schedule
     (run id ``<base>j<job>``); ``close()`` ends the processes. Use as a context manager."""
 
-    def __init__(self, sc: Scenario):
+    def __init__(self, sc: Scenario, coverage=None, hang_s: float = 10.0):
         self.sc = sc
+        self.hang_s = hang_s
         self.cfg = from_dict({**sc.cfg, "fuzz": "off"})
         self.pool: pool.Pool | None = None
         self.base = ""
+        self.coverage = coverage  # lab.pathcov.Coverage: what each schedule reached is added to it
 
     def _pool(self) -> pool.Pool:
         if self.pool is not None and self.pool.broken:
@@ -179,7 +193,8 @@ class Runner:
             self.pool = None
         if self.pool is None:
             self.base = new_run_id()[:16]
-            self.pool = pool.Pool(self.base, self.sc.n, _vcpu_body(self.sc, self.cfg, self.base))
+            body = _vcpu_body(self.sc, self.cfg, self.base, self.coverage is not None and self.coverage.functions)
+            self.pool = pool.Pool(self.base, self.sc.n, body, self.hang_s)
         return self.pool
 
     def run(self, strategy, max_steps: int) -> Outcome:
@@ -204,7 +219,17 @@ class Runner:
                 calls[0] += 1
 
             kick = getattr(d, "kick_pending", None)  # a vCPU left in L2 is run again when kicked
-            s, raw = pool.run(strategy, max_steps, check=check, wake=kick)
+            tracer = None
+            if self.coverage is not None and self.coverage.functions:
+                from lab.pathcov import Tracer
+
+                tracer = Tracer()
+                tracer.start()
+            try:
+                s, raw = pool.run(strategy, max_steps, check=check, wake=kick)
+            finally:
+                if tracer is not None:
+                    tracer.stop()
             reports = []
             for v, b in enumerate(raw):
                 try:
@@ -220,6 +245,9 @@ class Runner:
             clean = s.outcome == "done" and not any(rep["error"] for rep in reports)
             if clean:
                 reasons += [f"oracle: {f}" for f in d.oracle()]
+            if self.coverage is not None:
+                self.coverage.add_schedule(d.stats() if hasattr(d, "region") else {}, reports,
+                                           tracer.names() if tracer is not None else [])
             reasons = _dedup(reasons)
             findings += _vcpu_findings(s.log, reports)
             placed = {m for _, _, m in findings}  # the rest (oracle, errors, deadlock...) come at the end

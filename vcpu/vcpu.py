@@ -17,23 +17,19 @@ from __future__ import annotations
 import random
 
 from ipc import _prims, fuzz, trace, vtime
+from vcpu.script import L2_OPS, ScriptedCommands  # noqa: F401  (L2_OPS: re-exported)
 from vm import layout as L
 from vm import mmu, notifier
 from vm.mirror import MIRROR_KIND
 from vm.nested import untracked_range
 from vm.page_track import (
     PAGE_SHIFT,
-    kvm_page_track_write_tracking_enable,
-    record_walks,
-    track_gfn,
-    untrack_gfn,
     write_path,
 )
 
 MMIO_BASE = 0xFEE00000  # the local APIC page: outside every memslot
 LOOP_COUNTERS = ("vmrun", "vmexit", "l2_switch", "write_tracked", "write_mmio", "write_untracked",
                  "iterations", "kick_reentry")
-L2_OPS = ("vmrun", "vmexit", "sleep", "read", "counters")  # scripted ops that leave L2 running
 KICK_POLL_NS = 5_000  # an L2 run looks for a reload request's kick this often (the IPI's latency)
 
 
@@ -42,7 +38,7 @@ def vcpu_seed(seed: int, vcpu: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + vcpu * 0xBF58476D1CE4E5B9 + 1) % (1 << 64)
 
 
-class Vcpu:
+class Vcpu(ScriptedCommands):
     def __init__(self, kvm, design, vcpu: int):
         self.kvm = kvm
         self.design = design
@@ -259,90 +255,6 @@ class Vcpu:
         n = self.n
         return n["vmrun"] + n["write_untracked"] + n["write_tracked"] + n["write_mmio"]
 
-    # -- scripted commands -----------------------------------------------------------------------
-    def execute(self, op: str, args: dict):
-        """One scripted command; returns a msgpack-able value. Raises ValueError on bad args."""
-        kvm, d = self.kvm, self.design
-        if op not in L2_OPS and self.in_l2 and hasattr(d, "leave_l2"):
-            d.leave_l2(self.id)  # L1 / host work: the vCPU is not in guest mode while it runs it
-        if op == "vmrun":
-            l2 = _int(args, "l2", 0, self.cfg.l2s - 1)
-            self.load()
-            if kvm.vm_dead:
-                return {"l2": l2, "vm_dead": True}  # KVM_BUG_ON fired: the ioctl fails (-EIO)
-            self.first_l2_entry()
-            d.nested_vmrun(self.id, l2)
-            self.l2, self.in_l2 = l2, True
-            if trace.ACTIVE:  # L2 time spans the commands until the VMEXIT
-                trace.ACTIVE.emit(trace.ACTIVE.pair("L2")[0], l2)
-            self.n["vmrun"] += 1
-            return {"l2": l2}
-        if op == "vmexit":
-            l2 = _int(args, "l2", 0, self.cfg.l2s - 1, default=self.l2)
-            d.nested_vmexit(self.id, l2, bool(args.get("leaving", False)))
-            if trace.ACTIVE and self.in_l2:
-                trace.ACTIVE.emit(trace.ACTIVE.pair("L2")[1])
-            self.in_l2 = False
-            self.n["vmexit"] += 1
-            return {"l2": l2}
-        if op == "write":
-            gpa = _int(args, "gpa", 0, (1 << 52) - 1)
-            data = args.get("data")
-            if isinstance(data, int):
-                data = (data & ((1 << 64) - 1)).to_bytes(8, "little")
-            if not isinstance(data, bytes | bytearray) or not 1 <= len(data) <= 4096:
-                raise ValueError("write: data must be 1..4096 bytes or an int")
-            if (gpa >> PAGE_SHIFT) < kvm.memory_pages and (gpa & 0xFFF) + len(data) > 4096:
-                raise ValueError("write: data crosses a page boundary")
-            with record_walks(kvm) as nodes:
-                calls = self.l1_store(gpa, bytes(data))
-            return {"emulated": calls >= 0, "calls": max(calls, 0), "nodes": nodes}
-        if op == "l1_write":  # the design's own tracked write (e.g. a physid entry)
-            gpa, data = d.tracked_write(self.id, self.rng)
-            calls = self.l1_store(gpa, data)
-            return {"gpa": gpa, "emulated": calls >= 0, "calls": max(calls, 0)}
-        if op == "write_entry":  # L1 rewrites apic id / IsRunning of a physid entry (AVIC designs)
-            if not hasattr(d, "entry_write"):
-                raise ValueError(f"write_entry: design {self.cfg.design} has no physid tables")
-            gpa, data = d.entry_write(_int(args, "l2", 0, self.cfg.l2s - 1), _int(args, "entry", 0, 511),
-                                      _int(args, "apic", 0, 255), bool(args.get("running", False)), self.id)
-            calls = self.l1_store(gpa, data)
-            return {"gpa": gpa, "emulated": calls >= 0, "calls": max(calls, 0)}
-        if op == "read":
-            gpa = _int(args, "gpa", 0, kvm.memory_pages * 4096 - 8)
-            return kvm.guest_mem.load(gpa >> 3) if not gpa & 7 else None
-        if op == "register":
-            node = notifier.alloc_node(kvm, _int(args, "kind", 1, 1 << 16, default=1), _int(args, "owner", 0, 1 << 30, default=0))
-            return {"node": node, "registered": notifier.kvm_page_track_register_notifier(kvm, node)}
-        if op == "reregister":
-            return notifier.kvm_page_track_register_notifier(kvm, _int(args, "node", 0, self.cfg.max_nodes - 1))
-        if op == "unregister":
-            node = _int(args, "node", 0, self.cfg.max_nodes - 1)
-            ok = notifier.kvm_page_track_unregister_notifier(kvm, node)
-            if args.get("free", True):
-                notifier.free_node(kvm, node)
-            return ok
-        if op == "track":
-            return track_gfn(kvm, _int(args, "gfn", 0, kvm.memory_pages - 1))
-        if op == "untrack":
-            return untrack_gfn(kvm, _int(args, "gfn", 0, kvm.memory_pages - 1))
-        if op == "enable_tracking":
-            kvm_page_track_write_tracking_enable(kvm)
-            return True
-        if op == "load":
-            self.load()
-            return True
-        if op == "put":
-            self.put()
-            return True
-        if op == "sleep":
-            _prims.spin_ns(self.cfg.dilated_ns(_int(args, "us", 0, 10_000_000) * 1000))
-            return True
-        if op == "counters":
-            self.flush()
-            return {name: int(v) for name, v in zip(L.COUNTERS, kvm.counters, strict=True)}
-        raise ValueError(f"unknown command {op!r}")
-
 
 def serve_kick(v: Vcpu) -> bool:
     """Scripted mode, idle between commands while in L2: take a reload request's kick (exit, serve
@@ -376,13 +288,3 @@ def op_stream(cfg, vcpu: int, iterations: int) -> list[tuple[str, dict]]:
         out += [("vmrun", {"l2": l2}), ("vmexit", {"l2": l2, "leaving": nxt != l2})]
         l2 = nxt
     return out
-
-
-def _int(args: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
-    v = args.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{key}: expected an integer, got {v!r}")
-    if not lo <= v <= hi:
-        raise ValueError(f"{key}: {v} outside {lo}..{hi}")
-    return v
-

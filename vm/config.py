@@ -253,7 +253,7 @@ CLI_KEYS = ("vcpus", "duration", "seed", "design", "registration", "l2s", "switc
 
 # scripted commands a vCPU understands (vcpu/vcpu.py executes them)
 SCRIPT_OPS = ("vmrun", "vmexit", "write", "l1_write", "write_entry", "read", "register", "reregister", "unregister",
-              "track", "untrack", "enable_tracking", "load", "put", "sleep", "counters")
+              "track", "untrack", "enable_tracking", "delete_slot", "churn", "load", "put", "sleep", "counters")
 
 
 def _step_fields(cfg: Config) -> dict[str, dict[str, tuple]]:
@@ -273,6 +273,7 @@ def _step_fields(cfg: Config) -> dict[str, dict[str, tuple]]:
         "register": {"kind": ("int", 1, 1 << 16, False), "owner": ("int", 0, 1 << 30, False)},
         "reregister": {"node": node},
         "unregister": {"node": node, "free": ("bool", 0, 0, False)},
+        "delete_slot": {"slot": ("int", 0, cfg.memslots - 1, True)}, "churn": {},
         "track": gfn,
         "untrack": gfn,
         "enable_tracking": {}, "load": {}, "put": {}, "counters": {},

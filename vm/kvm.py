@@ -15,6 +15,17 @@ from vm import layout as L
 from vm import mmu
 
 
+def _domain_classes(hooks) -> tuple:
+    """The VM's RCU / SRCU domains (vm/layout.py ``DOMAINS``); hook ``gp-share-early``: each with
+    torture's grace-period bug of that name (ipc/torture/gpbugs.py: synchronize shares a grace
+    period that began before the call)."""
+    if "gp-share-early" not in hooks:
+        return L.DOMAINS
+    from ipc.torture.gpbugs import gp_bug_domain
+
+    return tuple((prefix, gp_bug_domain(cls, "gp-share-early")) for prefix, cls in L.DOMAINS)
+
+
 class Kvm:
     def __init__(self, cfg, run_id: str, proc: int, regions: dict[str, Region], owner: bool,
                  hooks: frozenset[str] = frozenset()):
@@ -68,7 +79,7 @@ class Kvm:
                                               "tlb_flush" if prefix == "guest_mode" else "synchronize_rcu"),
                         stall_ns=cfg.stall_ms * 1_000_000, slot_name=slot_name,
                         on_stall=self._on_stall(prefix))
-            for prefix, cls in L.DOMAINS
+            for prefix, cls in _domain_classes(self.hooks)
         }
         self.track_srcu = self.domains["track_srcu"]
         self.guest_mode = self.domains["guest_mode"]
