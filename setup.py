@@ -10,6 +10,10 @@ import shutil
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+# ipc._prims, one concern per file (ipc/prims/prims.h says which); prims.h is what they share
+PRIMS_UNITS = ["module", "clock", "mem", "preempt", "holder", "spin", "mutex", "rwlock", "rcu", "hist",
+               "vtime", "trace"]
+
 
 class build_ext_and_inplace(build_ext):
     def run(self):
@@ -34,7 +38,8 @@ setup(
     ext_modules=[
         Extension(
             "ipc._prims",
-            sources=["ipc/_prims.c"],
+            sources=[f"ipc/prims/{unit}.c" for unit in PRIMS_UNITS],
+            depends=["ipc/prims/prims.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
         )
