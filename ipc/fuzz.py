@@ -21,7 +21,7 @@ reached.
 between loading the grace-period counter and publishing the reader slot, and the lock slow paths
 between the failed try and the wait: ``spin.slow.after_trylock``, ``mutex.slow.after_trylock``,
 ``mutex.slow.before_sleep``, ``rw.read.slow.after_backoff``, ``rw.write.slow.after_trylock``,
-``rw.write.slow.after_claim``; ipc/_prims.c states each one's consistency on an exception) call
+``rw.write.slow.after_claim``; ipc/prims/ states each one's consistency on an exception) call
 the hook set with ``_prims.set_preempt_hook``, off by default (a load and a not-taken branch in
 the C code). :func:`c_points` sets it; it is on
 

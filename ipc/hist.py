@@ -5,7 +5,7 @@ then ``HIST_BUCKETS`` buckets; values < 8 have exact buckets, above that each po
 split in 8 sub-buckets (<= 12.5 % relative error).
 
 Sampled latency (``Histogram(mem, i, every=N)``, hot paths): 1 operation in about N is timed and
-recorded with the weight of the interval it ends (see ``_prims.c``), so [0] count is exact once
+recorded with the weight of the interval it ends (see ``ipc/prims/hist.c``), so [0] count is exact once
 settled, while [1] sum, min, max and the buckets describe the sampled values (weighted). The
 quantiles and the mean are therefore taken over the bucket total, which the unsampled operations
 of an open interval (counted by ``settle``) do not reach.

@@ -1,7 +1,7 @@
 """Spinlock, reader-writer spinlock and futex mutex on shm, lock_stat accounting per lock class,
 lockdep-style asserts, dead-holder detection.
 
-Word layouts (mirrors of ipc/_prims.c):
+Word layouts (mirrors of ipc/prims/prims.h):
 - lock block: ``LOCK_WORDS`` (8) int64 words, one cache line: [0] state: 0 = free, high 32 bits the
   holder's pid, low 32 bits the owner tag (spinlock) or the futex word (mutex); [1] acquire ns
   (CLOCK_MONOTONIC), [2] owner tag (mutex), [3] acquire time in stats-clock units (cycle counter,

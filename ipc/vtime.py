@@ -2,7 +2,7 @@
 the process with the lowest clock is the one that runs.
 
 What advances a process' clock (docs/virtual-time.md has the argument and the sources):
-- every call it makes into the C primitives (``ipc/_prims.c``), at the price of that primitive in
+- every call it makes into the C primitives (``ipc/prims/``), at the price of that primitive in
   :data:`PRICES` (one table: ``lab/dilation.py``'s C estimate uses the same prices), plus the
   ``call`` price (the interpreted code between two primitives: 0 by default, see the docs);
 - a **cache-line transfer** (``line``) when it touches a 64-byte line of shared memory whose last

@@ -2,7 +2,7 @@
 
 A traced run has one ``trace`` region with one fixed-size ring per process (oldest events
 overwritten) and a table of interned names. Layout (declared once, :func:`fields`; the C side is
-described at the end of ``ipc/_prims.c``):
+described in ``ipc/prims/trace.c``):
 
 - ``trace_meta``  8 words: [0] names interned so far
 - ``trace_names`` (NNAMES, NAME_BYTES) bytes: NUL-padded UTF-8 names; a name id is its row

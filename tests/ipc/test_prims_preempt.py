@@ -1,4 +1,4 @@
-"""Named preemption points inside the C primitives (issue 23 item 2; ipc/_prims.c, ipc/fuzz.py).
+"""Named preemption points inside the C primitives (issue 23 item 2; ipc/prims/, ipc/fuzz.py).
 
 The hook set with ``_prims.set_preempt_hook`` is called at each point with the point's name, never
 when unset; an exception from it ends the C call with the primitive consistent (a read_lock
