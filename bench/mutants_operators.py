@@ -57,6 +57,7 @@ EXCLUDED_MODULES = (
     "ipc/outputs.py", "ipc/rundir.py", "vm/results.py", "vm/tracepoints.py",  # reporting
     "ipc/torture/*", "ipc/fuzz.py", "ipc/sched.py", "ipc/sched/*", "ipc/schedpool.py",  # test machinery
     "ipc/vtime.py", "vm/avic/oracle.py",  # the virtual clock; the AVIC invariant checker (a detector)
+    "vm/faults.py",  # fault injection (--inject kill-vcpu / stall-vcpu) for the self-tests
 )
 INSTRUMENTATION_CALLS = frozenset({
     "_stat", "count", "emit", "_emit", "record_since", "print", "name_object",  # counters, trace
@@ -66,10 +67,11 @@ INSTRUMENTATION_CALLS = frozenset({
     "point", "hit", "chance", "spin_ns", "sample_emul", "sample_walk", "stats_clock",  # fuzz, sampling
 })
 INSTRUMENTATION_RECEIVERS = ("fuzz", "fz", "tr", "trace", "self._smem", "_smem", "self.hist", "kvm.hist")
-INSTRUMENTATION_GUARDS = re.compile(r"^(not )?(emit|self\._emit|fuzz\.ACTIVE|fz|tr|te|tw|self\.reader_delay)\b")
+INSTRUMENTATION_GUARDS = re.compile(r"^(not )?(emit|self\._emit|fuzz\.ACTIVE|fz|tr|te|tw|self\.reader_delay|"
+                                    r"self\.broken)\b")  # self.broken: ipc/rcu.py's injected broken grace period
 EXCLUDED_CLASSES = frozenset({"WriteAccounting"})  # vm/mirror.py's call-accounting oracle (a detector)
 EXCLUDED_FUNCTIONS = re.compile(r"^(_?check|_?report|describe|dump|_?stats?$|summary|snapshot|readers_inside|"
-                                r"blocking_readers|live_nodes|__repr__|__str__)")
+                                r"blocking_readers|live_nodes|__repr__|__str__|fault$)")  # fault: vcpu/worker.py's injected faults
 STATS_WORDS = frozenset({
     "T_WRITES", "T_SYNCS", "H_LIVE", "H_MAXLIVE", "H_BUSY", "H_SEQ", "H_I1", "H_I2", "H_RELOAD_BAD",
     "N_HITS", "NH_LIVE", "NH_REGISTERED", "NH_UNREGISTERED", "NH_REDUNDANT", "HDR_GP_SEQ",
@@ -124,7 +126,7 @@ def commands_for(rel: str) -> tuple[tuple[str, ...], ...]:
         return RUN_AVIC + kaboom
     if rel in ("vm/notifier.py", "vm/write_path.py"):
         return RUN_MIRROR + RUN_PER_TABLE + RUN_RCU_LIST
-    if rel.startswith("vcpu/") or rel in ("vm/page_track.py", "vm/mmu.py", "vm/faults.py", "vm/kvm.py"):
+    if rel.startswith("vcpu/") or rel in ("vm/page_track.py", "vm/mmu.py", "vm/kvm.py"):
         return RUN_MIRROR + RUN_RCU_LIST + RUN_MUTEX_HASH + RUN_PER_TABLE
     return RUN_MIRROR + RUN_AVIC + kaboom
 
@@ -223,6 +225,7 @@ class _Finder(ast.NodeVisitor):
     def _block(self, body: list[ast.stmt]) -> None:
         for i, s in enumerate(body):
             if isinstance(s, ast.If) and INSTRUMENTATION_GUARDS.match(ast.unparse(s.test)):
+                self._block(s.orelse)  # the guarded body is out of scope, its else is not
                 continue
             if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 self.visit(s)

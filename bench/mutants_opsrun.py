@@ -41,6 +41,8 @@ def add_arguments(p) -> None:
     p.add_argument("--sample", type=int, metavar="N", help="--operators: a fixed random sample of N mutants")
     p.add_argument("--shard", metavar="K/N", help="--operators: every N-th mutant from the K-th (1-based)")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="--operators: seeds (default 1,2,3)")
+    p.add_argument("--report", metavar="JSON", help="--operators: re-render an earlier --json with today's "
+                                                    "equivalent.toml and generator (no runs)")
 
 
 def load_equivalents(path: Path | None = None) -> dict[str, str]:
@@ -181,6 +183,8 @@ def main(args, harness) -> int:
                   f"{args.rev or 'working tree'})")
             return harness.EXIT_OK
         mutants = select(every, args)
+        if args.report:
+            return rereport(args.report, every, equivalents, args.json)
         if args.list:
             _list(mutants, equivalents)
             return harness.EXIT_OK
@@ -225,6 +229,32 @@ def main(args, harness) -> int:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
     return harness.EXIT_OK if doc["killed"] + doc["equivalent"] == doc["mutants"] else harness.EXIT_SURVIVORS
+
+
+def rereport(path: str, every, equivalents: dict[str, str], out: str | None) -> int:
+    """An earlier run's results, classified again: ids listed in equivalent.toml since are equivalent,
+    ids no longer generated (out of scope since) are left out and named."""
+    with open(path) as f:
+        old = json.load(f)
+    ids = {m.name for m in every}
+    rows, gone = [], []
+    for r in old["results"]:
+        if r["id"] not in ids:
+            gone.append(r["id"])
+            continue
+        if r["id"] in equivalents and r["outcome"] != "equivalent":
+            r = {**r, "ran_as": r["outcome"], "outcome": "equivalent", "reason": equivalents[r["id"]]}
+        rows.append(r)
+    seeds = tuple(int(s) for s in next((r["seeds"] for r in rows if r["seeds"]), {"1": 0}))
+    doc = {**old, **report(rows, seeds), "no_longer_generated": gone, "generated": len(every)}
+    print_tables(doc)
+    print(f"\n{doc['killed']}/{doc['mutants'] - doc['equivalent']} non-equivalent killed on every seed "
+          f"({doc['equivalent']} equivalent), median ttf {doc['median_ttf_s']} s; left out (no longer generated): "
+          f"{gone or 'none'}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0 if doc["killed"] + doc["equivalent"] == doc["mutants"] else 1
 
 
 def _row(m, per: list, word: str, why: str = "", seeds=()) -> dict:
