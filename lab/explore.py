@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from ipc import sched
 from ipc.sched import strategies
 from lab import schedtrace
 from lab.outputs import write_atomic
@@ -37,73 +38,108 @@ TRACE_JSON, TRACE_TEXT = "failing-schedule.trace.json", "failing-schedule.trace.
 PROGRESS_S = 5.0  # the plain progress line's interval on stderr when it is not a terminal
 PROGRESS_ENV = "PAGETRACK_PROGRESS_S"  # overrides PROGRESS_S (seconds)
 DISTINCT_CAP = 1_000_000  # distinct interleavings counted up to this many (a hash each)
+CALIBRATE = 2  # random-walk schedules first: the footprint (shared locations) and k (decisions)
+DRAW_FACTOR = 20  # at most this many draws per schedule: past it the schedules kept repeating
 
 
 # -- the commands ------------------------------------------------------------------------------
-def _strategy(name: str, seed: int, n: int, depth: int, k: int):
-    return strategies.Pct(seed, n, depth, k) if name == "pct" else strategies.RandomWalk(seed)
+def _strategy(name: str, seed: int, n: int, depth: int, k: int, footprint=None):
+    if name == "pct":
+        return strategies.Pct(seed, n, depth, k, footprint)
+    return strategies.RandomWalk(seed, footprint)
 
 
 def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, schedules: int = DEFAULT_SCHEDULES,
             seed: int = 1, out: str | None = None, max_steps: int = MAX_STEPS, quiet: bool = False,
-            trace: str | None = None, progress=None, shrink: bool = True, coverage: bool = False) -> dict:
-    """Run up to ``schedules`` schedules; stop at the first FAILURE. Returns a summary dict. The
-    failing schedule's trace goes beside ``failing-schedule.toml`` (JSON + text) and to ``trace``.
+            trace: str | None = None, progress=None, points: str = "access", calibrate: int = CALIBRATE,
+            dedup: bool = True, shrink: bool = True, coverage: bool = False) -> dict:
+    """Run up to ``schedules`` distinct schedules; stop at the first FAILURE. Returns a summary dict.
+    The failing schedule's trace goes beside ``failing-schedule.toml`` (JSON + text) and to ``trace``.
     ``progress(done, total, steps, elapsed_s)`` is called after every schedule. A FAILURE is shrunk
-    before it is saved (``shrink``, lab/shrink.py); ``coverage``: the paths reached (lab/pathcov.py)."""
+    before it is saved (``shrink``, lab/shrink.py); ``coverage``: the paths reached (lab/pathcov.py).
+
+    ``points``: which shared accesses are scheduling points (ipc/sched/points.py: ``access`` = every
+    load / store / RMW of the VM's and the AVIC region's state, ``atomic`` = the RMWs). The first
+    ``calibrate`` schedules are random walks that learn which locations the vCPUs share (the
+    footprint) and how many decisions a schedule has (``k``, ipc/sched/strategies.py); PCT then
+    draws its change points over that many decisions. A drawn schedule that would repeat one
+    already run is skipped (``dedup``) and counted (``duplicates``, ``duplicate_fraction`` of the
+    draws); at most ``DRAW_FACTOR`` draws per schedule."""
     check(sc)
     t0 = time.monotonic()
-    steps = k_max = k_used = covered = 0
-    k_est = 50  # PCT places its change points among this many steps: the longest schedule so far
-    seen: set[int] | None = set()  # hashes of the interleavings (None: past DISTINCT_CAP)
-    res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks)}
-    cov = Coverage(functions=True) if coverage else None
-    with Runner(sc, coverage=cov) as runner:
-        for i in range(schedules):
-            sseed = seed * 1_000_003 + i
-            k_used = max(k_used, k_est)  # the guarantee is stated with the k the change points were drawn over
-            o = runner.run(_strategy(strategy, sseed, sc.n, depth, k_est), max_steps)
-            steps += len(o.log)
-            k_max = max(k_max, len(o.log))
-            # PCT's bound holds for a schedule whose change points could land on any of its steps
-            covered += len(o.log) <= max(k_est, depth)
-            k_est = max(k_est, k_max)
-            if seen is not None:
-                seen.add(hash(tuple((v, n) for v, n, _ in o.log)))
-                if len(seen) >= DISTINCT_CAP:
-                    seen = None
-            if progress is not None:
-                progress(i + 1, schedules, steps, time.monotonic() - t0)
-            if o.verdict != "SUCCESS":
-                o, shrunk = shrink_failure(runner, o, max_steps) if shrink else (o, {})
-                res.update(verdict="FAILURE", schedules=i + 1, schedules_to_failure=i + 1, reasons=o.reasons,
-                           log=o.log, schedule_seed=sseed, failing_steps=len(o.log), sched_outcome=o.sched_outcome, **shrunk)
-                if out is not None:
-                    os.makedirs(out, exist_ok=True)
-                    res["file"] = os.path.join(out, FILE)
-                    save(res["file"], sc, {"strategy": strategy, "depth": depth, "seed": seed, "schedule": i,
-                                           "schedule_seed": sseed, "steps": len(o.log), "max_steps": max_steps,
-                                           # a hang / crash depends on timing: its steps do not repeat it
-                                           "replayable": o.sched_outcome not in ("hang", "crash"), **shrunk},
-                         o.log, o.reasons)
-                    res["trace_files"] = schedtrace.write(o.trace(sc.n), os.path.join(out, TRACE_JSON),
-                                                          title(sc), os.path.join(out, TRACE_TEXT))
-                if trace is not None:
-                    res.setdefault("trace_files", []).extend(schedtrace.write(o.trace(sc.n), trace, title(sc)))
-                break
-        else:
-            res.update(verdict="SUCCESS", schedules=schedules, reasons=[])
+    steps = k_max = k_used = covered = retries = ran = drawn = dups = turns = 0
+    k_est = 0  # PCT draws its change points over this many decisions: the most a schedule had so far
+    fp, history = strategies.Footprint(), strategies.History()
+    seen: set[int] | None = set()  # hashes of the interleavings run (None: past DISTINCT_CAP)
+    res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks),
+           "points": points}
+    old_points = sched.set_points(points)  # the vCPU processes are forked with it
+    try:
+        cov = Coverage(functions=True) if coverage else None
+        with Runner(sc, coverage=cov) as runner:
+            while ran < schedules and drawn < schedules * DRAW_FACTOR:
+                sseed = seed * 1_000_003 + drawn
+                drawn += 1
+                cal = ran < calibrate
+                strat = (strategies.RandomWalk(sseed, fp) if cal
+                         else _strategy(strategy, sseed, sc.n, depth, k_est, fp))
+                if dedup and history.seen(strat):
+                    dups += 1
+                    continue
+                o = runner.run(strat, max_steps)
+                ran += 1
+                history.add(strat)
+                steps += len(o.log)
+                retries += sum(1 for _, _, b in o.log if b)
+                turns += strat.turns
+                k_max = max(k_max, strat.decisions)
+                if isinstance(strat, strategies.Pct):
+                    # PCT's bound holds for a schedule whose change points could land on any of its decisions
+                    k_used = max(k_used, strat.k)
+                    covered += strat.decisions <= strat.k
+                k_est = max(k_est, k_max)
+                if seen is not None:
+                    seen.add(hash(tuple((v, n) for v, n, _ in o.log)))
+                    if len(seen) >= DISTINCT_CAP:
+                        seen = None
+                if progress is not None:
+                    progress(ran, schedules, steps, time.monotonic() - t0)
+                if o.verdict != "SUCCESS":
+                    o, shrunk = shrink_failure(runner, o, max_steps) if shrink else (o, {})
+                    res.update(verdict="FAILURE", schedules=ran, schedules_to_failure=ran, draws_to_failure=drawn,
+                               reasons=o.reasons, log=o.log, schedule_seed=sseed, failing_steps=len(o.log),
+                               sched_outcome=o.sched_outcome, **shrunk, calibration=cal)
+                    if out is not None:
+                        os.makedirs(out, exist_ok=True)
+                        res["file"] = os.path.join(out, FILE)
+                        save(res["file"], sc, {"strategy": "random" if cal else strategy, "depth": depth, "seed": seed,
+                                               "schedule": drawn - 1, "schedule_seed": sseed, "steps": len(o.log),
+                                               "max_steps": max_steps, "points": points,
+                                               # a hang / crash depends on timing: its steps do not repeat it
+                                               "replayable": o.sched_outcome not in ("hang", "crash"), **shrunk},
+                             o.log, o.reasons)
+                        res["trace_files"] = schedtrace.write(o.trace(sc.n), os.path.join(out, TRACE_JSON),
+                                                              title(sc), os.path.join(out, TRACE_TEXT))
+                    if trace is not None:
+                        res.setdefault("trace_files", []).extend(schedtrace.write(o.trace(sc.n), trace, title(sc)))
+                    break
+            else:
+                res.update(verdict="SUCCESS", schedules=ran, reasons=[])
+    finally:
+        sched.set_points(old_points)
     if cov is not None:
         res["coverage"] = cov.summary()
     el = time.monotonic() - t0
-    # k for the bound: the most steps any change points were drawn over or any schedule took (the
-    # smaller of the per-schedule bounds; a schedule longer than its draw is not counted in p_miss_all)
+    # k for the bound: the most decisions any change points were drawn over or any schedule had (the
+    # smaller of the per-schedule bounds; a schedule with more decisions than its draw is not counted
+    # in p_miss_all, and neither are the calibrating random walks)
     k = max(k_used, k_max)
     bound = pct_bound(sc.n, k, depth, covered) if strategy == "pct" else None
-    res.update(steps=steps, seconds=round(el, 3), steps_per_s=round(steps / max(el, 1e-9), 1),
-               distinct_schedules=len(seen) if seen is not None else None,
-               n=sc.n, k=k, k_longest=k_max, pct_bound=bound,
-               guarantee=bound["p_per_schedule"] if bound else None)
+    res.update(steps=steps, turns=turns, blocked_retries=retries, seconds=round(el, 3), steps_per_s=round(steps / max(el, 1e-9), 1),
+               distinct_schedules=len(seen) if seen is not None else None, drawn=drawn, duplicates=dups,
+               duplicate_fraction=round((dups + ran - len(seen)) / max(drawn, 1), 4) if seen is not None else None,
+               exhausted=ran < schedules and res["verdict"] == "SUCCESS", footprint_locations=len(fp),
+               n=sc.n, k=k, k_longest=k_max, pct_bound=bound, guarantee=bound["p_per_schedule"] if bound else None)
     return res
 
 

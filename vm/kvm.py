@@ -95,9 +95,10 @@ class Kvm:
         self.write_acct = None  # vm.mirror.WriteAccounting: per-write track_write accounting (mirror)
         self.cycle_warned = False  # vm.faults.notifier_cycle: the soft-lockup diagnosis, once per process
         self.closed = False
-        # a scheduled process (ipc/sched): its read-modify-writes of shared VM state are scheduling
-        # points too, decided here once (free-running: the plain Mem, nothing changes)
-        self.mem = sched.atomic_points(vm.mem, "vm")
+        # a scheduled process (ipc/sched): its accesses of shared VM state are scheduling points too
+        # (every one, or the read-modify-writes: sched.POINTS), statistics words never; decided here
+        # once (free-running: the plain Mem, nothing changes)
+        self.mem = sched.shared_points(vm, "vm", L.STATISTICS)
 
     @staticmethod
     def guest_buf(region: Region, field: str):

@@ -88,6 +88,18 @@ NCOUNTERS = 22
 C = {name: i for i, name in enumerate(COUNTERS)}
 assert len(COUNTERS) == NCOUNTERS
 
+# -- statistics: words that only count (nothing is decided on them) -----------------------
+# field -> the word indices of each of its rows (the last axis) that are statistics, None = all of
+# them. A process scheduled by ipc/sched reaches them without a scheduling point (ipc/sched/points.py).
+STATISTICS = {
+    "flags": (F_WARNS, F_POISON_READS),
+    "notifier": (NH_REGISTERED, NH_UNREGISTERED, NH_REDUNDANT),
+    "nodes": (N_HITS,),
+    "lockstat": None,
+    "counters": None,
+    "hist": None,
+}
+
 # -- latency histograms (vm.hist[proc, h]) --------------------------------------------------
 HISTS = ("nested_vmrun", "emulated_write", "notifier_walk", "synchronize_srcu",
          "synchronize_rcu", "tlb_flush", "track_write", "avic_get")

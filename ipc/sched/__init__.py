@@ -27,7 +27,30 @@ Layout of the turnstile region (``layout(n)``, one segment ``pts_<run>_sched``):
 - ``slots`` (n, 8) words, one cache line per client: [0] go (futex word: 1 = your turn), [1] state
   (RUN, POINT, BLOCKED, DONE, IDLE), [2] point id (crc32 of the point's name), [3] progress value seen
   when it blocked, [4] pid of the holder of the lock it blocked on (0: not a lock), [5] its pid,
-  rest reserved
+  [6] the location it is about to touch (``points.location`` of a shared word, or its point's name:
+  a lock, an RCU domain, an op), [7] how (``points.K_LOAD``, ``K_STORE``, ``K_NONE``: not an access),
+  [8] run-ahead grant (steps it may still take without a turn), [9] run-ahead steps in its ring,
+  [10] racing accesses it may still pass in its run-ahead (0: it stops at the first)
+- ``racy`` (n, 2, RACY_WORDS) per client, bitmaps of the locations another client wrote (plane 0)
+  / touched (plane 1), by ``points.racy_pos``; written by the scheduler only
+- ``ring`` (n, RING, 3) per client, the (point id, location, kind) of its run-ahead steps
+
+Run-ahead (partial-order reduction, ipc/sched/strategies.py): a strategy with ``run_ahead`` lets the
+client that ran last go on at every access no other client races with (its step is no decision),
+so the scheduler grants the chosen client up to RING such steps: at an access whose location is not
+set in its bitmap it records the step in its ring and goes on without a turn (and at a racing one
+too while its racing-access grant lasts: the strategy's ``decision_grant``, PCT's decisions before
+its next change point when the client has the highest priority of those that could run, so that PCT
+would choose it at each of them); no run-ahead while another client idles; the scheduler puts
+those steps into the log (and the strategy's trail) when the client next stops (a racing access, a
+point that is no access, a block, the end). The interleaving is the one the strategy would have
+chosen step by step (a replay hands out every step, and repeats it); the sampling checker just does
+not run between two such steps.
+
+Which accesses are points: ``shared_points`` wraps a region's ``Mem`` (ipc/sched/points.py): in
+mode ``access`` (``POINTS``, explore's default) every load / store / read-modify-write of the
+code under test's shared state, in mode ``atomic`` the read-modify-writes only; the words a layout
+declares as statistics never.
 """
 
 from __future__ import annotations
@@ -36,16 +59,29 @@ import os
 import zlib
 
 from ipc import _prims, fuzz
+from ipc.sched.points import (
+    K_LOAD,
+    K_NONE,
+    MODES,
+    RACY_T,
+    RACY_W,
+    RACY_WORDS,
+    SharedPoints,
+    name_location,
+    racy_pos,
+)
 from ipc.sched.strategies import Replay
 from ipc.shm import Layout, Region
 
-HDR_WORDS = SLOT_WORDS = 8
+HDR_WORDS, SLOT_WORDS = 8, 16
+RING = 512  # run-ahead steps a client may take between two turns
 H_WAKE, H_PROGRESS, H_ABORT, H_JOB, H_QUIT = 0, 1, 2, 3, 4
-S_GO, S_STATE, S_POINT, S_SINCE, S_HOLDER, S_PID = 0, 1, 2, 3, 4, 5
+S_GO, S_STATE, S_POINT, S_SINCE, S_HOLDER, S_PID, S_LOC, S_KIND, S_GRANT, S_RING, S_DGRANT = range(11)
 RUN, POINT, BLOCKED, DONE, IDLE = 0, 1, 2, 3, 4
 _WAIT_NS = 200_000_000  # futex waits look up this often (parent or children gone?)
 
 ACTIVE: Client | None = None
+POINTS = "access"  # which shared accesses are points (points.MODES); forked clients inherit it
 
 
 class ScheduleAborted(BaseException):  # noqa: N818  (not an error of the code under test)
@@ -53,7 +89,8 @@ class ScheduleAborted(BaseException):  # noqa: N818  (not an error of the code u
 
 
 def layout(n: int) -> Layout:
-    return Layout("sched", [("hdr", "i8", (HDR_WORDS,)), ("slots", "i8", (n, SLOT_WORDS))])
+    return Layout("sched", [("hdr", "i8", (HDR_WORDS,)), ("slots", "i8", (n, SLOT_WORDS)),
+                            ("racy", "i8", (n, 2, RACY_WORDS)), ("ring", "i8", (n, RING, 3))])
 
 
 def point_id(name: str) -> int:
@@ -72,16 +109,20 @@ class Client:
         self.mem = region.mem
         self.hdr = region.word("hdr")
         self.slot = region.word("slots", index)
+        self.racy_w, self.racy_t = region.word("racy", index, RACY_W), region.word("racy", index, RACY_T)
+        self.ring = region.word("ring", index)
         self.index = index
         self.turns = 0  # scheduling points passed (turns given up) in this job
         self.retrying = False  # the step now running began at a block(): a blocked retry
         self.counts: dict[str, int] = {}
         self.names: dict[int, str] = {}
         self._ids: dict[str, int] = {}
+        self._name_locs: dict[str, int] = {}
         self.parent = os.getppid()
         self.mem.store(self.slot + S_PID, os.getpid())
 
-    def _id(self, name: str) -> int:
+    def name_id(self, name: str) -> int:
+        """The point id of ``name`` (known to the scheduler's log by this name)."""
         i = self._ids.get(name)
         if i is None:
             i = self._ids[name] = point_id(name)
@@ -91,8 +132,37 @@ class Client:
     def hit(self, name: str) -> None:
         """A scheduling point; the step that ended here was productive."""
         self.counts[name] = self.counts.get(name, 0) + 1
-        self.mem.fetch_add(self.hdr + H_PROGRESS, 1)
-        self._yield(name, POINT)
+        loc = self._name_locs.get(name)
+        if loc is None:
+            loc = self._name_locs[name] = name_location(name)
+        self.access(self.name_id(name), loc, K_NONE)
+
+    def access(self, pid: int, loc: int, kind: int) -> None:
+        """A scheduling point before an access (``kind``) of shared location ``loc`` (a point id
+        from :meth:`name_id`; ipc/sched/points.py); the step that ended here was productive."""
+        m, s = self.mem, self.slot
+        m.fetch_add(self.hdr + H_PROGRESS, 1)
+        g = m.load(s + S_GRANT)
+        if g > 0:  # run ahead unless another client races with this access (module doc)
+            w, bit = racy_pos(loc)
+            go = True
+            if m.load((self.racy_w if kind == K_LOAD else self.racy_t) + w) & bit:
+                dg = m.load(s + S_DGRANT)
+                go = dg > 0
+                if go:
+                    m.store(s + S_DGRANT, dg - 1)
+            if go:
+                r = m.load(s + S_RING)
+                e = self.ring + 3 * r
+                m.store(e, pid)
+                m.store(e + 1, loc)
+                m.store(e + 2, kind)
+                m.store(s + S_RING, r + 1)
+                m.store(s + S_GRANT, g - 1)
+                self.turns += 1
+                self.retrying = False
+                return
+        self._turn(pid, POINT, loc, kind)
 
     point = hit
 
@@ -132,12 +202,18 @@ class Client:
         after any progress anyway (ipc/vtime.py wakes only the waiters of ``key``)."""
 
     def _yield(self, name: str, state: int) -> None:
+        pid = self.name_id(name)
+        self._turn(pid, state, name_location(name), K_NONE)
+
+    def _turn(self, pid: int, state: int, loc: int, kind: int) -> None:
         m, s = self.mem, self.slot
         if m.load(self.hdr + H_ABORT):  # unwinding after an abort: no more turns
             raise ScheduleAborted("schedule ended by the scheduler")
         self.turns += 1
         self.retrying = state == BLOCKED
-        m.store(s + S_POINT, self._id(name))
+        m.store(s + S_POINT, pid)
+        m.store(s + S_LOC, loc)
+        m.store(s + S_KIND, kind)
         m.store(s + S_SINCE, m.load(self.hdr + H_PROGRESS))
         m.store(s + S_GO, 0)
         m.store(s + S_STATE, state)
@@ -236,35 +312,22 @@ class SchedRwLock(SchedLock):
         self.c.released(self.name)
 
 
-class AtomicPoints:
-    """A shared-memory word accessor (``_prims.Mem``) whose read-modify-writes (fetch_add, xchg,
-    cmpxchg) are scheduling points ``<what>: <op>`` before they happen; loads and stores are the
-    plain C methods. For Python callers only (the C lock / RCU types take the real ``Mem``)."""
-
-    def __init__(self, mem, client: Client, what: str):
-        self.inner = mem
-        for attr in ("load", "store", "write", "futex_wait", "futex_wake", "nwords", "nop", "release"):
-            setattr(self, attr, getattr(mem, attr))
-        self._hit = client.hit
-        self._names = tuple(f"{what}: atomic {op}" for op in ("fetch_add", "xchg", "cmpxchg"))
-
-    def fetch_add(self, w: int, v: int) -> int:
-        self._hit(self._names[0])
-        return self.inner.fetch_add(w, v)
-
-    def xchg(self, w: int, v: int) -> int:
-        self._hit(self._names[1])
-        return self.inner.xchg(w, v)
-
-    def cmpxchg(self, w: int, old: int, new: int) -> int:
-        self._hit(self._names[2])
-        return self.inner.cmpxchg(w, old, new)
+def shared_points(region, what: str, statistics: dict):
+    """``region.mem`` itself, or (this process is scheduled) its :class:`points.SharedPoints` in
+    mode ``POINTS``: decide once, when the object that keeps it is made, so that the free-running
+    path is the plain ``Mem``. ``statistics``: the layout's declared statistics words (no points)."""
+    if ACTIVE is None:
+        return region.mem
+    return SharedPoints(region, ACTIVE, what, statistics, POINTS)
 
 
-def atomic_points(mem, what: str):
-    """``mem`` itself, or (this process is scheduled) its :class:`AtomicPoints`: decide once, when
-    the object that keeps it is made, so that the free-running path is the plain ``Mem``."""
-    return mem if ACTIVE is None else AtomicPoints(mem, ACTIVE, what)
+def set_points(mode: str) -> str:
+    """Set ``POINTS`` (for processes forked from now on); returns the previous mode."""
+    global POINTS
+    if mode not in MODES:
+        raise ValueError(f"unknown scheduling-point mode {mode!r} ({', '.join(MODES)})")
+    old, POINTS = POINTS, mode
+    return old
 
 
 def wrap_domain(domain, client: Client) -> None:
@@ -324,7 +387,8 @@ def wrap_lock(lock, name: str | None, mem=None, stats_word: int = -1):
 # -- scheduler side --------------------------------------------------------------------------
 class Scheduler:
     """Drives one schedule: waits until no client runs, picks the next, hands it the turn.
-    ``log`` holds (client, point id, blocked-retry?) per step; ``outcome`` is "done", "deadlock",
+    ``strategy.pick(enabled, step, last, locs)`` chooses (``locs``: per client, the location it is
+    about to touch << 2 | how, ipc/sched/points.py); ``log`` holds (client, point id, blocked-retry?) per step; ``outcome`` is "done", "deadlock",
     "step-bound", "mismatch", "crash" or "hang". ``wake(i)`` (called while nobody runs) tells whether
     something is pending for client ``i`` while it idles (:meth:`Client.idle`); without it an idle
     client runs again only when every client has ended or idles."""
@@ -344,6 +408,62 @@ class Scheduler:
         self.log: list[tuple[int, int, bool]] = []
         self.outcome = ""
         self.detail = ""
+        self.racy0, self.ring0 = region.word("racy"), region.word("ring")
+        self.ahead = bool(getattr(strategy, "run_ahead", False))
+        self.handoffs = 0  # turns handed out (the log's other steps were run-ahead steps)
+        if self.ahead:
+            self._init_racy(region)
+
+    def _init_racy(self, region: Region) -> None:
+        """The run-ahead bitmaps from what the strategy's footprint knows so far."""
+        region.v["racy"][...] = 0
+        fp = getattr(self.strategy, "fp", None)
+        if fp is None:
+            return
+        for plane, masks in ((K_LOAD, fp.r), (K_NONE, fp.w)):
+            for loc, mask in masks.items():
+                for i in range(self.n):
+                    if mask & 1 << i:
+                        self._mark(i, loc, plane)
+
+    def _mark(self, i: int, loc: int, kind: int) -> None:
+        """Client ``i`` touched ``loc`` (``kind``): it races with the others' accesses there."""
+        m, (w, bit) = self.mem, racy_pos(loc)
+        for j in range(self.n):
+            if j != i:
+                for plane in ((RACY_T,) if kind == K_LOAD else (RACY_T, RACY_W)):
+                    a = self.racy0 + (j * 2 + plane) * RACY_WORDS + w
+                    m.store(a, m.load(a) | bit)
+
+    def _grant(self, i: int, base: int, states: list[int], locs: tuple[int, ...]) -> None:
+        """Client ``i`` (chosen) may run ahead, unless another client idles (whether a kick wakes it
+        depends on what ``i`` stores). At each run-ahead step the enabled clients would be ``i``, the
+        others waiting at a point, and the blocked ones (``i``'s first step is progress): the strategy
+        is shown that state for its trail, and grants the racing accesses (decisions) it would let
+        ``i`` pass there."""
+        m = self.mem
+        if any(s == IDLE for j, s in enumerate(states) if j != i):
+            m.store(base + S_GRANT, 0)
+            return
+        enabled = tuple(j for j, s in enumerate(states) if j == i or s in (POINT, BLOCKED))
+        self.grant = (enabled, locs)
+        m.store(base + S_DGRANT, self.strategy.decision_grant(i, list(enabled)))
+        m.store(base + S_GRANT, min(RING, self.max_steps - len(self.log)))
+
+    def _drain(self, i: int) -> None:
+        """Client ``i``'s run-ahead steps into the log and the strategy's trail."""
+        m, s = self.mem, self.slot0 + i * SLOT_WORDS
+        r = m.load(s + S_RING)
+        if not r:
+            return
+        ran, (enabled, locs) = self.strategy.ran, self.grant
+        for e in range(self.ring0 + i * RING * 3, self.ring0 + (i * RING + r) * 3, 3):
+            pid, loc, kind = m.load(e), m.load(e + 1), m.load(e + 2)
+            self.log.append((i, pid, False))
+            code = loc << 2 | kind
+            ran(i, enabled, locs[:i] + (code,) + locs[i + 1:])
+            self._mark(i, loc, kind)
+        m.store(s + S_RING, 0)
 
     def _s(self, i: int, f: int) -> int:
         return self.mem.load(self.slot0 + i * SLOT_WORDS + f)
@@ -381,6 +501,8 @@ class Scheduler:
         while True:
             if not self._wait_quiet():
                 return self._abort()
+            if self.ahead and last >= 0:
+                self._drain(last)
             if self.check is not None:
                 self.check()
             states = [self._s(i, S_STATE) for i in range(self.n)]
@@ -421,13 +543,19 @@ class Scheduler:
                                    + ("not runnable" if i not in enabled else f"at @{self._s(i, S_POINT)}")
                                    + f", the schedule expects it at @{pid}")
                     return self._abort()
-            else:
-                i = self.strategy.pick(enabled, step, last)
+            else:  # the strategy sees where each client is about to touch shared state (POR)
+                locs = tuple(self._s(j, S_LOC) << 2 | self._s(j, S_KIND) for j in range(self.n))
+                i = self.strategy.pick(enabled, step, last, locs)
+                if self.ahead:
+                    self._mark(i, locs[i] >> 2, locs[i] & 3)
             if states[i] == IDLE:  # its turn ends at its next idle (+1): only that = it changed nothing
                 idle_turn[i] = prog
             self.log.append((i, self._s(i, S_POINT), states[i] == BLOCKED))
             last = i
+            self.handoffs += 1
             base = self.slot0 + i * SLOT_WORDS
+            if self.ahead:
+                self._grant(i, base, states, locs)
             m.store(base + S_STATE, RUN)
             m.store(base + S_GO, 1)
             m.futex_wake(base + S_GO)

@@ -1,46 +1,237 @@
 """Scheduling strategies of the controlled scheduler (``ipc.sched``): who runs next at each step.
 
-A strategy's ``pick(enabled, step, last)`` chooses among the enabled clients; :class:`Replay` is
-driven by ``Scheduler.run`` from a recorded list of (client, point) choices.
+A strategy's ``pick(enabled, step, last, locs)`` chooses among the enabled clients; ``locs`` tells,
+per client, the shared location it is about to touch and how (``loc << 2 | kind``, ipc/sched/
+points.py). :class:`Replay` is driven by ``Scheduler.run`` from a recorded list of (client, point)
+choices.
+
+Partial-order reduction (POS-style, Yuan et al., CAV 2018, with PCT's priorities on top):
+
+- a :class:`Footprint`, kept across the schedules of one exploration, knows which clients read and
+  wrote each location so far;
+- a *decision* is a step at which the client that ran last could go on (it is enabled) and another
+  could run instead (two or more are enabled), and its next access races with another client's
+  (one of them writes the location the other touches; a point that is not an access, a lock or an
+  RCU domain, races with the same point of another client). At every other step where it could
+  go on, it goes on (``run_ahead``: the scheduler need not even be asked, ipc/sched). PCT's change
+  points are drawn over decisions only: a step that touches what nobody else touches, a step
+  nobody else can take, and a blocked retry (its client is not enabled after it) never consume
+  one, and ``k`` is the number of decisions of a schedule;
+- a :class:`History` (a prefix tree of the schedules run, by the hash of their choice prefixes)
+  tells, before a schedule runs, whether the strategy would repeat one already run: the strategy is
+  simulated over the recorded states (enabled clients, locations) until it leaves the tree (new) or
+  reaches the end of a recorded schedule (a duplicate: skipped, counted).
 """
 
 from __future__ import annotations
 
 import random
 
+from ipc.sched.points import K_LOAD
+
 STRATEGIES = ("pct", "random")
 
 
-class RandomWalk:
+class Footprint:
+    """Per location, the bit masks of the clients that read / wrote it (over every schedule so
+    far); an :meth:`overlay` learns on top of it without changing it (a simulation)."""
+
+    def __init__(self, base: Footprint | None = None):
+        self.r: dict[int, int] = {}
+        self.w: dict[int, int] = {}
+        self.base = base
+
+    def masks(self, loc: int) -> tuple[int, int]:
+        r, w = self.r.get(loc, 0), self.w.get(loc, 0)
+        if self.base is not None:
+            br, bw = self.base.masks(loc)
+            r, w = r | br, w | bw
+        return r, w
+
+    def add(self, code: int, i: int) -> None:
+        loc = code >> 2
+        d = self.r if code & 3 == K_LOAD else self.w
+        d[loc] = d.get(loc, 0) | 1 << i
+
+    def racy(self, code: int, i: int) -> bool:
+        """Does client ``i``'s access ``code`` race with an access of another client seen so far?"""
+        r, w = self.masks(code >> 2)
+        return bool((w if code & 3 == K_LOAD else r | w) & ~(1 << i))
+
+    def overlay(self) -> Footprint:
+        return Footprint(self)
+
+    def __len__(self) -> int:
+        return len(self.r.keys() | self.w.keys())
+
+
+class _Recording:
+    """What every generating strategy shares: the decisions counted, the footprint learnt, and
+    (for :class:`History`) the states and choices of the schedule it drove."""
+
+    def _setup(self, footprint: Footprint | None, record: bool = True) -> None:
+        self.fp = footprint
+        self.decisions = 0  # decisions (see the module doc) so far in this schedule
+        self.trail: list[tuple[tuple[int, ...], tuple[int, ...] | None]] | None = [] if record else None
+        self.choices: list[int] = []
+        self.turns = 0  # steps chosen by pick (handed out as a turn); the others ran ahead
+
+    @property
+    def run_ahead(self) -> bool:
+        """The client that ran last may go on without a turn at steps that are no decision (ipc/
+        sched): only with a footprint (without one every step with two clients enabled is one)."""
+        return self.fp is not None
+
+    def _goes_on(self, enabled: list[int], last: int, locs: tuple[int, ...] | None) -> bool | None:
+        """None: ``last`` cannot go on (blocked, ended, the first step): the strategy chooses; True:
+        a decision (module doc); False: ``last`` goes on (no other client could run, or none races
+        with its access: running another first would be the same interleaving up to commuting
+        independent steps)."""
+        if last < 0 or last not in enabled:
+            return None
+        if len(enabled) < 2:
+            return False
+        return self.fp is None or locs is None or self.fp.racy(locs[last], last)
+
+    def ran(self, i: int, enabled: tuple[int, ...], locs: tuple[int, ...]) -> None:
+        """Client ``i`` took a run-ahead step (ipc/sched) in the state (``enabled``, ``locs``): it
+        went on, counted as a decision if it was one (never a change point: ``decision_grant``)."""
+        d = self._goes_on(list(enabled), i, locs)
+        if d:
+            self.decisions += 1
+            if self.decisions in getattr(self, "change", ()):
+                raise AssertionError(f"a run-ahead step passed change point {self.decisions}")
+        self._chose(enabled, locs, i)
+
+    def decision_grant(self, i: int, enabled: list[int]) -> int:
+        """How many decisions client ``i`` may pass in its run-ahead (the strategy would let it go
+        on at each): none for a random choice."""
+        return 0
+
+    def _chose(self, enabled: list[int], locs, i: int) -> int:
+        if self.trail is not None:
+            self.trail.append((tuple(enabled), locs))
+            self.choices.append(i)
+        if self.fp is not None and locs is not None:
+            self.fp.add(locs[i], i)
+        return i
+
+    def _clone_base(self, other: _Recording) -> None:
+        other._setup(self.fp.overlay() if self.fp is not None else None, record=False)
+        other.decisions = self.decisions
+
+
+class RandomWalk(_Recording):
     name = "random"
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, footprint: Footprint | None = None):
         self.rng = random.Random(seed)
+        self._setup(footprint)
 
-    def pick(self, enabled: list[int], step: int, last: int) -> int:
-        return enabled[int(self.rng.random() * len(enabled))]
+    def pick(self, enabled: list[int], step: int, last: int, locs: tuple[int, ...] | None = None) -> int:
+        self.turns += 1
+        d = self._goes_on(enabled, last, locs)
+        if d is False:
+            return self._chose(enabled, locs, last)
+        if d:
+            self.decisions += 1
+        return self._chose(enabled, locs, enabled[int(self.rng.random() * len(enabled))])
+
+    def clone(self) -> RandomWalk:
+        c = RandomWalk.__new__(RandomWalk)
+        c.rng = random.Random()
+        c.rng.setstate(self.rng.getstate())
+        self._clone_base(c)
+        return c
 
 
-class Pct:
+class Pct(_Recording):
     """PCT (Burckhardt et al., ASPLOS 2010): random distinct priorities, d-1 change points among
-    the first ``k`` steps at which the running client's priority drops below every other; always
-    run the highest-priority enabled client."""
+    the first ``k`` decisions (module doc; every step when no footprint is given) at which the
+    running client's priority drops below every other; always run the highest-priority enabled
+    client."""
 
     name = "pct"
 
-    def __init__(self, seed: int, n: int, depth: int, k: int):
+    def __init__(self, seed: int, n: int, depth: int, k: int, footprint: Footprint | None = None):
         rng = random.Random(seed)
         prios = list(range(depth, depth + n))
         rng.shuffle(prios)
         self.prio = prios
-        self.change = {s: depth - 1 - i for i, s in enumerate(sorted(rng.sample(range(1, max(k, depth) + 1),
+        self.k = max(k, depth)
+        self.change = {s: depth - 1 - i for i, s in enumerate(sorted(rng.sample(range(1, self.k + 1),
                                                                                 depth - 1)))}
+        self._setup(footprint)
 
-    def pick(self, enabled: list[int], step: int, last: int) -> int:
-        low = self.change.get(step)
-        if low is not None and last >= 0:
-            self.prio[last] = low
-        return max(enabled, key=self.prio.__getitem__)
+    def pick(self, enabled: list[int], step: int, last: int, locs: tuple[int, ...] | None = None) -> int:
+        self.turns += 1
+        d = self._goes_on(enabled, last, locs)
+        if d is False:
+            return self._chose(enabled, locs, last)
+        if d:
+            self.decisions += 1
+            low = self.change.get(self.decisions)
+            if low is not None:
+                self.prio[last] = low
+        return self._chose(enabled, locs, max(enabled, key=self.prio.__getitem__))
+
+    def decision_grant(self, i: int, enabled: list[int]) -> int:
+        """``i`` has the highest priority of the enabled clients (the others wait at points, ipc/
+        sched): PCT chooses it at every decision before the next change point."""
+        if any(self.prio[j] > self.prio[i] for j in enabled):
+            return 0
+        nxt = min((c for c in self.change if c > self.decisions), default=None)
+        return 1 << 30 if nxt is None else nxt - self.decisions - 1
+
+    def clone(self) -> Pct:
+        c = Pct.__new__(Pct)
+        c.prio, c.k, c.change = list(self.prio), self.k, self.change
+        self._clone_base(c)
+        return c
+
+
+_END = ()  # History: a recorded schedule ended here
+
+
+class History:
+    """The schedules run so far, as a prefix tree keyed by the hash of each choice prefix: the
+    state at each node (enabled clients, locations) is what a strategy is simulated on."""
+
+    def __init__(self):
+        self.nodes: dict[int, tuple] = {}
+        self._intern: dict[tuple, tuple] = {}
+        self.runs = 0
+
+    def add(self, strategy: _Recording) -> None:
+        """Record the schedule ``strategy`` just drove (its trail and choices)."""
+        h, nodes, intern = 0, self.nodes, self._intern
+        for node, c in zip(strategy.trail or (), strategy.choices, strict=True):
+            if h not in nodes:
+                nodes[h] = intern.setdefault(node, node)
+            h = hash((h, c))
+        nodes[h] = _END
+        self.runs += 1
+
+    def seen(self, strategy) -> bool:
+        """Would ``strategy`` (not yet run) drive a schedule already recorded? Simulated on a clone."""
+        nodes = self.nodes
+        node = nodes.get(0)
+        if node is None:
+            return False
+        sim = strategy.clone()
+        h, last, step = 0, -1, 0
+        while True:
+            if node is _END:
+                return True
+            enabled, locs = node
+            c = sim.pick(list(enabled), step, last, locs)
+            h, last, step = hash((h, c)), c, step + 1
+            node = nodes.get(h)
+            if node is None:
+                return False
+
+    def __len__(self) -> int:
+        return self.runs
 
 
 class Replay:
@@ -50,7 +241,7 @@ class Replay:
         self.choices = choices
         self.mismatch: str | None = None
 
-    def pick(self, enabled: list[int], step: int, last: int) -> int:
+    def pick(self, enabled: list[int], step: int, last: int, locs=None) -> int:
         raise AssertionError("Replay is driven by Scheduler.run")
 
 

@@ -136,9 +136,13 @@ def test_pct_priorities_and_guarantee():
     assert strategies.guarantee(2, 10, 3) == pytest.approx(1 / 200)
     # the highest-priority enabled process runs; at a change point the running one drops
     top = max(range(3), key=p.prio.__getitem__)
-    assert p.pick([0, 1, 2], 0, -1) == top
-    step = min(p.change)
-    assert p.pick([0, 1, 2], step, top) != top
+    assert p.pick([0, 1, 2], 0, -1) == top and p.decisions == 0  # nobody ran yet: no decision
+    # change points are counted in decisions (steps where the running process could go on and
+    # another could run instead); without a footprint every such step is one
+    c = min(p.change)
+    for d in range(1, c):
+        assert p.pick([0, 1, 2], d, top) == top and p.decisions == d
+    assert p.pick([0, 1, 2], c, top) != top and p.decisions == c
 
 
 def _release_then_spin_body(run_id: str):
@@ -304,3 +308,128 @@ def test_an_idle_client_whose_turn_does_not_clear_its_kick_is_a_named_deadlock(r
                                    wake=lambda i: i == 0 and bool(data.v["w"][4]))
     assert s.outcome == "deadlock", (s.outcome, s.detail)
     assert "process 0 idle at" in s.detail and "woken, but its last turn did not clear" in s.detail, s.detail
+
+
+# -- per-access points, statistics, partial-order reduction (issue 22 items 3, 4) ---------------
+def _shared_body(run_id: str, mode: str, rounds: int = 1):
+    """Each client reads and writes shared words through ``SharedPoints`` (``stats`` declared as
+    statistics): a counter bump, a racing read-modify-write by load / store, an atomic add."""
+    from ipc.sched.points import SharedPoints
+
+    def body(i: int, c) -> bytes:
+        r = Region.attach(run_id, DATA)
+        m = SharedPoints(r, c, "data", {"stats": None}, mode)
+        w = r.word("w")
+        for _ in range(rounds):
+            m.fetch_add(r.word("stats") + 3, 1)  # statistics: never a point
+            m.store(w + 4 + i, m.load(w + 4 + i) + 1)  # this client's own word: no other touches it
+            v = m.load(w + 1)
+            m.store(w + 1, v + 1)
+            m.fetch_add(w + 2, 1)
+        return b"ok"
+
+    return body
+
+
+@pytest.mark.parametrize("mode", ["access", "atomic"])
+def test_shared_accesses_are_points_and_statistics_are_not(run_id, data, mode):
+    s, out, _ = pool.run_forked(run_id, 2, _shared_body(run_id, mode), strategies.RandomWalk(1), 1000)
+    assert s.outcome == "done" and out == [b"ok", b"ok"]
+    names = [f"data.w[{w}] {op}" for w in (1, 2, 4, 5) for op in ("load", "store", "fetch_add")]
+    ids = {sched.point_id(n): n for n in names}
+    seen = {ids.get(p, p) for _, p, _ in s.log}
+    if mode == "access":
+        assert {"data.w[1] load", "data.w[1] store", "data.w[2] fetch_add"} <= seen
+    else:  # the read-modify-writes only
+        assert "data.w[2] fetch_add" in seen and "data.w[1] load" not in seen and "data.w[1] store" not in seen
+    assert not any(isinstance(p, int) for p in seen)  # nothing else: no point at the statistics word
+    assert int(data.v["stats"][3]) == 2 and int(data.v["w"][2]) == 2
+
+
+def test_statistics_words_come_from_the_declared_layouts():
+    from ipc.sched.points import statistic_words
+    from vm import layout as L
+    from vm.avic import table as T
+    from vm.config import from_dict
+
+    cfg = from_dict({"vcpus": 2, "fuzz": "off"})
+    lay = L.vm_layout(cfg)
+    st = statistic_words(lay, L.STATISTICS)
+    flags, counters = lay["flags"].offset // 8, lay["counters"].offset // 8
+    assert flags + L.F_WARNS in st and flags + L.F_WRITE_TRACKING not in st and flags + L.F_RUN_STATE not in st
+    assert all(counters + k in st for k in range(cfg.nprocs * L.NCOUNTERS))
+    alay = T.avic_layout(cfg)
+    ast = statistic_words(alay, T.STATISTICS)
+    hdr, tables = alay["hdr"].offset // 8, alay["tables"].offset // 8
+    assert {hdr + T.H_LIVE, tables + T.T_SYNCS, tables + T.TW + T.T_WRITES} <= ast
+    assert hdr + T.H_GEN not in ast and tables + T.T_STATE not in ast and tables + T.TW + T.T_REF not in ast
+
+
+def test_blocked_retries_are_no_decisions_and_consume_no_change_point():
+    fp = strategies.Footprint()
+    code = 7 << 2 | 2  # a store to location 7
+    fp.add(code, 0)  # client 0 wrote it: client 1's store there races
+    p = strategies.Pct(1, 2, 3, 10, fp)
+    p.prio = [3, 4]
+    p.change = {1: 2, 2: 1}
+    # client 1 blocked (not enabled) after its step: client 0 alone runs, no decision, no change
+    assert p.pick([0], 0, 1, (code, code)) == 0 and p.decisions == 0 and p.prio == [3, 4]
+    # again a blocked retry of 1 that did not progress: 1 is not enabled, nothing counted
+    assert p.pick([0], 1, 0, (code, code)) == 0 and p.decisions == 0
+    # 1 enabled and running at a racing store: the first decision, its change point drops 1
+    assert p.pick([0, 1], 2, 1, (code, code)) == 0 and p.decisions == 1 and p.prio[1] == 2
+    # a step that races with nobody (location 9 only client 0 touched) is no decision
+    own = 9 << 2 | 2
+    assert p.pick([0, 1], 3, 0, (own, code)) == 0 and p.decisions == 1
+
+
+def test_a_forked_schedule_counts_decisions_without_its_blocked_retries(run_id, data):
+    fp = strategies.Footprint()  # learnt over the schedules: the locks are shared from the second on
+    for seed in range(20):
+        data.v["w"][:] = 0
+        strat = strategies.Pct(seed, 2, 3, 20, fp)
+        s, out, _ = pool.run_forked(run_id, 2, _lock_body(run_id, None), strat, 2000)
+        assert s.outcome == "done"
+        retries = [k for k, (_, _, b) in enumerate(s.log) if b]
+        if retries:
+            # a retry's client was not enabled at the step after it (it blocked again or went on):
+            # the decisions counted are at most the steps that were not retries
+            assert strat.decisions <= len(s.log) - len(retries)
+            return
+    pytest.fail("no schedule with a blocked retry in 20")
+
+
+def test_run_ahead_gives_the_same_interleaving_with_fewer_turns(run_id, data):
+    class NoRunAhead(strategies.Pct):
+        run_ahead = False
+
+    logs, turns = [], []
+    for cls in (strategies.Pct, NoRunAhead):
+        fp = strategies.Footprint()
+        for seed in range(6):  # the footprint learns over the schedules, as in an exploration
+            data.v["w"][:] = 0
+            strat = cls(seed, 2, 3, 30, fp)
+            s, _, _ = pool.run_forked(run_id, 2, _shared_body(run_id, "access", rounds=4), strat, 2000)
+            assert s.outcome == "done"
+            logs.append(s.log)
+            turns.append(strat.turns)
+    assert logs[:6] == logs[6:]
+    assert sum(turns[:6]) < sum(turns[6:]) == sum(len(x) for x in logs[6:])
+
+
+def test_history_knows_a_schedule_before_it_runs(run_id, data):
+    fp, hist = strategies.Footprint(), strategies.History()
+    first = strategies.RandomWalk(5, fp)
+    s, _, _ = pool.run_forked(run_id, 2, _shared_body(run_id, "access"), first, 1000)
+    hist.add(first)
+    assert hist.seen(strategies.RandomWalk(5, fp))  # the same draw: the same schedule, skipped
+    again = strategies.RandomWalk(5, fp)
+    data.v["w"][:] = 0
+    s2, _, _ = pool.run_forked(run_id, 2, _shared_body(run_id, "access"), again, 1000)
+    assert s2.log == s.log
+    novel = [sd for sd in range(6, 40) if not hist.seen(strategies.RandomWalk(sd, fp))]
+    assert novel  # other seeds leave the tree somewhere
+    data.v["w"][:] = 0
+    other = strategies.RandomWalk(novel[0], fp)
+    s3, _, _ = pool.run_forked(run_id, 2, _shared_body(run_id, "access"), other, 1000)
+    assert s3.log != s.log

@@ -45,6 +45,7 @@ from vm.avic.table import (
     READER_DELAY_NS,
     REGISTRATION_IDS,
     REGISTRATIONS,
+    STATISTICS,
     STATS,
     T_NODE,
     T_STATE,
@@ -152,9 +153,10 @@ class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, Nest
             self.tlocks = [new_lock("spin", region.mem, region.word("tlocks", t), tstat, self.tag,
                                     busted="busted-lock" in self.hooks, name=f"avic_table_lock[{t}]")
                            for t in range(self.nt)]
-        # scheduled (ipc/sched): RMWs of the shared AVIC state are scheduling points; this
-        # process' own stats counters and the mutual-exclusion checker's words are not (_smem)
-        self._smem, self.amem = region.mem, sched.atomic_points(region.mem, "avic")
+        # scheduled (ipc/sched): accesses of the shared AVIC state are scheduling points (all, or the
+        # RMWs: sched.POINTS); the declared statistics words (STATISTICS) and the stats / checker
+        # words reached through _smem are not
+        self._smem, self.amem = region.mem, sched.shared_points(region, "avic", STATISTICS)
 
     def _attach(self) -> None:
         if self.region is None or self.region.closed:

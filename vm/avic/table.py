@@ -146,6 +146,16 @@ NSTATS = 32
 S = {name: i for i, name in enumerate(STATS)}
 assert len(STATS) <= NSTATS
 
+# -- statistics: words that only count (ipc/sched: no scheduling points; vm/layout.STATISTICS) --
+STATISTICS = {
+    "hdr": (H_MAXLIVE, H_LIVE, H_UNTRACKED_REG, H_I1, H_I2, H_RELOAD_BAD),
+    "tables": (T_WRITES, T_SYNCS),
+    "lockstat": None,
+    "stats": None,
+    "cs": None,  # the mutual-exclusion checker's held flags (its own words, not the design's)
+    "tcs": None,
+}
+
 DESIGN_IDS = {"mutex-hash": 1, "rcu-list": 2, "per-table-notifier": 3}
 REGISTRATION_IDS = {"refcount": 1, "bool": 2, "naive": 3, "split": 4, "node-refcount": 5}
 AVIC_DESIGNS = tuple(DESIGN_IDS)
