@@ -4,8 +4,9 @@
   links into Markdown, a heading of that file has that anchor (GitHub's slugs);
 - every ``python launch.py ...`` command shown in a fenced code block parses with the current CLI
   (a dry parse with launch.py's own argparse parser: nothing runs);
-- every command that ``launch.py -h`` lists has its section (``## COMMAND``) in docs/commands.md and
-  a row in the README's command table;
+- every command that ``launch.py -h`` lists has its section (``## COMMAND``) in docs/commands.md,
+  which names every option of that command, and a row in the README's command table; every
+  ``--hook`` and ``torture --inject`` choice is described in docs/success.md;
 - the README is at most 150 lines and its first code block is exactly the two set-up commands;
 - every page of docs/ starts with the question it answers (a ``# `` heading with a ``?``) and is
   reachable from the README through links.
@@ -180,6 +181,35 @@ def undocumented_commands(commands: list[str], commands_md: str) -> list[str]:
     return [c for c in commands if c not in sections]
 
 
+def command_section(commands_md: str, command: str) -> str:
+    """The text of ``## COMMAND`` in docs/commands.md, up to the next ``## `` heading ('' if none)."""
+    m = re.search(rf"^## `?{re.escape(command)}`?\s*$(.*?)(?=^## |\Z)", commands_md, re.M | re.S)
+    return m.group(1) if m else ""
+
+
+def undocumented_options(parser: argparse.ArgumentParser, commands_md: str) -> list[str]:
+    """``COMMAND --option`` for every long option its docs/commands.md section does not name."""
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                section = command_section(commands_md, name)
+                for opt in (o for a in sub._actions for o in a.option_strings):
+                    if opt.startswith("--") and opt != "--help" and not re.search(
+                            re.escape(opt) + r"(?![\w-])", section):
+                        missing.append(f"{name} {opt}")
+    return missing
+
+
+def choices_of(parser: argparse.ArgumentParser, command: str, option: str) -> list[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for a in action.choices[command]._actions:
+                if option in a.option_strings:
+                    return list(a.choices or [])
+    return []
+
+
 def missing_from_readme_table(commands: list[str], readme: str) -> list[str]:
     rows = [line for line in split_fences(readme)[0] if line.startswith("|")]
     return [c for c in commands if not any(f"`python launch.py {c}" in r for r in rows)]
@@ -225,6 +255,17 @@ def test_every_cli_command_is_documented(parser):
     assert len(commands) >= 10
     assert undocumented_commands(commands, COMMANDS_MD.read_text()) == []
     assert missing_from_readme_table(commands, README.read_text()) == []
+
+
+def test_every_option_is_documented(parser):
+    assert undocumented_options(parser, COMMANDS_MD.read_text()) == []
+
+
+def test_every_hook_and_inject_is_described(parser):
+    names = choices_of(parser, "run", "--hook") + choices_of(parser, "torture", "--inject")
+    assert len(names) >= 10
+    text = (DOCS / "success.md").read_text()
+    assert [n for n in names if f"`{n}`" not in text] == []
 
 
 def test_readme_is_short():
@@ -306,6 +347,18 @@ def test_reachability_checker_finds_an_orphan_page(tmp_path):
     (tmp_path / "README.md").write_text("[a](docs/a.md#x)\n")
     pages = sorted((tmp_path / "docs").glob("*.md"))
     assert [p.name for p in unreachable_pages(tmp_path / "README.md", pages)] == ["c.md"]
+
+
+def test_option_checker_finds_an_undocumented_option():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run")
+    r.add_argument("--vcpus")
+    r.add_argument("--fuzz")
+    sub.add_parser("clean").add_argument("--dry-run")
+    md = "# C?\n## run\n`--vcpus N`, `--fuzz-level`\n## clean\n`--dry-run`, and run's --fuzz is not here\n"
+    assert undocumented_options(p, md) == ["run --fuzz"]
+    assert choices_of(p, "run", "--vcpus") == []
 
 
 def test_setup_and_question_checkers():
