@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
 import tomllib
 
 from ipc import sched
@@ -194,11 +195,23 @@ def replay(path: str, trace: str | None = None, hang_s: float = HANG_S) -> dict:
         raise UsageError(f"replay: {path}: not replayable (the saved failure was a hang or crash, "
                          "which depends on timing, not on the schedule)")
     bound = ex.get("max_steps", len(schedule) + 1)  # the explore's step bound: a step-bound failure stops there
-    stopped: list[int] = []
+    seen_stopped: set[int] = set()  # vCPU processes seen stopped (state T) while the schedule ran
+    done = threading.Event()
     with Runner(sc, hang_s=hang_s) as runner:
-        o = runner.run(strategies.Replay([(v, sched.point_id(n)) for v, n in schedule]), bound)
-        if o.sched_outcome in ("hang", "crash") and runner.pool is not None:
-            stopped = _stopped(runner.pool.pids)
+        def watch() -> None:  # the pool kills a hung schedule's processes: look while it runs
+            while not done.wait(0.05):
+                p = runner.pool
+                if p is not None:
+                    seen_stopped.update(_stopped(list(p.pids)))
+
+        w = threading.Thread(target=watch, daemon=True)
+        w.start()
+        try:
+            o = runner.run(strategies.Replay([(v, sched.point_id(n)) for v, n in schedule]), bound)
+        finally:
+            done.set()
+            w.join()
+    stopped = sorted(seen_stopped)
     expected = {sched.point_id(n): n for _, n in schedule}
     reasons = [name_points(r, expected) for r in o.reasons]
     verdict = o.verdict
