@@ -304,7 +304,10 @@ class RcuDomain:
 
     def call_rcu(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` after a grace period (on a later ``synchronize``/``poll``/``barrier`` of this
-        process)."""
+        process). A ``broken`` domain runs it at once, as rcutorture's ``call_rcu_busted()``."""
+        if self.broken:
+            fn()
+            return
         self._cbs.append((self.get_state(), fn))
 
     def poll(self) -> int:

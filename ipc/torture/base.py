@@ -7,7 +7,7 @@ then runs until ``CTL_STOP``. Delay patterns are precomputed per process from th
 (:func:`rng`, ``DELAY_TABLE`` entries, cycled), so a run is reproducible.
 
 :class:`TortureType` is the table entry of one ``--kind`` (like rcutorture's ``torture_ops[]`` and
-locktorture's ``lock_torture_ops``): ``rcutorture.RcuTorture(ops)`` for rcu/srcu,
+locktorture's ``lock_torture_ops``): ``rcureport.RcuTorture(ops)`` for rcu/srcu,
 ``locktorture.LockTorture(ops)`` for spinlock/mutex. The harness knows nothing else about a kind.
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ipc.torture.base import TortureType
 from ipc.torture.locktorture import LockTorture, mutex_lock_ops, spin_lock_ops
 from ipc.torture.rcu import rcu_ops
-from ipc.torture.rcutorture import RcuTorture
+from ipc.torture.rcureport import RcuTorture
 from ipc.torture.srcu import srcu_ops
 
 RCU_TYPES = (RcuTorture(rcu_ops), RcuTorture(srcu_ops))

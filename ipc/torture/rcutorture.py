@@ -20,13 +20,18 @@ read delay (``readdelay``: rcu_read_delay / srcu_read_delay, seeded per reader),
 pipe_count, check mbtest and generation again (freed, or freed and reused, while held), gp_seq,
 read_unlock; they bump a per-reader "Reader Pipe" histogram at min(pipe_count, 10) and a "Reader
 Batch" histogram of the grace periods completed during the read. ``NFAKEWRITERS`` fake writers
-call synchronize at random times (grace-period sharing), napping 0-500 us (a quarter of the time
-not at all). Neither the writer is paced as rcu_torture_writer (RTWS_FIXED_DELAY / RTWS_DELAY)
-nor the fake writers nap 0-9 jiffies as rcu_torture_fakewriter: tried (issue 23), together they
-widened ``gp-share-early``'s window (18-19/20 seeds at 1 s) but elements were then freed ~10 ms
-after removal and the mbtest checks of ``broken-gp`` saw nothing in 1-3 s (tests/ipc/test_torture.py).
-FAILURE: any Reader Pipe count at index
->= 2, any mbtest failure, a worker that died, or no progress.
+call synchronize at random times (grace-period sharing): after a nap of 0-9 jiffies, as
+rcu_torture_fakewriter's ``torture_hrtimeout_jiffies(torture_random() % 10)``; there are 4 of them,
+rcutorture's default ``nfakewriters``. The writer is paced as rcu_torture_writer: before each
+allocation it sleeps 500 us (RTWS_FIXED_DELAY, ``torture_hrtimeout_us(500, 1000)``), before each
+replacement it busy-waits 0-1023 us (RTWS_DELAY, ``udelay(torture_random() & 0x3ff)``). That
+pacing is what gives ``gp-share-early`` its window: the element stays current ~1 ms, readers that
+began after the phase flip of a fake writer's running grace period take it, and the writer's
+removal and synchronize come while that grace period still waits for older readers (measured:
+bench/selftests.py). ``broken-gp``'s call_rcu runs the callback at once (``call_rcu_busted``), so
+its asynchronous removals free the element under the readers at once, whatever the pacing: the
+mbtest checks see it. FAILURE: any Reader Pipe count at index >= 2, any mbtest failure, a worker
+that died, or no progress.
 
 What differs between flavors is an :class:`RcuTortureOps` (rcutorture's ``rcu_torture_ops``):
 ``ipc/torture/rcu.py`` has ``rcu_ops``, ``ipc/torture/srcu.py`` ``srcu_ops``. Injected faults
@@ -46,21 +51,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ipc import _prims, fuzz
-from ipc import hist as _hist
-from ipc.locks import STAT_WORDS, init_lockstat, merge_lockstat
 from ipc.torture.base import (
     CTL_STOP,
     DELAY_TABLE,
     FLUSH_NS,
-    ROW,
     STALL_NS,
-    TortureType,
-    lock_stat_line,
     rng,
     wait_for_go,
 )
@@ -74,7 +74,16 @@ if TYPE_CHECKING:
 PIPE_LEN = 10  # RCU_TORTURE_PIPE_LEN
 PIPE_SLOTS = PIPE_LEN + 1
 NPOOL = 32
-NFAKEWRITERS = 2
+NFAKEWRITERS = 4  # rcutorture's nfakewriters default
+# rcu_torture_writer's pacing (see the writer): RTWS_FIXED_DELAY torture_hrtimeout_us(500, 1000),
+# RTWS_DELAY udelay(torture_random() & 0x3ff)
+WRITER_FIXED_DELAY_NS = 500_000
+WRITER_FIXED_FUZZ_NS = 1_000
+WRITER_UDELAY_MASK_US = 0x3FF
+# rcu_torture_fakewriter's nap between two synchronize calls: torture_hrtimeout_jiffies(
+# torture_random(&rand) % 10, &rand), HZ = 1000
+FAKEWRITER_NAP_JIFFIES = 10
+NS_PER_JIFFY = 1_000_000
 
 # pool element words (EL_MB: rtort_mbtest, 1 from publication to free)
 EL_PIPE, EL_MB, EL_GEN, EL_STATE = 0, 1, 2, 3
@@ -85,9 +94,11 @@ IDX_MASK = (1 << IDX_BITS) - 1
 
 # reader stat row: reads; mbtest failures (at the dereference = rtmbe, freed while held, freed and
 # reused while held); delays (mdelay + sleep, udelay, preemption, sleep alone)
-R_READS, R_POISON, R_REUSE, R_LONG, R_MBERR, R_SHORT, R_PREEMPT, R_SLEEP = range(8)
+R_READS, R_POISON, R_REUSE, R_LONG, R_MBERR, R_SHORT, R_PREEMPT, R_SLEEP, R_COOKIE = range(9)
+R_WORDS = 16
 # writer / fake-writer stat row
-W_VERSIONS, W_ALLOCS, W_ALLOC_FAIL, W_FREES, W_GPS, W_SHARED, W_STALLS, W_ASYNC, W_COND, W_POLL = range(10)
+(W_VERSIONS, W_ALLOCS, W_ALLOC_FAIL, W_FREES, W_GPS, W_SHARED, W_STALLS, W_ASYNC, W_COND, W_POLL,
+ W_COOKIE) = range(11)
 W_WORDS = 16
 # how the writer waits for the grace period of a retired element (rcutorture's gp_sync, gp_async,
 # gp_cond, gp_poll); cond/poll need the polled-GP API (get_state/poll_state/cond_synchronize)
@@ -142,10 +153,17 @@ def rcu_torture_reader(ops: RcuTortureOps, region: Region, cfg: dict, r: int) ->
     pipe = [0] * PIPE_SLOTS
     batch = [0] * PIPE_SLOTS
 
+    # rcu_torture_one_read's cookie check 2: a polled cookie taken inside the critical section
+    # cannot complete before it ends (a grace period that starts after the reader is in waits for it)
+    polled = ops.polled
+    get_state, poll_state = dom.get_state, dom.poll_state
+    cookie_errs = 0
+
     def flush(reads: int, mberr: int, poison: int, reuse: int) -> None:
         for i in range(PIPE_SLOTS):
             store(pipe_w + i, pipe[i])
             store(batch_w + i, batch[i])
+        store(st_w + R_COOKIE, cookie_errs)
         store(st_w + R_MBERR, mberr)
         store(st_w + R_POISON, poison)
         store(st_w + R_REUSE, reuse)
@@ -164,6 +182,8 @@ def rcu_torture_reader(ops: RcuTortureOps, region: Region, cfg: dict, r: int) ->
                 if load(stop_w):
                     break
             rl()
+            if polled:
+                ck = get_state()
             g0 = load(gp_w)  # started = cur_ops->get_gp_seq()
             c = load(cur_w)  # rcu_dereference(rcu_torture_current)
             e = pool_w + (c & IDX_MASK) * EL_WORDS
@@ -180,6 +200,8 @@ def rcu_torture_reader(ops: RcuTortureOps, region: Region, cfg: dict, r: int) ->
             elif load(e + EL_GEN) != c >> IDX_BITS:
                 reuse += 1  # freed and reallocated while this reader held it
             g1 = load(gp_w)  # completed = cur_ops->get_gp_seq()
+            if polled and poll_state(ck):
+                cookie_errs += 1  # "Cookie check 2 failed"
             ru()
             pipe[pc if pc < PIPE_LEN else PIPE_LEN] += 1
             b = g1 - g0
@@ -214,6 +236,24 @@ def _gp_domain(ops: RcuTortureOps, region: Region, cfg: dict, w: int, counters: 
         slot_name=lambda i: f"reader {i}")
 
 
+def dopoll_table(ops: RcuTortureOps, rg) -> list[bool]:
+    """Which synchronize calls check a cookie (``do_rtws_sync``): the kernel's
+    ``!(torture_random() & 0x300)``, a quarter of them, when the flavor has the polled API."""
+    return (((rg.integers(0, 1 << 16, DELAY_TABLE) & 0x300) == 0) & ops.polled).tolist()
+
+
+def do_rtws_sync(dom, dopoll: bool, counters: list[int]) -> None:
+    """rcutorture's ``do_rtws_sync()``: synchronize; with ``dopoll``, take a polled cookie first
+    and check that its grace period has completed when synchronize returns ("Cookie check 3")."""
+    if not dopoll:
+        dom.synchronize()
+        return
+    cookie = dom.get_state()
+    dom.synchronize()
+    if not dom.poll_state(cookie):
+        counters[W_COOKIE] += 1
+
+
 def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) -> None:
     mem = region.mem
     load, store, xchg = mem.load, mem.store, mem.xchg
@@ -232,6 +272,15 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
         modes[modes >= MODE_COND] = MODE_SYNC
     modes = modes.tolist()
     naps = rg.integers(0, 200_000, DELAY_TABLE).tolist()  # ns between get_state and cond_sync
+    # the writer's pacing, as rcu_torture_writer(): RTWS_FIXED_DELAY sleeps 500 us (+ up to 1 us of
+    # fuzz: torture_hrtimeout_us(500, 1000, &rand)) before each allocation, RTWS_DELAY busy-waits
+    # udelay(torture_random(&rand) & 0x3ff) before the replacement: the current element stays
+    # current ~1 ms, so readers that began after a running grace period's phase flip hold it when
+    # it is removed and the writer's synchronize is called
+    fixed = (WRITER_FIXED_DELAY_NS + rg.integers(0, WRITER_FIXED_FUZZ_NS, DELAY_TABLE)).tolist()
+    udelays = (rg.integers(0, WRITER_UDELAY_MASK_US + 1, DELAY_TABLE) * 1_000).tolist()
+    spin, sleep = _prims.spin_ns, time.sleep
+    dopoll = dopoll_table(ops, rg)
     mask = len(modes) - 1
     free: deque[int] = deque(range(1, NPOOL))
     retired: list[int] = []  # retired by the synchronous path (advanced after each synchronize)
@@ -275,11 +324,15 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
         while not load(stop_w):
             if not free:  # everything is in the pipe: wait for grace periods (rtaf)
                 counters[W_ALLOC_FAIL] += 1
-                dom.synchronize()
+                do_rtws_sync(dom, dopoll[n & mask], counters)
                 counters[W_GPS] += 1
                 retired = [i for i in retired if not advance(i)]
                 continue
+            sleep(fixed[n & mask] * 1e-9)  # RTWS_FIXED_DELAY
+            if load(stop_w):
+                break
             i = free.popleft()
+            spin(udelays[n & mask])  # RTWS_DELAY: the old element is still the current one
             gen += 1
             e = pool_w + i * EL_WORDS
             store(e + EL_PIPE, 0)
@@ -299,7 +352,7 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
                 dom.poll()
             else:
                 if mode == MODE_SYNC:
-                    dom.synchronize()
+                    do_rtws_sync(dom, dopoll[n & mask], counters)
                     counters[W_GPS] += 1
                 elif mode == MODE_COND:  # get_state, a little work, cond_synchronize
                     cookie = dom.get_state()
@@ -334,7 +387,8 @@ def rcu_torture_fakewriter(ops: RcuTortureOps, region: Region, cfg: dict, w: int
     counters = [0] * W_WORDS
     dom = _gp_domain(ops, region, cfg, w, counters)
     rg = rng(cfg["seed"], 4, w)
-    naps = np.where(rg.random(DELAY_TABLE) < 0.25, 0, rg.integers(0, 500_000, DELAY_TABLE)).tolist()
+    naps = (rg.integers(0, FAKEWRITER_NAP_JIFFIES, DELAY_TABLE) * NS_PER_JIFFY).tolist()
+    dopoll = dopoll_table(ops, rg)
     mask = len(naps) - 1
     now = _prims.now_ns
 
@@ -351,7 +405,7 @@ def rcu_torture_fakewriter(ops: RcuTortureOps, region: Region, cfg: dict, w: int
             s = naps[n & mask]
             if s:
                 time.sleep(s * 1e-9)
-            dom.synchronize()
+            do_rtws_sync(dom, dopoll[n & mask], counters)
             counters[W_GPS] += 1
             n += 1
             t = now()
@@ -367,192 +421,3 @@ ROLES = {
     "writer": rcu_torture_writer,
     "fakewriter": rcu_torture_fakewriter,
 }
-
-
-# ------------------------------------------------------------------------------------ stats
-
-def rcu_snapshot(region: Region, kind: str) -> dict:
-    v = region.v
-    rs, ws = v["rstat"], v["wstat"]
-    return {
-        "versions": int(ws[0, W_VERSIONS]),
-        "allocs": int(ws[0, W_ALLOCS]),
-        "alloc_fail": int(ws[0, W_ALLOC_FAIL]),
-        "frees": int(ws[0, W_FREES]),
-        "async_retires": int(ws[0, W_ASYNC]),
-        "cond_retires": int(ws[0, W_COND]),
-        "poll_retires": int(ws[0, W_POLL]),
-        "writer_synchronize": int(ws[0, W_GPS]),
-        "fake_synchronize": int(ws[1:, W_GPS].sum()),
-        "shared_gps": int(ws[:, W_SHARED].sum()),
-        "stalls": int(ws[:, W_STALLS].sum()),
-        "gp_seq": int(v[f"{kind}_hdr"][1]),
-        "reads": int(rs[:, R_READS].sum()),
-        "mberror_reads": int(rs[:, R_MBERR].sum()),
-        "poisoned_reads": int(rs[:, R_POISON].sum()),
-        "reused_reads": int(rs[:, R_REUSE].sum()),
-        "long_holds": int(rs[:, R_LONG].sum()),
-        "short_delays": int(rs[:, R_SHORT].sum()),
-        "preempt_delays": int(rs[:, R_PREEMPT].sum()),
-        "sleep_delays": int(rs[:, R_SLEEP].sum()),
-        "reader_pipe": [int(x) for x in v["rpipe"][:, :PIPE_SLOTS].sum(axis=0)],
-        "reader_batch": [int(x) for x in v["rbatch"][:, :PIPE_SLOTS].sum(axis=0)],
-        "free_block_circulation": [int(x) for x in v["wcount"][:PIPE_SLOTS]],
-        "current": int(v["cur"][0]),
-    }
-
-
-def mb_errors(s: dict) -> int:
-    """mbtest failures: a freed element reached through the current pointer, or freed (and
-    perhaps reused) while a reader held it."""
-    return s["mberror_reads"] + s["poisoned_reads"] + s["reused_reads"]
-
-
-def rcu_lines(tag: str, s: dict) -> list[str]:
-    """rcu_torture_stats_print: "!!! " before Reader Pipe on an mbtest error or a read at index
-    >= 2. The writer's pipe (rcu_torture_wcount) is the kernel's "Free-Block Circulation"."""
-    bad = sum(s["reader_pipe"][2:]) or mb_errors(s)
-    return [
-        f"{tag}: rtc: {s['current'] & IDX_MASK} ver: {s['versions']} rta: {s['allocs']} "
-        f"rtaf: {s['alloc_fail']} rtf: {s['frees']} "
-        f"rtmbe: {mb_errors(s)} nt: {s['reads']} gp_seq: {s['gp_seq']} "
-        f"sync: {s['writer_synchronize']}+{s['fake_synchronize']} shared: {s['shared_gps']} "
-        f"async/cond/poll: {s['async_retires']}/{s['cond_retires']}/{s['poll_retires']} "
-        f"stalls: {s['stalls']} delays short/long/preempt: {s['short_delays']}/{s['long_holds']}/"
-        f"{s['preempt_delays']}",
-        f"{tag}: {'!!! ' if bad else ''}Reader Pipe:  " + " ".join(map(str, s["reader_pipe"])),
-        f"{tag}: Reader Batch:  " + " ".join(map(str, s["reader_batch"])),
-        f"{tag}: Free-Block Circulation:  " + " ".join(map(str, s["free_block_circulation"])),
-    ]
-
-
-def rcu_errors(s: dict) -> int:
-    return sum(s["reader_pipe"][2:]) + mb_errors(s)
-
-
-def rcu_report(region: Region, cfg: dict, started: bool, elapsed: float, reasons: list[str],
-               warnings: list[str], tag: str, emit) -> dict:
-    s = rcu_snapshot(region, cfg["kind"])
-    gh = region.v["gphist"]
-    gp_all = _hist.summary(_hist.merge(gh))
-    gp_writer = _hist.summary(_hist.merge(gh[0:1]))
-    lock_stat = merge_lockstat(np.array(region.v["lockstat"]), [f"{cfg['kind']}_gp_lock"])
-    rstat, rpipe = region.v["rstat"], region.v["rpipe"]
-    per = [{"reader": i, "reads": int(rstat[i, R_READS]),
-            "errors": int(rstat[i, R_MBERR] + rstat[i, R_POISON] + rstat[i, R_REUSE]),
-            "pipe_ge2": int(rpipe[i, 2:PIPE_SLOTS].sum())}
-           for i in range(cfg["nreaders"])]
-    bad_pipe = sum(s["reader_pipe"][2:])
-    if bad_pipe:
-        reasons.append(f"{bad_pipe} reads saw Reader Pipe index >= 2 (a reader held an element "
-                       f"across a full grace period)")
-    if mb_errors(s):
-        reasons.append(f"{mb_errors(s)} mbtest errors: {s['mberror_reads']} reads reached a freed "
-                       f"element through the current pointer, {s['poisoned_reads']} held an element "
-                       f"that was freed (poisoned), {s['reused_reads']} one that was reallocated")
-    if started and not reasons:
-        stuck = [w for w, n in (("writer", s["versions"]), ("readers", s["reads"])) if n == 0]
-        for w in stuck:  # a stall; too short a run to tell for sure is only a warning
-            (reasons if elapsed >= 1.0 else warnings).append(f"the {w} made no progress")
-    if s["stalls"]:
-        warnings.append(f"{s['stalls']} reader stall warnings (read-side critical section > "
-                        f"{STALL_NS // 1_000_000} ms)")
-    rates = {"reads_per_s": round(s["reads"] / elapsed, 1),
-             "gps_per_s": round(s["gp_seq"] / elapsed, 1),
-             "versions_per_s": round(s["versions"] / elapsed, 1)}
-    for line in rcu_lines(tag, s):
-        emit(line)
-    emit(f"{tag}: rates: reads/s={rates['reads_per_s']:.0f} GPs/s={rates['gps_per_s']:.0f} "
-         f"versions/s={rates['versions_per_s']:.0f} over {elapsed:.2f} s")
-    if gp_all["count"]:
-        emit(f"{tag}: synchronize latency: n={gp_all['count']} p50={gp_all['p50_ns'] / 1e3:.1f}us "
-             f"p99={gp_all['p99_ns'] / 1e3:.1f}us max={gp_all['max_ns'] / 1e3:.1f}us")
-    for cls, st in lock_stat.items():
-        emit(lock_stat_line(tag, cls, st))
-    return {
-        "counts": {k: s[k] for k in (
-            "versions", "allocs", "alloc_fail", "frees", "async_retires", "cond_retires",
-            "poll_retires", "writer_synchronize",
-            "fake_synchronize", "shared_gps", "stalls", "gp_seq", "reads", "poisoned_reads",
-            "reused_reads", "long_holds", "mberror_reads", "short_delays", "preempt_delays",
-            "sleep_delays")},
-        "rates": rates,
-        "pipe_rule": PIPE_RULE,
-        "histograms": {"reader_pipe": s["reader_pipe"], "reader_batch": s["reader_batch"],
-                       "free_block_circulation": s["free_block_circulation"],
-                       "writer_pipe": s["free_block_circulation"],
-                       "gp_latency_ns": gp_all, "writer_gp_latency_ns": gp_writer},
-        "per_process": per,
-        "lock_stat": lock_stat,
-    }
-
-
-# ------------------------------------------------------------------------------------ torture type
-
-class RcuTorture(TortureType):
-    """rcutorture on one flavor: the pipeline above, driven by ``ops``."""
-
-    injects = INJECTS
-
-    def __init__(self, ops: RcuTortureOps):
-        self.ops = ops
-        self.name = ops.name
-
-    def params(self, procs: int, nfakewriters: int) -> dict[str, Any]:
-        return {"nreaders": procs, "nfakewriters": nfakewriters, "pipe_len": PIPE_LEN, "npool": NPOOL}
-
-    def who(self, cfg: dict) -> str:
-        return f"nreaders={cfg['nreaders']} nfakewriters={cfg['nfakewriters']}"
-
-    def fields(self, cfg: dict) -> list:
-        nr, nw = cfg["nreaders"], 1 + cfg["nfakewriters"]
-        return [
-            *self.ops.domain.fields(self.ops.name, nr),
-            ("cur", "i8", (8,)),
-            ("pool", "i8", (NPOOL, EL_WORDS)),
-            ("rstat", "i8", (nr, 8)),
-            ("rpipe", "i8", (nr, ROW)),
-            ("rbatch", "i8", (nr, ROW)),
-            ("wstat", "i8", (nw, W_WORDS)),
-            ("wcount", "i8", (ROW,)),
-            ("gphist", "i8", (nw, _hist.HIST_WORDS)),
-            ("lockstat", "i8", (nw, 1, STAT_WORDS)),
-        ]
-
-    def init(self, region: Region, cfg: dict) -> None:
-        v = region.v
-        self.ops.domain.init(region, self.ops.name)
-        _hist.init(v["gphist"])
-        init_lockstat(v["lockstat"])
-        # element 0 is the initial current element, generation 1
-        v["pool"][0, EL_MB] = 1
-        v["pool"][0, EL_GEN] = 1
-        v["pool"][0, EL_STATE] = ST_CURRENT
-        v["cur"][0] = (1 << IDX_BITS) | 0
-
-    def workers(self, cfg: dict) -> list[tuple[str, str, int]]:
-        out = [("writer", "writer", 0)]
-        out += [(f"fakewriter {i}", "fakewriter", i) for i in range(1, 1 + cfg["nfakewriters"])]
-        out += [(f"reader {i}", "reader", i) for i in range(cfg["nreaders"])]
-        return out
-
-    def run(self, role: str, region: Region, cfg: dict, index: int) -> None:
-        ROLES[role](self.ops, region, cfg, index)
-
-    def interval(self, region: Region, cfg: dict, tag: str, emit, warnings: list[str], t_s: float,
-                 intervals: list[dict]) -> dict:
-        last_versions = intervals[-1]["versions"] if intervals else 0
-        s = rcu_snapshot(region, cfg["kind"])
-        for line in rcu_lines(tag, s):
-            emit(line)
-        if s["versions"] == last_versions:
-            w = (f"rcu_torture_writer stall: ver {s['versions']} unchanged for "
-                 f"{cfg['stat_interval']:g} s")
-            warnings.append(w)
-            emit(f"{tag}: {w}")
-        return {"t_s": t_s, "versions": s["versions"], "gp_seq": s["gp_seq"],
-                "reads": s["reads"], "errors": rcu_errors(s)}
-
-    def report(self, region: Region, cfg: dict, started: bool, elapsed: float, reasons: list[str],
-               warnings: list[str], tag: str, emit) -> dict:
-        return rcu_report(region, cfg, started, elapsed, reasons, warnings, tag, emit)

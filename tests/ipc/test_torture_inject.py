@@ -19,6 +19,7 @@ from ipc import torture
 from ipc.rcu import HDR_GP_STATE, RcuDomain, SrcuDomain
 from ipc.shm import Layout
 from ipc.torture.gpbugs import GP_BUGS, GpShareEarly, GpSingleFlip, GpSkipAlternate, GpSteps, gp_bug_domain
+from ipc.torture.rcutorture import W_COOKIE, W_WORDS, do_rtws_sync
 from ipc.torture.readdelay import D_LONG, D_PREEMPT, D_SHORT, D_SLEEP, ReadDelay, srcu_read_delay_probs
 
 GP_INJECTS = sorted(GP_BUGS)
@@ -118,6 +119,55 @@ def test_share_early_returns_on_a_grace_period_that_started_before_the_call(regi
     assert not t.is_alive() and real.gps == 1 and real.shared_gps == 0
 
 
+class _EndsTheRunningGp:
+    """A domain's synchronize stand-in: another writer's running grace period ends (gp_state 5 -> 6),
+    then the buggy / real synchronize runs."""
+
+    def __init__(self, dom, region):
+        self.dom, self.region = dom, region
+
+    def get_state(self):
+        return self.dom.get_state()
+
+    def poll_state(self, cookie):
+        return self.dom.poll_state(cookie)
+
+    def synchronize(self):
+        target = self.dom._snap() if isinstance(self.dom, GpShareEarly) else self.dom.get_state()
+        self.region.v["rcu_hdr"][HDR_GP_STATE] = 6
+        self.dom._synchronize(target)
+
+
+@pytest.mark.parametrize("cls,fails", [(GpShareEarly, 1), (RcuDomain, 0)])
+def test_cookie_check_3_sees_a_synchronize_that_shared_a_running_grace_period(region, cls, fails):
+    """rcutorture's do_rtws_sync(): a cookie taken before synchronize must have completed when it
+    returns. With a grace period already running at the call, the buggy snapshot shares it."""
+    region.v["rcu_hdr"][HDR_GP_STATE] = 5
+    counters = [0] * W_WORDS
+    do_rtws_sync(_EndsTheRunningGp(_writer(cls, region), region), True, counters)
+    assert counters[W_COOKIE] == fails
+    do_rtws_sync(_writer(cls, region), False, counters)  # no cookie taken: nothing checked
+    assert counters[W_COOKIE] == fails
+
+
+def test_cookie_check_2_sees_a_grace_period_end_inside_a_reader(region, reader):
+    """rcu_torture_one_read's cookie check: a cookie taken inside the section cannot complete before
+    it ends -- unless the grace period skipped the reader (gp-single-flip)."""
+    reader.read_lock()
+    cookie = reader.get_state()
+    assert _sync_blocks(_writer(GpSingleFlip, region)) is None
+    assert reader.poll_state(cookie), "a buggy grace period that ends inside the reader completes its cookie"
+    reader.read_unlock()
+    region.v["rcu_hdr"][HDR_GP_STATE] = 0
+    reader.read_lock()
+    cookie = reader.get_state()
+    t = _sync_blocks(_writer(GpSteps, region))
+    assert t is not None and not reader.poll_state(cookie)  # the real one waits: check 2 holds
+    reader.read_unlock()
+    t.join(5)
+    assert not t.is_alive() and reader.poll_state(cookie)
+
+
 @pytest.mark.parametrize("domain", [RcuDomain, SrcuDomain])
 @pytest.mark.parametrize("inject", GP_INJECTS)
 def test_gp_bug_domain_keeps_the_flavor(domain, inject):
@@ -192,6 +242,7 @@ def test_real_domain_success_with_kernel_pipe_accounting(kind):
     assert wpipe[torture.PIPE_LEN] == 0
     assert all(a >= b for a, b in zip(wpipe[:-1], wpipe[1:], strict=True))
     assert c["short_delays"] > 0 and c["preempt_delays"] > 0  # rcu_read_delay ran
+    assert c["reader_cookie_errors"] == c["sync_cookie_errors"] == 0  # rcutorture's cookie checks hold
     assert "pipe_rule" in doc and "Free-Block Circulation:" in out
 
 
@@ -214,4 +265,17 @@ def test_no_wait_before_flip_fails_in_one_second_through_the_c_preemption_point(
     buf = io.StringIO()
     doc = torture.run_torture(kind, 4, 1.0, seed=seed, inject="gp-no-wait-before-flip", out=buf)
     assert doc["verdict"] == "FAILURE", buf.getvalue()
-    assert sum(doc["histograms"]["reader_pipe"][2:]) > 0
+    # seen by the readers: the pipe rule, or a grace period that ended inside one (cookie check 2)
+    assert sum(doc["histograms"]["reader_pipe"][2:]) + doc["counts"]["reader_cookie_errors"] > 0
+
+
+@pytest.mark.parametrize("kind", ["rcu", "srcu"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_share_early_fails_in_one_second_by_the_cookie_check(kind, seed):
+    """Issue 23 item 3: the writer and fake writers check a polled cookie around a quarter of their
+    synchronize calls (rcutorture's do_rtws_sync): every shared running grace period is a
+    "Cookie check 3" failure, whatever the readers were doing."""
+    buf = io.StringIO()
+    doc = torture.run_torture(kind, 4, 1.0, seed=seed, inject="gp-share-early", out=buf)
+    assert doc["verdict"] == "FAILURE", buf.getvalue()
+    assert doc["counts"]["sync_cookie_errors"] > 0 and any("Cookie check 3" in r for r in doc["reasons"])
