@@ -98,7 +98,7 @@ def float_list(lo: float, hi: float, what: str):
 HOOK_HELP = ("bugs break the kernel code on purpose (the run is meant to end in FAILURE), widenings widen a race "
              "window (a correct design still ends in SUCCESS): " + ", ".join(
                  f"{k} ({'widening' if v.startswith('widening') else 'bug'})" for k, v in sorted(HOOKS.items()))
-             + " (repeatable; README lists what each does and how often it fails in 1 s)")
+             + " (repeatable; docs/success.md lists what each does and how often it fails in 1 s)")
 SEED = int_range(0, 2**63 - 1, "--seed")
 DURATION = float_range(0.001, MAX_DURATION_S, "--duration")  # real clock: >= 0.05 (vm/config.py)
 

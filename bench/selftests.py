@@ -35,7 +35,7 @@ RUN_TIMEOUT_S = 120.0
 TORTURE_INJECTS = [(k, i) for k in ("rcu", "srcu")
                    for i in ("broken-gp", "gp-single-flip", "gp-skip-alternate", "gp-share-early", "gp-no-wait-before-flip")]
 TORTURE_INJECTS += [(k, "busted-lock") for k in ("spinlock", "mutex")]
-# the README's "must FAIL" hooks, each on the design(s) it breaks
+# the "must FAIL" hooks of docs/success.md, each on the design(s) it breaks
 BUG_HOOKS = [
     ("no-synchronize-srcu", "per-table-notifier"),
     ("no-synchronize-rcu", "rcu-list"),

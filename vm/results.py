@@ -1,7 +1,7 @@
 """The results document of a run (the one source tables, plots and ``compare`` read) and its
 rendering: throughput per op kind, latency percentiles, a lock_stat table, WARNs, the verdict.
 
-JSON shape (documented in README.md):
+JSON shape (documented in docs/results.md):
 ``{"config", "seed", "versions", "elapsed_s", "ops": {kind: {count, per_s, p50_ns, p99_ns, p999_ns,
 max_ns}}, "latency_sampling": {sampled_ops, every, method, other_ops}, "counters", "locks": {class:
 {acquisitions, contentions, wait_ns_total, wait_ns_max, wait_ns_min, wait_ns_avg, hold_ns_total, hold_ns_max, hold_ns_min, hold_ns_avg}}, "gp": {domain:
