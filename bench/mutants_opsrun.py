@@ -5,7 +5,7 @@
 
 Each mutant runs on each seed (default 1, 2, 3): the commands for the file it touches
 (``mutants_operators.commands_for``), each once with that seed, until the first FAILURE, a crash or
-``--limit`` seconds (per mutant and seed), with the catalogue's harness (``bench.mutants``: the copy,
+``--limit`` seconds (per mutant and seed; at least 1.5 x the commands' control time), with the catalogue's harness (``bench.mutants``: the copy,
 the canary, the control runs, ``run_mutant``, ``classify``); passed in as ``harness`` so this module
 imports nothing of it. Mutants listed in ``bench/equivalent.toml`` are not run (outcome
 *equivalent*); an entry that names no generated mutant is stale: an error for ``--check``, a warning
@@ -109,6 +109,12 @@ def _list(mutants, equivalents) -> None:
 
 
 # -- outcomes ---------------------------------------------------------------------------------------------
+def budget(m, limit_s: float, control_s: dict) -> float:
+    """Wall seconds for one mutant on one seed: ``--limit``, but never less than 1.5 x what its
+    commands took on the unmutated copy (a loaded machine must not leave a command unstarted)."""
+    return max(limit_s, 1.5 * sum(control_s.get(" ".join(c), 0.0) for c in m.commands))
+
+
 def outcome(per_seed: list) -> str:
     """One word for a mutant from its per-seed results (bench.mutants.Result)."""
     if all(r.killed for r in per_seed):
@@ -210,7 +216,8 @@ def main(args, harness) -> int:
                 rows.append(_row(m, [], "equivalent", equivalents[m.name]))
                 continue
             say(f"[{i + 1}/{len(mutants)}] {m.name}")
-            per = [harness.run_mutant(m, base, args.limit, ctl_s, log=say, logs=logs, on_seed=s) for s in seeds]
+            per = [harness.run_mutant(m, base, budget(m, args.limit, ctl_s), ctl_s, log=say, logs=logs, on_seed=s)
+                   for s in seeds]
             rows.append(_row(m, per, outcome(per), seeds=seeds))
             say(f"  -> {rows[-1]['outcome']} {rows[-1]['seeds']} ttf {rows[-1]['ttf_s']}")
     except (ops.PatchError, harness.CopyError) as e:

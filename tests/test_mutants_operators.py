@@ -128,3 +128,9 @@ def test_a_deadly_operator_mutant_is_killed(tmp_path, generated):
     res = M.run_mutant(replace(m, commands=(("torture", "rcu", "--duration", "1"),)), base, 60.0, on_seed=1)
     shutil.rmtree(base)
     assert res.killed and len(res.runs) == 1 and res.ttf_s < 20, res
+
+
+def test_each_seed_has_time_for_every_command(generated):
+    m = next(x for x in generated if len(x.commands) == 4)
+    ctl = {" ".join(c): 10.0 for c in m.commands}
+    assert run.budget(m, 30.0, ctl) == 60.0 and run.budget(m, 30.0, {}) == 30.0
