@@ -2,6 +2,12 @@
 finds each built-in race.
 
     python -m bench.explore [--schedules N] [--seed S] [--json PATH]
+    python -m bench.explore --mutants [--only NAME,...] [--budget N] [--json PATH]
+
+``--mutants`` (issue 22): every mutant of the hand-written catalogue (bench/mutants_catalogue.py) on
+a vCPU / AVIC / page-track path (vm/), applied to a copy of the package (bench/mutants.py), and
+explore run on it (PCT depth 3, per-access points) with seeds 1, 2, 3 and a budget of N (1,000)
+schedules each, bench/explore_mutants.py says how.
 
 - ``find_<scenario>``: PCT at depth 3, seed S, the hook on (kaboom: --registration bool):
   schedules to the first FAILURE (goal <= 1000) and the seconds it took
@@ -56,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedules", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", metavar="PATH", default=None)
+    p.add_argument("--mutants", action="store_true", help="schedules explore needs per catalogue mutant and seed")
+    p.add_argument("--only", default=None, help="--mutants: these mutants (comma-separated names)")
+    p.add_argument("--budget", type=int, default=1000, help="--mutants: schedules per mutant and seed")
     a = p.parse_args(argv)
+    if a.mutants:
+        from bench import explore_mutants
+
+        return explore_mutants.main(a.json, a.only.split(",") if a.only else None, a.budget)
     res = measure(a.schedules, a.seed)
     for name, _, _ in FIND:
         f, s = res[f"find_{name}"], res[f"success_{name}"]

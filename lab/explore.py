@@ -63,8 +63,9 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
     ``calibrate`` schedules are random walks that learn which locations the vCPUs share (the
     footprint) and how many decisions a schedule has (``k``, ipc/sched/strategies.py); PCT then
     draws its change points over that many decisions. A drawn schedule that would repeat one
-    already run is skipped (``dedup``) and counted (``duplicates``, ``duplicate_fraction`` of the
-    draws); at most ``DRAW_FACTOR`` draws per schedule."""
+    already run is skipped before it runs (``dedup``) and counted (``duplicates``,
+    ``skipped_draw_fraction`` of the draws); ``duplicate_fraction``: the schedules run that repeated
+    one run before (by the hash of the choice sequence); at most ``DRAW_FACTOR`` draws per schedule."""
     check(sc)
     t0 = time.monotonic()
     steps = k_max = k_used = covered = retries = ran = drawn = dups = turns = 0
@@ -137,7 +138,10 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
     bound = pct_bound(sc.n, k, depth, covered) if strategy == "pct" else None
     res.update(steps=steps, turns=turns, blocked_retries=retries, seconds=round(el, 3), steps_per_s=round(steps / max(el, 1e-9), 1),
                distinct_schedules=len(seen) if seen is not None else None, drawn=drawn, duplicates=dups,
-               duplicate_fraction=round((dups + ran - len(seen)) / max(drawn, 1), 4) if seen is not None else None,
+               # of the schedules run, the share that repeated one run before (the waste the hash of the
+               # choice sequence recognises; 0 with dedup: a repeat is skipped before it runs)
+               duplicate_fraction=round((ran - len(seen)) / max(ran, 1), 4) if seen is not None else None,
+               skipped_draw_fraction=round(dups / max(drawn, 1), 4),
                exhausted=ran < schedules and res["verdict"] == "SUCCESS", footprint_locations=len(fp),
                n=sc.n, k=k, k_longest=k_max, pct_bound=bound, guarantee=bound["p_per_schedule"] if bound else None)
     return res
