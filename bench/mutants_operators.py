@@ -22,7 +22,8 @@ by three declared rules, printed by ``--operators --list``:
    in a block run only for tracing / fuzzing (``if emit:``, ``if fuzz.ACTIVE:``), is never a site
    and never the partner of a swap; ``EXCLUDED_FUNCTIONS``: diagnostic functions (name pattern);
    ``EXCLUDED_CLASSES``: oracles that live beside the code they judge (vm/mirror.py's
-   ``WriteAccounting``);
+   ``WriteAccounting``) and hook widenings (``StaleStoreSteer``, ``_steer*``: they steer an
+   interleaving for a ``--hook`` / ``--fuzz`` self-test);
 3. ``STATS_WORDS``: a statement whose shared-memory word is a statistics counter (``T_WRITES``,
    ``H_LIVE``, ``NH_REGISTERED``, ``HDR_GP_SEQ``, ...; the oracle's own words ``H_SEQ``/``H_BUSY``)
    is instrumentation too.
@@ -69,9 +70,10 @@ INSTRUMENTATION_CALLS = frozenset({
 INSTRUMENTATION_RECEIVERS = ("fuzz", "fz", "tr", "trace", "self._smem", "_smem", "self.hist", "kvm.hist")
 INSTRUMENTATION_GUARDS = re.compile(r"^(not )?(emit|self\._emit|fuzz\.ACTIVE|fz|tr|te|tw|self\.reader_delay|"
                                     r"self\.broken)\b")  # self.broken: ipc/rcu.py's injected broken grace period
-EXCLUDED_CLASSES = frozenset({"WriteAccounting"})  # vm/mirror.py's call-accounting oracle (a detector)
+EXCLUDED_CLASSES = frozenset({"WriteAccounting",  # vm/mirror.py's call-accounting oracle (a detector)
+                              "StaleStoreSteer"})  # vm/avic/l1.py: the no-tlb-flush hook's widening
 EXCLUDED_FUNCTIONS = re.compile(r"^(_?check|_?report|describe|dump|_?stats?$|summary|snapshot|readers_inside|"
-                                r"blocking_readers|live_nodes|__repr__|__str__|fault$)")  # fault: vcpu/worker.py's injected faults
+                                r"blocking_readers|live_nodes|__repr__|__str__|fault$|_steer)")  # injected faults; hook / fuzz widenings
 STATS_WORDS = frozenset({
     "T_WRITES", "T_SYNCS", "H_LIVE", "H_MAXLIVE", "H_BUSY", "H_SEQ", "H_I1", "H_I2", "H_RELOAD_BAD",
     "N_HITS", "NH_LIVE", "NH_REGISTERED", "NH_UNREGISTERED", "NH_REDUNDANT", "HDR_GP_SEQ",
