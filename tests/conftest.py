@@ -34,9 +34,17 @@ if str(ROOT) not in sys.path:
 from ipc.proc import forkserver_context  # noqa: E402
 
 # -- shm create log (this process and its forkserver children) -------------------------------------
+# One log per process that runs tests: a plain session, or each pytest-xdist worker (gw0, gw1, ...). A
+# worker inherits the controller's environment, so the log is tied to the worker id it was made for
+# (PTS_TEST_SHM_LOG_WORKER): a worker makes its own, its forkserver children (same worker id) log into
+# it. A shared log would make one worker's live segments "ours" for another, whose leak check would
+# then report and unlink them.
 _LOG_ENV = "PTS_TEST_SHM_LOG"
-if _LOG_ENV not in os.environ:
-    os.environ[_LOG_ENV] = f"/tmp/pts_test_shm_{os.getpid()}.log"
+_LOG_WORKER_ENV = "PTS_TEST_SHM_LOG_WORKER"
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _LOG_ENV not in os.environ or os.environ.get(_LOG_WORKER_ENV, "") != _WORKER:
+    os.environ[_LOG_ENV] = f"/tmp/pts_test_shm_{os.getpid()}{'_' + _WORKER if _WORKER else ''}.log"
+    os.environ[_LOG_WORKER_ENV] = _WORKER
     _LOG_OWNER = True
 else:
     _LOG_OWNER = False

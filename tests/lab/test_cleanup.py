@@ -22,6 +22,10 @@ from lab import cleanup
 
 ROOT = Path(__file__).resolve().parents[2]
 _seq = iter(range(10_000))
+# The fake runs' segments (some made old on purpose) are unmapped and have no run directory in the
+# default places: a bare `launch.py clean` (tests/vm/test_faults.py) on another pytest-xdist worker
+# would rightly remove them mid-test. Same group = same worker, one at a time (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("bare_clean")
 
 
 @pytest.fixture

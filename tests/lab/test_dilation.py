@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from conftest import _logged_creates
+
 from ipc import _prims, fuzz
 from lab import dilation
 from vm.config import from_dict
@@ -68,8 +70,10 @@ def test_measure_design_in_process_counts_the_design_s_locks_and_leaks_nothing()
     r = dilation.measure_design("rcu-list", budget_s=0.005)
     assert r["paths"]["track_write"]["prims"].get("Mutex.lock", 0) == 0  # no sleeping lock in track_write
     assert r["paths"]["track_write"]["prims"].get("RcuReader.lock", 0) >= 1
-    # (other runs may come and go meanwhile: only the measurement's own segments, pts_rdil*, count)
-    assert {f for f in set(os.listdir("/dev/shm")) - before if f.startswith("pts_rdil")} == set()
+    # (other runs and pytest-xdist workers may come and go meanwhile: only the measurement's own
+    # segments count, pts_rdil* made by this process: tests/conftest.py logs them)
+    made_here = _logged_creates()
+    assert {f for f in set(os.listdir("/dev/shm")) - before if f.startswith("pts_rdil") and f in made_here} == set()
 
 
 def test_config_dilates_guest_time_and_delays_once():

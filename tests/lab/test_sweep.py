@@ -27,7 +27,18 @@ def _args(grid: Path, out: Path, scheduler: str | None = None, workers: int = 1)
 
 
 def _scratch_dirs() -> set[str]:
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("pagetrack-sweep-dask-")}
+    """This process's sweep scratch dirs (by their owner marker): other tests (pytest-xdist workers) and
+    other users' sweeps may make and remove theirs meanwhile."""
+    tmp, mine = tempfile.gettempdir(), set()
+    for n in os.listdir(tmp):
+        if n.startswith("pagetrack-sweep-dask-"):
+            try:
+                owner = (Path(tmp) / n / ".pagetrack-owner").read_text().split()[0]
+            except (OSError, IndexError):
+                continue
+            if owner == str(os.getpid()):
+                mine.add(n)
+    return mine
 
 
 # -- grid --------------------------------------------------------------------------------------------

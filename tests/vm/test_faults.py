@@ -44,6 +44,7 @@ def test_fault_is_diagnosed(spec, diagnosis, tmp_path):
     assert res["counters"]["vmrun"] > 0  # results up to the fault were kept
 
 
+@pytest.mark.xdist_group("bare_clean")  # its `launch.py clean` removes any dead run's segments (tests/lab/test_cleanup.py)
 def test_kill_coordinator_vcpus_exit_by_themselves(tmp_path):
     p = subprocess.Popen([sys.executable, "launch.py", "run", "--design", "mirror", "--vcpus", "3", "--duration", "5",
                           "--inject", "kill-coordinator"], cwd=ROOT, stdout=subprocess.PIPE,
