@@ -101,6 +101,36 @@ def pytest_sessionfinish(session, exitstatus):
         except FileNotFoundError:
             pass
 
+
+# -- the longest tests start first -----------------------------------------------------------------
+# Under pytest-xdist (pyproject's addopts: -n auto --dist loadgroup) a worker takes the next test when
+# it is done; a minute-long test collected last would run alone at the end while the other workers
+# idle. These (the slowest of `pytest --durations=60`, 2026-12-07, prefixes of node ids) go first, in
+# this order; everything else keeps its collection order behind them.
+SLOW_FIRST = (
+    "tests/test_mutants.py::test_fast_subset_is_killed",
+    "tests/lab/test_chaos.py::test_ten_chaos_runs_end_well",
+    "tests/lab/test_map.py::test_tiny_real_map",
+    "tests/lab/test_map.py::test_the_maps_default_clock",
+    "tests/ipc/test_rcu_faults.py::test_signal_never_leaks_gp_lock_without_holder",
+    "tests/lab/test_explore.py::test_cli_explore_free_seeds_its_op_streams",
+    "tests/lab/test_dask_security.py",
+    "tests/lab/test_explore.py::test_a_hang_or_crash_is_saved_as_not_replayable",
+    "tests/lab/test_explore.py::test_flood_drop_correct_code_300_schedules_no_deadlock",
+    "tests/lab/test_compare.py::test_compare_command_writes_table_plots_and_verdict",
+    "tests/lab/test_outputs.py::test_a_bad_output_location_stops_the_command_before_it_starts",
+    "tests/lab/test_explore.py::test_cli_explore_replay_and_a_stale_schedule",
+    "tests/lab/test_explore.py::test_explore_finds_the_race_and_replay_repeats_it_10_of_10",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        return next((i for i, p in enumerate(SLOW_FIRST) if item.nodeid.startswith(p)), len(SLOW_FIRST))
+
+    items.sort(key=rank)  # stable: the same order on every worker, as pytest-xdist requires
+
+
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "pts_"
 CHILD_GRACE_S = 2.0
