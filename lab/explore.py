@@ -238,15 +238,20 @@ def _print_summary(res: dict) -> None:
     if b is not None:
         over = (f"all N = {b['schedules']:,} schedules" if b["schedules"] == res["schedules"] else
                 f"the N = {b['schedules']:,} of {res['schedules']:,} schedules whose change points were drawn over "
-                "their whole length (the others were longer than every schedule before them)")
+                "all their decisions (the calibrating random walks, and schedules with more decisions than every "
+                "one before them, are not counted)")
         g = (f"; PCT bound per schedule p ≥ 1/(n·k^(d-1)) = {b['p_per_schedule']:.3g} (n={b['n']} vCPUs, "
-             f"d={b['depth']}, k={b['k_max']}: the most steps a schedule took or its change points were drawn "
-             "over)")
+             f"d={b['depth']}, k={b['k_max']}: the most decisions -- racing steps at which another vCPU could "
+             "run; blocked retries and steps nobody else races with are none -- a schedule had or its change "
+             "points were drawn over)")
         if res["verdict"] == "SUCCESS":
             g += (f"; {over} miss a depth-{b['depth']} bug with probability ≤ (1-p)^N = "
                   f"{_fmt_p(b['p_miss_all'], b['p_find_any'])}")
-    print(f"{res['scenario']}: {res['schedules']:,} schedule(s) tried, {res['steps']:,} scheduling steps in "
-          f"{res['seconds']:.1f} s ({res['steps_per_s']:,.0f} steps/s){g}")
+    skipped = (f", {res['duplicates']:,} drawn schedule(s) skipped as repeats of one already run"
+               if res.get("duplicates") else "")
+    print(f"{res['scenario']}: {res['schedules']:,} schedule(s) tried{skipped}, {res['steps']:,} scheduling steps "
+          f"({res.get('turns', res['steps']):,} of them turns handed out) in {res['seconds']:.1f} s "
+          f"({res['steps_per_s']:,.0f} steps/s){g}")
 
 
 def success_line(res: dict) -> str:
