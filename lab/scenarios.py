@@ -12,7 +12,7 @@ Built-ins, and the paths each is there to reach (``explore --coverage`` measures
   (table sync, update; ``--hook no-tlb-flush``)
 - ``invalidate``  L1 rewrites entries of a shadowed table: apic id / IsRunning (update), a new
   backing page, a cleared Valid bit and a 16-byte store across two entries (invalidate), while the
-  table's owner goes in and out of L2
+  table's owner goes in and out of L2 and ends in it (an erase then kicks it: reload request)
 - ``memslot``     a memslot holding a shadowed table goes away (``delete_slot``: every notifier's
   ``track_remove_region``, the table erased, its user kicked) while L1 writes it
 - ``gp-share``    three processes: two updaters each dropping the last use of a table (list del,
@@ -92,7 +92,8 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
         return Scenario(name, cfg, hooks, [owner, writer], EXECUTOR)
     if name == "invalidate":
         c = _cfg(cfg)
-        owner = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0}), ("vmrun", {"l2": 0}), ("vmexit", {"l2": 0})]
+        # the owner's program ends in L2: an erase then requests a reload and kicks it (its idle turn)
+        owner = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0}), ("vmrun", {"l2": 0})]
         g1, g0 = _gpa(c, 0, 1), _gpa(c, 0, 0)
         lo = 1 + c.tracked_pages  # a backing page in ordinary memory
         writer = [
@@ -106,7 +107,7 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
         return Scenario(name, cfg, hooks, [owner, writer], EXECUTOR)
     if name == "memslot":
         c = _cfg(cfg)
-        owner = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0}), ("vmrun", {"l2": 0}), ("vmexit", {"l2": 0})]
+        owner = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0}), ("vmrun", {"l2": 0})]  # (ends in L2: kicked)
         writer = [("write", {"gpa": _gpa(c, 0, 1), "data": _entry(1 + c.tracked_pages, 1, True)}),
                   ("delete_slot", {"slot": c.memslots - 1}),  # the last slot holds the table pages
                   ("write_entry", {"l2": 0, "entry": 1, "apic": 1, "running": False})]
