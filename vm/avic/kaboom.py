@@ -1,6 +1,8 @@
 """The seed's "X registers, Y registers, X unregisters, kaboom", as scripted steps: the steps
-(``kaboom_steps``, also sent over ZeroMQ by ``launch.py scenario kaboom``), one step on a design
-(``apply_step``) and the whole scenario in one process (``run_kaboom``)."""
+(``kaboom_steps``: sent over ZeroMQ by ``launch.py scenario kaboom``, and ``explore kaboom``'s
+per-vCPU programs, both executed by the vCPUs' scripted commands, vcpu/script.py), one step on a
+design in this process (``apply_step``) and the whole scenario in one process (``run_kaboom``, for
+``scenario kaboom --table``: no vCPU processes, so not the vCPU executor; vm/ cannot import vcpu/)."""
 
 from __future__ import annotations
 
