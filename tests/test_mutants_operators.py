@@ -90,7 +90,7 @@ def test_every_operator_on_a_small_function():
             "        r = m.cmpxchg(w, r, r + 1)\n"
             "    return x < seq\n")
     kinds = sorted({m.mechanism for m in ops.file_mutants("vm/y.py", text)})
-    assert kinds == ["drop-barrier", "drop-gp-wait", "drop-lock-pair", "drop-read-lock-pair", "off-by-one",
+    assert kinds == ["cas-to-store", "drop-barrier", "drop-gp-wait", "drop-lock-pair", "drop-read-lock-pair", "off-by-one",
                      "split-rmw", "swap-sync", "unlock-earlier", "weaken-inc-not-zero"]
 
 
