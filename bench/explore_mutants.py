@@ -119,26 +119,26 @@ def main(json_path: str | None, only: list[str] | None, budget: int) -> int:
     ms = selected(only)
     M.check_all(ms)
     base = M.make_copy()
-    results: dict = {}
+    results: dict = {m.name: {"file": m.file, "mechanism": m.mechanism, "targets": len(targets(m)), "seeds": {}}
+                     for m in ms}
     try:
-        for m in ms:
-            copy = M.clone(base)
-            try:
-                M.apply_mutant(copy, m)
-                per = {"file": m.file, "mechanism": m.mechanism, "targets": len(targets(m)), "seeds": {}}
-                for seed in SEEDS:
-                    per["seeds"][str(seed)] = r = run_one(copy, m, seed, budget)
-                    f = r.get("found")
-                    print(f"{m.name:<42} seed {seed}: " + (f"found after {f['schedules']:>4} schedules ({f['target'][0]}, "
-                          f"{f['target'][1]})" if f else f"not found in {budget}" + (f" ({r['error'][-120:]!r})"
-                                                                                       if "error" in r else "")),
-                          flush=True)
-                results[m.name] = per
-            finally:
-                shutil.rmtree(copy, ignore_errors=True)
-            if json_path:  # after every mutant: a long run leaves what it has
-                with open(json_path, "w") as fh:
-                    json.dump({**summarize(results), "budget": budget, "seeds": list(SEEDS), "results": results}, fh, indent=1)
+        for seed in SEEDS:  # seed after seed over every mutant: a cut run still covers each mutant
+            for m in ms:
+                copy = M.clone(base)
+                try:
+                    M.apply_mutant(copy, m)
+                    results[m.name]["seeds"][str(seed)] = r = run_one(copy, m, seed, budget)
+                finally:
+                    shutil.rmtree(copy, ignore_errors=True)
+                f = r.get("found")
+                print(f"{m.name:<42} seed {seed}: " + (f"found after {f['schedules']:>4} schedules ({f['target'][0]}, "
+                      f"{f['target'][1]})" if f else f"not found in {budget}" + (f" ({r['error'][-120:]!r})"
+                                                                                   if "error" in r else "")),
+                      flush=True)
+                if json_path:  # after every run: a long bench leaves what it has
+                    with open(json_path, "w") as fh:
+                        json.dump({**summarize(results), "budget": budget, "seeds": list(SEEDS), "results": results},
+                                  fh, indent=1)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     summ = summarize(results)

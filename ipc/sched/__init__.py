@@ -146,7 +146,7 @@ class Client:
         if g > 0:  # run ahead unless another client races with this access (module doc)
             w, bit = racy_pos(loc)
             go = True
-            if m.load((self.racy_w if kind == K_LOAD else self.racy_t) + w) & bit:
+            if kind == K_NONE or m.load((self.racy_w if kind == K_LOAD else self.racy_t) + w) & bit:
                 dg = m.load(s + S_DGRANT)
                 go = dg > 0
                 if go:

@@ -11,8 +11,8 @@ Partial-order reduction (POS-style, Yuan et al., CAV 2018, with PCT's priorities
   wrote each location so far;
 - a *decision* is a step at which the client that ran last could go on (it is enabled) and another
   could run instead (two or more are enabled), and its next access races with another client's
-  (one of them writes the location the other touches; a point that is not an access, a lock or an
-  RCU domain, races with the same point of another client). At every other step where it could
+  (one of them writes the location the other touches; a point that is not an access -- a lock, an
+  RCU domain, an op, a named preemption point -- always races). At every other step where it could
   go on, it goes on (``run_ahead``: the scheduler need not even be asked, ipc/sched). PCT's change
   points are drawn over decisions only: a step that touches what nobody else touches, a step
   nobody else can take, and a blocked retry (its client is not enabled after it) never consume
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 
-from ipc.sched.points import K_LOAD
+from ipc.sched.points import K_LOAD, K_NONE
 
 STRATEGIES = ("pct", "random")
 
@@ -54,7 +54,12 @@ class Footprint:
         d[loc] = d.get(loc, 0) | 1 << i
 
     def racy(self, code: int, i: int) -> bool:
-        """Does client ``i``'s access ``code`` race with an access of another client seen so far?"""
+        """Does client ``i``'s access ``code`` race with an access of another client seen so far? A
+        point that is no access (a lock, RCU, an op, a named preemption point of ipc/fuzz.py: put
+        where a preemption matters, often before an access the accessors do not see, such as guest
+        memory or the write-track counts) always does."""
+        if code & 3 == K_NONE:
+            return True
         r, w = self.masks(code >> 2)
         return bool((w if code & 3 == K_LOAD else r | w) & ~(1 << i))
 
