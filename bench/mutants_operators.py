@@ -59,6 +59,7 @@ EXCLUDED_MODULES = (
     "ipc/torture/*", "ipc/fuzz.py", "ipc/sched.py", "ipc/sched/*", "ipc/schedpool.py",  # test machinery
     "ipc/vtime.py", "vm/avic/oracle.py",  # the virtual clock; the AVIC invariant checker (a detector)
     "vm/faults.py",  # fault injection (--inject kill-vcpu / stall-vcpu) for the self-tests
+    "vm/avic/stress.py",  # the multiprocess stress harness of tests/vm/avic (a test driver, not KVM code)
 )
 INSTRUMENTATION_CALLS = frozenset({
     "_stat", "count", "emit", "_emit", "record_since", "print", "name_object",  # counters, trace
