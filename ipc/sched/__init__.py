@@ -41,7 +41,7 @@ so the scheduler grants the chosen client up to RING such steps: at an access wh
 set in its bitmap it records the step in its ring and goes on without a turn (and at a racing one
 too while its racing-access grant lasts: the strategy's ``decision_grant``, PCT's decisions before
 its next change point when the client has the highest priority of those that could run, so that PCT
-would choose it at each of them); no run-ahead while another client idles; the scheduler puts
+would choose it at each of them; not while another client idles); the scheduler puts
 those steps into the log (and the strategy's trail) when the client next stops (a racing access, a
 point that is no access, a block, the end). The interleaving is the one the strategy would have
 chosen step by step (a replay hands out every step, and repeats it); the sampling checker just does
@@ -435,19 +435,18 @@ class Scheduler:
                     a = self.racy0 + (j * 2 + plane) * RACY_WORDS + w
                     m.store(a, m.load(a) | bit)
 
-    def _grant(self, i: int, base: int, states: list[int], locs: tuple[int, ...]) -> None:
-        """Client ``i`` (chosen) may run ahead, unless another client idles (whether a kick wakes it
-        depends on what ``i`` stores). At each run-ahead step the enabled clients would be ``i``, the
-        others waiting at a point, and the blocked ones (``i``'s first step is progress): the strategy
-        is shown that state for its trail, and grants the racing accesses (decisions) it would let
-        ``i`` pass there."""
+    def _grant(self, i: int, base: int, states: list[int], enabled: list[int], locs: tuple[int, ...]) -> None:
+        """Client ``i`` (chosen) may run ahead. At each run-ahead step the enabled clients would be
+        the ones enabled now, ``i``, and the blocked ones (``i``'s first step is progress): the
+        strategy is shown that state for its trail, and grants the racing accesses (decisions) it
+        would let ``i`` pass there. While another client idles, none: a kick ``i`` stores may wake it
+        (then the trail's state misses it from there on, which only a later decision could tell:
+        at a step nobody races with ``i`` goes on whoever is enabled)."""
         m = self.mem
-        if any(s == IDLE for j, s in enumerate(states) if j != i):
-            m.store(base + S_GRANT, 0)
-            return
-        enabled = tuple(j for j, s in enumerate(states) if j == i or s in (POINT, BLOCKED))
-        self.grant = (enabled, locs)
-        m.store(base + S_DGRANT, self.strategy.decision_grant(i, list(enabled)))
+        ahead = set(enabled) | {j for j, s in enumerate(states) if s == BLOCKED} | {i}
+        self.grant = (en := tuple(sorted(ahead)), locs)
+        idle = any(s == IDLE and j not in ahead for j, s in enumerate(states))
+        m.store(base + S_DGRANT, 0 if idle else self.strategy.decision_grant(i, list(en)))
         m.store(base + S_GRANT, min(RING, self.max_steps - len(self.log)))
 
     def _drain(self, i: int) -> None:
@@ -555,7 +554,7 @@ class Scheduler:
             self.handoffs += 1
             base = self.slot0 + i * SLOT_WORDS
             if self.ahead:
-                self._grant(i, base, states, locs)
+                self._grant(i, base, states, enabled, locs)
             m.store(base + S_STATE, RUN)
             m.store(base + S_GO, 1)
             m.futex_wake(base + S_GO)
