@@ -124,11 +124,23 @@ SLOW_FIRST = (
 )
 
 
+# Module-scoped fixtures that cost seconds (a run, an explore, a mutant catalogue): pytest-xdist makes a
+# module fixture once on every worker that runs one of its tests, so the tests using one share an
+# xdist_group (one worker) and it is made once.
+SHARED_MODULE_FIXTURES = {"coverage", "generated", "real", "full_disk_run", "saved"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(session, config, items):
     def rank(item) -> int:
         return next((i for i, p in enumerate(SLOW_FIRST) if item.nodeid.startswith(p)), len(SLOW_FIRST))
 
     items.sort(key=rank)  # stable: the same order on every worker, as pytest-xdist requires
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.items() if info is not None else ()
+        if any(name in SHARED_MODULE_FIXTURES and d.scope == "module" for name, ds in defs for d in ds):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 SHM_DIR = "/dev/shm"
