@@ -9,7 +9,8 @@ processes they fork are not.
 Other test runs may share this machine (and /dev/shm), so a new segment counts as this run's only if
 this process tree created it: its name carries a run id from the ``run_id`` fixture, or it was
 created through ``multiprocessing.shared_memory`` (what ``Region.create`` uses) in this process or a
-forkserver child (this module is preloaded in the server and logs every create to a session file).
+forkserver child (this module is preloaded in the server and logs every create to a file of this
+session; under pytest-xdist, of this worker: other workers' segments are not this one's).
 
 ``python -m pytest`` from the checkout root puts the root on ``sys.path``, so ``ipc``, ``vm``,
 ``vcpu`` and ``bench`` import without installing; this file also makes sure of it for a plain
