@@ -22,7 +22,8 @@
  *   module.c     the method table and module init
  *
  * Hot paths (the lock fast paths, the RCU read side, Mem.load / store / fetch_add) use only what
- * this header defines `static inline`, so they compile to the code they had as one file; shared
+ * this header defines `static inline`: uncontended and off virtual time they run the instructions
+ * they ran as one file (the one out-of-line call on a priced path is vt_line, see there).  Shared
  * globals and functions are hidden (below): referenced PC-relative, never through the GOT / PLT.
  *
  * Word layouts used by the C types (declared once here; the Python side takes the sizes from this
