@@ -66,6 +66,7 @@ from ipc.sched.points import (
     RACY_T,
     RACY_W,
     RACY_WORDS,
+    PricedPoints,
     SharedPoints,
     name_location,
     racy_pos,
@@ -318,6 +319,8 @@ def shared_points(region, what: str, statistics: dict):
     path is the plain ``Mem``. ``statistics``: the layout's declared statistics words (no points)."""
     if ACTIVE is None:
         return region.mem
+    if not hasattr(ACTIVE, "access"):  # the virtual clock (ipc/vtime.py): priced points, not scheduled ones
+        return PricedPoints(region.mem, ACTIVE.hit, what)
     return SharedPoints(region, ACTIVE, what, statistics, POINTS)
 
 

@@ -125,3 +125,29 @@ class SharedPoints:
         if w not in self.stats:
             self._point("cmpxchg", w, K_STORE)
         return self.inner.cmpxchg(w, old, new)
+
+
+class PricedPoints:
+    """A region's ``Mem`` under the virtual clock (ipc/vtime.py, which is ``sched.ACTIVE`` too): its
+    read-modify-writes are the clock's priced points ``<region>: atomic <op>`` before they happen,
+    as they were before per-access points; loads and stores are the plain C methods. Nothing here
+    is scheduled: the virtual clock has no turnstile of choices (``Client.access``)."""
+
+    def __init__(self, mem, hit, what: str):
+        self.inner = mem
+        for attr in ("load", "store", "write", "futex_wait", "futex_wake", "nwords", "nop", "release"):
+            setattr(self, attr, getattr(mem, attr))
+        self._hit = hit
+        self._names = tuple(f"{what}: atomic {op}" for op in ("fetch_add", "xchg", "cmpxchg"))
+
+    def fetch_add(self, w: int, v: int) -> int:
+        self._hit(self._names[0])
+        return self.inner.fetch_add(w, v)
+
+    def xchg(self, w: int, v: int) -> int:
+        self._hit(self._names[1])
+        return self.inner.xchg(w, v)
+
+    def cmpxchg(self, w: int, old: int, new: int) -> int:
+        self._hit(self._names[2])
+        return self.inner.cmpxchg(w, old, new)
