@@ -209,14 +209,13 @@ class Runner:
             d.setup()
             # the coordinator's sampling checker (I1) runs between every two steps
             findings: list[tuple[int, int, str]] = []
-            calls, seen_msgs = [0], set()
+            seen_msgs: set[str] = set()
 
-            def check() -> None:  # called once before each step: its count is the next step's index
+            def check(step: int) -> None:  # before step ``step`` (the log's index: run-ahead steps count)
                 n0 = len(kvm.events)
                 d.sample()
-                findings.extend((calls[0], 0, m) for _, m, _ in kvm.events[n0:] if m not in seen_msgs)
+                findings.extend((step, 0, m) for _, m, _ in kvm.events[n0:] if m not in seen_msgs)
                 seen_msgs.update(m for _, m, _ in kvm.events[n0:])  # it repeats itself: the first time only
-                calls[0] += 1
 
             kick = getattr(d, "kick_pending", None)  # a vCPU left in L2 is run again when kicked
             tracer = None

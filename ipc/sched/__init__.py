@@ -406,7 +406,8 @@ class Scheduler:
         self.max_steps = max_steps
         self.alive = alive  # callable(i) -> bool: is client i's process still there?
         self.hang_ns = int(hang_s * 1e9)
-        self.check = check  # called between every two steps, while nobody runs (a sampling checker)
+        self.check = check  # check(step): between every two steps, while nobody runs (a sampling checker);
+        # ``step`` is the index in ``log`` of the step about to be chosen (run-ahead steps count)
         self.wake = wake  # callable(i) -> bool: is something pending for idle client i (a kick)?
         self.log: list[tuple[int, int, bool]] = []
         self.outcome = ""
@@ -506,7 +507,7 @@ class Scheduler:
             if self.ahead and last >= 0:
                 self._drain(last)
             if self.check is not None:
-                self.check()
+                self.check(len(self.log))
             states = [self._s(i, S_STATE) for i in range(self.n)]
             if all(s == DONE for s in states):
                 self.outcome = "done"
