@@ -474,9 +474,12 @@ class Scheduler:
     def _wait_quiet(self) -> bool:
         """Until no client is running; False if one died or hung."""
         m, w = self.mem, self.hdr + H_WAKE
-        t0 = _prims.now_ns()
+        t0, prog = _prims.now_ns(), m.load(self.hdr + H_PROGRESS)
         while any(self._s(i, S_STATE) == RUN for i in range(self.n)):
             if m.futex_wait(w, 0, _WAIT_NS // 4):
+                p = m.load(self.hdr + H_PROGRESS)
+                if p != prog:  # a run-ahead step was taken: hang_s is per step, not per run-ahead
+                    t0, prog = _prims.now_ns(), p
                 dead = [i for i in range(self.n) if self.alive is not None and not self.alive(i)
                         and self._s(i, S_STATE) != DONE]
                 if dead:

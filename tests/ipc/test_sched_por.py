@@ -47,3 +47,33 @@ def test_b5_the_checker_is_told_the_log_index_of_the_next_step_not_its_call_coun
     assert len(steps) < len(s.log)  # run-ahead: fewer hand-offs than steps
     assert steps == sorted(set(steps)) and steps[0] == 0
     assert steps[-1] == len(s.log)  # the last check runs after every step: its index is the log's length
+
+
+def _slow_body(run_id: str, steps: int, pause: float, stall_at: int = -1, stall: float = 0.0):
+    """Client 0 takes ``steps`` accesses of its own word (run-ahead steps), ``pause`` s each (a
+    loaded host), and stalls ``stall`` s before access ``stall_at``; it counts them in word 6."""
+    from ipc.sched.points import SharedPoints
+
+    def body(i: int, c) -> bytes:
+        import time
+
+        r = Region.attach(run_id, DATA)
+        m = SharedPoints(r, c, "data", {"stats": None}, "access")
+        w = r.word("w")
+        if i == 0:
+            for k in range(steps):
+                time.sleep(stall if k == stall_at else pause)
+                m.store(w + 4, k)
+                r.mem.store(w + 6, k + 1)  # not a point: how far it got
+        return b"ok"
+
+    return body
+
+
+def test_r1_a_long_run_ahead_of_short_steps_is_no_hang(run_id, data):
+    # 12 steps of 0.1 s in one run-ahead: 1.2 s > hang_s, each step well under it
+    strat = strategies.Pct(0, 2, 2, 20, strategies.Footprint())
+    strat.prio = [9, 1]  # client 0 first: its whole program is one run-ahead
+    s, out, _ = pool.run_forked(run_id, 2, _slow_body(run_id, 12, 0.1), strat, 1000, hang_s=0.6)
+    assert s.outcome == "done", (s.outcome, s.detail)
+    assert int(data.v["w"][6]) == 12
