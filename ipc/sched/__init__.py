@@ -145,6 +145,8 @@ class Client:
         m.fetch_add(self.hdr + H_PROGRESS, 1)
         g = m.load(s + S_GRANT)
         if g > 0:  # run ahead unless another client races with this access (module doc)
+            if m.load(self.hdr + H_ABORT):  # the scheduler ended the schedule (a hang, a crash)
+                raise ScheduleAborted("schedule ended by the scheduler")
             w, bit = racy_pos(loc)
             go = True
             if kind == K_NONE or m.load((self.racy_w if kind == K_LOAD else self.racy_t) + w) & bit:
@@ -505,8 +507,11 @@ class Scheduler:
         last = -1
         replay = self.strategy if isinstance(self.strategy, Replay) else None
         while True:
-            if not self._wait_quiet():
-                return self._abort()
+            if not self._wait_quiet():  # crash / hang: the steps it ran ahead are in the log too
+                self._abort()
+                if self.ahead and last >= 0:
+                    self._drain(last)
+                return self.outcome
             if self.ahead and last >= 0:
                 self._drain(last)
             if self.check is not None:

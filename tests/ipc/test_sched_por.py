@@ -77,3 +77,15 @@ def test_r1_a_long_run_ahead_of_short_steps_is_no_hang(run_id, data):
     s, out, _ = pool.run_forked(run_id, 2, _slow_body(run_id, 12, 0.1), strat, 1000, hang_s=0.6)
     assert s.outcome == "done", (s.outcome, s.detail)
     assert int(data.v["w"][6]) == 12
+
+
+def test_r3_an_abort_stops_a_run_ahead_and_its_steps_are_logged(run_id, data):
+    # client 0 runs ahead 4 steps, then stalls past hang_s (the scheduler aborts: "hang"), then
+    # resumes while the pool still waits for its report: its next access must end it
+    strat = strategies.Pct(0, 2, 2, 20, strategies.Footprint())
+    strat.prio = [9, 1]
+    s, _, _ = pool.run_forked(run_id, 2, _slow_body(run_id, 40, 0.0, stall_at=5, stall=0.75), strat, 1000,
+                              hang_s=0.5)
+    assert s.outcome == "hang", (s.outcome, s.detail)
+    assert [i for i, _, _ in s.log].count(0) == 5, s.log  # its turn and the 4 run-ahead steps
+    assert int(data.v["w"][6]) == 5  # no access after the abort
