@@ -441,15 +441,17 @@ class Scheduler:
                     a = self.racy0 + (j * 2 + plane) * RACY_WORDS + w
                     m.store(a, m.load(a) | bit)
 
-    def _grant(self, i: int, base: int, states: list[int], enabled: list[int], locs: tuple[int, ...]) -> None:
+    def _grant(self, i: int, base: int, states: list[int], enabled: list[int], locs: tuple[int, ...],
+               ending: frozenset[int] = frozenset()) -> None:
         """Client ``i`` (chosen) may run ahead. At each run-ahead step the enabled clients would be
         the ones enabled now, ``i``, and the blocked ones (``i``'s first step is progress): the
         strategy is shown that state for its trail, and grants the racing accesses (decisions) it
         would let ``i`` pass there. While another client idles, none: a kick ``i`` stores may wake it
         (then the trail's state misses it from there on, which only a later decision could tell:
-        at a step nobody races with ``i`` goes on whoever is enabled)."""
+        at a step nobody races with ``i`` goes on whoever is enabled). ``ending``: the idle clients
+        enabled only because every client ended or idles; once ``i`` runs they are not."""
         m = self.mem
-        ahead = set(enabled) | {j for j, s in enumerate(states) if s == BLOCKED} | {i}
+        ahead = (set(enabled) - ending) | {j for j, s in enumerate(states) if s == BLOCKED} | {i}
         self.grant = (en := tuple(sorted(ahead)), locs)
         idle = any(s == IDLE and j not in ahead for j, s in enumerate(states))
         m.store(base + S_DGRANT, 0 if idle else self.strategy.decision_grant(i, list(en)))
@@ -566,7 +568,8 @@ class Scheduler:
             self.handoffs += 1
             base = self.slot0 + i * SLOT_WORDS
             if self.ahead:
-                self._grant(i, base, states, enabled, locs)
+                self._grant(i, base, states, enabled, locs, frozenset(
+                    j for j in enabled if states[j] == IDLE and not (j in woken and idle_turn.get(j, -2) + 1 != prog)))
             m.store(base + S_STATE, RUN)
             m.store(base + S_GO, 1)
             m.futex_wake(base + S_GO)

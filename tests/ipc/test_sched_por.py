@@ -89,3 +89,45 @@ def test_r3_an_abort_stops_a_run_ahead_and_its_steps_are_logged(run_id, data):
     assert s.outcome == "hang", (s.outcome, s.detail)
     assert [i for i, _, _ in s.log].count(0) == 5, s.log  # its turn and the 4 run-ahead steps
     assert int(data.v["w"][6]) == 5  # no access after the abort
+
+
+class _StepByStep(strategies.Pct):
+    run_ahead = False
+
+
+def _ending_body(run_id: str):
+    """Both clients idle at once (every client ended or idles: both are enabled, "ending"); the
+    one chosen ends its idling and then reads and writes the shared word 1, the other idles on."""
+    from ipc.sched.points import SharedPoints
+
+    def body(i: int, c) -> bytes:
+        r = Region.attach(run_id, DATA)
+        m = SharedPoints(r, c, "data", {"stats": None}, "access")
+        w = r.word("w")
+        while True:
+            c.idle("park")
+            if c.finishing():
+                break
+        for _ in range(3):
+            m.load(w + 1)
+        m.store(w + 1, m.load(w + 1) + 1)
+        return b"ok"
+
+    return body
+
+
+def test_n1_idle_clients_enabled_only_by_the_ending_are_not_counted_in_a_run_ahead(run_id, data):
+    decisions, logs = [], []
+    for cls in (strategies.Pct, _StepByStep):
+        fp = strategies.Footprint()
+        for _ in range(2):  # the second schedule knows that both touch word 1
+            data.v["w"][:] = 0
+            strat = cls(0, 2, 2, 20, fp)
+            strat.prio = [9, 1]
+            strat.change = {19: 0}
+            s, out, _ = pool.run_forked(run_id, 2, _ending_body(run_id), strat, 1000)
+            assert s.outcome == "done" and out == [b"ok", b"ok"], s.detail
+        decisions.append(strat.decisions)
+        logs.append(s.log)
+    assert logs[0] == logs[1]
+    assert decisions[0] == decisions[1]  # a step-by-step run counts no decision while 1 cannot run
