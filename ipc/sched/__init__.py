@@ -559,8 +559,10 @@ class Scheduler:
             else:  # the strategy sees where each client is about to touch shared state (POR)
                 locs = tuple(self._s(j, S_LOC) << 2 | self._s(j, S_KIND) for j in range(self.n))
                 i = self.strategy.pick(enabled, step, last, locs)
-                if self.ahead:
-                    self._mark(i, locs[i] >> 2, locs[i] & 3)
+                if self.ahead:  # what every enabled client is about to touch, as the strategy learnt it
+                    for j in enabled:
+                        if j == i or locs[j] & 3 != K_NONE:
+                            self._mark(j, locs[j] >> 2, locs[j] & 3)
             if states[i] == IDLE:  # its turn ends at its next idle (+1): only that = it changed nothing
                 idle_turn[i] = prog
             self.log.append((i, self._s(i, S_POINT), states[i] == BLOCKED))

@@ -8,7 +8,8 @@ choices.
 Partial-order reduction (POS-style, Yuan et al., CAV 2018, with PCT's priorities on top):
 
 - a :class:`Footprint`, kept across the schedules of one exploration, knows which clients read and
-  wrote each location so far;
+  wrote each location so far, and, from each step on, the access every enabled client is about
+  to make (a parked client's pending write makes the running client's read there racy at once);
 - a *decision* is a step at which the client that ran last could go on (it is enabled) and another
   could run instead (two or more are enabled), and its next access races with another client's
   (one of them writes the location the other touches; a point that is not an access -- a lock, an
@@ -92,11 +93,21 @@ class _Recording:
         a decision (module doc); False: ``last`` goes on (no other client could run, or none races
         with its access: running another first would be the same interleaving up to commuting
         independent steps)."""
+        self._learn(enabled, locs)
         if last < 0 or last not in enabled:
             return None
         if len(enabled) < 2:
             return False
         return self.fp is None or locs is None or self.fp.racy(locs[last], last)
+
+    def _learn(self, enabled, locs: tuple[int, ...] | None) -> None:
+        """Every enabled client's pending access goes into the footprint before the step is
+        decided: the running client's next access races with what a parked one is about to do
+        even on a path the footprint has not learnt (ipc/sched marks it racy the same way)."""
+        if self.fp is not None and locs is not None:
+            for j in enabled:
+                if locs[j] & 3 != K_NONE:
+                    self.fp.add(locs[j], j)
 
     def ran(self, i: int, enabled: tuple[int, ...], locs: tuple[int, ...]) -> None:
         """Client ``i`` took a run-ahead step (ipc/sched) in the state (``enabled``, ``locs``): it

@@ -131,3 +131,43 @@ def test_n1_idle_clients_enabled_only_by_the_ending_are_not_counted_in_a_run_ahe
         logs.append(s.log)
     assert logs[0] == logs[1]
     assert decisions[0] == decisions[1]  # a step-by-step run counts no decision while 1 cannot run
+
+
+def test_b1_a_parked_clients_pending_write_makes_the_running_clients_access_a_decision():
+    fp = strategies.Footprint()  # nothing learnt yet
+    load_x, store_x = 5 << 2 | 1, 5 << 2 | 2
+    p = strategies.Pct(0, 2, 2, 10, fp)
+    p.prio, p.change = [9, 1], {9: 0}
+    # client 0 ran last and is about to load X; parked client 1 is about to store X: a decision
+    assert p.pick([0, 1], 1, 0, (load_x, store_x)) == 0 and p.decisions == 1
+    assert fp.racy(load_x, 0)
+
+
+def _reader_writer_body(run_id: str):
+    """Client 0 loads word 1 three times; client 1 stores it once."""
+    from ipc.sched.points import SharedPoints
+
+    def body(i: int, c) -> bytes:
+        r = Region.attach(run_id, DATA)
+        m = SharedPoints(r, c, "data", {"stats": None}, "access")
+        w = r.word("w")
+        if i == 0:
+            for _ in range(3):
+                m.load(w + 1)
+        else:
+            m.store(w + 1, 7)
+        return b"ok"
+
+    return body
+
+
+def test_b1_a_first_schedule_counts_the_race_with_a_parked_writer_as_step_by_step(run_id, data):
+    decisions, logs = [], []
+    for cls in (strategies.Pct, _StepByStep):
+        strat = cls(0, 2, 2, 20, strategies.Footprint())
+        strat.prio, strat.change = [9, 1], {19: 0}
+        s, out, _ = pool.run_forked(run_id, 2, _reader_writer_body(run_id), strat, 1000)
+        assert s.outcome == "done" and out == [b"ok", b"ok"], s.detail
+        decisions.append(strat.decisions)
+        logs.append(s.log)
+    assert logs[0] == logs[1] and decisions[0] == decisions[1] >= 2, decisions
