@@ -452,8 +452,8 @@ class Scheduler:
         enabled only because every client ended or idles; once ``i`` runs they are not."""
         m = self.mem
         ahead = (set(enabled) - ending) | {j for j, s in enumerate(states) if s == BLOCKED} | {i}
-        self.grant = (en := tuple(sorted(ahead)), locs)
         idle = any(s == IDLE and j not in ahead for j, s in enumerate(states))
+        self.grant = (en := tuple(sorted(ahead)), locs, idle)  # idle: the trail's state is approximate
         m.store(base + S_DGRANT, 0 if idle else self.strategy.decision_grant(i, list(en)))
         m.store(base + S_GRANT, min(RING, self.max_steps - len(self.log)))
 
@@ -463,12 +463,12 @@ class Scheduler:
         r = m.load(s + S_RING)
         if not r:
             return
-        ran, (enabled, locs) = self.strategy.ran, self.grant
+        ran, (enabled, locs, approx) = self.strategy.ran, self.grant
         for e in range(self.ring0 + i * RING * 3, self.ring0 + (i * RING + r) * 3, 3):
             pid, loc, kind = m.load(e), m.load(e + 1), m.load(e + 2)
             self.log.append((i, pid, False))
             code = loc << 2 | kind
-            ran(i, enabled, locs[:i] + (code,) + locs[i + 1:])
+            ran(i, enabled, locs[:i] + (code,) + locs[i + 1:], approx)
             self._mark(i, loc, kind)
         m.store(s + S_RING, 0)
 

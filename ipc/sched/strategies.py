@@ -109,24 +109,26 @@ class _Recording:
                 if locs[j] & 3 != K_NONE:
                     self.fp.add(locs[j], j)
 
-    def ran(self, i: int, enabled: tuple[int, ...], locs: tuple[int, ...]) -> None:
+    def ran(self, i: int, enabled: tuple[int, ...], locs: tuple[int, ...], approx: bool = False) -> None:
         """Client ``i`` took a run-ahead step (ipc/sched) in the state (``enabled``, ``locs``): it
-        went on, counted as a decision if it was one (never a change point: ``decision_grant``)."""
+        went on, counted as a decision if it was one (never a change point: ``decision_grant``).
+        ``approx``: ``enabled`` is the grant-time guess and may miss an idle client woken meanwhile
+        (by a kick): the :class:`History` node is marked so, and never proves a repeat."""
         d = self._goes_on(list(enabled), i, locs)
         if d:
             self.decisions += 1
             if self.decisions in getattr(self, "change", ()):
                 raise AssertionError(f"a run-ahead step passed change point {self.decisions}")
-        self._chose(enabled, locs, i)
+        self._chose(enabled, locs, i, approx)
 
     def decision_grant(self, i: int, enabled: list[int]) -> int:
         """How many decisions client ``i`` may pass in its run-ahead (the strategy would let it go
         on at each): none for a random choice."""
         return 0
 
-    def _chose(self, enabled: list[int], locs, i: int) -> int:
+    def _chose(self, enabled, locs, i: int, approx: bool = False) -> int:
         if self.trail is not None:
-            self.trail.append((tuple(enabled), locs))
+            self.trail.append((tuple(enabled), locs, True) if approx else (tuple(enabled), locs))
             self.choices.append(i)
         if self.fp is not None and locs is not None:
             self.fp.add(locs[i], i)
@@ -211,7 +213,8 @@ _END = ()  # History: a recorded schedule ended here
 
 class History:
     """The schedules run so far, as a prefix tree keyed by the hash of each choice prefix: the
-    state at each node (enabled clients, locations) is what a strategy is simulated on."""
+    state at each node (enabled clients, locations) is what a strategy is simulated on. A node of
+    an approximate state (``_Recording.ran``'s ``approx``) ends a simulation as new."""
 
     def __init__(self):
         self.nodes: dict[int, tuple] = {}
@@ -239,6 +242,8 @@ class History:
         while True:
             if node is _END:
                 return True
+            if len(node) == 3:  # approximate (an idle client may have been woken): not provably a repeat
+                return False
             enabled, locs = node
             c = sim.pick(list(enabled), step, last, locs)
             h, last, step = hash((h, c)), c, step + 1

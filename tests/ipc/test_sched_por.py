@@ -171,3 +171,35 @@ def test_b1_a_first_schedule_counts_the_race_with_a_parked_writer_as_step_by_ste
         decisions.append(strat.decisions)
         logs.append(s.log)
     assert logs[0] == logs[1] and decisions[0] == decisions[1] >= 2, decisions
+
+
+def test_b4_a_run_ahead_past_an_idle_client_is_never_taken_for_a_repeat():
+    """/tmp/hdemo.py: schedule S1 ran client 0 ahead while client 1 idled (a kick could wake it:
+    the recorded state (0,) is a guess); a later schedule learnt that client 1 writes X. A PCT
+    draw whose real run chooses client 1 at step 1 must not be skipped as S1's repeat."""
+    from ipc.sched.points import K_LOAD, K_NONE, K_STORE
+
+    x, idle_pt, end0 = 5 << 2 | K_LOAD, (1 << 47 | 7) << 2 | K_NONE, (1 << 47 | 9) << 2 | K_NONE
+    fp = strategies.Footprint()
+    s1 = strategies.RandomWalk(0, fp)
+    s1._chose((0,), (end0, idle_pt), 0)  # step 0: a turn (client 1 idle, not woken)
+    s1.ran(0, (0,), (x, idle_pt), approx=True)  # step 1: run ahead past the idle client
+    hist = strategies.History()
+    hist.add(s1)
+    fp.add(5 << 2 | K_STORE, 1)
+    for seed in range(50):
+        p = strategies.Pct(seed, 2, 2, 2, fp)
+        if p.prio[1] > p.prio[0] and 1 in p.change:
+            real = p.clone()
+            real.pick([0], 0, -1, (end0, idle_pt))
+            assert real.pick([0, 1], 1, 0, (x, idle_pt)) == 1  # the real run: another schedule
+            assert not hist.seen(p)
+            break
+    else:
+        pytest.fail("no such draw")
+    exact = strategies.RandomWalk(0, strategies.Footprint())  # the same steps, exact states: a repeat
+    exact._chose((0,), (end0, idle_pt), 0)
+    exact.ran(0, (0,), (x, idle_pt))
+    h2 = strategies.History()
+    h2.add(exact)
+    assert h2.seen(strategies.RandomWalk(0, strategies.Footprint()))
