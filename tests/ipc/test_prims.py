@@ -219,14 +219,24 @@ def _sleep_then_exit():
     time.sleep(60)
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """``pid`` has a handler installed for ``sig`` (/proc/PID/status SigCgt): an event, not a fixed sleep
+    (0.2 s was not always enough on a loaded machine: the SIGTERM came before the handler)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            cgt = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(cgt >> (sig - 1) & 1)
+
+
 def test_proc_helpers(ctx, procs):
     assert pid_alive(os.getpid())
     assert not pid_alive(0) and not pid_alive(-1)
     p = ctx.Process(target=_sleep_then_exit)
     procs.append(p)
     p.start()
-    wait_until(lambda: pid_alive(p.pid), 10, what="child")
-    time.sleep(0.2)  # let it install the handler
+    wait_until(lambda: _catches(p.pid, signal.SIGTERM), 30, what="the child's SIGTERM handler")
     os.kill(p.pid, signal.SIGTERM)
     p.join(10)
     assert p.exitcode == 128 + signal.SIGTERM  # SystemExit(143) from the handler
