@@ -408,8 +408,7 @@ class Scheduler:
         self.max_steps = max_steps
         self.alive = alive  # callable(i) -> bool: is client i's process still there?
         self.hang_ns = int(hang_s * 1e9)
-        self.check = check  # check(step): between every two steps, while nobody runs (a sampling checker);
-        # ``step`` is the index in ``log`` of the step about to be chosen (run-ahead steps count)
+        self.check = check  # check(step) between two steps, nobody running; step: the next one's index in log
         self.wake = wake  # callable(i) -> bool: is something pending for idle client i (a kick)?
         self.log: list[tuple[int, int, bool]] = []
         self.outcome = ""
