@@ -143,8 +143,14 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                duplicate_fraction=round((ran - len(seen)) / max(ran, 1), 4) if seen is not None else None,
                skipped_draw_fraction=round(dups / max(drawn, 1), 4),
                exhausted=ran < schedules and res["verdict"] == "SUCCESS", footprint_locations=len(fp),
-               n=sc.n, k=k, k_longest=k_max, pct_bound=bound, guarantee=bound["p_per_schedule"] if bound else None)
+               n=sc.n, k=k, k_longest=k_max, pct_bound=bound, guarantee=bound["p_per_schedule"] if bound else None,
+               bound_scope=BOUND_SCOPE if bound else None)
     return res
+
+
+# what PCT's bound covers (ipc/sched/strategies.py's doc): bugs whose conflicting accesses go
+# through SharedPoints, not guest memory / gfn_track / the checker's samples
+BOUND_SCOPE = "for races on wrapped shared words"
 
 
 def pct_bound(n: int, k: int, depth: int, schedules: int) -> dict:
@@ -266,7 +272,7 @@ def success_line(res: dict) -> str:
         dd = b["depth"]
         over = (f"all {n:,}" if b["schedules"] == n else
                 f"the {b['schedules']:,} whose change points spanned their whole length all")
-        what = (f"PCT depth {dd}: each schedule finds a depth-{dd} bug with probability ≥ "
+        what = (f"PCT depth {dd}, {BOUND_SCOPE}: each schedule finds a depth-{dd} bug with probability ≥ "
                 f"{b['p_per_schedule']:.3g}; {over} miss it with probability ≤ "
                 f"{_fmt_p(b['p_miss_all'], b['p_find_any'])}")
     return f"SUCCESS: no failure in {n:,} schedule{'s' if n != 1 else ''}{distinct} ({what})"

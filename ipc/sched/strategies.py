@@ -22,6 +22,20 @@ Partial-order reduction (POS-style, Yuan et al., CAV 2018, with PCT's priorities
   tells, before a schedule runs, whether the strategy would repeat one already run: the strategy is
   simulated over the recorded states (enabled clients, locations) until it leaves the tree (new) or
   reaches the end of a recorded schedule (a duplicate: skipped, counted).
+
+What this does not see (the limits of the reduction and of PCT's bound):
+
+- only accesses through ``SharedPoints`` (ipc/sched/points.py) are in the footprint: guest memory,
+  ``gfn_track`` and the ``_smem`` probes of vm/avic/guest.py bypass it, so they never make a step
+  racing; a race between two such accesses is found only where a point that is no access (a lock,
+  a named preemption point) happens to lie between them;
+- the sampling checker is no client and not in the footprint: it runs only at hand-offs, so a
+  transient state that lives inside one run-ahead is never sampled;
+- a replay (and shrink, which replays) hands out every step and so checks between every two:
+  it may report a checker finding the explore run that found the schedule never saw;
+- PCT's printed bound (1/(n*k^(d-1)) per schedule, lab/explore.py's ``bound_scope``) holds only
+  for bugs whose conflicting accesses are wrapped shared words already in the footprint: the
+  first schedules that meet a location unlearnt run ahead past it.
 """
 
 from __future__ import annotations

@@ -222,14 +222,22 @@ def test_sigterm_mid_schedule_ends_fast_and_clean():
     import signal
     import time
 
-    before = {f for f in os.listdir("/dev/shm") if f.startswith("pts_")}
+    from lab.cleanup import shm_users
+
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), "explore", "kaboom", "--registration",
                           "refcount", "--schedules", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(3)
-        mine = {f for f in os.listdir("/dev/shm") if f.startswith("pts_")} - before
-        kids = _children(p.pid)
+        # its segments: those the explore process or its children hold (other xdist workers' live
+        # segments are not ours), once the schedules run
+        deadline, mine, kids = time.monotonic() + 60, set(), []
+        while p.poll() is None and time.monotonic() < deadline:
+            kids = _children(p.pid)
+            tree = {p.pid, *kids}
+            mine = {os.path.basename(f) for f, pids in shm_users().items() if pids & tree}
+            if mine and kids:
+                break
+            time.sleep(0.1)
         assert p.poll() is None and mine and kids
         t0 = time.monotonic()
         p.send_signal(signal.SIGTERM)
@@ -271,6 +279,7 @@ def test_the_pct_guarantee_is_stated_with_the_k_of_the_change_points(monkeypatch
     assert all(s.decisions < len(s.choices) for s in ran)  # fewer decisions than steps
     b = res["pct_bound"]
     assert b["k_max"] == res["k"] and b["p_per_schedule"] == res["guarantee"]
+    assert res["bound_scope"] == "for races on wrapped shared words"
     assert b["schedules"] == sum(s.decisions <= s.k for s in ran)  # drawn over their whole length
 
 
@@ -289,7 +298,8 @@ def test_success_line_says_what_was_covered():
 
     res = {"schedules": 1000, "distinct_schedules": 998, "strategy": "pct", "pct_bound": pct_bound(2, 176, 3, 1000)}
     line = success_line(res)
-    assert line == ("SUCCESS: no failure in 1,000 schedules, 998 distinct (PCT depth 3: each schedule finds a "
+    assert line == ("SUCCESS: no failure in 1,000 schedules, 998 distinct (PCT depth 3, for races on wrapped "
+                    "shared words: each schedule finds a "
                     "depth-3 bug with probability ≥ 1.61e-05; all 1,000 miss it with probability ≤ 0.984)"), line
     # a schedule longer than its draw is not counted; a probability near 1 is never printed as 1
     res["pct_bound"] = pct_bound(2, 5000, 3, 990)
@@ -325,7 +335,8 @@ def test_cli_explore_progress_on_stderr_and_the_covered_success_line(tmp_path):
                         for ln in prog), p.stderr
     assert "explore kaboom:" not in p.stdout  # progress stays off stdout
     out = p.stdout.splitlines()
-    assert re.fullmatch(r"SUCCESS: no failure in 40 schedules, \d+ distinct \(PCT depth 3: each schedule finds a "
+    assert re.fullmatch(r"SUCCESS: no failure in 40 schedules, \d+ distinct \(PCT depth 3, for races on wrapped "
+                        r"shared words: each schedule finds a "
                         r"depth-3 bug with probability ≥ [\d.e-]+; .* miss it with probability ≤ (1 - )?[\d.e-]+\)",
                         out[0]), out
     assert "40 schedule(s) tried" in out[1] and "steps/s" in out[1] and "(1-p)^N" in out[1]
