@@ -66,6 +66,7 @@ INSTRUMENTATION_CALLS = frozenset({
     "warn", "poisoned", "notifier_cycle", "_refuse",  # detector reports
     "lockdep_assert_held", "lockdep_assert_held_read", "_tlock_held",  # lockdep asserts
     "_cs_in", "_cs_out", "_seq_begin", "_seq_end", "_store_begin", "_store_end",  # oracle bookkeeping
+    "store_begin", "_inflight_done",
     "point", "hit", "chance", "spin_ns", "sample_emul", "sample_walk", "stats_clock",  # fuzz, sampling
 })
 INSTRUMENTATION_RECEIVERS = ("fuzz", "fz", "tr", "trace", "self._smem", "_smem", "self.hist", "kvm.hist")

@@ -77,6 +77,8 @@ class ScriptedCommands:
                 raise ValueError("write: data must be 1..4096 bytes or an int")
             if (gpa >> PAGE_SHIFT) < kvm.memory_pages and (gpa & 0xFFF) + len(data) > 4096:
                 raise ValueError("write: data crosses a page boundary")
+            if hasattr(d, "store_begin"):  # nested AVIC: a store to table entries is in flight
+                d.store_begin(self.id, gpa, len(data))  # until this vCPU's next store or VMRUN (I2)
             with record_walks(kvm) as nodes:
                 calls = self.store(gpa, bytes(data))
             return {"emulated": calls >= 0, "calls": max(calls, 0), "nodes": nodes}

@@ -146,16 +146,34 @@ class L1Writes:
         while _prims.now_ns() < end and m.load(b + T_SYNCS) == syncs:
             _prims.spin_ns(2_000)
 
-    def _store_begin(self, vcpu: int, l2: int, e: int) -> None:
-        """This vCPU's previous store has completed; one to entry ``e`` of ``l2``'s table begins."""
+    def store_begin(self, vcpu: int, gpa: int, nbytes: int) -> None:
+        """A scripted L1 store of ``nbytes`` at ``gpa`` by vCPU ``vcpu`` (the ``write`` command,
+        vcpu/script.py): if it covers entries of an L2's table, those entries' stores are in flight
+        from now to this vCPU's next store or nested VMRUN (I2), as ``entry_write`` / ``tracked_write``
+        mark theirs. Without it the I2 check judged a store to a tracked table page complete as soon
+        as its bytes were in guest memory, before its emulation had run the notifier (erase, reload
+        request, kick, wait): a VMRUN in that window was a "lost write" (explore invalidate)."""
+        if self.region is None:
+            self._attach()
+        gfn, off = gpa >> PAGE_SHIFT, gpa & ((1 << PAGE_SHIFT) - 1)
+        first, last = off >> 3, min((off + nbytes - 1) >> 3, self.ne - 1)
+        if nbytes <= 0 or first > last:
+            return  # past the table's entries
+        for l2 in range(self.cfg.l2s):
+            if table_gfn(self.cfg, l2) == gfn:
+                self._store_begin(vcpu, l2, first, last - first + 1)
+                return
+
+    def _store_begin(self, vcpu: int, l2: int, e: int, n: int = 1) -> None:
+        """This vCPU's previous store has completed; one to entries ``e`` .. ``e + n - 1`` of
+        ``l2``'s table begins (V_L1STORE: first ``inflight`` index + 1, (n - 1) << 32)."""
         m, w = self.amem, self.vw0 + vcpu * VW + V_L1STORE
-        prev = m.load(w)
-        if prev:
-            m.fetch_add(self.if0 + (prev - 1) * 2 + IF_COUNT, -1)
+        self._inflight_done(m.load(w))
         i = l2 * self.ne + e
-        m.fetch_add(self.if0 + i * 2 + IF_STARTS, 1)
-        m.fetch_add(self.if0 + i * 2 + IF_COUNT, 1)
-        m.store(w, i + 1)
+        for k in range(i, i + n):
+            m.fetch_add(self.if0 + k * 2 + IF_STARTS, 1)
+            m.fetch_add(self.if0 + k * 2 + IF_COUNT, 1)
+        m.store(w, i + 1 + ((n - 1) << 32))
 
     def _store_end(self, vcpu: int) -> None:
         """At nested VMRUN: this vCPU's L1 stores have all completed."""
@@ -163,7 +181,14 @@ class L1Writes:
         prev = m.load(w)
         if prev:
             m.store(w, 0)
-            m.fetch_add(self.if0 + (prev - 1) * 2 + IF_COUNT, -1)
+            self._inflight_done(prev)
+
+    def _inflight_done(self, prev: int) -> None:
+        """The store V_L1STORE value ``prev`` names (0: none) is no longer in flight."""
+        if prev:
+            i = (prev & 0xFFFFFFFF) - 1
+            for k in range(i, i + (prev >> 32) + 1):
+                self.amem.fetch_add(self.if0 + k * 2 + IF_COUNT, -1)
 
     def _backing(self, rng: random.Random) -> int:
         if rng.random() < 0.1:  # a bad address: the shadow entry points at the dummy page

@@ -94,8 +94,8 @@ V_RELOAD = 2         # KVM_REQ_APIC_PAGE_RELOAD pending: the number (H_REQSEQ) o
 V_LOADED = 3         # the L1 vCPU is loaded (scheduled in): shadow IsRunning may be set
 V_INL2 = 4           # table whose entries the hardware uses for this vCPU now (index + 1): set once
                      # nested VMRUN made it ready, cleared at VMEXIT (what the I1 checks look at)
-V_L1STORE = 6        # this vCPU's L1 store to a table entry still in flight (``inflight`` index + 1,
-                     # 0 = none): from the store's start to the vCPU's next store or nested VMRUN
+V_L1STORE = 6        # this vCPU's L1 store to table entries still in flight (first ``inflight`` index
+                     # + 1, entries - 1 << 32; 0 = none): from its start to the next store or nested VMRUN
 V_PROC = 7           # tag of the process running this vCPU (set at nested VMRUN): a reload request's
                      # wait services a vCPU of its own process inline (one process, several vCPUs)
 V_L2SEQ = 8          # seqcount of L2 runs: odd from nested VMRUN (table ready) to VMEXIT
