@@ -195,7 +195,8 @@ def test_every_step_field_kind_has_a_valid_form(tmp_path):
              {"vcpu": 0, "op": "register", "kind": 65536, "owner": 1 << 30}, {"vcpu": 0, "op": "reregister", "node": 15},
              {"vcpu": 0, "op": "unregister", "node": 0, "free": False}, {"vcpu": 0, "op": "track", "gfn": 255},
              {"vcpu": 0, "op": "untrack", "gfn": 0}, {"vcpu": 0, "op": "enable_tracking"}, {"vcpu": 0, "op": "load"},
-             {"vcpu": 0, "op": "put"}, {"vcpu": 0, "op": "sleep", "us": 10_000_000}, {"vcpu": 0, "op": "counters"}]
+             {"vcpu": 0, "op": "put"}, {"vcpu": 0, "op": "sleep", "us": 10_000_000}, {"vcpu": 0, "op": "counters"},
+             {"vcpu": 0, "op": "delete_slot", "slot": cfg.memslots - 1}, {"vcpu": 1, "op": "churn"}]
     out = parse_steps(steps, cfg)
     assert {op for _, op, _ in out} == set(SCRIPT_OPS)
     assert out[3][2]["data"] == bytes(range(1, 9))
