@@ -30,8 +30,9 @@ began after the phase flip of a fake writer's running grace period take it, and 
 removal and synchronize come while that grace period still waits for older readers (measured:
 bench/selftests.py). ``broken-gp``'s call_rcu runs the callback at once (``call_rcu_busted``), so
 its asynchronous removals free the element under the readers at once, whatever the pacing: the
-mbtest checks see it. FAILURE: any Reader Pipe count at index >= 2, any mbtest failure, a worker
-that died, or no progress.
+mbtest checks see it. FAILURE: any Reader Pipe count at index >= 2, any mbtest failure, any failed
+cookie check (rcutorture's: ``do_rtws_sync`` after a synchronize, and inside every read; the verdict
+is ipc/torture/rcureport.py's), a worker that died, or no progress.
 
 What differs between flavors is an :class:`RcuTortureOps` (rcutorture's ``rcu_torture_ops``):
 ``ipc/torture/rcu.py`` has ``rcu_ops``, ``ipc/torture/srcu.py`` ``srcu_ops``. Injected faults
