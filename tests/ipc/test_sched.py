@@ -4,22 +4,12 @@ is the interleaving (PCT, random walk, replay); blocking is modelled; deadlocks 
 from __future__ import annotations
 
 import pytest
+from sched_kit import DATA, data  # noqa: F401  (fixture)
 
 from ipc import fuzz, sched
-from ipc.locks import LOCK_WORDS, init_lockstat, new_lock
+from ipc.locks import init_lockstat, new_lock
 from ipc.sched import pool, strategies
-from ipc.shm import Layout, Region
-
-DATA = Layout("data", [("w", "i8", (8,)), ("locks", "i8", (2, LOCK_WORDS)), ("stats", "i8", (16,))])
-
-
-@pytest.fixture
-def data(region_factory):
-    r = region_factory(DATA)
-    r.v["w"][:] = 0
-    r.v["locks"][:] = 0
-    init_lockstat(r.v["stats"])
-    return r
+from ipc.shm import Region
 
 
 def _counter_body(run_id: str, incs: int = 2):

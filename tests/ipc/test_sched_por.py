@@ -5,21 +5,10 @@ decisions counted, the history's repeats)."""
 from __future__ import annotations
 
 import pytest
+from sched_kit import DATA, data  # noqa: F401  (fixture)
 
-from ipc.locks import LOCK_WORDS, init_lockstat
 from ipc.sched import pool, strategies
-from ipc.shm import Layout, Region
-
-DATA = Layout("data", [("w", "i8", (8,)), ("locks", "i8", (2, LOCK_WORDS)), ("stats", "i8", (16,))])
-
-
-@pytest.fixture
-def data(region_factory):
-    r = region_factory(DATA)
-    r.v["w"][:] = 0
-    r.v["locks"][:] = 0
-    init_lockstat(r.v["stats"])
-    return r
+from ipc.shm import Region
 
 
 def _own_body(run_id: str, rounds: int = 6):
