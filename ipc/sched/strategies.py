@@ -135,6 +135,24 @@ class _Recording:
                 raise AssertionError(f"a run-ahead step passed change point {self.decisions}")
         self._chose(enabled, locs, i, approx)
 
+    def pick(self, enabled: list[int], step: int, last: int, locs: tuple[int, ...] | None = None) -> int:
+        """The next client: ``last`` goes on where the step is no choice (``_goes_on`` False);
+        otherwise the strategy's ``_choice``, after ``_decided`` at a decision."""
+        self.turns += 1
+        d = self._goes_on(enabled, last, locs)
+        if d is False:
+            return self._chose(enabled, locs, last)
+        if d:
+            self.decisions += 1
+            self._decided(last)
+        return self._chose(enabled, locs, self._choice(enabled))
+
+    def _decided(self, last: int) -> None:
+        """Decision number ``self.decisions`` was just reached with ``last`` running (PCT: a change point?)."""
+
+    def _choice(self, enabled: list[int]) -> int:
+        raise NotImplementedError
+
     def decision_grant(self, i: int, enabled: list[int]) -> int:
         """How many decisions client ``i`` may pass in its run-ahead (the strategy would let it go
         on at each): none for a random choice."""
@@ -160,14 +178,8 @@ class RandomWalk(_Recording):
         self.rng = random.Random(seed)
         self._setup(footprint)
 
-    def pick(self, enabled: list[int], step: int, last: int, locs: tuple[int, ...] | None = None) -> int:
-        self.turns += 1
-        d = self._goes_on(enabled, last, locs)
-        if d is False:
-            return self._chose(enabled, locs, last)
-        if d:
-            self.decisions += 1
-        return self._chose(enabled, locs, enabled[int(self.rng.random() * len(enabled))])
+    def _choice(self, enabled: list[int]) -> int:
+        return enabled[int(self.rng.random() * len(enabled))]
 
     def clone(self) -> RandomWalk:
         c = RandomWalk.__new__(RandomWalk)
@@ -195,17 +207,13 @@ class Pct(_Recording):
                                                                                 depth - 1)))}
         self._setup(footprint)
 
-    def pick(self, enabled: list[int], step: int, last: int, locs: tuple[int, ...] | None = None) -> int:
-        self.turns += 1
-        d = self._goes_on(enabled, last, locs)
-        if d is False:
-            return self._chose(enabled, locs, last)
-        if d:
-            self.decisions += 1
-            low = self.change.get(self.decisions)
-            if low is not None:
-                self.prio[last] = low
-        return self._chose(enabled, locs, max(enabled, key=self.prio.__getitem__))
+    def _decided(self, last: int) -> None:
+        low = self.change.get(self.decisions)
+        if low is not None:
+            self.prio[last] = low
+
+    def _choice(self, enabled: list[int]) -> int:
+        return max(enabled, key=self.prio.__getitem__)
 
     def decision_grant(self, i: int, enabled: list[int]) -> int:
         """``i`` has the highest priority of the enabled clients (the others wait at points, ipc/
