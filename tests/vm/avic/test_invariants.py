@@ -204,7 +204,9 @@ def test_flood_drop_race_fails_in_one_second(seed, tmp_path):
                   tmp_path)
     assert p.returncode == 1 and res["verdict"] == "FAILURE", p.stdout[-2000:]
     assert "(I1)" in json.dumps(res["reasons"]) + json.dumps(res["warnings"])
-    assert res["design"]["flood_steered"] > 0
+    # the drop that skipped its reload happened; whether the steer met a vCPU or the race came
+    # unsteered (CI at 6754d2a, seed 3 under load: I1 with flood_steered 0) is the host's timing
+    assert res["design"]["flood_drop"] > 0
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
