@@ -303,6 +303,13 @@ def test_cli_bad_input_exit_2_one_line(args, msg):
     assert r.stdout == ""
 
 
+def _as_a_foreground_job():
+    """SIGINT at its default, as a terminal's foreground job has it: a test run started in the
+    background of a non-interactive shell (``pytest &``) ignores SIGINT, and the launcher would
+    inherit that and ignore the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_ctrl_c_cleans_up():
     """SIGINT to the whole process group (what a terminal's Ctrl-C does) mid-run: exit 130 at once,
     workers gone, segment unlinked."""
@@ -310,7 +317,7 @@ def test_cli_ctrl_c_cleans_up():
     env = dict(os.environ, PTS_TORTURE_TEST=marker)
     p = subprocess.Popen([sys.executable, "launch.py", "torture", "rcu", "--procs", "2", "--duration", "60"],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=_as_a_foreground_job)
     try:
         first = p.stdout.readline()
         assert "Start of test" in first, first + p.stderr.read()

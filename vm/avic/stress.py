@@ -49,6 +49,7 @@ def vcpu_main(cfg_dict: dict, run_id: str, proc: int, hooks: tuple, seed: int, c
         rng = random.Random(seed * 1_000_003 + v)
         mem = kvm.mem
         run_w = kvm.flags_w + L.F_RUN_STATE
+        conn.send("ready")  # the coordinator's clock starts when every vCPU is here
         while mem.load(run_w) == L.RUN_INIT:
             time.sleep(0.001)
         d.vcpu_load(v)
@@ -114,6 +115,23 @@ def _loop(kvm, d, cfg, v: int, rng: random.Random, run_w: int) -> int:
     return n
 
 
+def _await_ready(conns, timeout: float, errors: list) -> dict:
+    """Wait until every vCPU has attached and said "ready" (a loaded host can take seconds to fork
+    and attach them), so that ``duration`` is time the vCPUs run, not time they start in. A vCPU
+    that dies or stays silent is an error; the others are still started and stopped. Returns the
+    reports of vCPUs that failed before they were ready ({index: report})."""
+    deadline, early = time.monotonic() + timeout, {}
+    for i, rx in enumerate(conns):
+        try:
+            if not rx.poll(max(0.0, deadline - time.monotonic())):
+                errors.append(f"vCPU {i}: not ready within {timeout:.0f} s")
+            elif (msg := rx.recv()) != "ready":
+                early[i] = msg  # its report: it failed while attaching
+        except (EOFError, OSError):
+            pass  # died without a word: the report loop says so
+    return early
+
+
 def run_stress(cfg, run_id: str, hooks=(), duration: float = 1.0, seed: int | None = None,
                join_timeout: float = 20.0, ctx=None) -> dict:
     """Run the design ``cfg.design`` with ``cfg.vcpus`` vCPU processes for ``duration`` s
@@ -140,13 +158,16 @@ def run_stress(cfg, run_id: str, hooks=(), duration: float = 1.0, seed: int | No
             tx.close()
             procs.append(p)
             conns.append(rx)
+        early = _await_ready(conns, join_timeout, out["errors"])
         kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_RUNNING)
         time.sleep(duration)
         kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_STOP)
         reports = []
         deadline = time.monotonic() + join_timeout
         for i, rx in enumerate(conns):
-            if rx.poll(max(0.0, deadline - time.monotonic())):
+            if i in early:
+                reports.append(early[i])
+            elif rx.poll(max(0.0, deadline - time.monotonic())):
                 try:
                     reports.append(rx.recv())
                 except EOFError:
