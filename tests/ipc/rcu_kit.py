@@ -178,15 +178,17 @@ def rw_writer(run_id: str, slot: int, n: int, broken: bool):
         region.close()
 
 
-def rw_reader(run_id: str, slot: int, hold_ns: int):
+def rw_reader(run_id: str, slot: int, hold_ns: int, nap: bool = False):
     """Until told to stop: inside a read-side critical section, dereference the current element
-    and check it stays valid (not poisoned, not reused) while held."""
+    and check it stays valid (not poisoned, not reused) while held. ``nap``: hold by sleeping, not
+    spinning (a reader that only has to keep grace periods waiting need not take a core)."""
     region = Region.attach(run_id, layout())
     try:
         dom = RcuDomain(region, "rcu", slot, tag=slot + 1)
         dom.register()
         mem, w = region.mem, region.word
-        ld, lock, unlock, spin = mem.load, dom.read_lock, dom.read_unlock, _prims.spin_ns
+        ld, lock, unlock = mem.load, dom.read_lock, dom.read_unlock
+        spin = (lambda ns: time.sleep(ns * 1e-9)) if nap else _prims.spin_ns
         ptr, elem, stop = w("ctl", C_PTR), w("elem"), w("ctl", C_STOP)
         errs = reads = 0
         mem.fetch_add(w("ctl", C_READY), 1)

@@ -267,7 +267,7 @@ def test_signal_never_leaks_gp_lock_without_holder(ctx, procs, region, run_id, s
     v = region.v
     v["ctl"][:] = 0
     v["elem"][:] = 0
-    churn = ctx.Process(target=rw_reader, args=(run_id, 1, 50_000))  # makes synchronize() wait
+    churn = ctx.Process(target=rw_reader, args=(run_id, 1, 50_000, True))  # makes synchronize() wait
     procs.append(churn)
     churn.start()
     wait_until(lambda: mem.load(w("ctl", C_READY)) == 1, 30, what="reader")
