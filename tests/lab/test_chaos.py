@@ -81,8 +81,8 @@ def test_ten_chaos_runs_end_well(tmp_path):
     p = subprocess.run([sys.executable, "launch.py", "chaos", "--runs", "10", "--seed", "5", "--out",
                         str(tmp_path / "out"), "--json", str(fig_path)], cwd=ROOT, capture_output=True,
                        text=True, timeout=280)
+    assert p.returncode == 0 and fig_path.exists(), p.stdout[-3000:] + p.stderr[-3000:]
     fig = json.loads(fig_path.read_text())
-    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     assert fig["runs"] == 10 and fig["hangs"] == 0 and fig["leaked_segments"] == 0 and fig["orphans"] == 0
     assert fig["bad_json"] == 0 and fig["diagnosis_named"] == fig["named_needed"] > 0
     assert fig["tested"] + fig["not_tested"] == 10 and fig["tested"] >= 8, fig  # faults really fired
