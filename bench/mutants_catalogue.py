@@ -247,7 +247,7 @@ CATALOGUE: tuple[Mutant, ...] = (
            (("scenario", "kaboom"),) + RUN_MUTEX_HASH,
            "the refcount variant unregisters when the last-but-one user leaves", fast=True),
     Mutant("refcount-users-never-decremented", "registration", "vm/avic/registration.py",
-           (Edit("            users = m.fetch_add(h + H_USERS, -1) - 1\n",
+           (Edit("            users = self._notifier_users(-1)\n",
                  "            users = m.load(h + H_USERS) - 1\n"),),
            (("scenario", "kaboom"),) + RUN_RCU_LIST,
            "put reads the user count instead of decrementing it: the node is never unregistered"),

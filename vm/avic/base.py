@@ -263,7 +263,11 @@ class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, Nest
             m.store(h + H_NODE, node + 1)
             if self.registration == "split":
                 # registered once, at VM creation, apart from enabling tracking (done on first use)
-                self._register(node, "nested AVIC shared node")
+                self.notifier_lock.lock()
+                try:
+                    self._register(node, "nested AVIC shared node")
+                finally:
+                    self.notifier_lock.unlock()
 
     def vcpu_init(self, vcpu: int) -> None:
         self._attach()
