@@ -13,6 +13,7 @@ from ipc.locks import LockdepError
 from vm.avic import guest_write
 from vm.avic.table import AVIC_BACKING_MASK, V_INL2, VW
 from vm.nested import table_gfn, untracked_range
+from vm.page_track import kvm_page_track_delete_slot
 
 
 class _Dropped:
@@ -123,14 +124,17 @@ def test_store_through_the_writable_mapping_asserts_guest_mode(avm, monkeypatch)
 
 @pytest.mark.parametrize("design", ["mutex-hash", "rcu-list", "per-table-notifier"])
 @pytest.mark.parametrize("wait", [True, False])
-def test_a_write_that_completes_before_its_kicked_vcpu_left_l2_is_caught(avm, design, wait, monkeypatch):
+@pytest.mark.parametrize("erase", ["write", "delete_slot"])
+def test_a_write_that_completes_before_its_kicked_vcpu_left_l2_is_caught(avm, design, wait, erase, monkeypatch):
     kvm, d = avm(design)
     gfn = table_gfn(d.cfg, 0)
     d.nested_vmrun(1, 0)  # vCPU 1 in L2 on the table
-    if not wait:  # the caller's KVM_REQUEST_WAIT dropped
+    if not wait:  # the caller's KVM_REQUEST_WAIT dropped (_table_write's, or remove_region's)
         monkeypatch.setattr(d, "_reload_wait", lambda t, targets: None)
-    g = guest(kvm, gfn, 1)
-    write_entry(kvm, gfn, 1, g ^ (AVIC_BACKING_MASK & -AVIC_BACKING_MASK))  # new backing page: erase
+    if erase == "write":  # an L1 store giving entry 1 a new backing page
+        write_entry(kvm, gfn, 1, guest(kvm, gfn, 1) ^ (AVIC_BACKING_MASK & -AVIC_BACKING_MASK))
+    else:  # the memslot holding the table goes away (track_remove_region)
+        kvm_page_track_delete_slot(kvm, d.cfg.memslots - 1)
     in_l2 = d.amem.load(d.vw0 + 1 * VW + V_INL2) != 0
     found = _warns(kvm, "l2_on_erased_table")
     bad = [b for b in d.oracle() if "KVM_REQUEST_WAIT" in b]
