@@ -27,6 +27,7 @@ process instantiates its own handler for a node (``handler(kvm, node)``) with th
 from __future__ import annotations
 
 from ipc import fuzz
+from ipc.locks import lockdep_assert_held
 from vm import layout as L
 from vm.faults import notifier_cycle
 
@@ -82,16 +83,24 @@ def alloc_node(kvm, kind: int, owner: int, refcounted: bool = False) -> int:
     with kvm.mmu_lock:
         for i in range(kvm.nodes.shape[0]):
             if mem.load(_w(kvm, i, L.N_STATE)) in (L.NODE_FREE, L.NODE_POISON):
-                mem.store(_w(kvm, i, L.N_KIND), kind)
-                mem.store(_w(kvm, i, L.N_OWNER), owner)
-                mem.store(_w(kvm, i, L.N_NEXT), UNINIT_NEXT)
-                mem.store(_w(kvm, i, L.N_HITS), 0)
-                mem.store(_w(kvm, i, L.N_REFS), 0 if refcounted else -1)
-                mem.store(_w(kvm, i, L.N_GEN), (mem.load(_w(kvm, i, L.N_GEN)) | 1) + 1)  # the next even one
-                mem.store(_w(kvm, i, L.N_STATE), L.NODE_ALLOCATED)
+                _init_node(kvm, i, kind, owner, refcounted)
                 return i
     kvm.warn("nodes_exhausted", f"notifier node pool ({kvm.nodes.shape[0]}) exhausted")
     raise RuntimeError(f"notifier node pool ({kvm.nodes.shape[0]}) exhausted")
+
+
+def _init_node(kvm, i: int, kind: int, owner: int, refcounted: bool) -> None:
+    """Claim free pool slot ``i`` for a new node. The pool, like the list, is ``mmu_lock``'s
+    (asserted): two allocators must not take one slot."""
+    lockdep_assert_held(kvm.mmu_lock, "mmu_lock")
+    mem = kvm.mem
+    mem.store(_w(kvm, i, L.N_KIND), kind)
+    mem.store(_w(kvm, i, L.N_OWNER), owner)
+    mem.store(_w(kvm, i, L.N_NEXT), UNINIT_NEXT)
+    mem.store(_w(kvm, i, L.N_HITS), 0)
+    mem.store(_w(kvm, i, L.N_REFS), 0 if refcounted else -1)
+    mem.store(_w(kvm, i, L.N_GEN), (mem.load(_w(kvm, i, L.N_GEN)) | 1) + 1)  # the next even one
+    mem.store(_w(kvm, i, L.N_STATE), L.NODE_ALLOCATED)
 
 
 def free_node(kvm, node: int) -> None:

@@ -105,6 +105,40 @@ def test_register_walk_unregister_poison(kvm):
     assert kvm.events[-1][1].endswith("read of poisoned notifier node (walk)") and kvm.events[-1][2]["node"] == nodes[1]
 
 
+class _Unlocked:
+    """A ``with kvm.mmu_lock:`` that takes nothing (the caller's lock dropped); the held query asks the real lock."""
+
+    def __init__(self, lk):
+        self.lk = lk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def is_held(self):
+        return self.lk.is_held()
+
+    def owner(self):
+        return self.lk.owner()
+
+
+def test_node_pool_slots_are_claimed_under_mmu_lock(kvm):
+    """The node pool, like the list, is mmu_lock's (asserted where a slot is claimed): alloc_node
+    with its lock dropped fails at its first claim, deterministically; with it, a slot is claimed."""
+    real = kvm.mmu_lock
+    kvm.mmu_lock = _Unlocked(real)
+    try:
+        with pytest.raises(AssertionError, match="mmu_lock"):
+            notifier.alloc_node(kvm, MIRROR_KIND, 0)
+    finally:
+        kvm.mmu_lock = real
+    n = notifier.alloc_node(kvm, MIRROR_KIND, 0)
+    assert notifier.node_state(kvm, n) == L.NODE_ALLOCATED
+    notifier.free_node(kvm, n)
+
+
 def test_redundant_registration_warns(kvm):
     n = notifier.alloc_node(kvm, MIRROR_KIND, 0)
     assert notifier.kvm_page_track_register_notifier(kvm, n)
