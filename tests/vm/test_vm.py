@@ -12,7 +12,7 @@ from vcpu.worker import vcpu_main
 from vm import layout as L
 from vm import notifier, page_track
 from vm.config import from_dict
-from vm.coordinator import Coordinator
+from vm.coordinator import Coordinator, RunError
 from vm.kvm import Kvm
 from vm.mirror import MIRROR_KIND, mirror_track, oracle
 from vm.nested import tracked_gfns
@@ -137,6 +137,19 @@ def test_node_pool_slots_are_claimed_under_mmu_lock(kvm):
     n = notifier.alloc_node(kvm, MIRROR_KIND, 0)
     assert notifier.node_state(kvm, n) == L.NODE_ALLOCATED
     notifier.free_node(kvm, n)
+
+
+def test_a_lockdep_splat_at_vm_creation_is_a_failure_verdict(monkeypatch):
+    """The coordinator's own lockdep splat (VM creation: the notifier nodes are made there) ends the run
+    as launch.py's FAILURE with the splat as its reason (RunError), not as a traceback."""
+    def unlocked_alloc(kvm, kind, owner, refcounted=False):  # alloc_node with its mmu_lock dropped
+        notifier._init_node(kvm, 0, kind, owner, refcounted)
+        return 0
+
+    monkeypatch.setattr(notifier, "alloc_node", unlocked_alloc)
+    with pytest.raises(RunError, match="lockdep splat at VM creation: lockdep: mmu_lock not held"):
+        with Coordinator(_cfg(), vcpu_main, preload=("vcpu.worker",)):
+            pass
 
 
 def test_redundant_registration_warns(kvm):
