@@ -103,6 +103,14 @@ def _init_node(kvm, i: int, kind: int, owner: int, refcounted: bool) -> None:
     mem.store(_w(kvm, i, L.N_STATE), L.NODE_ALLOCATED)
 
 
+def _list_seq_begin(kvm) -> int:
+    """``NH_SEQ`` += 1, odd while the list changes; the new value. Like the kernel's seqcount tied to
+    a lock (``seqcount_rwlock_t``, whose ``write_seqcount_begin`` asserts it), its writer holds
+    ``mmu_lock`` (asserted): every list change (register, unregister) begins here."""
+    lockdep_assert_held(kvm.mmu_lock, "mmu_lock")
+    return kvm.mem.fetch_add(kvm.notifier_w + L.NH_SEQ, 1) + 1
+
+
 def free_node(kvm, node: int) -> None:
     """Return a node to the pool, poisoned. The caller guarantees no reader can still see it
     (it was unregistered, which waited for an SRCU grace period); a node still on the list, or
@@ -170,7 +178,7 @@ def kvm_page_track_register_notifier(kvm, node: int) -> bool:
         if st == L.NODE_POISON:
             kvm.poisoned("notifier node (register)", node=node)
             return False
-        seq = mem.fetch_add(h + L.NH_SEQ, 1) + 1  # odd: the list is changing
+        seq = _list_seq_begin(kvm)  # odd: the list is changing
         if relink:  # mainline: the node is on the list already; this add closes a cycle
             if not mem.load(h + L.NH_CYCLE):
                 mem.store(h + L.NH_CYCLE_BY, kvm.tag << 32 | mem.load(h + L.NH_REGISTERED) + 1)
@@ -228,7 +236,7 @@ def _unregister(kvm, node: int, every: bool) -> bool:
         else:
             kvm.warn("list_corrupt", f"notifier list loops: node {node} not found in {nmax} steps", node=node)
             return False
-        mem.fetch_add(h + L.NH_SEQ, 1)  # odd: the list is changing
+        _list_seq_begin(kvm)  # odd: the list is changing
         mem.store(_w(kvm, node, L.N_STATE), L.NODE_RETIRING)  # before unlinking: LIVE => on the list
         if refs >= 1:
             mem.store(_w(kvm, node, L.N_REFS), 0)

@@ -139,6 +139,28 @@ def test_node_pool_slots_are_claimed_under_mmu_lock(kvm):
     notifier.free_node(kvm, n)
 
 
+def test_list_changes_assert_mmu_lock(kvm):
+    """Register and unregister change the list under mmu_lock (asserted where the list's seqcount
+    begins, like write_seqcount_begin on a seqcount_rwlock_t): with the lock dropped, each fails at once."""
+    n = notifier.alloc_node(kvm, MIRROR_KIND, 0)
+    real = kvm.mmu_lock
+    kvm.mmu_lock = _Unlocked(real)
+    try:
+        with pytest.raises(AssertionError, match="mmu_lock"):
+            notifier.kvm_page_track_register_notifier(kvm, n)
+        assert notifier.live_nodes(kvm) == []
+        kvm.mmu_lock = real
+        assert notifier.kvm_page_track_register_notifier(kvm, n)
+        kvm.mmu_lock = _Unlocked(real)
+        with pytest.raises(AssertionError, match="mmu_lock"):
+            notifier.kvm_page_track_unregister_notifier(kvm, n)
+    finally:
+        kvm.mmu_lock = real
+    assert notifier.live_nodes(kvm) == [n]
+    assert notifier.kvm_page_track_unregister_notifier(kvm, n) and notifier.live_nodes(kvm) == []
+    notifier.free_node(kvm, n)
+
+
 def test_a_lockdep_splat_at_vm_creation_is_a_failure_verdict(monkeypatch):
     """The coordinator's own lockdep splat (VM creation: the notifier nodes are made there) ends the run
     as launch.py's FAILURE with the splat as its reason (RunError), not as a traceback."""
