@@ -161,6 +161,26 @@ def test_list_changes_assert_mmu_lock(kvm):
     notifier.free_node(kvm, n)
 
 
+def test_the_walks_assert_their_srcu_read_side_section(kvm, monkeypatch):
+    """hlist_for_each_entry_srcu(..., srcu_read_lock_held(&track_srcu)): the write path's walk and
+    ``walk`` (track_remove_region) with their SRCU read-side pair dropped fail at once."""
+    n = notifier.alloc_node(kvm, MIRROR_KIND, 0)
+    notifier.kvm_page_track_register_notifier(kvm, n)
+    assert page_track.kvm_page_track_write(kvm, 4096, b"\x01" * 8) == 1
+    monkeypatch.setattr(kvm.track_srcu, "read_lock", lambda: None)
+    monkeypatch.setattr(kvm.track_srcu, "read_unlock", lambda: None)
+    kvm.write_path = None  # bound again: with the section dropped
+    with pytest.raises(AssertionError, match="outside an SRCU read-side"):
+        page_track.kvm_page_track_write(kvm, 4096, b"\x02" * 8)
+    with pytest.raises(AssertionError, match="outside an SRCU read-side"):
+        notifier.walk(kvm, lambda hd, i: None)
+    monkeypatch.undo()
+    kvm.write_path = None
+    assert page_track.kvm_page_track_write(kvm, 4096, b"\x03" * 8) == 1
+    assert notifier.kvm_page_track_unregister_notifier(kvm, n)
+    notifier.free_node(kvm, n)
+
+
 def test_a_lockdep_splat_at_vm_creation_is_a_failure_verdict(monkeypatch):
     """The coordinator's own lockdep splat (VM creation: the notifier nodes are made there) ends the run
     as launch.py's FAILURE with the splat as its reason (RunError), not as a traceback."""
