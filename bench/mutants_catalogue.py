@@ -124,7 +124,7 @@ CATALOGUE: tuple[Mutant, ...] = (
            RUN_PER_TABLE, "unregister returns without synchronize_srcu; the caller frees the node "
                           "under walkers", fast=True),
     Mutant("walk-without-srcu-read-lock", "notifier walk", "vm/write_path.py",
-           (_drop("", "            srcu_lock()\n", "            try:\n                n = load(head_w)\n"),
+           (_drop("", "            srcu_lock()\n", "            try:\n                if not srcu_read_lock_held():"),
             _blank("            finally:\n", "                srcu_unlock()\n")),
            RUN_PER_TABLE, "kvm_page_track_write walks the notifier list outside srcu_read_lock",
            lines=2, multi="srcu_read_lock and srcu_read_unlock are a pair"),
