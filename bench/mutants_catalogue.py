@@ -124,7 +124,7 @@ CATALOGUE: tuple[Mutant, ...] = (
            RUN_PER_TABLE, "unregister returns without synchronize_srcu; the caller frees the node "
                           "under walkers", fast=True),
     Mutant("walk-without-srcu-read-lock", "notifier walk", "vm/write_path.py",
-           (_drop("", "            srcu_lock()\n", "            try:\n                n = load(head_w)\n"),
+           (_drop("", "            srcu_lock()\n", "            try:\n                if not srcu_read_lock_held():"),
             _blank("            finally:\n", "                srcu_unlock()\n")),
            RUN_PER_TABLE, "kvm_page_track_write walks the notifier list outside srcu_read_lock",
            lines=2, multi="srcu_read_lock and srcu_read_unlock are a pair"),
@@ -247,7 +247,7 @@ CATALOGUE: tuple[Mutant, ...] = (
            (("scenario", "kaboom"),) + RUN_MUTEX_HASH,
            "the refcount variant unregisters when the last-but-one user leaves", fast=True),
     Mutant("refcount-users-never-decremented", "registration", "vm/avic/registration.py",
-           (Edit("            users = m.fetch_add(h + H_USERS, -1) - 1\n",
+           (Edit("            users = self._notifier_users(-1)\n",
                  "            users = m.load(h + H_USERS) - 1\n"),),
            (("scenario", "kaboom"),) + RUN_RCU_LIST,
            "put reads the user count instead of decrementing it: the node is never unregistered"),

@@ -18,6 +18,7 @@ from typing import Any
 from ipc import messages as M
 from ipc import vtime
 from ipc.channel import CoordinatorChannel, PeerUnreachable
+from ipc.locks import LockdepError
 from ipc.proc import forkserver_context, pid_alive, reap
 from ipc.procstat import forkserver_alive
 from ipc.rundir import make_run_dir, remove_run_dir
@@ -41,6 +42,16 @@ class RunError(RuntimeError):
 
 def new_run_id() -> str:
     return "r" + secrets.token_hex(5)
+
+
+def _creating(fn: Callable, *args):
+    """``fn(*args)``, a step of VM creation (``Kvm.create``, the design's ``setup``: notifier nodes,
+    write tracking). A lockdep splat there is the run's verdict, not a crash: a :class:`RunError`
+    naming it (launch.py: ``FAILURE: lockdep splat at VM creation: ...``, exit 1)."""
+    try:
+        return fn(*args)
+    except LockdepError as e:
+        raise RunError(f"lockdep splat at VM creation: {e}") from None
 
 
 class Coordinator:
@@ -73,10 +84,10 @@ class Coordinator:
     def __enter__(self) -> Coordinator:
         cfg = self.cfg
         try:
-            self.kvm = Kvm.create(cfg, self.run_id, frozenset(self.hooks))
+            self.kvm = _creating(Kvm.create, cfg, self.run_id, frozenset(self.hooks))
             self.kvm.on_warn = self._local_warn
             self.design = make_design(self.kvm, cfg)
-            self.design.setup()
+            _creating(self.design.setup)
             self.run_dir = make_run_dir(self.run_id)
             self.ch = CoordinatorChannel(self.run_dir, self.token)
         except BaseException:

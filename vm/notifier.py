@@ -27,6 +27,7 @@ process instantiates its own handler for a node (``handler(kvm, node)``) with th
 from __future__ import annotations
 
 from ipc import fuzz
+from ipc.locks import LockdepError, lockdep_assert_held
 from vm import layout as L
 from vm.faults import notifier_cycle
 
@@ -82,16 +83,32 @@ def alloc_node(kvm, kind: int, owner: int, refcounted: bool = False) -> int:
     with kvm.mmu_lock:
         for i in range(kvm.nodes.shape[0]):
             if mem.load(_w(kvm, i, L.N_STATE)) in (L.NODE_FREE, L.NODE_POISON):
-                mem.store(_w(kvm, i, L.N_KIND), kind)
-                mem.store(_w(kvm, i, L.N_OWNER), owner)
-                mem.store(_w(kvm, i, L.N_NEXT), UNINIT_NEXT)
-                mem.store(_w(kvm, i, L.N_HITS), 0)
-                mem.store(_w(kvm, i, L.N_REFS), 0 if refcounted else -1)
-                mem.store(_w(kvm, i, L.N_GEN), (mem.load(_w(kvm, i, L.N_GEN)) | 1) + 1)  # the next even one
-                mem.store(_w(kvm, i, L.N_STATE), L.NODE_ALLOCATED)
+                _init_node(kvm, i, kind, owner, refcounted)
                 return i
     kvm.warn("nodes_exhausted", f"notifier node pool ({kvm.nodes.shape[0]}) exhausted")
     raise RuntimeError(f"notifier node pool ({kvm.nodes.shape[0]}) exhausted")
+
+
+def _init_node(kvm, i: int, kind: int, owner: int, refcounted: bool) -> None:
+    """Claim free pool slot ``i`` for a new node. The pool, like the list, is ``mmu_lock``'s
+    (asserted): two allocators must not take one slot."""
+    lockdep_assert_held(kvm.mmu_lock, "mmu_lock")
+    mem = kvm.mem
+    mem.store(_w(kvm, i, L.N_KIND), kind)
+    mem.store(_w(kvm, i, L.N_OWNER), owner)
+    mem.store(_w(kvm, i, L.N_NEXT), UNINIT_NEXT)
+    mem.store(_w(kvm, i, L.N_HITS), 0)
+    mem.store(_w(kvm, i, L.N_REFS), 0 if refcounted else -1)
+    mem.store(_w(kvm, i, L.N_GEN), (mem.load(_w(kvm, i, L.N_GEN)) | 1) + 1)  # the next even one
+    mem.store(_w(kvm, i, L.N_STATE), L.NODE_ALLOCATED)
+
+
+def _list_seq_begin(kvm) -> int:
+    """``NH_SEQ`` += 1, odd while the list changes; the new value. Like the kernel's seqcount tied to
+    a lock (``seqcount_rwlock_t``, whose ``write_seqcount_begin`` asserts it), its writer holds
+    ``mmu_lock`` (asserted): every list change (register, unregister) begins here."""
+    lockdep_assert_held(kvm.mmu_lock, "mmu_lock")
+    return kvm.mem.fetch_add(kvm.notifier_w + L.NH_SEQ, 1) + 1
 
 
 def free_node(kvm, node: int) -> None:
@@ -161,7 +178,7 @@ def kvm_page_track_register_notifier(kvm, node: int) -> bool:
         if st == L.NODE_POISON:
             kvm.poisoned("notifier node (register)", node=node)
             return False
-        seq = mem.fetch_add(h + L.NH_SEQ, 1) + 1  # odd: the list is changing
+        seq = _list_seq_begin(kvm)  # odd: the list is changing
         if relink:  # mainline: the node is on the list already; this add closes a cycle
             if not mem.load(h + L.NH_CYCLE):
                 mem.store(h + L.NH_CYCLE_BY, kvm.tag << 32 | mem.load(h + L.NH_REGISTERED) + 1)
@@ -219,7 +236,7 @@ def _unregister(kvm, node: int, every: bool) -> bool:
         else:
             kvm.warn("list_corrupt", f"notifier list loops: node {node} not found in {nmax} steps", node=node)
             return False
-        mem.fetch_add(h + L.NH_SEQ, 1)  # odd: the list is changing
+        _list_seq_begin(kvm)  # odd: the list is changing
         mem.store(_w(kvm, node, L.N_STATE), L.NODE_RETIRING)  # before unlinking: LIVE => on the list
         if refs >= 1:
             mem.store(_w(kvm, node, L.N_REFS), 0)
@@ -266,6 +283,9 @@ def walk(kvm, fn) -> int:
     calls = 0
     srcu.read_lock()
     try:
+        if not srcu.reader.nesting():  # hlist_for_each_entry_srcu(..., srcu_read_lock_held())
+            raise LockdepError("lockdep: page-track notifier list (track_srcu) traversed outside an SRCU "
+                               "read-side critical section")
         n = mem.load(kvm.notifier_w + L.NH_HEAD)
         while n:
             if not 0 < n <= nmax:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipc import _prims, fuzz, trace
+from ipc.locks import LockdepError
 from vm import layout as L
 from vm import mmu, notifier
 from vm.faults import notifier_cycle
@@ -56,6 +57,7 @@ ram_end: int = _UNBOUND  # first gpa after the memslots (contiguous from 0)
 mmio_walk: bool = _UNBOUND
 srcu_lock: Callable[[], None] = _UNBOUND
 srcu_unlock: Callable[[], None] = _UNBOUND
+srcu_read_lock_held: Callable[[], int] = _UNBOUND  # this process' track_srcu read-side nesting
 cache: dict[int, tuple] = _UNBOUND  # kvm.walk_cache: list pointer -> (gen word, gen, track_write, index, next word)
 fz: Any = _UNBOUND  # this process' preemption points (ipc/fuzz.py), None = off
 emit: Callable | None = _UNBOUND  # this process' trace ring (vm/tracepoints.py), None = no emission
@@ -127,6 +129,8 @@ def _template():
             calls = 0
             srcu_lock()
             try:
+                if not srcu_read_lock_held():  # hlist_for_each_entry_srcu(..., srcu_read_lock_held())
+                    srcu_lockdep_warn(kvm)
                 n = load(head_w)
                 while n:
                     try:
@@ -168,6 +172,13 @@ def _template():
             if emit and how != WALK:
                 emit(W_E)
     return _write
+
+
+def srcu_lockdep_warn(kvm) -> None:
+    """The walk found itself outside a ``track_srcu`` read-side section: the kernel's
+    ``RCU_LOCKDEP_WARN`` in ``hlist_for_each_entry_srcu`` (a splat: LockdepError, the run's FAILURE)."""
+    raise LockdepError("lockdep: page-track notifier list (track_srcu) traversed outside an SRCU read-side "
+                       "critical section (srcu_read_lock_held() is false)")
 
 
 _WRITE = _template()  # (its code and default; bind makes the functions)
@@ -227,6 +238,7 @@ def bind(kvm_):
         nmax=kvm_.cfg.max_nodes, guest_write=kvm_.guest_mem.write, track_mv=kvm_.gfn_track_mv,
         ram_end=kvm_.memory_pages << PAGE_SHIFT, mmio_walk=kvm_.cfg.mmio_walk,
         srcu_lock=kvm_.track_srcu.read_lock, srcu_unlock=kvm_.track_srcu.read_unlock,
+        srcu_read_lock_held=kvm_.track_srcu.reader.nesting,
         cache=kvm_.walk_cache, fz=fuzz.ACTIVE, emit=tr.emit if tr else None,
         W_B=w_b, W_E=w_e, T_B=t_b, T_E=t_e,
         sample_emul=h_emul.sample if h_emul is not None else None,

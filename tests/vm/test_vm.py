@@ -12,7 +12,7 @@ from vcpu.worker import vcpu_main
 from vm import layout as L
 from vm import notifier, page_track
 from vm.config import from_dict
-from vm.coordinator import Coordinator
+from vm.coordinator import Coordinator, RunError
 from vm.kvm import Kvm
 from vm.mirror import MIRROR_KIND, mirror_track, oracle
 from vm.nested import tracked_gfns
@@ -103,6 +103,95 @@ def test_register_walk_unregister_poison(kvm):
     assert page_track.kvm_page_track_write(kvm, MMIO, b"\0" * 4) == 0
     assert kvm.poison_reads == 1
     assert kvm.events[-1][1].endswith("read of poisoned notifier node (walk)") and kvm.events[-1][2]["node"] == nodes[1]
+
+
+class _Unlocked:
+    """A ``with kvm.mmu_lock:`` that takes nothing (the caller's lock dropped); the held query asks the real lock."""
+
+    def __init__(self, lk):
+        self.lk = lk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def is_held(self):
+        return self.lk.is_held()
+
+    def owner(self):
+        return self.lk.owner()
+
+
+def test_node_pool_slots_are_claimed_under_mmu_lock(kvm):
+    """The node pool, like the list, is mmu_lock's (asserted where a slot is claimed): alloc_node
+    with its lock dropped fails at its first claim, deterministically; with it, a slot is claimed."""
+    real = kvm.mmu_lock
+    kvm.mmu_lock = _Unlocked(real)
+    try:
+        with pytest.raises(AssertionError, match="mmu_lock"):
+            notifier.alloc_node(kvm, MIRROR_KIND, 0)
+    finally:
+        kvm.mmu_lock = real
+    n = notifier.alloc_node(kvm, MIRROR_KIND, 0)
+    assert notifier.node_state(kvm, n) == L.NODE_ALLOCATED
+    notifier.free_node(kvm, n)
+
+
+def test_list_changes_assert_mmu_lock(kvm):
+    """Register and unregister change the list under mmu_lock (asserted where the list's seqcount
+    begins, like write_seqcount_begin on a seqcount_rwlock_t): with the lock dropped, each fails at once."""
+    n = notifier.alloc_node(kvm, MIRROR_KIND, 0)
+    real = kvm.mmu_lock
+    kvm.mmu_lock = _Unlocked(real)
+    try:
+        with pytest.raises(AssertionError, match="mmu_lock"):
+            notifier.kvm_page_track_register_notifier(kvm, n)
+        assert notifier.live_nodes(kvm) == []
+        kvm.mmu_lock = real
+        assert notifier.kvm_page_track_register_notifier(kvm, n)
+        kvm.mmu_lock = _Unlocked(real)
+        with pytest.raises(AssertionError, match="mmu_lock"):
+            notifier.kvm_page_track_unregister_notifier(kvm, n)
+    finally:
+        kvm.mmu_lock = real
+    assert notifier.live_nodes(kvm) == [n]
+    assert notifier.kvm_page_track_unregister_notifier(kvm, n) and notifier.live_nodes(kvm) == []
+    notifier.free_node(kvm, n)
+
+
+def test_the_walks_assert_their_srcu_read_side_section(kvm, monkeypatch):
+    """hlist_for_each_entry_srcu(..., srcu_read_lock_held(&track_srcu)): the write path's walk and
+    ``walk`` (track_remove_region) with their SRCU read-side pair dropped fail at once."""
+    n = notifier.alloc_node(kvm, MIRROR_KIND, 0)
+    notifier.kvm_page_track_register_notifier(kvm, n)
+    assert page_track.kvm_page_track_write(kvm, 4096, b"\x01" * 8) == 1
+    monkeypatch.setattr(kvm.track_srcu, "read_lock", lambda: None)
+    monkeypatch.setattr(kvm.track_srcu, "read_unlock", lambda: None)
+    kvm.write_path = None  # bound again: with the section dropped
+    with pytest.raises(AssertionError, match="outside an SRCU read-side"):
+        page_track.kvm_page_track_write(kvm, 4096, b"\x02" * 8)
+    with pytest.raises(AssertionError, match="outside an SRCU read-side"):
+        notifier.walk(kvm, lambda hd, i: None)
+    monkeypatch.undo()
+    kvm.write_path = None
+    assert page_track.kvm_page_track_write(kvm, 4096, b"\x03" * 8) == 1
+    assert notifier.kvm_page_track_unregister_notifier(kvm, n)
+    notifier.free_node(kvm, n)
+
+
+def test_a_lockdep_splat_at_vm_creation_is_a_failure_verdict(monkeypatch):
+    """The coordinator's own lockdep splat (VM creation: the notifier nodes are made there) ends the run
+    as launch.py's FAILURE with the splat as its reason (RunError), not as a traceback."""
+    def unlocked_alloc(kvm, kind, owner, refcounted=False):  # alloc_node with its mmu_lock dropped
+        notifier._init_node(kvm, 0, kind, owner, refcounted)
+        return 0
+
+    monkeypatch.setattr(notifier, "alloc_node", unlocked_alloc)
+    with pytest.raises(RunError, match="lockdep splat at VM creation: lockdep: mmu_lock not held"):
+        with Coordinator(_cfg(), vcpu_main, preload=("vcpu.worker",)):
+            pass
 
 
 def test_redundant_registration_warns(kvm):

@@ -102,6 +102,9 @@ class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, Nest
         self.entry_gentry = cfg.entry_update == "gentry"  # RFC v3: cached gentry + the written bytes
         self.vmruns_checked = 0  # nested VMRUNs (of this process) since the last all-entries check
         self.entered_epoch: dict[int, int] = {}  # per vCPU in L2: its table's epoch at VMRUN (I1)
+        # (table, kicked vCPUs) of this process' erases since its notifier callback began: by the
+        # time the callback returns each must have been waited for (oracle.check_write_done)
+        self.reload_owed: list[tuple[int, list[tuple[int, int]]]] = []
         pid = os.getpid()  # T_TRACKER: who is write-protecting a table
         self.identity = pid << 32 | (proc_starttime(pid) or 0) & 0xFFFFFFFF
         self.flood_race = "flood-drop-race" in kvm.hooks  # the unfixed drop: no kick
@@ -263,7 +266,11 @@ class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, Nest
             m.store(h + H_NODE, node + 1)
             if self.registration == "split":
                 # registered once, at VM creation, apart from enabling tracking (done on first use)
-                self._register(node, "nested AVIC shared node")
+                self.notifier_lock.lock()
+                try:
+                    self._register(node, "nested AVIC shared node")
+                finally:
+                    self.notifier_lock.unlock()
 
     def vcpu_init(self, vcpu: int) -> None:
         self._attach()

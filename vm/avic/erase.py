@@ -67,6 +67,8 @@ class TableErase:
         seq = m.fetch_add(self.hdr0 + H_REQSEQ, 1) + 1  # the request this erase owes its table's users
         m.store(b + T_REQSEQ, seq)
         targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(seq)
+        if targets:  # owed a KVM_REQUEST_WAIT before the write completes (oracle.check_write_done)
+            self.reload_owed.append((t, targets))
         self._seq_end()
         self._stat(why)
         if self._emit:

@@ -304,6 +304,7 @@ class GuestEntry:
     def _flip_running(self, t: int, v: int, running: bool) -> int:
         """IsRunning of L1 vCPU ``v`` in table ``t``'s shadow entries, if it is VALID (its entries
         lock held); returns how many entries changed."""
+        self._tlock_held(t)
         m = self.amem
         if m.load(self.tw0 + t * TW + T_STATE) != VALID:
             return 0

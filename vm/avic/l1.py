@@ -10,6 +10,7 @@ import random
 import numpy as np
 
 from ipc import _prims, fuzz
+from ipc.locks import LockdepError
 from vm.avic.table import (
     AVIC_APIC_ID_MASK,
     AVIC_IS_RUNNING,
@@ -207,10 +208,7 @@ def guest_write(kvm, gpa: int, data: bytes) -> bool:
     if gfn < kvm.memory_pages and not page_fault_handle_page_track(kvm, gfn, True):
         if fuzz.ACTIVE:
             fuzz.point("l1.check_to_store")  # the mapping is writable; a write-protect may come now
-        if len(data) == 8 and not gpa & 7:
-            kvm.guest_mem.store(gpa >> 3, int.from_bytes(data, "little", signed=True))
-        else:
-            kvm.guest_bytes[gpa:gpa + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        _mapped_store(kvm, gpa, data)
         gm.read_unlock()
         kvm.count("write_untracked")
         return False
@@ -218,3 +216,16 @@ def guest_write(kvm, gpa: int, data: bytes) -> bool:
     emulator_write_phys(kvm, gpa, data)
     kvm.count("write_tracked")
     return True
+
+
+def _mapped_store(kvm, gpa: int, data: bytes) -> None:
+    """The hardware's store through the guest's writable mapping. Only a vCPU in guest mode makes
+    one (inside the ``guest_mode`` read-side section that ``kvm_flush_remote_tlbs`` waits for: a
+    store outside it could land after a write-protect's flush returned). Asserted, lockdep-style."""
+    if not kvm.guest_mode.reader.nesting():
+        raise LockdepError(f"lockdep: store to gpa {gpa:#x} through the guest's writable mapping outside "
+                           f"guest mode (guest_mode read-side section not held)")
+    if len(data) == 8 and not gpa & 7:
+        kvm.guest_mem.store(gpa >> 3, int.from_bytes(data, "little", signed=True))
+    else:
+        kvm.guest_bytes[gpa:gpa + len(data)] = np.frombuffer(data, dtype=np.uint8)

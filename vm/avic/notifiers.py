@@ -9,6 +9,7 @@ import weakref
 
 from ipc.shm import Region
 from vm import notifier
+from vm.avic import oracle
 from vm.avic.table import (
     DESIGN_IDS,
     H_DESIGN,
@@ -73,11 +74,15 @@ class AvicSharedNotifier(_AvicNotifier):
     def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
         if self.in_guest_mode():
             _outside_guest_mode(self.kvm, self.design, gpa, self.design.track_write, gpa, nbytes, node, new)
-            return
-        self.design.track_write(gpa, nbytes, node, new)
+        else:
+            self.design.track_write(gpa, nbytes, node, new)
+        if self.design.reload_owed:
+            oracle.check_write_done(self.design)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         self.design.remove_region(gfn, nr_pages, -1)
+        if self.design.reload_owed:
+            oracle.check_write_done(self.design)
 
 
 @notifier.notifier_kind(AVIC_TABLE_KIND)
@@ -88,8 +93,12 @@ class AvicTableNotifier(_AvicNotifier):
         if self.in_guest_mode():
             _outside_guest_mode(self.kvm, self.design, gpa, self.design.table_track_write, self.owner,
                                 gpa, nbytes, node, new)
-            return
-        self.design.table_track_write(self.owner, gpa, nbytes, node, new)
+        else:
+            self.design.table_track_write(self.owner, gpa, nbytes, node, new)
+        if self.design.reload_owed:
+            oracle.check_write_done(self.design)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         self.design.remove_region(gfn, nr_pages, self.owner)
+        if self.design.reload_owed:
+            oracle.check_write_done(self.design)

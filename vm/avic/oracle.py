@@ -387,11 +387,12 @@ def sample(d) -> None:
             _unshadowed(d, v, t, st, tracked, "is (sampling checker)")
 
 
-def check_reloaded(d, t: int, targets: list[tuple[int, int]]) -> None:
+def check_reloaded(d, t: int, targets: list[tuple[int, int]], m=None) -> None:
     """After ``kvm_make_all_cpus_request(KVM_REQ_APIC_PAGE_RELOAD)`` with ``KVM_REQUEST_WAIT``
     returned for erased table ``t``: no vCPU that was in L2 when the request was made is still in
-    that same L2 run on ``t`` (its entries zeroed, its pages about to be unpinned)."""
-    m = d.amem
+    that same L2 run on ``t`` (its entries zeroed, its pages about to be unpinned). ``m``: the
+    memory view to read (default ``d.amem``; the checker's ``d._smem`` adds no scheduling point)."""
+    m = d.amem if m is None else m
     for v, s in targets:
         vw = d.vw0 + v * VW
         if m.load(vw + V_L2SEQ) == s and m.load(vw + V_INL2) == t + 1:
@@ -401,6 +402,18 @@ def check_reloaded(d, t: int, targets: list[tuple[int, int]]) -> None:
                        f"vCPU {v} still in L2 on erased shadow physid table slot {t} (gfn {gfn:#x}) after "
                        f"kvm_make_all_cpus_request(KVM_REQ_APIC_PAGE_RELOAD) returned: the request did not "
                        f"wait for it to leave, its pages are unpinned under the hardware", vcpu=v, table=t)
+
+
+def check_write_done(d) -> None:
+    """A notifier callback of this process (an emulated write's ``track_write``, a memslot removal's
+    ``track_remove_region``) returned: the write it handled is complete, so every reload request its
+    erases made must have been waited for (``KVM_REQUEST_WAIT``): no vCPU kicked then is still in
+    that same L2 run on the erased table (``check_reloaded``). Run whether or not the wait ran:
+    after a correct wait it finds nothing (a vCPU in L2 again is in another run: its L2 seqcount
+    moved)."""
+    owed, d.reload_owed = d.reload_owed, []
+    for t, targets in owed:
+        check_reloaded(d, t, targets, d._smem)  # (the checker's view: no scheduling point)
 
 
 def check_chain(d, bad: list[str], what: str, head_w: int, seen: dict[int, str]) -> None:

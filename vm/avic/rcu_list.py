@@ -8,7 +8,7 @@ table are guarded by that table's own spinlock (``avic_table_lock``)."""
 from __future__ import annotations
 
 from ipc import _prims, fuzz
-from ipc.locks import lockdep_assert_held
+from ipc.locks import LockdepError, lockdep_assert_held
 from vm.avic import oracle
 from vm.avic.base import AvicDesign
 from vm.avic.table import (
@@ -38,8 +38,17 @@ class RcuListDesign(AvicDesign):
 
     per_table_lock = True
 
+    def __init__(self, kvm, cfg):
+        super().__init__(kvm, cfg)
+        self._rcu_nesting = kvm.rcu.reader.nesting  # rcu_read_lock_held(): one C call
+
     def _lookup(self, gfn: int) -> int:
-        """RCU read side (or avic_tables_spin held): the live table of ``gfn``, or -1."""
+        """RCU read side (or avic_tables_spin held): the live table of ``gfn``, or -1. Asserted, as
+        ``list_for_each_entry_rcu(t, &avic_tables, link, lockdep_is_held(&avic_tables_spin))``
+        does (``RCU_LOCKDEP_WARN(!rcu_read_lock_held() && !cond)``)."""
+        if not self._rcu_nesting() and not self.tables_spin.is_held():
+            raise LockdepError("lockdep: RCU list avic_tables traversed in non-reader section "
+                               "(neither rcu_read_lock nor avic_tables_spin held)")
         return self._chain_find(self.hdr0 + H_LIST, gfn, "RCU list")
 
     def _check_structure(self, bad: list[str]) -> None:

@@ -21,6 +21,7 @@ A mixin of :class:`vm.avic.base.AvicDesign`."""
 from __future__ import annotations
 
 from ipc import fuzz
+from ipc.locks import lockdep_assert_held
 from vm import notifier
 from vm.avic.table import (
     CS_NOTIFIER,
@@ -46,7 +47,23 @@ class Registration:
                 fuzz.point("avic.split.activate")  # other vCPUs may make and use tables meanwhile
             kvm_page_track_write_tracking_enable(kvm)
 
+    def _reg_lock_held(self) -> None:
+        """lockdep: what serializes (un)registration of this design's node(s) is held: the wing's
+        ``avic_notifier_lock`` for the shared node, ``tables_lock`` for per-table-notifier's nodes
+        (registered and unregistered under get / put)."""
+        if self.shared_node:
+            lockdep_assert_held(self.notifier_lock, "avic_notifier_lock")
+        else:
+            lockdep_assert_held(self.tables_lock, "tables_lock")
+
+    def _notifier_users(self, n: int) -> int:
+        """The shared node's user count (``H_USERS``, one per live table) += ``n``; the new count.
+        Changed only under ``avic_notifier_lock`` (asserted), with the registration it decides."""
+        lockdep_assert_held(self.notifier_lock, "avic_notifier_lock")
+        return self.amem.fetch_add(self.hdr0 + H_USERS, n) + n
+
     def _register(self, node: int, what: str) -> bool:
+        self._reg_lock_held()
         kvm = self.kvm
         if self.cfg.split_warn == "on" and not kvm_page_track_write_tracking_enabled(kvm):
             self.amem.fetch_add(self.hdr0 + H_UNTRACKED_REG, 1)
@@ -58,6 +75,7 @@ class Registration:
         return notifier.kvm_page_track_register_notifier(kvm, node)
 
     def _unregister(self, node: int) -> bool:
+        self._reg_lock_held()
         self._stat("unregister")
         return notifier.kvm_page_track_unregister_notifier(self.kvm, node)
 
@@ -71,7 +89,7 @@ class Registration:
         lk.lock()
         self._cs_in(CS_NOTIFIER)
         try:
-            users = m.fetch_add(h + H_USERS, 1) + 1
+            users = self._notifier_users(1)
             node = m.load(h + H_NODE) - 1
             if reg == "refcount":
                 if users == 1:
@@ -93,7 +111,7 @@ class Registration:
         lk.lock()
         self._cs_in(CS_NOTIFIER)
         try:
-            users = m.fetch_add(h + H_USERS, -1) - 1
+            users = self._notifier_users(-1)
             node = m.load(h + H_NODE) - 1
             if reg == "refcount":
                 if users == 0:
