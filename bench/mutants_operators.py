@@ -66,7 +66,7 @@ INSTRUMENTATION_CALLS = frozenset({
     "warn", "poisoned", "notifier_cycle", "_refuse",  # detector reports
     "lockdep_assert_held", "lockdep_assert_held_read", "_tlock_held", "_reg_lock_held",  # lockdep asserts
     "check_write_done",  # the AVIC oracle's KVM_REQUEST_WAIT check at a notifier callback's return
-    "srcu_read_lock_held", "nesting",  # RCU lockdep: a walk asserts its SRCU read-side section
+    "srcu_read_lock_held",  # RCU lockdep: a walk asserts its SRCU read-side section
     "_list_seq_begin",  # vm/notifier.py: the registry seqcount (mirror bookkeeping) + its mmu_lock assert
     "_cs_in", "_cs_out", "_seq_begin", "_seq_end", "_store_begin", "_store_end",  # oracle bookkeeping
     "store_begin", "_inflight_done",

@@ -154,6 +154,7 @@ def kvm_page_track_register_notifier(kvm, node: int) -> bool:
     mem = kvm.mem
     h = kvm.notifier_w
     with kvm.mmu_lock:
+        lockdep_assert_held(kvm.mmu_lock, "mmu_lock")  # every path below, the count-only ones too
         st = mem.load(_w(kvm, node, L.N_STATE))
         refs = mem.load(_w(kvm, node, L.N_REFS))
         relink = False
@@ -212,6 +213,7 @@ def _unregister(kvm, node: int, every: bool) -> bool:
     mem = kvm.mem
     h = kvm.notifier_w
     with kvm.mmu_lock:
+        lockdep_assert_held(kvm.mmu_lock, "mmu_lock")  # every path below, the count-only ones too
         if mem.load(_w(kvm, node, L.N_STATE)) != L.NODE_LIVE:
             kvm.warn("unregister_unregistered", f"unregister of notifier node {node} that is not registered",
                      node=node)
