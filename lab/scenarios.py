@@ -22,6 +22,9 @@ Built-ins, and the paths each is there to reach (``explore --coverage`` measures
 - ``notifier``    three processes: a page-track user registering and unregistering a notifier
   twice (the free-running loop's churn: ``synchronize_srcu``, free) while a table comes and goes
   (the AVIC node's register / unregister) and an L1 writer walks the list (an SRCU reader)
+- ``share``       two vCPUs each run both L2s, in opposite orders: get and put of one table race
+  (the last put's unlink and free against a lookup taking a reference), and an L2 switch after a
+  VMEXIT drops the old table (the VMRUN fast path must check it is the new L2's)
 - ``free``        each vCPU runs a short seeded op stream of the workload generator (``--seed``)
 """
 
@@ -32,8 +35,12 @@ import os
 from ipc.errors import UsageError
 from lab.schedrun import Scenario
 
-BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "invalidate", "memslot", "gp-share", "notifier", "free")
-FREE = {"vcpus": 2, "l2s": 2, "switch_rate": 0.5, "writes_per_exit": 2, "tracked_fraction": 0.5}
+BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "invalidate", "memslot", "gp-share", "notifier", "share", "free")
+# a schedule's VM is made fresh: 1 MiB of guest memory (256 pages: the tracked pages, two physid
+# tables, room for backing pages) instead of the default 16 MiB, whose two 16 MiB segments (guest,
+# mirror) were most of a small schedule's cost (reserving and unlinking them: ~60 ms)
+SMALL = {"memory_mib": 1}
+FREE = {**SMALL, "vcpus": 2, "l2s": 2, "switch_rate": 0.5, "writes_per_exit": 2, "tracked_fraction": 0.5}
 FREE_ITERATIONS = 3
 EXECUTOR = "vcpu"  # vcpu/vcpu.py Vcpu.execute: the only executor (saved files name it)
 
@@ -72,10 +79,10 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
         progs: list[Program] = [[], []]
         for v, op, args in kaboom_steps(reg, des):
             progs[v].append((op, args))
-        return Scenario(name, {"vcpus": 2, "l2s": 2, "design": des, "registration": reg}, hooks, progs, EXECUTOR)
+        return Scenario(name, {**SMALL, "vcpus": 2, "l2s": 2, "design": des, "registration": reg}, hooks, progs, EXECUTOR)
     # flood-drop: the lock-free design (mutex-hash serializes track_write and VMRUN by tables_lock)
     des = design or ("rcu-list" if name in ("flood-drop", "gp-share") else "mutex-hash")
-    cfg = {"vcpus": 2, "l2s": 2, "design": des, "registration": reg}
+    cfg = {**SMALL, "vcpus": 2, "l2s": 2, "design": des, "registration": reg}
     if name == "flood-drop":
         # vCPU 1 runs L2 0 once and keeps its table; back in L1 it rewrites its own entry while
         # the table is unused: the third such write floods it (avic-flood-often: a drop after 2
@@ -125,6 +132,16 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
         owner = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0, "leaving": True})]
         writer = [("write_entry", {"l2": 0, "entry": 2, "apic": 2, "running": r}) for r in (True, False)]
         return Scenario(name, cfg, hooks, [user, owner, writer], EXECUTOR)
+    if name == "share":
+        # both vCPUs use both tables, in opposite orders: each L2 switch drops the old table (maybe
+        # its last reference: unlink, grace period, free) while the other vCPU looks it up and takes
+        # a reference, and each VMRUN after an exit either keeps its table (the fast path: same L2)
+        # or must switch (another L2's table)
+        def prog(a: int, b: int) -> Program:
+            return [("vmrun", {"l2": a}), ("vmexit", {"l2": a}), ("vmrun", {"l2": b}),
+                    ("vmexit", {"l2": b, "leaving": True})]
+
+        return Scenario(name, cfg, hooks, [prog(0, 1), prog(1, 0)], EXECUTOR)
     raise UsageError(f"explore: unknown scenario {name!r} (built-ins: {', '.join(BUILTINS)}, or a .toml file)")
 
 

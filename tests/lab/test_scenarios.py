@@ -26,6 +26,30 @@ def test_every_builtin_is_a_scripted_run_of_valid_commands(name):
     assert sc.n == sc.cfg["vcpus"] == (3 if name in ("gp-share", "notifier") else 2)
 
 
+def test_share_finds_a_lookup_that_resurrects_a_table_being_freed(monkeypatch):
+    """``share``: two vCPUs get and put both tables. An RCU lookup that takes its reference with a
+    plain increment (``r >= 0``: a count at 0, the last put's unlink under way, is taken) uses a table
+    being freed; kaboom (each vCPU its own L2) never races a lookup with a last put."""
+    from vm.avic.rcu_list import RcuListDesign
+    from vm.avic.table import T_REF, TW
+
+    def inc_any(self, t: int) -> bool:  # BUG: refcount_inc, not refcount_inc_not_zero
+        m, w = self.amem, self.tw0 + t * TW + T_REF
+        r = m.load(w)
+        while r >= 0:
+            f = m.cmpxchg(w, r, r + 1)
+            if f == r:
+                return True
+            r = f
+        return False
+
+    monkeypatch.setattr(RcuListDesign, "_inc_not_zero", inc_any)  # (the vCPU processes fork after this)
+    res = explore(builtin("share", None, "rcu-list", ()), "pct", 3, 60, 3, None, shrink=False)
+    assert res["verdict"] == "FAILURE", res["schedules"]
+    assert any("not on the RCU list" in r or "freed" in r for r in res["reasons"]), res["reasons"][:3]
+    assert explore(builtin("kaboom", None, "rcu-list", ()), "pct", 3, 20, 3, None)["verdict"] == "SUCCESS"
+
+
 def test_a_bug_in_the_l1_store_path_is_found_from_a_builtin(monkeypatch):
     """The scripted write path is the one `run` takes: an l1_store that stores to a write-protected
     page without emulating it (no notifier walk) loses Y's write in kaboom, with the correct
