@@ -25,6 +25,10 @@ Built-ins, and the paths each is there to reach (``explore --coverage`` measures
 - ``share``       two vCPUs each run both L2s, in opposite orders: get and put of one table race
   (the last put's unlink and free against a lookup taking a reference), and an L2 switch after a
   VMEXIT drops the old table (the VMRUN fast path must check it is the new L2's)
+- ``running``     vCPU 0 is put and loaded again and again (IsRunning flips) while vCPU 1 shadows
+  a table, drops it and shadows it again; the table's entry 1 (vCPU 1's own, checked at its VMRUN)
+  names vCPU 0, running: a sync translates it from vCPU 0's loaded state, and a flip must not
+  skip a table being synced
 - ``free``        each vCPU runs a short seeded op stream of the workload generator (``--seed``)
 """
 
@@ -35,7 +39,7 @@ import os
 from ipc.errors import UsageError
 from lab.schedrun import Scenario
 
-BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "invalidate", "memslot", "gp-share", "notifier", "share", "free")
+BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "invalidate", "memslot", "gp-share", "notifier", "share", "running", "free")
 # a schedule's VM is made fresh: 1 MiB of guest memory (256 pages: the tracked pages, two physid
 # tables, room for backing pages) instead of the default 16 MiB, whose two 16 MiB segments (guest,
 # mirror) were most of a small schedule's cost (reserving and unlinking them: ~60 ms)
@@ -142,6 +146,19 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
                     ("vmexit", {"l2": b, "leaving": True})]
 
         return Scenario(name, cfg, hooks, [prog(0, 1), prog(1, 0)], EXECUTOR)
+    if name == "running":
+        # vCPU 1's guest table 0 says entry 1 is L1 vCPU 0, running (entry 0 names vCPU 1: no other
+        # entry counts a reference to vCPU 0): each sync of that table translates it from vCPU 0's
+        # loaded state, and vCPU 1's own VMRUN check (I2: its entry, 1) compares it with the
+        # translation right after; vCPU 1 shadows the table, drops it (leaving) and shadows it
+        # again, while vCPU 0 is put and loaded again and again (each IsRunning flip visits the
+        # tables whose entries name it: a flip must not skip a table being synced) and ends in L2 1,
+        # loaded (a flip lost while it was never run before shows at vCPU 1's check)
+        flipper: Program = [("put", {}), ("load", {})] * 2 + [("vmrun", {"l2": 1})]
+        syncer: Program = [("write_entry", {"l2": 0, "entry": 0, "apic": 1, "running": False}),  # (names vCPU 1)
+                           ("write_entry", {"l2": 0, "entry": 1, "apic": 0, "running": True}),
+                           ("vmrun", {"l2": 0}), ("vmexit", {"l2": 0, "leaving": True}), ("vmrun", {"l2": 0})]
+        return Scenario(name, cfg, hooks, [flipper, syncer], EXECUTOR)
     raise UsageError(f"explore: unknown scenario {name!r} (built-ins: {', '.join(BUILTINS)}, or a .toml file)")
 
 
