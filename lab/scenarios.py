@@ -29,6 +29,8 @@ Built-ins, and the paths each is there to reach (``explore --coverage`` measures
   a table, drops it and shadows it again; the table's entry 1 (vCPU 1's own, checked at its VMRUN)
   names vCPU 0, running: a sync translates it from vCPU 0's loaded state, and a flip must not
   skip a table being synced
+- ``reader``      an L1 writer that holds another table (the shared node stays registered: only
+  ``synchronize_rcu`` guards the free) writes a table whose last user leaves (``rcu-list``)
 - ``free``        each vCPU runs a short seeded op stream of the workload generator (``--seed``)
 """
 
@@ -39,7 +41,7 @@ import os
 from ipc.errors import UsageError
 from lab.schedrun import Scenario
 
-BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "invalidate", "memslot", "gp-share", "notifier", "share", "running", "free")
+BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "invalidate", "memslot", "gp-share", "notifier", "share", "running", "reader", "free")
 # a schedule's VM is made fresh: 1 MiB of guest memory (256 pages: the tracked pages, two physid
 # tables, room for backing pages) instead of the default 16 MiB, whose two 16 MiB segments (guest,
 # mirror) were most of a small schedule's cost (reserving and unlinking them: ~60 ms)
@@ -85,7 +87,7 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
             progs[v].append((op, args))
         return Scenario(name, {**SMALL, "vcpus": 2, "l2s": 2, "design": des, "registration": reg}, hooks, progs, EXECUTOR)
     # flood-drop: the lock-free design (mutex-hash serializes track_write and VMRUN by tables_lock)
-    des = design or ("rcu-list" if name in ("flood-drop", "gp-share") else "mutex-hash")
+    des = design or ("rcu-list" if name in ("flood-drop", "gp-share", "reader") else "mutex-hash")
     cfg = {**SMALL, "vcpus": 2, "l2s": 2, "design": des, "registration": reg}
     if name == "flood-drop":
         # vCPU 1 runs L2 0 once and keeps its table; back in L1 it rewrites its own entry while
@@ -159,6 +161,15 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
                            ("write_entry", {"l2": 0, "entry": 1, "apic": 0, "running": True}),
                            ("vmrun", {"l2": 0}), ("vmexit", {"l2": 0, "leaving": True}), ("vmrun", {"l2": 0})]
         return Scenario(name, cfg, hooks, [flipper, syncer], EXECUTOR)
+    if name == "reader":
+        # vCPU 1 holds L2 1's table (the shared notifier node stays registered: the last put of
+        # L2 0's table unregisters nothing, so no synchronize_srcu waits for a notifier walk, only
+        # synchronize_rcu guards the free) and, as L1, writes L2 0's table three times while vCPU 0
+        # runs L2 0 once and leaves it: a track_write's table lookup races the last put's free
+        up = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0, "leaving": True})]
+        writer = [("vmrun", {"l2": 1}), ("vmexit", {"l2": 1})] + [
+            ("write_entry", {"l2": 0, "entry": e, "apic": e, "running": r}) for e, r in ((0, False), (1, False), (0, True))]
+        return Scenario(name, cfg, hooks, [up, writer], EXECUTOR)
     raise UsageError(f"explore: unknown scenario {name!r} (built-ins: {', '.join(BUILTINS)}, or a .toml file)")
 
 
