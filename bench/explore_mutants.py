@@ -31,7 +31,7 @@ from bench import mutants as M
 from bench.mutants_catalogue import CATALOGUE
 
 SEEDS = (1, 2, 3)
-SCENARIOS = ("kaboom", "flood-drop", "tlb-flush", "invalidate", "memslot", "gp-share", "notifier")
+SCENARIOS = ("kaboom", "flood-drop", "tlb-flush", "invalidate", "memslot", "gp-share", "notifier", "share", "running", "reader")
 AVIC_DESIGNS = ("mutex-hash", "rcu-list", "per-table-notifier")
 CHILD_TIMEOUT_S = 3600
 

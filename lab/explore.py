@@ -27,7 +27,7 @@ from lab.pathcov import Coverage, format_summary
 from lab.scenarios import BUILTINS, builtin, check, free, from_toml, title  # noqa: F401  (re-exported)
 from lab.schedrun import Runner, Scenario, describe
 from lab.schedule_file import format_log, load, main_replay, replay, save, switches  # noqa: F401  (re-exported)
-from lab.shrink import shrink_failure
+from lab.shrink import Guided, diagnosis_key, shrink_failure
 
 DEFAULT_DEPTH = 3
 DEFAULT_SCHEDULES = 1000
@@ -107,6 +107,7 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                     progress(ran, schedules, steps, time.monotonic() - t0)
                 if o.verdict != "SUCCESS":
                     o, shrunk = shrink_failure(runner, o, max_steps) if shrink else (o, {})
+                    o = _as_replayed(runner, o, max_steps)
                     res.update(verdict="FAILURE", schedules=ran, schedules_to_failure=ran, draws_to_failure=drawn,
                                reasons=o.reasons, log=o.log, schedule_seed=sseed, failing_steps=len(o.log),
                                sched_outcome=o.sched_outcome, **shrunk, calibration=cal)
@@ -146,6 +147,20 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                n=sc.n, k=k, k_longest=k_max, pct_bound=bound, guarantee=bound["p_per_schedule"] if bound else None,
                bound_scope=BOUND_SCOPE if bound else None)
     return res
+
+
+def _as_replayed(runner, o, max_steps: int):
+    """The failing schedule run once more the way ``replay`` runs it (every step handed out, the
+    sampling checker between every two; explore's run-ahead checks less often, so its repeat
+    counts can differ): the outcome saved is the one a replay repeats. ``o`` itself for a hang or
+    crash (timing, not the schedule), or if that run is not the same schedule with the same
+    diagnosis."""
+    if o.sched_outcome in ("hang", "crash"):
+        return o
+    choices = [v for v, _, _ in o.log]
+    g = runner.run(Guided(choices), max_steps)
+    same = [(v, n) for v, n, _ in g.log] == [(v, n) for v, n, _ in o.log]
+    return g if same and diagnosis_key(g.sched_outcome, g.reasons) == diagnosis_key(o.sched_outcome, o.reasons) else o
 
 
 # what PCT's bound covers (ipc/sched/strategies.py's doc): bugs whose conflicting accesses go

@@ -22,6 +22,15 @@ Built-ins, and the paths each is there to reach (``explore --coverage`` measures
 - ``notifier``    three processes: a page-track user registering and unregistering a notifier
   twice (the free-running loop's churn: ``synchronize_srcu``, free) while a table comes and goes
   (the AVIC node's register / unregister) and an L1 writer walks the list (an SRCU reader)
+- ``share``       two vCPUs each run both L2s, in opposite orders: get and put of one table race
+  (the last put's unlink and free against a lookup taking a reference), and an L2 switch after a
+  VMEXIT drops the old table (the VMRUN fast path must check it is the new L2's)
+- ``running``     vCPU 0 is put and loaded again and again (IsRunning flips) while vCPU 1 shadows
+  a table, drops it and shadows it again; the table's entry 1 (vCPU 1's own, checked at its VMRUN)
+  names vCPU 0, running: a sync translates it from vCPU 0's loaded state, and a flip must not
+  skip a table being synced
+- ``reader``      an L1 writer that holds another table (the shared node stays registered: only
+  ``synchronize_rcu`` guards the free) writes a table whose last user leaves (``rcu-list``)
 - ``free``        each vCPU runs a short seeded op stream of the workload generator (``--seed``)
 """
 
@@ -32,8 +41,12 @@ import os
 from ipc.errors import UsageError
 from lab.schedrun import Scenario
 
-BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "invalidate", "memslot", "gp-share", "notifier", "free")
-FREE = {"vcpus": 2, "l2s": 2, "switch_rate": 0.5, "writes_per_exit": 2, "tracked_fraction": 0.5}
+BUILTINS = ("kaboom", "flood-drop", "tlb-flush", "invalidate", "memslot", "gp-share", "notifier", "share", "running", "reader", "free")
+# a schedule's VM is made fresh: 1 MiB of guest memory (256 pages: the tracked pages, two physid
+# tables, room for backing pages) instead of the default 16 MiB, whose two 16 MiB segments (guest,
+# mirror) were most of a small schedule's cost (reserving and unlinking them: ~60 ms)
+SMALL = {"memory_mib": 1}
+FREE = {**SMALL, "vcpus": 2, "l2s": 2, "switch_rate": 0.5, "writes_per_exit": 2, "tracked_fraction": 0.5}
 FREE_ITERATIONS = 3
 EXECUTOR = "vcpu"  # vcpu/vcpu.py Vcpu.execute: the only executor (saved files name it)
 
@@ -72,10 +85,10 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
         progs: list[Program] = [[], []]
         for v, op, args in kaboom_steps(reg, des):
             progs[v].append((op, args))
-        return Scenario(name, {"vcpus": 2, "l2s": 2, "design": des, "registration": reg}, hooks, progs, EXECUTOR)
+        return Scenario(name, {**SMALL, "vcpus": 2, "l2s": 2, "design": des, "registration": reg}, hooks, progs, EXECUTOR)
     # flood-drop: the lock-free design (mutex-hash serializes track_write and VMRUN by tables_lock)
-    des = design or ("rcu-list" if name in ("flood-drop", "gp-share") else "mutex-hash")
-    cfg = {"vcpus": 2, "l2s": 2, "design": des, "registration": reg}
+    des = design or ("rcu-list" if name in ("flood-drop", "gp-share", "reader") else "mutex-hash")
+    cfg = {**SMALL, "vcpus": 2, "l2s": 2, "design": des, "registration": reg}
     if name == "flood-drop":
         # vCPU 1 runs L2 0 once and keeps its table; back in L1 it rewrites its own entry while
         # the table is unused: the third such write floods it (avic-flood-often: a drop after 2
@@ -125,6 +138,38 @@ def builtin(name: str, registration: str | None, design: str | None, hooks: tupl
         owner = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0, "leaving": True})]
         writer = [("write_entry", {"l2": 0, "entry": 2, "apic": 2, "running": r}) for r in (True, False)]
         return Scenario(name, cfg, hooks, [user, owner, writer], EXECUTOR)
+    if name == "share":
+        # both vCPUs use both tables, in opposite orders: each L2 switch drops the old table (maybe
+        # its last reference: unlink, grace period, free) while the other vCPU looks it up and takes
+        # a reference, and each VMRUN after an exit either keeps its table (the fast path: same L2)
+        # or must switch (another L2's table)
+        def prog(a: int, b: int) -> Program:
+            return [("vmrun", {"l2": a}), ("vmexit", {"l2": a}), ("vmrun", {"l2": b}),
+                    ("vmexit", {"l2": b, "leaving": True})]
+
+        return Scenario(name, cfg, hooks, [prog(0, 1), prog(1, 0)], EXECUTOR)
+    if name == "running":
+        # vCPU 1's guest table 0 says entry 1 is L1 vCPU 0, running (entry 0 names vCPU 1: no other
+        # entry counts a reference to vCPU 0): each sync of that table translates it from vCPU 0's
+        # loaded state, and vCPU 1's own VMRUN check (I2: its entry, 1) compares it with the
+        # translation right after; vCPU 1 shadows the table, drops it (leaving) and shadows it
+        # again, while vCPU 0 is put and loaded again and again (each IsRunning flip visits the
+        # tables whose entries name it: a flip must not skip a table being synced) and ends in L2 1,
+        # loaded (a flip lost while it was never run before shows at vCPU 1's check)
+        flipper: Program = [("put", {}), ("load", {})] * 2 + [("vmrun", {"l2": 1})]
+        syncer: Program = [("write_entry", {"l2": 0, "entry": 0, "apic": 1, "running": False}),  # (names vCPU 1)
+                           ("write_entry", {"l2": 0, "entry": 1, "apic": 0, "running": True}),
+                           ("vmrun", {"l2": 0}), ("vmexit", {"l2": 0, "leaving": True}), ("vmrun", {"l2": 0})]
+        return Scenario(name, cfg, hooks, [flipper, syncer], EXECUTOR)
+    if name == "reader":
+        # vCPU 1 holds L2 1's table (the shared notifier node stays registered: the last put of
+        # L2 0's table unregisters nothing, so no synchronize_srcu waits for a notifier walk, only
+        # synchronize_rcu guards the free) and, as L1, writes L2 0's table three times while vCPU 0
+        # runs L2 0 once and leaves it: a track_write's table lookup races the last put's free
+        up = [("vmrun", {"l2": 0}), ("vmexit", {"l2": 0, "leaving": True})]
+        writer = [("vmrun", {"l2": 1}), ("vmexit", {"l2": 1})] + [
+            ("write_entry", {"l2": 0, "entry": e, "apic": e, "running": r}) for e, r in ((0, False), (1, False), (0, True))]
+        return Scenario(name, cfg, hooks, [up, writer], EXECUTOR)
     raise UsageError(f"explore: unknown scenario {name!r} (built-ins: {', '.join(BUILTINS)}, or a .toml file)")
 
 

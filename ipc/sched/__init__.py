@@ -445,16 +445,16 @@ class Scheduler:
         """Client ``i`` (chosen) may run ahead. At each run-ahead step the enabled clients would be
         the ones enabled now, ``i``, and the blocked ones (``i``'s first step is progress): the
         strategy is shown that state for its trail, and grants the racing accesses (decisions) it
-        would let ``i`` pass there. While another client idles, none: a kick ``i`` stores may wake it
-        (then the trail's state misses it from there on, which only a later decision could tell:
-        at a step nobody races with ``i`` goes on whoever is enabled). ``ending``: the idle clients
+        would let ``i`` pass there. While another client idles, no run-ahead at all: a kick ``i``
+        stores may wake it, and a step-by-step state is exact (the History can prove a repeat; in
+        flood-drop 23 % of the schedules run were repeats it could not tell). ``ending``: the idle clients
         enabled only because every client ended or idles; once ``i`` runs they are not."""
         m = self.mem
         ahead = (set(enabled) - ending) | {j for j, s in enumerate(states) if s == BLOCKED} | {i}
         idle = any(s == IDLE and j not in ahead for j, s in enumerate(states))
         self.grant = (en := tuple(sorted(ahead)), locs, idle)  # idle: the trail's state is approximate
         m.store(base + S_DGRANT, 0 if idle else self.strategy.decision_grant(i, list(en)))
-        m.store(base + S_GRANT, min(RING, self.max_steps - len(self.log)))
+        m.store(base + S_GRANT, 0 if idle else min(RING, self.max_steps - len(self.log)))
 
     def _drain(self, i: int) -> None:
         """Client ``i``'s run-ahead steps into the log and the strategy's trail."""

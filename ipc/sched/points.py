@@ -29,8 +29,25 @@ MODES = ("access", "atomic")
 _LOC_POINT = 1 << 47  # locations of points that are not accesses (locks, RCU, ops): by name
 
 
+_STATS_CACHE: dict[tuple, frozenset[int]] = {}
+
+
+def _layout_key(layout) -> tuple:
+    return (layout.name, tuple((f.name, f.dtype.str, f.shape, f.offset) for f in layout.fields.values()))
+
+
 def statistic_words(layout, statistics: dict) -> frozenset[int]:
-    """Word indices (``Mem`` addressing) of the words ``statistics`` declares in ``layout``."""
+    """Word indices (``Mem`` addressing) of the words ``statistics`` declares in ``layout``; kept
+    per layout shape and declaration (a scheduled process attaches the same VM layout for every
+    schedule, and the set has tens of thousands of words)."""
+    key = (_layout_key(layout), tuple(sorted((n, None if w is None else tuple(w)) for n, w in statistics.items())))
+    got = _STATS_CACHE.get(key)
+    if got is None:
+        got = _STATS_CACHE[key] = _statistic_words(layout, statistics)
+    return got
+
+
+def _statistic_words(layout, statistics: dict) -> frozenset[int]:
     out: set[int] = set()
     for name, words in statistics.items():
         f = layout[name]
@@ -81,7 +98,10 @@ class SharedPoints:
         self._starts = [w for w, _ in fields]
         self._fields = [f for _, f in fields]
         self._loc_base = location(what, 0)
-        self._ids: dict[tuple[str, int], int] = {}
+        # (op, word) -> point id, kept per client, region and layout across schedules (the names
+        # are the same; building one costs an unravel_index)
+        kept = client.__dict__.setdefault("_shared_point_ids", {})
+        self._ids = kept.setdefault((what, _layout_key(region.layout)), {})
         if mode == "atomic":
             self.load, self.store = mem.load, mem.store
 

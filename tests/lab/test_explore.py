@@ -36,7 +36,7 @@ EXPECT = {"kaboom": ("stale shadow physid entry", "is not registered while"),
 @pytest.mark.parametrize("name,reg,hooks,seed", FINDS, ids=[f[0] for f in FINDS])
 def test_explore_finds_the_race_and_replay_repeats_it_10_of_10(tmp_path, name, reg, hooks, seed):
     sc = builtin(name, reg, None, hooks)
-    res = explore(sc, "pct", 3, 1000, seed, str(tmp_path))
+    res = explore(sc, "pct", 3, 1000, seed, str(tmp_path), shrink=False)  # (a shrunk one: test_shrink.py)
     assert res["verdict"] == "FAILURE", res
     assert any(x in r for x in EXPECT[name] for r in res["reasons"]), res["reasons"][:3]
     path = tmp_path / "failing-schedule.toml"
@@ -57,7 +57,7 @@ def test_correct_code_stays_success(name, hooks):
 
 
 def test_random_walk_strategy_also_finds_the_kaboom():
-    res = explore(builtin("kaboom", "bool", None, ()), "random", 3, 30, 1, None)
+    res = explore(builtin("kaboom", "bool", None, ()), "random", 3, 30, 1, None, shrink=False)  # (test_shrink.py)
     assert res["verdict"] == "FAILURE" and res["guarantee"] is None
 
 
@@ -129,7 +129,7 @@ def test_free_running_configuration_correct_code_stays_success(design):
 
 def test_cli_explore_free_seeds_its_op_streams(tmp_path):
     p = _cli("explore", "free", "--registration", "bool", "--seed", "3", "--out", str(tmp_path),
-             "--trace", str(tmp_path / "t.json"))
+             "--trace", str(tmp_path / "t.json"), "--no-shrink")  # (shrinking: tests/lab/test_shrink.py)
     assert p.returncode == 1 and "FAILURE after" in p.stdout, p.stdout + p.stderr
     sc, _, doc = load(str(tmp_path / "failing-schedule.toml"))
     assert sc.name == "free" and sc.cfg["seed"] == 3 and doc["explore"]["seed"] == 3

@@ -29,7 +29,7 @@ def _cli(*args):
 def saved(tmp_path_factory):
     """A failing schedule of kaboom (registration bool), as explore saved it."""
     out = tmp_path_factory.mktemp("kaboom")
-    res = explore(builtin("kaboom", "bool", None, ()), "pct", 3, 50, 1, str(out))
+    res = explore(builtin("kaboom", "bool", None, ()), "pct", 3, 50, 1, str(out), shrink=False)  # (test_shrink.py)
     assert res["verdict"] == "FAILURE", res.get("reasons")
     return (out / "failing-schedule.toml").read_text()
 

@@ -26,6 +26,30 @@ def test_every_builtin_is_a_scripted_run_of_valid_commands(name):
     assert sc.n == sc.cfg["vcpus"] == (3 if name in ("gp-share", "notifier") else 2)
 
 
+def test_share_finds_a_lookup_that_resurrects_a_table_being_freed(monkeypatch):
+    """``share``: two vCPUs get and put both tables. An RCU lookup that takes its reference with a
+    plain increment (``r >= 0``: a count at 0, the last put's unlink under way, is taken) uses a table
+    being freed; kaboom (each vCPU its own L2) never races a lookup with a last put."""
+    from vm.avic.rcu_list import RcuListDesign
+    from vm.avic.table import T_REF, TW
+
+    def inc_any(self, t: int) -> bool:  # BUG: refcount_inc, not refcount_inc_not_zero
+        m, w = self.amem, self.tw0 + t * TW + T_REF
+        r = m.load(w)
+        while r >= 0:
+            f = m.cmpxchg(w, r, r + 1)
+            if f == r:
+                return True
+            r = f
+        return False
+
+    monkeypatch.setattr(RcuListDesign, "_inc_not_zero", inc_any)  # (the vCPU processes fork after this)
+    res = explore(builtin("share", None, "rcu-list", ()), "pct", 3, 60, 3, None, shrink=False)
+    assert res["verdict"] == "FAILURE", res["schedules"]
+    assert any("not on the RCU list" in r or "freed" in r for r in res["reasons"]), res["reasons"][:3]
+    assert explore(builtin("kaboom", None, "rcu-list", ()), "pct", 3, 20, 3, None)["verdict"] == "SUCCESS"
+
+
 def test_a_bug_in_the_l1_store_path_is_found_from_a_builtin(monkeypatch):
     """The scripted write path is the one `run` takes: an l1_store that stores to a write-protected
     page without emulating it (no notifier walk) loses Y's write in kaboom, with the correct
@@ -49,6 +73,39 @@ def test_a_bug_in_the_l1_store_path_is_found_from_a_builtin(monkeypatch):
     res = explore(sc, "pct", 3, 5, 1, None, shrink=False)
     assert res["verdict"] == "FAILURE" and res["schedules"] == 1, res.get("reasons")
     assert any("stale shadow physid entry" in r or "lost write" in r for r in res["reasons"]), res["reasons"][:3]
+
+
+def test_running_finds_a_flip_that_skips_a_table_being_synced(monkeypatch):
+    """``running``: vCPU 0's IsRunning flips race vCPU 1's syncs of a table naming it. A flip (rcu-list:
+    per-table locks) that reads the table's state before taking its lock skips a table being synced,
+    which then ends VALID with the old IsRunning: vCPU 1's VMRUN check sees its entry stale."""
+    from ipc import _prims
+    from vm.avic.guest import GuestEntry
+    from vm.avic.table import T_STATE, TW, V_LOADED, VALID, VW
+
+    def set_running(self, v: int, running: bool) -> None:  # the per-table-lock path, with the bug
+        if self.region is None:
+            self._attach()
+        m, row = self.amem, self.vref0 + v * self.nt
+        self._seq_begin()
+        m.store(self.vw0 + v * VW + V_LOADED, 1 if running else 0)
+        _prims.smp_mb()
+        for t in range(self.nt):
+            if m.load(row + t) <= 0 or m.load(self.tw0 + t * TW + T_STATE) != VALID:  # BUG: unlocked
+                continue
+            self._tlock(t)
+            try:
+                self._flip_running(t, v, running)
+            finally:
+                self._tunlock(t)
+        self._seq_end()
+
+    sc = builtin("running", None, "rcu-list", ())
+    assert explore(sc, "pct", 3, 25, 3, None)["verdict"] == "SUCCESS"
+    monkeypatch.setattr(GuestEntry, "_set_running", set_running)  # (the vCPU processes fork after this)
+    res = explore(sc, "pct", 3, 60, 3, None, shrink=False)
+    assert res["verdict"] == "FAILURE" and any("stale shadow physid entry" in r for r in res["reasons"]), \
+        res.get("reasons", [])[:3]
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_synthetic_log_ops_locks_rcu_grace_period():
 
 def test_explore_writes_the_failing_trace_and_replay_repeats_it_byte_for_byte(tmp_path):
     sc = builtin("kaboom", "bool", None, ())
-    res = explore(sc, "pct", 3, 1000, 1, str(tmp_path), trace=str(tmp_path / "x.json"))
+    res = explore(sc, "pct", 3, 1000, 1, str(tmp_path), trace=str(tmp_path / "x.json"), shrink=False)
     assert res["verdict"] == "FAILURE"
     doc = json.loads((tmp_path / TRACE_JSON).read_text())
     assert problems(doc) == []
