@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_arg(sc)
 
     ex = sub.add_parser("explore", help="search interleavings of a small scenario under a controlled scheduler")
-    ex.add_argument("scenario", metavar="SCENARIO", help="kaboom, flood-drop, tlb-flush, invalidate, memslot, gp-share "
-                    "(3 vCPUs), notifier (3 vCPUs), free (seeded workload op streams), or a FILE.toml whose "
+    ex.add_argument("scenario", metavar="SCENARIO", help="kaboom, flood-drop, tlb-flush, invalidate, memslot, gp-share (3 "
+                    "vCPUs), notifier (3 vCPUs), share, running, reader (rcu-list), free (seeded op streams), or a FILE.toml whose "
                     "[[step]]s are per-vCPU programs (no global order); each runs as scripted vCPU commands "
                     "(the executor and L1 write path of `run --scenario`)")
     ex.add_argument("--strategy", choices=["pct", "random"], default="pct")

@@ -27,7 +27,7 @@ from lab.pathcov import Coverage, format_summary
 from lab.scenarios import BUILTINS, builtin, check, free, from_toml, title  # noqa: F401  (re-exported)
 from lab.schedrun import Runner, Scenario, describe
 from lab.schedule_file import format_log, load, main_replay, replay, save, switches  # noqa: F401  (re-exported)
-from lab.shrink import Guided, diagnosis_key, shrink_failure
+from lab.shrink import Guided, shrink_failure
 
 DEFAULT_DEPTH = 3
 DEFAULT_SCHEDULES = 1000
@@ -107,7 +107,8 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                     progress(ran, schedules, steps, time.monotonic() - t0)
                 if o.verdict != "SUCCESS":
                     o, shrunk = shrink_failure(runner, o, max_steps) if shrink else (o, {})
-                    o = _as_replayed(runner, o, max_steps)
+                    o, confirmed = _as_replayed(runner, o, max_steps)
+                    res.update(replay_confirmed=confirmed)
                     res.update(verdict="FAILURE", schedules=ran, schedules_to_failure=ran, draws_to_failure=drawn,
                                reasons=o.reasons, log=o.log, schedule_seed=sseed, failing_steps=len(o.log),
                                sched_outcome=o.sched_outcome, **shrunk, calibration=cal)
@@ -152,15 +153,16 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
 def _as_replayed(runner, o, max_steps: int):
     """The failing schedule run once more the way ``replay`` runs it (every step handed out, the
     sampling checker between every two; explore's run-ahead checks less often, so its repeat
-    counts can differ): the outcome saved is the one a replay repeats. ``o`` itself for a hang or
-    crash (timing, not the schedule), or if that run is not the same schedule with the same
-    diagnosis."""
+    counts can differ): (outcome, confirmed). Confirmed: the same steps ended in FAILURE again, and
+    that run's outcome (its diagnosis, which replay repeats) is the one saved. Not confirmed: a hang
+    or crash (timing, not the schedule: not re-run), or a run that took other steps or did not fail
+    (nondeterminism): explore's own outcome is kept and ``replay_confirmed`` says so."""
     if o.sched_outcome in ("hang", "crash"):
-        return o
+        return o, False
     choices = [v for v, _, _ in o.log]
     g = runner.run(Guided(choices), max_steps)
     same = [(v, n) for v, n, _ in g.log] == [(v, n) for v, n, _ in o.log]
-    return g if same and diagnosis_key(g.sched_outcome, g.reasons) == diagnosis_key(o.sched_outcome, o.reasons) else o
+    return (g, True) if same and g.verdict == "FAILURE" else (o, False)
 
 
 # what PCT's bound covers (ipc/sched/strategies.py's doc): bugs whose conflicting accesses go
@@ -321,6 +323,9 @@ def main(args) -> int:
                   f"{len(res['log'])} / {switches(res['log'])} (same diagnosis; {res['shrink_runs']} candidates run)")
         if "file" in res:
             print(f"saved {res['file']}: `python launch.py replay {res['file']}` re-runs it")
+            if not res.get("replay_confirmed", True):
+                print("note: run once more step by step, as replay runs it, this schedule did not fail the same "
+                      "way (a hang or crash, or nondeterminism): replay may not repeat the diagnosis above")
         if res.get("trace_files"):
             print(f"trace of the failing schedule (1 us = 1 step): {', '.join(res['trace_files'])}")
     else:

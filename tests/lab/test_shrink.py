@@ -95,3 +95,31 @@ def test_no_shrink_saves_the_schedule_as_found(tmp_path):
     res = explore(builtin("kaboom", "bool", None, ()), "random", 3, 30, 2, str(tmp_path), shrink=False)
     assert res["verdict"] == "FAILURE" and "original_steps" not in res
     assert "original_steps" not in load(str(tmp_path / "failing-schedule.toml"))[2]["explore"]
+
+
+def test_a_failure_that_does_not_repeat_step_by_step_is_saved_unconfirmed():
+    """explore runs a failing schedule once more as replay does; if that run takes the same steps
+    and fails, its outcome is saved (confirmed); if it does not fail, explore's own is kept and
+    ``replay_confirmed`` is False (review of fe2c567: it used to be kept silently)."""
+    from types import SimpleNamespace as NS
+
+    from lab.explore import _as_replayed
+
+    log = [(0, 1, None), (1, 2, None)]
+    o = NS(verdict="FAILURE", sched_outcome="failure", reasons=["explore's diagnosis"], log=log)
+
+    class Fake:
+        def __init__(self, out):
+            self.out = out
+
+        def run(self, strategy, max_steps):
+            return self.out
+
+    again = NS(verdict="FAILURE", sched_outcome="failure", reasons=["replay's diagnosis"], log=list(log))
+    assert _as_replayed(Fake(again), o, 100) == (again, True)  # same steps, FAILURE: replay's diagnosis
+    passed = NS(verdict="SUCCESS", sched_outcome="ok", reasons=[], log=list(log))
+    assert _as_replayed(Fake(passed), o, 100) == (o, False)
+    other = NS(verdict="FAILURE", sched_outcome="failure", reasons=["x"], log=[(1, 1, None)])
+    assert _as_replayed(Fake(other), o, 100) == (o, False)
+    hang = NS(verdict="FAILURE", sched_outcome="hang", reasons=["hang"], log=log)
+    assert _as_replayed(Fake(again), hang, 100) == (hang, False)
