@@ -66,23 +66,30 @@ class _AvicNotifier(notifier.NotifierNode):
         reader = kvm.guest_mode.reader
         self.in_guest_mode = reader.nesting if reader is not None else (lambda: 0)
 
+    def _write(self, gpa: int, fn, *args) -> None:
+        """The design's track_write ``fn(*args)``, outside guest mode; then the write is done."""
+        if self.in_guest_mode():
+            _outside_guest_mode(self.kvm, self.design, gpa, fn, *args)
+        else:
+            fn(*args)
+        self._done()
+
+    def _done(self) -> None:
+        """The callback returns: every reload request its erases made was waited for."""
+        if self.design.reload_owed:
+            oracle.check_write_done(self.design)
+
 
 @notifier.notifier_kind(AVIC_SHARED_KIND)
 class AvicSharedNotifier(_AvicNotifier):
     """The one shared node of mutex-hash / rcu-list: dispatches to this process' design."""
 
     def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
-        if self.in_guest_mode():
-            _outside_guest_mode(self.kvm, self.design, gpa, self.design.track_write, gpa, nbytes, node, new)
-        else:
-            self.design.track_write(gpa, nbytes, node, new)
-        if self.design.reload_owed:
-            oracle.check_write_done(self.design)
+        self._write(gpa, self.design.track_write, gpa, nbytes, node, new)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         self.design.remove_region(gfn, nr_pages, -1)
-        if self.design.reload_owed:
-            oracle.check_write_done(self.design)
+        self._done()
 
 
 @notifier.notifier_kind(AVIC_TABLE_KIND)
@@ -90,15 +97,8 @@ class AvicTableNotifier(_AvicNotifier):
     """A per-table node (per-table-notifier): ``owner`` is the table; no lookup at all."""
 
     def track_write(self, gpa: int, new: bytes, nbytes: int, node: int) -> None:
-        if self.in_guest_mode():
-            _outside_guest_mode(self.kvm, self.design, gpa, self.design.table_track_write, self.owner,
-                                gpa, nbytes, node, new)
-        else:
-            self.design.table_track_write(self.owner, gpa, nbytes, node, new)
-        if self.design.reload_owed:
-            oracle.check_write_done(self.design)
+        self._write(gpa, self.design.table_track_write, self.owner, gpa, nbytes, node, new)
 
     def track_remove_region(self, gfn: int, nr_pages: int, node: int) -> None:
         self.design.remove_region(gfn, nr_pages, self.owner)
-        if self.design.reload_owed:
-            oracle.check_write_done(self.design)
+        self._done()
