@@ -504,7 +504,7 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
     """Run (free or scripted), print the summary, write JSON (and the trace); exit code from the verdict."""
     from vcpu.worker import vcpu_main
     from vm import results, tracepoints
-    from vm.coordinator import Coordinator, LiveProgress, RunError, print_progress_line
+    from vm.coordinator import Coordinator, LiveProgress, RunError, print_progress_line, run_script
 
     try:
         with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",), hooks=hooks, faults=faults,
@@ -515,7 +515,7 @@ def run_and_report(cfg, *, script=None, json_path=None, quiet=False, hooks=(), f
                       + (" of virtual time" if cfg.clock == "virtual" and not script else ""),
                       file=sys.stderr, flush=True)
             if script:
-                res = co.run_script(script)
+                res = run_script(co, script)
             elif quiet:
                 res = co.run_free(None)
             elif sys.stderr.isatty():

@@ -26,6 +26,17 @@ from vm.nested import make_design
 MAX_EVENTS = 50
 
 
+def _teardown(d, kvm) -> list[str]:
+    """The design's teardown (unregister, untrack, free), counted in the verdict: a lockdep splat,
+    a failure or a WARN in it (kvm.events) is the code's bug like any other."""
+    n = len(kvm.events)
+    try:
+        d.teardown()
+    except Exception as e:
+        return [f"design teardown failed: {e!r}"]
+    return [f"at teardown: {m}" for _, m, _ in kvm.events[n:]]
+
+
 @dataclass
 class Scenario:
     """What to explore: the VM (``cfg`` dict, ``hooks``) and one program per vCPU, each a list of
@@ -247,13 +258,13 @@ class Runner:
             if self.coverage is not None:
                 self.coverage.add_schedule(d.stats() if hasattr(d, "region") else {}, reports,
                                            tracer.names() if tracer is not None else [])
+            if clean:  # nobody holds a lock: every vCPU ended its program; what it finds is a finding
+                reasons += _teardown(d, kvm)
             reasons = _dedup(reasons)
             findings += _vcpu_findings(s.log, reports)
             placed = {m for _, _, m in findings}  # the rest (oracle, errors, deadlock...) come at the end
             final = [r for r in reasons if r.rsplit(" (x", 1)[0] not in placed]
             verdict = "MISMATCH" if s.outcome == "mismatch" else "FAILURE" if reasons else "SUCCESS"
-            if clean:
-                d.teardown()  # nobody holds a lock: every vCPU ended its program
             return Outcome(verdict, reasons, log, s.outcome, time.monotonic() - t0,
                            [rep["log"] for rep in reports], sorted(findings), final)
         finally:

@@ -74,6 +74,7 @@ class Coordinator:
         self.faults = list(faults)
         self.fault_fired = False
         self.vcpu_died = False  # a vCPU died mid-run: shm may hold its locks; skip teardown/oracle
+        self.torn_down = False
         self.lost: list[int] = []  # pids of vCPUs alive but unjoinable (their fork server died)
         self.stall_thread = None
         self.results_path = results_path  # a FAILURE's trace dump goes beside it (vm/tracepoints.py)
@@ -110,16 +111,7 @@ class Coordinator:
             reap(self.procs, timeout=5.0)
             self.procs = []
         self._kill_lost()
-        if self.design is not None and not self.vcpu_died:
-            try:
-                self.design.teardown()
-            except Exception as e:  # teardown must not hide the run's outcome
-                self.reasons.append(f"design teardown failed: {e!r}")
-        if self.kvm is not None and not self.kvm.closed and not self.vcpu_died:
-            try:  # kvm_arch_destroy_vm -> kvm_mmu_uninit_vm: KVM's own node leaves the list (v6.0)
-                mmu.kvm_mmu_uninit_vm(self.kvm)
-            except Exception as e:
-                self.reasons.append(f"kvm_mmu_uninit_vm failed: {e!r}")
+        self.teardown()
         if self.design is not None:
             self.design.close()
             self.design = None
@@ -146,6 +138,24 @@ class Coordinator:
             except OSError:
                 pass
         self.lost = []
+
+    def teardown(self) -> list[str]:
+        """Undo the kernel state once (the design's teardown, then ``kvm_mmu_uninit_vm``: KVM's own
+        node leaves the list, v6.0), vCPUs stopped; skipped after a vCPU died (it may hold locks).
+        Returns what went wrong in it -- a failure, a WARN, a lockdep splat: ``finish`` calls it
+        after the oracle and folds that into the verdict (it was lost when teardown ran after)."""
+        if self.torn_down or self.vcpu_died or self.kvm is None or self.kvm.closed:
+            return []
+        self.torn_down = True
+        r0, w0 = len(self.reasons), len(self.warnings)  # (a poisoned read WARNs: kvm.poisoned)
+        for what, fn in (("design teardown", getattr(self.design, "teardown", None)),
+                         ("kvm_mmu_uninit_vm", lambda: mmu.kvm_mmu_uninit_vm(self.kvm))):
+            try:
+                if fn is not None:
+                    fn()
+            except Exception as e:  # teardown must not hide the run's outcome: it is part of it
+                self.reasons.append(f"{what} failed: {e!r}")
+        return self.reasons[r0:] + [f"at teardown: {w['message']}" for w in self.warnings[w0:]]
 
     def _local_warn(self, kind: str, message: str, data: dict) -> None:
         self.warnings.append({"vcpu": -1, "kind": kind, "message": message, "data": data})
@@ -307,52 +317,59 @@ class Coordinator:
         res["channel"] = dict(self.ch.counters) if hasattr(self.ch, "counters") else {}
         res["run_id"] = self.run_id
         res["interference"] = R.interference(res)
+        late = self.teardown()  # after the oracle and the counts, before the verdict is final
+        if late:
+            res["reasons"] += late
+            res["verdict"] = "FAILURE"
+            res["warnings"] = self.warnings[:200]
+            res["warn_count"] = max(res["warn_count"], len(self.warnings))
         self.trace_snapshot = tracepoints.snapshot(self.kvm, res)
         if res["verdict"] == "FAILURE":  # the last events of every process, beside the results
             tracepoints.save_failure(self.trace_snapshot, res, self.results_path)
         return res
 
-    # -- scripted -------------------------------------------------------------------------------
-    def run_script(self, steps: list[tuple[int, str, dict]]) -> dict[str, Any]:
-        """Execute (vcpu, op, args) steps in order; consecutive steps of one vCPU go in one batch.
-        Each step's result is recorded; a failed command is a FAILURE reason."""
-        self.spawn("scripted")
-        t0 = time.monotonic()
-        if self.faults:
-            faults.fire(self)
-        log = []
-        i = 0
-        while i < len(steps):
-            vcpu = steps[i][0]
-            j = i
-            while j < len(steps) and steps[j][0] == vcpu:
-                j += 1
-            cmds = [M.Command(op=op, args=args) for _, op, args in steps[i:j]]
-            if not 0 <= vcpu < self.cfg.vcpus:
-                self.reasons.append(f"step {i}: no vCPU {vcpu} (vcpus = {self.cfg.vcpus})")
-                break
-            if self.check_dead():
-                break
-            try:
-                ack = self.ch.call(vcpu, cmds, timeout_s=30.0)
-            except (TimeoutError, PeerUnreachable) as e:
-                self.check_dead()
-                self.reasons.append(f"vCPU {vcpu} did not acknowledge a batch of {len(cmds)} command(s): {e}")
-                break
-            finally:
-                self.pump(0)
-            for (v, op, args), r in zip(steps[i:j], ack.results, strict=False):
-                log.append({"vcpu": v, "op": op, "args": args, "ok": r.ok, "value": r.value, "error": r.error})
-                if not r.ok:
-                    self.reasons.append(f"vCPU {v} {op}: {r.error}")
-            i = j
-            if self.check_dead():
-                break
-        elapsed = time.monotonic() - t0  # wall time of the script: no rates from it (R.collect)
-        self.stop_vcpus()
-        res = self.finish(elapsed, scripted=True)
-        res["steps"] = log
-        return res
+
+# -- scripted -----------------------------------------------------------------------------------
+def run_script(co: Coordinator, steps: list[tuple[int, str, dict]]) -> dict[str, Any]:
+    """Execute (vcpu, op, args) steps in order on ``co``'s vCPUs; consecutive steps of one vCPU go
+    in one batch. Each step's result is recorded; a failed command is a FAILURE reason."""
+    co.spawn("scripted")
+    t0 = time.monotonic()
+    if co.faults:
+        faults.fire(co)
+    log = []
+    i = 0
+    while i < len(steps):
+        vcpu = steps[i][0]
+        j = i
+        while j < len(steps) and steps[j][0] == vcpu:
+            j += 1
+        cmds = [M.Command(op=op, args=args) for _, op, args in steps[i:j]]
+        if not 0 <= vcpu < co.cfg.vcpus:
+            co.reasons.append(f"step {i}: no vCPU {vcpu} (vcpus = {co.cfg.vcpus})")
+            break
+        if co.check_dead():
+            break
+        try:
+            ack = co.ch.call(vcpu, cmds, timeout_s=30.0)
+        except (TimeoutError, PeerUnreachable) as e:
+            co.check_dead()
+            co.reasons.append(f"vCPU {vcpu} did not acknowledge a batch of {len(cmds)} command(s): {e}")
+            break
+        finally:
+            co.pump(0)
+        for (v, op, args), r in zip(steps[i:j], ack.results, strict=False):
+            log.append({"vcpu": v, "op": op, "args": args, "ok": r.ok, "value": r.value, "error": r.error})
+            if not r.ok:
+                co.reasons.append(f"vCPU {v} {op}: {r.error}")
+        i = j
+        if co.check_dead():
+            break
+    elapsed = time.monotonic() - t0  # wall time of the script: no rates from it (R.collect)
+    co.stop_vcpus()
+    res = co.finish(elapsed, scripted=True)
+    res["steps"] = log
+    return res
 
 
 def run_virtual(co: Coordinator, progress) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from rich.console import Console
 from ipc.worker_channel import WorkerChannel
 from vm import results
 from vm.config import from_dict
-from vm.coordinator import Coordinator
+from vm.coordinator import Coordinator, run_script
 
 EVIL = "\x1b[2J\x1b[H\x1b[1;32mSUCCESS\x1b[0m: oracle clean [bold green]SUCCESS[/]"
 BAD_DATA = [{1: 2}, {"a": [1, [2]]}, {"a": {"b": 1}}, {"a": float("nan")}]
@@ -56,7 +56,7 @@ def evil_vcpu_main(run_id, vcpu, endpoint, token, cfg_dict, hooks, mode, coordin
 def test_misbehaving_peer_is_counted_and_the_run_ends_normally(tmp_path):
     cfg = from_dict({"vcpus": 2, "duration": 1.0, "memory_mib": 4, "notifiers": 0, "tracked_pages": 4, "l2s": 2})
     with Coordinator(cfg, evil_vcpu_main, preload=("vcpu.worker",)) as co:
-        res = co.run_script([(0, "read", {"gpa": 0}), (1, "read", {"gpa": 8})])
+        res = run_script(co, [(0, "read", {"gpa": 0}), (1, "read", {"gpa": 8})])
         refused = dict(co.ch.rejected_reasons)
     # item 6: the claims of an index never spawned / of another process's index were refused
     assert refused == {"not_spawned": 1, "wrong_pid": 1}, refused

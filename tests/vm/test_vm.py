@@ -12,7 +12,7 @@ from vcpu.worker import vcpu_main
 from vm import layout as L
 from vm import notifier, page_track
 from vm.config import from_dict
-from vm.coordinator import Coordinator, RunError
+from vm.coordinator import Coordinator, RunError, run_script
 from vm.kvm import Kvm
 from vm.mirror import MIRROR_KIND, mirror_track, oracle
 from vm.nested import tracked_gfns
@@ -223,7 +223,7 @@ def _cfg(**kw):
 
 def _script(cfg, steps, hooks=()):
     with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",), hooks=hooks) as co:
-        return co.run_script(steps)
+        return run_script(co, steps)
 
 
 def test_scripted_writes_reach_each_notifier_exactly_once():
@@ -361,3 +361,4 @@ def test_unregister_on_a_cyclic_list_ends_with_a_warn(kvm):
     assert notifier.kvm_page_track_unregister_notifier(kvm, b) is False
     assert any(k == "list_corrupt" and "loops" in m for k, m, _ in kvm.events)
     assert kvm.mmu_lock.owner() == 0
+

@@ -1,0 +1,37 @@
+"""Teardown (the design's unregister / untrack / free, then kvm_mmu_uninit_vm) runs after the oracle
+but before the verdict is final, in a run and in an explored schedule alike: a WARN or a lockdep
+splat there is the code's bug like any other (it was lost when teardown ran after the verdict).
+
+The bug each test plants is the one next to the right code: a teardown that frees a notifier node
+it never unregistered (``free_node`` where ``release_node`` belongs)."""
+
+from __future__ import annotations
+
+from lab.explore import builtin, explore
+from vcpu.worker import vcpu_main
+from vm import notifier
+from vm.config import from_dict
+from vm.coordinator import Coordinator, run_script
+
+
+def _script(cfg, steps):
+    with Coordinator(cfg, vcpu_main, preload=("vcpu.worker",)) as co:
+        return run_script(co, steps)
+
+
+def test_a_warn_at_teardown_fails_the_run(monkeypatch):
+    cfg = from_dict({"vcpus": 2, "memory_mib": 4, "notifiers": 1, "tracked_pages": 4, "l2s": 2})
+    assert _script(cfg, [(0, "read", {"gpa": 0})])["verdict"] == "SUCCESS"
+    monkeypatch.setattr(notifier, "release_node", notifier.free_node)
+    res = _script(cfg, [(0, "read", {"gpa": 0})])
+    assert res["verdict"] == "FAILURE"
+    assert any("at teardown" in r and "still registered" in r for r in res["reasons"]), res["reasons"]
+
+
+def test_a_warn_at_teardown_fails_the_schedule(monkeypatch):
+    sc = builtin("tlb-flush", "refcount", "rcu-list", ())
+    assert explore(sc, "pct", 3, 1, 1, None, shrink=False)["verdict"] == "SUCCESS"
+    monkeypatch.setattr(notifier, "release_node", notifier.free_node)
+    res = explore(sc, "pct", 3, 1, 1, None, shrink=False)
+    assert res["verdict"] == "FAILURE"
+    assert any("at teardown" in r and "still registered" in r for r in res["reasons"]), res["reasons"]
