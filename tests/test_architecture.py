@@ -17,6 +17,7 @@ bottom feed them a broken graph and see them complain.
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from pathlib import Path
 
@@ -48,6 +49,16 @@ def source_files() -> list[Path]:
     return files
 
 
+@functools.cache
+def _parse(path: Path, mtime_ns: int) -> ast.Module:
+    """One parse per file version for the whole session (four checks walk the same tree)."""
+    return ast.parse(path.read_text(), str(path))
+
+
+def parse(path: Path) -> ast.Module:
+    return _parse(path, path.stat().st_mtime_ns)
+
+
 def import_graph(files: list[Path]) -> dict[str, set[str]]:
     """{module: modules of this project it imports}; ``from X import Y`` counts as an import of the
     module X.Y when that is a module of ours, else of X."""
@@ -56,7 +67,7 @@ def import_graph(files: list[Path]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for mod, path in mods.items():
         is_pkg = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(parse(path)):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -149,6 +160,12 @@ def unshipped(root: Path, shipped: list[str]) -> list[str]:
     return sorted(have - set(shipped) - {"bench"})  # bench/ runs from a checkout, never installed
 
 
+@functools.cache
+def project_graph() -> dict[str, set[str]]:
+    """The tree's graph, built once per session (the checks below only read it)."""
+    return import_graph(source_files())
+
+
 def oversized(files: list[Path]) -> list[str]:
     bad = []
     for f in files:
@@ -156,7 +173,7 @@ def oversized(files: list[Path]) -> list[str]:
         n = text.count("\n")
         if n > MAX_FILE_LINES:
             bad.append(f"{f.relative_to(ROOT)}: {n} lines > {MAX_FILE_LINES}")
-        for node in ast.walk(ast.parse(text, str(f))):
+        for node in ast.walk(parse(f)):
             if isinstance(node, ast.ClassDef):
                 size = node.end_lineno - node.lineno + 1
                 if size > MAX_CLASS_LINES:
@@ -167,7 +184,7 @@ def oversized(files: list[Path]) -> list[str]:
 # -- the tree ---------------------------------------------------------------------------------------
 
 def test_graph_sees_the_packages():
-    g = import_graph(source_files())
+    g = project_graph()
     # a graph that missed the imports would pass every rule below: make sure it sees real arrows
     assert "vm.avic.base" in g and "vm.nested" in g["vm.avic.base"]
     assert "ipc.rcu" in g["vm.layout"]
@@ -175,15 +192,15 @@ def test_graph_sees_the_packages():
 
 
 def test_no_import_circle():
-    assert find_cycles(import_graph(source_files())) == []
+    assert find_cycles(project_graph()) == []
 
 
 def test_arrows_point_one_way():
-    assert forbidden_edges(import_graph(source_files())) == []
+    assert forbidden_edges(project_graph()) == []
 
 
 def test_nothing_in_vm_reaches_into_the_wing():
-    assert wing_edges(import_graph(source_files())) == []
+    assert wing_edges(project_graph()) == []
 
 
 def _shipped() -> list[str]:
