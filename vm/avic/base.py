@@ -7,10 +7,11 @@ registration.py (notifier variants), oracle.py (the checks)."""
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import numpy as np
 
-from ipc import fuzz, sched, trace
+from ipc import _prims, fuzz, sched, trace
 from ipc.locks import init_lockstat, lockdep_assert_held, merge_lockstat, new_lock
 from ipc.proc import proc_starttime
 from ipc.shm import Region
@@ -99,6 +100,11 @@ class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, Nest
         self.hooks = kvm.hooks
         self.reader_delay = cfg.dilated_ns(READER_DELAY_NS) if "avic-reader-delay" in kvm.hooks else 0
         self.flood_race_ns = cfg.dilated_ns(FLOOD_RACE_DELAY_NS)
+        # the pause in a widening's bounded wait for another vCPU (flood-drop steer, stale-store
+        # steer): on the real clock the waiter yields its CPU -- on a loaded host the vCPU waited
+        # for may be queued behind it, and a spinning waiter took the window it was waiting for
+        # (flood-drop-race FAILED 12/20 at load 8 spinning, 19/20 yielding); virtual clock: a spin
+        self.steer_pause = _prims.sched_yield if cfg.clock == "real" else partial(_prims.spin_ns, 2_000)
         self.entry_gentry = cfg.entry_update == "gentry"  # RFC v3: cached gentry + the written bytes
         self.vmruns_checked = 0  # nested VMRUNs (of this process) since the last all-entries check
         self.entered_epoch: dict[int, int] = {}  # per vCPU in L2: its table's epoch at VMRUN (I1)

@@ -112,7 +112,7 @@ class TableErase:
                 if any(m.load(w) == t + 1 for w in words):
                     self._stat("flood_steered")
                     break
-                _prims.spin_ns(2_000)
+                self.steer_pause()
         finally:
             if steer_w >= 0:
                 m.store(steer_w, 0)

@@ -145,7 +145,7 @@ class L1Writes:
             return  # nobody else is about to write-protect it again
         syncs, end = m.load(b + T_SYNCS), _prims.now_ns() + self.flood_race_ns
         while _prims.now_ns() < end and m.load(b + T_SYNCS) == syncs:
-            _prims.spin_ns(2_000)
+            self.steer_pause()
 
     def store_begin(self, vcpu: int, gpa: int, nbytes: int) -> None:
         """A scripted L1 store of ``nbytes`` at ``gpa`` by vCPU ``vcpu`` (the ``write`` command,

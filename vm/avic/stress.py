@@ -115,6 +115,9 @@ def _loop(kvm, d, cfg, v: int, rng: random.Random, run_w: int) -> int:
     return n
 
 
+READY_TIMEOUT_S = 60.0
+
+
 def _await_ready(conns, timeout: float, errors: list) -> dict:
     """Wait until every vCPU has attached and said "ready" (a loaded host can take seconds to fork
     and attach them), so that ``duration`` is time the vCPUs run, not time they start in. A vCPU
@@ -158,7 +161,9 @@ def run_stress(cfg, run_id: str, hooks=(), duration: float = 1.0, seed: int | No
             tx.close()
             procs.append(p)
             conns.append(rx)
-        early = _await_ready(conns, join_timeout, out["errors"])
+        # (starting is not hanging: a loaded host can take longer to fork and attach than a short
+        # join_timeout, which bounds the vCPUs' stop)
+        early = _await_ready(conns, max(join_timeout, READY_TIMEOUT_S), out["errors"])
         kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_RUNNING)
         time.sleep(duration)
         kvm.mem.store(kvm.flags_w + L.F_RUN_STATE, L.RUN_STOP)
@@ -169,7 +174,10 @@ def run_stress(cfg, run_id: str, hooks=(), duration: float = 1.0, seed: int | No
                 reports.append(early[i])
             elif rx.poll(max(0.0, deadline - time.monotonic())):
                 try:
-                    reports.append(rx.recv())
+                    msg = rx.recv()
+                    while msg == "ready":  # (late: it was not ready in time, an error already)
+                        msg = rx.recv()
+                    reports.append(msg)
                 except EOFError:
                     out["errors"].append(f"vCPU {i}: exited without a report")
             else:
