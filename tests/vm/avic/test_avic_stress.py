@@ -17,6 +17,9 @@ def stress(ctx, run_id, design, hooks=(), duration=DURATION, **kw):
     kw.setdefault("vcpus", 2)
     kw.setdefault("l2s", 3)
     kw.setdefault("switch_rate", 0.3)
+    # 2 % of table writes erase (the default 0.1 % gave ~0.5 erases a second: at load 8 often none,
+    # and the invalidate + resync path the oracle is to judge did not run)
+    kw.setdefault("table_invalidate_fraction", 0.02)
     cfg = Config(design=design, **kw)
     return run_stress(cfg, run_id, hooks, duration=duration, ctx=ctx)
 
