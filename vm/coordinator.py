@@ -22,7 +22,7 @@ from ipc.locks import LockdepError
 from ipc.proc import forkserver_context, pid_alive, reap
 from ipc.procstat import forkserver_alive
 from ipc.rundir import make_run_dir, remove_run_dir
-from vm import faults, mmu, tracepoints
+from vm import faults, mmu, notifier, tracepoints
 from vm import layout as L
 from vm import results as R
 from vm.faults import diagnose_dead
@@ -155,6 +155,9 @@ class Coordinator:
                     fn()
             except Exception as e:  # teardown must not hide the run's outcome: it is part of it
                 self.reasons.append(f"{what} failed: {e!r}")
+                break
+        else:
+            self.reasons += notifier.registered_at_destroy(self.kvm)
         return self.reasons[r0:] + [f"at teardown: {w['message']}" for w in self.warnings[w0:]]
 
     def _local_warn(self, kind: str, message: str, data: dict) -> None:

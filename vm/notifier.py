@@ -309,6 +309,23 @@ def walk(kvm, fn) -> int:
     return calls
 
 
+def registered_at_destroy(kvm) -> list[str]:
+    """VM destruction, after every owner's teardown: nodes still registered. Since v6.6 each
+    registration holds a VM reference (``kvm_get_kvm`` in ``kvm_page_track_register_notifier``,
+    put by unregister): one left means the VM is never freed (what kmemleak reports). v6.0 takes
+    no reference, and has nothing to report here (``page_track`` picks the era). A pool scan, not
+    a walk: a list made a cycle by a redundant registration must not hang teardown."""
+    if kvm.cfg.page_track != "v6.6":
+        return []
+    mem = kvm.mem
+    left = [i for i in range(kvm.nodes.shape[0])
+            if mem.load(_w(kvm, i, L.N_STATE)) in (L.NODE_LIVE, L.NODE_RETIRING)]
+    if not left:
+        return []
+    return [f"{len(left)} notifier node(s) still registered at VM destruction (node {left[0]}): each "
+            "registration holds a VM reference (kvm_get_kvm), the VM is never freed"]
+
+
 def live_nodes(kvm) -> list[int]:
     """Nodes on the list, head first (diagnostics; takes the SRCU read lock)."""
     out: list[int] = []

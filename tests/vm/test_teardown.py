@@ -35,3 +35,28 @@ def test_a_warn_at_teardown_fails_the_schedule(monkeypatch):
     res = explore(sc, "pct", 3, 1, 1, None, shrink=False)
     assert res["verdict"] == "FAILURE"
     assert any("at teardown" in r and "still registered" in r for r in res["reasons"]), res["reasons"]
+
+
+def test_a_registration_left_at_vm_destruction_fails_under_v6_6(monkeypatch):
+    """v6.6: each registration holds a VM reference (kvm_get_kvm); a teardown that leaves one
+    (the design's release_node dropped) leaks the VM. v6.0 takes none: nothing to see there."""
+    def cfg(era):
+        return from_dict({"vcpus": 2, "memory_mib": 4, "notifiers": 1, "tracked_pages": 4, "l2s": 2,
+                          "page_track": era})
+
+    assert _script(cfg("v6.6"), [(0, "read", {"gpa": 0})])["verdict"] == "SUCCESS"
+    monkeypatch.setattr(notifier, "release_node", lambda kvm, node: None)
+    res = _script(cfg("v6.6"), [(0, "read", {"gpa": 0})])
+    assert res["verdict"] == "FAILURE"
+    assert any("still registered at VM destruction" in r for r in res["reasons"]), res["reasons"]
+    assert _script(cfg("v6.0"), [(0, "read", {"gpa": 0})])["verdict"] == "SUCCESS"
+
+
+def test_an_avic_registration_left_fails_the_schedule_under_v6_6(monkeypatch):
+    sc = builtin("tlb-flush", "refcount", "rcu-list", ())
+    sc.cfg = {**sc.cfg, "page_track": "v6.6"}
+    assert explore(sc, "pct", 3, 1, 1, None, shrink=False)["verdict"] == "SUCCESS"
+    monkeypatch.setattr(notifier, "release_node", lambda kvm, node: None)
+    res = explore(sc, "pct", 3, 1, 1, None, shrink=False)
+    assert res["verdict"] == "FAILURE"
+    assert any("still registered at VM destruction" in r for r in res["reasons"]), res["reasons"]
