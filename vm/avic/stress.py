@@ -176,8 +176,12 @@ def run_stress(cfg, run_id: str, hooks=(), duration: float = 1.0, seed: int | No
                 try:
                     msg = rx.recv()
                     while msg == "ready":  # (late: it was not ready in time, an error already)
+                        if not rx.poll(max(0.0, deadline - time.monotonic())):
+                            out["errors"].append(f"vCPU {i}: no report within {join_timeout:.0f} s (hung?)")
+                            break
                         msg = rx.recv()
-                    reports.append(msg)
+                    else:
+                        reports.append(msg)
                 except EOFError:
                     out["errors"].append(f"vCPU {i}: exited without a report")
             else:
