@@ -8,7 +8,7 @@ table are guarded by that table's own spinlock (``avic_table_lock``)."""
 from __future__ import annotations
 
 from ipc import _prims, fuzz
-from ipc.locks import LockdepError, lockdep_assert_held
+from ipc.locks import LOCKDEP, LockdepError, always_held, lockdep_assert_held
 from vm.avic import oracle
 from vm.avic.base import AvicDesign
 from vm.avic.table import (
@@ -40,7 +40,7 @@ class RcuListDesign(AvicDesign):
 
     def __init__(self, kvm, cfg):
         super().__init__(kvm, cfg)
-        self._rcu_nesting = kvm.rcu.reader.nesting  # rcu_read_lock_held(): one C call
+        self._rcu_nesting = kvm.rcu.reader.nesting if LOCKDEP else always_held  # rcu_read_lock_held(): one C call
 
     def _lookup(self, gfn: int) -> int:
         """RCU read side (or avic_tables_spin held): the live table of ``gfn``, or -1. Asserted, as
