@@ -136,7 +136,7 @@ def _explore(scenario: str, *extra: str) -> tuple[str, ...]:
 #: after the runs, the ``explore`` scenarios that reach a file's narrow paths (a user debugging that
 #: code runs them): memslot removal (remove_region), erases of a table in use (_invalidate), L2
 #: switches sharing tables (get / put), two first and last users of one table, an L1 store racing a
-#: write-protect (the scripted store)
+#: write-protect (the scripted store, the remote TLB flush)
 EXPLORES = {
     "vm/avic/erase.py": (_explore("memslot"), _explore("invalidate")),
     "vm/avic/pool.py": (_explore("invalidate"),),
@@ -144,6 +144,7 @@ EXPLORES = {
     "vm/avic/mutex_hash.py": (_explore(FIRST_USERS),),
     "vm/avic/guest.py": (_explore(FIRST_USERS, "--design", "rcu-list"),),
     "vcpu/script.py": (_explore("tlb-flush"),),
+    "vm/page_track.py": (_explore("tlb-flush"),),
 }
 
 
