@@ -127,6 +127,7 @@ OPERATORS = {
 #: schedules per ``explore`` command of a mutant (each found its mutants' races in <= 100 on seeds 1-3)
 EXPLORE_SCHEDULES = 200
 FIRST_USERS = "bench/scenario-first-users.toml"  # two vCPUs take a new table at once, then both leave it
+TRACK_STORE = "bench/scenario-track-store.toml"  # the mirror: a page tracked while an L1 stores to it
 
 
 def _explore(scenario: str, *extra: str) -> tuple[str, ...]:
@@ -135,16 +136,16 @@ def _explore(scenario: str, *extra: str) -> tuple[str, ...]:
 
 #: after the runs, the ``explore`` scenarios that reach a file's narrow paths (a user debugging that
 #: code runs them): memslot removal (remove_region), erases of a table in use (_invalidate), L2
-#: switches sharing tables (get / put), two first and last users of one table, an L1 store racing a
-#: write-protect (the scripted store, the remote TLB flush)
+#: switches sharing tables (get / put), two first and last users of one table, L1 stores racing a
+#: page-track user's write-protect (the scripted store, track_gfn and its remote TLB flush)
 EXPLORES = {
     "vm/avic/erase.py": (_explore("memslot"), _explore("invalidate")),
     "vm/avic/pool.py": (_explore("invalidate"),),
     "vm/avic/rcu_list.py": (_explore("share", "--design", "rcu-list"), _explore(FIRST_USERS, "--design", "rcu-list")),
     "vm/avic/mutex_hash.py": (_explore(FIRST_USERS),),
     "vm/avic/guest.py": (_explore(FIRST_USERS, "--design", "rcu-list"),),
-    "vcpu/script.py": (_explore("tlb-flush"),),
-    "vm/page_track.py": (_explore("tlb-flush"),),
+    "vcpu/script.py": (_explore(TRACK_STORE),),
+    "vm/page_track.py": (_explore(TRACK_STORE),),
 }
 
 

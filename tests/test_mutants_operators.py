@@ -150,3 +150,19 @@ def test_an_explore_command_kills_what_the_runs_miss(tmp_path, generated):
     res = M.run_mutant(replace(m, commands=(share,)), base, 150.0, on_seed=2)
     shutil.rmtree(base)
     assert res.killed, res
+
+
+@pytest.mark.timeout(300)
+def test_a_write_protect_without_its_tlb_flush_is_found_by_the_track_store_scenario(tmp_path, generated):
+    """track_gfn without kvm_flush_remote_tlbs: nothing in a run tracks a page while vCPUs store to it
+    (the mirror tracks at setup), the scripted scenario does, and the mirror oracle sees the store
+    that landed after the page was copied; the unmutated copy explores it to SUCCESS."""
+    m = next(x for x in generated if x.name == "drop-tlb-flush@vm/page_track.py:track_gfn:kvm_flush_remote_tlbs(kvm)")
+    cmd = ops._explore(ops.TRACK_STORE)
+    assert cmd in m.commands
+    base = M.make_copy(ROOT, dest=tmp_path / "copy")
+    ok, _ = M.run_command(base, ("explore", ops.TRACK_STORE, "--schedules", "60"), 1, 120)
+    assert ok.outcome == "SUCCESS", ok
+    res = M.run_mutant(replace(m, commands=(cmd,)), base, 120.0, on_seed=1)
+    shutil.rmtree(base)
+    assert res.killed and "lost write" in res.runs[0].reason, res
