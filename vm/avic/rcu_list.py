@@ -15,12 +15,10 @@ from vm.avic.table import (
     CS_SPIN,
     H_LIST,
     POISON_REF,
-    RETIRING,
     T_GEN,
     T_GFN,
     T_NEXT,
     T_REF,
-    T_STATE,
     TW,
 )
 from vm.nested import design
@@ -181,7 +179,7 @@ class RcuListDesign(AvicDesign):
             self._list_del(t)
             self._tlock(t)
             try:
-                m.store(b + T_STATE, RETIRING)
+                self._retire(t)
             finally:
                 self._tunlock(t)
         finally:
