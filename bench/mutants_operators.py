@@ -146,6 +146,7 @@ EXPLORES = {
     "vm/avic/guest.py": (_explore(FIRST_USERS, "--design", "rcu-list"),),
     "vcpu/script.py": (_explore(TRACK_STORE),),
     "vm/page_track.py": (_explore(TRACK_STORE),),
+    "vm/notifier.py": (_explore("memslot"),),  # walk(): a memslot's track_remove_region, never in a run
 }
 
 
