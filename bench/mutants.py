@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -313,7 +314,10 @@ def run_command(copy: Path, argv: tuple[str, ...], seed: int, budget_s: float,
     _clean_runs(text, proc.pid)
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
-        (logs / f"{tag or 'run'}--{'_'.join(argv)}--seed{seed}.log").write_text(text)
+        name = f"{tag or 'run'}--{'_'.join(argv)}--seed{seed}".replace("/", "%")  # operator ids hold paths
+        if len(name) > 200:  # a file name is at most 255 bytes
+            name = f"{name[:160]}-{zlib.crc32(name.encode()):08x}--seed{seed}"
+        (logs / f"{name}.log").write_text(text)
     outcome = "cut" if cut else classify(rc, text)
     reason = failure_reason(text) if outcome == "FAILURE" else ""
     crash = _CRASH_RE.search(text) if outcome == "FAILURE" else None

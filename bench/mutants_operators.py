@@ -124,8 +124,39 @@ OPERATORS = {
 }
 
 
+#: schedules per ``explore`` command of a mutant (on seeds 1-3 each race was found within 120, one in 298)
+EXPLORE_SCHEDULES = 150
+FIRST_USERS = "bench/scenario-first-users.toml"  # two vCPUs take a new table at once, then both leave it
+TRACK_STORE = "bench/scenario-track-store.toml"  # the mirror: a page tracked while an L1 stores to it
+
+
+def _explore(scenario: str, *extra: str) -> tuple[str, ...]:
+    return ("explore", scenario, "--schedules", str(EXPLORE_SCHEDULES), *extra)
+
+
+#: after the runs, the ``explore`` scenarios that reach a file's narrow paths (a user debugging that
+#: code runs them): memslot removal (remove_region), erases of a table in use (_invalidate), L2
+#: switches sharing tables (get / put), two first and last users of one table, L1 stores racing a
+#: page-track user's write-protect (the scripted store, track_gfn and its remote TLB flush)
+EXPLORES = {
+    "vm/avic/erase.py": (_explore("memslot"), _explore("invalidate")),
+    "vm/avic/pool.py": (_explore("invalidate"),),
+    "vm/avic/rcu_list.py": (_explore("share", "--design", "rcu-list"), _explore(FIRST_USERS, "--design", "rcu-list")),
+    "vm/avic/mutex_hash.py": (_explore(FIRST_USERS),),
+    "vm/avic/guest.py": (_explore(FIRST_USERS, "--design", "rcu-list"),),
+    "vcpu/script.py": (_explore(TRACK_STORE),),
+    "vm/page_track.py": (_explore(TRACK_STORE),),
+    "vm/notifier.py": (_explore("memslot"),),  # walk(): a memslot's track_remove_region, never in a run
+}
+
+
 def commands_for(rel: str) -> tuple[tuple[str, ...], ...]:
-    """The commands a user would run for the file a mutant touches (the catalogue's rule)."""
+    """The commands a user would run for the file a mutant touches (the catalogue's rule): the runs,
+    then the file's ``EXPLORES``."""
+    return _runs_for(rel) + EXPLORES.get(rel, ())
+
+
+def _runs_for(rel: str) -> tuple[tuple[str, ...], ...]:
     kaboom = (("scenario", "kaboom"),)
     if rel in ("ipc/rcu.py",):
         return TORTURE

@@ -46,6 +46,8 @@ A region that holds locks declares ``locks`` as ``(nlocks, LOCK_WORDS)`` and ``l
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ipc import _prims, sched, trace
@@ -74,6 +76,18 @@ class LockdepError(AssertionError):
     """A function that requires a lock was called without holding it."""
 
 
+#: the lockdep-style asserts are on (``PTS_LOCKDEP=0`` switches every one of them off, read at import:
+#: a self-test shows that the oracles behind them -- poison, I1 / I2, lost writes -- still catch a bug
+#: the asserts now catch first)
+LOCKDEP = os.environ.get("PTS_LOCKDEP", "1") != "0"
+
+
+def always_held() -> int:
+    """A ``*_read_lock_held()`` (reader nesting) check that always passes: bound instead of the real
+    one when ``PTS_LOCKDEP=0``."""
+    return 1
+
+
 def new_lock(kind: str, mem, lock_word: int, stats_word: int = -1, tag: int = 1,
              busted: bool = False, spins: int = 1000, name: str | None = None):
     """A ``SpinLock`` ('spin'), ``Mutex`` ('mutex') or ``RwLock`` ('rw') on ``mem`` at ``lock_word``;
@@ -96,7 +110,7 @@ def new_lock(kind: str, mem, lock_word: int, stats_word: int = -1, tag: int = 1,
 
 def lockdep_assert_held(lock, name: str = "lock") -> None:
     """Cheap check (one C call) that this process holds ``lock``."""
-    if not lock.is_held():
+    if LOCKDEP and not lock.is_held():
         raise LockdepError(f"lockdep: {name} not held by this process (owner tag {lock.owner()})")
 
 
@@ -105,7 +119,7 @@ def lockdep_assert_held_read(lock, name: str = "lock") -> None:
     for write (``lockdep_assert_held(lock)`` would pass): "at least read access". Weaker than the
     kernel's ``lockdep_assert_held_read``, which wants a read hold; a write hold excludes every
     writer as well, which is what a read-side caller relies on."""
-    if not (lock.read_held() or lock.is_held()):
+    if LOCKDEP and not (lock.read_held() or lock.is_held()):
         raise LockdepError(f"lockdep: {name} not held for read or write by this process "
                            f"(writer tag {lock.owner()})")
 

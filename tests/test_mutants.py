@@ -171,3 +171,18 @@ def test_fast_subset_is_killed(tmp_path):
     assert r.returncode == 0
     assert all(x["ttf_s"] <= doc["limit_s"] for x in doc["results"])
     assert doc["canary"]["processes"] >= 2 and all(c["outcome"] == "SUCCESS" for c in doc["control"])
+
+
+# -- PTS_LOCKDEP=0: the oracles behind the lockdep-style asserts ------------------------------------------------
+@pytest.mark.timeout(200)
+def test_with_lockdep_off_the_poison_oracle_still_catches_what_the_assert_catches_first(tmp_path):
+    """rcu-list's track_write without rcu_read_lock: the list walk's RCU_LOCKDEP_WARN fails it at the
+    first write; with the asserts switched off (``PTS_LOCKDEP=0``) the poison-on-free oracle does."""
+    base = M.make_copy(ROOT, dest=tmp_path / "copy")
+    M.apply_mutant(base, next(x for x in CATALOGUE if x.name == "rcu-list-write-without-rcu-read-lock"))
+    argv = ("run", "--design", "rcu-list")
+    on, _ = M.run_command(base, argv, 1, 60)
+    assert on.outcome == "FAILURE" and "LockdepError" in on.reason, on
+    off, _ = M.run_command(base, argv, 1, 60, env={"PTS_LOCKDEP": "0"})
+    assert off.outcome == "FAILURE" and "poisoned" in off.reason and "Lockdep" not in off.reason, off
+    shutil.rmtree(base)

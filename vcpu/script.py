@@ -7,6 +7,7 @@ from __future__ import annotations
 from ipc import _prims, fuzz, trace
 from vm import layout as L
 from vm import notifier
+from vm.mirror import mirror_track
 from vm.page_track import (
     PAGE_SHIFT,
     kvm_page_track_delete_slot,
@@ -107,8 +108,9 @@ class ScriptedCommands:
             if args.get("free", True):
                 notifier.free_node(kvm, node)
             return ok
-        if op == "track":
-            return track_gfn(kvm, _int(args, "gfn", 0, kvm.memory_pages - 1))
+        if op == "track":  # a tracking user starts tracking a page: the mirror's also copies it (as at setup)
+            track = mirror_track if self.cfg.design == "mirror" else track_gfn
+            return track(kvm, _int(args, "gfn", 0, kvm.memory_pages - 1))
         if op == "untrack":
             return untrack_gfn(kvm, _int(args, "gfn", 0, kvm.memory_pages - 1))
         if op == "churn":  # the free-running loop's notifier churn: register, unregister, free

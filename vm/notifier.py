@@ -27,7 +27,7 @@ process instantiates its own handler for a node (``handler(kvm, node)``) with th
 from __future__ import annotations
 
 from ipc import fuzz
-from ipc.locks import LockdepError, lockdep_assert_held
+from ipc.locks import LOCKDEP, LockdepError, lockdep_assert_held
 from vm import layout as L
 from vm.faults import notifier_cycle
 
@@ -285,7 +285,7 @@ def walk(kvm, fn) -> int:
     calls = 0
     srcu.read_lock()
     try:
-        if not srcu.reader.nesting():  # hlist_for_each_entry_srcu(..., srcu_read_lock_held())
+        if LOCKDEP and not srcu.reader.nesting():  # hlist_for_each_entry_srcu(..., srcu_read_lock_held())
             raise LockdepError("lockdep: page-track notifier list (track_srcu) traversed outside an SRCU "
                                "read-side critical section")
         n = mem.load(kvm.notifier_w + L.NH_HEAD)

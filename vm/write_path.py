@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipc import _prims, fuzz, trace
-from ipc.locks import LockdepError
+from ipc.locks import LOCKDEP, LockdepError, always_held
 from vm import layout as L
 from vm import mmu, notifier
 from vm.faults import notifier_cycle
@@ -238,7 +238,7 @@ def bind(kvm_):
         nmax=kvm_.cfg.max_nodes, guest_write=kvm_.guest_mem.write, track_mv=kvm_.gfn_track_mv,
         ram_end=kvm_.memory_pages << PAGE_SHIFT, mmio_walk=kvm_.cfg.mmio_walk,
         srcu_lock=kvm_.track_srcu.read_lock, srcu_unlock=kvm_.track_srcu.read_unlock,
-        srcu_read_lock_held=kvm_.track_srcu.reader.nesting,
+        srcu_read_lock_held=kvm_.track_srcu.reader.nesting if LOCKDEP else always_held,
         cache=kvm_.walk_cache, fz=fuzz.ACTIVE, emit=tr.emit if tr else None,
         W_B=w_b, W_E=w_e, T_B=t_b, T_E=t_e,
         sample_emul=h_emul.sample if h_emul is not None else None,

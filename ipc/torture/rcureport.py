@@ -43,6 +43,7 @@ from ipc.torture.rcutorture import (
     W_ALLOC_FAIL,
     W_ALLOCS,
     W_ASYNC,
+    W_BARRIER,
     W_COND,
     W_COOKIE,
     W_FREES,
@@ -78,6 +79,7 @@ def rcu_snapshot(region: Region, kind: str) -> dict:
         "stalls": int(ws[:, W_STALLS].sum()),
         "reader_cookie_errors": int(rs[:, R_COOKIE].sum()),
         "sync_cookie_errors": int(ws[:, W_COOKIE].sum()),
+        "barrier_errors": int(ws[:, W_BARRIER].sum()),
         "gp_seq": int(v[f"{kind}_hdr"][1]),
         "reads": int(rs[:, R_READS].sum()),
         "mberror_reads": int(rs[:, R_MBERR].sum()),
@@ -125,7 +127,7 @@ def cookie_errors(s: dict) -> int:
 
 
 def rcu_errors(s: dict) -> int:
-    return sum(s["reader_pipe"][2:]) + mb_errors(s) + cookie_errors(s)
+    return sum(s["reader_pipe"][2:]) + mb_errors(s) + cookie_errors(s) + s["barrier_errors"]
 
 
 def rcu_report(region: Region, cfg: dict, started: bool, elapsed: float, reasons: list[str],
@@ -154,6 +156,9 @@ def rcu_report(region: Region, cfg: dict, started: bool, elapsed: float, reasons
     if s["sync_cookie_errors"]:
         reasons.append(f"{s['sync_cookie_errors']} synchronize calls failed Cookie check 3 (returned before "
                        f"the grace period of a polled cookie taken before the call completed)")
+    if s["barrier_errors"]:
+        reasons.append("rcu_barrier returned before every pending call_rcu callback was invoked "
+                       "(rcu_torture_barrier_error)")
     if started and not reasons:
         stuck = [w for w, n in (("writer", s["versions"]), ("readers", s["reads"])) if n == 0]
         for w in stuck:  # a stall; too short a run to tell for sure is only a warning
@@ -179,7 +184,7 @@ def rcu_report(region: Region, cfg: dict, started: bool, elapsed: float, reasons
             "poll_retires", "writer_synchronize",
             "fake_synchronize", "shared_gps", "stalls", "gp_seq", "reads", "poisoned_reads",
             "reused_reads", "long_holds", "mberror_reads", "short_delays", "preempt_delays",
-            "sleep_delays", "reader_cookie_errors", "sync_cookie_errors")},
+            "sleep_delays", "reader_cookie_errors", "sync_cookie_errors", "barrier_errors")},
         "rates": rates,
         "pipe_rule": PIPE_RULE,
         "histograms": {"reader_pipe": s["reader_pipe"], "reader_batch": s["reader_batch"],

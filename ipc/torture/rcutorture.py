@@ -99,12 +99,13 @@ R_READS, R_POISON, R_REUSE, R_LONG, R_MBERR, R_SHORT, R_PREEMPT, R_SLEEP, R_COOK
 R_WORDS = 16
 # writer / fake-writer stat row
 (W_VERSIONS, W_ALLOCS, W_ALLOC_FAIL, W_FREES, W_GPS, W_SHARED, W_STALLS, W_ASYNC, W_COND, W_POLL,
- W_COOKIE) = range(11)
+ W_COOKIE, W_BARRIER) = range(12)
 W_WORDS = 16
 # how the writer waits for the grace period of a retired element (rcutorture's gp_sync, gp_async,
 # gp_cond, gp_poll); cond/poll need the polled-GP API (get_state/poll_state/cond_synchronize)
 MODE_SYNC, MODE_ASYNC, MODE_COND, MODE_POLL = 0, 1, 2, 3
 
+BARRIER_ROUNDS = 3  # rcu_barrier tests at the end of the writer (each: one fresh callback, barrier, check)
 WRITER_TAG = 100_000  # rcu writer tags (readers use 1..nreaders)
 POLLED_API = ("get_state", "poll_state", "cond_synchronize")
 INJECTS = ("broken-gp", *GP_BUGS)
@@ -255,6 +256,23 @@ def do_rtws_sync(dom, dopoll: bool, counters: list[int]) -> None:
         counters[W_COOKIE] += 1
 
 
+def barrier_cb(pending: list[int]) -> None:  # rcu_torture_barrier_cbs' callback
+    pending[0] -= 1
+
+
+def rcu_barrier_check(dom, pending: list[int], rounds: int = BARRIER_ROUNDS) -> int:
+    """rcu_torture_barrier: ``rounds`` times, queue one callback and ``barrier()``; returns how many
+    of the callbacks counted in ``pending`` (the writer's, and these) were still not invoked after
+    a barrier returned (0 = good)."""
+    for _ in range(rounds):
+        pending[0] += 1
+        dom.call_rcu(functools.partial(barrier_cb, pending))
+        dom.barrier()
+        if pending[0]:
+            return pending[0]
+    return 0
+
+
 def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) -> None:
     mem = region.mem
     load, store, xchg = mem.load, mem.store, mem.xchg
@@ -306,9 +324,17 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
             return True
         return False
 
+    pending = [0]  # call_rcu callbacks queued and not yet invoked
+    stopping = [False]
+
+    def call(i: int) -> None:
+        pending[0] += 1
+        dom.call_rcu(functools.partial(cb, i))
+
     def cb(i: int) -> None:  # rcu_torture_cb
-        if not advance(i):
-            dom.call_rcu(functools.partial(cb, i))
+        pending[0] -= 1
+        if not advance(i) and not stopping[0]:  # the test is ending: "drop callbacks on the floor"
+            call(i)
 
     def flush() -> None:
         counters[W_SHARED] = dom.shared_gps
@@ -349,7 +375,7 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
             mode = modes[n & mask]
             if mode == MODE_ASYNC:
                 counters[W_ASYNC] += 1
-                dom.call_rcu(functools.partial(cb, oi))
+                call(oi)
                 dom.poll()
             else:
                 if mode == MODE_SYNC:
@@ -375,6 +401,14 @@ def rcu_torture_writer(ops: RcuTortureOps, region: Region, cfg: dict, w: int) ->
             if t >= next_flush:  # time-based: stats stay fresh however slow grace periods get
                 next_flush = t + FLUSH_NS
                 flush()
+        # rcu_torture_barrier's check, then rcu_torture_cleanup's rcu_barrier: when barrier returns,
+        # every callback queued before it has been invoked ("n_rcu_torture_barrier_error")
+        stopping[0] = True
+        left = rcu_barrier_check(dom, pending)
+        if left:
+            counters[W_BARRIER] += 1
+            print(f"{ops.name}-torture: rcu_barrier returned with {left} callback(s) not invoked",
+                  file=sys.stderr, flush=True)
     finally:
         flush()
 

@@ -36,7 +36,7 @@ from rcu_kit import (  # noqa: F401  (fixtures and helpers shared by the RCU tes
     slot_name,
 )
 
-from ipc.rcu import GP_CTR_PHASE, RcuDomain
+from ipc.rcu import GP_CTR_PHASE, HDR_GP_STATE, RcuDomain
 
 
 # -- read side --------------------------------------------------------------------------------------
@@ -245,6 +245,30 @@ def test_polled_grace_period_and_barrier(region):
     assert a.barrier() == 3 and ran == [0, 1, 2]
     assert a.gp_seq == seq + 1, "one grace period covers all callbacks queued before it"
     assert a.barrier() == 0 and a.gp_seq == seq + 1  # nothing pending: no GP
+
+
+class _PollOffByOne(RcuDomain):
+    """The operator mutant ``off-by-one@ipc/rcu.py:RcuDomain.poll:self._cbs[0][0]<=done#2``: a
+    callback whose cookie is exactly the completed state waits for one more grace period."""
+
+    def poll(self) -> int:
+        done = self.mem.load(self.hdr_w + HDR_GP_STATE)
+        n = 0
+        while self._cbs and self._cbs[0][0] < done:
+            self._cbs.popleft()[1]()
+            n += 1
+        return n
+
+
+@pytest.mark.parametrize("domain, left", [(RcuDomain, 0), (_PollOffByOne, 1)])
+def test_torture_barrier_check(region, domain, left):
+    """rcutorture's rcu_barrier check (ipc/torture/rcutorture.py, run by the writer at the end of
+    every rcu / srcu torture): quiet on the real domain, fails when barrier leaves a callback."""
+    from ipc.torture.rcutorture import rcu_barrier_check
+    a = domain(region, "rcu", None, tag=100)
+    pending = [0]
+    assert rcu_barrier_check(a, pending) == left
+    assert pending[0] == left
 
 
 def test_aborted_gp_state_never_reads_as_completed(region):

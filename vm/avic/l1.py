@@ -10,7 +10,7 @@ import random
 import numpy as np
 
 from ipc import _prims, fuzz
-from ipc.locks import LockdepError
+from ipc.locks import LOCKDEP, LockdepError
 from vm.avic.table import (
     AVIC_APIC_ID_MASK,
     AVIC_IS_RUNNING,
@@ -222,7 +222,7 @@ def _mapped_store(kvm, gpa: int, data: bytes) -> None:
     """The hardware's store through the guest's writable mapping. Only a vCPU in guest mode makes
     one (inside the ``guest_mode`` read-side section that ``kvm_flush_remote_tlbs`` waits for: a
     store outside it could land after a write-protect's flush returned). Asserted, lockdep-style."""
-    if not kvm.guest_mode.reader.nesting():
+    if LOCKDEP and not kvm.guest_mode.reader.nesting():
         raise LockdepError(f"lockdep: store to gpa {gpa:#x} through the guest's writable mapping outside "
                            f"guest mode (guest_mode read-side section not held)")
     if len(data) == 8 and not gpa & 7:

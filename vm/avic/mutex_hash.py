@@ -17,7 +17,6 @@ from vm.avic.table import (
     CS_TABLES,
     HASH_BUCKETS,
     LIVE,
-    RETIRING,
     T_GFN,
     T_NEXT,
     T_REF,
@@ -162,7 +161,7 @@ class MutexTables(AvicDesign):
                 self._hash_del(t)
                 self._tlock(t)
                 try:
-                    m.store(b + T_STATE, RETIRING)
+                    self._retire(t)
                 finally:
                     self._tunlock(t)
                 self._on_free(t)

@@ -116,6 +116,8 @@ def final(d) -> list[str]:
         holders = [v for v in range(d.nvcpus) if cur[v] == t]
         if ref != len(holders):
             bad.append(f"{name}: refcount {ref} but {len(holders)} vCPUs hold it {holders}")
+        elif ref == 0:  # the last put frees a table: a live one nobody holds leaked
+            bad.append(f"{name}: live with refcount 0, no vCPU holds it: its last put did not free it (leak)")
         users = [v for v in range(d.nvcpus) if inguest[v] == t]
         if use != len(users):
             bad.append(f"{name}: usecount {use} but {len(users)} vCPUs in guest mode on it")

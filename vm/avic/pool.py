@@ -27,6 +27,7 @@ from vm.avic.table import (
     POISON_ENTRY,
     POISON_NEXT,
     POISON_REF,
+    RETIRING,
     T_FLOOD,
     T_GEN,
     T_GFN,
@@ -168,6 +169,13 @@ class TablePool:
             self._vref(t, old, -1)
         for i in range(4):
             m.store(self.valid0 + t * 4 + i, 0)
+
+    def _retire(self, t: int) -> None:
+        """The last put marks table ``t`` RETIRING, with its entries lock held (asserted): a
+        ``remove_region`` (an SRCU walker holding only that lock) that found the table VALID finishes
+        its erase first, and one that comes after sees RETIRING and leaves the table alone."""
+        self._tlock_held(t)
+        self.amem.store(self.tw0 + t * TW + T_STATE, RETIRING)
 
     def _poison_table(self, t: int) -> None:
         """Free a table: nobody may still read it (the design's grace period has elapsed)."""

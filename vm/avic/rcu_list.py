@@ -8,19 +8,17 @@ table are guarded by that table's own spinlock (``avic_table_lock``)."""
 from __future__ import annotations
 
 from ipc import _prims, fuzz
-from ipc.locks import LockdepError, lockdep_assert_held
+from ipc.locks import LOCKDEP, LockdepError, always_held, lockdep_assert_held
 from vm.avic import oracle
 from vm.avic.base import AvicDesign
 from vm.avic.table import (
     CS_SPIN,
     H_LIST,
     POISON_REF,
-    RETIRING,
     T_GEN,
     T_GFN,
     T_NEXT,
     T_REF,
-    T_STATE,
     TW,
 )
 from vm.nested import design
@@ -40,7 +38,7 @@ class RcuListDesign(AvicDesign):
 
     def __init__(self, kvm, cfg):
         super().__init__(kvm, cfg)
-        self._rcu_nesting = kvm.rcu.reader.nesting  # rcu_read_lock_held(): one C call
+        self._rcu_nesting = kvm.rcu.reader.nesting if LOCKDEP else always_held  # rcu_read_lock_held(): one C call
 
     def _lookup(self, gfn: int) -> int:
         """RCU read side (or avic_tables_spin held): the live table of ``gfn``, or -1. Asserted, as
@@ -181,7 +179,7 @@ class RcuListDesign(AvicDesign):
             self._list_del(t)
             self._tlock(t)
             try:
-                m.store(b + T_STATE, RETIRING)
+                self._retire(t)
             finally:
                 self._tunlock(t)
         finally:

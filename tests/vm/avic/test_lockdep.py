@@ -143,3 +143,18 @@ def test_a_write_that_completes_before_its_kicked_vcpu_left_l2_is_caught(avm, de
     else:
         assert in_l2 and len(found) == 1 and "vCPU 1 still in L2" in found[0] and bad, (found, bad)
     d.nested_vmexit(1, 0, False)
+
+
+@pytest.mark.parametrize("design, lock", [("mutex-hash", "avic_physid_lock"), ("rcu-list", "avic_table_lock")])
+def test_the_last_put_marks_retiring_under_the_entries_lock(avm, design, lock):
+    """A last put that marks its table RETIRING without the table's entries lock (the lock pair of
+    _put dropped) could let a remove_region that checked VALID under that lock erase a freed table:
+    _retire asserts the lock, so the bug fails at the first last put."""
+    kvm, d = avm(design)
+    d.nested_vmrun(0, 0)
+    d.nested_vmexit(0, 0, True)  # right: the last put, under the lock
+    assert d.oracle() == []
+    d.nested_vmrun(0, 0)
+    t = tables(d)[table_gfn(d.cfg, 0)]
+    with pytest.raises(LockdepError, match=lock):
+        d._retire(t)  # what _put does once its _tlock / _tunlock pair is dropped
