@@ -65,11 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mutants", action="store_true", help="schedules explore needs per catalogue mutant and seed")
     p.add_argument("--only", default=None, help="--mutants: these mutants (comma-separated names)")
     p.add_argument("--budget", type=int, default=1000, help="--mutants: schedules per mutant and seed")
+    p.add_argument("--depth", type=int, default=None, help="--mutants: PCT depth (default: bench/explore_mutants.py DEPTH)")
     a = p.parse_args(argv)
     if a.mutants:
         from bench import explore_mutants
 
-        return explore_mutants.main(a.json, a.only.split(",") if a.only else None, a.budget)
+        return explore_mutants.main(a.json, a.only.split(",") if a.only else None, a.budget,
+                                    a.depth or explore_mutants.DEPTH)
     res = measure(a.schedules, a.seed)
     for name, _, _ in FIND:
         f, s = res[f"find_{name}"], res[f"success_{name}"]
