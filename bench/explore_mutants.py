@@ -187,6 +187,9 @@ def main(json_path: str | None, only: list[str] | None, budget: int, depth: int 
     results: dict = {m.name: {"file": m.file, "mechanism": m.mechanism, "changed_functions": changed_functions(m),
                               "candidates": len(candidates(m)), "targets": [list(t) for t in targets(m)], "seeds": {}}
                      for m in ms}
+    for name, r in results.items():
+        print(f"{name:<42} {len(r['targets'])} of {r['candidates']} targets run {', '.join(r['changed_functions'])}",
+              flush=True)
     try:
         for seed in SEEDS:  # seed after seed over every mutant: a cut run still covers each mutant
             for m in ms:
