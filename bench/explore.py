@@ -7,7 +7,8 @@ finds each built-in race.
 ``--mutants`` (issue 22): every mutant of the hand-written catalogue (bench/mutants_catalogue.py) on
 a vCPU / AVIC / page-track path (vm/), applied to a copy of the package (bench/mutants.py), and
 explore run on it (PCT depth 3, per-access points) with seeds 1, 2, 3 and a budget of N (1,000)
-schedules each, bench/explore_mutants.py says how.
+schedules each, round robin over its targets: the built-in scenarios, in the designs its commands
+name, whose correct code runs a function the patch changes (bench/explore_mutants.py says how).
 
 - ``find_<scenario>``: PCT at depth 3, seed S, the hook on (kaboom: --registration bool):
   schedules to the first FAILURE (goal <= 1000) and the seconds it took
