@@ -3,7 +3,7 @@ the hand-written catalogue (bench/mutants_catalogue.py) that sits on a vCPU / AV
 (a file under vm/; the grace-period mutants of ipc/rcu.py are torture's).
 
 Each mutant is applied to a copy of the package with bench/mutants.py's machinery (``make_copy``,
-``clone``, ``apply_mutant``), and explore runs *in the copy* (a child process per mutant): PCT depth 3,
+``clone``, ``apply_mutant``), and explore runs *in the copy* (a child process per mutant): PCT depth 3 (``--depth``),
 per-access scheduling points, seeds 1, 2, 3, ``budget`` schedules per seed.
 
 The targets, chosen mechanically, the way a user who knows which file they changed would choose:
