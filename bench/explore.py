@@ -7,7 +7,8 @@ finds each built-in race.
 ``--mutants`` (issue 22): every mutant of the hand-written catalogue (bench/mutants_catalogue.py) on
 a vCPU / AVIC / page-track path (vm/), applied to a copy of the package (bench/mutants.py), and
 explore run on it (PCT depth 3, per-access points) with seeds 1, 2, 3 and a budget of N (1,000)
-schedules each, bench/explore_mutants.py says how.
+schedules each, round robin over its targets: the built-in scenarios, in the designs its commands
+name, whose correct code runs a function the patch changes (bench/explore_mutants.py says how).
 
 - ``find_<scenario>``: PCT at depth 3, seed S, the hook on (kaboom: --registration bool):
   schedules to the first FAILURE (goal <= 1000) and the seconds it took
@@ -65,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mutants", action="store_true", help="schedules explore needs per catalogue mutant and seed")
     p.add_argument("--only", default=None, help="--mutants: these mutants (comma-separated names)")
     p.add_argument("--budget", type=int, default=1000, help="--mutants: schedules per mutant and seed")
+    p.add_argument("--depth", type=int, default=None, help="--mutants: PCT depth (default: bench/explore_mutants.py DEPTH)")
     a = p.parse_args(argv)
     if a.mutants:
         from bench import explore_mutants
 
-        return explore_mutants.main(a.json, a.only.split(",") if a.only else None, a.budget)
+        return explore_mutants.main(a.json, a.only.split(",") if a.only else None, a.budget,
+                                    a.depth or explore_mutants.DEPTH)
     res = measure(a.schedules, a.seed)
     for name, _, _ in FIND:
         f, s = res[f"find_{name}"], res[f"success_{name}"]
