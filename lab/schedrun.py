@@ -257,7 +257,9 @@ class Runner:
             reasons = _reasons(s, reports, names) + [m for _, m, _ in kvm.events]
             clean = s.outcome == "done" and not any(rep["error"] for rep in reports)
             if clean:
+                n_ev = len(kvm.events)
                 reasons += [f"oracle: {f}" for f in d.oracle()]
+                reasons += [m for _, m, _ in kvm.events[n_ev:]]  # a WARN the oracle's walk raised
             if self.coverage is not None:
                 self.coverage.add_schedule(d.stats() if hasattr(d, "region") else {}, reports,
                                            tracer.names() if tracer is not None else [])
