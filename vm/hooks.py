@@ -4,7 +4,7 @@ kernel code on purpose, widenings widen a race window. One list, for the CLI's c
 
 HOOKS = {
     "no-synchronize-srcu": "bug: unregister frees notifier nodes without waiting for SRCU readers",
-    "no-synchronize-rcu": "bug: rcu-list frees tables without waiting for RCU readers",
+    "no-synchronize-rcu": "bug: rcu-list frees tables without waiting for RCU readers (with avic-reader-delay's widening)",
     "busted-lock": "bug: every lock of the VM does not lock",
     "avic-reader-delay": "widening, not a bug (a correct design still ends in SUCCESS): AVIC RCU readers "
                          "stay 100 µs in their read-side section",
