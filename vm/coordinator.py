@@ -148,6 +148,7 @@ class Coordinator:
             return []
         self.torn_down = True
         r0, w0 = len(self.reasons), len(self.warnings)  # (a poisoned read WARNs: kvm.poisoned)
+        failed = False
         for what, fn in (("design teardown", getattr(self.design, "teardown", None)),
                          ("kvm_mmu_uninit_vm", lambda: mmu.kvm_mmu_uninit_vm(self.kvm))):
             try:
@@ -155,8 +156,8 @@ class Coordinator:
                     fn()
             except Exception as e:  # teardown must not hide the run's outcome: it is part of it
                 self.reasons.append(f"{what} failed: {e!r}")
-                break
-        else:
+                failed = True
+        if not failed:  # (after a failed step the nodes it did not release say nothing new)
             self.reasons += notifier.registered_at_destroy(self.kvm)
         return self.reasons[r0:] + [f"at teardown: {w['message']}" for w in self.warnings[w0:]]
 
