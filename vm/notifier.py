@@ -276,6 +276,14 @@ def handler_entry(kvm, node: int, gen: int) -> tuple:
     return entry
 
 
+def srcu_lockdep_warn(kvm) -> None:
+    """A walk found itself outside a ``track_srcu`` read-side section: the kernel's
+    ``RCU_LOCKDEP_WARN`` in ``hlist_for_each_entry_srcu`` (a splat: LockdepError, the run's FAILURE).
+    Both walks raise it: this one and the write path's (vm/write_path.py)."""
+    raise LockdepError("lockdep: page-track notifier list (track_srcu) traversed outside an SRCU read-side "
+                       "critical section (srcu_read_lock_held() is false)")
+
+
 def walk(kvm, fn) -> int:
     """Call ``fn(handler, node)`` for every node on the list, under the SRCU read lock.
     Returns the number of nodes visited; stops at a poisoned node (reported)."""
@@ -286,8 +294,7 @@ def walk(kvm, fn) -> int:
     srcu.read_lock()
     try:
         if LOCKDEP and not srcu.reader.nesting():  # hlist_for_each_entry_srcu(..., srcu_read_lock_held())
-            raise LockdepError("lockdep: page-track notifier list (track_srcu) traversed outside an SRCU "
-                               "read-side critical section")
+            srcu_lockdep_warn(kvm)
         n = mem.load(kvm.notifier_w + L.NH_HEAD)
         while n:
             if not 0 < n <= nmax:

@@ -34,11 +34,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ipc import _prims, fuzz, trace
-from ipc.locks import LOCKDEP, LockdepError, always_held
+from ipc.locks import LOCKDEP, always_held
 from vm import layout as L
 from vm import mmu, notifier
 from vm.faults import notifier_cycle
-from vm.notifier import POISON_NEXT
+from vm.notifier import POISON_NEXT, srcu_lockdep_warn  # (srcu_lockdep_warn: a global of the bound namespace)
 
 FAULT, EMULATE, WALK = 0, 1, 2  # where a call of the write path begins (module doc)
 PAGE_SHIFT = L.PAGE_SHIFT
@@ -172,13 +172,6 @@ def _template():
             if emit and how != WALK:
                 emit(W_E)
     return _write
-
-
-def srcu_lockdep_warn(kvm) -> None:
-    """The walk found itself outside a ``track_srcu`` read-side section: the kernel's
-    ``RCU_LOCKDEP_WARN`` in ``hlist_for_each_entry_srcu`` (a splat: LockdepError, the run's FAILURE)."""
-    raise LockdepError("lockdep: page-track notifier list (track_srcu) traversed outside an SRCU read-side "
-                       "critical section (srcu_read_lock_held() is false)")
 
 
 _WRITE = _template()  # (its code and default; bind makes the functions)
