@@ -18,11 +18,10 @@ import msgspec
 import vm.avic  # noqa: F401  (registers the nested AVIC designs)
 from ipc import sched
 from ipc.sched import pool
-from vm import mmu, notifier
 from vm.config import from_dict
 from vm.coordinator import new_run_id
 from vm.kvm import Kvm
-from vm.nested import make_design
+from vm.nested import destroy_vm, make_design
 
 MAX_EVENTS = 50
 
@@ -32,12 +31,8 @@ def _teardown(d, kvm) -> list[str]:
     a failure or a WARN in it (kvm.events), a registration left (a leaked VM reference), is the
     code's bug like any other."""
     n = len(kvm.events)
-    try:
-        d.teardown()
-        mmu.kvm_mmu_uninit_vm(kvm)  # KVM's own node (v6.0), as VM destruction does
-    except Exception as e:
-        return [f"design teardown failed: {e!r}"]
-    return [f"at teardown: {m}" for _, m, _ in kvm.events[n:]] + notifier.registered_at_destroy(kvm)
+    reasons = destroy_vm(kvm, d)
+    return reasons + [f"at teardown: {m}" for _, m, _ in kvm.events[n:]]
 
 
 @dataclass

@@ -22,12 +22,12 @@ from ipc.locks import LockdepError
 from ipc.proc import forkserver_context, pid_alive, reap
 from ipc.procstat import forkserver_alive
 from ipc.rundir import make_run_dir, remove_run_dir
-from vm import faults, mmu, notifier, tracepoints
+from vm import faults, tracepoints
 from vm import layout as L
 from vm import results as R
 from vm.faults import diagnose_dead
 from vm.kvm import Kvm
-from vm.nested import make_design
+from vm.nested import destroy_vm, make_design
 
 HELLO_TIMEOUT_S = 30.0
 RESULT_TIMEOUT_S = 10.0
@@ -147,19 +147,10 @@ class Coordinator:
         if self.torn_down or self.vcpu_died or self.kvm is None or self.kvm.closed:
             return []
         self.torn_down = True
-        r0, w0 = len(self.reasons), len(self.warnings)  # (a poisoned read WARNs: kvm.poisoned)
-        failed = False
-        for what, fn in (("design teardown", getattr(self.design, "teardown", None)),
-                         ("kvm_mmu_uninit_vm", lambda: mmu.kvm_mmu_uninit_vm(self.kvm))):
-            try:
-                if fn is not None:
-                    fn()
-            except Exception as e:  # teardown must not hide the run's outcome: it is part of it
-                self.reasons.append(f"{what} failed: {e!r}")
-                failed = True
-        if not failed:  # (after a failed step the nodes it did not release say nothing new)
-            self.reasons += notifier.registered_at_destroy(self.kvm)
-        return self.reasons[r0:] + [f"at teardown: {w['message']}" for w in self.warnings[w0:]]
+        w0 = len(self.warnings)  # (a poisoned read WARNs: kvm.poisoned)
+        failed = destroy_vm(self.kvm, self.design)
+        self.reasons += failed
+        return failed + [f"at teardown: {w['message']}" for w in self.warnings[w0:]]
 
     def _local_warn(self, kind: str, message: str, data: dict) -> None:
         self.warnings.append({"vcpu": -1, "kind": kind, "message": message, "data": data})

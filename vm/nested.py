@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 
-from vm import mirror, notifier
+from vm import mirror, mmu, notifier
 from vm.page_track import PAGE_SHIFT, kvm_page_track_write_tracking_enable
 
 DESIGNS: dict[str, type] = {}
@@ -152,3 +152,22 @@ def make_design(kvm, cfg) -> NestedDesign:
             from None
     cfg.check_budget()  # now with the design's own regions (the wing may not have been imported at parse)
     return cls(kvm, cfg)
+
+
+def destroy_vm(kvm, design: NestedDesign | None) -> list[str]:
+    """VM destruction, vCPUs stopped (nobody else holds a lock): the design's teardown (unregister,
+    untrack, free), then ``kvm_mmu_uninit_vm`` (KVM's own node, v6.0), then the v6.6 leak check
+    (``notifier.registered_at_destroy``). Returns what went wrong -- a failed step (a lockdep splat
+    is one), a registration left -- as FAILURE reasons; each step runs even if the one before failed.
+    WARNs go where the caller's VM sends them. The run's coordinator and explore's schedule call it
+    before their verdict."""
+    reasons = []
+    for what, fn in (("design teardown", design.teardown if design is not None else None),
+                     ("kvm_mmu_uninit_vm", lambda: mmu.kvm_mmu_uninit_vm(kvm))):
+        try:
+            if fn is not None:
+                fn()
+        except Exception as e:  # teardown must not hide the run's outcome: it is part of it
+            reasons.append(f"{what} failed: {e!r}")
+    # (after a failed step the nodes it did not release say nothing new)
+    return reasons or notifier.registered_at_destroy(kvm)
