@@ -294,9 +294,10 @@ class Coordinator:
             self.reasons.append(f"no result from vCPU(s) {missing[:8]}")
         codes = reap(self.procs, timeout=1.0 if self.reasons else 5.0)
         self.procs = []
-        bad = [(i, c) for i, c in enumerate(codes) if c not in (0, None)]
-        if bad:
-            self.reasons.append(f"vCPU {bad[0][0]} exited with code {bad[0][1]}")
+        bad = [(i, c) for i, c in enumerate(codes) if c != 0]
+        if bad:  # None: still there after SIGKILL (uninterruptible sleep): as dead as a killed one
+            i, c = bad[0]
+            self.reasons.append(f"vCPU {i} exited with code {c}" if c is not None else f"vCPU {i} did not exit after SIGKILL")
             self.vcpu_died = True  # killed (by reap, or crashed late): it may have left locks held
 
     def finish(self, elapsed: float, scripted: bool = False) -> dict[str, Any]:

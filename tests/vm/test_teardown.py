@@ -60,3 +60,22 @@ def test_an_avic_registration_left_fails_the_schedule_under_v6_6(monkeypatch):
     res = explore(sc, "pct", 3, 1, 1, None, shrink=False)
     assert res["verdict"] == "FAILURE"
     assert any("still registered at VM destruction" in r for r in res["reasons"]), res["reasons"]
+
+
+def test_a_vcpu_still_there_after_sigkill_counts_as_dead(monkeypatch):
+    """``reap`` returns None for a process SIGKILL did not take (uninterruptible sleep): it may
+    still hold locks, so the run is a FAILURE and neither the oracle nor teardown touches them."""
+    from vm import coordinator
+
+    real = coordinator.reap
+
+    def reap_one_stuck(procs, timeout=5.0):
+        codes = real(procs, timeout)
+        return [None, *codes[1:]]
+
+    monkeypatch.setattr(coordinator, "reap", reap_one_stuck)
+    cfg = from_dict({"vcpus": 2, "memory_mib": 4, "notifiers": 1, "tracked_pages": 4, "l2s": 2})
+    res = _script(cfg, [(0, "read", {"gpa": 0})])
+    assert res["verdict"] == "FAILURE"
+    assert "vCPU 0 did not exit after SIGKILL" in res["reasons"], res["reasons"]
+    assert any("oracle skipped" in r for r in res["reasons"]), res["reasons"]
