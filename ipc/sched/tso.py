@@ -13,14 +13,19 @@ has (Owens, Sarkar, Sewell, "A better x86 memory model: x86-TSO", TPHOLs 2009):
   ``_prims.smp_mb`` drain the buffer first (after their scheduling point: the point is "about to",
   other processes may run while the stores are still buffered);
 - so does every other synchronization primitive of a scheduled process (conservative: a drain only
-  removes reorderings, it can never make a false FAILURE): lock / rw-lock acquire and release, RCU /
-  SRCU read lock / unlock, the grace-period reader scan, futex wait / wake, a bulk ``write``, a
-  blocked retry (``sched_yield`` spin waits, lock waits) and an idle turn (a vCPU left in L2: whoever
-  spins on its words must see them, or the schedule would end in a false deadlock);
-- at each of the process' own scheduling points the oldest entry is written to memory with
-  probability ``FLUSH_P``, drawn from an RNG seeded by the schedule's memory seed and the client's
-  index (the same schedule replays the same flushes), and whenever the buffer holds more than
-  ``BOUND`` entries;
+  removes reorderings, it can never make a false FAILURE): every lock acquire, ``mutex_unlock`` and
+  ``read_unlock`` (locked instructions on x86), RCU / SRCU read lock / unlock, the grace-period reader
+  scan, futex wait / wake, a bulk ``write``, a blocked retry (``sched_yield`` spin waits, lock waits)
+  and an idle turn (a vCPU left in L2: whoever spins on its words must see them, or the schedule
+  would end in a false deadlock);
+- ``spin_unlock`` and ``write_unlock`` are what x86 Linux makes them, a store-release (one plain
+  store: ``queued_spin_unlock``, ``queued_write_unlock``): the release goes into the buffer behind the
+  critical section's stores and the lock is free in memory once it is written (:class:`FencedLock`);
+  so a store made before a spin_unlock can still be invisible at a load after it, as on x86;
+- at each of the process' own scheduling points the oldest entry is written to memory with a
+  probability drawn per process and schedule from ``FLUSH_PS`` (1.0: every entry), from an RNG
+  seeded by the schedule's memory seed and the client's index (the same schedule replays the same
+  flushes), and whenever the buffer holds more than ``BOUND`` entries;
 - at the end of the process' program everything left is written (the final oracle and teardown read
   memory after every process ended).
 
@@ -45,7 +50,10 @@ from ipc.sched.points import SharedPoints
 MODELS = ("sc", "tso")
 MODEL = "sc"  # the memory model of the processes forked from now on (set_model)
 BOUND = 8  # entries a store buffer holds at most (oldest written first)
-FLUSH_P = 0.25  # chance that a process writes its oldest entry at one of its own scheduling points
+# per process and schedule, drawn at its start: the chance that it writes its oldest entry at one
+# of its own scheduling points; 1.0 = it writes every entry there (an eager buffer: the others'
+# lazy buffers then hold their stores across its whole critical sections)
+FLUSH_PS = (0.05, 0.25, 1.0)
 H_SEED = 5  # the turnstile's header word (ipc.sched: reserved) that holds the schedule's memory seed
 
 
@@ -66,6 +74,7 @@ class StoreBuffer:
         self.q: deque[tuple[int, object, int, int]] = deque()
         self.last: dict[int, list[int]] = {}  # location -> [newest value, entries]
         self.rng = random.Random(0)
+        self.p = FLUSH_PS[0]
         self.flushed = self.forwarded = 0
 
     def begin(self, seed: int, index: int) -> None:
@@ -73,6 +82,7 @@ class StoreBuffer:
         self.q.clear()
         self.last.clear()
         self.rng.seed(seed * 1_000_003 + index)
+        self.p = self.rng.choice(FLUSH_PS)
 
     def put(self, loc: int, mem, w: int, v: int) -> None:
         self.q.append((loc, mem, w, v))
@@ -85,8 +95,18 @@ class StoreBuffer:
         if len(self.q) > BOUND:
             self.flush_one()
 
+    def act(self, fn) -> None:
+        """A store that is an action (a lock's release store): ``fn()`` when it is written."""
+        self.q.append((-1, None, fn, 0))
+        if len(self.q) > BOUND:
+            self.flush_one()
+
     def flush_one(self) -> None:
         loc, mem, w, v = self.q.popleft()
+        if mem is None:
+            self.flushed += 1
+            w()
+            return
         mem.store(w, v)
         e = self.last[loc]
         e[1] -= 1
@@ -99,9 +119,10 @@ class StoreBuffer:
             self.flush_one()
 
     def tick(self) -> None:
-        """One of this process' scheduling points: maybe write the oldest entry."""
-        if self.q and self.rng.random() < FLUSH_P:
-            self.flush_one()
+        """One of this process' scheduling points: maybe write the oldest entry (every entry, if
+        this schedule made the buffer eager)."""
+        if self.q and self.rng.random() < self.p:
+            self.drain() if self.p >= 1.0 else self.flush_one()
 
     def discard(self) -> None:
         """The schedule was aborted: nothing more reaches memory."""
@@ -184,15 +205,32 @@ def _drained(fn, drain):
 
 
 class FencedLock:
-    """A lock (``ipc.locks``) whose acquire and release attempts drain the store buffer first (a
-    locked instruction / a release after a full barrier in the C primitives)."""
+    """A lock (``ipc.locks``) as x86 Linux implements it: every acquire is a locked instruction
+    (drain first); ``mutex_unlock`` and ``read_unlock`` are locked too; ``spin_unlock`` and
+    ``write_unlock`` are a store-release (``queued_spin_unlock``, ``queued_write_unlock``: one plain
+    store), which goes into the store buffer behind the critical section's stores: the lock is
+    released in memory when that entry is written. Until then this process does not hold it
+    (``is_held`` is false: lockdep), while the others still find it held."""
 
     def __init__(self, inner, buf: StoreBuffer):
-        self._inner = inner
+        self._inner, self._buf, self._pending = inner, buf, 0
         drain = buf.drain
         for attr in ("trylock", "unlock", "read_trylock", "read_unlock", "lock", "read_lock"):
             if hasattr(inner, attr):
                 setattr(self, attr, _drained(getattr(inner, attr), drain))
+        if "Mutex" not in type(inner).__name__:  # SpinLock, RwLock (write side): a release store
+            self.unlock = self._release_store
+
+    def _release_store(self) -> None:
+        self._pending += 1
+        self._buf.act(self._released)
+
+    def _released(self) -> None:
+        self._pending -= 1
+        self._inner.unlock()
+
+    def is_held(self) -> bool:
+        return not self._pending and self._inner.is_held()
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
@@ -226,7 +264,7 @@ def fence_lock(lock, client):
     buf = getattr(client, "tso", None)
     if buf is not None:
         lock.inner = FencedLock(lock.inner, buf)
-        for attr in ("trylock", "read_trylock"):
+        for attr in ("trylock", "read_trylock", "is_held"):
             if hasattr(lock, attr):
                 setattr(lock, attr, getattr(lock.inner, attr))
     return lock
