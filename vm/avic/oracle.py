@@ -406,10 +406,10 @@ def check_reloaded(d, t: int, targets: list[tuple[int, int]], m=None) -> None:
                        f"vCPU {v} still in L2 on erased shadow physid table slot {t} (gfn {gfn:#x}) after "
                        f"kvm_make_all_cpus_request(KVM_REQ_APIC_PAGE_RELOAD) returned: the request did not "
                        f"wait for it to leave, its pages are unpinned under the hardware", vcpu=v, table=t)
-    _check_missed(d, t, targets)
+    check_missed(d, t, targets)
 
 
-def _check_missed(d, t: int, targets) -> None:
+def check_missed(d, t: int, targets) -> None:
     """The vCPUs the request did not kick: none may be in an L2 run on erased table ``t`` that it
     committed to (its request check found nothing) without having served this request. The entry's
     full barrier (the L2 seqcount's locked increment before the request check) and the request's
