@@ -111,7 +111,6 @@ def dilate_arg(s: str) -> str | float:
     return "off" if v == 1 else v
 
 
-
 REPLAY_EXITS = ("exit codes: 0 SUCCESS (no longer fails); 1 FAILURE (the code's failure); 2 bad input, one line: "
                 "unreadable, edited (its [schedule] hash does not match its body), an unknown hook, vcpus that disagree "
                 "with the programs, steps after the failing one, max_steps below the failing step, or a schedule the "
@@ -315,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--hook", action="append", default=[], choices=sorted(HOOKS), metavar="HOOK", help=HOOK_HELP)
     ex.add_argument("--max-steps", dest="max_steps", type=int_range(10, 10_000_000, "--max-steps"), default=5000,
                     help="step bound per schedule (default 5000)")
+    ex.add_argument("--memory-model", dest="memory_model", choices=["sc", "tso"], default="sc", help="sc (default): every access reaches memory at once; tso: a FIFO store buffer per vCPU process (x86-TSO, docs/explore.md)")
     ex.add_argument("--json", metavar="PATH", default=None, help="write the summary as JSON")
     _add_trace_arg(ex)
     rpl = sub.add_parser("replay", help="re-execute a failing-schedule.toml exactly", epilog=REPLAY_EXITS)

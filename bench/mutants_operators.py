@@ -148,6 +148,21 @@ EXPLORES = {
     "vm/page_track.py": (_explore(TRACK_STORE),),
     "vm/notifier.py": (_explore("memslot"),),  # walk(): a memslot's track_remove_region, never in a run
 }
+#: under the memory model tso (docs/explore.md "Memory model"): a FIFO store buffer per vCPU process,
+#: the only way to see a store -> load barrier dropped (Dekker: _set_running's V_LOADED before the
+#: vref counts against _vref's locked increment; a VMRUN's entry against a reload request; the
+#: caller's unlink before get_state's snapshot: synchronize_srcu after write_unlock in `notifier`)
+FLIPS = "bench/scenario-flips.toml"  # `running` with four rounds of flips against syncs
+TSO_EXPLORES = {
+    "vm/avic/guest.py": (_explore("running", "--design", "rcu-list", "--memory-model", "tso"),
+                         _explore("invalidate", "--memory-model", "tso"),
+                         _explore(FLIPS, "--design", "rcu-list", "--memory-model", "tso")),
+    "vm/avic/pool.py": (_explore("running", "--design", "rcu-list", "--memory-model", "tso"),
+                        _explore(FLIPS, "--design", "rcu-list", "--memory-model", "tso")),
+    "ipc/rcu.py": (_explore("notifier", "--memory-model", "tso"),),
+}
+for _rel, _cmds in TSO_EXPLORES.items():
+    EXPLORES[_rel] = EXPLORES.get(_rel, ()) + _cmds
 
 
 #: a design's teardown releases its registrations: under page_track v6.6 one left behind holds a VM

@@ -20,7 +20,8 @@ import sys
 import time
 
 from ipc import sched
-from ipc.sched import strategies
+from ipc.errors import UsageError
+from ipc.sched import strategies, tso
 from lab import schedtrace
 from lab.outputs import write_atomic
 from lab.pathcov import Coverage, format_summary
@@ -52,7 +53,7 @@ def _strategy(name: str, seed: int, n: int, depth: int, k: int, footprint=None):
 def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, schedules: int = DEFAULT_SCHEDULES,
             seed: int = 1, out: str | None = None, max_steps: int = MAX_STEPS, quiet: bool = False,
             trace: str | None = None, progress=None, points: str = "access", calibrate: int = CALIBRATE,
-            dedup: bool = True, shrink: bool = True, coverage: bool = False) -> dict:
+            dedup: bool = True, shrink: bool = True, coverage: bool = False, memory_model: str = "sc") -> dict:
     """Run up to ``schedules`` distinct schedules; stop at the first FAILURE. Returns a summary dict.
     The failing schedule's trace goes beside ``failing-schedule.toml`` (JSON + text) and to ``trace``.
     ``progress(done, total, steps, elapsed_s)`` is called after every schedule. A FAILURE is shrunk
@@ -65,16 +66,28 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
     draws its change points over that many decisions. A drawn schedule that would repeat one
     already run is skipped before it runs (``dedup``) and counted (``duplicates``,
     ``skipped_draw_fraction`` of the draws); ``duplicate_fraction``: the schedules run that repeated
-    one run before (by the hash of the choice sequence); at most ``DRAW_FACTOR`` draws per schedule."""
+    one run before (by the hash of the choice sequence); at most ``DRAW_FACTOR`` draws per schedule.
+
+    ``memory_model``: ``sc`` (every access reaches memory when it happens) or ``tso`` (a store buffer
+    per vCPU process, x86-TSO: ipc/sched/tso.py; its flushes are seeded by the schedule's seed, which
+    the failing-schedule file keeps as ``memory_seed``)."""
     check(sc)
+    # under tso a schedule is its choices and its memory seed: the same choices with another seed
+    # flush other stores at other points (no repeat), so no draw is skipped as one
+    dedup = dedup and memory_model == "sc"
+    if memory_model not in tso.MODELS:
+        raise UsageError(f"explore: unknown memory model {memory_model!r} ({', '.join(tso.MODELS)})")
+    if memory_model == "tso" and points != "access":
+        raise UsageError("explore: the memory model tso needs a scheduling point at every access (points access)")
     t0 = time.monotonic()
     steps = k_max = k_used = covered = retries = ran = drawn = dups = turns = 0
     k_est = 0  # PCT draws its change points over this many decisions: the most a schedule had so far
     fp, history = strategies.Footprint(), strategies.History()
     seen: set[int] | None = set()  # hashes of the interleavings run (None: past DISTINCT_CAP)
     res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks),
-           "points": points}
+           "points": points, "memory_model": memory_model}
     old_points = sched.set_points(points)  # the vCPU processes are forked with it
+    old_model = tso.set_model(memory_model)  # and with their store buffers (tso)
     try:
         cov = Coverage(functions=True) if coverage else None
         with Runner(sc, coverage=cov) as runner:
@@ -87,6 +100,7 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                 if dedup and history.seen(strat):
                     dups += 1
                     continue
+                runner.memory_seed = sseed  # (tso: the flushes of this schedule, its shrinking and replay)
                 o = runner.run(strat, max_steps)
                 ran += 1
                 history.add(strat)
@@ -118,6 +132,7 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                         save(res["file"], sc, {"strategy": "random" if cal else strategy, "depth": depth, "seed": seed,
                                                "schedule": drawn - 1, "schedule_seed": sseed, "steps": len(o.log),
                                                "max_steps": max_steps, "points": points,
+                                               "memory_model": memory_model, "memory_seed": sseed,
                                                # a hang / crash depends on timing: its steps do not repeat it
                                                "replayable": o.sched_outcome not in ("hang", "crash"), **shrunk},
                              o.log, o.reasons)
@@ -130,6 +145,7 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                 res.update(verdict="SUCCESS", schedules=ran, reasons=[])
     finally:
         sched.set_points(old_points)
+        tso.set_model(old_model)
     if cov is not None:
         res["coverage"] = cov.summary()
     el = time.monotonic() - t0
@@ -292,7 +308,8 @@ def success_line(res: dict) -> str:
         what = (f"PCT depth {dd}, {BOUND_SCOPE}: each schedule finds a depth-{dd} bug with probability ≥ "
                 f"{b['p_per_schedule']:.3g}; {over} miss it with probability ≤ "
                 f"{_fmt_p(b['p_miss_all'], b['p_find_any'])}")
-    return f"SUCCESS: no failure in {n:,} schedule{'s' if n != 1 else ''}{distinct} ({what})"
+    mm = ", memory model tso" if res.get("memory_model") == "tso" else ""
+    return f"SUCCESS: no failure in {n:,} schedule{'s' if n != 1 else ''}{distinct}{mm} ({what})"
 
 
 def main(args) -> int:
@@ -306,13 +323,14 @@ def main(args) -> int:
     with Progress(sc.name, args.schedules) as progress:
         res = explore(sc, args.strategy, args.depth, args.schedules, args.seed, args.out, args.max_steps,
                       trace=args.trace, progress=progress, shrink=getattr(args, "shrink", True),
-                      coverage=getattr(args, "coverage", False))
+                      coverage=getattr(args, "coverage", False), memory_model=getattr(args, "memory_model", "sc"))
     if args.json:
         write_atomic(args.json, json.dumps({k: v for k, v in res.items() if k != "log"}, indent=1),
                      what="explore's results", flag="--json")
     if res["verdict"] == "FAILURE":
         print(f"FAILURE after {res['schedules_to_failure']} schedule(s) ({res['strategy']}, depth {res['depth']},"
-              f" seed {res['seed']}): {res['reasons'][0] if res['reasons'] else '?'}")
+              f" seed {res['seed']}{', memory model tso' if res['memory_model'] == 'tso' else ''}): "
+              f"{res['reasons'][0] if res['reasons'] else '?'}")
         print(f"the failing interleaving (last {min(SHOW_STEPS, len(res['log']))} of {len(res['log'])} steps; "
               "vCPU about to pass the point, [its op]):")
         print("\n".join(format_log(res["log"])))

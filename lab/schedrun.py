@@ -17,7 +17,7 @@ import msgspec
 
 import vm.avic  # noqa: F401  (registers the nested AVIC designs)
 from ipc import sched
-from ipc.sched import pool
+from ipc.sched import pool, tso
 from vm.config import from_dict
 from vm.coordinator import new_run_id
 from vm.kvm import Kvm
@@ -99,6 +99,7 @@ def _vcpu_body(sc: Scenario, cfg, base: str, coverage: bool = False):
         report: dict = {"vcpu": v, "error": None, "events": [], "log": [], "names": {}, "aborted": False}
         kvm = d = None
         client.turns = 0
+        tso.begin(client)  # under the memory model tso: an empty store buffer, this schedule's flushes
         turns: list[int] = []  # per event of kvm.events: the vCPU's turns when it was seen (for the trace)
         tracer = None
         if coverage:
@@ -135,6 +136,7 @@ def _vcpu_body(sc: Scenario, cfg, base: str, coverage: bool = False):
             if tracer is not None:
                 tracer.stop()
                 report["fns"] = tracer.names()
+            tso.settle(client, report["aborted"])  # its buffered stores reach memory before the VM is detached
             if kvm is not None:
                 report["events"] = [m for _, m, _ in kvm.events[:MAX_EVENTS]]
                 report["gp"] = {n: [dom.gps, dom.shared_gps] for n, dom in kvm.domains.items()}
@@ -195,6 +197,7 @@ class Runner:
         self.pool: pool.Pool | None = None
         self.base = ""
         self.coverage = coverage  # lab.pathcov.Coverage: what each schedule reached is added to it
+        self.memory_seed = 0  # seeds the store buffers' flushes under the memory model tso (ipc/sched/tso.py)
 
     def _pool(self) -> pool.Pool:
         if self.pool is not None and self.pool.broken:
@@ -234,6 +237,7 @@ class Runner:
                 tracer = Tracer()
                 tracer.start()
             try:
+                tso.announce(pool.region, pool.hdr, self.memory_seed)
                 s, raw = pool.run(strategy, max_steps, check=check, wake=kick)
             finally:
                 if tracer is not None:

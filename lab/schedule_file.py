@@ -25,7 +25,7 @@ import tomllib
 
 from ipc import sched
 from ipc.errors import UsageError
-from ipc.sched import strategies
+from ipc.sched import strategies, tso
 from lab import schedtrace
 from lab.outputs import write_atomic
 from lab.scenarios import EXECUTOR, check, title
@@ -71,9 +71,13 @@ def _toml_value(x) -> str:
     raise TypeError(f"cannot write {type(x).__name__} to TOML")
 
 
-def body_hash(scenario: dict, steps: list, max_steps) -> str:
-    """SHA-256 of what decides the replay: the scenario, the steps and the step bound."""
+def body_hash(scenario: dict, steps: list, max_steps, memory: dict | None = None) -> str:
+    """SHA-256 of what decides the replay: the scenario, the steps and the step bound; and under the
+    memory model tso, the model and its seed (``memory``: the [explore] table; a file without them,
+    or with ``memory_model = "sc"``, is hashed as before there were memory models)."""
     doc = {"scenario": scenario, "steps": [[int(v), str(n)] for v, n in steps], "max_steps": max_steps}
+    if memory is not None and memory.get("memory_model", "sc") != "sc":
+        doc.update(memory_model=memory["memory_model"], memory_seed=memory.get("memory_seed"))
     return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -87,7 +91,7 @@ def save(path: str, sc: Scenario, meta: dict, log: list[tuple[int, str, bool]], 
     ``original_steps`` / ``original_switches`` / ``switches``)."""
     steps = [(v, n) for v, n, _ in log]
     meta = {**meta, "steps": len(steps), "switches": switches(log)}
-    digest = body_hash(json.loads(json.dumps(_scenario_doc(sc))), steps, meta.get("max_steps"))
+    digest = body_hash(json.loads(json.dumps(_scenario_doc(sc))), steps, meta.get("max_steps"), meta)
     lines = ["# failing schedule of `launch.py explore`; re-run it with `launch.py replay` this file",
              "# (an edit of [scenario], [schedule] or max_steps no longer matches [schedule] hash: refused)",
              "[scenario]", f"name = {_toml_value(sc.name)}", f"executor = {_toml_value(sc.executor)}",
@@ -106,7 +110,8 @@ def rehash(path: str) -> None:
     """Re-seal a file after a deliberate edit (tests: a schedule the code no longer follows)."""
     with open(path, "rb") as f:
         doc = tomllib.load(f)
-    digest = body_hash(doc["scenario"], doc["schedule"]["steps"], doc.get("explore", {}).get("max_steps"))
+    ex = doc.get("explore", {})
+    digest = body_hash(doc["scenario"], doc["schedule"]["steps"], ex.get("max_steps"), ex)
     text = open(path, encoding="utf-8").read()
     old = doc["schedule"]["hash"]
     with open(path, "w", encoding="utf-8") as f:
@@ -140,7 +145,7 @@ def load(path: str) -> tuple[Scenario, list[tuple[int, str]], dict]:
         raise bad(f"not a failing-schedule file ({type(e).__name__}: {e})") from None
     if digest is None:
         raise bad("no [schedule] hash (written by an older explore: run the explore again)")
-    if digest != body_hash(s, doc["schedule"]["steps"], ex.get("max_steps")):
+    if digest != body_hash(s, doc["schedule"]["steps"], ex.get("max_steps"), ex):
         raise bad("edited: its [scenario], [schedule] steps or max_steps do not match its [schedule] hash "
                   "(a schedule is replayed as explore saved it; run the explore again)")
     if sc.executor != EXECUTOR:
@@ -169,6 +174,11 @@ def load(path: str) -> tuple[Scenario, list[tuple[int, str]], dict]:
     bound = ex.get("max_steps", len(schedule) + 1)
     if type(bound) is not int or bound < 1:
         raise bad("[explore] max_steps must be a positive integer")
+    model = ex.get("memory_model", "sc")  # a file from before memory models: sequentially consistent
+    if model not in tso.MODELS:
+        raise bad(f"[explore] memory_model {model!r} is not one of {', '.join(tso.MODELS)}")
+    if model == "tso" and type(ex.get("memory_seed")) is not int:
+        raise bad("[explore] memory_seed must be an integer (memory model tso: it seeds the store buffers' flushes)")
     if bound < saved:
         raise bad(f"max_steps = {bound} is below the failing step {saved}")
     return sc, schedule, doc
@@ -198,6 +208,8 @@ def replay(path: str, trace: str | None = None, hang_s: float = HANG_S) -> dict:
     seen_stopped: set[int] = set()  # vCPU processes seen stopped (state T) while the schedule ran
     done = threading.Event()
     with Runner(sc, hang_s=hang_s) as runner:
+        runner.memory_seed = ex.get("memory_seed", 0)  # (memory model tso: the store buffers' flushes)
+
         def watch() -> None:  # the pool kills a hung schedule's processes: look while it runs
             while not done.wait(0.05):
                 p = runner.pool
@@ -206,11 +218,13 @@ def replay(path: str, trace: str | None = None, hang_s: float = HANG_S) -> dict:
 
         w = threading.Thread(target=watch, daemon=True)
         w.start()
+        old_model = tso.set_model(ex.get("memory_model", "sc"))  # the vCPU processes are forked with it
         try:
             o = runner.run(strategies.Replay([(v, sched.point_id(n)) for v, n in schedule]), bound)
         finally:
             done.set()
             w.join()
+            tso.set_model(old_model)
     stopped = sorted(seen_stopped)
     expected = {sched.point_id(n): n for _, n in schedule}
     reasons = [name_points(r, expected) for r in o.reasons]
@@ -230,6 +244,7 @@ def replay(path: str, trace: str | None = None, hang_s: float = HANG_S) -> dict:
     return {"verdict": verdict, "reasons": reasons, "log": o.log, "steps": len(o.log),
             "expected": doc.get("result", {}).get("diagnosis", []), "seconds": round(o.seconds, 3),
             "sched_outcome": o.sched_outcome, "original_steps": ex.get("original_steps"),
+            "memory_model": ex.get("memory_model", "sc"),
             "exit": EXIT[verdict]}
 
 

@@ -47,10 +47,8 @@ point that is no access, a block, the end). The interleaving is the one the stra
 chosen step by step (a replay hands out every step, and repeats it); the sampling checker just does
 not run between two such steps.
 
-Which accesses are points: ``shared_points`` wraps a region's ``Mem`` (ipc/sched/points.py): in
-mode ``access`` (``POINTS``, explore's default) every load / store / read-modify-write of the
-code under test's shared state, in mode ``atomic`` the read-modify-writes only; the words a layout
-declares as statistics never.
+Which accesses are points: ``shared_points`` wraps a region's ``Mem`` (ipc/sched/points.py, mode
+``POINTS``); under the memory model ``tso`` (ipc/sched/tso.py) each client has a store buffer.
 """
 
 from __future__ import annotations
@@ -59,6 +57,7 @@ import os
 import zlib
 
 from ipc import _prims, fuzz
+from ipc.sched import tso
 from ipc.sched.points import (
     K_LOAD,
     K_NONE,
@@ -323,7 +322,7 @@ def shared_points(region, what: str, statistics: dict):
         return region.mem
     if not hasattr(ACTIVE, "access"):  # the virtual clock (ipc/vtime.py): priced points, not scheduled ones
         return PricedPoints(region.mem, ACTIVE.hit, what)
-    return SharedPoints(region, ACTIVE, what, statistics, POINTS)
+    return (tso.TsoPoints if getattr(ACTIVE, "tso", None) else SharedPoints)(region, ACTIVE, what, statistics, POINTS)
 
 
 def set_points(mode: str) -> str:
@@ -341,7 +340,7 @@ def wrap_domain(domain, client: Client) -> None:
     name = domain.name
     gp_key = f"{name}: grace period"
     if domain.reader is not None:
-        lock, unlock = domain.reader.lock, domain.reader.unlock
+        lock, unlock = tso.fenced(domain.reader.lock, client), tso.fenced(domain.reader.unlock, client)
 
         def read_lock() -> None:
             client.hit(f"{name}: read_lock")
@@ -377,6 +376,7 @@ def install(client: Client) -> None:
     ACTIVE = client
     fuzz.ACTIVE = client
     _prims.sched_yield = lambda: client.block("sched_yield (spin wait)")
+    tso.install(client)  # under the memory model tso: its store buffer and drains
 
 
 def wrap_lock(lock, name: str | None, mem=None, stats_word: int = -1):
@@ -386,7 +386,7 @@ def wrap_lock(lock, name: str | None, mem=None, stats_word: int = -1):
     if c is None:
         return lock
     cls = SchedRwLock if hasattr(lock, "read_lock") else SchedLock
-    return cls(lock, c, name or f"lock@{id(lock):x}", mem, stats_word)
+    return tso.fence_lock(cls(lock, c, name or f"lock@{id(lock):x}", mem, stats_word), c)
 
 
 # -- scheduler side --------------------------------------------------------------------------

@@ -168,8 +168,10 @@ class AvicDesign(TablePool, TableErase, GuestEntry, L1Writes, Registration, Nest
                            for t in range(self.nt)]
         # scheduled (ipc/sched): accesses of the shared AVIC state are scheduling points (all, or the
         # RMWs: sched.POINTS); the declared statistics words (STATISTICS) and the stats / checker
-        # words reached through _smem are not
-        self._smem, self.amem = region.mem, sched.shared_points(region, "avic", STATISTICS)
+        # words reached through _smem are not (under the memory model tso its loads still see this
+        # process' own buffered stores: ipc/sched/tso.py PlainView)
+        self.amem = sched.shared_points(region, "avic", STATISTICS)
+        self._smem = getattr(self.amem, "plain", region.mem)
 
     def _attach(self) -> None:
         if self.region is None or self.region.closed:

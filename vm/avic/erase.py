@@ -5,6 +5,7 @@ vm/avic/pool.py (the table pool) and vm/avic/guest.py (``_request_reload_all`` /
 from __future__ import annotations
 
 from ipc import _prims, fuzz
+from vm.avic import oracle
 from vm.avic.table import (
     AVIC_BACKING_MASK,
     AVIC_VALID,
@@ -67,6 +68,8 @@ class TableErase:
         seq = m.fetch_add(self.hdr0 + H_REQSEQ, 1) + 1  # the request this erase owes its table's users
         m.store(b + T_REQSEQ, seq)
         targets = None if (self.flood_race and why == "flood_drop") else self._request_reload_all(seq)
+        if targets is not None:  # no vCPU in L2 on t unseen by the scan (none kicked: no wait checks it)
+            oracle.check_missed(self, t, targets)
         if targets:  # owed a KVM_REQUEST_WAIT before the write completes (oracle.check_write_done)
             self.reload_owed.append((t, targets))
         self._seq_end()

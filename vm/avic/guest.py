@@ -24,6 +24,8 @@ from vm.avic.table import (
     TW,
     UNTRACKED,
     V_CUR,
+    V_GSEEN,
+    V_GT,
     V_INGUEST,
     V_INL2,
     V_L2SEQ,
@@ -37,6 +39,13 @@ from vm.avic.table import (
 from vm.nested import table_gfn
 
 RELOAD_WAIT_NS = 10_000_000_000  # KVM_REQUEST_WAIT: a vCPU still in L2 after this is WARNed about
+
+
+class ReloadTargets(list):
+    """The vCPUs a reload request kicked, as (vCPU, its L2 seqcount), and the request's number
+    (``seq``): ``oracle.check_reloaded`` also looks at the vCPUs it did not kick."""
+
+    seq = 0
 
 
 class GuestEntry:
@@ -74,8 +83,11 @@ class GuestEntry:
         w = self.vw0 + v * VW + V_RELOAD
         # consumed with an atomic exchange (kvm_check_request: clear_bit + smp_mb__after_atomic): a
         # plain store of 0 could drain after a new request's store and wipe it (review F2)
-        if self.amem.load(w) and self.amem.xchg(w, 0):
+        r = self.amem.load(w) and self.amem.xchg(w, 0)
+        if r:
             self.kvm.count("reloads")
+            g = self.vw0 + v * VW + V_GSEEN  # (oracle: the requests served, for check_reloaded)
+            self._smem.store(g, max(r, self._smem.load(g)))
 
     def _make_ready(self, v: int, t: int) -> bool:
         """Bring the table the vCPU holds a reference on to VALID: write-protect it if it is not
@@ -154,6 +166,7 @@ class GuestEntry:
                 break
             m.fetch_add(vw + V_L2SEQ, 1)  # a request came: cancel the entry, serve it, try again
             m.store(vw + V_INL2, 0)
+        self._smem.store(vw + V_GT, t + 1)  # (oracle: committed to this L2 run, for check_reloaded)
         oracle.check_vmrun(self, vcpu, t, l2, gfn)
 
     def kick_exit(self, vcpu: int) -> bool:
@@ -174,6 +187,7 @@ class GuestEntry:
         if t < 0:
             return False
         oracle.check_vmexit(self, vcpu, t)
+        self._smem.store(vw + V_GT, 0)  # (oracle: before the seqcount says it left)
         m.fetch_add(vw + V_L2SEQ, 1)
         m.store(vw + V_INL2, 0)
         return True
@@ -213,7 +227,8 @@ class GuestEntry:
                     break
                 cur = found
         _prims.smp_mb()  # pairs with the barrier between a vCPU's entry into L2 and its request check
-        targets = []
+        targets = ReloadTargets()
+        targets.seq = seq
         for v in range(self.nvcpus):
             s = m.load(self.vw0 + v * VW + V_L2SEQ)
             if s & 1:

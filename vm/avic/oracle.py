@@ -67,6 +67,8 @@ from vm.avic.table import (
     TRACKING,
     TW,
     V_CUR,
+    V_GSEEN,
+    V_GT,
     V_INGUEST,
     V_INL2,
     V_L2SEQ,
@@ -404,6 +406,30 @@ def check_reloaded(d, t: int, targets: list[tuple[int, int]], m=None) -> None:
                        f"vCPU {v} still in L2 on erased shadow physid table slot {t} (gfn {gfn:#x}) after "
                        f"kvm_make_all_cpus_request(KVM_REQ_APIC_PAGE_RELOAD) returned: the request did not "
                        f"wait for it to leave, its pages are unpinned under the hardware", vcpu=v, table=t)
+    check_missed(d, t, targets)
+
+
+def check_missed(d, t: int, targets) -> None:
+    """The vCPUs the request did not kick: none may be in an L2 run on erased table ``t`` that it
+    committed to (its request check found nothing) without having served this request. The entry's
+    full barrier (the L2 seqcount's locked increment before the request check) and the request's
+    (before the scan of the seqcounts) make one of the two see the other: a vCPU that missed the
+    request was seen in L2 and kicked. Read from the vCPU's own record (``V_GT``, ``V_GSEEN``,
+    written without a scheduling point at the moment it committed / served): a store buffer that
+    still hides its seqcount from the scan does not hide this (docs/explore.md, memory model tso)."""
+    seq = getattr(targets, "seq", 0)
+    if not seq:
+        return
+    kicked = {v for v, _ in targets}
+    sm = d._smem
+    for v in range(d.nvcpus):
+        vw = d.vw0 + v * VW
+        if v not in kicked and sm.load(vw + V_GT) == t + 1 and sm.load(vw + V_GSEEN) < seq:
+            sm.fetch_add(d.hdr0 + H_RELOAD_BAD, 1)
+            d.kvm.warn("l2_on_erased_table",
+                       f"vCPU {v} in L2 on erased shadow physid table slot {t} since before reload request "
+                       f"{seq} (its request check did not see it) and not kicked by it: the request's scan "
+                       f"did not see it enter L2 (entry and request not ordered store -> load)", vcpu=v, table=t)
 
 
 def check_write_done(d) -> None:

@@ -100,6 +100,9 @@ V_PROC = 7           # tag of the process running this vCPU (set at nested VMRUN
                      # wait services a vCPU of its own process inline (one process, several vCPUs)
 V_L2SEQ = 8          # seqcount of L2 runs: odd from nested VMRUN (table ready) to VMEXIT
 V_STEER = 9          # flood hooks: the vCPU waits in a flood-drop steer (1; 0 = not): it cannot enter L2
+V_GT = 10            # oracle (written through _smem only, no point): the table (index + 1) of the L2 run
+                     # this vCPU committed to (its request check found none), from then to its VM exit
+V_GSEEN = 11         # oracle: the newest reload request number this vCPU has consumed (served)
 VW = 16
 
 # -- table header words (avic.tables[t]) -----------------------------------------------------
