@@ -25,7 +25,7 @@ from lab import schedtrace
 from lab.outputs import write_atomic
 from lab.pathcov import Coverage, format_summary
 from lab.scenarios import BUILTINS, builtin, check, free, from_toml, title  # noqa: F401  (re-exported)
-from lab.schedrun import Runner, Scenario, describe
+from lab.schedrun import Runner, Scenario, describe, op_locations
 from lab.schedule_file import format_log, load, main_replay, replay, save, switches  # noqa: F401  (re-exported)
 from lab.shrink import Guided, shrink_failure
 
@@ -70,7 +70,7 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
     t0 = time.monotonic()
     steps = k_max = k_used = covered = retries = ran = drawn = dups = turns = 0
     k_est = 0  # PCT draws its change points over this many decisions: the most a schedule had so far
-    fp, history = strategies.Footprint(), strategies.History()
+    fp, history = strategies.Footprint(ops=op_locations(sc)), strategies.History()
     seen: set[int] | None = set()  # hashes of the interleavings run (None: past DISTINCT_CAP)
     res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks),
            "points": points}

@@ -42,19 +42,30 @@ from __future__ import annotations
 
 import random
 
-from ipc.sched.points import K_LOAD, K_NONE
+import numpy as np
+
+from ipc.sched.points import K_DONE, K_LOAD, K_NONE, K_STORE, RACY_T, RACY_W, RACY_WORDS, racy_pos
 
 STRATEGIES = ("pct", "random")
 
 
 class Footprint:
     """Per location, the bit masks of the clients that read / wrote it (over every schedule so
-    far); an :meth:`overlay` learns on top of it without changing it (a simulation)."""
+    far), and, per client, the last *phase* in which it read / wrote it: a client's phase is the
+    number of op points (``ops``: the locations of the points that begin each op of its program,
+    lab/schedrun.py) it has passed in the schedule, so ``last >= phase`` means "it may still touch
+    the location" (module doc, "What the others may still touch"). An :meth:`overlay` learns on top
+    of it without changing it (a simulation)."""
 
-    def __init__(self, base: Footprint | None = None):
+    def __init__(self, base: Footprint | None = None, ops=()):
         self.r: dict[int, int] = {}
         self.w: dict[int, int] = {}
+        self.last_r: dict[int, dict[int, int]] = {}  # loc -> {client: the last phase it read loc in}
+        self.last_w: dict[int, dict[int, int]] = {}  # loc -> {client: the last phase it wrote loc in}
         self.base = base
+        self.ops: frozenset[int] = base.ops if base is not None else frozenset(ops)
+        self.version: dict[int, int] = {}  # per client: bumped when its last phases grow (bitmap cache)
+        self._bits: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
 
     def masks(self, loc: int) -> tuple[int, int]:
         r, w = self.r.get(loc, 0), self.w.get(loc, 0)
@@ -63,20 +74,68 @@ class Footprint:
             r, w = r | br, w | bw
         return r, w
 
-    def add(self, code: int, i: int) -> None:
-        loc = code >> 2
-        d = self.r if code & 3 == K_LOAD else self.w
-        d[loc] = d.get(loc, 0) | 1 << i
+    def last(self, loc: int, j: int, write: bool) -> int:
+        """The last phase in which client ``j`` wrote (``write``) / read ``loc``; -1: never."""
+        got = (self.last_w if write else self.last_r).get(loc)
+        p = -1 if got is None else got.get(j, -1)
+        return p if self.base is None else max(p, self.base.last(loc, j, write))
 
-    def racy(self, code: int, i: int) -> bool:
-        """Does client ``i``'s access ``code`` race with an access of another client seen so far? A
-        point that is no access (a lock, RCU, an op, a named preemption point of ipc/fuzz.py: put
-        where a preemption matters, often before an access the accessors do not see, such as guest
-        memory or the write-track counts) always does."""
-        if code & 3 == K_NONE:
+    def add(self, code: int, i: int, phase: int = 0) -> None:
+        loc, kind = code >> 2, code & 3
+        d = self.r if kind == K_LOAD else self.w
+        d[loc] = d.get(loc, 0) | 1 << i
+        if kind in (K_LOAD, K_STORE):
+            per = (self.last_r if kind == K_LOAD else self.last_w).setdefault(loc, {})
+            if per.get(i, -1) < phase:
+                per[i] = phase
+                self.version[i] = self.version.get(i, 0) + 1
+
+    def racy(self, code: int, i: int, phase=None, live=None) -> bool:
+        """Does client ``i``'s access ``code`` race with an access of another client? A point that
+        is no access (a lock, RCU, an op, a named preemption point of ipc/fuzz.py: put where a
+        preemption matters, often before an access the accessors do not see, such as guest memory
+        or the write-track counts) always does. Without ``phase``: with any access seen so far;
+        with ``phase`` (each client's phase now) and ``live`` (whether it has not ended): with one a
+        live other client may still make, from its phase on, by what the schedules so far learnt."""
+        kind = code & 3
+        if kind == K_NONE:
             return True
-        r, w = self.masks(code >> 2)
-        return bool((w if code & 3 == K_LOAD else r | w) & ~(1 << i))
+        loc = code >> 2
+        if phase is None:
+            r, w = self.masks(loc)
+            return bool((w if kind == K_LOAD else r | w) & ~(1 << i))
+        for j, p in enumerate(phase):
+            if j == i or (live is not None and not live[j]):
+                continue
+            if self.last(loc, j, True) >= p or (kind != K_LOAD and self.last(loc, j, False) >= p):
+                return True
+        return False
+
+    def bitmap(self, i: int, phase, live) -> np.ndarray:
+        """Client ``i``'s run-ahead bitmaps (ipc/sched's ``racy`` planes, by ``points.racy_pos``):
+        plane RACY_W the locations a live other client may still write, plane RACY_T those it may
+        still read or write (from its phase on) -- a superset of what :meth:`racy` says for
+        ``i`` in that state (a hash may put two locations on one bit: a run-ahead stops early)."""
+        out = np.zeros((2, RACY_WORDS), dtype=np.int64)
+        for j, p in enumerate(phase):
+            if j != i and (live is None or live[j]):
+                out |= self._suffix_bits(j, p)
+        return out
+
+    def _suffix_bits(self, j: int, p: int) -> np.ndarray:
+        v = self.version.get(j, 0)
+        got = self._bits.get((j, p))
+        if got is not None and got[0] == v:
+            return got[1]
+        bits = np.zeros((2, RACY_WORDS), dtype=np.int64)
+        for planes, table in (((RACY_W, RACY_T), self.last_w), ((RACY_T,), self.last_r)):
+            for loc, per in table.items():
+                if per.get(j, -1) >= p:
+                    w, bit = racy_pos(loc)
+                    for plane in planes:
+                        bits[plane, w] |= bit
+        self._bits[(j, p)] = (v, bits)
+        return bits
 
     def overlay(self) -> Footprint:
         return Footprint(self)
@@ -95,6 +154,8 @@ class _Recording:
         self.trail: list[tuple[tuple[int, ...], tuple[int, ...] | None]] | None = [] if record else None
         self.choices: list[int] = []
         self.turns = 0  # steps chosen by pick (handed out as a turn); the others ran ahead
+        self.phase: list[int] = []  # per client: the op points it passed in this schedule (Footprint)
+        self.live: list[bool] | None = None  # per client: not ended, as the last state shown said
 
     @property
     def run_ahead(self) -> bool:
@@ -112,16 +173,18 @@ class _Recording:
             return None
         if len(enabled) < 2:
             return False
-        return self.fp is None or locs is None or self.fp.racy(locs[last], last)
+        return self.fp is None or locs is None or self.fp.racy(locs[last], last, self.phase, self.live)
 
     def _learn(self, enabled, locs: tuple[int, ...] | None) -> None:
         """Every enabled client's pending access goes into the footprint before the step is
         decided: the running client's next access races with what a parked one is about to do
         even on a path the footprint has not learnt (ipc/sched marks it racy the same way)."""
         if self.fp is not None and locs is not None:
+            self._grow(locs)
+            self.live = [c & 3 != K_DONE for c in locs]
             for j in enabled:
                 if locs[j] & 3 != K_NONE:
-                    self.fp.add(locs[j], j)
+                    self.fp.add(locs[j], j, self.phase[j])
 
     def ran(self, i: int, enabled: tuple[int, ...], locs: tuple[int, ...], approx: bool = False) -> None:
         """Client ``i`` took a run-ahead step (ipc/sched) in the state (``enabled``, ``locs``): it
@@ -163,12 +226,25 @@ class _Recording:
             self.trail.append((tuple(enabled), locs, True) if approx else (tuple(enabled), locs))
             self.choices.append(i)
         if self.fp is not None and locs is not None:
-            self.fp.add(locs[i], i)
+            self._grow(locs)
+            if locs[i] & 3 == K_NONE and locs[i] >> 2 in self.fp.ops:
+                self.phase[i] += 1  # an op begins: what it touches is in its next phase
+            self.fp.add(locs[i], i, self.phase[i])
         return i
+
+    def _grow(self, locs: tuple[int, ...]) -> None:
+        if len(self.phase) < len(locs):
+            self.phase += [0] * (len(locs) - len(self.phase))
+
+    def racy_bitmap(self, i: int) -> np.ndarray:
+        """Client ``i``'s run-ahead bitmaps in the state the last pick saw (ipc/sched writes them
+        at its grant): what the other live clients may still touch (:meth:`Footprint.bitmap`)."""
+        return self.fp.bitmap(i, self.phase, self.live)
 
     def _clone_base(self, other: _Recording) -> None:
         other._setup(self.fp.overlay() if self.fp is not None else None, record=False)
         other.decisions = self.decisions
+        other.phase, other.live = list(self.phase), self.live
 
 
 class RandomWalk(_Recording):
