@@ -90,6 +90,7 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                 o = runner.run(strat, max_steps)
                 ran += 1
                 history.add(strat)
+                fp.learn(strat.trail, strat.choices)  # what each vCPU touched after each of its points
                 steps += len(o.log)
                 retries += sum(1 for _, _, b in o.log if b)
                 turns += strat.turns
