@@ -26,7 +26,7 @@ from lab import schedtrace
 from lab.outputs import write_atomic
 from lab.pathcov import Coverage, format_summary
 from lab.scenarios import BUILTINS, builtin, check, free, from_toml, title  # noqa: F401  (re-exported)
-from lab.schedrun import Runner, Scenario, describe
+from lab.schedrun import Runner, Scenario, describe, op_locations
 from lab.schedule_file import format_log, load, main_replay, replay, save, switches  # noqa: F401  (re-exported)
 from lab.shrink import Guided, shrink_failure
 
@@ -82,7 +82,7 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
     t0 = time.monotonic()
     steps = k_max = k_used = covered = retries = ran = drawn = dups = turns = 0
     k_est = 0  # PCT draws its change points over this many decisions: the most a schedule had so far
-    fp, history = strategies.Footprint(), strategies.History()
+    fp, history = strategies.Footprint(ops=op_locations(sc)), strategies.History()
     seen: set[int] | None = set()  # hashes of the interleavings run (None: past DISTINCT_CAP)
     res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks),
            "points": points, "memory_model": memory_model}
@@ -104,6 +104,7 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
                 o = runner.run(strat, max_steps)
                 ran += 1
                 history.add(strat)
+                fp.learn(strat.trail, strat.choices)  # what each vCPU touched after each of its points
                 steps += len(o.log)
                 retries += sum(1 for _, _, b in o.log if b)
                 turns += strat.turns

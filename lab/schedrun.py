@@ -18,6 +18,7 @@ import msgspec
 import vm.avic  # noqa: F401  (registers the nested AVIC designs)
 from ipc import sched
 from ipc.sched import pool, tso
+from ipc.sched.points import name_location
 from vm.config import from_dict
 from vm.coordinator import new_run_id
 from vm.kvm import Kvm
@@ -87,6 +88,22 @@ def programs(sc: Scenario, cfg) -> list[list[tuple[str, dict]]]:
     return out
 
 
+OP_LOAD, OP_PUT = "op vcpu_load", "op vcpu_put"  # the points that begin a vCPU's first and last op
+
+
+def op_point(op: str, args: dict) -> str:
+    """The point a vCPU passes as it begins a program step (``op ...``: not an access)."""
+    return f"op {describe(op, sc_args(args))}"
+
+
+def op_locations(sc: Scenario) -> frozenset[int]:
+    """The locations of every point that begins an op of a vCPU of ``sc``: the partial-order
+    reduction counts each vCPU's ops with them (ipc/sched/strategies.py, ``Footprint``'s phases)."""
+    names = {OP_LOAD, OP_PUT} | {op_point(op, args) for p in programs(sc, from_dict({**sc.cfg, "fuzz": "off"}))
+                                 for op, args in p}
+    return frozenset(name_location(n) for n in names)
+
+
 def _vcpu_body(sc: Scenario, cfg, base: str, coverage: bool = False):
     """What each vCPU process of the pool runs for schedule ``job`` (ipc.sched.pool): attach that
     schedule's VM, run its program under the turnstile as the scripted commands of ``run
@@ -116,16 +133,16 @@ def _vcpu_body(sc: Scenario, cfg, base: str, coverage: bool = False):
             d = make_design(kvm, cfg)
             d.vcpu_init(v)
             vc = Vcpu(kvm, d, v)
-            client.hit("op vcpu_load")
+            client.hit(OP_LOAD)
             vc.load()
             for op, args in progs[v]:
-                client.hit(f"op {describe(op, sc_args(args))}")
+                client.hit(op_point(op, args))
                 report["log"].append(f"vCPU {v}: {describe(op, sc_args(args))} -> {vc.execute(op, dict(args))}")
                 seen()
             if _runs_l2(d, v):
                 report["log"] += _l2_runs_on(client, d, v, vc.l2)
                 seen()
-            client.hit("op vcpu_put")
+            client.hit(OP_PUT)
             vc.put()
         except sched.ScheduleAborted:
             report["aborted"] = True

@@ -28,11 +28,13 @@ Layout of the turnstile region (``layout(n)``, one segment ``pts_<run>_sched``):
   (RUN, POINT, BLOCKED, DONE, IDLE), [2] point id (crc32 of the point's name), [3] progress value seen
   when it blocked, [4] pid of the holder of the lock it blocked on (0: not a lock), [5] its pid,
   [6] the location it is about to touch (``points.location`` of a shared word, or its point's name:
-  a lock, an RCU domain, an op), [7] how (``points.K_LOAD``, ``K_STORE``, ``K_NONE``: not an access),
+  a lock, an RCU domain, an op), [7] how (``points.K_LOAD``, ``K_STORE``, ``K_NONE``: not an access,
+  ``K_DONE``: its program ended),
   [8] run-ahead grant (steps it may still take without a turn), [9] run-ahead steps in its ring,
   [10] racing accesses it may still pass in its run-ahead (0: it stops at the first)
-- ``racy`` (n, 2, RACY_WORDS) per client, bitmaps of the locations another client wrote (plane 0)
-  / touched (plane 1), by ``points.racy_pos``; written by the scheduler only
+- ``racy`` (n, 2, RACY_WORDS) per client, bitmaps of the locations another live client may still
+  write (plane 0) / touch (plane 1), by ``points.racy_pos``; written by the scheduler only, at each
+  grant, from the strategy's footprint (``racy_bitmap``)
 - ``ring`` (n, RING, 3) per client, the (point id, location, kind) of its run-ahead steps
 
 Run-ahead (partial-order reduction, ipc/sched/strategies.py): a strategy with ``run_ahead`` lets the
@@ -59,6 +61,7 @@ import zlib
 from ipc import _prims, fuzz
 from ipc.sched import tso
 from ipc.sched.points import (
+    K_DONE,
     K_LOAD,
     K_NONE,
     MODES,
@@ -230,6 +233,7 @@ class Client:
     def done(self) -> None:
         m = self.mem
         self.retrying = False  # the next job begins with a fresh step
+        m.store(self.slot + S_KIND, K_DONE)  # it touches nothing any more (strategies.py: live clients)
         m.fetch_add(self.hdr + H_PROGRESS, 1)  # its last step was productive too
         m.store(self.slot + S_STATE, DONE)
         m.store(self.hdr + H_WAKE, 1)
@@ -413,32 +417,10 @@ class Scheduler:
         self.log: list[tuple[int, int, bool]] = []
         self.outcome = ""
         self.detail = ""
-        self.racy0, self.ring0 = region.word("racy"), region.word("ring")
+        self.ring0 = region.word("ring")
         self.ahead = bool(getattr(strategy, "run_ahead", False))
         self.handoffs = 0  # turns handed out (the log's other steps were run-ahead steps)
-        if self.ahead:
-            self._init_racy(region)
-
-    def _init_racy(self, region: Region) -> None:
-        """The run-ahead bitmaps from what the strategy's footprint knows so far."""
-        region.v["racy"][...] = 0
-        fp = getattr(self.strategy, "fp", None)
-        if fp is None:
-            return
-        for plane, masks in ((K_LOAD, fp.r), (K_NONE, fp.w)):
-            for loc, mask in masks.items():
-                for i in range(self.n):
-                    if mask & 1 << i:
-                        self._mark(i, loc, plane)
-
-    def _mark(self, i: int, loc: int, kind: int) -> None:
-        """Client ``i`` touched ``loc`` (``kind``): it races with the others' accesses there."""
-        m, (w, bit) = self.mem, racy_pos(loc)
-        for j in range(self.n):
-            if j != i:
-                for plane in ((RACY_T,) if kind == K_LOAD else (RACY_T, RACY_W)):
-                    a = self.racy0 + (j * 2 + plane) * RACY_WORDS + w
-                    m.store(a, m.load(a) | bit)
+        self.racy_v = region.v["racy"]
 
     def _grant(self, i: int, base: int, states: list[int], enabled: list[int], locs: tuple[int, ...],
                ending: frozenset[int] = frozenset()) -> None:
@@ -454,6 +436,8 @@ class Scheduler:
         idle = any(s == IDLE and j not in ahead for j, s in enumerate(states))
         self.grant = (en := tuple(sorted(ahead)), locs, idle)  # idle: the trail's state is approximate
         m.store(base + S_DGRANT, 0 if idle else self.strategy.decision_grant(i, list(en)))
+        if not idle:  # what the other live clients may still touch (ipc/sched/strategies.py)
+            self.racy_v[i] = self.strategy.racy_bitmap(i)
         m.store(base + S_GRANT, 0 if idle else min(RING, self.max_steps - len(self.log)))
 
     def _drain(self, i: int) -> None:
@@ -468,7 +452,6 @@ class Scheduler:
             self.log.append((i, pid, False))
             code = loc << 2 | kind
             ran(i, enabled, locs[:i] + (code,) + locs[i + 1:], approx)
-            self._mark(i, loc, kind)
         m.store(s + S_RING, 0)
 
     def _s(self, i: int, f: int) -> int:
@@ -558,10 +541,6 @@ class Scheduler:
             else:  # the strategy sees where each client is about to touch shared state (POR)
                 locs = tuple(self._s(j, S_LOC) << 2 | self._s(j, S_KIND) for j in range(self.n))
                 i = self.strategy.pick(enabled, step, last, locs)
-                if self.ahead:  # what every enabled client is about to touch, as the strategy learnt it
-                    for j in enabled:
-                        if j == i or locs[j] & 3 != K_NONE:
-                            self._mark(j, locs[j] >> 2, locs[j] & 3)
             if states[i] == IDLE:  # its turn ends at its next idle (+1): only that = it changed nothing
                 idle_turn[i] = prog
             self.log.append((i, self._s(i, S_POINT), states[i] == BLOCKED))

@@ -23,6 +23,7 @@ import zlib
 import numpy as np
 
 K_NONE, K_LOAD, K_STORE = 0, 1, 2  # what a point is about to do (a read-modify-write is a store)
+K_DONE = 3  # the slot's kind once its client has ended its program (ipc/sched Client.done)
 RACY_WORDS = 1024  # per client and plane, 32 bits a word: the run-ahead bitmaps (ipc.sched.layout)
 RACY_W, RACY_T = 0, 1  # planes: written by another client / touched by another client
 MODES = ("access", "atomic")

@@ -11,9 +11,10 @@ Partial-order reduction (POS-style, Yuan et al., CAV 2018, with PCT's priorities
   wrote each location so far, and, from each step on, the access every enabled client is about
   to make (a parked client's pending write makes the running client's read there racy at once);
 - a *decision* is a step at which the client that ran last could go on (it is enabled) and another
-  could run instead (two or more are enabled), and its next access races with another client's
-  (one of them writes the location the other touches; a point that is not an access -- a lock, an
-  RCU domain, an op, a named preemption point -- always races). At every other step where it could
+  could run instead (two or more are enabled), and its next access races with an access another
+  live client may still make (one of them writes the location the other touches; "What the others
+  may still touch" below; a point that is not an access -- a lock, an RCU domain, an op, a named
+  preemption point -- always races). At every other step where it could
   go on, it goes on (``run_ahead``: the scheduler need not even be asked, ipc/sched). PCT's change
   points are drawn over decisions only: a step that touches what nobody else touches, a step
   nobody else can take, and a blocked retry (its client is not enabled after it) never consume
@@ -23,7 +24,35 @@ Partial-order reduction (POS-style, Yuan et al., CAV 2018, with PCT's priorities
   simulated over the recorded states (enabled clients, locations) until it leaves the tree (new) or
   reaches the end of a recorded schedule (a duplicate: skipped, counted).
 
+What the others may still touch. A client's *phase* is the number of op points (the ``op ...``
+point that begins each op of its program, lab/schedrun.py ``op_locations``) it has passed in the
+schedule; ops run in program order, so a phase is the same place in every schedule. After each
+schedule, ``Footprint.learn`` records, for each step, under (client, phase, the point it was at),
+every location that client read or wrote from that step to its end (``after``: bit sets). A client
+``j`` parked at point X in phase p *may still* write (read) a location when one of the schedules
+that reached (j, p, X) saw it write (read) it from there on; at a (j, p, X) no schedule has reached
+yet, when it wrote (read) it in phase p or later in any schedule (the last phase per location and
+client); a client that ended its program (its slot's kind is ``K_DONE``) touches nothing more.
+
+Why no ordering of two conflicting accesses is lost (relative to what the footprint learnt): take
+accesses a (client i) and b (client j) to one location, one a write, with a just before i's next
+step in the schedule run, and b later. At a's step, j has not yet made b, so b lies in j's
+remaining program from the point it is parked at: if that path was learnt, b's location is in
+(j, p, X)'s ``after`` (or in its phase's), so a is a decision and PCT may run j first (and j's
+steps up to b, each of them a decision of its own where it races). If j may *not* still touch
+the location, every access of j that conflicts with a was made before a: their order is fixed
+whatever runs now, and running j first only reorders a with steps independent of it -- the same
+interleaving up to commuting independent steps (Mazurkiewicz trace). The same argument, per other
+client, holds for three or more. The run-ahead keeps the same rule: the scheduler writes the
+running client's bitmaps at each grant (``Footprint.bitmap``: a superset of ``racy`` for every
+step of that run-ahead, as the others are parked and their phases and points do not change).
+
 What this does not see (the limits of the reduction and of PCT's bound):
+
+- the remaining footprint is learnt: a path of another client from its present point that no
+  schedule has taken yet (nor in its phase) is not known to touch what it will touch: the step
+  that races with it runs ahead (as a location met for the first time does, below); each schedule
+  run adds what it saw;
 
 - only accesses through ``SharedPoints`` (ipc/sched/points.py) are in the footprint: guest memory,
   ``gfn_track`` and the ``_smem`` probes of vm/avic/guest.py bypass it, so they never make a step
@@ -42,19 +71,35 @@ from __future__ import annotations
 
 import random
 
-from ipc.sched.points import K_LOAD, K_NONE
+import numpy as np
+
+from ipc.sched.points import K_DONE, K_LOAD, K_NONE, K_STORE, RACY_T, RACY_W, RACY_WORDS, racy_pos
 
 STRATEGIES = ("pct", "random")
 
 
 class Footprint:
     """Per location, the bit masks of the clients that read / wrote it (over every schedule so
-    far); an :meth:`overlay` learns on top of it without changing it (a simulation)."""
+    far), and, per client, the last *phase* in which it read / wrote it: a client's phase is the
+    number of op points (``ops``: the locations of the points that begin each op of its program,
+    lab/schedrun.py) it has passed in the schedule, so ``last >= phase`` means "it may still touch
+    the location" (module doc, "What the others may still touch"). An :meth:`overlay` learns on top
+    of it without changing it (a simulation)."""
 
-    def __init__(self, base: Footprint | None = None):
+    def __init__(self, base: Footprint | None = None, ops=()):
         self.r: dict[int, int] = {}
         self.w: dict[int, int] = {}
+        self.last_r: dict[int, dict[int, int]] = {}  # loc -> {client: the last phase it read loc in}
+        self.last_w: dict[int, dict[int, int]] = {}  # loc -> {client: the last phase it wrote loc in}
         self.base = base
+        self.ops: frozenset[int] = base.ops if base is not None else frozenset(ops)
+        self.version: dict[int, int] = {}  # per client: bumped when its last phases grow (bitmap cache)
+        self._bits: dict[tuple, tuple] = {}
+        # (client, phase, pending point's code) -> (read, written) bit sets (by ``index``) of the
+        # locations it touched from that point to its end, over the schedules that reached it
+        # (:meth:`learn`); shared with the overlays, learnt on the root only
+        self.after: dict[tuple[int, int, int], tuple[int, int]] = base.after if base is not None else {}
+        self.index: dict[int, int] = base.index if base is not None else {}
 
     def masks(self, loc: int) -> tuple[int, int]:
         r, w = self.r.get(loc, 0), self.w.get(loc, 0)
@@ -63,20 +108,121 @@ class Footprint:
             r, w = r | br, w | bw
         return r, w
 
-    def add(self, code: int, i: int) -> None:
-        loc = code >> 2
-        d = self.r if code & 3 == K_LOAD else self.w
-        d[loc] = d.get(loc, 0) | 1 << i
+    def last(self, loc: int, j: int, write: bool) -> int:
+        """The last phase in which client ``j`` wrote (``write``) / read ``loc``; -1: never."""
+        got = (self.last_w if write else self.last_r).get(loc)
+        p = -1 if got is None else got.get(j, -1)
+        return p if self.base is None else max(p, self.base.last(loc, j, write))
 
-    def racy(self, code: int, i: int) -> bool:
-        """Does client ``i``'s access ``code`` race with an access of another client seen so far? A
-        point that is no access (a lock, RCU, an op, a named preemption point of ipc/fuzz.py: put
-        where a preemption matters, often before an access the accessors do not see, such as guest
-        memory or the write-track counts) always does."""
-        if code & 3 == K_NONE:
+    def add(self, code: int, i: int, phase: int = 0) -> None:
+        loc, kind = code >> 2, code & 3
+        d = self.r if kind == K_LOAD else self.w
+        d[loc] = d.get(loc, 0) | 1 << i
+        if kind in (K_LOAD, K_STORE):
+            per = (self.last_r if kind == K_LOAD else self.last_w).setdefault(loc, {})
+            if per.get(i, -1) < phase:
+                per[i] = phase
+                self.version[i] = self.version.get(i, 0) + 1
+
+    def racy(self, code: int, i: int, phase=None, live=None, locs=None) -> bool:
+        """Does client ``i``'s access ``code`` race with an access of another client? A point that
+        is no access (a lock, RCU, an op, a named preemption point of ipc/fuzz.py: put where a
+        preemption matters, often before an access the accessors do not see, such as guest memory
+        or the write-track counts) always does. Without ``phase``: with any access seen so far;
+        with ``phase`` (each client's phase now), ``live`` (whether it has not ended) and ``locs``
+        (the point each is at): with one a live other client may still make (:meth:`may_touch`)."""
+        kind = code & 3
+        if kind == K_NONE:
             return True
-        r, w = self.masks(code >> 2)
-        return bool((w if code & 3 == K_LOAD else r | w) & ~(1 << i))
+        loc = code >> 2
+        if phase is None:
+            r, w = self.masks(loc)
+            return bool((w if kind == K_LOAD else r | w) & ~(1 << i))
+        return any(j != i and (live is None or live[j]) and self.may_touch(j, p, locs, loc, kind != K_LOAD)
+                   for j, p in enumerate(phase))
+
+    def may_touch(self, j: int, p: int, locs, loc: int, any_access: bool) -> bool:
+        """May client ``j`` (in phase ``p``, at the point ``locs[j]``) still write ``loc`` (or
+        read it, ``any_access``)? By what it did after this very point in the schedules that
+        reached it (:meth:`learn`); at a point no schedule has reached yet, by every location it
+        touched in phase ``p`` or later (each ``last`` phase)."""
+        got = self.after.get((j, p, locs[j])) if locs is not None else None
+        if got is None:
+            return self.last(loc, j, True) >= p or (any_access and self.last(loc, j, False) >= p)
+        b = self.index.get(loc)
+        return b is not None and bool((got[1] | (got[0] if any_access else 0)) >> b & 1)
+
+    def learn(self, trail, choices) -> None:
+        """After a schedule (its ``trail`` of states and ``choices``, ``_Recording``): for each
+        step, what its client touched from there to its end goes into ``after`` under the step's
+        (client, phase, point)."""
+        phase: dict[int, int] = {}
+        steps = []
+        for node, c in zip(trail or (), choices, strict=True):
+            if node[1] is None:
+                return
+            code, p = node[1][c], phase.get(c, 0)
+            steps.append((c, (c, p, code), code))
+            if code & 3 == K_NONE and code >> 2 in self.ops:
+                phase[c] = p + 1
+        cur: dict[int, tuple[int, int]] = {}
+        after, index = self.after, self.index
+        for c, key, code in reversed(steps):
+            r, w = cur.get(c, (0, 0))
+            kind = code & 3
+            if kind in (K_LOAD, K_STORE):
+                b = index.setdefault(code >> 2, len(index))
+                r, w = (r | 1 << b, w) if kind == K_LOAD else (r, w | 1 << b)
+                cur[c] = (r, w)
+            old = after.get(key)
+            if old is None or old[0] | r != old[0] or old[1] | w != old[1]:
+                after[key] = (r, w) if old is None else (old[0] | r, old[1] | w)
+
+    def bitmap(self, i: int, phase, live, locs=None) -> np.ndarray:
+        """Client ``i``'s run-ahead bitmaps (ipc/sched's ``racy`` planes, by ``points.racy_pos``):
+        plane RACY_W the locations a live other client may still write, plane RACY_T those it may
+        still read or write (from its phase on) -- a superset of what :meth:`racy` says for
+        ``i`` in that state (a hash may put two locations on one bit: a run-ahead stops early)."""
+        out = np.zeros((2, RACY_WORDS), dtype=np.int64)
+        for j, p in enumerate(phase):
+            if j != i and (live is None or live[j]):
+                got = self.after.get((j, p, locs[j])) if locs is not None else None
+                out |= self._suffix_bits(j, p) if got is None else self._after_bits((j, p, locs[j]), got)
+        return out
+
+    def _after_bits(self, key, got: tuple[int, int]) -> np.ndarray:
+        cached = self._bits.get(key)
+        if cached is not None and cached[0] == got:
+            return cached[1]
+        if not hasattr(self, "_locs_by_index") or len(self._locs_by_index) != len(self.index):
+            self._locs_by_index = sorted(self.index, key=self.index.__getitem__)
+        bits = np.zeros((2, RACY_WORDS), dtype=np.int64)
+        for planes, mask in (((RACY_W, RACY_T), got[1]), ((RACY_T,), got[0])):
+            b = 0
+            while mask:
+                if mask & 1:
+                    w, bit = racy_pos(self._locs_by_index[b])
+                    for plane in planes:
+                        bits[plane, w] |= bit
+                mask >>= 1
+                b += 1
+        self._bits[key] = (got, bits)
+        return bits
+
+    def _suffix_bits(self, j: int, p: int) -> np.ndarray:
+        v = self.version.get(j, 0)
+        got = self._bits.get((j, p))
+        if got is not None and got[0] == v:
+            return got[1]
+        bits = np.zeros((2, RACY_WORDS), dtype=np.int64)
+        for planes, table in (((RACY_W, RACY_T), self.last_w), ((RACY_T,), self.last_r)):
+            for loc, per in table.items():
+                if per.get(j, -1) >= p:
+                    w, bit = racy_pos(loc)
+                    for plane in planes:
+                        bits[plane, w] |= bit
+        self._bits[(j, p)] = (v, bits)
+        return bits
 
     def overlay(self) -> Footprint:
         return Footprint(self)
@@ -95,6 +241,9 @@ class _Recording:
         self.trail: list[tuple[tuple[int, ...], tuple[int, ...] | None]] | None = [] if record else None
         self.choices: list[int] = []
         self.turns = 0  # steps chosen by pick (handed out as a turn); the others ran ahead
+        self.phase: list[int] = []  # per client: the op points it passed in this schedule (Footprint)
+        self.live: list[bool] | None = None  # per client: not ended, as the last state shown said
+        self._locs: tuple[int, ...] | None = None  # the points the clients were at in that state
 
     @property
     def run_ahead(self) -> bool:
@@ -112,16 +261,19 @@ class _Recording:
             return None
         if len(enabled) < 2:
             return False
-        return self.fp is None or locs is None or self.fp.racy(locs[last], last)
+        return self.fp is None or locs is None or self.fp.racy(locs[last], last, self.phase, self.live, locs)
 
     def _learn(self, enabled, locs: tuple[int, ...] | None) -> None:
         """Every enabled client's pending access goes into the footprint before the step is
         decided: the running client's next access races with what a parked one is about to do
         even on a path the footprint has not learnt (ipc/sched marks it racy the same way)."""
         if self.fp is not None and locs is not None:
+            self._grow(locs)
+            self.live = [c & 3 != K_DONE for c in locs]
+            self._locs = locs
             for j in enabled:
                 if locs[j] & 3 != K_NONE:
-                    self.fp.add(locs[j], j)
+                    self.fp.add(locs[j], j, self.phase[j])
 
     def ran(self, i: int, enabled: tuple[int, ...], locs: tuple[int, ...], approx: bool = False) -> None:
         """Client ``i`` took a run-ahead step (ipc/sched) in the state (``enabled``, ``locs``): it
@@ -163,12 +315,25 @@ class _Recording:
             self.trail.append((tuple(enabled), locs, True) if approx else (tuple(enabled), locs))
             self.choices.append(i)
         if self.fp is not None and locs is not None:
-            self.fp.add(locs[i], i)
+            self._grow(locs)
+            if locs[i] & 3 == K_NONE and locs[i] >> 2 in self.fp.ops:
+                self.phase[i] += 1  # an op begins: what it touches is in its next phase
+            self.fp.add(locs[i], i, self.phase[i])
         return i
+
+    def _grow(self, locs: tuple[int, ...]) -> None:
+        if len(self.phase) < len(locs):
+            self.phase += [0] * (len(locs) - len(self.phase))
+
+    def racy_bitmap(self, i: int) -> np.ndarray:
+        """Client ``i``'s run-ahead bitmaps in the state the last pick saw (ipc/sched writes them
+        at its grant): what the other live clients may still touch (:meth:`Footprint.bitmap`)."""
+        return self.fp.bitmap(i, self.phase, self.live, self._locs)
 
     def _clone_base(self, other: _Recording) -> None:
         other._setup(self.fp.overlay() if self.fp is not None else None, record=False)
         other.decisions = self.decisions
+        other.phase, other.live, other._locs = list(self.phase), self.live, self._locs
 
 
 class RandomWalk(_Recording):
