@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import launch_in_process
 
 from ipc.errors import UsageError
 from lab.explore import builtin, explore, from_toml, load, replay
@@ -99,7 +100,7 @@ def test_cli_explore_replay_and_a_stale_schedule(tmp_path):
 @pytest.mark.parametrize("args", [["explore", "no-such"], ["explore", "kaboom", "--depth", "0"],
                                   ["replay", "/nonexistent.toml"], ["explore", "/nonexistent.toml"]])
 def test_cli_bad_input_is_one_line_exit_2(args):
-    p = _cli(*args)
+    p = launch_in_process(*args)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import launch_in_process
 
 from lab import map as cmap
 
@@ -144,7 +145,7 @@ def _compare(args, timeout=240):
     (["--map", "--scheduler", "nope"], "--scheduler"),
 ])
 def test_bad_map_input_is_one_line_exit_2(tmp_path, args, needle):
-    p = _compare([*args, "--out", str(tmp_path / "m")], timeout=60)
+    p = launch_in_process("compare", *args, "--out", tmp_path / "m")  # (refused before anything starts)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr
 
 
