@@ -75,8 +75,9 @@ def test_toml_per_vcpu_programs(tmp_path):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], capture_output=True,
-                          text=True, cwd=cwd or ROOT, timeout=120)
+    """launch.main in this process (explore / replay run their vCPU processes all the same); the CLI
+    process itself: test_cli_explore_progress_... and test_sigterm_mid_schedule_..."""
+    return launch_in_process(*args, cwd=cwd or ROOT)
 
 
 def test_cli_explore_replay_and_a_stale_schedule(tmp_path):
