@@ -161,7 +161,7 @@ def test_tiny_real_map_writes_its_files_and_resumes(tmp_path):
         ratio = doc["maps"][label]["2"]["ratio"]
         assert len(ratio) == 1 and len(ratio[0]) == 2 and all(r is not None and r["median"] > 0 for r in ratio[0])
     assert (out / "map.png").read_bytes()[:4] == b"\x89PNG" and "mutex" in (out / "map.md").read_text()
-    q = _compare(args)  # resumable: nothing runs again
+    q = launch_in_process("compare", *args)  # resumable: nothing runs again (no cluster: in-process)
     assert q.returncode == 0 and "8 already done (skipped), 0 to run" in q.stderr, q.stderr[-2000:]
 
 
@@ -181,7 +181,6 @@ def test_the_maps_default_clock_is_virtual_and_its_seeds_spread_is_reported(tmp_
     md = (out / "map.md").read_text()
     assert "virtual-time numbers" in md and "| 0.5 | " in md and "the median over 2 seeds" in md
     # report re-renders a map.json: the same verdict, map.md and map.png rewritten
-    q = subprocess.run([sys.executable, "launch.py", "report", str(out / "map.json"), "--out", str(tmp_path / "re")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    q = launch_in_process("report", out / "map.json", "--out", tmp_path / "re")
     assert q.returncode == 0, q.stderr
     assert (tmp_path / "re" / "map.md").read_text() == md and (tmp_path / "re" / "map.png").stat().st_size > 2000
