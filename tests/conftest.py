@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -299,6 +300,32 @@ def region_factory(run_id):
     yield make
     for r in made:
         r.close()
+
+
+def launch_in_process(*args, cwd=None) -> subprocess.CompletedProcess:
+    """``python launch.py ARGS`` called in this process (``launch.main``), its stdout / stderr
+    captured: for tests of what the CLI says about its input (a one-line error, exit 2) or of a
+    command whose work runs in-process anyway. A subprocess costs an interpreter and the numpy /
+    zmq / msgspec imports (~0.8 s of CPU) each time; tests about the CLI process itself (its exit on
+    a signal, what it starts, its program name) keep ``subprocess``."""
+    import contextlib
+    import io
+
+    import launch
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = launch.main([str(a) for a in args])
+            except SystemExit as e:  # argparse's -h / --version
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["launch.py", *args], rc, out.getvalue(), err.getvalue())
 
 
 def wait_until(pred, timeout: float = 10.0, interval: float = 0.001, what: str = "condition"):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import launch_in_process
 
 from ipc import fuzz
 
@@ -52,8 +51,7 @@ def test_bad_level():
 
 def test_run_records_the_level_and_compare_measures_without(tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "rcu-list", "--duration", "0.5", "--quiet",
-                        "--fuzz", "heavy", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = launch_in_process("run", "--design", "rcu-list", "--duration", "0.5", "--quiet", "--fuzz", "heavy", "--json", str(out))
     assert p.returncode == 0, p.stdout[-2000:]
     assert json.loads(out.read_text())["config"]["fuzz"] == "heavy"
     from lab import compare

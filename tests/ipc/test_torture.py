@@ -18,7 +18,7 @@ import time
 import uuid
 
 import pytest
-from conftest import _cmdline
+from conftest import _cmdline, launch_in_process
 
 from ipc import torture
 from ipc.errors import UsageError
@@ -296,7 +296,7 @@ def test_cli_failure_exit_1_and_json(tmp_path):
     (["rwlock"], "invalid choice"),
 ])
 def test_cli_bad_input_exit_2_one_line(args, msg):
-    r = _cli(*args)
+    r = launch_in_process("torture", *args)  # refused before anything starts
     assert r.returncode == 2, r.stdout + r.stderr
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and msg in err[0], r.stderr

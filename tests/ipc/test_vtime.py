@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import launch_in_process
 
 from ipc import _prims, vtime
 from ipc.locks import LOCK_WORDS, init_lockstat, new_lock
@@ -211,8 +212,7 @@ def test_prices_from_a_toml_file_and_their_errors(tmp_path):
     (["--prices", "/nonexistent/p.toml"], "--prices"),
 ])
 def test_virtual_clock_cli_errors_are_one_line_and_exit_2(args, what):
-    p = subprocess.run([sys.executable, "launch.py", "run", "--clock", "virtual", "--duration", "0.002", *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = launch_in_process("run", "--clock", "virtual", "--duration", "0.002", *args)
     assert p.returncode == 2, p.stderr
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and what in lines[0], p.stderr
@@ -289,10 +289,7 @@ def test_the_grace_period_price_slows_rcu_lists_switching_and_spares_tlb_flushes
 
     def rate(design: str, *extra: str) -> float:
         out = tmp_path / f"{design}{len(extra)}.json"
-        p = subprocess.run([sys.executable, "launch.py", "run", "--clock", "virtual", "--design", design,
-                            "--workload", "realistic", "--switch-rate", "0.5", "--vcpus", "2", "--duration", "0.01",
-                            "--fuzz", "off", "--quiet", "--json", str(out), *extra],
-                           cwd=ROOT, capture_output=True, text=True, timeout=170)
+        p = launch_in_process("run", "--clock", "virtual", "--design", design, "--workload", "realistic", "--switch-rate", "0.5", "--vcpus", "2", "--duration", "0.01", "--fuzz", "off", "--quiet", "--json", str(out), *extra)
         assert p.returncode == 0, p.stderr[-2000:]
         return json.loads(out.read_text())["ops"]["nested_vmrun"]["per_s"]
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import msgspec
+from conftest import launch_in_process
 
 from lab import chaos
 
@@ -71,8 +72,7 @@ def test_figures_count_what_went_wrong():
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path):
-    p = subprocess.run([sys.executable, "launch.py", "chaos", "--runs", "0", "--out", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    p = launch_in_process("chaos", "--runs", "0", "--out", tmp_path)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--runs" in p.stderr
 
 

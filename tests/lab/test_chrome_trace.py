@@ -9,15 +9,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, launch_in_process
 
 from ipc import trace
 from ipc.trace import CAT_HOLD, CAT_OP, PH_B, PH_E, PH_I, Event, Snapshot, chrome
 
 
 def _launch(*args, timeout=120):
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return launch_in_process(*args, cwd=ROOT)  # launch.main in this process (the vCPUs are processes)
 
 
 def _events(*spec):

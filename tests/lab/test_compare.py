@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from conftest import launch_in_process
+
 from lab.compare import assess, point_ratios
 from lab.uncertainty import interference
 
@@ -66,8 +68,7 @@ def test_compare_command_writes_table_plots_and_verdict(tmp_path):
 
 
 def test_compare_bad_input():
-    p = subprocess.run([sys.executable, "launch.py", "compare", "--vcpus", "0", "--out", "/tmp/x"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    p = launch_in_process("compare", "--vcpus", "0", "--out", "/tmp/x")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
 
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
-from conftest import _logged_creates
+from conftest import _logged_creates, launch_in_process
 
 from ipc import _prims, fuzz
 from lab import dilation
@@ -88,16 +86,12 @@ def test_config_dilates_guest_time_and_delays_once():
 
 def test_run_dilate_auto_prints_and_records_the_factor(tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "rcu-list", "--duration", "0.3",
-                        "--dilate", "auto", "--quiet", "--json", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    p = launch_in_process("run", "--design", "rcu-list", "--duration", "0.3", "--dilate", "auto", "--quiet", "--json", str(out))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "dilate auto: factor" in p.stderr and "C estimate" in p.stderr
     res = json.loads(out.read_text())
     f = res["dilation"]["factor"]
     assert f >= 1 and res["config"]["dilate"] == f and res["dilation"]["low"] <= f <= res["dilation"]["high"]
     assert set(res["dilation"]["designs"]["rcu-list"]["paths"]) == set(dilation.PATHS)
-    q = subprocess.run([sys.executable, "launch.py", "run", "--design", "rcu-list", "--duration", "0.2",
-                        "--dilate", "5", "--quiet", "--json", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    q = launch_in_process("run", "--design", "rcu-list", "--duration", "0.2", "--dilate", "5", "--quiet", "--json", str(out))
     assert q.returncode == 0 and json.loads(out.read_text())["config"]["dilate"] == 5.0, q.stderr[-2000:]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import launch_in_process
 
 from ipc.errors import UsageError
 from lab.explore import builtin, explore, from_toml, load, replay
@@ -74,8 +75,9 @@ def test_toml_per_vcpu_programs(tmp_path):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], capture_output=True,
-                          text=True, cwd=cwd or ROOT, timeout=120)
+    """launch.main in this process (explore / replay run their vCPU processes all the same); the CLI
+    process itself: test_cli_explore_progress_... and test_sigterm_mid_schedule_..."""
+    return launch_in_process(*args, cwd=cwd or ROOT)
 
 
 def test_cli_explore_replay_and_a_stale_schedule(tmp_path):
@@ -99,7 +101,7 @@ def test_cli_explore_replay_and_a_stale_schedule(tmp_path):
 @pytest.mark.parametrize("args", [["explore", "no-such"], ["explore", "kaboom", "--depth", "0"],
                                   ["replay", "/nonexistent.toml"], ["explore", "/nonexistent.toml"]])
 def test_cli_bad_input_is_one_line_exit_2(args):
-    p = _cli(*args)
+    p = launch_in_process(*args)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
 
 

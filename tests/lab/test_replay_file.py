@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import launch_in_process
 
 from lab.explore import builtin, explore
 from lab.schedule_file import load, rehash, replay
@@ -20,9 +21,12 @@ from lab.schedule_file import load, rehash, replay
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def _cli(*args):
+def _process(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=180)
+
+
+_cli = launch_in_process  # the refusals: launch.main in this process (the exit-3 test runs the CLI process)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +106,7 @@ def test_a_step_bound_replays_as_step_bound_exit_3(tmp_path):
     f = tmp_path / "failing-schedule.toml"
     r = replay(str(f))
     assert r["verdict"] == "STEP-BOUND" and r["exit"] == 3 and r["steps"] == 20, r["reasons"][:2]
-    p = _cli("replay", str(f))
+    p = _process("replay", str(f))
     assert p.returncode == 3 and "STEP-BOUND" in p.stdout and "FAILURE" not in p.stdout, p.stdout[-500:]
 
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from conftest import launch_in_process
 
 from ipc.errors import UsageError
 from lab import plots, report
@@ -23,8 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def real(tmp_path_factory) -> tuple[Path, dict]:
     path = tmp_path_factory.mktemp("real") / "real.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "mirror", "--vcpus", "1", "--duration", "0.3", "--quiet",
-                        "--json", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = launch_in_process("run", "--design", "mirror", "--vcpus", "1", "--duration", "0.3", "--quiet", "--json", str(path))
     assert p.returncode == 0, p.stdout + p.stderr
     return path, json.loads(path.read_text())
 
@@ -123,8 +121,7 @@ def test_series_label_names_other_varying_keys(real):
 
 def test_cli_single_file_renders_the_run(real):
     path, _ = real
-    p = subprocess.run([sys.executable, "launch.py", "report", str(path)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    p = launch_in_process("report", str(path))
     assert p.returncode == 0, p.stderr
     assert "nested_vmrun" in p.stdout and "lock_stat" in p.stdout and "SUCCESS" in p.stdout
 
@@ -192,8 +189,7 @@ def test_cli_bad_file_exit_2_one_line(real, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"config": 1}')
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "launch.py", "report", str(path), str(bad), "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = launch_in_process("report", str(path), str(bad), "--out", str(out))
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1 and str(bad) in p.stderr and p.stderr.startswith("error: ")
     assert p.stdout == "" and not out.exists()  # nothing printed or written before every file checked
@@ -236,15 +232,13 @@ def test_report_rerenders_compare_json(real, tmp_path):
            "verdicts": {}, "ratios": []}
     path = tmp_path / "compare.json"
     path.write_text(json.dumps(doc))
-    p = subprocess.run([sys.executable, "launch.py", "report", str(path), "--out", str(tmp_path / "re")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = launch_in_process("report", str(path), "--out", str(tmp_path / "re"))
     assert p.returncode == 0, p.stderr
     assert "compare: 4 runs" in p.stdout and "Holds on these numbers" in p.stdout
     md = (tmp_path / "re" / "report.md").read_text()
     assert "Verdict on the seed's claims" in md and "| seed 2 | rcu-list |" in md
     # a compare.json is rendered alone
-    p = subprocess.run([sys.executable, "launch.py", "report", str(path), str(path)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    p = launch_in_process("report", str(path), str(path))
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "alone" in p.stderr
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -13,6 +12,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from conftest import launch_in_process
 
 from ipc.errors import UsageError
 from lab import report, sweep, uncertainty
@@ -118,8 +118,7 @@ def test_cli_bad_grid_exit_2(tmp_path, grid, expect):
     g = tmp_path / "grid.toml"
     g.write_text(grid)
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "launch.py", "sweep", str(g), "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    p = launch_in_process("sweep", str(g), "--out", str(out))
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1 and expect in p.stderr
     assert not out.exists()  # nothing started, nothing created
@@ -198,8 +197,7 @@ def test_two_point_sweep_then_resume(tmp_path):
 
     # again, through the CLI: both points are skipped and no cluster is started
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "launch.py", "sweep", str(grid), "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = launch_in_process("sweep", str(grid), "--out", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 already done (skipped), 0 to run" in p.stderr
     assert time.monotonic() - t0 < 20

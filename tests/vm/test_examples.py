@@ -6,12 +6,11 @@ as [[step]]s) ends in SUCCESS with the refcounted registration and in FAILURE (a
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from conftest import launch_in_process
 
 from lab import report, sweep
 from vm import config
@@ -52,9 +51,7 @@ def test_scenario_file_is_the_kaboom():
 @pytest.mark.parametrize("flags,rc,verdict", [([], 0, "SUCCESS"), (["--registration", "bool"], 1, "FAILURE")])
 def test_scenario_file_verdicts(design, flags, rc, verdict, tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--scenario", str(SCENARIO), "--design", design,
-                        *flags, "--json", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    p = launch_in_process("run", "--scenario", str(SCENARIO), "--design", design, *flags, "--json", str(out), "--quiet")
     assert p.returncode == rc, p.stdout[-2000:] + p.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["verdict"] == verdict and len(res["steps"]) == 7 and all(s["ok"] for s in res["steps"])

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import launch_in_process
 
 from vcpu.worker import vcpu_main
 from vm import layout as L
@@ -250,8 +249,7 @@ def test_free_runs_succeed_with_writes_checked(kw):
 
 def test_cli_run_default_is_success_with_checked_writes(tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "mirror", "--vcpus", "2", "--duration", "2", "--json", str(out),
-                        "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = launch_in_process("run", "--design", "mirror", "--vcpus", "2", "--duration", "2", "--json", str(out), "--quiet")
     assert p.returncode == 0 and "SUCCESS" in p.stdout, p.stdout + p.stderr
     res = json.loads(out.read_text())
     assert res["design"]["accounting"]["checked_writes"] > 0 and res["counters"]["track_violations"] == 0

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import launch_in_process
 
 from vm import layout as L
 from vm import mmu, notifier, page_track
@@ -108,9 +107,7 @@ def test_mmio_write_walks_only_with_mmio_walk(make_kvm, mmio_walk):
 
 def _run_json(tmp_path, *args) -> dict:
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "mirror", "--vcpus", "2", "--duration", "0.6", "--quiet",
-                        "--fuzz", "off", "--json", str(out), *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    p = launch_in_process("run", "--design", "mirror", "--vcpus", "2", "--duration", "0.6", "--quiet", "--fuzz", "off", "--json", str(out), *args)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return json.loads(out.read_text())
 
@@ -274,8 +271,7 @@ def test_pool_too_small_for_the_notifiers_is_a_usage_error(page_track_v, nodes, 
 def test_pool_too_small_is_one_line_exit_2(tmp_path):
     toml = tmp_path / "small.toml"
     toml.write_text("[config]\nmax_nodes = 2\n")
-    p = subprocess.run([sys.executable, "launch.py", "run", "--notifiers", "2", "--duration", "0.3", "--quiet",
-                        "--scenario", str(toml)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = launch_in_process("run", "--notifiers", "2", "--duration", "0.3", "--quiet", "--scenario", str(toml))
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "max_nodes" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 

@@ -8,14 +8,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import launch_in_process
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def _launch(args, tmp_path, timeout=120):
+def _launch(args, tmp_path):
+    """``launch.py ARGS --json`` in this process (launch.main: the vCPUs are processes all the same);
+    what runs is the scenario's logic, not the CLI process (test_issue_case_through_the_cli_... is)."""
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", *args, "--json", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout)
+    p = launch_in_process(*args, "--json", out, cwd=ROOT)
     res = json.loads(out.read_text()) if out.exists() else None
     return p, res
 
@@ -70,7 +72,7 @@ def test_rcu_list_without_synchronize_rcu_fails(tmp_path):
                                   ["scenario", "kaboom", "--redundant-registration", "sometimes"],
                                   ["scenario", "kaboom", "--registration", "node-count"]])
 def test_bad_design_input_exit_2(argv):
-    p = subprocess.run([sys.executable, "launch.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = launch_in_process(*argv)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import launch_in_process
 from rich.console import Console
 
 from lab import report
@@ -24,8 +24,7 @@ OP_COUNTERS = {"nested_vmrun": "vmrun", "tlb_flush": "tlb_flush", **results.COUN
 
 def _launch(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", *args, "--json", str(out), "--quiet"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = launch_in_process(*args, "--json", str(out), "--quiet")
     assert out.exists(), p.stdout[-2000:] + p.stderr[-2000:]
     return p, json.loads(out.read_text())
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import launch_in_process
 
 from vcpu.worker import vcpu_main
 from vm import layout as L
@@ -281,9 +280,7 @@ def test_churn_never_lets_a_reader_touch_a_poisoned_node(hooks, expect):
 @pytest.mark.parametrize("vcpus", [1, 2, 8])
 def test_free_run_cli_json(vcpus, tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--design", "mirror", "--vcpus", str(vcpus), "--duration", "1",
-                        "--seed", "7", "--json", str(out), "--quiet"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    p = launch_in_process("run", "--design", "mirror", "--vcpus", str(vcpus), "--duration", "1", "--seed", "7", "--json", str(out), "--quiet")
     assert p.returncode == 0, p.stdout + p.stderr
     import json
 
@@ -307,8 +304,7 @@ def test_free_run_cli_json(vcpus, tmp_path):
     (["--vcpus", "256", "--memory-mib", "1024"], "shared memory"),
 ])
 def test_bad_cli_input_is_one_line_exit_2(argv, needle):
-    p = subprocess.run([sys.executable, "launch.py", "run", *argv], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    p = launch_in_process("run", *argv)
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr
@@ -327,8 +323,7 @@ def test_bad_cli_input_is_one_line_exit_2(argv, needle):
 def test_bad_scenario_file_is_one_line_exit_2(tmp_path, toml, needle):
     f = tmp_path / "s.toml"
     f.write_text(toml)
-    p = subprocess.run([sys.executable, "launch.py", "run", "--scenario", str(f)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    p = launch_in_process("run", "--scenario", str(f))
     assert p.returncode == 2, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], p.stderr
@@ -341,8 +336,7 @@ def test_scenario_file_scripted_run(tmp_path):
                  "[[step]]\nvcpu = 1\nop = 'track'\ngfn = 3\n"
                  "[[step]]\nvcpu = 1\nop = 'write'\ngpa = 12288\ndata = '0102030405060708'\n")
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--scenario", str(f), "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = launch_in_process("run", "--scenario", str(f), "--json", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     import json
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import launch_in_process
 
 from ipc.errors import UsageError
 from vm.config import from_dict
@@ -39,8 +38,7 @@ def test_named_points_are_valid_and_heavy_is_the_old_default():
 
 def test_bare_run_is_a_nested_avic_tour_at_the_realistic_point(tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "launch.py", "run", "--duration", "1", "--json", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = launch_in_process("run", "--duration", "1", "--json", str(out))
     assert p.returncode == 0 and "SUCCESS" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("next:") and "compare" in last and "scenario" in last
@@ -52,7 +50,6 @@ def test_bare_run_is_a_nested_avic_tour_at_the_realistic_point(tmp_path):
     # about 0.02 table writes per nested VMRUN (a seeded binomial draw)
     assert 0.005 < res["ops"]["tracked_write"]["count"] / res["ops"]["nested_vmrun"]["count"] < 0.05
     # naming a design keeps the Config defaults (scripts and the mutation catalogue rely on that)
-    q = subprocess.run([sys.executable, "launch.py", "run", "--design", "mirror", "--duration", "0.3", "--quiet",
-                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    q = launch_in_process("run", "--design", "mirror", "--duration", "0.3", "--quiet", "--json", str(out))
     assert q.returncode == 0 and "next:" not in q.stdout
     assert json.loads(out.read_text())["config"]["tracked_fraction"] == 0.25
