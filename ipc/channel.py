@@ -134,6 +134,11 @@ class PeerUnreachable(ConnectionError):
     """The coordinator cannot deliver to a vCPU: it never said Hello, or its connection is gone."""
 
 
+class AckMismatch(ConnectionError):
+    """A BatchAck from a vCPU that names neither its outstanding batch nor one abandoned by an earlier
+    call (timed out): the two ends disagree about the protocol; raised when that ack arrives."""
+
+
 def new_token() -> str:
     """A fresh per-run secret for Hello (128 bits, hex)."""
     return secrets.token_hex(16)
@@ -317,6 +322,7 @@ class CoordinatorChannel:
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self.bad_frame_reasons: dict[str, int] = {}
         self._seq = itertools.count(1)
+        self._abandoned: dict[int, set[int]] = {}  # {vCPU: seqs of batches whose call gave up}: stale acks
         self._hb_seq = itertools.count(1)
         self._closed = False
 
@@ -504,9 +510,10 @@ class CoordinatorChannel:
     ) -> BatchAck:
         """Scripted mode: send ``commands`` (Command or ``(op, args)`` tuples) as one Batch to
         ``vcpu`` and wait for its BatchAck. Other messages arriving meanwhile go to
-        ``on_message(vcpu, msg)`` or are kept for ``recv``; acks of older batches are dropped
-        (``stale_acks``). Raises PeerUnreachable if the vCPU is not (or no longer) connected —
-        checked every ``probe_s`` while waiting — and TimeoutError after ``timeout_s``."""
+        ``on_message(vcpu, msg)`` or are kept for ``recv``; acks of batches an earlier call gave up
+        on are dropped (``stale_acks``). Raises PeerUnreachable if the vCPU is not (or no longer)
+        connected — checked every ``probe_s`` while waiting —, TimeoutError after ``timeout_s``,
+        and AckMismatch at once when an ack names a batch this vCPU was never sent or not yet."""
         return self.call_many({vcpu: commands}, timeout_s, on_message=on_message, probe_s=probe_s)[vcpu]
 
     def call_many(
@@ -520,40 +527,48 @@ class CoordinatorChannel:
         """``call`` for several vCPUs at once (all batches are sent first, so they run in
         parallel): returns ``{vcpu: BatchAck}``; same errors as ``call``."""
         waiting: dict[int, int] = {}
-        for vcpu, commands in batches.items():
-            seq = next(self._seq)
-            why = self._send_frame(vcpu, self._encode(Batch(seq, _as_commands(commands))))
-            if why == "unroutable":
-                raise PeerUnreachable(f"vcpu {vcpu} is not connected (no valid Hello or connection gone)")
-            if why == "full":
-                raise PeerUnreachable(f"vcpu {vcpu} is not reading (send queue full)")
-            waiting[vcpu] = seq
-        acks: dict[int, BatchAck] = {}
-        start = time.monotonic()
-        deadline = start + timeout_s
-        next_probe = start + probe_s if probe_s > 0 else float("inf")
-        while waiting:
-            now = time.monotonic()
-            if now >= deadline:
-                raise TimeoutError(f"no BatchAck from vcpu {sorted(waiting)} within {timeout_s:g}s")
-            if now >= next_probe:
-                for v in waiting:
-                    if not self.probe(v):
-                        raise PeerUnreachable(f"vcpu {v} disconnected while running batch {waiting[v]}")
-                next_probe = now + probe_s
-            item = self._recv_wire(max(0.0, min(deadline, next_probe) - now) * 1000.0)
-            if item is None:
-                continue
-            v, msg = item
-            if type(msg) is BatchAck:
-                if waiting.get(v) == msg.seq:
-                    del waiting[v]
-                    acks[v] = msg
-                else:
-                    self._counters["stale_acks"] += 1
-                continue
-            self._set_aside(item, on_message)
-        return acks
+        try:
+            for vcpu, commands in batches.items():
+                seq = next(self._seq)
+                why = self._send_frame(vcpu, self._encode(Batch(seq, _as_commands(commands))))
+                if why == "unroutable":
+                    raise PeerUnreachable(f"vcpu {vcpu} is not connected (no valid Hello or connection gone)")
+                if why == "full":
+                    raise PeerUnreachable(f"vcpu {vcpu} is not reading (send queue full)")
+                waiting[vcpu] = seq
+            acks: dict[int, BatchAck] = {}
+            start = time.monotonic()
+            deadline = start + timeout_s
+            next_probe = start + probe_s if probe_s > 0 else float("inf")
+            while waiting:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError(f"no BatchAck from vcpu {sorted(waiting)} within {timeout_s:g}s")
+                if now >= next_probe:
+                    for v in waiting:
+                        if not self.probe(v):
+                            raise PeerUnreachable(f"vcpu {v} disconnected while running batch {waiting[v]}")
+                    next_probe = now + probe_s
+                item = self._recv_wire(max(0.0, min(deadline, next_probe) - now) * 1000.0)
+                if item is None:
+                    continue
+                v, msg = item
+                if type(msg) is BatchAck:
+                    if waiting.get(v) == msg.seq:
+                        del waiting[v]
+                        acks[v] = msg
+                    elif msg.seq in self._abandoned.get(v, ()):
+                        self._abandoned[v].discard(msg.seq)
+                        self._counters["stale_acks"] += 1
+                    else:
+                        raise AckMismatch(f"vcpu {v} acknowledged batch {msg.seq}, which is neither its "
+                                          f"outstanding batch {waiting.get(v)} nor one abandoned earlier")
+                    continue
+                self._set_aside(item, on_message)
+            return acks
+        finally:  # given up (timeout, peer gone, mismatch): an ack still in flight is stale, not an error
+            for v, seq in waiting.items():
+                self._abandoned.setdefault(v, set()).add(seq)
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
