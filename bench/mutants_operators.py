@@ -163,6 +163,16 @@ TSO_EXPLORES = {
 }
 for _rel, _cmds in TSO_EXPLORES.items():
     EXPLORES[_rel] = EXPLORES.get(_rel, ()) + _cmds
+#: three vCPUs enter one new table and stay its users (usecount in and out, the UNTRACKED claim, three
+#: references); a random walk: PCT starves the vCPU write-protecting it (the scenario file says why)
+THREE_USERS = "bench/scenario-three-users.toml"
+EXPLORES["vm/avic/guest.py"] += (_explore(THREE_USERS, "--strategy", "random"),)
+#: a node freed while a table's counted node (node-refcount) is allocated, maybe in its slot
+FREE_ALLOC = "bench/scenario-free-alloc.toml"
+EXPLORES["vm/notifier.py"] += (_explore(FREE_ALLOC, "--depth", "2"),)
+#: rcu-list: a late get of a table (lock-free inc_not_zero) while its last put or another get runs
+LATE_GET = "bench/scenario-late-get.toml"
+EXPLORES["vm/avic/rcu_list.py"] += (_explore(LATE_GET, "--strategy", "random"),)
 
 
 #: a design's teardown releases its registrations: under page_track v6.6 one left behind holds a VM

@@ -30,7 +30,6 @@ Channels are not thread-safe and must be created in the process that uses them (
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import itertools
 import logging
 import os
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import zmq
 
+from ipc.endpoints import check_endpoint, tcp_host
 from ipc.errors import UsageError
 from ipc.messages import (
     MAX_FRAME,
@@ -134,6 +134,28 @@ class PeerUnreachable(ConnectionError):
     """The coordinator cannot deliver to a vCPU: it never said Hello, or its connection is gone."""
 
 
+class AckMismatch(ConnectionError):
+    """A BatchAck from a vCPU that names neither its outstanding batch nor one abandoned by an earlier
+    call (timed out): the two ends disagree about the protocol; raised when that ack arrives."""
+
+
+def _abandon(abandoned: dict[int, set[int]], waiting: dict[int, int]) -> None:
+    """The batches ``waiting`` ({vCPU: seq}) of a call that gave up: their acks may still come."""
+    for v, seq in waiting.items():
+        abandoned.setdefault(v, set()).add(seq)
+
+
+def _stale_ack(abandoned: dict[int, set[int]], counters: dict[str, int], v: int, seq: int,
+               outstanding: int | None) -> None:
+    """An ack from vCPU ``v`` that is not its outstanding batch: stale (counted, dropped) if an
+    earlier call gave batch ``seq`` up, else a protocol error (AckMismatch)."""
+    if seq not in abandoned.get(v, ()):
+        raise AckMismatch(f"vcpu {v} acknowledged batch {seq}, which is neither its outstanding batch "
+                          f"{outstanding} nor one abandoned earlier")
+    abandoned[v].discard(seq)
+    counters["stale_acks"] += 1
+
+
 def new_token() -> str:
     """A fresh per-run secret for Hello (128 bits, hex)."""
     return secrets.token_hex(16)
@@ -142,50 +164,6 @@ def new_token() -> str:
 # --------------------------------------------------------------------------------------------
 # endpoints and identities
 # --------------------------------------------------------------------------------------------
-
-
-def _tcp_host(endpoint: str) -> str:
-    rest = endpoint[len("tcp://"):]
-    if rest.startswith("["):
-        host, sep, port = rest[1:].partition("]:")
-        if not sep:
-            raise UsageError(f"bad tcp endpoint {endpoint!r}: expected tcp://[v6addr]:port")
-    else:
-        host, sep, port = rest.rpartition(":")
-        if not sep:
-            raise UsageError(f"bad tcp endpoint {endpoint!r}: expected tcp://host:port")
-    if ";" in host or not host or not port or not (port == "*" or port.isdigit()):
-        raise UsageError(f"bad tcp endpoint {endpoint!r}: expected tcp://host:port (port may be *)")
-    return host
-
-
-def check_endpoint(endpoint: str, allow_remote: bool = False) -> str:
-    """Validate an endpoint to bind: ``ipc://<path>`` always; ``tcp://`` only on a loopback address
-    (127.0.0.0/8, ::1, localhost) unless ``allow_remote``. Returns it unchanged. (No ``inproc://``:
-    every channel has its own ZeroMQ context.)"""
-    if not isinstance(endpoint, str):
-        raise UsageError(f"endpoint must be a string, not {type(endpoint).__name__}")
-    if endpoint.startswith("ipc://"):
-        if len(endpoint) == len("ipc://"):
-            raise UsageError(f"bad endpoint {endpoint!r}")
-        return endpoint
-    if not endpoint.startswith("tcp://"):
-        raise UsageError(f"unsupported endpoint {endpoint!r}: use ipc:// or tcp://")
-    host = _tcp_host(endpoint)
-    if allow_remote:
-        return endpoint
-    if host == "localhost":
-        return endpoint
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False  # "*", interface names, host names
-    if not loopback:
-        raise UsageError(
-            f"refusing to bind {endpoint!r}: not a loopback address (127.0.0.1, ::1); "
-            "pass allow_remote=True to expose the control channel"
-        )
-    return endpoint
 
 
 class _ZapGate(threading.Thread):
@@ -265,7 +243,7 @@ def _open_router(endpoint: str, token: str, hwm: int) -> tuple[zmq.Context, _Zap
         sock.setsockopt(zmq.PLAIN_SERVER, 1)  # the ZAP gate checks every connection
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable -> EHOSTUNREACH, not silent
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its route back
-        if endpoint.startswith("tcp://") and ":" in _tcp_host(endpoint):
+        if endpoint.startswith("tcp://") and ":" in tcp_host(endpoint):
             sock.setsockopt(zmq.IPV6, 1)
         sock.bind(endpoint)
         bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -279,7 +257,79 @@ def _open_router(endpoint: str, token: str, hwm: int) -> tuple[zmq.Context, _Zap
     return ctx, gate, sock, bound
 
 
-class CoordinatorChannel:
+class BatchCalls:
+    """Scripted mode of :class:`CoordinatorChannel`: a Batch of commands to a vCPU and its BatchAck,
+    matched by sequence number (``_seq``); the batches of a call that gave up (``_abandoned``) may
+    still be acknowledged later (stale acks). Uses the channel's send / receive methods."""
+
+    def call(
+        self,
+        vcpu: int,
+        commands: Iterable[Command | tuple],
+        timeout_s: float = 10.0,
+        *,
+        on_message: Callable[[int, Message], None] | None = None,
+        probe_s: float = 0.25,
+    ) -> BatchAck:
+        """Scripted mode: send ``commands`` (Command or ``(op, args)`` tuples) as one Batch to
+        ``vcpu`` and wait for its BatchAck. Other messages arriving meanwhile go to
+        ``on_message(vcpu, msg)`` or are kept for ``recv``; acks of batches an earlier call gave up
+        on are dropped (``stale_acks``). Raises PeerUnreachable if the vCPU is not (or no longer)
+        connected — checked every ``probe_s`` while waiting —, TimeoutError after ``timeout_s``,
+        and AckMismatch at once when an ack names a batch this vCPU was never sent or not yet."""
+        return self.call_many({vcpu: commands}, timeout_s, on_message=on_message, probe_s=probe_s)[vcpu]
+
+    def call_many(
+        self,
+        batches: Mapping[int, Iterable[Command | tuple]],
+        timeout_s: float = 10.0,
+        *,
+        on_message: Callable[[int, Message], None] | None = None,
+        probe_s: float = 0.25,
+    ) -> dict[int, BatchAck]:
+        """``call`` for several vCPUs at once (all batches are sent first, so they run in
+        parallel): returns ``{vcpu: BatchAck}``; same errors as ``call``."""
+        waiting: dict[int, int] = {}
+        try:
+            for vcpu, commands in batches.items():
+                seq = next(self._seq)
+                why = self._send_frame(vcpu, self._encode(Batch(seq, _as_commands(commands))))
+                if why == "unroutable":
+                    raise PeerUnreachable(f"vcpu {vcpu} is not connected (no valid Hello or connection gone)")
+                if why == "full":
+                    raise PeerUnreachable(f"vcpu {vcpu} is not reading (send queue full)")
+                waiting[vcpu] = seq
+            acks: dict[int, BatchAck] = {}
+            start = time.monotonic()
+            deadline = start + timeout_s
+            next_probe = start + probe_s if probe_s > 0 else float("inf")
+            while waiting:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError(f"no BatchAck from vcpu {sorted(waiting)} within {timeout_s:g}s")
+                if now >= next_probe:
+                    for v in waiting:
+                        if not self.probe(v):
+                            raise PeerUnreachable(f"vcpu {v} disconnected while running batch {waiting[v]}")
+                    next_probe = now + probe_s
+                item = self._recv_wire(max(0.0, min(deadline, next_probe) - now) * 1000.0)
+                if item is None:
+                    continue
+                v, msg = item
+                if type(msg) is BatchAck:
+                    if waiting.get(v) == msg.seq:
+                        del waiting[v]
+                        acks[v] = msg
+                    else:
+                        _stale_ack(self._abandoned, self._counters, v, msg.seq, waiting.get(v))
+                    continue
+                self._set_aside(item, on_message)
+            return acks
+        finally:  # given up (timeout, peer gone, mismatch): an ack still in flight is stale, not an error
+            _abandon(self._abandoned, waiting)
+
+
+class CoordinatorChannel(BatchCalls):
     """The coordinator's ROUTER. Peers are addressed by vCPU index.
 
     ``recv`` returns ``(vcpu, msg)`` for every valid message of a known peer, including each valid
@@ -317,6 +367,7 @@ class CoordinatorChannel:
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self.bad_frame_reasons: dict[str, int] = {}
         self._seq = itertools.count(1)
+        self._abandoned: dict[int, set[int]] = {}  # {vCPU: seqs of batches whose call gave up}: stale acks
         self._hb_seq = itertools.count(1)
         self._closed = False
 
@@ -492,68 +543,6 @@ class CoordinatorChannel:
             if item is not None and type(item[1]) is not Hello:
                 self._set_aside(item, on_message)
         return self.vcpus
-
-    def call(
-        self,
-        vcpu: int,
-        commands: Iterable[Command | tuple],
-        timeout_s: float = 10.0,
-        *,
-        on_message: Callable[[int, Message], None] | None = None,
-        probe_s: float = 0.25,
-    ) -> BatchAck:
-        """Scripted mode: send ``commands`` (Command or ``(op, args)`` tuples) as one Batch to
-        ``vcpu`` and wait for its BatchAck. Other messages arriving meanwhile go to
-        ``on_message(vcpu, msg)`` or are kept for ``recv``; acks of older batches are dropped
-        (``stale_acks``). Raises PeerUnreachable if the vCPU is not (or no longer) connected —
-        checked every ``probe_s`` while waiting — and TimeoutError after ``timeout_s``."""
-        return self.call_many({vcpu: commands}, timeout_s, on_message=on_message, probe_s=probe_s)[vcpu]
-
-    def call_many(
-        self,
-        batches: Mapping[int, Iterable[Command | tuple]],
-        timeout_s: float = 10.0,
-        *,
-        on_message: Callable[[int, Message], None] | None = None,
-        probe_s: float = 0.25,
-    ) -> dict[int, BatchAck]:
-        """``call`` for several vCPUs at once (all batches are sent first, so they run in
-        parallel): returns ``{vcpu: BatchAck}``; same errors as ``call``."""
-        waiting: dict[int, int] = {}
-        for vcpu, commands in batches.items():
-            seq = next(self._seq)
-            why = self._send_frame(vcpu, self._encode(Batch(seq, _as_commands(commands))))
-            if why == "unroutable":
-                raise PeerUnreachable(f"vcpu {vcpu} is not connected (no valid Hello or connection gone)")
-            if why == "full":
-                raise PeerUnreachable(f"vcpu {vcpu} is not reading (send queue full)")
-            waiting[vcpu] = seq
-        acks: dict[int, BatchAck] = {}
-        start = time.monotonic()
-        deadline = start + timeout_s
-        next_probe = start + probe_s if probe_s > 0 else float("inf")
-        while waiting:
-            now = time.monotonic()
-            if now >= deadline:
-                raise TimeoutError(f"no BatchAck from vcpu {sorted(waiting)} within {timeout_s:g}s")
-            if now >= next_probe:
-                for v in waiting:
-                    if not self.probe(v):
-                        raise PeerUnreachable(f"vcpu {v} disconnected while running batch {waiting[v]}")
-                next_probe = now + probe_s
-            item = self._recv_wire(max(0.0, min(deadline, next_probe) - now) * 1000.0)
-            if item is None:
-                continue
-            v, msg = item
-            if type(msg) is BatchAck:
-                if waiting.get(v) == msg.seq:
-                    del waiting[v]
-                    acks[v] = msg
-                else:
-                    self._counters["stale_acks"] += 1
-                continue
-            self._set_aside(item, on_message)
-        return acks
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:

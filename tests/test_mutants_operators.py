@@ -166,3 +166,27 @@ def test_a_write_protect_without_its_tlb_flush_is_found_by_the_track_store_scena
     res = M.run_mutant(replace(m, commands=(cmd,)), base, 120.0, on_seed=1)
     shutil.rmtree(base)
     assert res.killed and "lost write" in res.runs[0].reason, res
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name, scenario, extra", [
+    # two vCPUs entering one table: the usecount's lost increment (the final oracle: usecount -1)
+    ("split-rmw@vm/avic/guest.py:GuestEntry._enter_guest:m.fetch_add(b+T_USE;1)", ops.THREE_USERS,
+     ("--strategy", "random")),
+    # free_node publishes POISON before its N_REFS store: a node-refcount node allocated in the slot
+    # meanwhile loses its count (the final oracle: N_REFS against the table's refcount)
+    ("swap-sync@vm/notifier.py:free_node:mem.store(_w(kvm;node;L.N_REFS);-1)<>mem.store(_w(kvm;node;L.N_STATE);L.NODE_POI",
+     ops.FREE_ALLOC, ("--depth", "2")),
+])
+def test_the_scenarios_for_races_no_run_reaches(tmp_path, generated, name, scenario, extra):
+    """Each scenario file reaches a lost update the runs and the older explores did not; the
+    unmutated copy explores it to SUCCESS."""
+    m = next(x for x in generated if x.name == name)
+    cmd = ops._explore(scenario, *extra)
+    assert cmd in m.commands
+    base = M.make_copy(ROOT, dest=tmp_path / "copy")
+    ok, _ = M.run_command(base, ("explore", scenario, "--schedules", "40", *extra), 1, 150)
+    assert ok.outcome == "SUCCESS", ok
+    res = M.run_mutant(replace(m, commands=(cmd,)), base, 200.0, on_seed=1)
+    shutil.rmtree(base)
+    assert res.killed and "oracle" in res.runs[0].reason, res

@@ -17,7 +17,7 @@ from typing import Any
 
 from ipc import messages as M
 from ipc import vtime
-from ipc.channel import CoordinatorChannel, PeerUnreachable
+from ipc.channel import AckMismatch, CoordinatorChannel, PeerUnreachable
 from ipc.locks import LockdepError
 from ipc.proc import forkserver_context, pid_alive, reap
 from ipc.procstat import forkserver_alive
@@ -348,9 +348,10 @@ def run_script(co: Coordinator, steps: list[tuple[int, str, dict]]) -> dict[str,
             break
         try:
             ack = co.ch.call(vcpu, cmds, timeout_s=30.0)
-        except (TimeoutError, PeerUnreachable) as e:
+        except (TimeoutError, PeerUnreachable, AckMismatch) as e:
             co.check_dead()
-            co.reasons.append(f"vCPU {vcpu} did not acknowledge a batch of {len(cmds)} command(s): {e}")
+            what = "protocol error (BatchAck mismatch)" if isinstance(e, AckMismatch) else "did not acknowledge"
+            co.reasons.append(f"vCPU {vcpu} {what} for a batch of {len(cmds)} command(s): {e}")
             break
         finally:
             co.pump(0)

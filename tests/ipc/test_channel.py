@@ -32,6 +32,7 @@ from channel_kit import (  # noqa: F401  (fixtures)
 
 from ipc.channel import (
     HARD_MAX_FRAME,
+    AckMismatch,
     CoordinatorChannel,
     PeerUnreachable,
     check_endpoint,
@@ -435,6 +436,25 @@ def test_send_never_blocks_on_a_stuck_worker(run_dir, token):
         with pytest.raises(PeerUnreachable, match="not reading"):
             c.call(0, [("nop",)], timeout_s=5)
         assert type(w.recv(1000)) is Heartbeat  # what was queued is still delivered
+
+
+def test_mismatched_ack_fails_at_once(run_dir, token):
+    """An ack naming a batch never sent to that vCPU is a protocol error, raised when it arrives (not
+    a wait for the timeout); the batch that call gave up on is acknowledged later as a stale ack."""
+    with CoordinatorChannel(run_dir, token) as c, WorkerChannel(c.endpoint, 0, token) as w:
+        w.hello()
+        assert c.wait_for_hellos(1, 5) == [0]
+        w.ack(10**6, [CommandResult(True)])  # no such batch
+        t0 = time.monotonic()
+        with pytest.raises(AckMismatch, match="acknowledged batch 1000000, which is neither"):
+            c.call(0, [("add", {"a": 1, "b": 1})], timeout_s=30)
+        assert time.monotonic() - t0 < 10
+        b = w.recv(5000)
+        assert type(b) is Batch
+        w.ack(b.seq, [CommandResult(True, 2)])  # the abandoned batch's ack, late: stale
+        w.ack(b.seq + 1, [CommandResult(True, 3)])  # the next call's batch
+        assert c.call(0, [("add", {"a": 1, "b": 2})], timeout_s=30).results[0].value == 3
+        assert c.counters["stale_acks"] == 1
 
 
 def test_call_to_unknown_vcpu(coord):
