@@ -151,7 +151,9 @@ EXPLORES = {
 #: under the memory model tso (docs/explore.md "Memory model"): a FIFO store buffer per vCPU process,
 #: the only way to see a store -> load barrier dropped (Dekker: _set_running's V_LOADED before the
 #: vref counts against _vref's locked increment; a VMRUN's entry against a reload request; the
-#: caller's unlink before get_state's snapshot: synchronize_srcu after write_unlock in `notifier`)
+#: caller's unlink before get_state's snapshot: run in `notifier`, where the model's own locked
+#: NH_LIVE / NH_SEQ counts after the unlink drain the buffer, so that window stays closed; see
+#: docs/success.md)
 FLIPS = "bench/scenario-flips.toml"  # `running` with four rounds of flips against syncs
 TSO_EXPLORES = {
     "vm/avic/guest.py": (_explore("running", "--design", "rcu-list", "--memory-model", "tso"),

@@ -31,9 +31,12 @@ has (Owens, Sarkar, Sewell, "A better x86 memory model: x86-TSO", TPHOLs 2009):
 
 Not modelled (x86 does not do them either): load→load, store→store and load→store reordering; any
 other architecture's weaker orders. Words outside ``SharedPoints`` (guest memory, ``gfn_track``, the
-RCU domains' own words, the statistics words) are written to memory at once: their stores are never
-buffered, so they are ordered as under ``sc`` (fewer reorderings, never a false one for the buffered
-words: each word is either always buffered by its writer or never). The sampling checker, which runs
+RCU domains' own words, the statistics words) are written to memory at once. Such a direct store
+made while earlier stores sit in the buffer would overtake them (store -> store, which x86 never
+does, so a possible false FAILURE); today every one of them follows a drain in program order
+(``gfn_track`` after mmu_lock's acquire, the mapped guest store after ``guest_mode``'s read lock, the
+emulated write after a ``read_unlock``, the RCU words inside the grace-period mutex, statistics words
+are read by no decision), which a new direct-store site must keep. The sampling checker, which runs
 between two steps in the scheduler's process, reads memory: it sees what another CPU would see.
 
 ``sc`` costs nothing: nothing here is called unless ``MODEL`` is ``tso`` when the clients are forked.
