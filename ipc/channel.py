@@ -3,7 +3,9 @@
 Control (config, start barrier, stop, fault injection, scripted command batches) and telemetry
 (stats snapshots, WARN events, heartbeats, results) only: the hot path is shared memory, never a
 message (DESIGN.md hard rule 1). Frames are :mod:`ipc.messages` (msgpack, versioned, never pickle);
-an unknown, malformed or oversized frame is counted and dropped, never raised (hard rule 5).
+an unknown, malformed or oversized frame is counted and dropped, never raised (hard rule 5); a
+well-formed BatchAck naming a batch its vCPU was never sent (nor given up) is a protocol error,
+raised as :class:`AckMismatch` inside ``call`` / ``call_many`` (the run's FAILURE, not a crash).
 
 Endpoints: by default ``ipc://<run_dir>/ctl.sock`` inside a private run directory
 (``$XDG_RUNTIME_DIR`` or ``/tmp``, ``pagetrack-sim-<run_id>``, mode 0700, socket 0600, with an
@@ -136,7 +138,12 @@ class PeerUnreachable(ConnectionError):
 
 class AckMismatch(ConnectionError):
     """A BatchAck from a vCPU that names neither its outstanding batch nor one abandoned by an earlier
-    call (timed out): the two ends disagree about the protocol; raised when that ack arrives."""
+    call (timed out, peer gone, mismatch): the two ends disagree about the protocol; raised when that
+    ack arrives. ``vcpu``: the vCPU whose ack it was (not necessarily one the call waited for)."""
+
+    def __init__(self, msg: str, vcpu: int):
+        super().__init__(msg)
+        self.vcpu = vcpu
 
 
 def _abandon(abandoned: dict[int, set[int]], waiting: dict[int, int]) -> None:
@@ -150,9 +157,12 @@ def _stale_ack(abandoned: dict[int, set[int]], counters: dict[str, int], v: int,
     """An ack from vCPU ``v`` that is not its outstanding batch: stale (counted, dropped) if an
     earlier call gave batch ``seq`` up, else a protocol error (AckMismatch)."""
     if seq not in abandoned.get(v, ()):
-        raise AckMismatch(f"vcpu {v} acknowledged batch {seq}, which is neither its outstanding batch "
-                          f"{outstanding} nor one abandoned earlier")
+        mine = "it has no batch outstanding" if outstanding is None else f"its outstanding batch is {outstanding}"
+        raise AckMismatch(f"vcpu {v} acknowledged batch {seq}, never sent to it or not yet ({mine}; "
+                          f"no earlier call gave batch {seq} up)", v)
     abandoned[v].discard(seq)
+    if not abandoned[v]:
+        del abandoned[v]
     counters["stale_acks"] += 1
 
 

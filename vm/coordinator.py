@@ -350,8 +350,11 @@ def run_script(co: Coordinator, steps: list[tuple[int, str, dict]]) -> dict[str,
             ack = co.ch.call(vcpu, cmds, timeout_s=30.0)
         except (TimeoutError, PeerUnreachable, AckMismatch) as e:
             co.check_dead()
-            what = "protocol error (BatchAck mismatch)" if isinstance(e, AckMismatch) else "did not acknowledge"
-            co.reasons.append(f"vCPU {vcpu} {what} for a batch of {len(cmds)} command(s): {e}")
+            if isinstance(e, AckMismatch):
+                co.reasons.append(f"vCPU {e.vcpu}: protocol error (BatchAck mismatch) during a batch of "
+                                  f"{len(cmds)} command(s) to vCPU {vcpu}: {e}")
+            else:
+                co.reasons.append(f"vCPU {vcpu} did not acknowledge a batch of {len(cmds)} command(s): {e}")
             break
         finally:
             co.pump(0)
