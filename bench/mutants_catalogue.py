@@ -166,7 +166,11 @@ CATALOGUE: tuple[Mutant, ...] = (
             Edit("            m.store(sb + e, s64(self._translate(g)))\n            ref(t, old, -1)\n",
                  "            m.store(sb + e, s64(self._translate(g)))\n            ref(t, g, 1)\n"
                  "            ref(t, old, -1)\n")),
-           RUN_RCU_LIST + (("run", "--design", "rcu-list", "--vcpus", "4", "--preempt-rate", "0.3"),),
+           # the runs kill it by luck of timing (a vcpu_put of that very vCPU inside a few statements;
+           # they survived 2 of 2 at load 3-9): explore finds it at schedule 41 of seed 3 (67 of seed
+           # 2; seed 1 misses in 300), the same every time, so it goes first
+           (("explore", "tlb-flush", "--design", "rcu-list", "--seed", "3", "--schedules", "300"),)
+           + RUN_RCU_LIST + (("run", "--design", "rcu-list", "--vcpus", "4", "--preempt-rate", "0.3"),),
            "a sync counts an entry's reference to an L1 vCPU after it translated the entry: a vcpu_put "
            "that stored V_LOADED in between reads no reference and skips the table (rcu-list: per-table locks)",
            lines=2, multi="moving a statement is a deletion plus an insertion"),
