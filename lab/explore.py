@@ -82,7 +82,8 @@ def explore(sc: Scenario, strategy: str = "pct", depth: int = DEFAULT_DEPTH, sch
     t0 = time.monotonic()
     steps = k_max = k_used = covered = retries = ran = drawn = dups = turns = 0
     k_est = 0  # PCT draws its change points over this many decisions: the most a schedule had so far
-    fp, history = strategies.Footprint(ops=op_locations(sc)), strategies.History()
+    fp = strategies.Footprint(ops=op_locations(sc), phased=memory_model != "tso")  # (strategies' doc)
+    history = strategies.History()
     seen: set[int] | None = set()  # hashes of the interleavings run (None: past DISTINCT_CAP)
     res = {"scenario": sc.name, "strategy": strategy, "depth": depth, "seed": seed, "hooks": list(sc.hooks),
            "points": points, "memory_model": memory_model}

@@ -38,7 +38,8 @@ Why no ordering of two conflicting accesses is lost (relative to what the footpr
 accesses a (client i) and b (client j) to one location, one a write, with a just before i's next
 step in the schedule run, and b later. At a's step, j has not yet made b, so b lies in j's
 remaining program from the point it is parked at: if that path was learnt, b's location is in
-(j, p, X)'s ``after`` (or in its phase's), so a is a decision and PCT may run j first (and j's
+(j, p, X)'s ``after`` (or, only while no schedule has reached (j, p, X), in what j touched in
+phase p or later), so a is a decision and PCT may run j first (and j's
 steps up to b, each of them a decision of its own where it races). If j may *not* still touch
 the location, every access of j that conflicts with a was made before a: their order is fixed
 whatever runs now, and running j first only reorders a with steps independent of it -- the same
@@ -49,8 +50,10 @@ step of that run-ahead, as the others are parked and their phases and points do 
 
 What this does not see (the limits of the reduction and of PCT's bound):
 
-- the remaining footprint is learnt: a path of another client from its present point that no
-  schedule has taken yet (nor in its phase) is not known to touch what it will touch: the step
+- the remaining footprint is learnt: a path of another client from its present (phase, point)
+  that no schedule has taken yet is not known to touch what it will touch (once a schedule reached
+  that (phase, point), what it saw from there alone decides: a data-dependent branch not taken yet
+  is invisible): the step
   that races with it runs ahead (as a location met for the first time does, below); each schedule
   run adds what it saw;
 
@@ -63,8 +66,12 @@ What this does not see (the limits of the reduction and of PCT's bound):
 - a replay (and shrink, which replays) hands out every step and so checks between every two:
   it may report a checker finding the explore run that found the schedule never saw;
 - PCT's printed bound (1/(n*k^(d-1)) per schedule, lab/explore.py's ``bound_scope``) holds only
-  for bugs whose conflicting accesses are wrapped shared words already in the footprint: the
-  first schedules that meet a location unlearnt run ahead past it.
+  for bugs whose conflicting accesses are wrapped shared words where the other vCPU's access was
+  already seen after its present (phase, point): the first schedules that meet one unlearnt run
+  ahead past it;
+- the argument is for ``sc``: under the memory model tso a parked client's buffered store becomes
+  visible at its next point, which its learnt suffix does not show, so under tso the reduction
+  falls back to "touched by any other client in any schedule so far" (``Footprint.phased``).
 """
 
 from __future__ import annotations
@@ -86,7 +93,11 @@ class Footprint:
     the location" (module doc, "What the others may still touch"). An :meth:`overlay` learns on top
     of it without changing it (a simulation)."""
 
-    def __init__(self, base: Footprint | None = None, ops=()):
+    def __init__(self, base: Footprint | None = None, ops=(), phased: bool = True):
+        # phased False (the memory model tso): "may still touch" is "touched at all, by any other
+        # client" (the module doc's last limit): a buffered store of a parked client is written at
+        # its next point, so what it may still write is not only what it does from that point on
+        self.phased: bool = base.phased if base is not None else phased
         self.r: dict[int, int] = {}
         self.w: dict[int, int] = {}
         self.last_r: dict[int, dict[int, int]] = {}  # loc -> {client: the last phase it read loc in}
@@ -135,7 +146,7 @@ class Footprint:
         if kind == K_NONE:
             return True
         loc = code >> 2
-        if phase is None:
+        if phase is None or not self.phased:
             r, w = self.masks(loc)
             return bool((w if kind == K_LOAD else r | w) & ~(1 << i))
         return any(j != i and (live is None or live[j]) and self.may_touch(j, p, locs, loc, kind != K_LOAD)
@@ -184,6 +195,11 @@ class Footprint:
         still read or write (from its phase on) -- a superset of what :meth:`racy` says for
         ``i`` in that state (a hash may put two locations on one bit: a run-ahead stops early)."""
         out = np.zeros((2, RACY_WORDS), dtype=np.int64)
+        if not self.phased:  # every location another client ever touched (``racy``'s masks)
+            for j in range(len(phase)):
+                if j != i:
+                    out |= self._suffix_bits(j, 0)
+            return out
         for j, p in enumerate(phase):
             if j != i and (live is None or live[j]):
                 got = self.after.get((j, p, locs[j])) if locs is not None else None
@@ -266,7 +282,7 @@ class _Recording:
     def _learn(self, enabled, locs: tuple[int, ...] | None) -> None:
         """Every enabled client's pending access goes into the footprint before the step is
         decided: the running client's next access races with what a parked one is about to do
-        even on a path the footprint has not learnt (ipc/sched marks it racy the same way)."""
+        even on a path the footprint has not learnt."""
         if self.fp is not None and locs is not None:
             self._grow(locs)
             self.live = [c & 3 != K_DONE for c in locs]
