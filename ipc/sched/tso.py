@@ -48,7 +48,7 @@ import random
 from collections import deque
 
 from ipc import _prims
-from ipc.sched.points import SharedPoints
+from ipc.sched.points import K_LOAD, K_STORE, SharedPoints
 
 MODELS = ("sc", "tso")
 MODEL = "sc"  # the memory model of the processes forked from now on (set_model)
@@ -149,7 +149,7 @@ class TsoPoints(SharedPoints):
     def load(self, w: int) -> int:
         if w in self.stats:
             return self.inner.load(w)
-        self._point("load", w, 1)
+        self._point("load", w, K_LOAD)
         e = self.buf.last.get(self._loc_base | w)
         if e is not None:
             self.buf.forwarded += 1
@@ -160,24 +160,24 @@ class TsoPoints(SharedPoints):
         if w in self.stats:
             self.inner.store(w, v)
             return
-        self._point("store", w, 2)
+        self._point("store", w, K_STORE)
         self.buf.put(self._loc_base | w, self.inner, w, v)
 
     def fetch_add(self, w: int, v: int) -> int:
         if w not in self.stats:
-            self._point("fetch_add", w, 2)
+            self._point("fetch_add", w, K_STORE)
             self.buf.drain()
         return self.inner.fetch_add(w, v)
 
     def xchg(self, w: int, v: int) -> int:
         if w not in self.stats:
-            self._point("xchg", w, 2)
+            self._point("xchg", w, K_STORE)
             self.buf.drain()
         return self.inner.xchg(w, v)
 
     def cmpxchg(self, w: int, old: int, new: int) -> int:
         if w not in self.stats:
-            self._point("cmpxchg", w, 2)
+            self._point("cmpxchg", w, K_STORE)
             self.buf.drain()
         return self.inner.cmpxchg(w, old, new)
 
